@@ -1,0 +1,233 @@
+"""The Triton kernels behind ``ecp::moments`` and ``ecp::score`` on CUDA tensors.
+
+The kernel bodies are plain functions here; :func:`build_kernels` turns them into ``@triton.jit``
+kernels (autotuned on a GPU, a single small configuration under ``TRITON_INTERPRET=1``). Decorating
+lazily means the interpreter setting is read when the kernels are first launched, not when this
+module is imported, so importing ``ecp_fast`` before setting ``TRITON_INTERPRET`` is harmless.
+
+Design (see docs/gpu.md): one program owns a ``(BLOCK_OUT x BLOCK_IN)`` tile of weights and streams
+the samples in ``BLOCK_N`` chunks. Per chunk it squares and sums the ``P`` gradient slices into the
+sensitivity ``c^T`` ``(BLOCK_OUT x BLOCK_N)`` in registers, loads the activations, subtracts the
+per-column shift, and accumulates ``c^T x'`` and ``c^T x'^2`` with two ``tl.dot`` calls into float32
+accumulators, plus ``s0 = sum c``. The epilogue turns the three sums into the outputs in registers.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import triton
+import triton.language as tl
+
+# Rows of x averaged by the shift pre-pass (the CPU kernel uses the same number).
+SHIFT_ROWS = 256
+# Up to this many gradient slices are squared inside the kernel (unrolled); beyond it the launcher
+# reduces them to the sensitivity first, so the kernel's inner loop stays a single pipelined loop.
+MAX_UNROLLED_PROBES = 8
+
+
+def _column_shift(
+    x_ptr,
+    shift_ptr,
+    n_rows,
+    fan_in,
+    stride_xn,
+    stride_xi,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+):
+    """``shift[j] = mean of x[:n_rows, j]`` in float32: the same shift for every tile."""
+    pid = tl.program_id(0)
+    offs_i = pid * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    mask_i = offs_i < fan_in
+    total = tl.zeros((BLOCK_IN,), dtype=tl.float32)
+    for start in range(0, n_rows, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        mask = (rows < n_rows)[:, None] & mask_i[None, :]
+        ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_xn + offs_i[None, :] * stride_xi
+        total += tl.sum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), axis=0)
+    tl.store(shift_ptr + offs_i, total / n_rows, mask=mask_i)
+
+
+def _weighted_moments(
+    x_ptr,
+    g_ptr,
+    w_ptr,
+    shift_ptr,
+    s0_ptr,
+    first_ptr,
+    second_ptr,
+    n_samples,
+    fan_in,
+    fan_out,
+    stride_xn,
+    stride_xi,
+    stride_gp,
+    stride_gn,
+    stride_go,
+    stride_wo,
+    stride_wi,
+    n_bucket,
+    N_PROBES: tl.constexpr,
+    G_IS_SENSITIVITY: tl.constexpr,
+    SCORE: tl.constexpr,
+    COMPENSATE: tl.constexpr,
+    DOT_BF16: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_OUT: tl.constexpr,
+    BLOCK_IN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_OUT: tl.constexpr,
+):
+    """Moments (``SCORE=False``: s0, mean, m2) or scores (importance, bias_delta) of one tile.
+
+    ``first_ptr``/``second_ptr`` receive ``mean``/``m2`` or ``importance``/``bias_delta``;
+    ``n_bucket`` only keys the autotuner. Without ``COMPENSATE`` the shift is not used and only
+    ``sum c x^2`` is accumulated (one dot per chunk).
+    """
+    # Grouped tile order: consecutive programs share gradient rows, which keeps them in L2.
+    pid = tl.program_id(0)
+    tiles_out = tl.cdiv(fan_out, BLOCK_OUT)
+    tiles_in = tl.cdiv(fan_in, BLOCK_IN)
+    per_group = GROUP_OUT * tiles_in
+    group = pid // per_group
+    first_out = group * GROUP_OUT
+    group_size = tl.minimum(tiles_out - first_out, GROUP_OUT)
+    pid_out = first_out + (pid % per_group) % group_size
+    pid_in = (pid % per_group) // group_size
+
+    offs_o = pid_out * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    offs_i = pid_in * BLOCK_IN + tl.arange(0, BLOCK_IN)
+    mask_o = offs_o < fan_out
+    mask_i = offs_i < fan_in
+    if COMPENSATE:
+        shift = tl.load(shift_ptr + offs_i, mask=mask_i, other=0.0)
+
+    sum_first = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
+    sum_second = tl.zeros((BLOCK_OUT, BLOCK_IN), dtype=tl.float32)
+    s0 = tl.zeros((BLOCK_OUT,), dtype=tl.float32)
+    for start in range(0, n_samples, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_samples
+        rows = offs_n.to(tl.int64)  # N * stride can exceed 2^31
+
+        # Sensitivity, transposed: c_t[o, n] = sum_p g[p, n, o]^2; masked entries are 0.
+        g_ptrs = g_ptr + offs_o[:, None] * stride_go + rows[None, :] * stride_gn
+        g_mask = mask_o[:, None] & mask_n[None, :]
+        c_t = tl.zeros((BLOCK_OUT, BLOCK_N), dtype=tl.float32)
+        for _ in tl.static_range(N_PROBES):
+            g_p = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+            if G_IS_SENSITIVITY:
+                c_t += g_p
+            else:
+                c_t += g_p * g_p
+            g_ptrs += stride_gp
+        s0 += tl.sum(c_t, axis=1)
+
+        x_ptrs = x_ptr + rows[:, None] * stride_xn + offs_i[None, :] * stride_xi
+        a = tl.load(x_ptrs, mask=mask_n[:, None] & mask_i[None, :], other=0.0).to(tl.float32)
+        if COMPENSATE:
+            a = a - shift[None, :]
+        a_sq = a * a
+
+        if DOT_BF16:
+            # bf16 keeps float32's exponent range: c can be ~1e-12 and x'^2 ~1e6 without under/overflow
+            c_op = c_t.to(tl.bfloat16)
+            a_op = a.to(tl.bfloat16)
+            a_sq_op = a_sq.to(tl.bfloat16)
+            if UPCAST_DOT:
+                # The interpreter multiplies bf16 bit patterns as integers; same rounding, fp32 product.
+                c_op = c_op.to(tl.float32)
+                a_op = a_op.to(tl.float32)
+                a_sq_op = a_sq_op.to(tl.float32)
+        else:
+            c_op = c_t
+            a_op = a
+            a_sq_op = a_sq
+        sum_second = tl.dot(c_op, a_sq_op, sum_second, input_precision=INPUT_PRECISION)
+        if COMPENSATE:
+            sum_first = tl.dot(c_op, a_op, sum_first, input_precision=INPUT_PRECISION)
+
+    # Epilogue, in registers: METHOD.md's closed forms with the shift undone.
+    active = s0 > 0.0
+    safe_s0 = tl.where(active, s0, 1.0)
+    out_mask = mask_o[:, None] & mask_i[None, :]
+    out_offsets = offs_o.to(tl.int64)[:, None] * fan_in + offs_i[None, :]
+    if COMPENSATE:
+        offset = sum_first / safe_s0[:, None]  # mean - shift
+        mean = tl.where(active[:, None], shift[None, :] + offset, 0.0)
+        m2 = tl.where(active[:, None], tl.maximum(sum_second - sum_first * offset, 0.0), 0.0)
+    if SCORE:
+        w_ptrs = w_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
+        w = tl.load(w_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        if COMPENSATE:
+            tl.store(first_ptr + out_offsets, w * w * m2, mask=out_mask)
+            tl.store(second_ptr + out_offsets, w * mean, mask=out_mask)
+        else:
+            tl.store(first_ptr + out_offsets, w * w * sum_second, mask=out_mask)
+    else:
+        tl.store(first_ptr + out_offsets, mean, mask=out_mask)
+        tl.store(second_ptr + out_offsets, m2, mask=out_mask)
+        # One column of tiles writes s0, so each row is written exactly once.
+        if pid_in == 0:
+            tl.store(s0_ptr + offs_o, s0, mask=mask_o)
+
+
+def _config(block_out: int, block_in: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_OUT": block_out, "BLOCK_IN": block_in, "BLOCK_N": block_n, "GROUP_OUT": 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# Hopper (H100/H200, 228 KB shared memory, wgmma) and Ampere (A100, 164 KB) tiles. Two float32
+# (128 x 128) accumulators need 8 warps to stay in registers; the smaller tiles fill the GPU for
+# layers with few tiles (MLP-sized). Configurations that do not fit a device fail to compile and
+# the autotuner skips them.
+AUTOTUNE_CONFIGS = [
+    _config(128, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 32, 8, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 32, 4, 5),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 64, 32, 4, 5),
+    _config(32, 64, 64, 4, 4),
+    _config(32, 32, 64, 2, 4),
+]
+AUTOTUNE_KEY = [
+    "fan_out",
+    "fan_in",
+    "n_bucket",
+    "N_PROBES",
+    "G_IS_SENSITIVITY",
+    "SCORE",
+    "COMPENSATE",
+    "DOT_BF16",
+    "INPUT_PRECISION",
+]
+
+# Small tiles in the interpreter: every program runs in numpy, and small blocks still exercise the
+# masked tails of every dimension.
+INTERPRETER_BLOCKS = {"BLOCK_OUT": 16, "BLOCK_IN": 16, "BLOCK_N": 32, "GROUP_OUT": 2}
+INTERPRETER_SHIFT_BLOCKS = {"BLOCK_ROWS": 64, "BLOCK_IN": 32}
+SHIFT_BLOCKS = {"BLOCK_ROWS": 32, "BLOCK_IN": 128}
+
+
+@functools.lru_cache(maxsize=2)
+def build_kernels(interpret: bool) -> SimpleNamespace:
+    """The jitted kernels for the current ``TRITON_INTERPRET`` setting (cached per setting).
+
+    ``weighted_moments`` is autotuned on a GPU; under the interpreter it is the bare kernel and the
+    launcher passes :data:`INTERPRETER_BLOCKS`.
+    """
+    del interpret  # only the cache key: triton.jit reads the setting itself
+    column_shift = triton.jit(_column_shift)
+    weighted_moments = triton.jit(_weighted_moments)
+    if not triton.knobs.runtime.interpret:
+        weighted_moments = triton.autotune(configs=AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY)(weighted_moments)
+    return SimpleNamespace(column_shift=column_shift, weighted_moments=weighted_moments)
