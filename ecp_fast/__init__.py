@@ -7,7 +7,17 @@ see ``ecp_fast.ops`` for the contract and ``ecp_fast.reference`` for the plain-P
 
 from ecp_fast.moments import Moments, merge_moments
 from ecp_fast.ops import finalize, moments, score
+from ecp_fast.calibration import LayerStatistics, merge_statistics
+from ecp_fast.finetune import finetune
+from ecp_fast.importance import IMPORTANCES, Importance, register_importance
+from ecp_fast.masks import apply_masks_from_state_dict, get_masks, remove_masks
+from ecp_fast.pruner import LayerReport, PruneReport, Pruner, prune
 
 __version__ = "0.1.0"
 
-__all__ = ["Moments", "finalize", "merge_moments", "moments", "score", "__version__"]
+__all__ = [
+    "Moments", "finalize", "merge_moments", "moments", "score", "__version__",
+    "IMPORTANCES", "Importance", "LayerReport", "LayerStatistics", "PruneReport", "Pruner",
+    "apply_masks_from_state_dict", "finetune", "get_masks", "merge_statistics", "prune",
+    "register_importance", "remove_masks",
+]
