@@ -1,0 +1,417 @@
+// Fused CPU kernels of the ecp ops (schemas in ecp_fast/ops.py, mathematics in METHOD.md).
+//
+// One pass over the samples, in bounded chunks. For each chunk the kernel writes, into two small
+// reusable buffers,
+//   xs  = [x - shift | (x - shift)^2 | 1]   (rows x (2 in + 1))   and   c = sum_p g_p^2   (rows x out)
+// with at::parallel_for, then a single GEMM  acc += c^T xs  accumulates S1, S2 and S0 of the shifted
+// inputs at once (the column of ones turns the sensitivity sum S0 into part of the same GEMM). The
+// contraction is where the time goes, so it runs on ATen's BLAS (MKL/oneDNN) instead of a hand-rolled
+// loop; everything element-wise is fused around it and nothing of size (N, in) or (N, out) is ever
+// allocated. The epilogue turns the shifted sums into mean / m2 / importance / bias_delta row by row.
+//
+// Shifting by the column mean of the first chunk keeps m2 = S2 - S1^2 / S0 free of the catastrophic
+// cancellation the raw sums suffer when an input's mean is large next to its spread.
+#include "ecp_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ecp_fast {
+namespace {
+
+// Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
+constexpr int64_t kShiftSamples = 256;
+// Bytes of the two per-chunk buffers together; bounds the op's extra memory independently of N.
+constexpr int64_t kChunkBytes = 8 << 20;
+constexpr int64_t kMinChunkRows = 64;
+constexpr int64_t kMaxChunkRows = 1024;
+
+// ---- validation, worded like ecp_fast/_checks.py -------------------------------------------------
+
+std::string shape_string(at::IntArrayRef sizes) {
+  std::ostringstream out;
+  out << "(";
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    out << (d ? ", " : "") << sizes[d];
+  }
+  out << (sizes.size() == 1 ? ",)" : ")");
+  return out.str();
+}
+
+std::string dtype_string(at::ScalarType type) {
+  return "torch." + std::string(c10::getDtypeNames(type).first);
+}
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(
+      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
+      op, ": argument '", name, "' must have dtype float32, float64, bfloat16 or float16, got ",
+      dtype_string(type));
+}
+
+void check_same_device(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
+                       const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": argument '", name,
+                    "' must be on the same device as '", ref_name, "' (", ref.device(), "), got ",
+                    t.device());
+}
+
+struct LayerShape {
+  int64_t n, p, fan_in, fan_out;
+};
+
+LayerShape check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& g,
+                              const at::Tensor* weight) {
+  check_floating(op, "x", x);
+  check_floating(op, "g", g);
+  check_same_device(op, "x", x, "g", g);
+  if (weight != nullptr) {
+    check_floating(op, "weight", *weight);
+    check_same_device(op, "x", x, "weight", *weight);
+  }
+  TORCH_CHECK_VALUE(x.dim() >= 2, op,
+                    ": argument 'x' must have at least 2 dimensions (samples..., in), got shape ",
+                    shape_string(x.sizes()));
+  LayerShape shape{};
+  shape.fan_in = x.size(-1);
+  shape.n = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.n *= x.size(d);
+  TORCH_CHECK_VALUE(g.dim() == 2 || g.dim() == 3, op,
+                    ": argument 'g' must have shape (N, out) or (P, N, out), got shape ",
+                    shape_string(g.sizes()));
+  shape.p = g.dim() == 2 ? 1 : g.size(0);
+  TORCH_CHECK_VALUE(g.size(-2) == shape.n, op, ": argument 'g' must have N = ", shape.n,
+                    " samples in dimension ", g.dim() - 2, " to match 'x' of shape ",
+                    shape_string(x.sizes()), ", got shape ", shape_string(g.sizes()));
+  shape.fan_out = g.size(-1);
+  if (weight != nullptr) {
+    TORCH_CHECK_VALUE(
+        weight->dim() == 2 && weight->size(0) == shape.fan_out && weight->size(1) == shape.fan_in,
+        op, ": argument 'weight' must have shape (out, in) = (", shape.fan_out, ", ", shape.fan_in,
+        ") to match 'g' and 'x', got shape ", shape_string(weight->sizes()));
+  }
+  return shape;
+}
+
+at::ScalarType result_type(std::initializer_list<at::Tensor> tensors) {
+  for (const auto& t : tensors) {
+    if (t.scalar_type() == at::kDouble) return at::kDouble;
+  }
+  return at::kFloat;
+}
+
+// ---- strided access ------------------------------------------------------------------------------
+
+// Maps a flat sample index to an element offset, for tensors whose leading dimensions are samples
+// (x of any rank, with any strides), so that no reshape ever copies the input.
+class SampleOffsets {
+ public:
+  SampleOffsets(at::IntArrayRef sizes, at::IntArrayRef strides)
+      : sizes_(sizes.begin(), sizes.end()), strides_(strides.begin(), strides.end()) {}
+
+  int64_t operator()(int64_t sample) const {
+    int64_t offset = 0;
+    for (int64_t d = static_cast<int64_t>(sizes_.size()) - 1; d >= 0; --d) {
+      offset += (sample % sizes_[d]) * strides_[d];
+      sample /= sizes_[d];
+    }
+    return offset;
+  }
+
+ private:
+  std::vector<int64_t> sizes_, strides_;
+};
+
+int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// Leading dimension of a buffer row: padded to whole cache lines, and off powers of two, whose
+// strides make consecutive rows collide in the cache sets during the GEMM.
+int64_t padded_row(int64_t columns) {
+  int64_t ld = round_up(std::max<int64_t>(columns, 1), 16);
+  if (ld % 512 == 0) ld += 16;
+  return ld;
+}
+
+// ---- chunk fills ---------------------------------------------------------------------------------
+
+// buffer row r = [x - shift | (x - shift)^2 | 1] for samples start .. start + rows.
+template <typename in_t, typename acc_t>
+void fill_shifted_inputs(const at::Tensor& x, const SampleOffsets& offsets, const acc_t* shift,
+                         int64_t start, int64_t rows, int64_t fan_in, acc_t* buffer, int64_t ld) {
+  const in_t* data = x.const_data_ptr<in_t>();
+  const int64_t col_stride = x.stride(-1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const in_t* row = data + offsets(start + r);
+      acc_t* centred = buffer + r * ld;
+      acc_t* squared = centred + fan_in;
+      if (col_stride == 1) {
+        for (int64_t j = 0; j < fan_in; ++j) {
+          const acc_t value = static_cast<acc_t>(row[j]) - shift[j];
+          centred[j] = value;
+          squared[j] = value * value;
+        }
+      } else {
+        for (int64_t j = 0; j < fan_in; ++j) {
+          const acc_t value = static_cast<acc_t>(row[j * col_stride]) - shift[j];
+          centred[j] = value;
+          squared[j] = value * value;
+        }
+      }
+      squared[fan_in] = acc_t(1);
+    }
+  });
+}
+
+// buffer row r = sum_p g[p, start + r, :]^2.
+template <typename g_t, typename acc_t>
+void fill_sensitivities(const at::Tensor& g3, int64_t start, int64_t rows, acc_t* buffer, int64_t ld) {
+  const g_t* data = g3.const_data_ptr<g_t>();
+  const int64_t probes = g3.size(0), fan_out = g3.size(2);
+  const int64_t stride_p = g3.stride(0), stride_n = g3.stride(1), stride_o = g3.stride(2);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_out * probes, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      acc_t* out = buffer + r * ld;
+      std::fill(out, out + fan_out, acc_t(0));
+      for (int64_t p = 0; p < probes; ++p) {
+        const g_t* row = data + p * stride_p + (start + r) * stride_n;
+        if (stride_o == 1) {
+          for (int64_t i = 0; i < fan_out; ++i) {
+            const acc_t value = static_cast<acc_t>(row[i]);
+            out[i] += value * value;
+          }
+        } else {
+          for (int64_t i = 0; i < fan_out; ++i) {
+            const acc_t value = static_cast<acc_t>(row[i * stride_o]);
+            out[i] += value * value;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename in_t, typename acc_t>
+void column_shift(const at::Tensor& x, const SampleOffsets& offsets, int64_t samples, int64_t fan_in,
+                  acc_t* shift) {
+  std::fill(shift, shift + fan_in, acc_t(0));
+  if (samples == 0) return;
+  const in_t* data = x.const_data_ptr<in_t>();
+  const int64_t col_stride = x.stride(-1);
+  for (int64_t s = 0; s < samples; ++s) {
+    const in_t* row = data + offsets(s);
+    for (int64_t j = 0; j < fan_in; ++j) shift[j] += static_cast<acc_t>(row[j * col_stride]);
+  }
+  for (int64_t j = 0; j < fan_in; ++j) shift[j] /= static_cast<acc_t>(samples);
+}
+
+// ---- the fused pass ------------------------------------------------------------------------------
+
+// Shifted sums of one layer: acc[:, 0:in] = S1, acc[:, in:2in] = S2, acc[:, 2in] = S0.
+struct ShiftedSums {
+  at::Tensor acc;    // (out, ld), only the first 2 in + 1 columns are meaningful
+  at::Tensor shift;  // (in,)
+};
+
+template <typename acc_t>
+ShiftedSums accumulate(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const auto options = x.options().dtype(acc_type);
+  const int64_t fan_in = shape.fan_in, fan_out = shape.fan_out, n = shape.n;
+  const int64_t gemm_cols = 2 * fan_in + 1;
+  const int64_t ld_inputs = padded_row(gemm_cols), ld_sens = padded_row(fan_out);
+
+  const SampleOffsets offsets(x.sizes().slice(0, x.dim() - 1), x.strides().slice(0, x.dim() - 1));
+  ShiftedSums sums{at::zeros({fan_out, ld_inputs}, options), at::empty({fan_in}, options)};
+  acc_t* shift = sums.shift.mutable_data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_column_shift", [&] {
+    column_shift<scalar_t, acc_t>(x, offsets, std::min(n, kShiftSamples), fan_in, shift);
+  });
+  if (n == 0 || fan_out == 0) return sums;
+
+  const int64_t row_bytes = (ld_inputs + ld_sens) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t chunk = std::min(n, std::clamp(kChunkBytes / row_bytes, kMinChunkRows, kMaxChunkRows));
+  at::Tensor inputs_buffer = at::empty({chunk, ld_inputs}, options);
+  at::Tensor sens_buffer = at::empty({chunk, ld_sens}, options);
+  at::Tensor acc_view = sums.acc.narrow(1, 0, gemm_cols);
+
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_fill_x", [&] {
+      fill_shifted_inputs<scalar_t, acc_t>(x, offsets, shift, start, rows, fan_in,
+                                           inputs_buffer.mutable_data_ptr<acc_t>(), ld_inputs);
+    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g3.scalar_type(), "ecp_fill_g", [&] {
+      fill_sensitivities<scalar_t, acc_t>(g3, start, rows, sens_buffer.mutable_data_ptr<acc_t>(),
+                                          ld_sens);
+    });
+    // acc (out x 2in+1) += c^T (out x rows) @ xs (rows x 2in+1); BLAS reads both transposed views
+    // in place through their leading dimensions.
+    const at::Tensor sens = sens_buffer.narrow(0, 0, rows).narrow(1, 0, fan_out);
+    const at::Tensor inputs = inputs_buffer.narrow(0, 0, rows).narrow(1, 0, gemm_cols);
+    acc_view.addmm_(sens.t(), inputs);
+  }
+  return sums;
+}
+
+// Calls f(row, j, s0, mean, m2) for every weight, in parallel over rows, from the shifted sums.
+template <typename acc_t, typename F>
+void for_each_moment(const ShiftedSums& sums, int64_t fan_out, int64_t fan_in, const F& f) {
+  const acc_t* acc = sums.acc.const_data_ptr<acc_t>();
+  const acc_t* shift = sums.shift.const_data_ptr<acc_t>();
+  const int64_t ld = sums.acc.stride(0);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
+  at::parallel_for(0, fan_out, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* s1 = acc + i * ld;
+      const acc_t* s2 = s1 + fan_in;
+      const acc_t s0 = s2[fan_in];
+      for (int64_t j = 0; j < fan_in; ++j) {
+        if (s0 > acc_t(0)) {
+          const acc_t shifted_mean = s1[j] / s0;
+          const acc_t m2 = std::max(s2[j] - s1[j] * shifted_mean, acc_t(0));
+          f(i, j, s0, shift[j] + shifted_mean, m2);
+        } else {
+          // METHOD.md: a neuron that never affects the output has zero importance and no shift.
+          f(i, j, acc_t(0), acc_t(0), acc_t(0));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, const at::Tensor& g) {
+  const auto shape = check_layer_inputs("ecp.moments", x, g, nullptr);
+  const auto out_type = result_type({x, g});
+  const auto options = x.options().dtype(out_type);
+  at::Tensor s0 = at::empty({shape.fan_out}, options);
+  at::Tensor mean = at::empty({shape.fan_out, shape.fan_in}, options);
+  at::Tensor m2 = at::empty({shape.fan_out, shape.fan_in}, options);
+  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
+  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_moments", [&] {
+    using acc_t = scalar_t;
+    const ShiftedSums sums = accumulate<acc_t>(x, g3, shape);
+    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
+    acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
+    acc_t* s0_out = s0.mutable_data_ptr<acc_t>();
+    const int64_t fan_in = shape.fan_in;
+    for_each_moment<acc_t>(sums, shape.fan_out, fan_in,
+                           [&](int64_t i, int64_t j, acc_t row_s0, acc_t row_mean, acc_t row_m2) {
+                             if (j == 0) s0_out[i] = row_s0;
+                             mean_out[i * fan_in + j] = row_mean;
+                             m2_out[i * fan_in + j] = row_m2;
+                           });
+    if (shape.fan_in == 0) {
+      s0.copy_(sums.acc.select(1, 0));
+    }
+  });
+  return {s0, mean, m2};
+}
+
+std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tensor& g,
+                                             const at::Tensor& weight, bool compensate) {
+  const auto shape = check_layer_inputs("ecp.score", x, g, &weight);
+  const auto out_type = result_type({x, g, weight});
+  const auto options = x.options().dtype(out_type);
+  at::Tensor importance = at::empty({shape.fan_out, shape.fan_in}, options);
+  at::Tensor bias_delta = at::empty({shape.fan_out, shape.fan_in}, options);
+  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
+  // (out, in) is small next to (N, in); a contiguous copy of the weight keeps the epilogue simple.
+  const at::Tensor w = weight.to(out_type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_score", [&] {
+    using acc_t = scalar_t;
+    const ShiftedSums sums = accumulate<acc_t>(x, g3, shape);
+    const acc_t* w_data = w.const_data_ptr<acc_t>();
+    acc_t* importance_out = importance.mutable_data_ptr<acc_t>();
+    acc_t* delta_out = bias_delta.mutable_data_ptr<acc_t>();
+    const int64_t fan_in = shape.fan_in;
+    for_each_moment<acc_t>(
+        sums, shape.fan_out, fan_in, [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2) {
+          const int64_t k = i * fan_in + j;
+          const acc_t w_ij = w_data[k];
+          if (compensate) {
+            importance_out[k] = w_ij * w_ij * m2;
+            delta_out[k] = w_ij * mean;
+          } else {
+            // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
+            importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
+            delta_out[k] = acc_t(0);
+          }
+        });
+  });
+  return {importance, bias_delta};
+}
+
+std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::Tensor& mean,
+                                                const at::Tensor& m2, const at::Tensor& weight) {
+  const char* op = "ecp.finalize";
+  check_floating(op, "s0", s0);
+  check_floating(op, "mean", mean);
+  check_floating(op, "m2", m2);
+  check_floating(op, "weight", weight);
+  check_same_device(op, "weight", weight, "s0", s0);
+  check_same_device(op, "weight", weight, "mean", mean);
+  check_same_device(op, "weight", weight, "m2", m2);
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must have shape (out, in), got shape ",
+                    shape_string(weight.sizes()));
+  const int64_t fan_out = weight.size(0), fan_in = weight.size(1);
+  TORCH_CHECK_VALUE(s0.dim() == 1 && s0.size(0) == fan_out, op,
+                    ": argument 's0' must have shape (out,) = (", fan_out,
+                    ",) to match 'weight', got shape ", shape_string(s0.sizes()));
+  TORCH_CHECK_VALUE(mean.sizes() == weight.sizes(), op,
+                    ": argument 'mean' must have shape (out, in) = (", fan_out, ", ", fan_in,
+                    ") to match 'weight', got shape ", shape_string(mean.sizes()));
+  TORCH_CHECK_VALUE(m2.sizes() == weight.sizes(), op,
+                    ": argument 'm2' must have shape (out, in) = (", fan_out, ", ", fan_in,
+                    ") to match 'weight', got shape ", shape_string(m2.sizes()));
+  const auto out_type = result_type({s0, mean, m2, weight});
+  const auto options = weight.options().dtype(out_type);
+  at::Tensor importance = at::empty({fan_out, fan_in}, options);
+  at::Tensor bias_delta = at::empty({fan_out, fan_in}, options);
+  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_finalize", [&] {
+    using acc_t = scalar_t;
+    const at::Tensor s0_c = s0.to(out_type).contiguous(), mean_c = mean.to(out_type).contiguous();
+    const at::Tensor m2_c = m2.to(out_type).contiguous(), w_c = weight.to(out_type).contiguous();
+    const acc_t* s0_data = s0_c.const_data_ptr<acc_t>();
+    const acc_t* mean_data = mean_c.const_data_ptr<acc_t>();
+    const acc_t* m2_data = m2_c.const_data_ptr<acc_t>();
+    const acc_t* w_data = w_c.const_data_ptr<acc_t>();
+    acc_t* importance_out = importance.mutable_data_ptr<acc_t>();
+    acc_t* delta_out = bias_delta.mutable_data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
+    at::parallel_for(0, fan_out, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const bool active = s0_data[i] > acc_t(0);
+        for (int64_t j = 0; j < fan_in; ++j) {
+          const int64_t k = i * fan_in + j;
+          const acc_t w_ij = w_data[k];
+          importance_out[k] = active ? std::max(w_ij * w_ij * m2_data[k], acc_t(0)) : acc_t(0);
+          delta_out[k] = active ? w_ij * mean_data[k] : acc_t(0);
+        }
+      }
+    });
+  });
+  return {importance, bias_delta};
+}
+
+}  // namespace ecp_fast
+
+// Schemas are declared in ecp_fast/ops.py; this library only provides the CPU implementations.
+TORCH_LIBRARY_IMPL(ecp, CPU, m) {
+  m.impl("moments", &ecp_fast::moments_cpu);
+  m.impl("score", &ecp_fast::score_cpu);
+  m.impl("finalize", &ecp_fast::finalize_cpu);
+}
