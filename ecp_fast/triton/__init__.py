@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ecp_fast.triton.launch import is_interpreted, moments, score
+from ecp_fast.triton.launch import interpreter_ready, is_interpreted, moments, score
 
-__all__ = ["is_interpreted", "moments", "register_cuda_kernels", "score"]
+__all__ = ["interpreter_ready", "is_interpreted", "moments", "register_cuda_kernels", "score"]
 
 _library: torch.library.Library | None = None
 

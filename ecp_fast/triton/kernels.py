@@ -218,16 +218,22 @@ INTERPRETER_SHIFT_BLOCKS = {"BLOCK_ROWS": 64, "BLOCK_IN": 32}
 SHIFT_BLOCKS = {"BLOCK_ROWS": 32, "BLOCK_IN": 128}
 
 
-@functools.lru_cache(maxsize=2)
-def build_kernels(interpret: bool) -> SimpleNamespace:
+# The configuration used when autotuning is switched off (``ECP_FAST_TRITON_AUTOTUNE=0``).
+DEFAULT_CONFIG = AUTOTUNE_CONFIGS[0]
+
+
+@functools.lru_cache(maxsize=4)
+def build_kernels(interpret: bool, autotune: bool = True) -> SimpleNamespace:
     """The jitted kernels for the current ``TRITON_INTERPRET`` setting (cached per setting).
 
-    ``weighted_moments`` is autotuned on a GPU; under the interpreter it is the bare kernel and the
-    launcher passes :data:`INTERPRETER_BLOCKS`.
+    ``weighted_moments`` is autotuned over :data:`AUTOTUNE_CONFIGS` on a GPU (or fixed to
+    :data:`DEFAULT_CONFIG` when ``autotune`` is False); under the interpreter it is the bare kernel
+    and the launcher passes :data:`INTERPRETER_BLOCKS`.
     """
     del interpret  # only the cache key: triton.jit reads the setting itself
     column_shift = triton.jit(_column_shift)
     weighted_moments = triton.jit(_weighted_moments)
     if not triton.knobs.runtime.interpret:
-        weighted_moments = triton.autotune(configs=AUTOTUNE_CONFIGS, key=AUTOTUNE_KEY)(weighted_moments)
+        configs = AUTOTUNE_CONFIGS if autotune else [DEFAULT_CONFIG]
+        weighted_moments = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(weighted_moments)
     return SimpleNamespace(column_shift=column_shift, weighted_moments=weighted_moments)

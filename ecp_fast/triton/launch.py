@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
+import triton.language as tl
 
 from ecp_fast import reference
 from ecp_fast._checks import LayerShape, check_layer_inputs, result_dtype
@@ -17,7 +20,28 @@ def is_interpreted() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def interpreter_ready() -> bool:
+    """True when the interpreter can run kernels in this process.
+
+    Triton decorates its own ``tl.sum``, ``tl.cdiv``, ... when it is imported, so the interpreter
+    only works when ``TRITON_INTERPRET=1`` was already set at ``import triton``.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return is_interpreted() and isinstance(tl.sum, InterpretedFunction)
+
+
+def autotune_enabled() -> bool:
+    """Autotune on the GPU unless ``ECP_FAST_TRITON_AUTOTUNE=0`` (then one fixed configuration)."""
+    return os.environ.get("ECP_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _check_device(op: str, x: torch.Tensor, interpret: bool) -> None:
+    if interpret and not interpreter_ready():
+        raise RuntimeError(
+            f"{op}: TRITON_INTERPRET=1 was set after triton was imported; set it before the first "
+            "import of triton (or of ecp_fast on a CUDA machine)"
+        )
     if not interpret and x.device.type != "cuda":
         raise ValueError(
             f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run CPU tensors "
@@ -42,7 +66,7 @@ def _launch(
     """Run the shift pre-pass (when compensating) and the fused kernel into ``outputs``."""
     interpret = is_interpreted()
     _check_device(op, x, interpret)
-    built = kernels.build_kernels(interpret)
+    built = kernels.build_kernels(interpret, autotune_enabled())
     s0, first, second = outputs
     samples = x.reshape(shape.n, shape.fan_in)  # a view whenever the leading dims allow one
     gradients = g if g.dim() == 3 else g.unsqueeze(0)
