@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +214,20 @@ class CalibrationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class LayerGradients(NamedTuple):
+    """One batch of one layer: inputs ``x`` ``(N, in)``, gradients ``g`` ``(P, N, out)`` or None
+    (``c = 1``), per-sample loss gradients ``loss_g`` ``(N, out)`` or None."""
+
+    x: torch.Tensor
+    g: torch.Tensor | None
+    loss_g: torch.Tensor | None
+
+
+def _check_finite(t: torch.Tensor, what: str, expected: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contain NaN or Inf (expected finite {expected})")
+
+
 # ---- batches ---------------------------------------------------------------------------------------
 
 
@@ -402,9 +416,21 @@ class Calibrator:
                 handle.remove()
         return raw_output, captured
 
-    def _batch_statistics(
-        self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int
-    ) -> dict[str, LayerStatistics]:
+    def gradients(
+        self,
+        inputs: Any,
+        targets: Any = None,
+        generator: torch.Generator | None = None,
+        batch_index: int = 0,
+    ) -> dict[str, LayerGradients]:
+        """One batch: every layer's inputs ``(N, in)``, sensitivity gradients ``(P, N, out)`` (None for
+        ``criterion="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
+
+        Raises ``ValueError`` when an input or gradient is NaN or Inf.
+        """
+        if generator is None:
+            generator = torch.Generator(device=_model_device(self.model))
+            generator.manual_seed(self.seed)
         raw_output, captured = self._capture(inputs)
         output = self.output_fn(raw_output) if self.output_fn is not None else raw_output
         if not isinstance(output, torch.Tensor):
@@ -416,12 +442,13 @@ class Calibrator:
             return {}
         zs = [captured[name][1] for name in names]
         loss_grads: list[torch.Tensor] | None = None
-        if targets is not None:
+        if targets is not None and self.loss_fn is not None:
             loss_grads = self._loss_gradients(output, targets, zs)
         if self.criterion == "output":
-            sensitivity_grads = self._output_gradients(output, zs, generator)
+            sensitivity_grads: list[torch.Tensor | None] = list(self._output_gradients(output, zs, generator))
         elif self.criterion == "loss":
-            assert loss_grads is not None
+            if loss_grads is None:
+                raise ValueError("criterion='loss' needs targets and loss_fn for every batch")
             sensitivity_grads = [g.unsqueeze(0) for g in loss_grads]
         else:
             sensitivity_grads = [None] * len(names)
@@ -429,32 +456,30 @@ class Calibrator:
         for index, name in enumerate(names):
             spec = self.layers[name]
             x = spec.inputs_2d(captured[name][0])
-            if not torch.isfinite(x).all():
-                raise ValueError(
-                    f"calibration batch {batch_index}: the inputs of layer {name!r} contain NaN or Inf "
-                    "(expected finite activations)"
-                )
-            if sensitivity_grads[index] is None:
-                g = x.new_ones(x.shape[0], spec.fan_out)
-            else:
+            _check_finite(x, f"calibration batch {batch_index}: the inputs of layer {name!r}", "activations")
+            g = None
+            if sensitivity_grads[index] is not None:
                 g = spec.grads_3d(sensitivity_grads[index].detach())
-                if not torch.isfinite(g).all():
-                    raise ValueError(
-                        f"calibration batch {batch_index}: the output gradients of layer {name!r} contain NaN or "
-                        "Inf (expected finite gradients)"
-                    )
-            batch_moments = fused_moments(x, g.to(x.dtype))
-            loss_grad_sum = None
+                _check_finite(g, f"calibration batch {batch_index}: the output gradients of layer {name!r}", "gradients")
+            g_loss = None
             if loss_grads is not None:
                 g_loss = spec.grads_3d(loss_grads[index].detach().unsqueeze(0))[0]
-                if not torch.isfinite(g_loss).all():
-                    raise ValueError(
-                        f"calibration batch {batch_index}: the loss gradients of layer {name!r} contain NaN or Inf "
-                        "(expected finite gradients)"
-                    )
-                loss_grad_sum = g_loss.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
+                _check_finite(g_loss, f"calibration batch {batch_index}: the loss gradients of layer {name!r}", "gradients")
+            result[name] = LayerGradients(x=x, g=g, loss_g=g_loss)
+        return result
+
+    def _batch_statistics(
+        self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int
+    ) -> dict[str, LayerStatistics]:
+        result = {}
+        for name, grads in self.gradients(inputs, targets, generator, batch_index).items():
+            x = grads.x
+            g = x.new_ones(x.shape[0], self.layers[name].fan_out) if grads.g is None else grads.g.to(x.dtype)
+            loss_grad_sum = None
+            if grads.loss_g is not None:
+                loss_grad_sum = grads.loss_g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
             result[name] = LayerStatistics(
-                moments=batch_moments,
+                moments=fused_moments(x, g),
                 activation_sq_sum=x.square().sum(dim=0),
                 loss_grad_sum=loss_grad_sum,
                 samples=int(x.shape[0]),
