@@ -280,6 +280,17 @@ def test_kernels_in_interpreter_subprocess() -> None:
     assert " passed" in finished.stdout, finished.stdout[-3000:]
 
 
+def test_tile_offsets_that_overflow_int32_are_made_contiguous() -> None:
+    """The kernel adds in-tile offsets in int32: a tensor whose tile would reach past 2^31 is copied."""
+    from ecp_fast.triton.launch import _int32_offsets
+
+    small = torch.empty_strided((64, 3), (3, 1), device="meta")
+    assert _int32_offsets(small, 64, 3) is small
+    huge_stride = torch.empty_strided((64, 3), (2**26, 1), device="meta")
+    copied = _int32_offsets(huge_stride, 64, 3)
+    assert copied.is_contiguous() and copied.shape == huge_stride.shape
+
+
 def test_register_cuda_kernels_is_idempotent() -> None:
     """Registration works without a GPU (the CUDA dispatch key exists) and can be repeated."""
     ecp_triton.register_cuda_kernels()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,6 +50,23 @@ def _check_device(op: str, x: torch.Tensor, interpret: bool) -> None:
         )
 
 
+_INT32_MAX = 2**31 - 1
+# Largest BLOCK_N of any configuration: bounds the in-tile sample offsets.
+_MAX_BLOCK_N = max(
+    [config.kwargs["BLOCK_N"] for config in kernels.AUTOTUNE_CONFIGS] + [kernels.INTERPRETER_BLOCKS["BLOCK_N"]]
+)
+
+
+def _int32_offsets(t: torch.Tensor, row_span: int, col_span: int) -> torch.Tensor:
+    """``t`` itself when the kernel's int32 in-tile offsets cannot overflow on it, else a contiguous copy.
+
+    ``row_span``/``col_span`` are how many rows and columns one tile reaches (the kernel adds
+    ``row * stride(0) + col * stride(1)`` in int32 and advances 64-bit pointers between chunks).
+    """
+    reach = (row_span - 1) * t.stride(-2) + (col_span - 1) * t.stride(-1)
+    return t if reach <= _INT32_MAX else t.contiguous()
+
+
 def _n_bucket(n: int) -> int:
     """Autotuning key for the sample count: the next power of two, so each batch size is not retuned."""
     return triton.next_power_of_2(max(n, 1))
@@ -69,6 +87,7 @@ def _launch(
     built = kernels.build_kernels(interpret, autotune_enabled())
     s0, first, second = outputs
     samples = x.reshape(shape.n, shape.fan_in)  # a view whenever the leading dims allow one
+    samples = _int32_offsets(samples, _MAX_BLOCK_N, shape.fan_in)
     gradients = g if g.dim() == 3 else g.unsqueeze(0)
     n_probes = shape.p
     g_is_sensitivity = False
@@ -76,14 +95,19 @@ def _launch(
         # Many Jacobian rows: reduce them once (an (N, out) float32 tensor, P times smaller than g).
         gradients = gradients.float().square().sum(dim=0, keepdim=True)
         n_probes, g_is_sensitivity = 1, True
+    gradients = _int32_offsets(gradients, _MAX_BLOCK_N, shape.fan_out)
+    if weight is not None:
+        weight = _int32_offsets(weight, shape.fan_out, shape.fan_in)
 
+    # Half-precision layers run the dots on bf16 operands (tensor cores); anything with a float32
+    # input keeps float32 operands, on TF32 tensor cores only where torch allows TF32 for matmuls.
     both_half = x.dtype in HALF_DTYPES and g.dtype in HALF_DTYPES
     if both_half:
-        input_precision = "ieee"  # ignored for bf16 operands
+        input_precision = "tf32"  # Triton's default; only float32 operands read it
     else:
         input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else _null_context():
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
         if compensate:
             shift = torch.empty(shape.fan_in, device=x.device, dtype=torch.float32)
             shift_blocks = kernels.INTERPRETER_SHIFT_BLOCKS if interpret else kernels.SHIFT_BLOCKS
@@ -136,14 +160,6 @@ def _launch(
             built.weighted_moments[grid](*arguments, **flags, **kernels.INTERPRETER_BLOCKS)
         else:
             built.weighted_moments[grid](*arguments, **flags)
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _sensitivity_sum(g: torch.Tensor) -> torch.Tensor:
