@@ -49,7 +49,7 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from ecp_fast.calibration import resolve_layers
-from ecp_fast.distributed import synchronize_calibration
+from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.importance import get_criterion
 from ecp_fast.pruner import PruneReport, Pruner, parse_scope
 
@@ -290,7 +290,8 @@ def prune_sequential(
         atomic: keep a CPU copy of each pruned block's original state until the end, so that any
             failure leaves every block exactly as it was (see the module docstring for the cost).
         synchronize: in a ``torch.distributed`` job, merge each block's statistics across ranks.
-        seed: seeds the probes and the ``random`` method, per block.
+        seed: seeds the probes (offset per rank in a distributed job, see
+            :func:`~ecp_fast.distributed.rank_seed`) and the ``random`` method (the same on every rank).
         progress: show a progress bar over the blocks.
 
     Returns:
@@ -328,7 +329,8 @@ def prune_sequential(
             if atomic:
                 snapshots.append(_snapshot(block, layer_names[index]))
             pruner = Pruner(block, criterion=criterion, probes=probes, layers=layers, seed=seed, progress=False)
-            pruner.calibrate(activations)
+            with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
+                pruner.calibrate(activations)
             if synchronize:
                 pruner.calibration = synchronize_calibration(pruner.calibration)
             block_report = pruner.prune(sparsity=sparsity, method=method, scope=scope, steps=steps)
