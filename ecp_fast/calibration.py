@@ -224,8 +224,19 @@ class LayerGradients(NamedTuple):
 
 
 def _check_finite(t: torch.Tensor, what: str, expected: str) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # A float64 sum is NaN or Inf exactly when an element is (float32 data cannot overflow it), and
+    # it reads the tensor once without allocating a mask.
+    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
         raise ValueError(f"{what} contain NaN or Inf (expected finite {expected})")
+
+
+def _check_layer_gradients(grads: LayerGradients, name: str, batch_index: int) -> None:
+    where = f"calibration batch {batch_index}:"
+    _check_finite(grads.x, f"{where} the inputs of layer {name!r}", "activations")
+    if grads.g is not None:
+        _check_finite(grads.g, f"{where} the output gradients of layer {name!r}", "gradients")
+    if grads.loss_g is not None:
+        _check_finite(grads.loss_g, f"{where} the loss gradients of layer {name!r}", "gradients")
 
 
 # ---- batches ---------------------------------------------------------------------------------------
@@ -422,11 +433,12 @@ class Calibrator:
         targets: Any = None,
         generator: torch.Generator | None = None,
         batch_index: int = 0,
+        check_finite: bool = True,
     ) -> dict[str, LayerGradients]:
         """One batch: every layer's inputs ``(N, in)``, sensitivity gradients ``(P, N, out)`` (None for
         ``criterion="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
 
-        Raises ``ValueError`` when an input or gradient is NaN or Inf.
+        With ``check_finite`` raises ``ValueError`` when an input or gradient is NaN or Inf.
         """
         if generator is None:
             generator = torch.Generator(device=_model_device(self.model))
@@ -456,16 +468,11 @@ class Calibrator:
         for index, name in enumerate(names):
             spec = self.layers[name]
             x = spec.inputs_2d(captured[name][0])
-            _check_finite(x, f"calibration batch {batch_index}: the inputs of layer {name!r}", "activations")
-            g = None
-            if sensitivity_grads[index] is not None:
-                g = spec.grads_3d(sensitivity_grads[index].detach())
-                _check_finite(g, f"calibration batch {batch_index}: the output gradients of layer {name!r}", "gradients")
-            g_loss = None
-            if loss_grads is not None:
-                g_loss = spec.grads_3d(loss_grads[index].detach().unsqueeze(0))[0]
-                _check_finite(g_loss, f"calibration batch {batch_index}: the loss gradients of layer {name!r}", "gradients")
+            g = None if sensitivity_grads[index] is None else spec.grads_3d(sensitivity_grads[index].detach())
+            g_loss = None if loss_grads is None else spec.grads_3d(loss_grads[index].detach().unsqueeze(0))[0]
             result[name] = LayerGradients(x=x, g=g, loss_g=g_loss)
+            if check_finite:
+                _check_layer_gradients(result[name], name, batch_index)
         return result
 
     def _batch_statistics(
@@ -478,12 +485,22 @@ class Calibrator:
             loss_grad_sum = None
             if grads.loss_g is not None:
                 loss_grad_sum = grads.loss_g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
-            result[name] = LayerStatistics(
+            stats = LayerStatistics(
                 moments=fused_moments(x, g),
                 activation_sq_sum=x.square().sum(dim=0),
                 loss_grad_sum=loss_grad_sum,
                 samples=int(x.shape[0]),
             )
+            sums = [stats.moments.s0, stats.moments.mean, stats.moments.m2, stats.activation_sq_sum]
+            if loss_grad_sum is not None:
+                sums.append(loss_grad_sum)
+            # Finite inputs can still overflow the float32 sums of huge activations.
+            if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in sums):
+                raise ValueError(
+                    f"calibration batch {batch_index}: the statistics of layer {name!r} overflowed to NaN or Inf "
+                    "(expected finite sums; the activations or gradients are too large)"
+                )
+            result[name] = stats
         return result
 
     def _loss_gradients(self, output: torch.Tensor, targets: Any, zs: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -191,6 +191,29 @@ def _pick_smallest(scores: torch.Tensor, available: torch.Tensor, count: torch.T
     return (rank < count.unsqueeze(-1)) & available
 
 
+def _pick_smallest_flat(scores: torch.Tensor, available: torch.Tensor, count: int) -> torch.Tensor:
+    """1-D: mark exactly ``min(count, available)`` smallest available scores (ties in any fixed order).
+
+    ``topk`` on the smaller side (removed or kept) instead of a full sort: pruning 90% of a large
+    model selects the 10% to keep.
+    """
+    selected = torch.zeros_like(available)
+    free = int(available.sum())
+    count = min(count, free)
+    if count <= 0:
+        return selected
+    values = scores.to(torch.float64)
+    if count <= free - count:
+        index = torch.topk(torch.where(available, values, torch.inf), count, largest=False, sorted=False).indices
+        selected[index] = True
+        return selected
+    kept = torch.zeros_like(available)
+    if free - count > 0:
+        index = torch.topk(torch.where(available, values, -torch.inf), free - count, largest=True, sorted=False).indices
+        kept[index] = True
+    return available & ~kept
+
+
 def select_weights(
     scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], sparsity: float, scope: Scope
 ) -> dict[str, torch.Tensor]:
@@ -208,7 +231,7 @@ def select_weights(
         count = max(round(sparsity * total) - already, 0)
         flat_scores = torch.cat([scores[name].reshape(-1).to(torch.float64) for name in names])
         flat_keep = torch.cat([keep[name].reshape(-1) for name in names])
-        flat = _pick_smallest(flat_scores, flat_keep, torch.tensor(count))
+        flat = _pick_smallest_flat(flat_scores, flat_keep, count)
         offset = 0
         for name in names:
             size = keep[name].numel()
@@ -219,9 +242,7 @@ def select_weights(
         available = keep[name]
         if scope.kind == "layer":
             count = max(round(sparsity * available.numel()) - int((~available).sum()), 0)
-            selected[name] = _pick_smallest(score.reshape(-1), available.reshape(-1), torch.tensor(count)).reshape(
-                available.shape
-            )
+            selected[name] = _pick_smallest_flat(score.reshape(-1), available.reshape(-1), count).reshape(available.shape)
         elif scope.kind == "row":
             per_row = available.shape[1]
             counts = (round(sparsity * per_row) - (~available).sum(dim=1)).clamp_min(0)
