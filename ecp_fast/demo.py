@@ -1,7 +1,7 @@
 """``ecp-fast demo``: every pruning method on a small MLP trained on scikit-learn's digits.
 
 The 8x8 digits ship with scikit-learn (no download). Features are standardised on a fixed
-train/test split; a 64-16-10 ReLU MLP is trained per seed, calibrated on the training set (exact
+train/test split; a 64-32-10 ReLU MLP is trained per seed, calibrated on the training set (exact
 Jacobian rows of the 10 logits, cross-entropy for the gradient baselines) and pruned one-shot to
 each sparsity with every method, plus ECP in 5 iterative steps. Test loss and accuracy (mean over
 seeds) are printed as tables and written to ``results.csv`` (per seed), ``summary.csv`` (mean and
@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
     parser.add_argument("--seeds", type=int, default=3, help="networks trained and averaged (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--hidden", type=int, default=16, help="hidden width of the MLP (default 16)")
+    parser.add_argument("--hidden", type=int, default=32, help="hidden width of the MLP (default 32)")
     parser.add_argument("--epochs", type=int, default=60, help="training epochs (default 60)")
     parser.add_argument(
         "--nonlinear-samples", type=int, default=256, help="calibration samples of the exact nonlinear baseline"

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ecp_fast.calibration import (
     CRITERIA,
@@ -453,7 +454,7 @@ class Pruner:
             total = sum(mask.numel() for mask in keep.values())
             initial_density = sum(int(mask.sum()) for mask in keep.values()) / total
             final_density = 1.0 - target
-            for step in range(1, steps + 1):
+            for step in tqdm(range(1, steps + 1), desc="prune", disable=not self.progress or steps == 1, leave=False):
                 if step > 1 and criterion.needs_calibration:
                     assert self._batches is not None
                     self.calibrate(self._batches, self._loss_fn, self._loss_reduction)
