@@ -1,6 +1,7 @@
 """pytest-benchmark suite at scale: prune a ~100M-parameter MLP stack, whole-model vs sequential.
 
-Heavy (minutes, a few GiB), so it is skipped unless ``ECP_FAST_BENCH_SCALE=1``::
+Heavy (minutes, a few GiB), so it is skipped unless ``ECP_FAST_BENCH_SCALE=1``
+(``ECP_FAST_BENCH_SCALE_WIDTH`` and ``ECP_FAST_BENCH_SCALE_BLOCKS`` shrink it for a quick check)::
 
     ECP_FAST_BENCH_SCALE=1 nice -n 10 .venv/bin/python -m pytest bench/bench_scale.py --benchmark-only
 
@@ -24,7 +25,10 @@ from ecp_fast.sequential import prune_sequential
 
 from scale_report import Config, make_batches, make_stack
 
-CONFIG = Config()
+CONFIG = Config(
+    width=int(os.environ.get("ECP_FAST_BENCH_SCALE_WIDTH", Config.width)),
+    blocks=int(os.environ.get("ECP_FAST_BENCH_SCALE_BLOCKS", Config.blocks)),
+)
 
 
 def _setup() -> tuple[tuple, dict]:
