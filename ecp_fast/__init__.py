@@ -12,6 +12,8 @@ from ecp_fast.finetune import finetune
 from ecp_fast.importance import IMPORTANCES, Importance, register_importance
 from ecp_fast.masks import apply_masks_from_state_dict, get_masks, remove_masks
 from ecp_fast.pruner import LayerReport, PruneReport, Pruner, prune
+from ecp_fast.sparse_export import NMPatternError, check_n_m, export_semi_structured
+from ecp_fast.structured import NeuronPair, StructuredReport, find_neuron_pairs, prune_neurons
 
 __version__ = "0.1.0"
 
@@ -20,4 +22,6 @@ __all__ = [
     "IMPORTANCES", "Importance", "LayerReport", "LayerStatistics", "PruneReport", "Pruner",
     "apply_masks_from_state_dict", "finetune", "get_masks", "merge_statistics", "prune",
     "register_importance", "remove_masks",
+    "NMPatternError", "NeuronPair", "StructuredReport", "check_n_m", "export_semi_structured",
+    "find_neuron_pairs", "prune_neurons",
 ]

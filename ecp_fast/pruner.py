@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from ecp_fast.calibration import (
 )
 from ecp_fast.importance import Importance, ScoringContext, check_nonlinear_size, get_criterion
 from ecp_fast.masks import install_mask
+
+if TYPE_CHECKING:
+    from ecp_fast.structured import StructuredReport
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,9 @@ def parse_scope(scope: str) -> Scope:
         if not 0 < n < m:
             raise ValueError(f"argument 'scope': an N:M pattern needs 0 < N < M, got N={n}, M={m} in {scope!r}")
         return Scope("n:m", n, m)
-    raise ValueError(f"argument 'scope' must be one of {SCOPES} or an N:M pattern such as '2:4', got {scope!r}")
+    raise ValueError(
+        f"argument 'scope' must be one of {SCOPES}, 'neuron' or an N:M pattern such as '2:4', got {scope!r}"
+    )
 
 
 def _resolve_sparsity(sparsity: float | None, scope: Scope) -> float:
@@ -391,7 +396,7 @@ class Pruner:
         scope: str = "global",
         steps: int = 1,
         importances: Mapping[str, Importance] | None = None,
-    ) -> PruneReport:
+    ) -> PruneReport | StructuredReport:
         """Remove the least important weights, compensate biases, and install the masks.
 
         Args:
@@ -400,16 +405,29 @@ class Pruner:
             method: a registered criterion: ``ecp``, ``obd``, ``magnitude``, ``gradient``,
                 ``taylor``, ``wanda``, ``random``, ``nonlinear``.
             scope: ``"global"`` (one ranking over all layers), ``"layer"`` (the same sparsity in
-                every layer), ``"row"`` (per output neuron) or ``"N:M"`` (keep N of every M
-                consecutive inputs of a neuron).
+                every layer), ``"row"`` (per output neuron), ``"N:M"`` (keep N of every M
+                consecutive inputs of a neuron) or ``"neuron"`` (remove whole hidden units and
+                shrink the model; ``sparsity`` is then the fraction of hidden units removed, see
+                :func:`ecp_fast.structured.prune_neurons`).
             steps: prune iteratively on a geometric schedule of the remaining density, recalibrating
                 on the same batches between steps (they must be re-iterable, e.g. a list or DataLoader).
             importances: precomputed :meth:`importances` for the current weights (``steps=1`` only),
                 to prune copies of one model at several sparsities without scoring again.
 
         Returns:
-            A :class:`PruneReport`. Removed weights stay out of later selections.
+            A :class:`PruneReport` (a :class:`~ecp_fast.structured.StructuredReport` for
+            ``scope="neuron"``). Removed weights stay out of later selections.
         """
+        if scope == "neuron":
+            if steps != 1 or importances is not None:
+                raise ValueError(
+                    "argument 'scope': scope='neuron' prunes in one step from the calibrated statistics "
+                    f"(steps=1, importances=None), got steps={steps!r} and importances={'given' if importances else None}"
+                )
+            # Imported here: structured builds on this module.
+            from ecp_fast.structured import prune_neurons
+
+            return prune_neurons(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
         criterion = get_criterion(method)
         parsed_scope = parse_scope(scope)
         target = _resolve_sparsity(sparsity, parsed_scope)

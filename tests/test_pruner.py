@@ -412,3 +412,29 @@ def test_pruning_an_already_masked_model_combines_the_masks():
     report = ecp_fast.prune(model, data(), sparsity=0.6, progress=False)
     assert not (model[0].weight_mask.bool() & ~existing).any()
     assert report.sparsity == pytest.approx(0.6, abs=1e-2)
+
+
+def test_neuron_scope_shrinks_the_model():
+    """scope='neuron' delegates to structured pruning: hidden units go, the model shrinks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    batches = [torch.randn(64, 6) for _ in range(3)]
+    pruner = ecp_fast.Pruner(model, criterion="output", progress=False)
+    pruner.calibrate(batches)
+    report = pruner.prune(0.5, method="ecp", scope="neuron")
+    assert isinstance(report, ecp_fast.StructuredReport)
+    pruned = report.model
+    assert pruned[0].out_features == 8 and pruned[2].in_features == 8
+    assert pruned(torch.randn(5, 6)).shape == (5, 3)
+
+
+def test_neuron_scope_refuses_steps_and_leaves_the_model_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = ecp_fast.Pruner(model, criterion="output", progress=False)
+    pruner.calibrate([torch.randn(32, 6)])
+    with pytest.raises(ValueError, match="scope='neuron' prunes in one step"):
+        pruner.prune(0.5, method="ecp", scope="neuron", steps=3)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
