@@ -166,9 +166,9 @@ def broadcast_module(module: nn.Module, src: int = 0, group: Any = None) -> None
     device = communication_device(group)
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
-            staged = tensor.detach().to(device)
+            staged = tensor.detach().to(device)  # shares the storage when already on `device`
             dist.broadcast(staged, src=_global_rank(src, group), group=group)
-            if staged is not tensor:
+            if tensor.device != device:
                 tensor.copy_(staged.to(tensor.device))
 
 
@@ -363,9 +363,9 @@ def _make_identical(statistics: dict[str, LayerStatistics], group: Any, device: 
         if stats.loss_grad_sum is not None:
             tensors.append(stats.loss_grad_sum)
         for tensor in tensors:
-            staged = tensor.to(device)
+            staged = tensor.to(device)  # the tensor itself when already on `device`
             dist.broadcast(staged, src=src, group=group)
-            if staged is not tensor:
+            if tensor.device != device:
                 tensor.copy_(staged.to(tensor.device))
 
 

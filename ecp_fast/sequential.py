@@ -280,7 +280,9 @@ def prune_sequential(
             ``random``, ...).
         criterion: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
         scope: ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (across the layers of one block).
-        steps: iterative pruning steps within each block (see :meth:`Pruner.prune`).
+        steps: iterative pruning steps within each block (see :meth:`Pruner.prune`); in a distributed
+            job the recalibrations between steps are merged across ranks only when
+            ``Pruner.calibrate`` itself synchronises, so use ``steps=1`` there otherwise.
         probes: Rademacher probes for ``criterion="output"`` (None: the pruner's default).
         layers: names of the layers to prune inside every block (relative to the block); None
             prunes every supported Linear and Conv2d.

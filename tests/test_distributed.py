@@ -138,8 +138,8 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         # Ranks that calibrated different layers fail together instead of hanging.
         layers = ["0"] if rank == 0 else ["2"]
         pruner = Pruner(make_model(torch.float64), criterion="local", layers=layers, progress=False)
-        pruner.calibrate(shard(make_batches(torch.float64)))
-        try:
+        try:  # calibrate too: the merge may run inside it
+            pruner.calibrate(shard(make_batches(torch.float64)))
             synchronize_calibration(pruner.calibration)
             results["mismatch_error"] = None
         except ValueError as error:
