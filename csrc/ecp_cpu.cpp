@@ -30,7 +30,7 @@ namespace {
 // Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
 constexpr int64_t kShiftSamples = 256;
 // Bytes of the two per-chunk buffers together; bounds the op's extra memory independently of N.
-constexpr int64_t kChunkBytes = 8 << 20;
+constexpr int64_t kChunkBytes = 16 << 20;
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kMaxChunkRows = 1024;
 
@@ -143,63 +143,60 @@ int64_t padded_row(int64_t columns) {
 
 // ---- chunk fills ---------------------------------------------------------------------------------
 
-// buffer row r = [x - shift | (x - shift)^2 | 1] for samples start .. start + rows.
+// Buffer rows r in [begin, end) = [x - shift | (x - shift)^2 | 1] of sample start + r. Called
+// inside a parallel region: one region per chunk fills both buffers, so threads meet once a chunk.
 template <typename in_t, typename acc_t>
 void fill_shifted_inputs(const at::Tensor& x, const SampleOffsets& offsets, const acc_t* shift,
-                         int64_t start, int64_t rows, int64_t fan_in, acc_t* buffer, int64_t ld) {
+                         int64_t start, int64_t begin, int64_t end, int64_t fan_in, acc_t* buffer,
+                         int64_t ld) {
   const in_t* data = x.const_data_ptr<in_t>();
   const int64_t col_stride = x.stride(-1);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const in_t* row = data + offsets(start + r);
-      acc_t* centred = buffer + r * ld;
-      acc_t* squared = centred + fan_in;
-      if (col_stride == 1) {
-        for (int64_t j = 0; j < fan_in; ++j) {
-          const acc_t value = static_cast<acc_t>(row[j]) - shift[j];
-          centred[j] = value;
-          squared[j] = value * value;
-        }
-      } else {
-        for (int64_t j = 0; j < fan_in; ++j) {
-          const acc_t value = static_cast<acc_t>(row[j * col_stride]) - shift[j];
-          centred[j] = value;
-          squared[j] = value * value;
-        }
+  for (int64_t r = begin; r < end; ++r) {
+    const in_t* row = data + offsets(start + r);
+    acc_t* centred = buffer + r * ld;
+    acc_t* squared = centred + fan_in;
+    if (col_stride == 1) {
+      for (int64_t j = 0; j < fan_in; ++j) {
+        const acc_t value = static_cast<acc_t>(row[j]) - shift[j];
+        centred[j] = value;
+        squared[j] = value * value;
       }
-      squared[fan_in] = acc_t(1);
+    } else {
+      for (int64_t j = 0; j < fan_in; ++j) {
+        const acc_t value = static_cast<acc_t>(row[j * col_stride]) - shift[j];
+        centred[j] = value;
+        squared[j] = value * value;
+      }
     }
-  });
+    squared[fan_in] = acc_t(1);
+  }
 }
 
-// buffer row r = sum_p g[p, start + r, :]^2.
+// Buffer rows r in [begin, end) = sum_p g[p, start + r, :]^2.
 template <typename g_t, typename acc_t>
-void fill_sensitivities(const at::Tensor& g3, int64_t start, int64_t rows, acc_t* buffer, int64_t ld) {
+void fill_sensitivities(const at::Tensor& g3, int64_t start, int64_t begin, int64_t end, acc_t* buffer,
+                        int64_t ld) {
   const g_t* data = g3.const_data_ptr<g_t>();
   const int64_t probes = g3.size(0), fan_out = g3.size(2);
   const int64_t stride_p = g3.stride(0), stride_n = g3.stride(1), stride_o = g3.stride(2);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_out * probes, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      acc_t* out = buffer + r * ld;
-      std::fill(out, out + fan_out, acc_t(0));
-      for (int64_t p = 0; p < probes; ++p) {
-        const g_t* row = data + p * stride_p + (start + r) * stride_n;
-        if (stride_o == 1) {
-          for (int64_t i = 0; i < fan_out; ++i) {
-            const acc_t value = static_cast<acc_t>(row[i]);
-            out[i] += value * value;
-          }
-        } else {
-          for (int64_t i = 0; i < fan_out; ++i) {
-            const acc_t value = static_cast<acc_t>(row[i * stride_o]);
-            out[i] += value * value;
-          }
+  for (int64_t r = begin; r < end; ++r) {
+    acc_t* out = buffer + r * ld;
+    std::fill(out, out + fan_out, acc_t(0));
+    for (int64_t p = 0; p < probes; ++p) {
+      const g_t* row = data + p * stride_p + (start + r) * stride_n;
+      if (stride_o == 1) {
+        for (int64_t i = 0; i < fan_out; ++i) {
+          const acc_t value = static_cast<acc_t>(row[i]);
+          out[i] += value * value;
+        }
+      } else {
+        for (int64_t i = 0; i < fan_out; ++i) {
+          const acc_t value = static_cast<acc_t>(row[i * stride_o]);
+          out[i] += value * value;
         }
       }
     }
-  });
+  }
 }
 
 template <typename in_t, typename acc_t>
@@ -218,63 +215,16 @@ void column_shift(const at::Tensor& x, const SampleOffsets& offsets, int64_t sam
 
 // ---- the fused pass ------------------------------------------------------------------------------
 
-// Shifted sums of one layer: acc[:, 0:in] = S1, acc[:, in:2in] = S2, acc[:, 2in] = S0.
-struct ShiftedSums {
-  at::Tensor acc;    // (out, ld), only the first 2 in + 1 columns are meaningful
-  at::Tensor shift;  // (in,)
-};
-
-template <typename acc_t>
-ShiftedSums accumulate(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape) {
-  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto options = x.options().dtype(acc_type);
-  const int64_t fan_in = shape.fan_in, fan_out = shape.fan_out, n = shape.n;
-  const int64_t gemm_cols = 2 * fan_in + 1;
-  const int64_t ld_inputs = padded_row(gemm_cols), ld_sens = padded_row(fan_out);
-
-  const SampleOffsets offsets(x.sizes().slice(0, x.dim() - 1), x.strides().slice(0, x.dim() - 1));
-  ShiftedSums sums{at::zeros({fan_out, ld_inputs}, options), at::empty({fan_in}, options)};
-  acc_t* shift = sums.shift.mutable_data_ptr<acc_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_column_shift", [&] {
-    column_shift<scalar_t, acc_t>(x, offsets, std::min(n, kShiftSamples), fan_in, shift);
-  });
-  if (n == 0 || fan_out == 0) return sums;
-
-  const int64_t row_bytes = (ld_inputs + ld_sens) * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t chunk = std::min(n, std::clamp(kChunkBytes / row_bytes, kMinChunkRows, kMaxChunkRows));
-  at::Tensor inputs_buffer = at::empty({chunk, ld_inputs}, options);
-  at::Tensor sens_buffer = at::empty({chunk, ld_sens}, options);
-  at::Tensor acc_view = sums.acc.narrow(1, 0, gemm_cols);
-
-  for (int64_t start = 0; start < n; start += chunk) {
-    const int64_t rows = std::min(chunk, n - start);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_fill_x", [&] {
-      fill_shifted_inputs<scalar_t, acc_t>(x, offsets, shift, start, rows, fan_in,
-                                           inputs_buffer.mutable_data_ptr<acc_t>(), ld_inputs);
-    });
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g3.scalar_type(), "ecp_fill_g", [&] {
-      fill_sensitivities<scalar_t, acc_t>(g3, start, rows, sens_buffer.mutable_data_ptr<acc_t>(),
-                                          ld_sens);
-    });
-    // acc (out x 2in+1) += c^T (out x rows) @ xs (rows x 2in+1); BLAS reads both transposed views
-    // in place through their leading dimensions.
-    const at::Tensor sens = sens_buffer.narrow(0, 0, rows).narrow(1, 0, fan_out);
-    const at::Tensor inputs = inputs_buffer.narrow(0, 0, rows).narrow(1, 0, gemm_cols);
-    acc_view.addmm_(sens.t(), inputs);
-  }
-  return sums;
-}
-
-// Calls f(row, j, s0, mean, m2) for every weight, in parallel over rows, from the shifted sums.
+// Turns the shifted sums of output rows [row_begin, row_end) into moments: calls
+// f(i, j, s0, mean, m2) for every weight of those rows, in parallel over rows. Row r of `acc` holds
+// [S1 (in) | S2 (in) | S0] of output row row_begin + r.
 template <typename acc_t, typename F>
-void for_each_moment(const ShiftedSums& sums, int64_t fan_out, int64_t fan_in, const F& f) {
-  const acc_t* acc = sums.acc.const_data_ptr<acc_t>();
-  const acc_t* shift = sums.shift.const_data_ptr<acc_t>();
-  const int64_t ld = sums.acc.stride(0);
+void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t row_begin, int64_t row_end,
+                     int64_t fan_in, const F& f) {
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
-  at::parallel_for(0, fan_out, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(row_begin, row_end, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const acc_t* s1 = acc + i * ld;
+      const acc_t* s1 = acc + (i - row_begin) * ld;
       const acc_t* s2 = s1 + fan_in;
       const acc_t s0 = s2[fan_in];
       for (int64_t j = 0; j < fan_in; ++j) {
@@ -291,6 +241,85 @@ void for_each_moment(const ShiftedSums& sums, int64_t fan_out, int64_t fan_in, c
   });
 }
 
+// One pass over the samples of a layer; calls f(i, j, s0, mean, m2) once for every weight.
+//
+// When all samples fit one chunk (few samples, wide layers), the buffers are filled once and the
+// GEMM and the epilogue run block by block over output rows, so the accumulator of a block stays in
+// cache and the op never holds an (out, 2 in) accumulator. Otherwise the chunks stream through one
+// full accumulator, and the epilogue runs once at the end.
+template <typename acc_t, typename F>
+void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape, const F& f) {
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const auto options = x.options().dtype(acc_type);
+  const int64_t fan_in = shape.fan_in, fan_out = shape.fan_out, n = shape.n;
+  const int64_t gemm_cols = 2 * fan_in + 1;
+  const int64_t ld_inputs = padded_row(gemm_cols), ld_sens = padded_row(fan_out);
+  if (fan_out == 0 || fan_in == 0) return;
+
+  const SampleOffsets offsets(x.sizes().slice(0, x.dim() - 1), x.strides().slice(0, x.dim() - 1));
+  at::Tensor shift_tensor = at::empty({fan_in}, options);
+  acc_t* shift = shift_tensor.mutable_data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_column_shift", [&] {
+    column_shift<scalar_t, acc_t>(x, offsets, std::min(n, kShiftSamples), fan_in, shift);
+  });
+  if (n == 0) {
+    // No samples: every neuron has s0 = 0, so every weight gets the dead-neuron zeros.
+    at::parallel_for(0, fan_out, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
+    });
+    return;
+  }
+
+  const int64_t row_bytes = (ld_inputs + ld_sens) * static_cast<int64_t>(sizeof(acc_t));
+  const int64_t chunk = std::min(n, std::clamp(kChunkBytes / row_bytes, kMinChunkRows, kMaxChunkRows));
+  at::Tensor inputs_buffer = at::empty({chunk, ld_inputs}, options);
+  at::Tensor sens_buffer = at::empty({chunk, ld_sens}, options);
+  acc_t* inputs_data = inputs_buffer.mutable_data_ptr<acc_t>();
+  acc_t* sens_data = sens_buffer.mutable_data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in + fan_out * shape.p, 1));
+  auto fill_chunk = [&](int64_t start, int64_t rows) {
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_fill_x", [&] {
+        fill_shifted_inputs<scalar_t, acc_t>(x, offsets, shift, start, begin, end, fan_in, inputs_data,
+                                             ld_inputs);
+      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g3.scalar_type(), "ecp_fill_g", [&] {
+        fill_sensitivities<scalar_t, acc_t>(g3, start, begin, end, sens_data, ld_sens);
+      });
+    });
+  };
+
+  if (n <= chunk) {
+    fill_chunk(0, n);
+    const at::Tensor inputs = inputs_buffer.narrow(0, 0, n).narrow(1, 0, gemm_cols);
+    const int64_t block_rows = std::clamp<int64_t>(kChunkBytes / 2 / (ld_inputs * sizeof(acc_t)), 16, fan_out);
+    at::Tensor block_acc = at::empty({block_rows, ld_inputs}, options);
+    for (int64_t row = 0; row < fan_out; row += block_rows) {
+      const int64_t rows = std::min(block_rows, fan_out - row);
+      const at::Tensor sens = sens_buffer.narrow(0, 0, n).narrow(1, row, rows);
+      // beta = 0: the block's previous contents are ignored, so it needs no zeroing.
+      block_acc.narrow(0, 0, rows).narrow(1, 0, gemm_cols).addmm_(sens.t(), inputs, /*beta=*/0, /*alpha=*/1);
+      for_each_moment<acc_t>(block_acc.const_data_ptr<acc_t>(), ld_inputs, shift, row, row + rows, fan_in, f);
+    }
+    return;
+  }
+
+  // acc[:, 0:in] = S1, acc[:, in:2in] = S2, acc[:, 2in] = S0 of the shifted inputs.
+  at::Tensor acc = at::empty({fan_out, ld_inputs}, options);
+  at::Tensor acc_view = acc.narrow(1, 0, gemm_cols);
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    fill_chunk(start, rows);
+    // acc (out x 2in+1) += c^T (out x rows) @ xs (rows x 2in+1); BLAS reads both transposed views
+    // in place through their leading dimensions. The first chunk overwrites (beta = 0).
+    const at::Tensor sens = sens_buffer.narrow(0, 0, rows).narrow(1, 0, fan_out);
+    const at::Tensor inputs = inputs_buffer.narrow(0, 0, rows).narrow(1, 0, gemm_cols);
+    acc_view.addmm_(sens.t(), inputs, /*beta=*/start == 0 ? 0 : 1, /*alpha=*/1);
+  }
+  for_each_moment<acc_t>(acc.const_data_ptr<acc_t>(), ld_inputs, shift, 0, fan_out, fan_in, f);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, const at::Tensor& g) {
@@ -303,21 +332,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, 
   const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
   AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_moments", [&] {
     using acc_t = scalar_t;
-    const ShiftedSums sums = accumulate<acc_t>(x, g3, shape);
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
     acc_t* s0_out = s0.mutable_data_ptr<acc_t>();
     const int64_t fan_in = shape.fan_in;
-    for_each_moment<acc_t>(sums, shape.fan_out, fan_in,
-                           [&](int64_t i, int64_t j, acc_t row_s0, acc_t row_mean, acc_t row_m2) {
-                             if (j == 0) s0_out[i] = row_s0;
-                             mean_out[i * fan_in + j] = row_mean;
-                             m2_out[i * fan_in + j] = row_m2;
-                           });
-    if (shape.fan_in == 0) {
-      s0.copy_(sums.acc.select(1, 0));
-    }
+    shifted_pass<acc_t>(x, g3, shape, [&](int64_t i, int64_t j, acc_t row_s0, acc_t row_mean, acc_t row_m2) {
+      if (j == 0) s0_out[i] = row_s0;
+      mean_out[i * fan_in + j] = row_mean;
+      m2_out[i * fan_in + j] = row_m2;
+    });
   });
+  if (shape.fan_in == 0) {
+    // No weight to visit: s0 is still the sensitivity sum of each neuron.
+    s0.copy_((g3.to(out_type).square().sum(at::IntArrayRef{0, 1})));
+  }
   return {s0, mean, m2};
 }
 
@@ -333,24 +361,22 @@ std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tens
   const at::Tensor w = weight.to(out_type).contiguous();
   AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_score", [&] {
     using acc_t = scalar_t;
-    const ShiftedSums sums = accumulate<acc_t>(x, g3, shape);
     const acc_t* w_data = w.const_data_ptr<acc_t>();
     acc_t* importance_out = importance.mutable_data_ptr<acc_t>();
     acc_t* delta_out = bias_delta.mutable_data_ptr<acc_t>();
     const int64_t fan_in = shape.fan_in;
-    for_each_moment<acc_t>(
-        sums, shape.fan_out, fan_in, [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2) {
-          const int64_t k = i * fan_in + j;
-          const acc_t w_ij = w_data[k];
-          if (compensate) {
-            importance_out[k] = w_ij * w_ij * m2;
-            delta_out[k] = w_ij * mean;
-          } else {
-            // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
-            importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
-            delta_out[k] = acc_t(0);
-          }
-        });
+    shifted_pass<acc_t>(x, g3, shape, [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2) {
+      const int64_t k = i * fan_in + j;
+      const acc_t w_ij = w_data[k];
+      if (compensate) {
+        importance_out[k] = w_ij * w_ij * m2;
+        delta_out[k] = w_ij * mean;
+      } else {
+        // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
+        importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
+        delta_out[k] = acc_t(0);
+      }
+    });
   });
   return {importance, bias_delta};
 }
