@@ -12,6 +12,8 @@ from ecp_fast.finetune import finetune
 from ecp_fast.importance import IMPORTANCES, Importance, register_importance
 from ecp_fast.masks import apply_masks_from_state_dict, get_masks, remove_masks
 from ecp_fast.pruner import LayerReport, PruneReport, Pruner, prune
+from ecp_fast.distributed import broadcast_module, per_rank_probe_seed, shard, synchronize_calibration
+from ecp_fast.sequential import SequentialReport, prune_sequential
 from ecp_fast.sparse_export import NMPatternError, check_n_m, export_semi_structured
 from ecp_fast.structured import NeuronPair, StructuredReport, find_neuron_pairs, prune_neurons
 
@@ -24,4 +26,6 @@ __all__ = [
     "register_importance", "remove_masks",
     "NMPatternError", "NeuronPair", "StructuredReport", "check_n_m", "export_semi_structured",
     "find_neuron_pairs", "prune_neurons",
+    "SequentialReport", "broadcast_module", "per_rank_probe_seed", "prune_sequential", "shard",
+    "synchronize_calibration",
 ]

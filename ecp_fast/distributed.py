@@ -5,8 +5,7 @@ data-parallel job calibrates like this::
 
     torch.distributed.init_process_group("gloo")        # or "nccl" on GPUs, e.g. under torchrun
     pruner = Pruner(model, criterion="output", seed=0)  # same model weights and seed on every rank
-    pruner.calibrate(shard(batches))                    # this rank's batches only
-    pruner.calibration = synchronize_calibration(pruner.calibration)
+    pruner.calibrate(shard(batches))                    # this rank's batches; merged across ranks
     pruner.prune(sparsity=0.5, method="ecp", scope="global")  # identical masks and biases everywhere
 
 How the merge works. The weighted moments ``(S0, mu, M2)`` are not sums, so they are turned into sums

@@ -33,6 +33,7 @@ from ecp_fast.calibration import (
     weight_2d,
     weight_parameter,
 )
+from ecp_fast.distributed import synchronize_calibration
 from ecp_fast.importance import Importance, ScoringContext, check_nonlinear_size, get_criterion
 from ecp_fast.masks import install_mask
 
@@ -343,7 +344,9 @@ class Pruner:
             output_fn=self.output_fn,
             seed=self.seed,
         )
-        result = calibrator.run(batches, progress=self.progress)
+        # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
+        # and so the scores, masks and biases, identical on all ranks (a no-op in one process).
+        result = synchronize_calibration(calibrator.run(batches, progress=self.progress))
         self.calibration = result
         self._batches = batches
         self._loss_fn = loss_fn
