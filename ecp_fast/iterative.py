@@ -211,6 +211,7 @@ def iterative_prune(
     criterion: Union[str, PruneFn] = "magnitude",
     regularizer: RelevanceDecay | None = None,
     scheduler: Any = None,
+    scheduler_step: str = "interval",
     weights: list[WeightRef] | None = None,
     recovery_intervals: int = 2,
     warmup_intervals: int = 1,
@@ -235,7 +236,9 @@ def iterative_prune(
         prune_fraction: fraction of the remaining weights removed per pruning step.
         criterion: ``"magnitude"``, an :class:`ECPCriterion`, or a :data:`PruneFn`.
         regularizer: relevance decay applied at every step and restarted after every pruning step.
-        scheduler: a learning-rate scheduler stepped once per interval (after the evaluation).
+        scheduler: a learning-rate scheduler, stepped once per interval (after the evaluation) or,
+            with ``scheduler_step="step"``, after every optimizer step.
+        scheduler_step: ``"interval"`` or ``"step"``.
         weights: the weights to prune; default :func:`~ecp_fast.regularize.eligible_weights`.
         recovery_intervals: intervals of training allowed below the bound before stopping.
         warmup_intervals: dense training intervals before the first pruning step.
@@ -256,6 +259,8 @@ def iterative_prune(
         raise ValueError(f"iterative_prune: argument 'interval' must be >= 1, got {interval}")
     if not 0 < prune_fraction < 1:
         raise ValueError(f"iterative_prune: argument 'prune_fraction' must be in (0, 1), got {prune_fraction}")
+    if scheduler_step not in ("interval", "step"):
+        raise ValueError(f"iterative_prune: argument 'scheduler_step' must be 'interval' or 'step', got {scheduler_step!r}")
     if recovery_intervals < 0 or warmup_intervals < 0:
         raise ValueError("iterative_prune: 'recovery_intervals' and 'warmup_intervals' must be >= 0")
     prune_fn = _resolve_criterion(criterion)
@@ -287,10 +292,12 @@ def iterative_prune(
                     regularizer.apply()
                 optimizer.step()
                 zero_pruned(weights)
+                if scheduler is not None and scheduler_step == "step":
+                    scheduler.step()
                 step += 1
             bar.update(interval)
             intervals_done += 1
-            if scheduler is not None:
+            if scheduler is not None and scheduler_step == "interval":
                 scheduler.step()
             model.eval()
             metric = float(metric_fn(model))

@@ -274,3 +274,21 @@ def test_quick_experiment_on_synthetic_mnist_files(tmp_path: Path) -> None:
     with open(tmp_path / "out" / "regularized_summary.csv") as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["met_bound"] == "True" and float(row["test_accuracy"]) >= 50.0
+
+
+@pytest.mark.parametrize("where, expected", [("interval", 4), ("step", 12)])
+def test_scheduler_stepping(digits, where: str, expected: int) -> None:
+    batches, _, _ = digits
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+    iterative_prune(
+        model, batches, nn.CrossEntropyLoss(), optimizer, lambda m: 100.0, bound=1.0, interval=3,
+        max_steps=12, scheduler=scheduler, scheduler_step=where, eval_after_prune=False, progress=False,
+    )
+    assert scheduler.last_epoch == expected
+
+
+def test_cli_discovers_the_experiment() -> None:
+    cli = pytest.importorskip("ecp_fast.cli")
+    assert "regularized" in cli.discover_experiments()

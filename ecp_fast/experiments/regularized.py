@@ -172,21 +172,30 @@ class RunSettings:
 
     interval: int
     train_subset: int | None
+    val_subset: int | None
+    prune_fraction: float
     max_steps: int
     time_limit_s: float | None
 
 
 def network_settings(args: argparse.Namespace, network: str, train_size: int) -> RunSettings:
-    """Interval, training subset and caps for one network."""
-    subset = args.lenet5_train_subset if network == "lenet5" else None
-    if args.quick:
-        subset = None
+    """Interval, data subsets, pruning fraction and caps for one network.
+
+    LeNet-5 costs about 20 times more CPU per step than LeNet-300-100, so it has its own interval,
+    pruning fraction, validation subset and time limit (``--lenet5-*``).
+    """
+    lenet5 = network == "lenet5" and not args.quick
+    subset = (args.lenet5_train_subset or None) if lenet5 else None
     effective = min(train_size, subset) if subset else train_size
     epoch = math.ceil(effective / args.batch_size)
     interval = args.interval or max(1, int(round(epoch * args.interval_epochs)))
+    if lenet5 and args.lenet5_interval:
+        interval = args.lenet5_interval
+    fraction = args.lenet5_prune_fraction if lenet5 and args.lenet5_prune_fraction else args.prune_fraction
     max_steps = args.max_steps or interval * args.max_intervals
     limit = args.time_limit_lenet5 if network == "lenet5" else args.time_limit_lenet300
-    return RunSettings(interval, subset, max_steps, limit or None)
+    val_subset = (args.lenet5_val_subset or None) if lenet5 else None
+    return RunSettings(interval, subset, val_subset, fraction, max_steps, limit or None)
 
 
 def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> IterativeResult:
@@ -198,11 +207,27 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
     torch.manual_seed(args.seed)  # the same initial weights in every configuration
     model = build_network(network, data.image_size)
     batches = TensorBatches(x_train, y_train, args.batch_size, args.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    # Per interval: lr * lr_decay^k, never below lr * lr_floor (pruned networks must still recover).
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: max(args.lr_decay**k, args.lr_floor)
-    )
+    if args.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0
+        )
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    interval = settings.interval
+    if args.lr_schedule == "cyclic":
+        # Cosine from lr to lr * lr_floor within every interval, restarting at each interval (and so
+        # at each pruning step): every evaluation sees a network settled at a small learning rate.
+        def factor(t: int) -> float:
+            return args.lr_floor + (1 - args.lr_floor) * 0.5 * (1 + math.cos(math.pi * (t % interval) / interval))
+
+        scheduler_step = "step"
+    else:
+        # Per interval: lr * lr_decay^k, never below lr * lr_floor (pruned networks must still recover).
+        def factor(t: int) -> float:
+            return max(args.lr_decay**t, args.lr_floor)
+
+        scheduler_step = "interval"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     loss_fn = nn.CrossEntropyLoss()
     regularizer = None
     if config.startswith("decay"):
@@ -217,13 +242,18 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
     else:
         criterion = "magnitude"
 
+    x_val, y_val = data.x_val, data.y_val
+    if settings.val_subset:
+        x_val, y_val = x_val[: settings.val_subset], y_val[: settings.val_subset]
+
     def metric(m: nn.Module) -> float:
-        return accuracy(m, data.x_val, data.y_val)
+        return accuracy(m, x_val, y_val)
 
     result = iterative_prune(
         model, batches, loss_fn, optimizer, metric, args.bound,
-        interval=settings.interval, prune_fraction=args.prune_fraction, criterion=criterion,
-        regularizer=regularizer, scheduler=scheduler, recovery_intervals=args.recovery_intervals,
+        interval=settings.interval, prune_fraction=settings.prune_fraction, criterion=criterion,
+        regularizer=regularizer, scheduler=scheduler, scheduler_step=scheduler_step,
+        recovery_intervals=args.recovery_intervals,
         warmup_intervals=args.warmup_intervals, max_steps=settings.max_steps,
         max_sparsity=args.max_sparsity, time_limit_s=settings.time_limit_s,
         progress=not args.no_progress, description=f"{network} {config}",
@@ -322,28 +352,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bound", type=float, default=98.0, help="lowest acceptable validation accuracy (%%)")
     parser.add_argument("--val-size", type=int, default=5000, help="validation samples carved from training")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--lr-decay", type=float, default=1.0, help="learning-rate factor per interval")
-    parser.add_argument("--lr-floor", type=float, default=1.0, help="lowest learning rate, as a fraction of --lr")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
+    parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    parser.add_argument("--lr-schedule", choices=("cyclic", "decay"), default="cyclic",
+                        help="cyclic: cosine from --lr to --lr * --lr-floor within every interval; "
+                        "decay: --lr * --lr-decay^interval, floored at --lr * --lr-floor")
+    parser.add_argument("--lr-decay", type=float, default=0.85, help="learning-rate factor per interval (decay)")
+    parser.add_argument("--lr-floor", type=float, default=0.02, help="lowest learning rate, as a fraction of --lr")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1 is fastest for these small networks on a shared CPU)")
-    parser.add_argument("--gamma", type=float, default=1e-4, help="relevance decay strength")
-    parser.add_argument("--alpha", type=float, default=1.0, help="relevance gate temperature")
+    parser.add_argument("--gamma", type=float, default=2e-3, help="relevance decay strength")
+    parser.add_argument("--alpha", type=float, default=1e-3, help="relevance gate temperature")
     parser.add_argument("--gamma-decay-steps", type=int, default=None,
                         help="steps of linear gamma decay, restarted at each pruning step (default: interval)")
     parser.add_argument("--prune-fraction", type=float, default=0.2, help="fraction of remaining weights per step")
     parser.add_argument("--interval", type=int, default=0, help="steps between pruning steps (0: from --interval-epochs)")
     parser.add_argument("--interval-epochs", type=float, default=1.0, help="interval as a fraction of an epoch")
     parser.add_argument("--warmup-intervals", type=int, default=3, help="dense intervals before the first pruning")
-    parser.add_argument("--recovery-intervals", type=int, default=2, help="intervals allowed below the bound")
-    parser.add_argument("--max-intervals", type=int, default=60, help="cap on training intervals per run")
+    parser.add_argument("--recovery-intervals", type=int, default=3, help="intervals allowed below the bound")
+    parser.add_argument("--max-intervals", type=int, default=45, help="cap on training intervals per run")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: from --max-intervals)")
     parser.add_argument("--max-sparsity", type=float, default=0.999)
     parser.add_argument("--lenet5-train-subset", type=int, default=0,
                         help="train LeNet-5 on the first N training samples only (0: all), for CPU time")
-    parser.add_argument("--time-limit-lenet300", type=float, default=0, help="seconds per LeNet-300-100 run (0: none)")
-    parser.add_argument("--time-limit-lenet5", type=float, default=0, help="seconds per LeNet-5 run (0: none)")
-    parser.add_argument("--ecp-criterion", default="loss", choices=("output", "loss", "local"),
+    parser.add_argument("--lenet5-interval", type=int, default=100,
+                        help="steps between pruning steps for LeNet-5 (0: as for LeNet-300-100)")
+    parser.add_argument("--lenet5-prune-fraction", type=float, default=0.3,
+                        help="fraction pruned per step for LeNet-5 (0: --prune-fraction)")
+    parser.add_argument("--lenet5-val-subset", type=int, default=2000,
+                        help="validate LeNet-5 on the first N validation samples only (0: all)")
+    parser.add_argument("--time-limit-lenet300", type=float, default=200, help="seconds per LeNet-300-100 run (0: none)")
+    parser.add_argument("--time-limit-lenet5", type=float, default=260, help="seconds per LeNet-5 run (0: none)")
+    parser.add_argument("--ecp-criterion", default="output", choices=("output", "loss", "local"),
                         help="ECP sensitivity")
     parser.add_argument("--probes", type=int, default=None, help="Rademacher probes for --ecp-criterion output")
     parser.add_argument("--calibration-batches", type=int, default=4, help="training batches ECP calibrates on")
@@ -376,6 +417,7 @@ def run(args: argparse.Namespace) -> int:
     for network in args.networks:
         for config in args.configs:
             result = run_one(args, data, network, config)
+            settings = network_settings(args, network, len(data.x_train))
             test_acc = accuracy(result.model, data.x_test, data.y_test)
             histories[(network, config)] = result
             rows.append({
@@ -383,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
                 "val_accuracy": result.metric, "test_accuracy": test_acc, "met_bound": result.met_bound,
                 "prune_steps": result.prune_steps, "train_steps": result.total_steps,
                 "checkpoint_step": result.step, "stop_reason": result.stop_reason, "seconds": result.seconds,
+                "interval": settings.interval, "prune_fraction": settings.prune_fraction,
             })
             logger.info("%s %s: sparsity %.4f val %.2f test %.2f (%s, %.0f s)", network, config,
                         result.sparsity, result.metric, test_acc, result.stop_reason, result.seconds)
