@@ -44,8 +44,8 @@ PruneFn = Callable[[nn.Module, list[WeightRef], float], None]
 class HistoryEntry:
     """One evaluation: after ``step`` optimizer steps, at global ``sparsity``, the ``metric``.
 
-    ``event`` is ``"train"`` (end of a training interval) or ``"prune"`` (right after a pruning
-    step, before any retraining).
+    ``event`` is ``"train"`` (end of a training interval), ``"prune"`` (right after a pruning
+    step, before any retraining) or ``"rollback"`` (back to the last checkpoint, with its metric).
     """
 
     step: int
@@ -71,6 +71,7 @@ class IterativeResult:
     stop_reason: str
     history: list[HistoryEntry] = field(default_factory=list)
     prune_steps: int = 0
+    rollbacks: int = 0
     total_steps: int = 0
     seconds: float = 0.0
 
@@ -214,6 +215,8 @@ def iterative_prune(
     scheduler_step: str = "interval",
     weights: list[WeightRef] | None = None,
     recovery_intervals: int = 2,
+    backoff: float | None = None,
+    min_prune_fraction: float = 0.01,
     warmup_intervals: int = 1,
     max_steps: int = 100_000,
     max_sparsity: float = 0.999,
@@ -241,6 +244,11 @@ def iterative_prune(
         scheduler_step: ``"interval"`` or ``"step"``.
         weights: the weights to prune; default :func:`~ecp_fast.regularize.eligible_weights`.
         recovery_intervals: intervals of training allowed below the bound before stopping.
+        backoff: None (the source's procedure) stops when a pruning step fails for good. A factor in
+            ``(0, 1)`` instead rolls model and optimizer back to the last checkpoint, multiplies
+            ``prune_fraction`` by it and prunes again, until the fraction falls below
+            ``min_prune_fraction``.
+        min_prune_fraction: the smallest fraction tried with ``backoff``.
         warmup_intervals: dense training intervals before the first pruning step.
         max_steps: hard cap on optimizer steps.
         max_sparsity: no pruning step beyond this global sparsity.
@@ -261,6 +269,8 @@ def iterative_prune(
         raise ValueError(f"iterative_prune: argument 'prune_fraction' must be in (0, 1), got {prune_fraction}")
     if scheduler_step not in ("interval", "step"):
         raise ValueError(f"iterative_prune: argument 'scheduler_step' must be 'interval' or 'step', got {scheduler_step!r}")
+    if backoff is not None and not 0 < backoff < 1:
+        raise ValueError(f"iterative_prune: argument 'backoff' must be None or in (0, 1), got {backoff}")
     if recovery_intervals < 0 or warmup_intervals < 0:
         raise ValueError("iterative_prune: 'recovery_intervals' and 'warmup_intervals' must be >= 0")
     prune_fn = _resolve_criterion(criterion)
@@ -272,6 +282,9 @@ def iterative_prune(
     start = time.perf_counter()
     history: list[HistoryEntry] = []
     checkpoint: dict[str, Any] | None = None
+    optimizer_checkpoint: dict[str, Any] | None = None
+    fraction = prune_fraction
+    rollbacks = 0
     best = (0.0, -math.inf, 0)  # sparsity, metric, step of the checkpoint
     step = 0
     intervals_done = 0
@@ -306,27 +319,44 @@ def iterative_prune(
             bar.set_postfix(sparsity=f"{current:.4f}", metric=f"{metric:.3f}")
             logger.debug("%s: step %d sparsity %.4f metric %.4f", description, step, current, metric)
 
+            rolled_back = False
             if metric >= bound:
                 checkpoint = copy.deepcopy(model.state_dict())
+                if backoff is not None:
+                    optimizer_checkpoint = copy.deepcopy(optimizer.state_dict())
                 best = (current, metric, step)
                 below = 0
             else:
                 below += 1
                 if prune_steps > 0 and below > recovery_intervals:
-                    stop_reason = "bound"
-                    break
-                if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                    stop_reason = "time_limit"
-                    break
-                continue
+                    if backoff is None or checkpoint is None or fraction * backoff < min_prune_fraction:
+                        stop_reason = "bound"
+                        break
+                    # The last pruning step was too large: back to the checkpoint, prune less.
+                    model.load_state_dict(checkpoint)
+                    if optimizer_checkpoint is not None:
+                        optimizer.load_state_dict(optimizer_checkpoint)
+                    fraction *= backoff
+                    rollbacks += 1
+                    below = 0
+                    rolled_back = True
+                    current = sparsity(weights)
+                    history.append(HistoryEntry(step, current, best[1], "rollback"))
+                    logger.info("%s: step %d, rolled back to sparsity %.4f; prune fraction now %.4f",
+                                description, step, current, fraction)
+                else:
+                    if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                        stop_reason = "time_limit"
+                        break
+                    continue
             if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
                 stop_reason = "time_limit"
                 break
-            if intervals_done <= warmup_intervals:
+            if intervals_done <= warmup_intervals and not rolled_back:
                 continue
             if step >= max_steps:
                 break
-            target = min(1.0 - (1.0 - current) * (1.0 - prune_fraction), max_sparsity)
+            target = min(1.0 - (1.0 - current) * (1.0 - fraction), max_sparsity)
             if _prune_count(weights, target) == 0:
                 stop_reason = "max_sparsity"  # nothing left to prune below max_sparsity
                 break
@@ -369,6 +399,7 @@ def iterative_prune(
         stop_reason=stop_reason,
         history=history,
         prune_steps=prune_steps,
+        rollbacks=rollbacks,
         total_steps=step,
         seconds=seconds,
     )

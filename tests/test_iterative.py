@@ -292,3 +292,23 @@ def test_scheduler_stepping(digits, where: str, expected: int) -> None:
 def test_cli_discovers_the_experiment() -> None:
     cli = pytest.importorskip("ecp_fast.cli")
     assert "regularized" in cli.discover_experiments()
+
+
+def test_backoff_rolls_back_and_prunes_less(digits) -> None:
+    batches, _, _ = digits
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    result = iterative_prune(
+        model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, bound=50.0,
+        interval=2, prune_fraction=0.2, recovery_intervals=0, warmup_intervals=1,
+        backoff=0.5, min_prune_fraction=0.01, progress=False,
+    )
+    # Without backoff it stops at 0.488; halving the fraction after each failure gets closer to 0.5.
+    assert result.stop_reason == "bound" and result.rollbacks >= 4
+    assert 0.488 < result.sparsity < 0.5
+    assert sparsity_metric(result.model) >= 50.0
+    assert sparsity(eligible_weights(result.model)) == pytest.approx(result.sparsity)
+    assert any(entry.event == "rollback" for entry in result.history)
+    with pytest.raises(ValueError, match="backoff"):
+        iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
+                        backoff=1.5)

@@ -253,7 +253,7 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
         model, batches, loss_fn, optimizer, metric, args.bound,
         interval=settings.interval, prune_fraction=settings.prune_fraction, criterion=criterion,
         regularizer=regularizer, scheduler=scheduler, scheduler_step=scheduler_step,
-        recovery_intervals=args.recovery_intervals,
+        recovery_intervals=args.recovery_intervals, backoff=args.backoff,
         warmup_intervals=args.warmup_intervals, max_steps=settings.max_steps,
         max_sparsity=args.max_sparsity, time_limit_s=settings.time_limit_s,
         progress=not args.no_progress, description=f"{network} {config}",
@@ -292,9 +292,10 @@ def markdown_table(rows: list[dict]) -> str:
               "| train steps | stop | time (s) |")
     lines = [header, "|" + " --- |" * 9]
     for row in rows:
+        rollbacks = f" ({row['rollbacks']} rollbacks)" if row.get("rollbacks") else ""
         lines.append(
             f"| {row['network']} | {row['config']} | {100 * row['sparsity']:.2f}% | {row['val_accuracy']:.2f} "
-            f"| {row['test_accuracy']:.2f} | {row['prune_steps']} | {row['train_steps']} | {row['stop_reason']}"
+            f"| {row['test_accuracy']:.2f} | {row['prune_steps']} | {row['train_steps']} | {row['stop_reason']}{rollbacks}"
             f"{'' if row['met_bound'] else ' (bound never met)'} | {row['seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -371,6 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval-epochs", type=float, default=1.0, help="interval as a fraction of an epoch")
     parser.add_argument("--warmup-intervals", type=int, default=3, help="dense intervals before the first pruning")
     parser.add_argument("--recovery-intervals", type=int, default=3, help="intervals allowed below the bound")
+    parser.add_argument("--backoff", type=float, default=None,
+                        help="on a failed pruning step, roll back and multiply the fraction by this (default: stop)")
     parser.add_argument("--max-intervals", type=int, default=45, help="cap on training intervals per run")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: from --max-intervals)")
     parser.add_argument("--max-sparsity", type=float, default=0.999)
@@ -423,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
             rows.append({
                 "network": network, "config": config, "sparsity": result.sparsity,
                 "val_accuracy": result.metric, "test_accuracy": test_acc, "met_bound": result.met_bound,
-                "prune_steps": result.prune_steps, "train_steps": result.total_steps,
+                "prune_steps": result.prune_steps, "rollbacks": result.rollbacks, "train_steps": result.total_steps,
                 "checkpoint_step": result.step, "stop_reason": result.stop_reason, "seconds": result.seconds,
                 "interval": settings.interval, "prune_fraction": settings.prune_fraction,
             })
