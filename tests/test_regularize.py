@@ -185,3 +185,21 @@ def test_rejects_bad_arguments() -> None:
         RelevanceDecay(small_net(), alpha=0.0)
     with pytest.raises(ValueError, match="no eligible"):
         RelevanceDecay(nn.Sequential(nn.ReLU()))
+
+
+def test_optimizer_wrapper_works_with_lr_schedulers_and_state_dict() -> None:
+    model = small_net()
+    decay = RelevanceDecay(model, gamma=1e-3, decay_steps=10)
+    optimizer = RelevanceDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss_of(model).backward()
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)
+    assert decay.schedule.step_count == 3
+    state = optimizer.state_dict()
+    decay.restart()
+    optimizer.load_state_dict(state)
+    assert decay.schedule.step_count == 3

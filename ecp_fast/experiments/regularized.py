@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ecp_fast.datasets import DATA_DIR_ENV, Split, load_digits_split, load_mnist
 from ecp_fast.iterative import ECPCriterion, IterativeResult, iterative_prune
-from ecp_fast.regularize import RelevanceDecay
+from ecp_fast.regularize import RelevanceDecay, eligible_weights
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,9 @@ def write_outputs(out: Path, rows: list[dict], histories: dict[tuple[str, str], 
                 writer.writerow([network, config, pruning_step, entry.step, f"{entry.sparsity:.6f}",
                                  f"{entry.metric:.4f}", entry.event])
     table = markdown_table(rows)
-    (out / "regularized_table.md").write_text(table + "\n")
+    layers = ["| network | configuration | sparsity per layer |", "| --- | --- | --- |"]
+    layers += [f"| {row['network']} | {row['config']} | {row['layer_sparsity']} |" for row in rows]
+    (out / "regularized_table.md").write_text(table + "\n\n" + "\n".join(layers) + "\n")
     plot(out, histories, bound)
     return table
 
@@ -386,7 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lenet5-val-subset", type=int, default=2000,
                         help="validate LeNet-5 on the first N validation samples only (0: all)")
     parser.add_argument("--time-limit-lenet300", type=float, default=200, help="seconds per LeNet-300-100 run (0: none)")
-    parser.add_argument("--time-limit-lenet5", type=float, default=260, help="seconds per LeNet-5 run (0: none)")
+    parser.add_argument("--time-limit-lenet5", type=float, default=330, help="seconds per LeNet-5 run (0: none)")
     parser.add_argument("--ecp-criterion", default="output", choices=("output", "loss", "local"),
                         help="ECP sensitivity")
     parser.add_argument("--probes", type=int, default=None, help="Rademacher probes for --ecp-criterion output")
@@ -422,6 +424,9 @@ def run(args: argparse.Namespace) -> int:
             result = run_one(args, data, network, config)
             settings = network_settings(args, network, len(data.x_train))
             test_acc = accuracy(result.model, data.x_test, data.y_test)
+            per_layer = " / ".join(
+                f"{ref.module_name} {100 * ref.count_zeros() / ref.numel():.1f}%" for ref in eligible_weights(result.model)
+            )
             histories[(network, config)] = result
             rows.append({
                 "network": network, "config": config, "sparsity": result.sparsity,
@@ -429,6 +434,7 @@ def run(args: argparse.Namespace) -> int:
                 "prune_steps": result.prune_steps, "rollbacks": result.rollbacks, "train_steps": result.total_steps,
                 "checkpoint_step": result.step, "stop_reason": result.stop_reason, "seconds": result.seconds,
                 "interval": settings.interval, "prune_fraction": settings.prune_fraction,
+                "layer_sparsity": per_layer,
             })
             logger.info("%s %s: sparsity %.4f val %.2f test %.2f (%s, %.0f s)", network, config,
                         result.sparsity, result.metric, test_acc, result.stop_reason, result.seconds)
