@@ -30,9 +30,12 @@ namespace {
 // Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
 constexpr int64_t kShiftSamples = 256;
 // Bytes of the two per-chunk buffers together; bounds the op's extra memory independently of N.
-constexpr int64_t kChunkBytes = 16 << 20;
+constexpr int64_t kChunkBytes = 32 << 20;
+// Bytes of one block of accumulator rows when all samples fit one chunk: few enough blocks to keep
+// the parallel regions few, small enough to stay in the last-level cache.
+constexpr int64_t kBlockBytes = 8 << 20;
 constexpr int64_t kMinChunkRows = 64;
-constexpr int64_t kMaxChunkRows = 1024;
+constexpr int64_t kMaxChunkRows = 4096;
 
 // ---- validation, worded like ecp_fast/_checks.py -------------------------------------------------
 
@@ -293,7 +296,7 @@ void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
   if (n <= chunk) {
     fill_chunk(0, n);
     const at::Tensor inputs = inputs_buffer.narrow(0, 0, n).narrow(1, 0, gemm_cols);
-    const int64_t block_rows = std::clamp<int64_t>(kChunkBytes / 2 / (ld_inputs * sizeof(acc_t)), 16, fan_out);
+    const int64_t block_rows = std::clamp<int64_t>(kBlockBytes / (ld_inputs * sizeof(acc_t)), 16, fan_out);
     at::Tensor block_acc = at::empty({block_rows, ld_inputs}, options);
     for (int64_t row = 0; row < fan_out; row += block_rows) {
       const int64_t rows = std::min(block_rows, fan_out - row);
