@@ -304,33 +304,43 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(out: Path, histories: dict[tuple[str, str], IterativeResult], bound: float) -> None:
-    """Per network: global sparsity and validation accuracy against the pruning step."""
+    """Per network: remaining weights (log scale) and validation accuracy against the pruning step.
+
+    Every evaluation after a training interval is a point; several points at one pruning step are
+    recovery intervals.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     for network in dict.fromkeys(network for network, _ in histories):
-        fig, (ax_sparsity, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax_density, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
         for (net, config), result in histories.items():
             if net != network:
                 continue
-            xs, sparsities, metrics = [], [], []
+            xs, remaining, metrics = [], [], []
             pruning_step = 0
             for entry in result.history:
                 pruning_step += entry.event == "prune"
                 if entry.event == "train":
                     xs.append(pruning_step)
-                    sparsities.append(100 * entry.sparsity)
+                    remaining.append(100 * (1 - entry.sparsity))
                     metrics.append(entry.metric)
-            ax_sparsity.plot(xs, sparsities, marker="o", markersize=3, label=config)
+            line = ax_density.plot(xs, remaining, marker="o", markersize=3, label=config)[0]
+            ax_density.axhline(100 * (1 - result.sparsity), color=line.get_color(), linestyle=":", linewidth=1)
             ax_metric.plot(xs, metrics, marker="o", markersize=3, label=config)
         ax_metric.axhline(bound, color="black", linestyle="--", linewidth=1, label=f"bound {bound:g}%")
-        ax_sparsity.set(xlabel="pruning step", ylabel="global sparsity (%)", title=f"{NETWORK_LABELS[network]}: sparsity")
-        ax_metric.set(xlabel="pruning step", ylabel="validation accuracy (%)", title=f"{NETWORK_LABELS[network]}: accuracy")
-        ax_metric.set_ylim(max(0.0, bound - 8), 100)
-        for ax in (ax_sparsity, ax_metric):
-            ax.grid(alpha=0.3)
+        ax_density.set_yscale("log")
+        ax_density.set(xlabel="pruning step", ylabel="remaining weights (%) = 100 - sparsity",
+                       title=f"{NETWORK_LABELS[network]}: weights left (dotted: returned model)")
+        ax_metric.set(xlabel="pruning step", ylabel="validation accuracy (%)",
+                      title=f"{NETWORK_LABELS[network]}: accuracy after each interval")
+        ax_metric.set_ylim(max(0.0, bound - 3), 100)
+        for ax in (ax_density, ax_metric):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"regularized_{network}.png", dpi=110)
