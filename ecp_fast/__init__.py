@@ -14,6 +14,9 @@ from ecp_fast.masks import apply_masks_from_state_dict, get_masks, remove_masks
 from ecp_fast.pruner import LayerReport, PruneReport, Pruner, prune
 from ecp_fast.distributed import broadcast_module, per_rank_probe_seed, shard, synchronize_calibration
 from ecp_fast.sequential import SequentialReport, prune_sequential
+from ecp_fast.datasets import load_digits_split, load_mnist
+from ecp_fast.iterative import ECPCriterion, IterativeResult, iterative_prune
+from ecp_fast.regularize import GammaSchedule, RelevanceDecay, RelevanceDecayOptimizer, eligible_weights
 from ecp_fast.sparse_export import NMPatternError, check_n_m, export_semi_structured
 from ecp_fast.structured import NeuronPair, StructuredReport, find_neuron_pairs, prune_neurons
 
@@ -28,4 +31,6 @@ __all__ = [
     "find_neuron_pairs", "prune_neurons",
     "SequentialReport", "broadcast_module", "per_rank_probe_seed", "prune_sequential", "shard",
     "synchronize_calibration",
+    "ECPCriterion", "GammaSchedule", "IterativeResult", "RelevanceDecay", "RelevanceDecayOptimizer",
+    "eligible_weights", "iterative_prune", "load_digits_split", "load_mnist",
 ]
