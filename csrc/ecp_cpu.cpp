@@ -30,7 +30,7 @@ namespace {
 // Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
 constexpr int64_t kShiftSamples = 256;
 // Bytes of the two per-chunk buffers together; bounds the op's extra memory independently of N.
-constexpr int64_t kChunkBytes = 32 << 20;
+constexpr int64_t kChunkBytes = 16 << 20;
 // Bytes of one block of accumulator rows when all samples fit one chunk: few enough blocks to keep
 // the parallel regions few, small enough to stay in the last-level cache.
 constexpr int64_t kBlockBytes = 8 << 20;
