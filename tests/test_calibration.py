@@ -23,13 +23,7 @@ from ecp_fast.calibration import (
 from ecp_fast.moments import Moments
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: one thread avoids OpenMP spin-waits on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tanh_mlp(sizes=(7, 11, 5, 3), seed=0, dtype=torch.float64, bias=True) -> nn.Sequential:

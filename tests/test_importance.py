@@ -24,12 +24,7 @@ from ecp_fast.importance import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tanh_mlp(sizes=(6, 9, 4), seed=0) -> nn.Sequential:

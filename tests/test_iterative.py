@@ -16,13 +16,7 @@ from ecp_fast.iterative import ECPCriterion, iterative_prune, magnitude_prune
 from ecp_fast.regularize import RelevanceDecay, eligible_weights, sparsity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small networks train fastest on one thread, above all on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed: int = 0) -> nn.Module:

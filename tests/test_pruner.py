@@ -19,12 +19,7 @@ from ecp_fast.importance import IMPORTANCES, Importance, register_importance
 from ecp_fast.masks import has_pruning_hooks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(sizes=(12, 16, 8, 4), seed=0, bias=True, dtype=torch.float32) -> nn.Sequential:
