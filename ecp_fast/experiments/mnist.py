@@ -128,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/mnist"), help="output folder (default runs/mnist)")
     parser.add_argument("--seeds", type=int, default=3, help="networks trained per size and averaged (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    parser.add_argument("--epochs", type=int, default=2, help="training epochs of the large network (default 2)")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs of the large network (default 8)")
     parser.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"pruning ratios in percent (default {DEFAULT_RATIOS})")
     parser.add_argument("--calibration-samples", type=int, default=2048,
                         help="training samples streamed for calibration (default 2048)")
