@@ -265,7 +265,11 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mnist", default=os.environ.get("ECP_DATA_DIR", "/work/shared/data/mnist"))
+    parser.add_argument(
+        "--mnist",
+        default=os.environ.get("ECP_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"),
+        help="MNIST folder (default $ECP_DATA_DIR, else ../shared/data/mnist beside the repository)",
+    )
     parser.add_argument("--skip-mnist", action="store_true", help="only speed and digits")
     parser.add_argument("--skip-quality", action="store_true", help="only the speed tables")
     parser.add_argument("--epochs", type=int, default=3, help="MNIST training epochs (default 3)")

@@ -21,7 +21,8 @@ from ecp_fast.datasets import (
     write_idx,
 )
 
-REAL_MNIST = Path(os.environ.get(DATA_DIR_ENV) or "/work/shared/data/mnist")
+# The project keeps MNIST beside the repository, in ../shared/data/mnist, unless ECP_DATA_DIR says otherwise.
+REAL_MNIST = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
 
 
 def write_fake_mnist(directory: Path, n_train: int = 7, n_test: int = 3, compress: bool = True, seed: int = 0) -> dict:

@@ -15,7 +15,8 @@ from ecp_fast.experiments import _common
 from ecp_fast.importance import IMPORTANCES
 from ecp_fast.pde import DiffusionSorption, cell_centres, generate, load_or_generate, right_ghost, solve
 
-MNIST_DIR = Path(os.environ.get(DATA_DIR_ENV, "/work/shared/data/mnist"))
+# The project keeps MNIST beside the repository, in ../shared/data/mnist, unless ECP_DATA_DIR says otherwise.
+MNIST_DIR = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
 HAS_MNIST = all((MNIST_DIR / f"{stem}.gz").is_file() or (MNIST_DIR / stem).is_file() for stem in MNIST_FILES.values())
 ONE_SHOT = sorted(set(IMPORTANCES) - {"nonlinear"})
 
