@@ -90,7 +90,16 @@ def _register_cuda_kernels() -> bool:
             stacklevel=2,
         )
         return False
-    register_cuda_kernels()
+    try:
+        register_cuda_kernels()
+    except Exception as error:  # a broken GPU stack must not make the CPU package unusable
+        warnings.warn(
+            f"ecp_fast: registering the Triton kernels for CUDA failed ({type(error).__name__}: {error}); "
+            "ecp ops on CUDA tensors are unavailable.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
     return True
 
 
