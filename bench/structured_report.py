@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ecp_fast import Pruner, finetune
+from ecp_fast.finetune import fit_classifier
 from ecp_fast.structured import prune_neurons
 
 logger = logging.getLogger("structured_report")
@@ -145,19 +146,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int) -> nn.Module:
-    """Adam on shuffled batches of 128."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
-        for start in range(0, x.shape[0], 128):
-            index = order[start : start + 128]
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x[index]), y[index]).backward()
-            optimizer.step()
-    return model.eval()
 
 
 def quality_rows(
@@ -204,7 +192,7 @@ def mnist_rows(data_dir: str, epochs: int, finetune_steps: int) -> list[dict[str
 
     split = load_mnist(data_dir, normalize=True, flatten=True)
     torch.manual_seed(0)
-    model = train(make_mnist_mlp(0), split.x_train, split.y_train, epochs, 1e-3, seed=0)
+    model = fit_classifier(make_mnist_mlp(0), split.x_train, split.y_train, epochs, lr=1e-3, seed=0)
     generator = torch.Generator().manual_seed(1)
     order = torch.randperm(split.x_train.shape[0], generator=generator)
     calibration = batches_of(split.x_train[order[:2048]], split.y_train[order[:2048]], 256)

@@ -71,3 +71,37 @@ def finetune(
         raise ValueError("argument 'batches': the fine-tuning data is empty (expected at least one batch, got 0)")
     logger.info("fine-tuned %d steps, loss %.4g -> %.4g", len(losses), losses[0], losses[-1])
     return losses
+
+
+def fit_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int,
+    lr: float,
+    seed: int,
+    batch_size: int = 128,
+    progress: bool = False,
+    description: str = "train",
+) -> nn.Module:
+    """Train ``model`` with Adam and cross-entropy on shuffled in-memory batches; returns it in eval mode.
+
+    The shuffling draws from its own generator seeded with ``seed``, so a run is deterministic for
+    a seed whatever the global random state. Masks installed by the pruner are kept, as in
+    :func:`finetune`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    samples = x.shape[0]
+    model.train()
+    steps = epochs * ((samples + batch_size - 1) // batch_size)
+    with tqdm(total=steps, desc=description, disable=not progress, leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(samples, generator=generator)
+            for start in range(0, samples, batch_size):
+                index = order[start : start + batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+                bar.update(1)
+    return model.eval()

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
 
 from ecp_fast.datasets import DATA_DIR_ENV, Split, load_mnist
 from ecp_fast.experiments._common import (
@@ -45,6 +44,7 @@ from ecp_fast.experiments._common import (
     sweep,
     write_csv,
 )
+from ecp_fast.finetune import fit_classifier
 from ecp_fast.importance import IMPORTANCES
 
 logger = logging.getLogger(__name__)
@@ -78,23 +78,10 @@ def train(
 ) -> nn.Sequential:
     """Adam (lr 1e-3) on shuffled batches of 128 for ``epochs``; deterministic for ``seed``."""
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = make_mlp(sizes)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    steps = epochs * ((x.shape[0] + 127) // 128)
-    with tqdm(total=steps, desc=f"train {'-'.join(map(str, sizes))} seed {seed}", disable=not progress,
-              leave=False) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=generator)
-            for start in range(0, x.shape[0], 128):
-                index = order[start : start + 128]
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x[index]), y[index]).backward()
-                optimizer.step()
-                bar.update(1)
-    model.eval()
-    return model
+    return fit_classifier(
+        make_mlp(sizes), x, y, epochs, lr=1e-3, seed=seed, progress=progress,
+        description=f"train {'-'.join(map(str, sizes))} seed {seed}",
+    )
 
 
 def make_evaluate(x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201 - a closure
