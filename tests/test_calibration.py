@@ -12,6 +12,8 @@ from torch.nn import functional as F
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import ecp_fast
+from nets import tanh_mlp
+
 from ecp_fast import reference
 from ecp_fast.calibration import (
     MAX_STORED_SAMPLES,
@@ -22,18 +24,7 @@ from ecp_fast.calibration import (
 )
 from ecp_fast.moments import Moments
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tanh_mlp(sizes=(7, 11, 5, 3), seed=0, dtype=torch.float64, bias=True) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(fan_in, fan_out, bias=bias))
-        if index < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers).to(dtype)
 
 
 def split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:

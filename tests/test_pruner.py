@@ -9,27 +9,22 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import ecp_fast
+from nets import tanh_mlp
+
 from ecp_fast.importance import IMPORTANCES, Importance, register_importance
 from ecp_fast.masks import has_pruning_hooks
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(sizes=(12, 16, 8, 4), seed=0, bias=True, dtype=torch.float32) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(fan_in, fan_out, bias=bias))
-        if index < len(sizes) - 2:
-            layers.append(nn.Tanh())
-    return nn.Sequential(*layers).to(dtype)
+    """The pruner tests' default network: a float32 tanh MLP."""
+    return tanh_mlp(sizes, seed=seed, bias=bias, dtype=dtype)
 
 
 def data(samples=96, features=12, classes=4, seed=0, batch=32, dtype=torch.float32):
