@@ -230,15 +230,15 @@ void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t r
       const acc_t* s1 = acc + (i - row_begin) * ld;
       const acc_t* s2 = s1 + fan_in;
       const acc_t s0 = s2[fan_in];
+      if (!(s0 > acc_t(0))) {
+        // METHOD.md: a neuron that never affects the output has zero importance and no shift.
+        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
+        continue;
+      }
       for (int64_t j = 0; j < fan_in; ++j) {
-        if (s0 > acc_t(0)) {
-          const acc_t shifted_mean = s1[j] / s0;
-          const acc_t m2 = std::max(s2[j] - s1[j] * shifted_mean, acc_t(0));
-          f(i, j, s0, shift[j] + shifted_mean, m2);
-        } else {
-          // METHOD.md: a neuron that never affects the output has zero importance and no shift.
-          f(i, j, acc_t(0), acc_t(0), acc_t(0));
-        }
+        const acc_t shifted_mean = s1[j] / s0;
+        const acc_t m2 = std::max(s2[j] - s1[j] * shifted_mean, acc_t(0));
+        f(i, j, s0, shift[j] + shifted_mean, m2);
       }
     }
   });
