@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ecp_fast
-from ecp_fast import reference
+from ecp_fast.ops import reference
 
 from ops_cases import CPU_CASES, make_layer_inputs, two_matmuls
 

@@ -21,7 +21,7 @@ if os.environ.get("ECP_FAST_BENCH_SCALE") != "1":
     pytest.skip("set ECP_FAST_BENCH_SCALE=1 to run the 100M-parameter scale benchmark", allow_module_level=True)
 
 from ecp_fast import Pruner
-from ecp_fast.sequential import prune_sequential
+from ecp_fast.pruning.sequential import prune_sequential
 
 from scale_report import Config, make_batches, make_stack
 

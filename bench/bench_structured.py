@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from ecp_fast.structured import mask_neurons, prune_neurons
+from ecp_fast.pruning.structured import mask_neurons, prune_neurons
 
 from structured_report import make_mnist_mlp, shrunk_copy
 

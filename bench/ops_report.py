@@ -18,14 +18,14 @@ import time
 import torch
 
 import ecp_fast
-from ecp_fast import reference
+from ecp_fast.ops import reference
 
 from ops_cases import CPU_CASES, OpCase, make_layer_inputs, two_matmuls
 
 MEMORY_CHILD = """
 import json, sys, torch
 import ecp_fast
-from ecp_fast import reference
+from ecp_fast.ops import reference
 n, fan_in, fan_out, which = json.loads(sys.argv[1])
 generator = torch.Generator().manual_seed(0)
 x = torch.randn(n, fan_in, generator=generator).relu_()

@@ -76,7 +76,7 @@ class Config:
 def run_mode(mode: str, config: Config) -> dict[str, float]:
     """Build the stack and prune it in ``mode``; return seconds and the parameter count."""
     from ecp_fast import Pruner
-    from ecp_fast.sequential import prune_sequential
+    from ecp_fast.pruning.sequential import prune_sequential
 
     started = time.perf_counter()
     model = make_stack(config.width, config.blocks)

@@ -10,7 +10,7 @@ MNIST IDX files in ``--mnist`` or ``$ECP_DATA_DIR``; ``--skip-mnist`` runs witho
    disturbed). Then the 2:4 question on CPU: a dense Linear, the same Linear with a 2:4-masked
    dense weight, and a CSR sparse weight.
 2. Quality: every structured criterion at 25/50/75% on an MLP trained on MNIST and on the digits
-   demo MLP, test loss and accuracy without and after a short fine-tuning (``ecp_fast.finetune``).
+   demo MLP, test loss and accuracy without and after a short fine-tuning (``ecp_fast.training.finetune``).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ecp_fast import Pruner, finetune
-from ecp_fast.finetune import fit_classifier
-from ecp_fast.structured import prune_neurons
+from ecp_fast.training.finetune import fit_classifier
+from ecp_fast.pruning.structured import prune_neurons
 
 logger = logging.getLogger("structured_report")
 
@@ -188,7 +188,7 @@ def quality_rows(
 
 def mnist_rows(data_dir: str, epochs: int, finetune_steps: int) -> list[dict[str, Any]]:
     """The 784-300-100-10 MLP trained ``epochs`` on MNIST, calibrated on 2048 training samples."""
-    from ecp_fast.datasets import load_mnist
+    from ecp_fast.apps.datasets import load_mnist
 
     split = load_mnist(data_dir, normalize=True, flatten=True)
     torch.manual_seed(0)
@@ -202,8 +202,8 @@ def mnist_rows(data_dir: str, epochs: int, finetune_steps: int) -> list[dict[str
 
 
 def digits_rows(seeds: int, finetune_steps: int) -> list[dict[str, Any]]:
-    """The demo's 64-16-10 digits MLP (``ecp_fast.demo``), one network per seed."""
-    from ecp_fast.demo import load_digits_data, train_mlp
+    """The demo's 64-16-10 digits MLP (``ecp_fast.apps.demo``), one network per seed."""
+    from ecp_fast.apps.demo import load_digits_data, train_mlp
 
     data = load_digits_data()
     rows = []

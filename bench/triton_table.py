@@ -10,7 +10,7 @@ that the score needs: ``c^T x'`` and ``c^T x'^2``), for:
 * ``torch formula``: the same computation written in plain PyTorch in the input dtype
   (:func:`unfused_score`: shift, square, two ``torch.mm``, elementwise epilogue), which
   materialises the ``(N, in)`` temporaries; the fair unfused GPU baseline;
-* ``reference f64``: ``ecp_fast.reference.score`` as shipped (float64 throughout).
+* ``reference f64``: ``ecp_fast.ops.reference.score`` as shipped (float64 throughout).
 
 Without CUDA it says so and exits 0.
 """
@@ -65,7 +65,7 @@ def time_ms(fn) -> float:
 def measure(dtype: torch.dtype, n: int, fan_in: int, fan_out: int, with_f64: bool) -> dict[str, float | None]:
     """Milliseconds of each contender for one shape; ``None`` where it ran out of memory."""
     import ecp_fast
-    from ecp_fast import reference
+    from ecp_fast.ops import reference
 
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(n, fan_in, device="cuda", generator=generator).relu_()).to(dtype)

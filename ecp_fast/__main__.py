@@ -2,7 +2,7 @@
 
 import sys
 
-from ecp_fast.cli import main
+from ecp_fast.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

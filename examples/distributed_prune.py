@@ -25,7 +25,7 @@ from torch import nn
 
 from ecp_fast import Pruner, get_masks
 from ecp_fast.distributed import broadcast_module, per_rank_probe_seed, shard, synchronize_calibration
-from ecp_fast.sequential import prune_sequential
+from ecp_fast.pruning.sequential import prune_sequential
 
 logger = logging.getLogger("distributed_prune")
 

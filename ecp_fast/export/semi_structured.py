@@ -1,0 +1,175 @@
+"""Export N:M-pruned Linear layers to torch's semi-structured (2:4) sparse format.
+
+A 2:4 mask (``Pruner.prune(scope="2:4")``) keeps at most two of every four consecutive inputs of a
+neuron. NVIDIA GPUs from Ampere on (compute capability 8.0+) multiply such weights with sparse
+tensor cores; torch exposes them through :func:`torch.sparse.to_sparse_semi_structured`, for
+float16 / bfloat16 / int8 weights on CUDA whose shapes meet the backend's minimum sizes.
+
+**On CPU this is not faster.** torch has no CPU kernel for semi-structured sparse tensors, and a
+2:4-masked dense weight costs exactly as much as the dense one (the zeros are multiplied like any
+other number). :func:`export_semi_structured` therefore validates the pattern and, without CUDA,
+logs a warning and returns the model unchanged. On CPU, real speed comes from removing whole
+neurons: see :mod:`ecp_fast.pruning.structured`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from ecp_fast.pruning.calibration import weight_2d
+
+logger = logging.getLogger(__name__)
+
+#: The one pattern torch's semi-structured sparse tensors support.
+SUPPORTED_PATTERN = "2:4"
+#: Weight dtypes the semi-structured kernels accept (CUTLASS also takes float32 on some versions).
+SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
+
+
+class NMPatternError(ValueError):
+    """A weight that does not follow the requested N:M pattern."""
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Keep at most ``n`` nonzeros in every ``m`` consecutive inputs of a row."""
+
+    n: int
+    m: int
+
+
+def parse_pattern(pattern: str) -> NMPattern:
+    """``"2:4"`` -> ``NMPattern(2, 4)``; ``ValueError`` for anything that is not ``N:M`` with ``0 < N < M``."""
+    if not isinstance(pattern, str) or pattern.count(":") != 1:
+        raise ValueError(f"argument 'pattern' must be a string 'N:M' such as '2:4', got {pattern!r}")
+    left, right = pattern.split(":")
+    if not (left.strip().isdigit() and right.strip().isdigit()):
+        raise ValueError(f"argument 'pattern' must be two integers 'N:M' such as '2:4', got {pattern!r}")
+    n, m = int(left), int(right)
+    if not 0 < n < m:
+        raise ValueError(f"argument 'pattern' needs 0 < N < M, got N={n}, M={m}")
+    return NMPattern(n, m)
+
+
+def check_n_m(weight: torch.Tensor, pattern: str = SUPPORTED_PATTERN, name: str = "weight") -> None:
+    """Raise :class:`NMPatternError` unless every group of ``m`` consecutive inputs of every row of
+    ``weight`` (viewed as ``(out, in)``) holds at most ``n`` nonzeros.
+
+    The error names the layer, the first offending row and input group and how many nonzeros it holds.
+    """
+    parsed = parse_pattern(pattern)
+    if weight.dim() < 2:
+        raise NMPatternError(f"layer {name!r}: expected a weight with at least 2 dimensions, got {weight.dim()}")
+    matrix = weight.detach().reshape(weight.shape[0], -1)
+    fan_out, fan_in = matrix.shape
+    if fan_in % parsed.m:
+        raise NMPatternError(
+            f"layer {name!r}: pattern {pattern} needs the input size to be a multiple of {parsed.m}, got {fan_in}"
+        )
+    counts = (matrix != 0).reshape(fan_out, fan_in // parsed.m, parsed.m).sum(dim=-1)
+    bad = counts > parsed.n
+    if bool(bad.any()):
+        row, group = (int(v) for v in torch.nonzero(bad)[0])
+        raise NMPatternError(
+            f"layer {name!r} is not {pattern} sparse: row {row}, inputs {group * parsed.m}..{group * parsed.m + parsed.m - 1} "
+            f"hold {int(counts[row, group])} nonzeros (at most {parsed.n} allowed); {int(bad.sum())} of "
+            f"{bad.numel()} groups violate the pattern. Prune with Pruner.prune(scope='{pattern}') first"
+        )
+
+
+def semi_structured_available(device: torch.device | str | None = None) -> bool:
+    """True when CUDA is present on a device of compute capability 8.0+ and torch has the sparse API."""
+    if not torch.cuda.is_available() or not hasattr(torch.sparse, "to_sparse_semi_structured"):
+        return False
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def _select_linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Linear]:
+    modules = dict(model.named_modules())
+    if layers is None:
+        return {name: module for name, module in modules.items() if isinstance(module, nn.Linear)}
+    if isinstance(layers, str):
+        raise TypeError(f"argument 'layers' must be a sequence of layer names, got the string {layers!r}")
+    selected = {}
+    for name in layers:
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"argument 'layers': {name!r} must name an nn.Linear of the model, got "
+                f"{type(module).__name__ if module is not None else 'no module'}"
+            )
+        selected[name] = module
+    return selected
+
+
+def export_semi_structured(
+    model: nn.Module, layers: Sequence[str] | None = None, pattern: str = SUPPORTED_PATTERN
+) -> nn.Module:
+    """Replace the weights of 2:4-sparse Linear layers by semi-structured sparse tensors (CUDA only).
+
+    Args:
+        model: the pruned model. Pruning masks (``torch.nn.utils.prune``) of the converted layers are
+            made permanent first.
+        layers: names of the Linear layers to convert; None converts every ``nn.Linear`` (and then
+            every one must be 2:4 sparse).
+        pattern: must be ``"2:4"``, the only pattern the sparse kernels support.
+
+    Returns:
+        The same model object. With CUDA (capability 8.0+), its selected weights are
+        ``SparseSemiStructuredTensor`` parameters (as in torch's semi-structured sparsity tutorial):
+        the weights must be float16, bfloat16 or int8 on the GPU and meet the backend's shape
+        minimums. Without CUDA (or on a CPU model) it is returned unchanged with a logged warning:
+        on CPU a 2:4 weight is not faster than a dense one.
+
+    Raises:
+        NMPatternError: a selected weight is not 2:4 sparse (checked first, on every device).
+        ValueError: a bad ``pattern`` or layer name, or a dtype or shape the kernels do not accept.
+    """
+    parse_pattern(pattern)
+    if pattern.replace(" ", "") != SUPPORTED_PATTERN:
+        raise ValueError(f"argument 'pattern': semi-structured sparse tensors support only '2:4', got {pattern!r}")
+    linears = _select_linears(model, layers)
+    if not linears:
+        raise ValueError("argument 'model': no nn.Linear layer to export")
+    for name, module in linears.items():
+        check_n_m(weight_2d(module), pattern, name)
+    devices = {module.weight.device if not hasattr(module, "weight_orig") else module.weight_orig.device
+               for module in linears.values()}
+    if not all(semi_structured_available(device) for device in devices):
+        logger.warning(
+            "2:4 export skipped: semi-structured sparse kernels need CUDA on a GPU of compute capability 8.0+ "
+            "(found devices %s); on CPU a 2:4 weight is no faster than a dense one, the model is returned "
+            "unchanged. For CPU speed remove whole neurons (ecp_fast.pruning.structured.prune_neurons).",
+            sorted(str(device) for device in devices),
+        )
+        return model
+    from torch.sparse import to_sparse_semi_structured
+
+    converted: dict[str, torch.Tensor] = {}
+    for name, module in linears.items():
+        weight = weight_2d(module).contiguous()
+        if weight.dtype not in SEMI_STRUCTURED_DTYPES:
+            raise ValueError(
+                f"layer {name!r}: semi-structured sparse weights must be float16, bfloat16 or int8, got {weight.dtype}; "
+                "convert the model first (model.half())"
+            )
+        try:
+            converted[name] = to_sparse_semi_structured(weight)
+        except RuntimeError as error:
+            raise ValueError(f"layer {name!r} with weight {tuple(weight.shape)} cannot be converted: {error}") from error
+    # Every conversion succeeded; only now change the model.
+    for name, module in linears.items():
+        if hasattr(module, "weight_orig"):
+            torch_prune.remove(module, "weight")
+        module.weight = nn.Parameter(converted[name], requires_grad=False)
+    logger.info("converted %d Linear layers to 2:4 semi-structured sparse weights", len(converted))
+    return model

@@ -1,0 +1,209 @@
+"""Python launchers for the Triton kernels, with the contract of ``torch.ops.ecp.moments``/``score``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ecp_fast.ops import reference
+from ecp_fast.ops._checks import LayerShape, check_layer_inputs, result_dtype
+from ecp_fast.ops.triton import kernels
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def is_interpreted() -> bool:
+    """True when ``TRITON_INTERPRET=1``: kernels then run in numpy on CPU tensors (slow; for tests)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def interpreter_ready() -> bool:
+    """True when the interpreter can run kernels in this process.
+
+    Triton decorates its own ``tl.sum``, ``tl.cdiv``, ... when it is imported, so the interpreter
+    only works when ``TRITON_INTERPRET=1`` was already set at ``import triton``.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return is_interpreted() and isinstance(tl.sum, InterpretedFunction)
+
+
+def autotune_enabled() -> bool:
+    """Autotune on the GPU unless ``ECP_FAST_TRITON_AUTOTUNE=0`` (then one fixed configuration)."""
+    return os.environ.get("ECP_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _check_device(op: str, x: torch.Tensor, interpret: bool) -> None:
+    if interpret and not interpreter_ready():
+        raise RuntimeError(
+            f"{op}: TRITON_INTERPRET=1 was set after triton was imported; set it before the first "
+            "import of triton (or of ecp_fast on a CUDA machine)"
+        )
+    if not interpret and x.device.type != "cuda":
+        raise ValueError(
+            f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run CPU tensors "
+            f"through the interpreter), got argument 'x' on {x.device}"
+        )
+
+
+_INT32_MAX = 2**31 - 1
+# Largest BLOCK_N of any configuration: bounds the in-tile sample offsets.
+_MAX_BLOCK_N = max(
+    [config.kwargs["BLOCK_N"] for config in kernels.AUTOTUNE_CONFIGS] + [kernels.INTERPRETER_BLOCKS["BLOCK_N"]]
+)
+
+
+def _int32_offsets(t: torch.Tensor, row_span: int, col_span: int) -> torch.Tensor:
+    """``t`` itself when the kernel's int32 in-tile offsets cannot overflow on it, else a contiguous copy.
+
+    ``row_span``/``col_span`` are how many rows and columns one tile reaches (the kernel adds
+    ``row * stride(0) + col * stride(1)`` in int32 and advances 64-bit pointers between chunks).
+    """
+    reach = (row_span - 1) * t.stride(-2) + (col_span - 1) * t.stride(-1)
+    return t if reach <= _INT32_MAX else t.contiguous()
+
+
+def _n_bucket(n: int) -> int:
+    """Autotuning key for the sample count: the next power of two, so each batch size is not retuned."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _launch(
+    op: str,
+    shape: LayerShape,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor | None,
+    compensate: bool,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """Run the shift pre-pass (when compensating) and the fused kernel into ``outputs``."""
+    interpret = is_interpreted()
+    _check_device(op, x, interpret)
+    built = kernels.build_kernels(interpret, autotune_enabled())
+    s0, first, second = outputs
+    samples = x.reshape(shape.n, shape.fan_in)  # a view whenever the leading dims allow one
+    samples = _int32_offsets(samples, _MAX_BLOCK_N, shape.fan_in)
+    gradients = g if g.dim() == 3 else g.unsqueeze(0)
+    n_probes = shape.p
+    g_is_sensitivity = False
+    if n_probes > kernels.MAX_UNROLLED_PROBES:
+        # Many Jacobian rows: reduce them once (an (N, out) float32 tensor, P times smaller than g).
+        gradients = gradients.float().square().sum(dim=0, keepdim=True)
+        n_probes, g_is_sensitivity = 1, True
+    gradients = _int32_offsets(gradients, _MAX_BLOCK_N, shape.fan_out)
+    if weight is not None:
+        weight = _int32_offsets(weight, shape.fan_out, shape.fan_in)
+
+    # Half-precision layers run the dots on bf16 operands (tensor cores); anything with a float32
+    # input keeps float32 operands, on TF32 tensor cores only where torch allows TF32 for matmuls.
+    both_half = x.dtype in HALF_DTYPES and g.dtype in HALF_DTYPES
+    if both_half:
+        input_precision = "tf32"  # Triton's default; only float32 operands read it
+    else:
+        input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+        if compensate:
+            shift = torch.empty(shape.fan_in, device=x.device, dtype=torch.float32)
+            shift_blocks = kernels.INTERPRETER_SHIFT_BLOCKS if interpret else kernels.SHIFT_BLOCKS
+            built.column_shift[(triton.cdiv(shape.fan_in, shift_blocks["BLOCK_IN"]),)](
+                samples,
+                shift,
+                min(shape.n, kernels.SHIFT_ROWS),
+                shape.fan_in,
+                samples.stride(0),
+                samples.stride(1),
+                **shift_blocks,
+            )
+        else:
+            shift = s0  # not read without compensation
+        w = weight if weight is not None else first  # not read by the moments kernel
+        arguments = (
+            samples,
+            gradients,
+            w,
+            shift,
+            s0,
+            first,
+            second,
+            shape.n,
+            shape.fan_in,
+            shape.fan_out,
+            samples.stride(0),
+            samples.stride(1),
+            gradients.stride(0),
+            gradients.stride(1),
+            gradients.stride(2),
+            w.stride(0),
+            w.stride(1),
+            _n_bucket(shape.n),
+        )
+        flags = {
+            "N_PROBES": n_probes,
+            "G_IS_SENSITIVITY": g_is_sensitivity,
+            "SCORE": weight is not None,
+            "COMPENSATE": compensate,
+            "DOT_BF16": both_half,
+            "UPCAST_DOT": interpret,
+            "INPUT_PRECISION": input_precision,
+        }
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(shape.fan_out, meta["BLOCK_OUT"]) * triton.cdiv(shape.fan_in, meta["BLOCK_IN"]),)
+
+        if interpret:
+            built.weighted_moments[grid](*arguments, **flags, **kernels.INTERPRETER_BLOCKS)
+        else:
+            built.weighted_moments[grid](*arguments, **flags)
+
+
+def _sensitivity_sum(g: torch.Tensor) -> torch.Tensor:
+    """``s0 = sum_s sum_p g^2`` per output neuron, in float32 (for layers with no inputs)."""
+    return g.float().square().reshape(-1, g.shape[-1]).sum(dim=0)
+
+
+def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s0, mean, m2)`` as :func:`ecp_fast.ops.reference.moments`, by the fused Triton kernel.
+
+    ``x`` is ``(..., in)``, ``g`` is ``(N, out)`` or ``(P, N, out)``, any strides. Outputs are
+    float32 and contiguous; float64 inputs run the float64 reference instead.
+    """
+    shape = check_layer_inputs("ecp.moments", x, g)
+    if result_dtype(x, g) == torch.float64:
+        return reference.moments(x, g)
+    s0 = torch.zeros(shape.fan_out, device=x.device, dtype=torch.float32)
+    mean = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
+    m2 = torch.zeros_like(mean)
+    if shape.fan_out == 0 or shape.n == 0:
+        return s0, mean, m2
+    if shape.fan_in == 0:
+        return _sensitivity_sum(g), mean, m2
+    _launch("ecp.moments", shape, x, g, None, True, (s0, mean, m2))
+    return s0, mean, m2
+
+
+def score(
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(importance, bias_delta)`` as :func:`ecp_fast.ops.reference.score`, by the fused Triton kernel.
+
+    ``compensate=True`` gives ``w^2 m2`` and ``w mean``; ``compensate=False`` gives
+    ``w^2 sum_s c x^2`` and zeros. Outputs are float32 ``(out, in)``; float64 inputs run the
+    float64 reference instead.
+    """
+    shape = check_layer_inputs("ecp.score", x, g, weight)
+    if result_dtype(x, g, weight) == torch.float64:
+        return reference.score(x, g, weight, compensate)
+    importance = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
+    bias_delta = torch.zeros_like(importance)
+    if shape.fan_out == 0 or shape.fan_in == 0 or shape.n == 0:
+        return importance, bias_delta
+    # s0 is kept in registers by the score kernel; this placeholder is never written.
+    placeholder = importance.new_empty(1)
+    _launch("ecp.score", shape, x, g, weight, bool(compensate), (placeholder, importance, bias_delta))
+    return importance, bias_delta

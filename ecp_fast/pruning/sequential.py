@@ -1,0 +1,368 @@
+"""Sequential (block-by-block) pruning for models too large to calibrate or hold on a device at once.
+
+As in SparseGPT and Wanda, the model is a sequence of blocks (transformer layers, MLP blocks). Block
+``k`` is calibrated on the outputs of blocks ``0 .. k-1`` *after* they were pruned, so every block
+learns to compensate what the earlier ones lost, then it is pruned, and its pruned outputs become the
+inputs of block ``k + 1``::
+
+    report = prune_sequential(model.blocks, embeddings, sparsity=0.5, method="ecp", criterion="local")
+
+Criteria: ``"local"`` (``c = 1``: each layer reconstructs its own output, no backward pass) or
+``"output"`` (the block's output is the reference output: sensitivities are the output gradients of
+the block alone, estimated with Rademacher probes when the block output is large). A network-level
+``"loss"`` has no meaning for one block and is refused. ``scope`` ranks weights within a block
+(``"global"`` means across the layers of one block; blocks are never ranked against each other,
+since block ``k + 1``'s scores depend on how block ``k`` was pruned).
+
+Memory model (what is resident at one time, besides the blocks themselves, which stay where they
+are unless ``device`` is given):
+
+* activations: the current block's inputs for the whole calibration set, ``tokens x d`` values (for
+  2048 tokens of width 1024 in float32, 8 MiB), plus the next block's inputs while they are being
+  produced, so at most two sets. They are kept on the compute device, or on the CPU with
+  ``offload_activations=True`` (each batch is then copied to the device when it is used);
+* one block on the compute device when ``device`` is given (it is moved there, calibrated, pruned,
+  run forward and moved back before the next block is touched);
+* one block's statistics: the weighted mean and ``M2`` (two floats per weight), its importances and
+  bias shifts (two more) and the pruner's copy of its weights, i.e. about five times that block's
+  weights; they are freed before the next block starts;
+* with ``atomic=True`` (the default), a CPU copy of each pruned block's original state, kept until
+  the whole stack is done so that a failure in block ``k`` can restore blocks ``0 .. k-1``; this is
+  one extra copy of the model's weights in host memory. ``atomic=False`` drops it: a failure then
+  leaves the blocks before the failing one pruned, and the error says which.
+
+In a ``torch.distributed`` job, give each rank its shard of the inputs: every block's statistics are
+merged across ranks (:func:`~ecp_fast.distributed.synchronize_calibration`) before it is pruned, so
+all ranks prune every block identically and feed their own shard forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from ecp_fast.pruning.calibration import resolve_layers
+from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
+from ecp_fast.pruning.importance import get_criterion
+from ecp_fast.pruning.pruner import PruneReport, Pruner, parse_scope
+
+logger = logging.getLogger(__name__)
+
+SEQUENTIAL_CRITERIA = ("local", "output")
+
+
+# ---- report ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockReport:
+    """One block: the pruner's report for its layers and the seconds it took (calibrate + prune + forward)."""
+
+    index: int
+    report: PruneReport
+    seconds: float
+
+
+@dataclass
+class SequentialReport:
+    """What :func:`prune_sequential` did; ``str(report)`` is a table with one row per block."""
+
+    method: str
+    criterion: str
+    scope: str
+    target_sparsity: float
+    samples: int
+    batches: int
+    blocks: list[BlockReport] = field(default_factory=list)
+    activation_bytes: int = 0  # the largest set of block inputs held at one time
+
+    @property
+    def total_weights(self) -> int:
+        """Weights in the scored layers of every block."""
+        return sum(block.report.total_weights for block in self.blocks)
+
+    @property
+    def total_pruned(self) -> int:
+        """Weights removed (masked) in every block."""
+        return sum(block.report.total_pruned for block in self.blocks)
+
+    @property
+    def sparsity(self) -> float:
+        """Overall sparsity of the scored layers."""
+        return self.total_pruned / self.total_weights if self.total_weights else 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Total time over all blocks."""
+        return sum(block.seconds for block in self.blocks)
+
+    def __str__(self) -> str:
+        lines = [
+            f"sequential method={self.method} criterion={self.criterion} scope={self.scope} "
+            f"target={self.target_sparsity:.4g} achieved={self.sparsity:.4f} samples={self.samples} "
+            f"batches={self.batches} activations={self.activation_bytes / 2**20:.1f} MiB",
+            f"{'block':>5}  {'weights':>11}  {'pruned':>11}  {'sparsity':>8}  {'seconds':>8}",
+        ]
+        for block in self.blocks:
+            lines.append(
+                f"{block.index:>5}  {block.report.total_weights:>11}  {block.report.total_pruned:>11}  "
+                f"{block.report.sparsity:>8.4f}  {block.seconds:>8.2f}"
+            )
+        lines.append(
+            f"{'total':>5}  {self.total_weights:>11}  {self.total_pruned:>11}  {self.sparsity:>8.4f}  "
+            f"{self.seconds:>8.2f}"
+        )
+        return "\n".join(lines)
+
+
+# ---- undo ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BlockSnapshot:
+    """A block's state before pruning (on the CPU) and which of its layers had masks and biases."""
+
+    block: nn.Module
+    state: dict[str, torch.Tensor]
+    had_mask: dict[str, bool]
+    had_bias: dict[str, bool]
+
+
+def _snapshot(block: nn.Module, layer_names: Sequence[str]) -> _BlockSnapshot:
+    modules = dict(block.named_modules())
+    return _BlockSnapshot(
+        block=block,
+        state={key: value.detach().to("cpu", copy=True) for key, value in block.state_dict().items()},
+        had_mask={name: hasattr(modules[name], "weight_mask") for name in layer_names},
+        had_bias={name: modules[name].bias is not None for name in layer_names},
+    )
+
+
+def _restore(snapshot: _BlockSnapshot) -> None:
+    """Put a block back exactly as it was: drop masks and biases pruning added, reload the values."""
+    modules = dict(snapshot.block.named_modules())
+    for name, had_mask in snapshot.had_mask.items():
+        module = modules[name]
+        if not had_mask and hasattr(module, "weight_mask"):
+            torch_prune.remove(module, "weight")
+        if not snapshot.had_bias[name] and module.bias is not None:
+            module.register_parameter("bias", None)
+    snapshot.block.load_state_dict(snapshot.state, strict=True)
+    with torch.no_grad():
+        for name, had_mask in snapshot.had_mask.items():
+            module = modules[name]
+            if had_mask:  # the masked weight is recomputed by the pre-hook; refresh it now
+                module.weight = module.weight_orig * module.weight_mask
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def _block_device(block: nn.Module) -> torch.device:
+    for tensor in block.parameters():
+        return tensor.device
+    for tensor in block.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _check_arguments(
+    blocks: Any, sparsity: float | None, method: str, criterion: str, scope: str, steps: int
+) -> list[nn.Module]:
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(
+            f"argument 'blocks' must be a sequence of modules or an nn.Sequential/nn.ModuleList, got "
+            f"{type(blocks).__name__}; pass the model's list of blocks"
+        )
+    block_list = list(blocks)
+    if not block_list:
+        raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
+    for index, block in enumerate(block_list):
+        if not isinstance(block, nn.Module):
+            raise TypeError(f"argument 'blocks': item {index} must be an nn.Module, got {type(block).__name__}")
+    if criterion not in SEQUENTIAL_CRITERIA:
+        raise ValueError(
+            f"argument 'criterion' must be one of {SEQUENTIAL_CRITERIA} for sequential pruning (a block has no "
+            f"loss of its own), got {criterion!r}"
+        )
+    chosen = get_criterion(method)
+    if chosen.needs_loss:
+        raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
+    parse_scope(scope)
+    if sparsity is not None:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"argument 'sparsity' must be a float in [0, 1), got {type(sparsity).__name__}")
+        if not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"argument 'sparsity' must be in [0, 1), got {sparsity}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"argument 'steps' must be a positive integer, got {steps!r}")
+    return block_list
+
+
+def _collect_inputs(inputs: Iterable[torch.Tensor], storage: torch.device | None) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        raise TypeError(
+            "argument 'inputs' must be an iterable of batches (tensors), got a single tensor; wrap it in a list"
+        )
+    try:
+        iterator = iter(inputs)
+    except TypeError:
+        raise TypeError(f"argument 'inputs' must be an iterable of tensors, got {type(inputs).__name__}") from None
+    batches = []
+    for index, batch in enumerate(iterator):
+        if not isinstance(batch, torch.Tensor):
+            raise TypeError(f"argument 'inputs': batch {index} must be a tensor, got {type(batch).__name__}")
+        batches.append(batch.detach() if storage is None else batch.detach().to(storage))
+    if not batches:
+        raise ValueError("argument 'inputs': the calibration data is empty (expected at least one batch, got 0)")
+    return batches
+
+
+def _forward(block: nn.Module, batches: list[torch.Tensor], device: torch.device, storage: torch.device) -> list[
+    torch.Tensor
+]:
+    """The block's outputs for every batch, in eval mode and without a graph."""
+    modes = {module: module.training for module in block.modules()}
+    block.eval()
+    try:
+        with torch.no_grad():
+            outputs = []
+            for index, batch in enumerate(batches):
+                output = block(batch.to(device))
+                if not isinstance(output, torch.Tensor):
+                    raise TypeError(
+                        f"a block must return a tensor to feed the next one, got {type(output).__name__} "
+                        f"for batch {index}"
+                    )
+                outputs.append(output.to(storage))
+            return outputs
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+# ---- the entry point -------------------------------------------------------------------------------
+
+
+def prune_sequential(
+    blocks: Sequence[nn.Module] | nn.Sequential | nn.ModuleList,
+    inputs: Iterable[torch.Tensor],
+    sparsity: float | None = 0.5,
+    method: str = "ecp",
+    criterion: str = "local",
+    scope: str = "layer",
+    steps: int = 1,
+    probes: int | None = None,
+    layers: Sequence[str] | None = None,
+    device: torch.device | str | None = None,
+    offload_activations: bool = False,
+    atomic: bool = True,
+    synchronize: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> SequentialReport:
+    """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
+
+    Args:
+        blocks: the model's blocks in execution order; each maps a tensor to a tensor (the input of
+            the next). They are pruned in place.
+        inputs: calibration batches for the first block (e.g. token embeddings ``(B, T, d)``); read
+            once.
+        sparsity: target sparsity per block, in ``[0, 1)`` (None with an ``"N:M"`` scope).
+        method: a registered criterion that needs no loss (``ecp``, ``obd``, ``wanda``, ``magnitude``,
+            ``random``, ...).
+        criterion: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
+        scope: ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (across the layers of one block).
+        steps: iterative pruning steps within each block (see :meth:`Pruner.prune`); in a distributed
+            job the recalibrations between steps are merged across ranks only when
+            ``Pruner.calibrate`` itself synchronises, so use ``steps=1`` there otherwise.
+        probes: Rademacher probes for ``criterion="output"`` (None: the pruner's default).
+        layers: names of the layers to prune inside every block (relative to the block); None
+            prunes every supported Linear and Conv2d.
+        device: where each block is calibrated and run; the block is moved there and back to where
+            it was afterwards. None computes each block where it already is.
+        offload_activations: hold the calibration activations on the CPU between blocks.
+        atomic: keep a CPU copy of each pruned block's original state until the end, so that any
+            failure leaves every block exactly as it was (see the module docstring for the cost).
+        synchronize: in a ``torch.distributed`` job, merge each block's statistics across ranks.
+        seed: seeds the probes (offset per rank in a distributed job, see
+            :func:`~ecp_fast.distributed.rank_seed`) and the ``random`` method (the same on every rank).
+        progress: show a progress bar over the blocks.
+
+    Returns:
+        A :class:`SequentialReport` with one :class:`~ecp_fast.pruning.pruner.PruneReport` per block.
+
+    Raises:
+        ValueError, TypeError: on bad arguments or inputs, before or during the pass; with
+            ``atomic=True`` the blocks are then restored to their state before the call.
+    """
+    block_list = _check_arguments(blocks, sparsity, method, criterion, scope, steps)
+    compute = None if device is None else torch.device(device)
+    storage_device = torch.device("cpu") if offload_activations else compute
+    layer_names = [list(resolve_layers(block, layers)) for block in block_list]  # fail before any change
+    activations = _collect_inputs(inputs, storage_device)
+    samples = sum(int(batch.shape[0]) if batch.dim() else 1 for batch in activations)
+    report = SequentialReport(
+        method=method,
+        criterion=criterion,
+        scope=scope,
+        target_sparsity=float("nan") if sparsity is None else float(sparsity),
+        samples=samples,
+        batches=len(activations),
+    )
+    snapshots: list[_BlockSnapshot] = []
+    homes: dict[int, torch.device] = {}
+    current = -1
+    try:
+        for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
+            current = index
+            started = time.perf_counter()
+            homes[index] = _block_device(block)
+            if compute is not None:
+                block.to(compute)
+            run_device = _block_device(block)
+            if atomic:
+                snapshots.append(_snapshot(block, layer_names[index]))
+            pruner = Pruner(block, criterion=criterion, probes=probes, layers=layers, seed=seed, progress=False)
+            with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
+                pruner.calibrate(activations)
+            if synchronize:
+                pruner.calibration = synchronize_calibration(pruner.calibration)
+            block_report = pruner.prune(sparsity=sparsity, method=method, scope=scope, steps=steps)
+            del pruner  # frees this block's statistics before its outputs are computed
+            storage = storage_device if storage_device is not None else run_device
+            report.activation_bytes = max(
+                report.activation_bytes, sum(batch.numel() * batch.element_size() for batch in activations)
+            )
+            activations = _forward(block, activations, run_device, storage)
+            if compute is not None:
+                block.to(homes[index])
+            seconds = time.perf_counter() - started
+            report.blocks.append(BlockReport(index=index, report=block_report, seconds=seconds))
+            logger.info(
+                "block %d/%d: sparsity %.4f in %.2f s", index + 1, len(block_list), block_report.sparsity, seconds
+            )
+    except BaseException:
+        for snapshot in reversed(snapshots):
+            _restore(snapshot)
+        for index, home in homes.items():
+            block_list[index].to(home)
+        if atomic:
+            logger.warning("sequential pruning failed at block %d; every block was restored", current)
+        else:
+            logger.warning(
+                "sequential pruning failed at block %d; the blocks pruned before the failure stay pruned "
+                "(atomic=False)",
+                current,
+            )
+        raise
+    logger.info("sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity,
+                report.seconds)
+    return report

@@ -1,0 +1,841 @@
+"""Structured ECP: remove whole hidden neurons with bias compensation and shrink the model.
+
+Zeros make a model neither smaller nor faster; removing a hidden neuron does. A hidden neuron ``j``
+sits between a *producer* Linear (row ``j`` of its weight and its bias entry ``j``), optional
+per-feature modules (``BatchNorm1d``, ``LayerNorm`` and ``PReLU`` entries ``j``, element-wise
+activations, dropout) and a *consumer* Linear (column ``j`` of its weight). Removing it with every
+row of the consumer compensated, ``b_i += w_ij mu_ij``, costs to first order (docs/structured.md)
+
+    S_j = sum_i w_ij^2 M2_ij
+
+with the consumer's calibrated moments ``(s0, mean, m2)`` (METHOD.md); it is the sum over the rows
+of the unstructured ECP importance of column ``j``. The methods:
+
+* ``"ecp"``: ``S_j`` from the pruner's statistics (output sensitivities ``c``), compensated.
+* ``"local"``: the same with ``c = 1`` (the layer reconstructs its own output): the variance score
+  with mean compensation of FLAP / VBP, ``sum_i w_ij^2 * sum_s (a_j - mean_j)^2``; compensated.
+* ``"obd"``: uncompensated, ``sum_i w_ij^2 sum_s c_i a_j^2``, no bias change.
+* ``"norm"``: ``||W_consumer[:, j]||_2``, no bias change (``"magnitude"`` is an alias).
+* ``"norm_io"``: ``||W_consumer[:, j]||_2 * ||(W_producer[j, :], b_producer[j])||_2``, no bias change.
+
+::
+
+    pruner = Pruner(model, criterion="output")
+    pruner.calibrate(batches)
+    report = prune_neurons(pruner, 0.5, method="ecp", scope="layer")   # model shrinks in place
+    print(report)
+
+Nothing touches the model until every score, selection and new module is computed; a failure
+leaves the model exactly as it was. The result holds only plain ``torch.nn`` modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from ecp_fast.pruning.calibration import (
+    CRITERIA,
+    Calibrator,
+    LayerStatistics,
+    existing_mask,
+    resolve_layers,
+    weight_2d,
+    weight_parameter,
+)
+from ecp_fast.ops import finalize
+from ecp_fast.pruning.pruner import Pruner
+
+logger = logging.getLogger(__name__)
+
+#: Structured scores offered by :func:`neuron_scores` and :func:`prune_neurons`.
+METHODS = ("ecp", "local", "obd", "norm", "norm_io")
+#: Alternative names accepted for a method.
+METHOD_ALIASES = {"magnitude": "norm"}
+#: Methods that shift the consumer's bias by default.
+COMPENSATING = ("ecp", "local")
+#: Methods that read calibration statistics.
+NEEDS_STATISTICS = ("ecp", "local", "obd")
+#: Selection scopes: one ranking over every hidden unit, or the same ratio in every hidden layer.
+SELECTION_SCOPES = ("global", "layer")
+NORMALIZATIONS = ("auto", "none", "mean")
+
+#: Modules that act on each feature separately and have no per-feature parameters.
+ELEMENTWISE = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
+    nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign,
+    nn.Identity, nn.Dropout, nn.AlphaDropout,
+)
+#: Modules with one entry per feature that are sliced with the neuron.
+PER_FEATURE = (nn.BatchNorm1d, nn.LayerNorm, nn.PReLU)
+#: Child names of MLP blocks detected outside ``nn.Sequential`` (``forward`` is ``second(act(first(x)))``).
+BLOCK_NAME_PAIRS = (
+    ("fc1", "fc2"),
+    ("linear1", "linear2"),
+    ("up_proj", "down_proj"),
+    ("c_fc", "c_proj"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+)
+
+
+# ---- pairs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NeuronPair:
+    """A hidden layer: ``producer`` Linear, per-feature modules ``norms`` and ``consumer`` Linear."""
+
+    producer: str
+    consumer: str
+    norms: tuple[str, ...] = ()
+
+
+def _feature_count(module: nn.Module) -> int | None:
+    """Features of a per-feature module, or None when it acts on every feature alike."""
+    if isinstance(module, nn.BatchNorm1d):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return -1
+        return int(module.normalized_shape[0])
+    if isinstance(module, nn.PReLU):
+        return None if module.num_parameters == 1 else module.num_parameters
+    return None
+
+
+def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
+    """Hidden layers whose neurons can be removed, in module order.
+
+    Detected: inside every ``nn.Sequential`` (at any depth), a Linear followed by element-wise
+    activations, dropout and per-feature ``BatchNorm1d`` / ``LayerNorm`` / ``PReLU`` of the right size,
+    then a Linear; and in any other module, child Linears named as in :data:`BLOCK_NAME_PAIRS`
+    (``fc1``/``fc2``, ``linear1``/``linear2``, ...) with matching sizes, assumed to compute
+    ``second(activation(first(x)))`` as transformer MLP blocks do. Anything else: pass ``pairs``.
+    """
+    pairs: list[NeuronPair] = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        children = list(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            for index, (name, module) in enumerate(children):
+                if not isinstance(module, nn.Linear):
+                    continue
+                norms: list[str] = []
+                for next_name, next_module in children[index + 1 :]:
+                    if isinstance(next_module, nn.Linear):
+                        if next_module.in_features == module.out_features:
+                            pairs.append(NeuronPair(prefix + name, prefix + next_name, tuple(norms)))
+                        break
+                    if isinstance(next_module, PER_FEATURE):
+                        features = _feature_count(next_module)
+                        if features is None:
+                            continue
+                        if features != module.out_features:
+                            break
+                        norms.append(prefix + next_name)
+                        continue
+                    if not isinstance(next_module, ELEMENTWISE):
+                        break
+            continue
+        named = dict(children)
+        for first, second in BLOCK_NAME_PAIRS:
+            producer, consumer = named.get(first), named.get(second)
+            if (
+                isinstance(producer, nn.Linear)
+                and isinstance(consumer, nn.Linear)
+                and producer.out_features == consumer.in_features
+            ):
+                pairs.append(NeuronPair(prefix + first, prefix + second))
+    return pairs
+
+
+def resolve_pairs(
+    model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None
+) -> list[NeuronPair]:
+    """Validate ``pairs`` (``(producer, consumer)`` or ``(producer, consumer, norms)``) or detect them.
+
+    Raises ``ValueError`` naming the pair when a name is missing, a module is not an ``nn.Linear``
+    (or a supported per-feature module), sizes do not match, or a layer appears twice in one role.
+    """
+    if pairs is None:
+        found = find_neuron_pairs(model)
+        if not found:
+            raise ValueError(
+                "argument 'pairs': no Linear -> activation -> Linear chain found in the model; "
+                "pass pairs=[(producer_name, consumer_name), ...]"
+            )
+        return found
+    if isinstance(pairs, (str, NeuronPair)):
+        raise TypeError(f"argument 'pairs' must be a sequence of (producer, consumer) pairs, got {pairs!r}")
+    modules = dict(model.named_modules())
+    resolved: list[NeuronPair] = []
+    for entry in pairs:
+        if isinstance(entry, NeuronPair):
+            pair = entry
+        else:
+            items = tuple(entry) if not isinstance(entry, str) else ()
+            if len(items) not in (2, 3) or not all(isinstance(item, str) for item in items[:2]):
+                raise ValueError(
+                    f"argument 'pairs': each entry must be (producer, consumer) or (producer, consumer, norms), "
+                    f"got {entry!r}"
+                )
+            norm_names = items[2] if len(items) == 3 else ()
+            norms = (norm_names,) if isinstance(norm_names, str) else tuple(norm_names)
+            pair = NeuronPair(items[0], items[1], norms)
+        for role, name in (("producer", pair.producer), ("consumer", pair.consumer)):
+            if name not in modules or name == "":
+                linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                raise ValueError(f"argument 'pairs': no module named {name!r} ({role}); Linear layers are {linears}")
+            if not isinstance(modules[name], nn.Linear):
+                raise ValueError(
+                    f"argument 'pairs': {role} {name!r} must be an nn.Linear, got {type(modules[name]).__name__}"
+                )
+        producer, consumer = modules[pair.producer], modules[pair.consumer]
+        if producer.out_features != consumer.in_features:
+            raise ValueError(
+                f"argument 'pairs': producer {pair.producer!r} has {producer.out_features} outputs but consumer "
+                f"{pair.consumer!r} has {consumer.in_features} inputs; they must be equal"
+            )
+        for norm in pair.norms:
+            module = modules.get(norm)
+            if module is None or not isinstance(module, PER_FEATURE):
+                raise ValueError(
+                    f"argument 'pairs': per-feature module {norm!r} of pair ({pair.producer!r}, {pair.consumer!r}) "
+                    f"must be a BatchNorm1d, LayerNorm or PReLU, got {type(module).__name__ if module else None}"
+                )
+            features = _feature_count(module)
+            if features is not None and features != producer.out_features:
+                raise ValueError(
+                    f"argument 'pairs': {norm!r} has {features} features, expected {producer.out_features} "
+                    f"(the outputs of {pair.producer!r})"
+                )
+        resolved.append(pair)
+    for role in ("producer", "consumer"):
+        names = [getattr(pair, role) for pair in resolved]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"argument 'pairs': layers {duplicates} appear more than once as {role}")
+    if not resolved:
+        raise ValueError("argument 'pairs' must name at least one (producer, consumer) pair, got an empty sequence")
+    return resolved
+
+
+# ---- scores --------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronScore:
+    """Scores of one hidden layer: ``score`` ``(H,)`` (small = remove first) and, for compensating
+    methods, ``bias_delta`` ``(out_consumer, H)``: the shift of each consumer row per removed neuron."""
+
+    pair: NeuronPair
+    score: torch.Tensor
+    bias_delta: torch.Tensor | None
+
+
+def _canonical_method(method: str) -> str:
+    if not isinstance(method, str):
+        raise TypeError(f"argument 'method' must be a string, got {type(method).__name__}")
+    method = METHOD_ALIASES.get(method, method)
+    if method not in METHODS:
+        raise ValueError(
+            f"argument 'method' must be one of {METHODS} (or {sorted(METHOD_ALIASES)}), got {method!r}"
+        )
+    return method
+
+
+def _local_statistics(
+    model: nn.Module, consumers: list[str], batches: Iterable[Any] | None
+) -> dict[str, LayerStatistics]:
+    """Moments with ``c = 1`` of the consumers' inputs (no backward pass)."""
+    if batches is None:
+        raise ValueError(
+            "method 'local' needs calibration batches: pass batches=..., or a Pruner calibrated with "
+            "criterion='local' or with re-iterable batches"
+        )
+    calibrator = Calibrator(model, resolve_layers(model, consumers), criterion="local", keep_inputs=False)
+    return calibrator.run(batches, progress=False).statistics
+
+
+def _fill_silent_rows(
+    bias_delta: torch.Tensor, s0: torch.Tensor, mean: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Compensate rows with ``S0_i = 0`` with the pooled mean of the other rows instead of 0.
+
+    Such a row never reached the output on the calibration data, so any shift costs nothing to
+    first order and METHOD.md's convention leaves it unshifted. A removed neuron then still moves
+    the row's pre-activation by ``-w_ij a_j``, which can wake a dead ReLU unit on new data; shifting
+    by ``w_ij`` times the input's pooled mean ``sum_i S0_i mu_ij / sum_i S0_i`` avoids that (exactly for
+    a constant input) at no first-order cost.
+    """
+    silent = s0 <= 0
+    total = s0.sum()
+    if not bool(silent.any()) or total <= 0:
+        return bias_delta
+    pooled = (s0.unsqueeze(1) * mean).sum(dim=0) / total
+    return torch.where(silent.unsqueeze(1), weight * pooled.unsqueeze(0), bias_delta)
+
+
+def neuron_scores(
+    model: nn.Module,
+    pairs: Sequence[NeuronPair],
+    method: str,
+    statistics: Mapping[str, LayerStatistics] | None = None,
+) -> dict[str, NeuronScore]:
+    """Score every hidden neuron of every pair; keys are consumer names.
+
+    ``statistics`` are the consumers' :class:`~ecp_fast.pruning.calibration.LayerStatistics` (required for
+    ``ecp``, ``local`` and ``obd``; for ``local`` they must come from ``c = 1``). Scores are computed
+    in float64 from the consumer's effective weight (pruning masks applied).
+    """
+    method = _canonical_method(method)
+    modules = dict(model.named_modules())
+    result: dict[str, NeuronScore] = {}
+    for pair in pairs:
+        consumer = modules[pair.consumer]
+        weight = weight_2d(consumer).to(torch.float64)
+        bias_delta: torch.Tensor | None = None
+        if method in NEEDS_STATISTICS:
+            stats = None if statistics is None else statistics.get(pair.consumer)
+            if stats is None:
+                raise ValueError(
+                    f"method {method!r} needs calibration statistics of consumer layer {pair.consumer!r}; "
+                    "calibrate a Pruner whose layers include it"
+                )
+            s0, mean, m2 = stats.moments
+            if tuple(mean.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"the statistics of layer {pair.consumer!r} have shape {tuple(mean.shape)} but its weight is "
+                    f"{tuple(weight.shape)}; recalibrate after changing the model"
+                )
+            s0, mean, m2 = s0.to(torch.float64), mean.to(torch.float64), m2.to(torch.float64)
+            if method == "obd":
+                score = (weight.square() * (m2 + s0.unsqueeze(1) * mean.square())).sum(dim=0)
+            else:
+                importance, bias_delta = finalize(s0, mean, m2, weight)
+                score = importance.sum(dim=0)
+                bias_delta = _fill_silent_rows(bias_delta, s0, mean, weight)
+        else:
+            score = weight.norm(dim=0)
+            if method == "norm_io":
+                producer = modules[pair.producer]
+                rows = weight_2d(producer).to(torch.float64)
+                if producer.bias is not None:
+                    rows = torch.cat([rows, producer.bias.detach().to(torch.float64).unsqueeze(1)], dim=1)
+                score = score * rows.norm(dim=1)
+        if not torch.isfinite(score).all():
+            raise ValueError(f"method {method!r} gave non-finite neuron scores for consumer {pair.consumer!r}")
+        result[pair.consumer] = NeuronScore(pair, score, bias_delta)
+    return result
+
+
+# ---- selection -----------------------------------------------------------------------------------
+
+
+def _check_ratio(ratio: float) -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise TypeError(f"argument 'ratio' must be a float in [0, 1), got {type(ratio).__name__}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"argument 'ratio' (fraction of hidden neurons to remove) must be in [0, 1), got {ratio}")
+    return float(ratio)
+
+
+def select_neurons(
+    scores: Mapping[str, NeuronScore], ratio: float, scope: str = "global", normalize: str = "none", min_keep: int = 1
+) -> dict[str, torch.Tensor]:
+    """Bool keep-masks ``(H,)`` per consumer that remove ``ratio`` of the hidden neurons.
+
+    ``scope="layer"`` removes ``round(ratio * H)`` from every hidden layer; ``"global"`` ranks all
+    neurons together and removes ``round(ratio * sum H)``, after dividing each layer's scores by
+    their mean when ``normalize="mean"``. Every layer keeps at least ``min_keep`` neurons; ties go
+    to the lower index.
+    """
+    ratio = _check_ratio(ratio)
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
+    if normalize not in ("none", "mean"):
+        raise ValueError(f"argument 'normalize' must be 'none' or 'mean' here, got {normalize!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise ValueError(f"argument 'min_keep' must be a positive integer, got {min_keep!r}")
+    keep: dict[str, torch.Tensor] = {}
+    ranks: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    for name, entry in scores.items():
+        value = entry.score.to(torch.float64)
+        if normalize == "mean":
+            mean = value.mean()
+            value = value / mean if mean > 0 else value
+        values[name] = value
+        order = torch.argsort(value, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        ranks[name] = rank
+    if scope == "layer":
+        for name, rank in ranks.items():
+            hidden = rank.numel()
+            count = min(round(ratio * hidden), max(hidden - min_keep, 0))
+            keep[name] = rank >= count
+        return keep
+    names = list(scores)
+    total = sum(ranks[name].numel() for name in names)
+    flat_values = torch.cat([values[name].cpu() for name in names])
+    allowed = torch.cat([(ranks[name] < ranks[name].numel() - min_keep).cpu() for name in names])
+    count = min(round(ratio * total), int(allowed.sum()))
+    ranked = torch.where(allowed, flat_values, torch.inf)
+    order = torch.argsort(ranked, stable=True)
+    flat_keep = torch.ones(total, dtype=torch.bool)
+    flat_keep[order[:count]] = False
+    offset = 0
+    for name in names:
+        size = ranks[name].numel()
+        keep[name] = flat_keep[offset : offset + size].to(ranks[name].device)
+        offset += size
+    return keep
+
+
+# ---- the plan ------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronPlan:
+    """Everything a neuron removal needs, computed without touching the model.
+
+    ``keep[consumer]`` is the bool keep-mask ``(H,)`` of the pair's hidden units and
+    ``bias_shift[consumer]`` (``(out_consumer,)``, float64) the compensation added to the consumer's
+    bias, or None for uncompensated methods.
+    """
+
+    pairs: list[NeuronPair]
+    keep: dict[str, torch.Tensor]
+    bias_shift: dict[str, torch.Tensor | None]
+    method: str
+    scope: str
+    ratio: float
+    scores: dict[str, NeuronScore] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> dict[str, list[int]]:
+        """Indices of the removed hidden units per consumer."""
+        return {name: torch.nonzero(~mask).flatten().tolist() for name, mask in self.keep.items()}
+
+
+def plan_neurons(
+    model: nn.Module,
+    ratio: float,
+    method: str = "ecp",
+    scope: str = "global",
+    pairs: Sequence[NeuronPair | Sequence[Any]] | None = None,
+    statistics: Mapping[str, LayerStatistics] | None = None,
+    normalize: str = "auto",
+    min_keep: int = 1,
+    compensate: bool | None = None,
+    criterion: str = "output",
+) -> NeuronPlan:
+    """Score, select and compute the compensation; the model is only read.
+
+    ``normalize="auto"`` compares raw scores across layers for ``ecp`` and ``obd`` with the
+    ``output`` or ``loss`` criterion (they are errors of the same network output, a common unit) and
+    divides each layer's scores by their mean otherwise (``local``, ``norm``, ``norm_io``: each layer
+    has its own units). ``compensate`` overrides the method's default (True for ``ecp`` and
+    ``local``); compensation needs statistics. ``criterion`` names how ``statistics`` were gathered.
+    """
+    method = _canonical_method(method)
+    ratio = _check_ratio(ratio)
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"argument 'normalize' must be one of {NORMALIZATIONS}, got {normalize!r}")
+    resolved = resolve_pairs(model, pairs)
+    if compensate is None:
+        compensate = method in COMPENSATING
+    if normalize == "auto":
+        same_unit = method in ("ecp", "obd") and criterion in ("output", "loss")
+        normalize = "none" if same_unit else "mean"
+    scores = neuron_scores(model, resolved, method, statistics)
+    if compensate and method not in COMPENSATING:
+        # The uncompensated score with the compensation of ECP's statistics (mean shift) added on top.
+        compensation = neuron_scores(model, resolved, "ecp", statistics)
+        for name, entry in scores.items():
+            entry.bias_delta = compensation[name].bias_delta
+    keep = select_neurons(scores, ratio, scope, normalize, min_keep)
+    bias_shift: dict[str, torch.Tensor | None] = {}
+    for name, entry in scores.items():
+        if not compensate or entry.bias_delta is None:
+            bias_shift[name] = None
+            continue
+        bias_shift[name] = entry.bias_delta[:, ~keep[name]].sum(dim=1)
+    return NeuronPlan(resolved, keep, bias_shift, method, scope, ratio, scores)
+
+
+# ---- surgery -------------------------------------------------------------------------------------
+
+
+def _parent_and_attribute(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attribute = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attribute
+
+
+def _parameter_like(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone().contiguous(), requires_grad=like.requires_grad)
+
+
+def _build_linear(
+    module: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None, bias_shift: torch.Tensor | None
+) -> nn.Linear:
+    """A new Linear with the kept ``rows`` (outputs) and ``columns`` (inputs) and the shifted bias."""
+    weight = weight_parameter(module).detach()
+    mask = existing_mask(module)
+    bias = None if module.bias is None else module.bias.detach()
+    if bias_shift is not None:
+        base = bias if bias is not None else weight.new_zeros(weight.shape[0])
+        bias = (base.to(torch.float64) + bias_shift.to(device=base.device)).to(weight.dtype)
+    row_index = torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
+    column_index = torch.arange(weight.shape[1], device=weight.device) if columns is None else columns.to(weight.device)
+    new_weight = weight.index_select(0, row_index).index_select(1, column_index)
+    new = nn.Linear(
+        new_weight.shape[1], new_weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    new.weight = _parameter_like(new_weight, weight)
+    if bias is not None:
+        like = module.bias if module.bias is not None else weight
+        new.bias = _parameter_like(bias.index_select(0, row_index), like)
+    new.train(module.training)
+    if mask is not None:
+        torch_prune.custom_from_mask(new, "weight", mask.index_select(0, row_index).index_select(1, column_index))
+    if module._forward_hooks or module._backward_hooks or (module._forward_pre_hooks and mask is None):
+        logger.warning("layer hooks of a replaced Linear are not carried over to its smaller copy")
+    return new
+
+
+def _build_per_feature(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A copy of a BatchNorm1d / LayerNorm / PReLU keeping the features ``index``."""
+    new = copy.deepcopy(module)
+    count = int(index.numel())
+    with torch.no_grad():
+        for attribute in ("weight", "bias"):
+            parameter = getattr(module, attribute, None)
+            if isinstance(parameter, nn.Parameter) and parameter.dim() == 1 and parameter.numel() > 1:
+                setattr(new, attribute, _parameter_like(parameter.index_select(0, index.to(parameter.device)), parameter))
+        if isinstance(module, nn.BatchNorm1d):
+            new.num_features = count
+            for buffer in ("running_mean", "running_var"):
+                value = getattr(module, buffer)
+                if value is not None:
+                    setattr(new, buffer, value.index_select(0, index.to(value.device)).clone())
+        elif isinstance(module, nn.LayerNorm):
+            new.normalized_shape = (count,)
+        elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            new.num_parameters = count
+    return new
+
+
+def build_replacements(model: nn.Module, plan: NeuronPlan) -> dict[str, nn.Module]:
+    """The smaller modules of ``plan`` by qualified name; the model is only read."""
+    modules = dict(model.named_modules())
+    rows: dict[str, torch.Tensor] = {}
+    columns: dict[str, torch.Tensor] = {}
+    shifts: dict[str, torch.Tensor] = {}
+    replacements: dict[str, nn.Module] = {}
+    for pair in plan.pairs:
+        keep = plan.keep[pair.consumer]
+        hidden = modules[pair.producer].out_features
+        if keep.numel() != hidden or modules[pair.consumer].in_features != hidden:
+            raise ValueError(
+                f"the plan for ({pair.producer!r}, {pair.consumer!r}) has {keep.numel()} hidden units, the model "
+                f"{hidden}; plan and model disagree"
+            )
+        index = torch.nonzero(keep).flatten()
+        shift = plan.bias_shift.get(pair.consumer)
+        if bool(keep.all()):
+            continue  # nothing removed, and the compensation of nothing is zero
+        rows[pair.producer] = index
+        columns[pair.consumer] = index
+        for norm in pair.norms:
+            replacements[norm] = _build_per_feature(modules[norm], index)
+        if shift is not None:
+            shifts[pair.consumer] = shift
+    for name in dict.fromkeys([*rows, *columns, *shifts]):
+        module = modules[name]
+        replacements[name] = _build_linear(module, rows.get(name), columns.get(name), shifts.get(name))
+    return replacements
+
+
+def _swap(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
+    """Install the replacements; on any failure put every original module back."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, module in replacements.items():
+            parent, attribute = _parent_and_attribute(model, name)
+            originals[name] = getattr(parent, attribute)
+            setattr(parent, attribute, module)
+    except BaseException:
+        for name, module in originals.items():
+            parent, attribute = _parent_and_attribute(model, name)
+            setattr(parent, attribute, module)
+        raise
+
+
+def shrink_model(model: nn.Module, plan: NeuronPlan) -> None:
+    """Replace the planned layers of ``model`` (in place) by smaller plain ``torch.nn`` modules."""
+    _swap(model, build_replacements(model, plan))
+
+
+def mask_neurons(model: nn.Module, plan: NeuronPlan) -> None:
+    """Apply ``plan`` without shrinking: zero the consumers' removed columns and shift their biases.
+
+    The result computes the same function as :func:`shrink_model`'s (exactly, for every pair
+    without a LayerNorm, which normalises over all features); useful as a reference and for
+    inspecting the compensation at full size.
+    """
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for pair in plan.pairs:
+            consumer = modules[pair.consumer]
+            weight = weight_parameter(consumer)
+            removed = ~plan.keep[pair.consumer].to(weight.device)
+            weight.view(weight.shape[0], -1)[:, removed] = 0
+            shift = plan.bias_shift.get(pair.consumer)
+            if shift is not None:
+                if consumer.bias is None:
+                    consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                consumer.bias.copy_((consumer.bias.to(torch.float64) + shift.to(weight.device)).to(weight.dtype))
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter entries of the model (``weight_orig`` counted once for masked layers)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def linear_flops(model: nn.Module) -> int:
+    """FLOPs of all ``nn.Linear`` layers for one input row (a sample, or a token): ``2 * in * out`` each.
+
+    A multiply-add counts as two FLOPs; bias additions, activations and norms are not counted.
+    """
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass
+class PairReport:
+    """One hidden layer after neuron removal."""
+
+    producer: str
+    consumer: str
+    hidden_before: int
+    hidden_after: int
+    bias_change_l1: float
+
+    @property
+    def removed_fraction(self) -> float:
+        """Fraction of the hidden units removed."""
+        return 1.0 - self.hidden_after / self.hidden_before if self.hidden_before else 0.0
+
+
+@dataclass
+class StructuredReport:
+    """What :func:`prune_neurons` did; ``str(report)`` is a table. ``model`` is the pruned model."""
+
+    method: str
+    scope: str
+    ratio: float
+    compensated: bool
+    pairs: list[PairReport]
+    parameters_before: int
+    parameters_after: int
+    flops_before: int
+    flops_after: int
+    model: nn.Module
+    plan: NeuronPlan
+
+    @property
+    def hidden_before(self) -> int:
+        """Hidden units before, over all pairs."""
+        return sum(pair.hidden_before for pair in self.pairs)
+
+    @property
+    def hidden_after(self) -> int:
+        """Hidden units after, over all pairs."""
+        return sum(pair.hidden_after for pair in self.pairs)
+
+    @property
+    def parameter_ratio(self) -> float:
+        """Parameters after / before."""
+        return self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+
+    @property
+    def flops_ratio(self) -> float:
+        """Linear FLOPs per sample after / before."""
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per hidden layer, for CSV or logging."""
+        return [
+            {
+                "producer": pair.producer,
+                "consumer": pair.consumer,
+                "hidden_before": pair.hidden_before,
+                "hidden_after": pair.hidden_after,
+                "bias_change_l1": pair.bias_change_l1,
+            }
+            for pair in self.pairs
+        ]
+
+    def __str__(self) -> str:
+        lines = [
+            f"method={self.method} scope={self.scope} ratio={self.ratio:.4g} compensated={self.compensated} "
+            f"hidden {self.hidden_before} -> {self.hidden_after}",
+            f"parameters {self.parameters_before} -> {self.parameters_after} ({self.parameter_ratio:.3f}x), "
+            f"Linear FLOPs/sample {self.flops_before} -> {self.flops_after} ({self.flops_ratio:.3f}x)",
+        ]
+        width = max([len("producer -> consumer")] + [len(f"{p.producer} -> {p.consumer}") for p in self.pairs])
+        lines.append(f"{'producer -> consumer':<{width}}  {'before':>7}  {'after':>7}  {'removed':>7}  {'sum|db|':>10}")
+        for pair in self.pairs:
+            label = f"{pair.producer} -> {pair.consumer}"
+            lines.append(
+                f"{label:<{width}}  {pair.hidden_before:>7}  {pair.hidden_after:>7}  "
+                f"{pair.removed_fraction:>7.3f}  {pair.bias_change_l1:>10.4g}"
+            )
+        return "\n".join(lines)
+
+
+# ---- the entry point -----------------------------------------------------------------------------
+
+
+def prune_neurons(
+    pruner_or_model: Pruner | nn.Module,
+    ratio: float,
+    method: str = "ecp",
+    scope: str = "global",
+    pairs: Sequence[NeuronPair | Sequence[Any]] | None = None,
+    *,
+    batches: Iterable[Any] | None = None,
+    criterion: str = "output",
+    normalize: str = "auto",
+    min_keep: int = 1,
+    compensate: bool | None = None,
+    inplace: bool = True,
+) -> StructuredReport:
+    """Remove ``ratio`` of the hidden neurons with compensation and shrink the Linear layers.
+
+    Args:
+        pruner_or_model: a calibrated :class:`~ecp_fast.pruning.pruner.Pruner` (its statistics are used;
+            its layers must include every consumer) or a model (then ``batches`` are calibrated
+            with ``criterion`` when the method needs statistics).
+        ratio: fraction of the hidden units to remove, in ``[0, 1)``.
+        method: ``"ecp"``, ``"local"``, ``"obd"``, ``"norm"`` (alias ``"magnitude"``) or ``"norm_io"``.
+        scope: ``"global"`` (one ranking over all hidden layers) or ``"layer"`` (``ratio`` of every one).
+        pairs: ``(producer, consumer)`` or ``(producer, consumer, norms)`` names; None detects them
+            (:func:`find_neuron_pairs`).
+        batches: calibration data for a bare model, or for ``"local"`` with a pruner calibrated
+            with another criterion (default: the batches that pruner was calibrated on).
+        criterion: how a bare model is calibrated (``"output"``, ``"loss"``, ``"local"``).
+        normalize: cross-layer comparison in the global scope: ``"auto"``, ``"none"``, ``"mean"``
+            (see :func:`plan_neurons`).
+        min_keep: hidden units every layer keeps.
+        compensate: override the method's default bias compensation.
+        inplace: replace the modules of the given model (the model object stays the same); else
+            shrink a deep copy and leave the input untouched.
+
+    Returns:
+        A :class:`StructuredReport`; ``report.model`` is the smaller model. When ``inplace`` and a
+        pruner was given, its layers are re-resolved to the new modules and its calibration is
+        cleared (the statistics describe the old shapes).
+
+    Raises:
+        ValueError / TypeError: bad ratio, method, scope or pairs, missing statistics; the model
+        is then unchanged.
+    """
+    method = _canonical_method(method)
+    ratio = _check_ratio(ratio)
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"argument 'criterion' must be one of {CRITERIA}, got {criterion!r}")
+    pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
+    model = pruner.model if pruner is not None else pruner_or_model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"argument 'pruner_or_model' must be a Pruner or an nn.Module, got {type(model).__name__}")
+    resolved = resolve_pairs(model, pairs)
+    consumers = [pair.consumer for pair in resolved]
+    wants_statistics = method in NEEDS_STATISTICS or bool(compensate)
+    statistics: Mapping[str, LayerStatistics] | None = None
+    used_criterion = criterion
+    if wants_statistics:
+        if pruner is not None:
+            used_criterion = pruner.criterion
+            if method == "local" and pruner.criterion != "local":
+                # Pruner keeps the batches it was calibrated on; reuse them for the c = 1 moments.
+                source = batches if batches is not None else getattr(pruner, "_batches", None)
+                if source is not None and batches is None and iter(source) is source:
+                    source = None  # a one-shot iterator, already consumed
+                statistics = _local_statistics(model, consumers, source)
+                used_criterion = "local"
+            else:
+                if not pruner.statistics:
+                    raise RuntimeError(f"method {method!r} needs statistics: call Pruner.calibrate(batches) first")
+                statistics = pruner.statistics
+        elif method == "local" or criterion == "local":
+            statistics = _local_statistics(model, consumers, batches)
+            used_criterion = "local"
+        else:
+            if batches is None:
+                raise ValueError(f"method {method!r} on a bare model needs calibration batches: pass batches=...")
+            calibrating = Pruner(model, criterion=criterion, layers=consumers, progress=False)
+            calibrating.calibrate(batches)
+            statistics = calibrating.statistics
+    plan = plan_neurons(
+        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_criterion
+    )
+    parameters_before = count_parameters(model)
+    flops_before = linear_flops(model)
+    modules = dict(model.named_modules())
+    hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
+    target = model if inplace else copy.deepcopy(model)
+    shrink_model(target, plan)
+    if inplace and pruner is not None:
+        pruner.layers = resolve_layers(model, list(pruner.layers))
+        pruner.calibration = None
+        logger.info("pruner layers re-resolved to the smaller modules; recalibrate before scoring again")
+    pair_reports = []
+    for pair in resolved:
+        shift = plan.bias_shift[pair.consumer]
+        pair_reports.append(
+            PairReport(
+                producer=pair.producer,
+                consumer=pair.consumer,
+                hidden_before=hidden_before[pair.consumer],
+                hidden_after=int(plan.keep[pair.consumer].sum()),
+                bias_change_l1=0.0 if shift is None else float(shift.abs().sum()),
+            )
+        )
+    report = StructuredReport(
+        method=method,
+        scope=scope,
+        ratio=ratio,
+        compensated=any(shift is not None for shift in plan.bias_shift.values()),
+        pairs=pair_reports,
+        parameters_before=parameters_before,
+        parameters_after=count_parameters(target),
+        flops_before=flops_before,
+        flops_after=linear_flops(target),
+        model=target,
+        plan=plan,
+    )
+    logger.info(
+        "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
+        report.hidden_before - report.hidden_after,
+        report.hidden_before,
+        method,
+        scope,
+        report.parameter_ratio,
+        report.flops_ratio,
+    )
+    return report

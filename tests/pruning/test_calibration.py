@@ -1,0 +1,270 @@
+"""Calibration streams the same statistics the reference computes on all the data at once."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import ecp_fast
+from nets import tanh_mlp
+
+from ecp_fast.ops import reference
+from ecp_fast.pruning.calibration import (
+    MAX_STORED_SAMPLES,
+    Calibrator,
+    LayerStatistics,
+    merge_statistics,
+    resolve_layers,
+)
+from ecp_fast.ops.merge import Moments
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, sizes))
+
+
+def assert_moments_close(actual: Moments, expected: tuple, rtol=1e-7, atol=1e-9) -> None:
+    for name, a, e in zip(("s0", "mean", "m2"), actual, expected):
+        torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_streamed_moments_equal_reference_on_concatenated_data():
+    model = tanh_mlp()
+    x = torch.randn(101, 7, dtype=torch.float64)
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate(split(x, [1, 13, 31, 7, 49]))
+    expected = reference.sensitivities(model, x)
+    assert set(pruner.statistics) == set(expected) == {"0", "2", "4"}
+    for name, layer in expected.items():
+        assert_moments_close(pruner.statistics[name].moments, reference.moments(layer.x, layer.g))
+        assert pruner.statistics[name].samples == 101
+
+
+def test_batched_jacobian_rows_equal_reference_sensitivities():
+    model = tanh_mlp()
+    x = torch.randn(17, 7, dtype=torch.float64)
+    calibrator = Calibrator(model, resolve_layers(model), criterion="output")
+    gradients = calibrator.gradients(x)
+    expected = reference.sensitivities(model, x)
+    for name, layer in expected.items():
+        torch.testing.assert_close(gradients[name].x, layer.x)
+        torch.testing.assert_close(gradients[name].g, layer.g)  # (outputs, N, out), row k = dy_k/dz
+
+
+def test_linear_with_token_dimension_treats_tokens_as_samples():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64)  # (batch, tokens, in): 3 x 2 = 6 outputs per sample
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([x[:3], x[3:]])
+    expected = reference.sensitivities(model, x)
+    for name, layer in expected.items():
+        assert layer.x.shape[0] == 12
+        assert_moments_close(pruner.statistics[name].moments, reference.moments(layer.x, layer.g))
+
+
+def test_rademacher_probes_estimate_the_exact_sensitivity():
+    model = tanh_mlp(sizes=(5, 8, 6))
+    x = torch.randn(40, 5, dtype=torch.float64)
+    exact = ecp_fast.Pruner(model, progress=False)
+    exact.calibrate([x])
+    estimates = []
+    for seed in range(4):
+        probed = ecp_fast.Pruner(model, probes=500, seed=seed, progress=False)
+        probed.calibrate([x])
+        estimates.append(probed.statistics["0"].moments.s0)
+    s0_exact = exact.statistics["0"].moments.s0
+    s0_estimate = torch.stack(estimates).mean(dim=0)
+    # 2000 probes in all: the relative standard error of sum_s c is a few percent at most.
+    torch.testing.assert_close(s0_estimate, s0_exact, rtol=0.05, atol=0.0)
+    # The estimate differs from the exact value (it is an estimate, not the exact rows again).
+    assert not torch.allclose(estimates[0], s0_exact, rtol=1e-6)
+
+
+def test_many_outputs_switch_to_probes():
+    model = nn.Linear(4, 40).double()  # 40 outputs > 32: probes by default
+    x = torch.randn(9, 4, dtype=torch.float64)
+    gradients = Calibrator(model, resolve_layers(model)).gradients(x)
+    name = next(iter(gradients))  # the model itself is the one layer
+    assert gradients[name].g.shape == (16, 9, 40)
+    # Each probe row of the last layer is +-1/sqrt(P): c = sum_p g_p^2 = 1 exactly.
+    torch.testing.assert_close(gradients[name].g.square().sum(0), torch.ones(9, 40, dtype=torch.float64))
+
+
+def test_conv_unfolding_equals_explicit_loop():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, kernel_size=(3, 2), stride=(2, 1), padding=1, dilation=(1, 2)).double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2).double())
+    images = torch.randn(3, 2, 6, 5, dtype=torch.float64)
+    model(images)  # materialise the lazy layer
+    calibrator = Calibrator(model, resolve_layers(model, ["0"]), criterion="output")
+    gradients = calibrator.gradients(images)["0"]
+
+    # Explicit: every (image, output position) is a sample; its patch is the padded input window.
+    output = conv(images)
+    _, _, out_h, out_w = output.shape
+    padded = F.pad(images, (1, 1, 1, 1))
+    patches, grads = [], []
+    z = conv(images)
+    z_leaf = z.detach().requires_grad_(True)
+    rest = nn.Sequential(*list(model)[1:])
+    y = rest(z_leaf)
+    rows = [torch.autograd.grad(y[:, k].sum(), z_leaf, retain_graph=True)[0] for k in range(y.shape[1])]
+    for b in range(images.shape[0]):
+        for h in range(out_h):
+            for w in range(out_w):
+                top, left = h * 2, w * 1
+                window = padded[b, :, top : top + 3 : 1, left : left + 2 * 2 - 1 : 2]
+                patches.append(window.reshape(-1))
+                grads.append(torch.stack([row[b, :, h, w] for row in rows]))
+    explicit_x = torch.stack(patches)
+    explicit_g = torch.stack(grads, dim=1)  # (outputs, N, out)
+    torch.testing.assert_close(gradients.x, explicit_x)
+    torch.testing.assert_close(gradients.g, explicit_g)
+    # And the streamed moments are the reference moments of these explicit samples.
+    pruner = ecp_fast.Pruner(model, layers=["0"], progress=False)
+    pruner.calibrate([images[:1], images[1:]])
+    assert_moments_close(pruner.statistics["0"].moments, reference.moments(explicit_x, explicit_g))
+
+
+def test_loss_criterion_rescales_a_mean_loss_to_per_sample_gradients():
+    model = tanh_mlp()
+    x = torch.randn(30, 7, dtype=torch.float64)
+    targets = torch.randint(0, 3, (30,))
+    batches = [(x[:10], targets[:10]), (x[10:], targets[10:])]
+    mean_loss = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    mean_loss.calibrate(batches, loss_fn=nn.CrossEntropyLoss())
+    sum_loss = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    sum_loss.calibrate(batches, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
+    per_sample = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    per_sample.calibrate(batches, loss_fn=lambda y, t: F.cross_entropy(y, t, reduction="none"))
+    for name in ("0", "2", "4"):
+        assert_moments_close(mean_loss.statistics[name].moments, sum_loss.statistics[name].moments)
+        assert_moments_close(per_sample.statistics[name].moments, sum_loss.statistics[name].moments)
+    # The last layer's per-sample loss gradient is softmax - onehot.
+    z = model(x).detach()
+    g = (torch.softmax(z, dim=1) - F.one_hot(targets, 3)).to(torch.float64)
+    s0 = g.square().sum(dim=0)
+    torch.testing.assert_close(mean_loss.statistics["4"].moments.s0, s0)
+
+
+def test_gradient_sums_equal_the_full_batch_loss_gradient():
+    model = tanh_mlp()
+    x = torch.randn(50, 7, dtype=torch.float64)
+    targets = torch.randint(0, 3, (50,))
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([(x[:20], targets[:20]), (x[20:], targets[20:])], loss_fn=nn.CrossEntropyLoss())
+    model.zero_grad()
+    F.cross_entropy(model(x), targets, reduction="sum").backward()
+    for name, module in model.named_children():
+        if isinstance(module, nn.Linear):
+            torch.testing.assert_close(pruner.statistics[name].loss_grad_sum, module.weight.grad)
+    # Calibration does not leave gradients on the parameters.
+    model.zero_grad(set_to_none=True)
+    pruner.calibrate([(x, targets)], loss_fn=nn.CrossEntropyLoss())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_local_criterion_weights_every_sample_equally():
+    model = tanh_mlp()
+    x = torch.randn(25, 7, dtype=torch.float64)
+    pruner = ecp_fast.Pruner(model, criterion="local", progress=False)
+    pruner.calibrate(split(x, [5, 20]))
+    stats = pruner.statistics["0"]
+    torch.testing.assert_close(stats.moments.s0, torch.full((11,), 25.0, dtype=torch.float64))
+    torch.testing.assert_close(stats.moments.mean, x.mean(0).expand(11, 7))
+    torch.testing.assert_close(stats.moments.m2, (x - x.mean(0)).square().sum(0).expand(11, 7))
+    torch.testing.assert_close(stats.activation_sq_sum, x.square().sum(0))
+
+
+def test_merge_statistics_of_two_halves_equals_the_whole():
+    model = tanh_mlp()
+    x = torch.randn(40, 7, dtype=torch.float64)
+    targets = torch.randint(0, 3, (40,))
+    whole, first, second = (ecp_fast.Pruner(model, progress=False) for _ in range(3))
+    whole.calibrate([(x, targets)], loss_fn=nn.CrossEntropyLoss())
+    first.calibrate([(x[:15], targets[:15])], loss_fn=nn.CrossEntropyLoss())
+    second.calibrate([(x[15:], targets[15:])], loss_fn=nn.CrossEntropyLoss())
+    for name in whole.statistics:
+        merged: LayerStatistics = merge_statistics(first.statistics[name], second.statistics[name])
+        assert_moments_close(merged.moments, whole.statistics[name].moments)
+        torch.testing.assert_close(merged.activation_sq_sum, whole.statistics[name].activation_sq_sum)
+        torch.testing.assert_close(merged.loss_grad_sum, whole.statistics[name].loss_grad_sum)
+        assert merged.samples == 40
+
+
+def test_calibration_keeps_no_per_sample_data_beyond_the_replay_bound():
+    model = tanh_mlp(dtype=torch.float32)
+    batches = [torch.randn(256, 7) for _ in range(MAX_STORED_SAMPLES // 256 + 1)]
+    pruner = ecp_fast.Pruner(model, progress=False)
+    result = pruner.calibrate(batches)
+    assert result.inputs is None and not result.inputs_complete
+    assert result.samples == 256 * len(batches)
+    # Only (out, in) and (in,) sized sums per layer remain.
+    for name, stats in pruner.statistics.items():
+        assert stats.moments.mean.shape == dict(model.named_children())[name].weight.shape
+
+
+def test_hooks_removed_and_modes_restored_also_on_error():
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 2))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([torch.randn(8, 4), torch.randn(5, 4)])
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():  # batch norm statistics were not updated
+        torch.testing.assert_close(value, before[key])
+    bad = torch.randn(8, 4)
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pruner.calibrate([torch.randn(8, 4), bad])
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert model.training
+
+
+def test_frozen_parameters_still_calibrate():
+    model = tanh_mlp()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    x = torch.randn(12, 7, dtype=torch.float64)
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([x])
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    expected = reference.sensitivities(model, x)
+    for name, layer in expected.items():
+        assert_moments_close(pruner.statistics[name].moments, reference.moments(layer.x, layer.g))
+
+
+def test_empty_data_and_layers_that_never_run_are_errors():
+    model = tanh_mlp()
+    pruner = ecp_fast.Pruner(model, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        pruner.calibrate([])
+    with pytest.raises(ValueError, match="never ran"):
+        unused = nn.ModuleDict({"used": nn.Linear(3, 2), "unused": nn.Linear(3, 2)})
+
+        class Partial(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.blocks = unused
+
+            def forward(self, x):
+                return self.blocks["used"](x)
+
+        ecp_fast.Pruner(Partial(), progress=False).calibrate([torch.randn(4, 3)])
+
+
+def test_unsupported_conv_is_skipped_or_refused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    assert list(resolve_layers(model)) == ["2"]
+    with pytest.raises(ValueError, match="groups=2"):
+        resolve_layers(model, ["0"])
