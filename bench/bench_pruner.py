@@ -2,7 +2,7 @@
 
 Workload: a 784-300-100-10 ReLU MLP (random weights), 2,000 random calibration samples in batches of
 500, exact Jacobian rows of the 10 outputs for every layer. ``jacobian_rows`` is the floor any
-output-criterion pruner pays (one forward pass per batch and one batched backward pass of 10 rows);
+output-sensitivity pruner pays (one forward pass per batch and one batched backward pass of 10 rows);
 ``ecp_prune`` is the whole ``Pruner.calibrate`` + ``Pruner.prune(0.9)`` (moments, scores, global
 selection, compensation, masks). Target: ``ecp_prune`` at most 3x ``jacobian_rows``.
 
@@ -64,7 +64,7 @@ def jacobian_rows(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[t
 
 def ecp_prune(model: nn.Module, batches: list[torch.Tensor]) -> ecp_fast.PruneReport:
     """Calibrate with exact Jacobian rows and prune 90% globally with ECP."""
-    pruner = ecp_fast.Pruner(model, criterion="output", progress=False)
+    pruner = ecp_fast.Pruner(model, sensitivity="output", progress=False)
     pruner.calibrate(batches)
     return pruner.prune(0.9, method="ecp", scope="global")
 

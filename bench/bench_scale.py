@@ -38,14 +38,14 @@ def _setup() -> tuple[tuple, dict]:
 
 
 def _whole(model, batches) -> float:
-    pruner = Pruner(model, criterion="local", progress=False)
+    pruner = Pruner(model, sensitivity="local", progress=False)
     pruner.calibrate(batches)
     return pruner.prune(sparsity=CONFIG.sparsity, method=CONFIG.method, scope=CONFIG.scope).sparsity
 
 
 def _sequential(model, batches) -> float:
     return prune_sequential(
-        model, batches, sparsity=CONFIG.sparsity, method=CONFIG.method, criterion="local", scope=CONFIG.scope,
+        model, batches, sparsity=CONFIG.sparsity, method=CONFIG.method, sensitivity="local", scope=CONFIG.scope,
         progress=False,
     ).sparsity
 

@@ -6,7 +6,7 @@ parent prints one markdown table. Run::
     nice -n 10 .venv/bin/python bench/scale_report.py
 
 Defaults: width 1024, 12 blocks (Linear d->4d, GELU, Linear 4d->d, residual: 100.7M parameters),
-2048 calibration tokens in batches of 4 x 128 tokens, ECP with the local criterion, 50% sparsity per
+2048 calibration tokens in batches of 4 x 128 tokens, ECP with the local sensitivity, 50% sparsity per
 layer. ``--worker MODE`` runs one mode and prints its figures as JSON (what the parent calls).
 """
 
@@ -86,13 +86,13 @@ def run_mode(mode: str, config: Config) -> dict[str, float]:
     build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
     if mode == "whole":
-        pruner = Pruner(model, criterion="local", progress=False)
+        pruner = Pruner(model, sensitivity="local", progress=False)
         pruner.calibrate(batches)
         report = pruner.prune(sparsity=config.sparsity, method=config.method, scope=config.scope)
         sparsity = report.sparsity
     elif mode == "sequential":
         sequential = prune_sequential(
-            model, batches, sparsity=config.sparsity, method=config.method, criterion="local", scope=config.scope,
+            model, batches, sparsity=config.sparsity, method=config.method, sensitivity="local", scope=config.scope,
             progress=False,
         )
         sparsity = sequential.sparsity
@@ -125,7 +125,7 @@ def markdown_table(config: Config, results: dict[str, dict[str, float]]) -> str:
     lines = [
         f"{config.blocks} MLP blocks of width {config.width} "
         f"({next(iter(results.values()))['parameters'] / 1e6:.1f}M parameters), {config.tokens} calibration tokens "
-        f"in batches of {config.batch_size} x {config.sequence}, {config.method} / local criterion, "
+        f"in batches of {config.batch_size} x {config.sequence}, {config.method} / local sensitivity, "
         f"{config.sparsity:.0%} per {config.scope}; torch {torch.__version__}, {platform.machine()}, "
         f"{torch.get_num_threads()} threads",
         "",

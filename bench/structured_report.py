@@ -9,7 +9,7 @@ MNIST IDX files in ``--mnist`` or ``$ECP_DATA_DIR``; ``--skip-mnist`` runs witho
    the minimum over rounds (a busy machine slows every contender alike, the minimum is the least
    disturbed). Then the 2:4 question on CPU: a dense Linear, the same Linear with a 2:4-masked
    dense weight, and a CSR sparse weight.
-2. Quality: every structured criterion at 25/50/75% on an MLP trained on MNIST and on the digits
+2. Quality: every structured sensitivity at 25/50/75% on an MLP trained on MNIST and on the digits
    demo MLP, test loss and accuracy without and after a short fine-tuning (``ecp_fast.training.finetune``).
 """
 
@@ -38,7 +38,7 @@ logger = logging.getLogger("structured_report")
 
 RATIOS = (0.25, 0.5, 0.75)
 BATCHES = (1, 256)
-CRITERIA = ("ecp", "local", "obd", "norm", "norm_io")
+SENSITIVITIES = ("ecp", "local", "obd", "norm", "norm_io")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
@@ -158,17 +158,17 @@ def quality_rows(
     scopes: tuple[str, ...],
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Every criterion x ratio x scope on copies of ``model``, before and after fine-tuning."""
+    """Every sensitivity x ratio x scope on copies of ``model``, before and after fine-tuning."""
     dense_loss, dense_accuracy = evaluate(model, *test)
     rows = [
         {"task": task, "seed": seed, "method": "dense", "scope": "-", "removed": 0.0, "parameters":
          sum(p.numel() for p in model.parameters()), "loss": dense_loss, "accuracy": dense_accuracy,
          "loss_finetuned": dense_loss, "accuracy_finetuned": dense_accuracy}
     ]
-    base = Pruner(copy.deepcopy(model), criterion="output", seed=seed, progress=False)
+    base = Pruner(copy.deepcopy(model), sensitivity="output", seed=seed, progress=False)
     base.calibrate(calibration)
     for scope in scopes:
-        for method in CRITERIA:
+        for method in SENSITIVITIES:
             for ratio in RATIOS:
                 report = prune_neurons(base, ratio, method=method, scope=scope, inplace=False)
                 pruned = report.model
@@ -227,12 +227,12 @@ def markdown(rows: list[dict[str, Any]], columns: list[str], formats: dict[str, 
 
 
 def pivot(rows: list[dict[str, Any]], task: str, scope: str, value: str) -> str:
-    """Criterion x removed-fraction table of ``value``, mean over seeds."""
-    header = "| criterion | " + " | ".join(f"{r:.0%} removed" for r in RATIOS) + " |"
+    """Method x removed-fraction table of ``value``, mean over seeds."""
+    header = "| sensitivity | " + " | ".join(f"{r:.0%} removed" for r in RATIOS) + " |"
     lines = [header, "|---|" + "---|" * len(RATIOS)]
     dense = [r[value] for r in rows if r["task"] == task and r["method"] == "dense"]
     lines.append(f"| dense | {sum(dense) / len(dense):.4f} (0%) |" + " |" * (len(RATIOS) - 1))
-    for method in CRITERIA:
+    for method in SENSITIVITIES:
         cells = []
         for ratio in RATIOS:
             values = [r[value] for r in rows if r["task"] == task and r["scope"] == scope

@@ -74,7 +74,7 @@ def output_change(pruned: nn.Module, dense: nn.Module, data: list[torch.Tensor],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("pruner", "sequential"), default="pruner")
-    parser.add_argument("--criterion", choices=("output", "local"), default="output")
+    parser.add_argument("--sensitivity", choices=("output", "local"), default="output")
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--blocks", type=int, default=3)
@@ -105,7 +105,7 @@ def main() -> None:
     logger.info("rank %d of %d calibrates on %d of %d batches", rank, world_size, len(my_batches), len(data))
 
     if args.mode == "pruner":
-        pruner = Pruner(model, criterion=args.criterion, seed=args.seed, progress=False)
+        pruner = Pruner(model, sensitivity=args.sensitivity, seed=args.seed, progress=False)
         with per_rank_probe_seed(pruner):  # independent probes per rank; prune() sees the common seed
             pruner.calibrate(my_batches)
         pruner.calibration = synchronize_calibration(pruner.calibration)
@@ -113,7 +113,7 @@ def main() -> None:
     else:
         report = prune_sequential(  # merges every block's statistics across ranks before pruning it
             model, my_batches, sparsity=args.sparsity, method="ecp",
-            criterion=args.criterion, scope="layer", seed=args.seed, progress=False,
+            sensitivity=args.sensitivity, scope="layer", seed=args.seed, progress=False,
         )
 
     prints = [fingerprint(model)]

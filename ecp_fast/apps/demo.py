@@ -108,12 +108,12 @@ def run_seed(
     dense_loss, dense_accuracy = evaluate(model, data)
     rows.append(_row("dense", 1, 0.0, seed, dense_loss, dense_accuracy, 0.0))
     calibration = _batches(data.train_x, data.train_y, 256)
-    base = Pruner(copy.deepcopy(model), criterion="output", seed=seed, progress=False)
+    base = Pruner(copy.deepcopy(model), sensitivity="output", seed=seed, progress=False)
     base.calibrate(calibration, loss_fn=nn.CrossEntropyLoss())
     for method in methods:
         started = time.perf_counter()
         if method == "nonlinear":
-            scorer = Pruner(copy.deepcopy(model), criterion="output", seed=seed, progress=False)
+            scorer = Pruner(copy.deepcopy(model), sensitivity="output", seed=seed, progress=False)
             scorer.calibrate(_batches(data.train_x[:nonlinear_samples], data.train_y[:nonlinear_samples], 256))
             scores = scorer.importances(method)
         else:
@@ -127,7 +127,7 @@ def run_seed(
         for sparsity in sparsities:
             started = time.perf_counter()
             pruned = copy.deepcopy(model)
-            pruner = Pruner(pruned, criterion="output", seed=seed, progress=False)
+            pruner = Pruner(pruned, sensitivity="output", seed=seed, progress=False)
             pruner.calibrate(calibration)
             pruner.prune(sparsity, method="ecp", steps=ITERATIVE_STEPS)
             loss, accuracy = evaluate(pruned, data)

@@ -4,7 +4,7 @@ Everything ECP needs from the data is a mergeable sum (METHOD.md, "Streaming and
 data-parallel job calibrates like this::
 
     torch.distributed.init_process_group("gloo")        # or "nccl" on GPUs, e.g. under torchrun
-    pruner = Pruner(model, criterion="output", seed=0)  # same model weights and seed on every rank
+    pruner = Pruner(model, sensitivity="output", seed=0)  # same model weights and seed on every rank
     pruner.calibrate(shard(batches))                    # this rank's batches; merged across ranks
     pruner.prune(sparsity=0.5, method="ecp", scope="global")  # identical masks and biases everywhere
 
@@ -26,7 +26,7 @@ scores, selects the same weights and adds the same bias compensation. What the u
 * start every rank from the same weights (same checkpoint, or :func:`broadcast_module`);
 * give every rank the same ``seed``: the ``random`` method draws its scores from a generator seeded
   with the pruner's seed, so the same seed gives the same scores everywhere;
-* Rademacher probes (``criterion="output"`` with many outputs) only affect each rank's own
+* Rademacher probes (``sensitivity="output"`` with many outputs) only affect each rank's own
   contribution, which is merged, so they cannot make ranks disagree. With the same seed on every
   rank, however, batch ``k`` of every rank is probed with the same signs, which correlates the
   estimates; :func:`rank_seed` gives each rank its own probe stream for calibration only.
@@ -275,7 +275,7 @@ def _check_layouts_agree(result: CalibrationResult, group: Any, rank: int) -> No
         if other != layouts[0]:
             raise ValueError(
                 f"synchronize_calibration: rank {other_rank} calibrated {other!r}, rank 0 calibrated {layouts[0]!r} "
-                f"(this is rank {rank}); every rank must calibrate the same model, layers, dtype and criterion, "
+                f"(this is rank {rank}); every rank must calibrate the same model, layers, dtype and sensitivity, "
                 "with loss gradients on all ranks or on none"
             )
 

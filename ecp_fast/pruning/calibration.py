@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.ops import moments as fused_moments
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("output", "loss", "local")
+SENSITIVITIES = ("output", "loss", "local")
 #: Up to this many model outputs the exact Jacobian rows are computed; above it, Rademacher probes.
 MAX_EXACT_OUTPUTS = 32
 #: Probes used when the outputs are too many for exact rows and ``probes`` was not given.
@@ -276,7 +277,7 @@ class Calibrator:
     Args:
         model: the network; run in eval mode during calibration (its mode is restored).
         layers: the layers to calibrate, from :func:`resolve_layers`.
-        criterion: ``"output"`` (``c = ||dy/dz||^2``), ``"loss"`` (per-sample loss gradients) or
+        sensitivity: ``"output"`` (``c = ||dy/dz||^2``), ``"loss"`` (per-sample loss gradients) or
             ``"local"`` (``c = 1``, no backward pass).
         probes: Rademacher probes for ``"output"``; None means exact Jacobian rows up to
             :data:`MAX_EXACT_OUTPUTS` outputs and :data:`DEFAULT_PROBES` probes above.
@@ -288,11 +289,12 @@ class Calibrator:
         keep_inputs: keep up to :data:`MAX_STORED_SAMPLES` model inputs for the ``nonlinear`` baseline.
     """
 
+    @renamed_keyword("criterion", "sensitivity")
     def __init__(
         self,
         model: nn.Module,
         layers: dict[str, LayerSpec],
-        criterion: str = "output",
+        sensitivity: str = "output",
         probes: int | None = None,
         loss_fn: LossFn | None = None,
         loss_reduction: str | None = None,
@@ -300,19 +302,19 @@ class Calibrator:
         seed: int = 0,
         keep_inputs: bool = True,
     ) -> None:
-        if criterion not in CRITERIA:
-            raise ValueError(f"argument 'criterion' must be one of {CRITERIA}, got {criterion!r}")
+        if sensitivity not in SENSITIVITIES:
+            raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
         if probes is not None and (not isinstance(probes, int) or isinstance(probes, bool) or probes < 1):
             raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
-        if criterion == "loss" and loss_fn is None:
-            raise ValueError("argument 'loss_fn' is required with criterion='loss', got None")
+        if sensitivity == "loss" and loss_fn is None:
+            raise ValueError("argument 'loss_fn' is required with sensitivity='loss', got None")
         if loss_reduction is None:
             loss_reduction = getattr(loss_fn, "reduction", "mean")
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"argument 'loss_reduction' must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         self.model = model
         self.layers = layers
-        self.criterion = criterion
+        self.sensitivity = sensitivity
         self.probes = probes
         self.loss_fn = loss_fn
         self.loss_reduction = loss_reduction
@@ -351,9 +353,9 @@ class Calibrator:
                 inputs = _to_device(inputs, device)
                 targets = _to_device(targets, device)
                 use_loss = self.loss_fn is not None and targets is not None
-                if self.criterion == "loss" and targets is None:
+                if self.sensitivity == "loss" and targets is None:
                     raise ValueError(
-                        f"argument 'batches': criterion='loss' needs (inputs, targets) batches, batch {batch_count} "
+                        f"argument 'batches': sensitivity='loss' needs (inputs, targets) batches, batch {batch_count} "
                         "has no targets"
                     )
                 if has_loss is None:
@@ -400,7 +402,7 @@ class Calibrator:
     def _capture(self, inputs: Any) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Forward pass with hooks: returns the model output and ``{layer: (input, output)}``."""
         captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        needs_graph = self.criterion != "local" or self.loss_fn is not None
+        needs_graph = self.sensitivity != "local" or self.loss_fn is not None
 
         def make_hook(name: str) -> Callable[..., torch.Tensor | None]:
             def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
@@ -436,7 +438,7 @@ class Calibrator:
         check_finite: bool = True,
     ) -> dict[str, LayerGradients]:
         """One batch: every layer's inputs ``(N, in)``, sensitivity gradients ``(P, N, out)`` (None for
-        ``criterion="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
+        ``sensitivity="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
 
         With ``check_finite`` raises ``ValueError`` when an input or gradient is NaN or Inf.
         """
@@ -456,11 +458,11 @@ class Calibrator:
         loss_grads: list[torch.Tensor] | None = None
         if targets is not None and self.loss_fn is not None:
             loss_grads = self._loss_gradients(output, targets, zs)
-        if self.criterion == "output":
+        if self.sensitivity == "output":
             sensitivity_grads: list[torch.Tensor | None] = list(self._output_gradients(output, zs, generator))
-        elif self.criterion == "loss":
+        elif self.sensitivity == "loss":
             if loss_grads is None:
-                raise ValueError("criterion='loss' needs targets and loss_fn for every batch")
+                raise ValueError("sensitivity='loss' needs targets and loss_fn for every batch")
             sensitivity_grads = [g.unsqueeze(0) for g in loss_grads]
         else:
             sensitivity_grads = [None] * len(names)
@@ -518,7 +520,7 @@ class Calibrator:
             total = loss
         if not torch.isfinite(total):
             raise ValueError(f"the loss is {total.item()} (expected a finite value)")
-        grads = torch.autograd.grad(total, zs, retain_graph=self.criterion == "output", allow_unused=True)
+        grads = torch.autograd.grad(total, zs, retain_graph=self.sensitivity == "output", allow_unused=True)
         return [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
 
     def _output_gradients(

@@ -1,9 +1,9 @@
-"""Importance criteria: one function per method, one call signature.
+"""Importance methods: one function per method, one call signature.
 
-Every criterion takes a :class:`ScoringContext` (the layer, its effective ``(out, in)`` weight and
+Every method takes a :class:`ScoringContext` (the layer, its effective ``(out, in)`` weight and
 the calibration statistics) and returns an :class:`Importance`: a score per weight (the smallest
 scores are removed) and, for the methods that compensate, the bias shift each removal asks for.
-New criteria register with :func:`register_importance` and are then available by name to the
+New methods register with :func:`register_importance` and are then available by name to the
 pruner and the command line.
 """
 
@@ -41,7 +41,7 @@ class Importance(NamedTuple):
 
 @dataclass
 class ScoringContext:
-    """What a criterion may use to score one layer."""
+    """What a method may use to score one layer."""
 
     layer: LayerSpec
     weight: torch.Tensor  # effective weight (mask applied), (out, in), detached
@@ -55,7 +55,7 @@ ImportanceFn = Callable[[ScoringContext], Importance]
 
 
 @dataclass(frozen=True)
-class Criterion:
+class Method:
     """A registered importance: the function and what it needs."""
 
     name: str
@@ -66,7 +66,7 @@ class Criterion:
     description: str = ""
 
 
-IMPORTANCES: dict[str, Criterion] = {}
+IMPORTANCES: dict[str, Method] = {}
 
 
 def register_importance(
@@ -75,14 +75,14 @@ def register_importance(
     """Decorator that makes ``function(context) -> Importance`` available as ``method=name``."""
 
     def decorate(function: ImportanceFn) -> ImportanceFn:
-        IMPORTANCES[name] = Criterion(name, function, compensates, needs_calibration, needs_loss, description)
+        IMPORTANCES[name] = Method(name, function, compensates, needs_calibration, needs_loss, description)
         return function
 
     return decorate
 
 
-def get_criterion(method: str) -> Criterion:
-    """The registered criterion ``method``; ``ValueError`` naming the known ones otherwise."""
+def get_method(method: str) -> Method:
+    """The registered method ``method``; ``ValueError`` naming the known ones otherwise."""
     if method not in IMPORTANCES:
         raise ValueError(f"argument 'method' must be one of {sorted(IMPORTANCES)}, got {method!r}")
     return IMPORTANCES[method]
@@ -217,5 +217,5 @@ def nonlinear_importance(context: ScoringContext) -> Importance:
     plain.eval()
     exact = reference.exact_compensated_error(plain, calibration.inputs, context.layer.name)
     dtype = context.weight.dtype
-    # Removing an already-zero weight changes nothing; its exact error is 0 like every criterion's.
+    # Removing an already-zero weight changes nothing; its exact error is 0 like every method's.
     return Importance(exact.error.to(dtype), exact.bias_delta.to(dtype))

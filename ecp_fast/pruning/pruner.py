@@ -2,7 +2,7 @@
 
 ::
 
-    pruner = Pruner(model, criterion="output")
+    pruner = Pruner(model, sensitivity="output")
     pruner.calibrate(batches, loss_fn=None)
     report = pruner.prune(sparsity=0.9, method="ecp", scope="global", steps=1)
 
@@ -21,8 +21,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.pruning.calibration import (
-    CRITERIA,
+    SENSITIVITIES,
     CalibrationResult,
     Calibrator,
     LayerSpec,
@@ -34,7 +35,7 @@ from ecp_fast.pruning.calibration import (
     weight_parameter,
 )
 from ecp_fast.distributed import synchronize_calibration
-from ecp_fast.pruning.importance import Importance, ScoringContext, check_nonlinear_size, get_criterion
+from ecp_fast.pruning.importance import Importance, ScoringContext, Method, check_nonlinear_size, get_method
 from ecp_fast.pruning.masks import install_mask
 
 if TYPE_CHECKING:
@@ -121,7 +122,7 @@ class PruneReport:
 
     method: str
     scope: str
-    criterion: str
+    sensitivity: str
     target_sparsity: float
     steps: int
     layers: list[LayerReport] = field(default_factory=list)
@@ -163,7 +164,7 @@ class PruneReport:
 
     def __str__(self) -> str:
         header = (
-            f"method={self.method} scope={self.scope} criterion={self.criterion} steps={self.steps} "
+            f"method={self.method} scope={self.scope} sensitivity={self.sensitivity} steps={self.steps} "
             f"target={self.target_sparsity:.4g} achieved={self.sparsity:.4f}"
         )
         name_width = max([len("layer")] + [len(layer.name) for layer in self.layers])
@@ -276,7 +277,7 @@ class Pruner:
 
     Args:
         model: the network to prune, in place.
-        criterion: where the sensitivities come from: ``"output"`` (exact Jacobian rows up to 32
+        sensitivity: where the sensitivities come from: ``"output"`` (exact Jacobian rows up to 32
             outputs, Rademacher probes above or when ``probes`` is given), ``"loss"`` (per-sample loss
             gradients, needs ``loss_fn`` and targets) or ``"local"`` (``c = 1``, no backward pass).
         probes: number of Rademacher probes, or None for exact rows where the outputs are few.
@@ -289,10 +290,11 @@ class Pruner:
     :class:`~ecp_fast.pruning.calibration.LayerStatistics` (moments and baseline sums).
     """
 
+    @renamed_keyword("criterion", "sensitivity")
     def __init__(
         self,
         model: nn.Module,
-        criterion: str = "output",
+        sensitivity: str = "output",
         probes: int | None = None,
         layers: Sequence[str] | None = None,
         output_fn: Callable[[Any], torch.Tensor] | None = None,
@@ -301,12 +303,12 @@ class Pruner:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
-        if criterion not in CRITERIA:
-            raise ValueError(f"argument 'criterion' must be one of {CRITERIA}, got {criterion!r}")
+        if sensitivity not in SENSITIVITIES:
+            raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
         if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
             raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
         self.model = model
-        self.criterion = criterion
+        self.sensitivity = sensitivity
         self.probes = probes
         self.layers: dict[str, LayerSpec] = resolve_layers(model, layers)
         self.output_fn = output_fn
@@ -329,7 +331,7 @@ class Pruner:
     ) -> CalibrationResult:
         """Stream the calibration batches (inputs, or ``(inputs, targets)``) through the model.
 
-        ``loss_fn(outputs, targets)`` enables the ``loss`` criterion and the ``gradient`` and
+        ``loss_fn(outputs, targets)`` enables the ``loss`` sensitivity and the ``gradient`` and
         ``taylor`` baselines; a mean-reduced loss is rescaled to a per-sample sum (see
         :class:`~ecp_fast.pruning.calibration.Calibrator`). The model's weights are not modified; on error the
         previous statistics stay in place.
@@ -337,7 +339,7 @@ class Pruner:
         calibrator = Calibrator(
             self.model,
             self.layers,
-            criterion=self.criterion,
+            sensitivity=self.sensitivity,
             probes=self.probes,
             loss_fn=loss_fn,
             loss_reduction=loss_reduction,
@@ -357,8 +359,8 @@ class Pruner:
 
     def importances(self, method: str = "ecp") -> dict[str, Importance]:
         """Score every weight of every layer with ``method`` at the model's current weights."""
-        criterion = get_criterion(method)
-        self._check_ready(criterion)
+        chosen = get_method(method)
+        self._check_ready(chosen)
         generator = torch.Generator(device=_device_of(self.model))
         generator.manual_seed(self.seed)
         result = {}
@@ -371,23 +373,23 @@ class Pruner:
                 model=self.model,
                 generator=generator,
             )
-            importance = criterion.function(context)
+            importance = chosen.function(context)
             if not torch.isfinite(importance.score).all():
                 raise ValueError(f"method {method!r} gave non-finite importances for layer {name!r}")
             result[name] = importance
         return result
 
-    def _check_ready(self, criterion: Any) -> None:
-        if criterion.needs_calibration and self.calibration is None:
+    def _check_ready(self, chosen: Method) -> None:
+        if chosen.needs_calibration and self.calibration is None:
             raise RuntimeError(
-                f"method {criterion.name!r} needs calibration statistics: call Pruner.calibrate(batches) before prune()"
+                f"method {chosen.name!r} needs calibration statistics: call Pruner.calibrate(batches) before prune()"
             )
-        if criterion.needs_loss and self.calibration is not None and not self.calibration.has_loss:
+        if chosen.needs_loss and self.calibration is not None and not self.calibration.has_loss:
             raise RuntimeError(
-                f"method {criterion.name!r} needs loss gradients: call Pruner.calibrate(batches, loss_fn=...) "
+                f"method {chosen.name!r} needs loss gradients: call Pruner.calibrate(batches, loss_fn=...) "
                 "with (inputs, targets) batches"
             )
-        if criterion.name == "nonlinear":
+        if chosen.name == "nonlinear":
             check_nonlinear_size(self.layers, self.calibration)
 
     # ---- pruning --------------------------------------------------------------------------------
@@ -405,7 +407,7 @@ class Pruner:
         Args:
             sparsity: target fraction of zero weights in ``[0, 1)`` (default 0.9); for an ``"N:M"``
                 scope it is implied by the pattern (pass None or ``1 - N/M``).
-            method: a registered criterion: ``ecp``, ``obd``, ``magnitude``, ``gradient``,
+            method: a registered importance method: ``ecp``, ``obd``, ``magnitude``, ``gradient``,
                 ``taylor``, ``wanda``, ``random``, ``nonlinear``.
             scope: ``"global"`` (one ranking over all layers), ``"layer"`` (the same sparsity in
                 every layer), ``"row"`` (per output neuron), ``"N:M"`` (keep N of every M
@@ -431,7 +433,7 @@ class Pruner:
             from ecp_fast.pruning.structured import prune_neurons
 
             return prune_neurons(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
-        criterion = get_criterion(method)
+        chosen = get_method(method)
         parsed_scope = parse_scope(scope)
         target = _resolve_sparsity(sparsity, parsed_scope)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -452,8 +454,8 @@ class Pruner:
                         f"got {tuple(importances[name].score.shape)}"
                     )
         else:
-            self._check_ready(criterion)
-        if steps > 1 and criterion.needs_calibration:
+            self._check_ready(chosen)
+        if steps > 1 and chosen.needs_calibration:
             batches = self._batches
             if batches is None or iter(batches) is batches:
                 raise ValueError(
@@ -476,7 +478,7 @@ class Pruner:
             initial_density = sum(int(mask.sum()) for mask in keep.values()) / total
             final_density = 1.0 - target
             for step in tqdm(range(1, steps + 1), desc="prune", disable=not self.progress or steps == 1, leave=False):
-                if step > 1 and criterion.needs_calibration:
+                if step > 1 and chosen.needs_calibration:
                     assert self._batches is not None
                     self.calibrate(self._batches, self._loss_fn, self._loss_reduction)
                 if initial_density > final_density:
@@ -493,7 +495,7 @@ class Pruner:
                 )
                 # Everything is computed; only now touch the model.
                 for name, spec in self.layers.items():
-                    bias_delta = scores[name].bias_delta if criterion.compensates else None
+                    bias_delta = scores[name].bias_delta if chosen.compensates else None
                     if self._apply(spec, removed[name], bias_delta):
                         added_bias.append(name)
                     keep[name] = keep[name] & ~removed[name]
@@ -564,7 +566,7 @@ class Pruner:
     def _report(
         self, method: str, scope: str, target: float, steps: int, snapshot: dict[str, Any], added_bias: list[str]
     ) -> PruneReport:
-        report = PruneReport(method=method, scope=scope, criterion=self.criterion, target_sparsity=target, steps=steps)
+        report = PruneReport(method=method, scope=scope, sensitivity=self.sensitivity, target_sparsity=target, steps=steps)
         for name, spec in self.layers.items():
             mask = existing_mask(spec.module)
             pruned = int((mask == 0).sum()) if mask is not None else 0
@@ -596,6 +598,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+@renamed_keyword("criterion", "sensitivity")
 def prune(
     model: nn.Module,
     batches: Iterable[Any] | None,
@@ -603,7 +606,7 @@ def prune(
     method: str = "ecp",
     scope: str = "global",
     steps: int = 1,
-    criterion: str = "output",
+    sensitivity: str = "output",
     probes: int | None = None,
     layers: Sequence[str] | None = None,
     loss_fn: LossFn | None = None,
@@ -614,7 +617,7 @@ def prune(
 
     ``batches`` may be None for the methods that need no data (``magnitude``, ``random``).
     """
-    pruner = Pruner(model, criterion=criterion, probes=probes, layers=layers, seed=seed, progress=progress)
+    pruner = Pruner(model, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=progress)
     if batches is not None:
         pruner.calibrate(batches, loss_fn=loss_fn)
     return pruner.prune(sparsity=sparsity, method=method, scope=scope, steps=steps)

@@ -5,7 +5,7 @@ As in SparseGPT and Wanda, the model is a sequence of blocks (transformer layers
 learns to compensate what the earlier ones lost, then it is pruned, and its pruned outputs become the
 inputs of block ``k + 1``::
 
-    report = prune_sequential(model.blocks, embeddings, sparsity=0.5, method="ecp", criterion="local")
+    report = prune_sequential(model.blocks, embeddings, sparsity=0.5, method="ecp", sensitivity="local")
 
 Criteria: ``"local"`` (``c = 1``: each layer reconstructs its own output, no backward pass) or
 ``"output"`` (the block's output is the reference output: sensitivities are the output gradients of
@@ -48,14 +48,15 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
+from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
-from ecp_fast.pruning.importance import get_criterion
+from ecp_fast.pruning.importance import get_method
 from ecp_fast.pruning.pruner import PruneReport, Pruner, parse_scope
 
 logger = logging.getLogger(__name__)
 
-SEQUENTIAL_CRITERIA = ("local", "output")
+SEQUENTIAL_SENSITIVITIES = ("local", "output")
 
 
 # ---- report ----------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class SequentialReport:
     """What :func:`prune_sequential` did; ``str(report)`` is a table with one row per block."""
 
     method: str
-    criterion: str
+    sensitivity: str
     scope: str
     target_sparsity: float
     samples: int
@@ -105,7 +106,7 @@ class SequentialReport:
 
     def __str__(self) -> str:
         lines = [
-            f"sequential method={self.method} criterion={self.criterion} scope={self.scope} "
+            f"sequential method={self.method} sensitivity={self.sensitivity} scope={self.scope} "
             f"target={self.target_sparsity:.4g} achieved={self.sparsity:.4f} samples={self.samples} "
             f"batches={self.batches} activations={self.activation_bytes / 2**20:.1f} MiB",
             f"{'block':>5}  {'weights':>11}  {'pruned':>11}  {'sparsity':>8}  {'seconds':>8}",
@@ -174,7 +175,7 @@ def _block_device(block: nn.Module) -> torch.device:
 
 
 def _check_arguments(
-    blocks: Any, sparsity: float | None, method: str, criterion: str, scope: str, steps: int
+    blocks: Any, sparsity: float | None, method: str, sensitivity: str, scope: str, steps: int
 ) -> list[nn.Module]:
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         raise TypeError(
@@ -187,12 +188,12 @@ def _check_arguments(
     for index, block in enumerate(block_list):
         if not isinstance(block, nn.Module):
             raise TypeError(f"argument 'blocks': item {index} must be an nn.Module, got {type(block).__name__}")
-    if criterion not in SEQUENTIAL_CRITERIA:
+    if sensitivity not in SEQUENTIAL_SENSITIVITIES:
         raise ValueError(
-            f"argument 'criterion' must be one of {SEQUENTIAL_CRITERIA} for sequential pruning (a block has no "
-            f"loss of its own), got {criterion!r}"
+            f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has no "
+            f"loss of its own), got {sensitivity!r}"
         )
-    chosen = get_criterion(method)
+    chosen = get_method(method)
     if chosen.needs_loss:
         raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
     parse_scope(scope)
@@ -251,12 +252,13 @@ def _forward(block: nn.Module, batches: list[torch.Tensor], device: torch.device
 # ---- the entry point -------------------------------------------------------------------------------
 
 
+@renamed_keyword("criterion", "sensitivity")
 def prune_sequential(
     blocks: Sequence[nn.Module] | nn.Sequential | nn.ModuleList,
     inputs: Iterable[torch.Tensor],
     sparsity: float | None = 0.5,
     method: str = "ecp",
-    criterion: str = "local",
+    sensitivity: str = "local",
     scope: str = "layer",
     steps: int = 1,
     probes: int | None = None,
@@ -276,14 +278,14 @@ def prune_sequential(
         inputs: calibration batches for the first block (e.g. token embeddings ``(B, T, d)``); read
             once.
         sparsity: target sparsity per block, in ``[0, 1)`` (None with an ``"N:M"`` scope).
-        method: a registered criterion that needs no loss (``ecp``, ``obd``, ``wanda``, ``magnitude``,
+        method: a registered importance method that needs no loss (``ecp``, ``obd``, ``wanda``, ``magnitude``,
             ``random``, ...).
-        criterion: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
+        sensitivity: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
         scope: ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (across the layers of one block).
         steps: iterative pruning steps within each block (see :meth:`Pruner.prune`); in a distributed
             job the recalibrations between steps are merged across ranks only when
             ``Pruner.calibrate`` itself synchronises, so use ``steps=1`` there otherwise.
-        probes: Rademacher probes for ``criterion="output"`` (None: the pruner's default).
+        probes: Rademacher probes for ``sensitivity="output"`` (None: the pruner's default).
         layers: names of the layers to prune inside every block (relative to the block); None
             prunes every supported Linear and Conv2d.
         device: where each block is calibrated and run; the block is moved there and back to where
@@ -303,7 +305,7 @@ def prune_sequential(
         ValueError, TypeError: on bad arguments or inputs, before or during the pass; with
             ``atomic=True`` the blocks are then restored to their state before the call.
     """
-    block_list = _check_arguments(blocks, sparsity, method, criterion, scope, steps)
+    block_list = _check_arguments(blocks, sparsity, method, sensitivity, scope, steps)
     compute = None if device is None else torch.device(device)
     storage_device = torch.device("cpu") if offload_activations else compute
     layer_names = [list(resolve_layers(block, layers)) for block in block_list]  # fail before any change
@@ -311,7 +313,7 @@ def prune_sequential(
     samples = sum(int(batch.shape[0]) if batch.dim() else 1 for batch in activations)
     report = SequentialReport(
         method=method,
-        criterion=criterion,
+        sensitivity=sensitivity,
         scope=scope,
         target_sparsity=float("nan") if sparsity is None else float(sparsity),
         samples=samples,
@@ -330,7 +332,7 @@ def prune_sequential(
             run_device = _block_device(block)
             if atomic:
                 snapshots.append(_snapshot(block, layer_names[index]))
-            pruner = Pruner(block, criterion=criterion, probes=probes, layers=layers, seed=seed, progress=False)
+            pruner = Pruner(block, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=False)
             with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
                 pruner.calibrate(activations)
             if synchronize:

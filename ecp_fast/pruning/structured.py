@@ -20,7 +20,7 @@ of the unstructured ECP importance of column ``j``. The methods:
 
 ::
 
-    pruner = Pruner(model, criterion="output")
+    pruner = Pruner(model, sensitivity="output")
     pruner.calibrate(batches)
     report = prune_neurons(pruner, 0.5, method="ecp", scope="layer")   # model shrinks in place
     print(report)
@@ -40,8 +40,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.pruning.calibration import (
-    CRITERIA,
+    SENSITIVITIES,
     Calibrator,
     LayerStatistics,
     existing_mask,
@@ -257,9 +258,9 @@ def _local_statistics(
     if batches is None:
         raise ValueError(
             "method 'local' needs calibration batches: pass batches=..., or a Pruner calibrated with "
-            "criterion='local' or with re-iterable batches"
+            "sensitivity='local' or with re-iterable batches"
         )
-    calibrator = Calibrator(model, resolve_layers(model, consumers), criterion="local", keep_inputs=False)
+    calibrator = Calibrator(model, resolve_layers(model, consumers), sensitivity="local", keep_inputs=False)
     return calibrator.run(batches, progress=False).statistics
 
 
@@ -435,15 +436,15 @@ def plan_neurons(
     normalize: str = "auto",
     min_keep: int = 1,
     compensate: bool | None = None,
-    criterion: str = "output",
+    sensitivity: str = "output",
 ) -> NeuronPlan:
     """Score, select and compute the compensation; the model is only read.
 
     ``normalize="auto"`` compares raw scores across layers for ``ecp`` and ``obd`` with the
-    ``output`` or ``loss`` criterion (they are errors of the same network output, a common unit) and
+    ``output`` or ``loss`` sensitivity (they are errors of the same network output, a common unit) and
     divides each layer's scores by their mean otherwise (``local``, ``norm``, ``norm_io``: each layer
     has its own units). ``compensate`` overrides the method's default (True for ``ecp`` and
-    ``local``); compensation needs statistics. ``criterion`` names how ``statistics`` were gathered.
+    ``local``); compensation needs statistics. ``sensitivity`` names how ``statistics`` were gathered.
     """
     method = _canonical_method(method)
     ratio = _check_ratio(ratio)
@@ -455,7 +456,7 @@ def plan_neurons(
     if compensate is None:
         compensate = method in COMPENSATING
     if normalize == "auto":
-        same_unit = method in ("ecp", "obd") and criterion in ("output", "loss")
+        same_unit = method in ("ecp", "obd") and sensitivity in ("output", "loss")
         normalize = "none" if same_unit else "mean"
     scores = neuron_scores(model, resolved, method, statistics)
     if compensate and method not in COMPENSATING:
@@ -709,6 +710,7 @@ class StructuredReport:
 # ---- the entry point -----------------------------------------------------------------------------
 
 
+@renamed_keyword("criterion", "sensitivity")
 def prune_neurons(
     pruner_or_model: Pruner | nn.Module,
     ratio: float,
@@ -717,7 +719,7 @@ def prune_neurons(
     pairs: Sequence[NeuronPair | Sequence[Any]] | None = None,
     *,
     batches: Iterable[Any] | None = None,
-    criterion: str = "output",
+    sensitivity: str = "output",
     normalize: str = "auto",
     min_keep: int = 1,
     compensate: bool | None = None,
@@ -728,15 +730,15 @@ def prune_neurons(
     Args:
         pruner_or_model: a calibrated :class:`~ecp_fast.pruning.pruner.Pruner` (its statistics are used;
             its layers must include every consumer) or a model (then ``batches`` are calibrated
-            with ``criterion`` when the method needs statistics).
+            with ``sensitivity`` when the method needs statistics).
         ratio: fraction of the hidden units to remove, in ``[0, 1)``.
         method: ``"ecp"``, ``"local"``, ``"obd"``, ``"norm"`` (alias ``"magnitude"``) or ``"norm_io"``.
         scope: ``"global"`` (one ranking over all hidden layers) or ``"layer"`` (``ratio`` of every one).
         pairs: ``(producer, consumer)`` or ``(producer, consumer, norms)`` names; None detects them
             (:func:`find_neuron_pairs`).
         batches: calibration data for a bare model, or for ``"local"`` with a pruner calibrated
-            with another criterion (default: the batches that pruner was calibrated on).
-        criterion: how a bare model is calibrated (``"output"``, ``"loss"``, ``"local"``).
+            with another sensitivity (default: the batches that pruner was calibrated on).
+        sensitivity: how a bare model is calibrated (``"output"``, ``"loss"``, ``"local"``).
         normalize: cross-layer comparison in the global scope: ``"auto"``, ``"none"``, ``"mean"``
             (see :func:`plan_neurons`).
         min_keep: hidden units every layer keeps.
@@ -757,8 +759,8 @@ def prune_neurons(
     ratio = _check_ratio(ratio)
     if scope not in SELECTION_SCOPES:
         raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
-    if criterion not in CRITERIA:
-        raise ValueError(f"argument 'criterion' must be one of {CRITERIA}, got {criterion!r}")
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
     pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
     model = pruner.model if pruner is not None else pruner_or_model
     if not isinstance(model, nn.Module):
@@ -767,32 +769,32 @@ def prune_neurons(
     consumers = [pair.consumer for pair in resolved]
     wants_statistics = method in NEEDS_STATISTICS or bool(compensate)
     statistics: Mapping[str, LayerStatistics] | None = None
-    used_criterion = criterion
+    used_sensitivity = sensitivity
     if wants_statistics:
         if pruner is not None:
-            used_criterion = pruner.criterion
-            if method == "local" and pruner.criterion != "local":
+            used_sensitivity = pruner.sensitivity
+            if method == "local" and pruner.sensitivity != "local":
                 # Pruner keeps the batches it was calibrated on; reuse them for the c = 1 moments.
                 source = batches if batches is not None else getattr(pruner, "_batches", None)
                 if source is not None and batches is None and iter(source) is source:
                     source = None  # a one-shot iterator, already consumed
                 statistics = _local_statistics(model, consumers, source)
-                used_criterion = "local"
+                used_sensitivity = "local"
             else:
                 if not pruner.statistics:
                     raise RuntimeError(f"method {method!r} needs statistics: call Pruner.calibrate(batches) first")
                 statistics = pruner.statistics
-        elif method == "local" or criterion == "local":
+        elif method == "local" or sensitivity == "local":
             statistics = _local_statistics(model, consumers, batches)
-            used_criterion = "local"
+            used_sensitivity = "local"
         else:
             if batches is None:
                 raise ValueError(f"method {method!r} on a bare model needs calibration batches: pass batches=...")
-            calibrating = Pruner(model, criterion=criterion, layers=consumers, progress=False)
+            calibrating = Pruner(model, sensitivity=sensitivity, layers=consumers, progress=False)
             calibrating.calibrate(batches)
             statistics = calibrating.statistics
     plan = plan_neurons(
-        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_criterion
+        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_sensitivity
     )
     parameters_before = count_parameters(model)
     flops_before = linear_flops(model)

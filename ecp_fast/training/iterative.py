@@ -1,6 +1,6 @@
 """Iterative pruning during training, bounded by a validation metric.
 
-The procedure of Bonetta et al. (Applied Intelligence 2023), with the pruning criterion a choice:
+The procedure of Bonetta et al. (Applied Intelligence 2023), with the pruning step a choice:
 
 1. train for ``interval`` optimizer steps (optionally with :class:`~ecp_fast.training.regularize.RelevanceDecay`);
 2. evaluate the validation metric; while it is at or above ``bound``, checkpoint the model
@@ -30,12 +30,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from ecp_fast._deprecation import renamed_attribute, renamed_keyword
 from ecp_fast.training.regularize import RelevanceDecay, WeightRef, eligible_weights, sparsity
 
 logger = logging.getLogger(__name__)
 
 Batch = Sequence[torch.Tensor]
-#: A pruning criterion: prune ``weights`` of ``model`` to the global ``target_sparsity`` (a fraction
+#: A pruning step: prune ``weights`` of ``model`` to the global ``target_sparsity`` (a fraction
 #: of all their entries), keeping what is already pruned pruned.
 PruneFn = Callable[[nn.Module, list[WeightRef], float], None]
 
@@ -111,7 +112,7 @@ def magnitude_prune(model: nn.Module, weights: list[WeightRef], target_sparsity:
 # ---- ECP -----------------------------------------------------------------------------------------
 
 
-class ECPCriterion:
+class ECPPruneStep:
     """Prune by elimination-compensation importance with :class:`ecp_fast.pruning.pruner.Pruner`.
 
     At every pruning step the pruner is calibrated afresh on ``batches`` (the weights changed since
@@ -122,29 +123,30 @@ class ECPCriterion:
 
     Args:
         batches: calibration batches ``(inputs, targets)`` (a list: it is iterated at every step).
-        loss_fn: the training loss, for ``criterion="loss"`` (a mean loss is rescaled by the Pruner).
-        criterion: the Pruner's sensitivity: ``"output"``, ``"loss"`` or ``"local"``.
-        probes: Rademacher probes for ``criterion="output"`` (None: exact Jacobian rows).
+        loss_fn: the training loss, for ``sensitivity="loss"`` (a mean loss is rescaled by the Pruner).
+        sensitivity: the Pruner's sensitivity: ``"output"``, ``"loss"`` or ``"local"``.
+        probes: Rademacher probes for ``sensitivity="output"`` (None: exact Jacobian rows).
         method: the Pruner's scoring method (``"ecp"``; any of its methods works).
         seed: seeds the Pruner's probes.
     """
 
+    @renamed_keyword("criterion", "sensitivity")
     def __init__(
         self,
         batches: Sequence[Batch],
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        criterion: str = "loss",
+        sensitivity: str = "loss",
         probes: int | None = None,
         method: str = "ecp",
         seed: int = 0,
     ) -> None:
         if not batches:
-            raise ValueError("ECPCriterion: argument 'batches' must hold at least one calibration batch")
-        if criterion == "loss" and loss_fn is None:
-            raise ValueError("ECPCriterion: criterion 'loss' needs argument 'loss_fn'")
+            raise ValueError("ECPPruneStep: argument 'batches' must hold at least one calibration batch")
+        if sensitivity == "loss" and loss_fn is None:
+            raise ValueError("ECPPruneStep: sensitivity='loss' needs argument 'loss_fn'")
         self.batches = list(batches)
         self.loss_fn = loss_fn
-        self.criterion = criterion
+        self.sensitivity = sensitivity
         self.probes = probes
         self.method = method
         self.seed = seed
@@ -158,14 +160,14 @@ class ECPCriterion:
                        if ref.name != "weight" or not isinstance(ref.module, (nn.Linear, nn.Conv2d))]
         if unsupported:
             raise ValueError(
-                f"ECPCriterion: the Pruner handles nn.Linear and nn.Conv2d weights only, got {unsupported}; "
+                f"ECPPruneStep: the Pruner handles nn.Linear and nn.Conv2d weights only, got {unsupported}; "
                 "pass weights=... without them to iterative_prune"
             )
         layers = list(dict.fromkeys(ref.module_name for ref in weights))
         was_training = model.training
         model.eval()
         try:
-            pruner = Pruner(model, criterion=self.criterion, probes=self.probes, layers=layers,
+            pruner = Pruner(model, sensitivity=self.sensitivity, probes=self.probes, layers=layers,
                             seed=self.seed, progress=False)
             pruner.calibrate(self.batches, loss_fn=self.loss_fn)
             self.last_report = pruner.prune(target_sparsity, method=self.method, scope="global")
@@ -189,16 +191,19 @@ def _batches_forever(batches: Iterable[Batch]) -> Iterator[Batch]:
             )
 
 
-def _resolve_criterion(criterion: Union[str, PruneFn]) -> PruneFn:
-    if callable(criterion):
-        return criterion
-    if criterion == "magnitude":
+def _resolve_prune_step(prune_step: Union[str, PruneFn]) -> PruneFn:
+    if callable(prune_step):
+        return prune_step
+    if prune_step == "magnitude":
         return magnitude_prune
-    if criterion == "ecp":
-        raise ValueError("iterative_prune: criterion 'ecp' needs calibration data: pass ECPCriterion(batches, loss_fn)")
-    raise ValueError(f"iterative_prune: argument 'criterion' must be 'magnitude', an ECPCriterion or a callable, got {criterion!r}")
+    if prune_step == "ecp":
+        raise ValueError("iterative_prune: prune_step 'ecp' needs calibration data: pass ECPPruneStep(batches, loss_fn)")
+    raise ValueError(
+        f"iterative_prune: argument 'prune_step' must be 'magnitude', an ECPPruneStep or a callable, got {prune_step!r}"
+    )
 
 
+@renamed_keyword("criterion", "prune_step")
 def iterative_prune(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -209,7 +214,7 @@ def iterative_prune(
     *,
     interval: int,
     prune_fraction: float = 0.2,
-    criterion: Union[str, PruneFn] = "magnitude",
+    prune_step: Union[str, PruneFn] = "magnitude",
     regularizer: RelevanceDecay | None = None,
     scheduler: Any = None,
     scheduler_step: str = "interval",
@@ -237,7 +242,7 @@ def iterative_prune(
         bound: the lowest acceptable metric.
         interval: optimizer steps between evaluations (and pruning steps).
         prune_fraction: fraction of the remaining weights removed per pruning step.
-        criterion: ``"magnitude"``, an :class:`ECPCriterion`, or a :data:`PruneFn`.
+        prune_step: the pruning callback: ``"magnitude"``, an :class:`ECPPruneStep`, or a :data:`PruneFn`.
         regularizer: relevance decay applied at every step and restarted after every pruning step.
         scheduler: a learning-rate scheduler, stepped once per interval (after the evaluation) or,
             with ``scheduler_step="step"``, after every optimizer step.
@@ -273,7 +278,7 @@ def iterative_prune(
         raise ValueError(f"iterative_prune: argument 'backoff' must be None or in (0, 1), got {backoff}")
     if recovery_intervals < 0 or warmup_intervals < 0:
         raise ValueError("iterative_prune: 'recovery_intervals' and 'warmup_intervals' must be >= 0")
-    prune_fn = _resolve_criterion(criterion)
+    prune_fn = _resolve_prune_step(prune_step)
     weights = eligible_weights(model) if weights is None else list(weights)
     if not weights:
         raise ValueError("iterative_prune: the model has no eligible weights to prune")
@@ -403,3 +408,6 @@ def iterative_prune(
         total_steps=step,
         seconds=seconds,
     )
+
+
+__getattr__ = renamed_attribute(__name__, {"ECPCriterion": ("ECPPruneStep", ECPPruneStep)})

@@ -86,12 +86,12 @@ def statistics_of(result: CalibrationResult) -> dict[str, Any]:
 
 
 def run_scenario(
-    dtype: torch.dtype, criterion: str, method: str, batches: list[Any], distributed: bool,
+    dtype: torch.dtype, sensitivity: str, method: str, batches: list[Any], distributed: bool,
     probes: int | None = None, strategy: str = "allreduce",
 ) -> dict[str, Any]:
     model = make_model(dtype)
-    pruner = Pruner(model, criterion=criterion, probes=probes, seed=7, progress=False)
-    loss_fn = nn.MSELoss() if criterion == "loss" or method == "gradient" else None
+    pruner = Pruner(model, sensitivity=sensitivity, probes=probes, seed=7, progress=False)
+    loss_fn = nn.MSELoss() if sensitivity == "loss" or method == "gradient" else None
     if distributed and probes is not None:
         with per_rank_probe_seed(pruner):
             pruner.calibrate(batches, loss_fn=loss_fn)
@@ -104,13 +104,13 @@ def run_scenario(
 
 
 SCENARIOS = {
-    "output64": dict(dtype=torch.float64, criterion="output", method="ecp"),
-    "output64_gather": dict(dtype=torch.float64, criterion="output", method="ecp", strategy="gather"),
-    "loss64_gradient": dict(dtype=torch.float64, criterion="loss", method="gradient"),
-    "loss64_ecp": dict(dtype=torch.float64, criterion="loss", method="ecp"),
-    "output32": dict(dtype=torch.float32, criterion="output", method="ecp"),
-    "probes32": dict(dtype=torch.float32, criterion="output", method="ecp", probes=3),
-    "random32": dict(dtype=torch.float32, criterion="local", method="random"),
+    "output64": dict(dtype=torch.float64, sensitivity="output", method="ecp"),
+    "output64_gather": dict(dtype=torch.float64, sensitivity="output", method="ecp", strategy="gather"),
+    "loss64_gradient": dict(dtype=torch.float64, sensitivity="loss", method="gradient"),
+    "loss64_ecp": dict(dtype=torch.float64, sensitivity="loss", method="ecp"),
+    "output32": dict(dtype=torch.float32, sensitivity="output", method="ecp"),
+    "probes32": dict(dtype=torch.float32, sensitivity="output", method="ecp", probes=3),
+    "random32": dict(dtype=torch.float32, sensitivity="local", method="random"),
 }
 
 
@@ -129,7 +129,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
 
         # Merging twice must not count the data twice.
         model = make_model(torch.float64)
-        pruner = Pruner(model, criterion="local", progress=False)
+        pruner = Pruner(model, sensitivity="local", progress=False)
         pruner.calibrate(shard(make_batches(torch.float64)))
         once = synchronize_calibration(pruner.calibration)
         twice = synchronize_calibration(once)
@@ -137,7 +137,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
 
         # Ranks that calibrated different layers fail together instead of hanging.
         layers = ["0"] if rank == 0 else ["2"]
-        pruner = Pruner(make_model(torch.float64), criterion="local", layers=layers, progress=False)
+        pruner = Pruner(make_model(torch.float64), sensitivity="local", layers=layers, progress=False)
         try:  # calibrate too: the merge may run inside it
             pruner.calibrate(shard(make_batches(torch.float64)))
             synchronize_calibration(pruner.calibration)

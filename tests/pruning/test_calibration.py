@@ -51,7 +51,7 @@ def test_streamed_moments_equal_reference_on_concatenated_data():
 def test_batched_jacobian_rows_equal_reference_sensitivities():
     model = tanh_mlp()
     x = torch.randn(17, 7, dtype=torch.float64)
-    calibrator = Calibrator(model, resolve_layers(model), criterion="output")
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity="output")
     gradients = calibrator.gradients(x)
     expected = reference.sensitivities(model, x)
     for name, layer in expected.items():
@@ -105,7 +105,7 @@ def test_conv_unfolding_equals_explicit_loop():
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2).double())
     images = torch.randn(3, 2, 6, 5, dtype=torch.float64)
     model(images)  # materialise the lazy layer
-    calibrator = Calibrator(model, resolve_layers(model, ["0"]), criterion="output")
+    calibrator = Calibrator(model, resolve_layers(model, ["0"]), sensitivity="output")
     gradients = calibrator.gradients(images)["0"]
 
     # Explicit: every (image, output position) is a sample; its patch is the padded input window.
@@ -135,16 +135,16 @@ def test_conv_unfolding_equals_explicit_loop():
     assert_moments_close(pruner.statistics["0"].moments, reference.moments(explicit_x, explicit_g))
 
 
-def test_loss_criterion_rescales_a_mean_loss_to_per_sample_gradients():
+def test_loss_sensitivity_rescales_a_mean_loss_to_per_sample_gradients():
     model = tanh_mlp()
     x = torch.randn(30, 7, dtype=torch.float64)
     targets = torch.randint(0, 3, (30,))
     batches = [(x[:10], targets[:10]), (x[10:], targets[10:])]
-    mean_loss = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    mean_loss = ecp_fast.Pruner(model, sensitivity="loss", progress=False)
     mean_loss.calibrate(batches, loss_fn=nn.CrossEntropyLoss())
-    sum_loss = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    sum_loss = ecp_fast.Pruner(model, sensitivity="loss", progress=False)
     sum_loss.calibrate(batches, loss_fn=nn.CrossEntropyLoss(reduction="sum"))
-    per_sample = ecp_fast.Pruner(model, criterion="loss", progress=False)
+    per_sample = ecp_fast.Pruner(model, sensitivity="loss", progress=False)
     per_sample.calibrate(batches, loss_fn=lambda y, t: F.cross_entropy(y, t, reduction="none"))
     for name in ("0", "2", "4"):
         assert_moments_close(mean_loss.statistics[name].moments, sum_loss.statistics[name].moments)
@@ -173,10 +173,10 @@ def test_gradient_sums_equal_the_full_batch_loss_gradient():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_local_criterion_weights_every_sample_equally():
+def test_local_sensitivity_weights_every_sample_equally():
     model = tanh_mlp()
     x = torch.randn(25, 7, dtype=torch.float64)
-    pruner = ecp_fast.Pruner(model, criterion="local", progress=False)
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
     pruner.calibrate(split(x, [5, 20]))
     stats = pruner.statistics["0"]
     torch.testing.assert_close(stats.moments.s0, torch.full((11,), 25.0, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""Every criterion against its definition (METHOD.md) and the reference implementation."""
+"""Every sensitivity against its definition (METHOD.md) and the reference implementation."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ecp_fast.pruning.importance import (
     NONLINEAR_MAX_WEIGHTS,
     Importance,
     ScoringContext,
-    get_criterion,
+    get_method,
     register_importance,
 )
 
@@ -49,10 +49,10 @@ def calibrated():
 
 def test_every_method_is_registered_with_one_signature():
     assert {"ecp", "obd", "magnitude", "gradient", "taylor", "wanda", "random", "nonlinear"} <= set(IMPORTANCES)
-    assert get_criterion("ecp").compensates and get_criterion("nonlinear").compensates
-    assert not any(get_criterion(m).compensates for m in ("obd", "magnitude", "gradient", "taylor", "wanda", "random"))
+    assert get_method("ecp").compensates and get_method("nonlinear").compensates
+    assert not any(get_method(m).compensates for m in ("obd", "magnitude", "gradient", "taylor", "wanda", "random"))
     with pytest.raises(ValueError, match="argument 'method'.*'nope'"):
-        get_criterion("nope")
+        get_method("nope")
 
 
 def test_ecp_and_obd_equal_the_reference_score_on_all_data(calibrated):
@@ -129,7 +129,7 @@ def test_nonlinear_refuses_large_models_with_a_clear_message():
         pruner.importances("nonlinear")
 
 
-def test_a_registered_criterion_is_usable_by_name():
+def test_a_registered_method_is_usable_by_name():
     @register_importance("negated_magnitude_for_test", compensates=False, needs_calibration=False)
     def negated(context: ScoringContext) -> Importance:
         return Importance(-context.weight.abs(), None)

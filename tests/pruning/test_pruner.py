@@ -241,10 +241,10 @@ def test_token_inputs_loss_and_local_criteria():
     tokens = torch.randn(4, 7, 6)  # (batch, tokens, features): 35 outputs per sample -> probes
     ecp_fast.prune(model, [tokens], sparsity=0.5, progress=False)
     assert ecp_fast.Pruner(model).probes is None
-    for criterion in ("loss", "local"):
+    for sensitivity in ("loss", "local"):
         net = mlp()
-        report = ecp_fast.prune(net, data(), sparsity=0.6, criterion=criterion, loss_fn=nn.CrossEntropyLoss(), progress=False)
-        assert report.criterion == criterion and report.sparsity == pytest.approx(0.6, abs=1e-2)
+        report = ecp_fast.prune(net, data(), sparsity=0.6, sensitivity=sensitivity, loss_fn=nn.CrossEntropyLoss(), progress=False)
+        assert report.sensitivity == sensitivity and report.sparsity == pytest.approx(0.6, abs=1e-2)
 
 
 def test_nonlinear_method_prunes_a_small_model():
@@ -338,10 +338,10 @@ def test_other_bad_inputs_leave_the_model_untouched():
     nan_batch[0, 0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
         ecp_fast.prune(model, [nan_batch], sparsity=0.5, progress=False)
-    with pytest.raises(ValueError, match="'criterion'"):
-        ecp_fast.Pruner(model, criterion="hessian")
+    with pytest.raises(ValueError, match="'sensitivity'"):
+        ecp_fast.Pruner(model, sensitivity="hessian")
     with pytest.raises(ValueError, match="'loss_fn'"):
-        ecp_fast.prune(model, data(), criterion="loss", progress=False)
+        ecp_fast.prune(model, data(), sensitivity="loss", progress=False)
     with pytest.raises(RuntimeError, match="loss_fn"):
         ecp_fast.prune(model, [torch.randn(8, 12)], method="gradient", progress=False)
     with pytest.raises(ValueError, match="one-shot iterator"):
@@ -409,7 +409,7 @@ def test_neuron_scope_shrinks_the_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     batches = [torch.randn(64, 6) for _ in range(3)]
-    pruner = ecp_fast.Pruner(model, criterion="output", progress=False)
+    pruner = ecp_fast.Pruner(model, sensitivity="output", progress=False)
     pruner.calibrate(batches)
     report = pruner.prune(0.5, method="ecp", scope="neuron")
     assert isinstance(report, ecp_fast.StructuredReport)
@@ -422,7 +422,7 @@ def test_neuron_scope_refuses_steps_and_leaves_the_model_unchanged():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruner = ecp_fast.Pruner(model, criterion="output", progress=False)
+    pruner = ecp_fast.Pruner(model, sensitivity="output", progress=False)
     pruner.calibrate([torch.randn(32, 6)])
     with pytest.raises(ValueError, match="scope='neuron' prunes in one step"):
         pruner.prune(0.5, method="ecp", scope="neuron", steps=3)

@@ -59,14 +59,14 @@ def assert_same_state(actual: nn.Module, expected: nn.Module) -> None:
 
 
 def per_block_reference(
-    stack: nn.Sequential, inputs: list[torch.Tensor], criterion: str, probes: int | None = None, **prune_args: object
+    stack: nn.Sequential, inputs: list[torch.Tensor], sensitivity: str, probes: int | None = None, **prune_args: object
 ) -> list[list[torch.Tensor]]:
     """Prune each block with its own Pruner on the outputs of the already-pruned blocks; returns block inputs."""
     block_inputs = []
     activations = inputs
     for block in stack:
         block_inputs.append(activations)
-        pruner = Pruner(block, criterion=criterion, probes=probes, seed=3, progress=False)
+        pruner = Pruner(block, sensitivity=sensitivity, probes=probes, seed=3, progress=False)
         pruner.calibrate(activations)
         pruner.prune(**prune_args)
         block.eval()
@@ -76,20 +76,20 @@ def per_block_reference(
 
 
 @pytest.mark.parametrize(
-    "criterion, probes, method, scope",
+    "sensitivity, probes, method, scope",
     [("local", None, "ecp", "layer"), ("local", None, "ecp", "global"), ("local", None, "wanda", "2:4"),
      ("output", 4, "ecp", "layer")],
 )
-def test_matches_per_block_pruner(criterion: str, probes: int | None, method: str, scope: str) -> None:
+def test_matches_per_block_pruner(sensitivity: str, probes: int | None, method: str, scope: str) -> None:
     stack = make_stack()
     reference = copy.deepcopy(stack)
     inputs = make_inputs()
     sparsity = None if ":" in scope else 0.6
     report = prune_sequential(
-        stack, inputs, sparsity=sparsity, method=method, criterion=criterion, scope=scope, probes=probes, seed=3,
+        stack, inputs, sparsity=sparsity, method=method, sensitivity=sensitivity, scope=scope, probes=probes, seed=3,
         progress=False,
     )
-    per_block_reference(reference, inputs, criterion, probes, sparsity=sparsity, method=method, scope=scope)
+    per_block_reference(reference, inputs, sensitivity, probes, sparsity=sparsity, method=method, scope=scope)
     assert_same_state(stack, reference)
     assert isinstance(report, SequentialReport)
     assert len(report.blocks) == 3
@@ -208,7 +208,7 @@ def test_bad_inputs_leave_the_model_unchanged(inputs: object, error: type, match
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(criterion="loss"), ValueError, "criterion"),
+        (dict(sensitivity="loss"), ValueError, "sensitivity"),
         (dict(method="gradient"), ValueError, "loss gradients"),
         (dict(method="nope"), ValueError, "method"),
         (dict(sparsity=1.5), ValueError, "sparsity"),

@@ -42,8 +42,8 @@ def inputs(n: int = 96, features: int = 12, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, features, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def calibrated(model: nn.Module, x: torch.Tensor, criterion: str = "output") -> Pruner:
-    pruner = Pruner(model, criterion=criterion, progress=False)
+def calibrated(model: nn.Module, x: torch.Tensor, sensitivity: str = "output") -> Pruner:
+    pruner = Pruner(model, sensitivity=sensitivity, progress=False)
     pruner.calibrate([x[: len(x) // 2], x[len(x) // 2 :]])
     return pruner
 
@@ -80,7 +80,7 @@ def test_ecp_score_is_row_sum_of_unstructured_importance() -> None:
 def test_local_score_is_variance_score() -> None:
     model = mlp()
     x = inputs()
-    pruner = calibrated(model, x, criterion="local")
+    pruner = calibrated(model, x, sensitivity="local")
     scores = neuron_scores(model, resolve_pairs(model), "local", pruner.statistics)
     with torch.no_grad():
         a = torch.tanh(model[0](x))

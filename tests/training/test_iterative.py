@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ecp_fast.apps.datasets import MNIST_FILES, load_digits_split, write_idx
-from ecp_fast.training.iterative import ECPCriterion, iterative_prune, magnitude_prune
+from ecp_fast.training.iterative import ECPPruneStep, iterative_prune, magnitude_prune
 from ecp_fast.training.regularize import RelevanceDecay, eligible_weights, sparsity
 
 
@@ -159,7 +159,7 @@ def test_magnitude_prune_reaches_global_target_over_remaining() -> None:
         assert torch.all(ref.mask[first[ref.qualified_name] == 0] == 0)
 
 
-def test_ecp_criterion_compensates_constant_inputs() -> None:
+def test_ecp_prune_step_compensates_constant_inputs() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
     x = torch.randn(128, 6)
@@ -172,13 +172,13 @@ def test_ecp_criterion_compensates_constant_inputs() -> None:
     ensure_masks(weights)
     with torch.no_grad():
         before = model(x)
-    criterion = ECPCriterion(batches, nn.CrossEntropyLoss(), criterion="output")
+    prune_step = ECPPruneStep(batches, nn.CrossEntropyLoss(), sensitivity="output")
     first_layer = model[0]
-    criterion(model, [weights[0]], 8 / 48)  # exactly the 8 weights fed by input 2
+    prune_step(model, [weights[0]], 8 / 48)  # exactly the 8 weights fed by input 2
     assert torch.all(first_layer.weight_mask[:, 2] == 0) and int((first_layer.weight_mask == 0).sum()) == 8
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
-    criterion(model, weights, 0.5)
+    prune_step(model, weights, 0.5)
     assert sparsity(weights) == pytest.approx(0.5, abs=1e-2)
 
 
@@ -191,7 +191,7 @@ def test_ecp_in_the_driver_with_conv(digits) -> None:
     result = iterative_prune(
         model, batches, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=1e-3),
         lambda m: accuracy(m, x_val, y_val), bound=0.0, interval=4, prune_fraction=0.3,
-        criterion=ECPCriterion(batches[:1], nn.CrossEntropyLoss()), warmup_intervals=0, max_steps=12,
+        prune_step=ECPPruneStep(batches[:1], nn.CrossEntropyLoss()), warmup_intervals=0, max_steps=12,
         eval_after_prune=False, progress=False,
     )
     assert result.prune_steps == 2
@@ -208,9 +208,9 @@ def test_rejects_bad_arguments(digits) -> None:
     with pytest.raises(ValueError, match="prune_fraction"):
         iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
                         prune_fraction=1.0)
-    with pytest.raises(ValueError, match="ECPCriterion"):
+    with pytest.raises(ValueError, match="ECPPruneStep"):
         iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
-                        criterion="ecp")
+                        prune_step="ecp")
     with pytest.raises(ValueError, match="generator"):
         iterative_prune(model, iter([]), nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
                         progress=False)

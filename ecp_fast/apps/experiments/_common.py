@@ -43,7 +43,7 @@ class SweepConfig:
         sparsities: global pruning ratios.
         iterative_steps: steps of the iterative ECP run (0 or 1 disables it).
         iterative_sparsities: ratios of the iterative ECP run (None: all of ``sparsities``).
-        criterion: sensitivity criterion of the pruner (``"output"``).
+        sensitivity: sensitivity sensitivity of the pruner (``"output"``).
         probes: Rademacher probes, or None for exact Jacobian rows (up to 32 outputs).
         finetune_sparsities: ratios at which the pruned copies are also fine-tuned (empty: none).
         finetune_steps: optimiser steps of each fine-tuning.
@@ -55,7 +55,7 @@ class SweepConfig:
     sparsities: Sequence[float]
     iterative_steps: int = 5
     iterative_sparsities: Sequence[float] | None = None
-    criterion: str = "output"
+    sensitivity: str = "output"
     probes: int | None = None
     finetune_sparsities: Sequence[float] = field(default_factory=tuple)
     finetune_steps: int = 0
@@ -109,7 +109,7 @@ def sweep(
     rows: list[dict[str, Any]] = []
     dense_metrics = evaluate(model)
     rows.append(_row(context, "dense", 1, 0.0, False, seed, dense_metrics, 0.0))
-    base = Pruner(copy.deepcopy(model), criterion=config.criterion, probes=config.probes, seed=seed, progress=False)
+    base = Pruner(copy.deepcopy(model), sensitivity=config.sensitivity, probes=config.probes, seed=seed, progress=False)
     base.calibrate(calibration, loss_fn=loss_fn)
     jobs: list[tuple[str, int]] = [(method, 1) for method in config.methods]
     if "ecp" in config.methods and config.iterative_steps > 1:
@@ -124,7 +124,7 @@ def sweep(
             if method == "nonlinear":
                 if nonlinear_batches is None:
                     raise ValueError("method 'nonlinear' needs nonlinear_batches (a small calibration subset)")
-                scorer = Pruner(copy.deepcopy(model), criterion=config.criterion, probes=config.probes, seed=seed,
+                scorer = Pruner(copy.deepcopy(model), sensitivity=config.sensitivity, probes=config.probes, seed=seed,
                                 progress=False)
                 scorer.calibrate(nonlinear_batches)
                 scores = scorer.importances("nonlinear")
@@ -134,7 +134,7 @@ def sweep(
         for sparsity in config.sparsities if steps == 1 else iterative:
             point_started = time.perf_counter()
             pruned = copy.deepcopy(model)
-            pruner = Pruner(pruned, criterion=config.criterion, probes=config.probes, seed=seed, progress=False)
+            pruner = Pruner(pruned, sensitivity=config.sensitivity, probes=config.probes, seed=seed, progress=False)
             if scores is not None:
                 pruner.prune(sparsity, method=method, importances=scores)
             else:

@@ -11,7 +11,7 @@ the mean squared error. Gaussian noise of standard deviation ``level * std(train
 added to the training targets, for every ``--noise`` level; the test targets stay clean.
 
 Pruning: per noise level and seed, the trained surrogate is calibrated on ``--calibration-samples``
-training pairs (criterion ``output`` with ``--probes`` Rademacher probes, since the 64 outputs are more
+training pairs (sensitivity ``output`` with ``--probes`` Rademacher probes, since the 64 outputs are more
 than the 32 the pruner computes exactly; the MSE loss is passed for ``gradient`` and ``taylor``) and
 pruned globally with every method at every ratio, ECP also iteratively, then fine-tuned at
 ``--finetune-ratios`` with the masks kept. The exact ``nonlinear`` baseline is calibrated on the first
@@ -149,7 +149,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, default=2048,
                         help="training pairs streamed for calibration (default 2048)")
     parser.add_argument("--probes", type=int, default=16,
-                        help="Rademacher probes of the output criterion (default 16; 0: exact rows, <= 32 outputs)")
+                        help="Rademacher probes of the output sensitivity (default 16; 0: exact rows, <= 32 outputs)")
     parser.add_argument("--iterative-steps", type=int, default=5, help="steps of iterative ECP (default 5)")
     parser.add_argument("--nonlinear-samples", type=int, default=64,
                         help="calibration pairs of the exact nonlinear baseline (default 64)")
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                     nonlinear_notes.append(f"noise {noise:g} seed {seed}: nonlinear skipped: {reason}")
                     logger.warning(nonlinear_notes[-1])
             config = SweepConfig(
-                methods=run_methods, sparsities=ratios, iterative_steps=args.iterative_steps, criterion="output",
+                methods=run_methods, sparsities=ratios, iterative_steps=args.iterative_steps, sensitivity="output",
                 probes=probes, finetune_sparsities=finetune_ratios, finetune_steps=finetune_steps, progress=progress,
             )
             finetune_batches = shuffled_batches(train_x, noisy_y, 256, seed + 1000)
@@ -255,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
         f"({args.horizon * (times[1] - times[0]):g} s); {train_x.shape[0]} training / {test_x.shape[0]} test pairs. "
         f"Training: {epochs} epochs Adam lr {args.lr:g} (cosine), batch 256; noise std = level x "
         f"{target_std:.4f} (the std of the clean training targets). Calibration: {calibration_samples} pairs, "
-        f"criterion 'output' with {probes if probes else 'exact'} probes; nonlinear on {nonlinear_samples} pairs. "
+        f"sensitivity 'output' with {probes if probes else 'exact'} probes; nonlinear on {nonlinear_samples} pairs. "
         f"ecp-iterative: {args.iterative_steps} steps. Metric: test MSE on clean targets. "
         "Bold: best mean of the column.",
     ]

@@ -1,7 +1,7 @@
 """``ecp-fast experiment mnist``: every pruning method on LeNet-300-100 (784-300-100-10) trained on MNIST.
 
 Per seed, a 784-300-100-10 ReLU MLP is trained (Adam, cross-entropy) on the standardised images,
-calibrated on ``--calibration-samples`` training samples (criterion ``output``: exact Jacobian rows of
+calibrated on ``--calibration-samples`` training samples (sensitivity ``output``: exact Jacobian rows of
 the 10 logits; the cross-entropy loss is passed so that the ``gradient`` and ``taylor`` baselines get
 their loss gradients) and pruned globally to every ratio with every method, one-shot, plus ECP in
 ``--iterative-steps`` steps (recalibrated between steps). At ``--finetune-ratios`` each pruned copy
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     progress = logger.getEffectiveLevel() <= logging.WARNING
     config = SweepConfig(
         methods=large_methods, sparsities=ratios, iterative_steps=args.iterative_steps,
-        iterative_sparsities=iterative_ratios, criterion="output",
+        iterative_sparsities=iterative_ratios, sensitivity="output",
         finetune_sparsities=finetune_ratios, finetune_steps=finetune_steps, progress=progress,
     )
     loss_fn = nn.CrossEntropyLoss()
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
                 nonlinear_note = f"nonlinear skipped: {reason}"
                 logger.warning(nonlinear_note)
         small_config = SweepConfig(methods=small_methods, sparsities=ratios, iterative_steps=args.iterative_steps,
-                                   iterative_sparsities=iterative_ratios, criterion="output", progress=progress)
+                                   iterative_sparsities=iterative_ratios, sensitivity="output", progress=progress)
         rows += sweep(small_model, small_config, small_calibration, loss_fn, small_evaluate, [], seed,
                       {"network": small_label}, nonlinear_batches=nonlinear_batches)
         logger.info("seed %d: small network done after %.1f s", seed, time.perf_counter() - started)
@@ -229,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         f"# MNIST: global pruning of {LARGE} (seeds {args.seed}..{args.seed + seeds - 1}, mean ± std over seeds)",
         "",
         f"Training: {data.x_train.shape[0]} images, {epochs} epoch(s) Adam lr 1e-3 batch 128; test: "
-        f"{data.x_test.shape[0]} images. Calibration: {calibration_samples} training samples, criterion 'output' "
+        f"{data.x_test.shape[0]} images. Calibration: {calibration_samples} training samples, sensitivity 'output' "
         f"(exact Jacobian rows of the 10 logits), cross-entropy for gradient/taylor. ecp-iterative: "
         f"{args.iterative_steps} steps, at ratios {', '.join(f'{r:.0%}' for r in iterative_ratios)}. "
         "Bold: best mean of the column.",

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, load_digits_split, load_mnist
-from ecp_fast.training.iterative import ECPCriterion, IterativeResult, iterative_prune
+from ecp_fast.training.iterative import ECPPruneStep, IterativeResult, iterative_prune
 from ecp_fast.training.regularize import RelevanceDecay, eligible_weights
 
 logger = logging.getLogger(__name__)
@@ -238,9 +238,9 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
     if config.endswith("ecp"):
         calibration = [(x_train[i : i + args.batch_size], y_train[i : i + args.batch_size])
                        for i in range(0, min(len(x_train), args.calibration_batches * args.batch_size), args.batch_size)]
-        criterion = ECPCriterion(calibration, loss_fn, criterion=args.ecp_criterion, probes=args.probes, seed=args.seed)
+        prune_step = ECPPruneStep(calibration, loss_fn, sensitivity=args.ecp_sensitivity, probes=args.probes, seed=args.seed)
     else:
-        criterion = "magnitude"
+        prune_step = "magnitude"
 
     x_val, y_val = data.x_val, data.y_val
     if settings.val_subset:
@@ -251,7 +251,7 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
 
     result = iterative_prune(
         model, batches, loss_fn, optimizer, metric, args.bound,
-        interval=settings.interval, prune_fraction=settings.prune_fraction, criterion=criterion,
+        interval=settings.interval, prune_fraction=settings.prune_fraction, prune_step=prune_step,
         regularizer=regularizer, scheduler=scheduler, scheduler_step=scheduler_step,
         recovery_intervals=args.recovery_intervals, backoff=args.backoff,
         warmup_intervals=args.warmup_intervals, max_steps=settings.max_steps,
@@ -399,9 +399,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate LeNet-5 on the first N validation samples only (0: all)")
     parser.add_argument("--time-limit-lenet300", type=float, default=200, help="seconds per LeNet-300-100 run (0: none)")
     parser.add_argument("--time-limit-lenet5", type=float, default=330, help="seconds per LeNet-5 run (0: none)")
-    parser.add_argument("--ecp-criterion", default="output", choices=("output", "loss", "local"),
+    parser.add_argument("--ecp-sensitivity", "--ecp-criterion", dest="ecp_sensitivity", default="output", choices=("output", "loss", "local"),
                         help="ECP sensitivity")
-    parser.add_argument("--probes", type=int, default=None, help="Rademacher probes for --ecp-criterion output")
+    parser.add_argument("--probes", type=int, default=None, help="Rademacher probes for --ecp-sensitivity output")
     parser.add_argument("--calibration-batches", type=int, default=4, help="training batches ECP calibrates on")
     parser.add_argument("--quick-train", type=int, default=600, help="training samples in --quick mode")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
