@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops.merge import Moments, merge_moments
+from ecp_fast.pruning.batches import module_device, split_batch, to_device
 from ecp_fast.ops import moments as fused_moments
 
 logger = logging.getLogger(__name__)
@@ -240,34 +241,6 @@ def _check_layer_gradients(grads: LayerGradients, name: str, batch_index: int) -
         _check_finite(grads.loss_g, f"{where} the loss gradients of layer {name!r}", "gradients")
 
 
-# ---- batches ---------------------------------------------------------------------------------------
-
-
-def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``inputs`` or ``(inputs, targets)`` (tuple, list) -> ``(inputs, targets or None)``."""
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 1:
-            return batch[0], None
-        if len(batch) == 2:
-            return batch[0], batch[1]
-        raise ValueError(
-            f"argument 'batches': each batch must be inputs or (inputs, targets), got a sequence of {len(batch)} items"
-        )
-    return batch, None
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    return value
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
 # ---- the streaming pass ------------------------------------------------------------------------------
 
 
@@ -334,7 +307,7 @@ class Calibrator:
             raise TypeError(
                 f"argument 'batches' must be an iterable of inputs or (inputs, targets), got {type(batches).__name__}"
             ) from None
-        device = _model_device(self.model)
+        device = module_device(self.model)
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
         statistics: dict[str, LayerStatistics | None] = {name: None for name in self.layers}
@@ -350,8 +323,8 @@ class Calibrator:
         try:
             for batch in tqdm(iterator, total=total, desc="calibrate", disable=not progress, leave=False):
                 inputs, targets = split_batch(batch)
-                inputs = _to_device(inputs, device)
-                targets = _to_device(targets, device)
+                inputs = to_device(inputs, device)
+                targets = to_device(targets, device)
                 use_loss = self.loss_fn is not None and targets is not None
                 if self.sensitivity == "loss" and targets is None:
                     raise ValueError(
@@ -443,7 +416,7 @@ class Calibrator:
         With ``check_finite`` raises ``ValueError`` when an input or gradient is NaN or Inf.
         """
         if generator is None:
-            generator = torch.Generator(device=_model_device(self.model))
+            generator = torch.Generator(device=module_device(self.model))
             generator.manual_seed(self.seed)
         raw_output, captured = self._capture(inputs)
         output = self.output_fn(raw_output) if self.output_fn is not None else raw_output

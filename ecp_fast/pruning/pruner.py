@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast.pruning.batches import module_device
 from ecp_fast.pruning.calibration import (
     SENSITIVITIES,
     CalibrationResult,
@@ -361,7 +362,7 @@ class Pruner:
         """Score every weight of every layer with ``method`` at the model's current weights."""
         chosen = get_method(method)
         self._check_ready(chosen)
-        generator = torch.Generator(device=_device_of(self.model))
+        generator = torch.Generator(device=module_device(self.model))
         generator.manual_seed(self.seed)
         result = {}
         for name, spec in self.layers.items():
@@ -590,12 +591,6 @@ class Pruner:
             )
         logger.info("pruned with %s/%s to sparsity %.4f", method, scope, report.sparsity)
         return report
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
 
 
 @renamed_keyword("criterion", "sensitivity")

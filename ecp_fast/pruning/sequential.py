@@ -49,6 +49,7 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast.pruning.batches import module_device
 from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.importance import get_method
@@ -164,14 +165,6 @@ def _restore(snapshot: _BlockSnapshot) -> None:
 
 
 # ---- helpers -------------------------------------------------------------------------------------------
-
-
-def _block_device(block: nn.Module) -> torch.device:
-    for tensor in block.parameters():
-        return tensor.device
-    for tensor in block.buffers():
-        return tensor.device
-    return torch.device("cpu")
 
 
 def _check_arguments(
@@ -326,10 +319,10 @@ def prune_sequential(
         for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
             current = index
             started = time.perf_counter()
-            homes[index] = _block_device(block)
+            homes[index] = module_device(block)
             if compute is not None:
                 block.to(compute)
-            run_device = _block_device(block)
+            run_device = module_device(block)
             if atomic:
                 snapshots.append(_snapshot(block, layer_names[index]))
             pruner = Pruner(block, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=False)

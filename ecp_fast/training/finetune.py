@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ecp_fast.pruning.calibration import _model_device, _to_device, split_batch
+from ecp_fast.pruning.batches import module_device, split_batch, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def finetune(
         opt = torch.optim.SGD(parameters, lr=lr, momentum=0.9)
     else:
         raise ValueError(f"argument 'optimizer' must be 'adam' or 'sgd', got {optimizer!r}")
-    device = _model_device(model)
+    device = module_device(model)
     if steps is not None:
         schedule: Iterable[Any] = itertools.islice(itertools.cycle(batches), steps)
         total: int | None = steps
@@ -61,7 +61,7 @@ def finetune(
             if targets is None:
                 raise ValueError("argument 'batches': finetune needs (inputs, targets) batches, got inputs only")
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(_to_device(inputs, device)), _to_device(targets, device))
+            loss = loss_fn(model(to_device(inputs, device)), to_device(targets, device))
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))

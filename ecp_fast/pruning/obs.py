@@ -1,0 +1,441 @@
+"""Optimal Brain Surgeon pruning and exact least-squares refitting of one linear layer.
+
+Conventions
+-----------
+A layer has weight ``W`` (out, in) and bias ``b`` (out,), zeros when the layer has none. Inputs
+are augmented with a constant 1 in the LAST position, ``x~ = [a; 1]``, so the layer's quadratic is
+the weighted Gram matrix ``H = sum_s w_s x~_s x~_s^T`` of shape (in+1, in+1), whose last row and
+column belong to the bias, and the augmented weight is ``W~ = [W | b]`` of shape (out, in+1).
+Changing row ``i`` from ``w~_old`` to ``w~_new`` costs ``(w~_new - w~_old)^T H (w~_new - w~_old)``
+of summed squared output error. The bias column is never pruned.
+
+* :func:`obs_sweep` prunes column by column with Optimal Brain Surgeon updates in the blocked,
+  Cholesky-based form: the mask is chosen on the fly ("unstructured", "row" or N:M) or given.
+  Each pruned column's error is pushed only onto the columns to its RIGHT; kept columns already
+  swept are frozen. With a fixed mask the result is therefore the exact constrained minimiser of
+  the (dampened) quadratic only when, in every row, all pruned columns precede all kept ones; in
+  general it is the column-sequential solution, and :func:`refit` gives the global optimum.
+* :func:`refit` solves, for a fixed mask, the ridge-regularised least-squares problem per row,
+  optionally fitting the DENSE network's output from the PRUNED network's inputs.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Pattern = Union[str, tuple[int, int]]
+
+# Padded per-row systems in refit are built in chunks of at most this many matrix entries
+# (32 MiB in float64), so low-sparsity layers with all-different supports stay within memory.
+_MAX_BATCH_ENTRIES = 1 << 22
+# Up to this many distinct row supports, one factorisation per support with many right-hand
+# sides is cheaper than padding every row to its own system.
+_MAX_GROUPED_SUPPORTS = 16
+
+
+@dataclass
+class ObsResult:
+    """Outcome of :func:`obs_sweep`.
+
+    Attributes:
+        weight: (out, in) new weights, exactly zero where pruned, in the input weight's dtype.
+        bias: (out,) new bias (updated, never pruned).
+        mask: (out, in) bool, True = kept.
+        error: sum over rows of ``(w~_new - w~_old)^T H (w~_new - w~_old)`` with the UNdampened H.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    mask: torch.Tensor
+    error: float
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_layer(weight: object, bias: object, wname: str = "weight", bname: str = "bias") -> tuple[int, int]:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"argument '{wname}' must be a floating-point tensor, got {_describe(weight)}")
+    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(
+            f"argument '{wname}' must have shape (out, in) with out, in >= 1, got shape {tuple(weight.shape)}"
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"argument '{wname}' must be finite, got NaN or infinite entries")
+    out = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(
+                f"argument '{bname}' must be None or a floating-point tensor, got {_describe(bias)}"
+            )
+        if tuple(bias.shape) != (out,):
+            raise ValueError(
+                f"argument '{bname}' must have shape ({out},) to match '{wname}' of shape "
+                f"{tuple(weight.shape)}, got shape {tuple(bias.shape)}"
+            )
+        if not torch.isfinite(bias).all():
+            raise ValueError(f"argument '{bname}' must be finite, got NaN or infinite entries")
+    return out, weight.shape[1]
+
+
+def _check_square(matrix: object, name: str, n_in: Optional[int] = None) -> None:
+    if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point():
+        raise TypeError(f"argument '{name}' must be a floating-point tensor, got {_describe(matrix)}")
+    size = matrix.shape[0] if matrix.dim() == 2 else -1
+    expected = (size, size) if n_in is None else (n_in + 1, n_in + 1)
+    if tuple(matrix.shape) != expected or size < 1:
+        wanted = f"shape {expected} (in+1 for the bias, in={n_in})"
+        if n_in is None:
+            wanted = "a non-empty square matrix"
+        raise ValueError(f"argument '{name}' must have {wanted}, got shape {tuple(matrix.shape)}")
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"argument '{name}' must be finite, got NaN or infinite entries")
+
+
+def _check_real(
+    value: object, name: str, low: float, high: float = math.inf, high_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(
+            f"argument '{name}' must be a real number in [{low:g}, {high:g}{bracket}, got {value!r}"
+        )
+
+
+def _check_mask(mask: object, out: int, n_in: int) -> None:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"argument 'mask' must be a bool tensor (True = keep), got {_describe(mask)}")
+    if tuple(mask.shape) != (out, n_in):
+        raise ValueError(
+            f"argument 'mask' must have shape {(out, n_in)} to match the weight, "
+            f"got shape {tuple(mask.shape)}"
+        )
+
+
+def _check_dtype(dtype: object) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"argument 'dtype' must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def _check_selection(
+    sparsity: object, pattern: object, mask: object, out: int, n_in: int, block_size: object
+) -> Pattern:
+    """Validate how columns are chosen; return "fixed", "unstructured", "row" or (n, m)."""
+    if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+        raise ValueError(f"argument 'block_size' must be an int >= 1, got {block_size!r}")
+    _check_real(sparsity, "sparsity", 0.0, 1.0, high_open=True)
+    if mask is not None:
+        _check_mask(mask, out, n_in)
+        if sparsity != 0:
+            raise ValueError(
+                f"argument 'sparsity' must be 0 when an explicit 'mask' is given (the mask fixes it), "
+                f"got {sparsity!r}"
+            )
+        return "fixed"
+    if isinstance(pattern, str) and pattern in ("unstructured", "row"):
+        return pattern
+    is_pair = isinstance(pattern, (tuple, list)) and len(pattern) == 2
+    if not (is_pair and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)):
+        raise ValueError(
+            f"argument 'pattern' must be 'unstructured', 'row' or a tuple (n, m) of ints, got {pattern!r}"
+        )
+    n, m = pattern
+    if not 0 < n <= m:
+        raise ValueError(
+            f"argument 'pattern' (n, m) must satisfy 0 < n <= m (keep n of every m), got {(n, m)}"
+        )
+    if n_in % m:
+        raise ValueError(
+            f"argument 'pattern' {(n, m)} needs m to divide the number of inputs: "
+            f"m={m} does not divide in={n_in}"
+        )
+    if block_size % m:
+        raise ValueError(
+            f"argument 'block_size' must be a multiple of m={m} for the pattern {(n, m)}, got {block_size}"
+        )
+    return (n, m)
+
+
+# --------------------------------------------------------------------------- linear algebra
+
+
+def _augment(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if bias is None:
+        column = torch.zeros(weight.shape[0], 1, dtype=dtype, device=weight.device)
+    else:
+        column = bias.to(dtype)[:, None]
+    return torch.cat([weight.to(dtype), column], dim=1)
+
+
+def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """Sum over rows of delta_i^T H delta_i, always accumulated in float64."""
+    delta, gram = delta.to(torch.float64), gram.to(torch.float64)
+    return float(((delta @ gram) * delta).sum())
+
+
+def _inverse_upper_cholesky(damped: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled, is the OBS update
+    direction for column i in the problem restricted to columns i, i+1, ..."""
+    factor, info = torch.linalg.cholesky_ex(damped)
+    if int(info) == 0:
+        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    if int(info) != 0 or not torch.isfinite(factor).all():
+        raise ValueError(
+            f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
+            f"failed at order {int(info)}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}"
+        )
+    return factor
+
+
+def _cholesky_or_raise(systems: torch.Tensor, ridge: float) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(systems)
+    if bool((info != 0).any()) or not torch.isfinite(factor).all():
+        raise ValueError(
+            f"the Gram matrix restricted to a row's kept inputs is singular with ridge={ridge}; "
+            f"use a larger ridge, e.g. ridge={max(10 * ridge, 0.01):g}"
+        )
+    return factor
+
+
+def dampen(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """Return a dampened copy of an augmented Gram matrix (bias last).
+
+    Dead inputs (zero diagonal, non-bias) are decoupled and given diagonal 1, since their weights
+    multiply an input that is always 0 and can be pruned for free. Then ``damp * mean(diag)``
+    (mean taken after the dead fix) is added to the whole diagonal.
+    """
+    _check_square(gram, "gram")
+    _check_real(damp, "damp", 0.0)
+    damped = gram.clone()
+    dead = torch.nonzero(damped.diagonal()[:-1] == 0).flatten()
+    damped[dead, :] = 0  # a true Gram matrix already has zeros here; this keeps it so for any input
+    damped[:, dead] = 0
+    damped[dead, dead] = 1
+    diagonal = damped.diagonal()
+    diagonal += damp * diagonal.mean()
+    return damped
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """OBS saliency w^2 / [U]_ii^2; dead inputs score -inf so they are always pruned first."""
+    scores = block**2 / hinv_diag**2
+    return scores.masked_fill(dead, -math.inf)
+
+
+def _block_keep(scores: torch.Tensor, mode: str, sparsity: float) -> torch.Tensor:
+    """Keep-mask of one block's prunable columns for the 'unstructured' or 'row' pattern."""
+    out, width = scores.shape
+    keep = torch.ones(out, width, dtype=torch.bool, device=scores.device)
+    if mode == "unstructured":
+        count = round(sparsity * out * width)
+        if count:
+            keep.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = False
+    else:
+        count = round(sparsity * width)
+        if count:
+            keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+    return keep
+
+
+def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, sparsity: float,
+           block_size: int, dead: torch.Tensor) -> None:
+    """Column-sequential OBS over the augmented weight ``w`` (in place); fills ``keep`` unless fixed."""
+    n_in = keep.shape[1] - 1
+    for i1 in range(0, w.shape[1], block_size):
+        i2 = min(i1 + block_size, w.shape[1])
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        d, keep1 = u1.diagonal(), keep[:, i1:i2]
+        width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
+        if mode in ("unstructured", "row") and width:
+            scores = _scores(w1[:, :width], d[:width], dead[i1:i1 + width])
+            keep1[:, :width] = _block_keep(scores, mode, sparsity)
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
+                n, m = mode
+                scores = _scores(w1[:, i:i + m], d[i:i + m], dead[i1 + i:i1 + i + m])
+                keep1[:, i:i + m] = True
+                keep1[:, i:i + m].scatter_(1, torch.topk(scores, m - n, dim=1, largest=False).indices, False)
+            kept = w1[:, i] * keep1[:, i]
+            err = (w1[:, i] - kept) / d[i]
+            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+            w1[:, i] = kept  # exact zeros rather than rounding residue
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
+def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, sparsity: float = 0.0,
+              pattern: Pattern = "unstructured", mask: Optional[torch.Tensor] = None, block_size: int = 128,
+              damp: float = 0.01, dtype: torch.dtype = torch.float64) -> ObsResult:
+    """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
+
+    Args:
+        weight: (out, in) weights. bias: (out,) or None (treated as zeros).
+        gram: (in+1, in+1) augmented Gram matrix, bias last.
+        sparsity: fraction in [0, 1) removed; ignored for N:M patterns; must be 0 with ``mask``.
+        pattern: "unstructured" (fraction of each block's out x width entries, count by round()),
+            "row" (per row within each block) or (n, m): keep n of every m aligned inputs, chosen
+            from the scores when the sweep reaches the group; m must divide in and block_size.
+        mask: (out, in) bool, True = keep; if given, only the OBS error propagation runs.
+        block_size: columns per block; damp: fraction of mean(diag H) added to the diagonal.
+        dtype: computation dtype; results come back in the weight's (and bias's) dtype.
+
+    Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
+    and are pruned before anything else. Raises ValueError if H is singular after dampening.
+    """
+    out, n_in = _check_layer(weight, bias)
+    _check_square(gram, "gram", n_in)
+    _check_real(damp, "damp", 0.0)
+    _check_dtype(dtype)
+    mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
+    gram = gram.to(device=weight.device, dtype=dtype)
+    u = _inverse_upper_cholesky(dampen(gram, damp), damp)
+    dead = gram.diagonal() == 0
+    dead[n_in] = False
+    original = _augment(weight, bias, dtype)
+    w = original.masked_fill(dead[None, :], 0)
+    keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
+    if mask is not None:
+        keep[:, :n_in] = mask.to(weight.device)
+    _sweep(w, u, keep, mode, float(sparsity), block_size, dead)
+    error = _quadratic(w - original, gram)
+    logger.debug("obs_sweep %dx%d pattern=%s: kept %d of %d weights, error %.6g",
+                 out, n_in, mode, int(keep[:, :n_in].sum()), out * n_in, error)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return ObsResult(weight=w[:, :n_in].to(weight.dtype), bias=w[:, n_in].to(bias_dtype),
+                     mask=keep[:, :n_in].clone(), error=error)
+
+
+# --------------------------------------------------------------------------- exact refit
+
+
+def _chunk_stop(sizes: list[int], start: int) -> int:
+    """End of a chunk of rows, sorted by support size, whose padded systems fit the entry budget."""
+    stop = min(len(sizes), start + max(1, _MAX_BATCH_ENTRIES // sizes[start] ** 2))
+    return start + max(1, min(stop - start, _MAX_BATCH_ENTRIES // sizes[stop - 1] ** 2))
+
+
+def _solve_grouped(system: torch.Tensor, rhs: torch.Tensor, supports: torch.Tensor,
+                   inverse: torch.Tensor, ridge: float) -> torch.Tensor:
+    """One factorisation per distinct support, shared by all rows with that support."""
+    solution = torch.zeros_like(rhs)
+    for group in range(supports.shape[0]):
+        cols = torch.nonzero(supports[group]).flatten()
+        rows = torch.nonzero(inverse == group).flatten()
+        factor = _cholesky_or_raise(system[cols[:, None], cols[None, :]], ridge)
+        solved = torch.cholesky_solve(rhs[rows[:, None], cols[None, :]].T, factor).T
+        solution[rows[:, None], cols[None, :]] = solved
+    return solution
+
+
+def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Batched per-row solves, each padded to its chunk's largest support with identity rows."""
+    solution = torch.zeros_like(rhs)
+    sizes = keep.sum(dim=1)
+    order = torch.argsort(sizes, stable=True)
+    sorted_sizes = sizes[order].tolist()
+    # Kept columns first (ascending), then the others, which serve as distinct padding slots.
+    columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    start = 0
+    while start < len(sorted_sizes):
+        stop = _chunk_stop(sorted_sizes, start)
+        rows, width = order[start:stop], sorted_sizes[stop - 1]
+        idx = columns[rows, :width]
+        valid = torch.arange(width, device=keep.device)[None, :] < sizes[rows][:, None]
+        blocks = system[idx[:, :, None], idx[:, None, :]]
+        blocks = torch.where(valid[:, :, None] & valid[:, None, :], blocks, 0)
+        blocks.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)
+        factor = _cholesky_or_raise(blocks, ridge)
+        b = torch.where(valid, rhs[rows[:, None], idx], 0)
+        solved = torch.cholesky_solve(b[:, :, None], factor)[:, :, 0]
+        solution[rows[:, None], idx] = torch.where(valid, solved, 0)
+        start = stop
+    return solution
+
+
+def refit(weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, gram: torch.Tensor,
+          cross: Optional[torch.Tensor] = None, dense_weight: Optional[torch.Tensor] = None,
+          dense_bias: Optional[torch.Tensor] = None, ridge: float = 0.01,
+          dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact ridge least-squares weights for a fixed mask; returns new (weight, bias).
+
+    For every row i with support K_i = kept inputs plus the bias this solves
+    ``(H_pp[K,K] + lam I) w_K = (C W~d_i^T)[K] + lam W~0_i[K]``, i.e. it minimises
+    ``sum_s w_s (w~_i . x~p_s - W~d_i . x~d_s)^2 + lam ||w~_i - W~0_i||^2`` over w~_i on K_i.
+
+    Args:
+        weight, bias: current layer W~0 (the ridge centre); bias None means zeros.
+        mask: (out, in) bool, True = keep. The bias is always kept.
+        gram: H_pp, Gram of the augmented inputs the PRUNED network feeds this layer.
+        cross: C = sum_s w_s x~p_s x~d_s^T with the DENSE network's inputs; None means the two
+            input streams coincide (C = H_pp).
+        dense_weight, dense_bias: W~d, the dense layer (dense_bias None: zeros); dense_weight None
+            means the current layer, so without ``cross`` the target is the layer's own output.
+        ridge: lam = ridge * mean(diag H_pp) (default 0.01): keeps the solve well posed for dead or
+            collinear inputs and shrinks towards the current weights.
+    """
+    out, n_in = _check_layer(weight, bias)
+    _check_mask(mask, out, n_in)
+    _check_square(gram, "gram", n_in)
+    if cross is not None:
+        _check_square(cross, "cross", n_in)
+    if dense_weight is not None:
+        _check_layer(dense_weight, dense_bias, "dense_weight", "dense_bias")
+        if dense_weight.shape != weight.shape:
+            raise ValueError(
+                f"argument 'dense_weight' must have the shape of 'weight' {tuple(weight.shape)}, "
+                f"got {tuple(dense_weight.shape)}"
+            )
+    elif dense_bias is not None:
+        raise ValueError("argument 'dense_bias' was given without 'dense_weight'; pass both or neither")
+    _check_real(ridge, "ridge", 0.0)
+    _check_dtype(dtype)
+    system = gram.to(device=weight.device, dtype=dtype)
+    current = _augment(weight, bias, dtype)
+    target = current if dense_weight is None else _augment(dense_weight, dense_bias, dtype)
+    coupling = system if cross is None else cross.to(device=weight.device, dtype=dtype)
+    lam = ridge * system.diagonal().mean()
+    rhs = target @ coupling.T + lam * current
+    system = system + lam * torch.eye(n_in + 1, dtype=dtype, device=weight.device)
+    bias_kept = torch.ones(out, 1, dtype=torch.bool, device=weight.device)
+    keep = torch.cat([mask.to(weight.device), bias_kept], dim=1)
+    supports, inverse = torch.unique(keep, dim=0, return_inverse=True)
+    if supports.shape[0] <= _MAX_GROUPED_SUPPORTS:
+        solution = _solve_grouped(system, rhs, supports, inverse, ridge)
+    else:
+        solution = _solve_padded(system, rhs, keep, ridge)
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return solution[:, :n_in].to(weight.dtype), solution[:, n_in].to(bias_dtype)
+
+
+def reconstruction_error(weight: torch.Tensor, bias: Optional[torch.Tensor], new_weight: torch.Tensor,
+                         new_bias: Optional[torch.Tensor], gram: torch.Tensor) -> float:
+    """Sum over rows of ``(w~_new - w~_old)^T H (w~_new - w~_old)`` (float64): the weighted squared
+    change of the layer's output over the samples that built ``gram``."""
+    _check_layer(weight, bias)
+    _check_layer(new_weight, new_bias, "new_weight", "new_bias")
+    if new_weight.shape != weight.shape:
+        raise ValueError(
+            f"argument 'new_weight' must have the shape of 'weight' {tuple(weight.shape)}, "
+            f"got {tuple(new_weight.shape)}"
+        )
+    _check_square(gram, "gram", weight.shape[1])
+    delta = _augment(new_weight, new_bias, torch.float64) - _augment(weight, bias, torch.float64)
+    return _quadratic(delta, gram)

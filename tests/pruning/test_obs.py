@@ -1,0 +1,430 @@
+"""Optimal Brain Surgeon sweep and least-squares refit checked against the linear algebra they solve."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+try:
+    from ecp_fast.pruning import obs
+except Exception:  # standalone run while the package is being reorganised
+    import importlib.util, pathlib, sys
+    _path = pathlib.Path(__file__).resolve().parents[2] / "ecp_fast" / "pruning" / "obs.py"
+    _spec = importlib.util.spec_from_file_location("obs", _path); obs = importlib.util.module_from_spec(_spec)
+    sys.modules.setdefault(_spec.name, obs); _spec.loader.exec_module(obs)
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors through many small ops: extra threads only spin on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _augment(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+
+def _gram(x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    xa = _augment(x)
+    weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights
+    return (xa * weights[:, None]).T @ xa
+
+
+def _problem(out: int, n_in: int, samples: int = 64, seed: int = 0, dead: tuple[int, ...] = ()):
+    """Random layer with correlated, non-centred inputs and positive sample weights."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(n_in, n_in, generator=g, dtype=F64) / math.sqrt(n_in) + torch.eye(n_in, dtype=F64)
+    offset = 0.5 * torch.randn(n_in, generator=g, dtype=F64)
+    x = torch.randn(samples, n_in, generator=g, dtype=F64) @ mixing + offset
+    x[:, list(dead)] = 0
+    sample_weights = 0.5 + torch.rand(samples, generator=g, dtype=F64)
+    weight = torch.randn(out, n_in, generator=g, dtype=F64)
+    bias = torch.randn(out, generator=g, dtype=F64)
+    return weight, bias, x, sample_weights, _gram(x, sample_weights)
+
+
+def _row(weight: torch.Tensor, bias: torch.Tensor, i: int) -> torch.Tensor:
+    """Augmented row w~_i = [W_i | b_i]."""
+    return torch.cat([weight[i], bias[i:i + 1]])
+
+
+def _random_mask(out: int, n_in: int, seed: int, keep_fraction: float = 0.5) -> torch.Tensor:
+    return torch.rand(out, n_in, generator=torch.Generator().manual_seed(seed)) < keep_fraction
+
+
+def _sequential_obs(row: torch.Tensor, damped: torch.Tensor, pruned: list[int]) -> torch.Tensor:
+    """Left-to-right OBS by direct solves: removing column q re-optimises only the columns after
+    it, min over d_F of [d_q; d_F]^T H[q:, q:] [d_q; d_F] with d_q = -w_q."""
+    w = row.clone()
+    for q in sorted(pruned):
+        w[q + 1:] += torch.linalg.solve(damped[q + 1:, q + 1:], damped[q + 1:, q]) * w[q]
+        w[q] = 0
+    return w
+
+
+def _constrained_least_squares(row: torch.Tensor, metric: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """argmin over w supported on keep of (w - row)^T metric (w - row): e_K = M_KK^-1 M_KP w_P."""
+    kept, pruned = torch.nonzero(keep).flatten(), torch.nonzero(~keep).flatten()
+    w = torch.zeros_like(row)
+    shift = torch.linalg.solve(metric[kept][:, kept], metric[kept][:, pruned] @ row[pruned])
+    w[kept] = row[kept] + shift
+    return w
+
+
+# ------------------------------------------------------------------ 1. closed-form OBS
+
+
+def test_first_column_removal_is_the_closed_form_obs_update():
+    weight, bias, _, _, gram = _problem(1, 6, seed=1)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    result = obs.obs_sweep(weight, bias, gram, mask=mask)
+    hinv = torch.linalg.inv(obs.dampen(gram, 0.01))
+    old = torch.cat([weight[0], bias])
+    expected = old - old[0] * hinv[:, 0] / hinv[0, 0]
+    assert abs(expected[0]) < 1e-12
+    torch.testing.assert_close(torch.cat([result.weight[0], result.bias]), expected, rtol=0, atol=1e-10)
+
+
+def test_single_removal_cost_is_w_squared_over_hinv_diagonal():
+    weight, bias, _, _, gram = _problem(1, 6, seed=2)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[0, 0] = False
+    result = obs.obs_sweep(weight, bias, gram, mask=mask, damp=0.0)
+    hinv = torch.linalg.inv(gram)
+    assert result.error == pytest.approx(float(weight[0, 0] ** 2 / hinv[0, 0]), rel=1e-10)
+
+
+@pytest.mark.parametrize("q", [2, 5])
+def test_later_column_removal_is_the_closed_form_on_the_trailing_columns(q):
+    # The sweep freezes the columns it has passed, so removing column q is OBS on H[q:, q:].
+    weight, bias, _, _, gram = _problem(1, 6, seed=3)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[0, q] = False
+    result = obs.obs_sweep(weight, bias, gram, mask=mask, block_size=4)
+    hinv = torch.linalg.inv(obs.dampen(gram, 0.01)[q:, q:])
+    old = torch.cat([weight[0], bias])
+    expected = old.clone()
+    expected[q:] -= old[q] * hinv[:, 0] / hinv[0, 0]
+    torch.testing.assert_close(torch.cat([result.weight[0], result.bias]), expected, rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------ 2. fixed mask
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 5, 13, 14, 128])
+def test_fixed_mask_sweep_is_sequential_obs(block_size):
+    weight, bias, _, _, gram = _problem(6, 13, seed=4)
+    mask = _random_mask(6, 13, seed=5)
+    result = obs.obs_sweep(weight, bias, gram, mask=mask, block_size=block_size)
+    damped = obs.dampen(gram, 0.01)
+    for i in range(6):
+        pruned = torch.nonzero(~mask[i]).flatten().tolist()
+        expected = _sequential_obs(_row(weight, bias, i), damped, pruned)
+        torch.testing.assert_close(_row(result.weight, result.bias, i), expected, rtol=0, atol=1e-10)
+    assert torch.equal(result.mask, mask)
+    assert torch.all(result.weight[~mask] == 0)
+    direct = obs.reconstruction_error(weight, bias, result.weight, result.bias, gram)
+    assert result.error == pytest.approx(direct, rel=1e-12)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 5, 128])
+def test_sweep_with_pruned_columns_first_is_constrained_least_squares(block_size):
+    # When every pruned column precedes every kept one, freezing passed columns loses nothing:
+    # the sweep is the exact minimiser of the dampened quadratic on the kept support (+ bias).
+    out, n_in = 7, 13
+    weight, bias, _, _, gram = _problem(out, n_in, seed=6)
+    mask = torch.arange(n_in)[None, :] >= torch.tensor([0, 1, 3, 6, 9, 12, 13])[:, None]
+    result = obs.obs_sweep(weight, bias, gram, mask=mask, block_size=block_size)
+    damped = obs.dampen(gram, 0.01)
+    keep = torch.cat([mask, torch.ones(out, 1, dtype=torch.bool)], dim=1)
+    for i in range(out):
+        expected = _constrained_least_squares(_row(weight, bias, i), damped, keep[i])
+        torch.testing.assert_close(_row(result.weight, result.bias, i), expected, rtol=0, atol=1e-10)
+
+
+def test_refit_without_cross_term_is_the_global_constrained_optimum_the_sweep_cannot_beat():
+    # ridge * mean(diag H) * ||w - w0||^2 turns the refit objective into the dampened quadratic,
+    # so refit is the global optimum on each support, for any mask; the sweep is feasible for it.
+    out, n_in = 6, 13
+    weight, bias, _, _, gram = _problem(out, n_in, seed=7)
+    mask = _random_mask(out, n_in, seed=8)
+    new_weight, new_bias = obs.refit(weight, bias, mask, gram, ridge=0.01)
+    damped = obs.dampen(gram, 0.01)
+    keep = torch.cat([mask, torch.ones(out, 1, dtype=torch.bool)], dim=1)
+    for i in range(out):
+        expected = _constrained_least_squares(_row(weight, bias, i), damped, keep[i])
+        torch.testing.assert_close(_row(new_weight, new_bias, i), expected, rtol=0, atol=1e-10)
+    swept = obs.obs_sweep(weight, bias, gram, mask=mask, block_size=4)
+    refit_error = obs.reconstruction_error(weight, bias, new_weight, new_bias, damped)
+    sweep_error = obs.reconstruction_error(weight, bias, swept.weight, swept.bias, damped)
+    assert refit_error <= sweep_error * (1 + 1e-12)
+
+
+def test_fixed_interleaved_mask_sweep_can_lose_to_zeroing_while_refit_cannot():
+    # Pruning column 0 moves weight onto column 2, which is pruned later at a higher cost; the
+    # kept column 1 between them is frozen. A small exact instance (damp = 0, integer data).
+    x = torch.tensor([[0, 2, -2], [0, 0, 1], [1, 0, 0], [-1, -1, 0], [-1, 0, -1]], dtype=F64)
+    gram = _gram(x)
+    weight, bias = torch.tensor([[2.0, 1.0, 1.0]], dtype=F64), torch.zeros(1, dtype=F64)
+    mask = torch.tensor([[False, True, False]])
+    zeroing = obs.reconstruction_error(weight, bias, weight * mask, bias, gram)
+    swept = obs.obs_sweep(weight, bias, gram, mask=mask, damp=0.0)
+    expected = _sequential_obs(torch.tensor([2.0, 1.0, 1.0, 0.0], dtype=F64), gram, [0, 2])
+    torch.testing.assert_close(torch.cat([swept.weight[0], swept.bias]), expected, rtol=0, atol=1e-12)
+    assert zeroing == pytest.approx(22.0, rel=1e-12)
+    assert swept.error > zeroing
+    refitted = obs.refit(weight, bias, mask, gram, ridge=0.0)
+    assert obs.reconstruction_error(weight, bias, *refitted, gram) <= zeroing
+
+
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(1, 4), n_in=st.integers(1, 11), block_size=st.integers(1, 12),
+       seed=st.integers(0, 10_000))
+def test_fixed_mask_sweep_is_sequential_obs_for_any_shape(out, n_in, block_size, seed):
+    weight, bias, _, _, gram = _problem(out, n_in, samples=3 * n_in + 4, seed=seed)
+    mask = _random_mask(out, n_in, seed=seed + 1)
+    result = obs.obs_sweep(weight, bias, gram, mask=mask, block_size=block_size)
+    damped = obs.dampen(gram, 0.01)
+    for i in range(out):
+        pruned = torch.nonzero(~mask[i]).flatten().tolist()
+        expected = _sequential_obs(_row(weight, bias, i), damped, pruned)
+        torch.testing.assert_close(_row(result.weight, result.bias, i), expected, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ 3. refit
+
+
+def _lstsq_refit(weight, bias, mask, xp, xd, sample_weights, dense_weight, dense_bias, ridge):
+    """Row by row: stacked sqrt(w_s)-weighted design with the ridge rows sqrt(lam) I on K."""
+    xpa, xda = _augment(xp), _augment(xd)
+    lam = ridge * float(_gram(xp, sample_weights).diagonal().mean())
+    root = sample_weights.sqrt()[:, None]
+    target = root * (xda @ torch.cat([dense_weight, dense_bias[:, None]], dim=1).T)
+    current = torch.cat([weight, bias[:, None]], dim=1)
+    solution = torch.zeros_like(current)
+    for i in range(weight.shape[0]):
+        support = torch.nonzero(torch.cat([mask[i], torch.tensor([True])])).flatten()
+        design = torch.cat([root * xpa[:, support], math.sqrt(lam) * torch.eye(len(support), dtype=F64)])
+        rhs = torch.cat([target[:, i], math.sqrt(lam) * current[i, support]])
+        solution[i, support] = torch.linalg.lstsq(design, rhs[:, None]).solution[:, 0]
+    return solution
+
+
+@pytest.mark.parametrize("path", ["grouped", "padded", "padded-chunked"])
+@pytest.mark.parametrize("with_cross", [False, True])
+def test_refit_matches_weighted_least_squares(monkeypatch, path, with_cross):
+    out, n_in, samples = 9, 12, 80
+    weight, bias, xp, sample_weights, gram = _problem(out, n_in, samples=samples, seed=9)
+    mask = _random_mask(out, n_in, seed=10, keep_fraction=0.4)
+    mask[0] = False  # bias only
+    mask[1] = True   # dense row
+    if path == "grouped":
+        monkeypatch.setattr(obs, "_MAX_GROUPED_SUPPORTS", 10**6)
+    else:
+        monkeypatch.setattr(obs, "_MAX_GROUPED_SUPPORTS", 0)
+    if path == "padded-chunked":
+        monkeypatch.setattr(obs, "_MAX_BATCH_ENTRIES", 60)
+    g = torch.Generator().manual_seed(11)
+    if with_cross:
+        xd = xp + 0.3 * torch.randn(samples, n_in, generator=g, dtype=F64)
+        dense_weight = weight + 0.2 * torch.randn(out, n_in, generator=g, dtype=F64)
+        dense_bias = bias + 0.2 * torch.randn(out, generator=g, dtype=F64)
+        cross = (_augment(xp) * sample_weights[:, None]).T @ _augment(xd)
+        new_weight, new_bias = obs.refit(
+            weight, bias, mask, gram, cross, dense_weight, dense_bias, ridge=0.05
+        )
+    else:
+        xd, dense_weight, dense_bias = xp, weight, bias
+        new_weight, new_bias = obs.refit(weight, bias, mask, gram, ridge=0.05)
+    expected = _lstsq_refit(weight, bias, mask, xp, xd, sample_weights, dense_weight, dense_bias, 0.05)
+    result = torch.cat([new_weight, new_bias[:, None]], dim=1)
+    torch.testing.assert_close(result, expected, rtol=1e-9, atol=1e-9)
+    assert torch.all(new_weight[~mask] == 0)
+
+
+def test_refit_with_zero_ridge_reproduces_an_unpruned_layer_exactly():
+    weight, bias, _, _, gram = _problem(5, 8, seed=12)
+    new_weight, new_bias = obs.refit(weight, bias, torch.ones(5, 8, dtype=torch.bool), gram, ridge=0.0)
+    torch.testing.assert_close(new_weight, weight, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_bias, bias, rtol=0, atol=1e-10)
+
+
+def test_reconstruction_error_is_the_weighted_squared_output_change():
+    weight, bias, x, sample_weights, gram = _problem(4, 9, seed=13)
+    new_weight, new_bias = weight * _random_mask(4, 9, seed=14), bias + 0.1
+    direct = sample_weights @ ((x @ (new_weight - weight).T + (new_bias - bias)) ** 2).sum(dim=1)
+    error = obs.reconstruction_error(weight, bias, new_weight, new_bias, gram)
+    assert error == pytest.approx(float(direct), rel=1e-12)
+
+
+# ------------------------------------------------------------------ 4. exact sparsity
+
+
+SHAPES = [(1, 1, 128), (1, 7, 128), (3, 7, 4), (5, 13, 5), (7, 130, 128), (11, 29, 8), (2, 128, 128)]
+
+
+@pytest.mark.parametrize("out,n_in,block_size", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
+def test_unstructured_and_row_counts_are_exact_per_block(out, n_in, block_size, sparsity):
+    weight, bias, _, _, gram = _problem(out, n_in, samples=2 * n_in + 4, seed=out * n_in)
+    for pattern in ("unstructured", "row"):
+        result = obs.obs_sweep(weight, bias, gram, sparsity=sparsity, pattern=pattern, block_size=block_size)
+        assert result.mask.shape == (out, n_in) and result.mask.dtype == torch.bool
+        for i1 in range(0, n_in, block_size):
+            pruned = ~result.mask[:, i1:i1 + block_size]
+            width = pruned.shape[1]
+            if pattern == "unstructured":
+                assert int(pruned.sum()) == round(sparsity * out * width)
+            else:
+                assert pruned.sum(dim=1).tolist() == [round(sparsity * width)] * out
+        _assert_pruned_exactly(result, bias)
+
+
+@pytest.mark.parametrize("n,m,out,n_in,block_size", [(2, 4, 1, 4, 128), (2, 4, 3, 8, 4), (2, 4, 7, 132, 128),
+                                                     (1, 3, 5, 9, 6), (3, 4, 2, 12, 8)])
+def test_n_of_m_keeps_exactly_n_in_every_aligned_group(n, m, out, n_in, block_size):
+    weight, bias, _, _, gram = _problem(out, n_in, samples=2 * n_in + 4, seed=n_in)
+    result = obs.obs_sweep(weight, bias, gram, pattern=(n, m), block_size=block_size)
+    assert torch.all(result.mask.reshape(out, n_in // m, m).sum(dim=2) == n)
+    _assert_pruned_exactly(result, bias)
+
+
+def _assert_pruned_exactly(result: "obs.ObsResult", bias: torch.Tensor) -> None:
+    assert torch.all(result.weight[~result.mask] == 0)
+    assert torch.all(result.weight[result.mask] != 0)  # generic data: no kept weight is exactly 0
+    assert torch.all(result.bias != 0) and result.bias.shape == bias.shape
+
+
+# ------------------------------------------------------------------ 5. OBS beats magnitude pruning
+
+
+def test_obs_beats_zeroing_the_magnitude_mask_on_correlated_inputs():
+    out, n_in = 16, 24
+    weight, bias, _, _, gram = _problem(out, n_in, samples=200, seed=15)
+    count = round(0.625 * out * n_in)  # 0.625 * 16 * 8 is whole: per-block counts add up to it
+    magnitude_mask = torch.ones(out * n_in, dtype=torch.bool)
+    magnitude_mask[torch.topk(weight.abs().flatten(), count, largest=False).indices] = False
+    magnitude_mask = magnitude_mask.reshape(out, n_in)
+    zeroing = obs.reconstruction_error(weight, bias, weight * magnitude_mask, bias, gram)
+    # Theorem: the global optimum on the mask never loses to zeroing (ridge = 0, H is positive definite).
+    refitted = obs.refit(weight, bias, magnitude_mask, gram, ridge=0.0)
+    assert obs.reconstruction_error(weight, bias, *refitted, gram) <= zeroing
+    # Not a theorem for interleaved masks (see the counterexample above), but by far the rule:
+    swept = obs.obs_sweep(weight, bias, gram, mask=magnitude_mask, block_size=8)
+    assert swept.error < zeroing
+    chosen = obs.obs_sweep(weight, bias, gram, sparsity=0.625, block_size=8)
+    assert int((~chosen.mask).sum()) == count
+    assert chosen.error < swept.error
+
+
+# ------------------------------------------------------------------ 6. dead inputs
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.01])
+@pytest.mark.parametrize("pattern", ["unstructured", "row", (2, 4)])
+def test_dead_inputs_are_pruned_first_and_do_not_break_the_solve(damp, pattern):
+    dead = (2, 5)
+    weight, bias, x, _, gram = _problem(4, 12, samples=60, seed=16, dead=dead)
+    weight[:, list(dead)] = 100.0  # large, so only the dead-input rule can prune them
+    assert torch.all(gram[list(dead)] == 0)
+    result = obs.obs_sweep(weight, bias, gram, sparsity=0.3, pattern=pattern, damp=damp, block_size=8)
+    assert torch.all(torch.isfinite(result.weight)) and math.isfinite(result.error)
+    assert not result.mask[:, list(dead)].any()
+    assert torch.all(result.weight[:, list(dead)] == 0)
+    refitted = obs.refit(weight, bias, result.mask, gram)
+    assert torch.all(torch.isfinite(refitted[0])) and torch.all(refitted[0][:, list(dead)] == 0)
+
+
+def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal():
+    gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]], dtype=F64)
+    damped = obs.dampen(gram, 0.5)
+    shift = 0.5 * (4.0 + 1.0 + 2.0) / 3
+    expected = torch.tensor(
+        [[4.0 + shift, 0.0, 2.0], [0.0, 1.0 + shift, 0.0], [2.0, 0.0, 2.0 + shift]], dtype=F64
+    )
+    torch.testing.assert_close(damped, expected, rtol=0, atol=1e-15)
+    assert gram[1, 1] == 0  # a copy
+
+
+# ------------------------------------------------------------------ 7. errors
+
+
+def test_singular_gram_after_zero_damp_raises_and_names_damp():
+    x = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], dtype=F64)  # duplicate inputs
+    gram = _gram(x)
+    weight, bias = torch.ones(2, 2, dtype=F64), torch.zeros(2, dtype=F64)
+    with pytest.raises(ValueError, match=r"singular after dampening.*damp=0.*larger damp"):
+        obs.obs_sweep(weight, bias, gram, sparsity=0.5, damp=0.0)
+    assert obs.obs_sweep(weight, bias, gram, sparsity=0.5, damp=0.1).weight.shape == (2, 2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(sparsity=1.5), r"'sparsity' must be .*\[0, 1\), got 1.5"),
+    (dict(sparsity=1.0), r"'sparsity' must be .*\[0, 1\), got 1.0"),
+    (dict(sparsity=-0.1), r"'sparsity' must be .*got -0.1"),
+    (dict(pattern="random"), r"'pattern' must be 'unstructured', 'row' or a tuple \(n, m\).*'random'"),
+    (dict(pattern=(3, 2)), r"'pattern' .*0 < n <= m.*\(3, 2\)"),
+    (dict(pattern=(2, 4)), r"m=4 does not divide in=6"),
+    (dict(pattern=(1, 3), block_size=4), r"'block_size' must be a multiple of m=3.*got 4"),
+    (dict(block_size=0), r"'block_size' must be an int >= 1, got 0"),
+    (dict(damp=-1.0), r"'damp' must be .*got -1.0"),
+    (dict(mask=torch.ones(3, 5, dtype=torch.bool)), r"'mask' must have shape \(3, 6\).*got shape \(3, 5\)"),
+    (dict(mask=torch.ones(3, 6, dtype=torch.bool), sparsity=0.5),
+     r"'sparsity' must be 0 when an explicit 'mask'"),
+    (dict(gram=torch.eye(6, dtype=F64)), r"'gram' must have shape \(7, 7\).*got shape \(6, 6\)"),
+    (dict(bias=torch.zeros(4, dtype=F64)), r"'bias' must have shape \(3,\).*\(3, 6\), got shape \(4,\)"),
+    (dict(dtype=torch.int64), r"'dtype' must be torch.float32 or torch.float64"),
+])
+def test_bad_sweep_arguments_raise_value_errors_naming_them(kwargs, message):
+    weight, bias, _, _, gram = _problem(3, 6, seed=17)
+    call = dict(weight=weight, bias=bias, gram=gram) | kwargs
+    with pytest.raises(ValueError, match=message):
+        obs.obs_sweep(**call)
+
+
+def test_bad_types_and_refit_arguments_raise():
+    weight, bias, _, _, gram = _problem(3, 6, seed=18)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    with pytest.raises(TypeError, match=r"'mask' must be a bool tensor.*torch.int64"):
+        obs.obs_sweep(weight, bias, gram, mask=torch.ones(3, 6, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"'weight' must be a floating-point tensor, got list"):
+        obs.obs_sweep([[1.0]], None, gram)
+    with pytest.raises(ValueError, match=r"'cross' must have shape \(7, 7\).*got shape \(7, 6\)"):
+        obs.refit(weight, bias, mask, gram, cross=gram[:, :6])
+    with pytest.raises(ValueError, match=r"'dense_weight' must have the shape .* \(3, 6\), got \(2, 6\)"):
+        obs.refit(weight, bias, mask, gram, dense_weight=weight[:2])
+    with pytest.raises(ValueError, match=r"'dense_bias' was given without 'dense_weight'"):
+        obs.refit(weight, bias, mask, gram, dense_bias=bias)
+    with pytest.raises(ValueError, match=r"'ridge' must be .*got -0.5"):
+        obs.refit(weight, bias, mask, gram, ridge=-0.5)
+    with pytest.raises(ValueError, match=r"singular with ridge=0"):
+        obs.refit(weight, bias, mask, torch.zeros(7, 7, dtype=F64), ridge=0.0)
+    with pytest.raises(ValueError, match=r"'new_weight' must have the shape of 'weight'"):
+        obs.reconstruction_error(weight, bias, weight[:, :5], bias, gram)
+
+
+# ------------------------------------------------------------------ 8. dtypes
+
+
+def test_float32_in_float32_out_and_no_bias_means_zero_bias():
+    weight, bias, _, _, gram = _problem(5, 16, seed=19)
+    w32, b32, g32 = weight.float(), bias.float(), gram.float()
+    for dtype in (torch.float64, torch.float32):
+        result = obs.obs_sweep(w32, b32, g32, sparsity=0.5, dtype=dtype)
+        assert result.weight.dtype == torch.float32 and result.bias.dtype == torch.float32
+        new_weight, new_bias = obs.refit(w32, b32, result.mask, g32, dtype=dtype)
+        assert new_weight.dtype == torch.float32 and new_bias.dtype == torch.float32
+    reference = obs.obs_sweep(weight, bias, gram, sparsity=0.5)
+    torch.testing.assert_close(result.weight.double(), reference.weight, rtol=1e-3, atol=1e-3)
+    no_bias = obs.obs_sweep(w32, None, g32, sparsity=0.5)
+    zero_bias = obs.obs_sweep(w32, torch.zeros(5), g32, sparsity=0.5)
+    torch.testing.assert_close(no_bias.weight, zero_bias.weight)
+    assert no_bias.bias.dtype == torch.float32
