@@ -36,8 +36,16 @@ from ecp_fast.pruning.calibration import (
     weight_parameter,
 )
 from ecp_fast.distributed import synchronize_calibration
-from ecp_fast.pruning.importance import Importance, ScoringContext, Method, check_nonlinear_size, get_method
+from ecp_fast.pruning.importance import Importance, Method, ScoringContext, check_nonlinear_size, get_method
+from ecp_fast.pruning.allocation import ALLOCATIONS, candidate_splits, resolve_divergence, split_from_keep, uniform_split
 from ecp_fast.pruning.masks import install_mask
+from ecp_fast.pruning.reconstruction import (
+    RECONSTRUCTIVE_METHODS,
+    REFIT_ONLY,
+    apply_outcomes,
+    reconstruct_best,
+    sensitivity_weights,
+)
 
 if TYPE_CHECKING:
     from ecp_fast.pruning.structured import StructuredReport
@@ -127,6 +135,9 @@ class PruneReport:
     target_sparsity: float
     steps: int
     layers: list[LayerReport] = field(default_factory=list)
+    allocation: str | None = None  # how the total was split across layers (reconstructive pruning)
+    candidate: str | None = None  # the split the allocation search chose
+    divergences: dict[str, float] = field(default_factory=dict)  # every searched candidate's divergence
 
     @property
     def total_weights(self) -> int:
@@ -169,6 +180,8 @@ class PruneReport:
             f"target={self.target_sparsity:.4g} achieved={self.sparsity:.4f}"
         )
         name_width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        if self.allocation is not None:
+            header += f" allocation={self.allocation}" + (f" ({self.candidate})" if self.candidate else "")
         lines = [
             header,
             f"{'layer':<{name_width}}  {'kind':<6}  {'weights':>9}  {'pruned':>9}  {'sparsity':>8}  "
@@ -182,6 +195,9 @@ class PruneReport:
         lines.append(
             f"{'total':<{name_width}}  {'':<6}  {self.total_weights:>9}  {self.total_pruned:>9}  {self.sparsity:>8.4f}"
         )
+        if self.divergences:
+            searched = ", ".join(f"{label} {value:.4g}" for label, value in self.divergences.items())
+            lines.append(f"allocation search (calibration divergence): {searched}")
         return "\n".join(lines)
 
 
@@ -337,16 +353,7 @@ class Pruner:
         :class:`~ecp_fast.pruning.calibration.Calibrator`). The model's weights are not modified; on error the
         previous statistics stay in place.
         """
-        calibrator = Calibrator(
-            self.model,
-            self.layers,
-            sensitivity=self.sensitivity,
-            probes=self.probes,
-            loss_fn=loss_fn,
-            loss_reduction=loss_reduction,
-            output_fn=self.output_fn,
-            seed=self.seed,
-        )
+        calibrator = self._calibrator(loss_fn, loss_reduction)
         # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
         # and so the scores, masks and biases, identical on all ranks (a no-op in one process).
         result = synchronize_calibration(calibrator.run(batches, progress=self.progress))
@@ -355,6 +362,18 @@ class Pruner:
         self._loss_fn = loss_fn
         self._loss_reduction = loss_reduction
         return result
+
+    def _calibrator(self, loss_fn: LossFn | None, loss_reduction: str | None) -> Calibrator:
+        return Calibrator(
+            self.model,
+            self.layers,
+            sensitivity=self.sensitivity,
+            probes=self.probes,
+            loss_fn=loss_fn,
+            loss_reduction=loss_reduction if loss_reduction is not None else self._loss_reduction,
+            output_fn=self.output_fn,
+            seed=self.seed,
+        )
 
     # ---- scoring --------------------------------------------------------------------------------
 
@@ -402,6 +421,10 @@ class Pruner:
         scope: str = "global",
         steps: int = 1,
         importances: Mapping[str, Importance] | None = None,
+        *,
+        reconstruct: bool = False,
+        allocation: str | None = None,
+        divergence: str = "auto",
     ) -> PruneReport | StructuredReport:
         """Remove the least important weights, compensate biases, and install the masks.
 
@@ -419,11 +442,21 @@ class Pruner:
                 on the same batches between steps (they must be re-iterable, e.g. a list or DataLoader).
             importances: precomputed :meth:`importances` for the current weights (``steps=1`` only),
                 to prune copies of one model at several sparsities without scoring again.
+            reconstruct: after the masks are chosen, refit every layer in forward order towards the
+                dense network's pre-activations (:mod:`ecp_fast.pruning.reconstruction`). Implied by
+                the reconstructive methods ``sparsegpt`` and ``ecp-obs``.
+            allocation: how the total is split across layers when reconstructing: ``"global"``,
+                ``"uniform"`` or ``"search"`` (:mod:`ecp_fast.pruning.allocation`). Default: search
+                for ``ecp-obs``, uniform for ``sparsegpt``, and what ``scope`` implies otherwise.
+            divergence: the search's measure between dense and pruned outputs on the calibration
+                batches: ``"kl"``, ``"mse"`` or ``"auto"`` (KL when the targets are class indices).
 
         Returns:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
+        if method in RECONSTRUCTIVE_METHODS or reconstruct:
+            return self._prune_reconstructive(sparsity, method, scope, steps, importances, allocation, divergence)
         if scope == "neuron":
             if steps != 1 or importances is not None:
                 raise ValueError(
@@ -517,6 +550,112 @@ class Pruner:
             raise
         return self._report(method, scope, target, steps, snapshot, added_bias)
 
+    # ---- reconstructive pruning -----------------------------------------------------------------
+
+    def _prune_reconstructive(
+        self,
+        sparsity: float | None,
+        method: str,
+        scope: str,
+        steps: int,
+        importances: Mapping[str, Importance] | None,
+        allocation: str | None,
+        divergence: str,
+    ) -> PruneReport:
+        """Masks and compensation by layer-wise reconstruction (see :meth:`prune`)."""
+        config = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY)
+        parsed_scope = parse_scope(scope)
+        target = _resolve_sparsity(sparsity, parsed_scope)
+        allocation = self._check_reconstructive(method, parsed_scope, steps, importances, allocation)
+        batches = self._reconstruction_batches()
+        pattern: Any = {"row": "row", "n:m": (parsed_scope.n, parsed_scope.m)}.get(parsed_scope.kind, "unstructured")
+        scores = None
+        if method not in RECONSTRUCTIVE_METHODS:
+            scores = {name: importance.score for name, importance in self.importances(method).items()}
+        elif allocation in ("global", "search") and self.calibration is not None:
+            scores = {name: importance.score for name, importance in self.importances("ecp").items()}
+        candidates = self._allocation_candidates(allocation, target, parsed_scope, scores)
+        keep_fn = None if scores is None or method in RECONSTRUCTIVE_METHODS else self._keep_for(scores, parsed_scope)
+        weights = None
+        if config.weighting == "sensitivity":
+            weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+        outcomes, chosen, divergences = reconstruct_best(
+            self.model, self.layers, candidates, pattern, config, batches, keep_fn, weights,
+            resolve_divergence(divergence, batches), self.output_fn,
+        )
+        snapshot = self._snapshot()
+        added: list[str] = []
+        try:
+            added = apply_outcomes(self.layers, outcomes)
+        except BaseException:
+            self._restore(snapshot, added)
+            raise
+        report = self._report(method, scope, target, 1, snapshot, added)
+        report.allocation, report.divergences = allocation, divergences
+        report.candidate = chosen if len(candidates) > 1 else None
+        return report
+
+    def _check_reconstructive(
+        self, method: str, scope: Scope, steps: int, importances: Any, allocation: str | None
+    ) -> str:
+        if method not in RECONSTRUCTIVE_METHODS:
+            get_method(method)  # a clear error for an unknown name
+        if steps != 1 or importances is not None:
+            raise ValueError(
+                f"argument 'steps': reconstructive pruning runs in one step from the calibration batches "
+                f"(steps=1, importances=None), got steps={steps!r}"
+            )
+        if allocation is not None and allocation not in ALLOCATIONS:
+            raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
+        if scope.kind == "n:m" or scope.kind == "row":
+            return "uniform"  # the pattern fixes every layer's sparsity
+        if allocation is None:
+            default = {"ecp-obs": "search", "sparsegpt": "uniform"}
+            return default.get(method, "global" if scope.kind == "global" else "uniform")
+        return allocation
+
+    def _reconstruction_batches(self) -> list[Any]:
+        batches = self._batches
+        if batches is None:
+            raise RuntimeError("reconstructive pruning needs calibration batches: call Pruner.calibrate(batches) first")
+        if iter(batches) is batches:
+            raise ValueError(
+                "argument 'batches': reconstruction runs the batches once per layer and needs re-iterable "
+                "batches (a list or DataLoader), but calibrate() was given a one-shot iterator"
+            )
+        return list(batches)
+
+    def _allocation_candidates(
+        self, allocation: str, target: float, scope: Scope, scores: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, dict[str, float]]:
+        sizes = {name: spec.fan_out * spec.fan_in for name, spec in self.layers.items()}
+        global_split = None
+        if scores is not None and scope.kind in ("global", "layer"):
+            keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
+            removed = select_weights(scores, keep, target, Scope("global"))
+            global_split = split_from_keep({name: keep[name] & ~removed[name] for name in keep})
+        if allocation == "uniform":
+            return {"uniform": uniform_split(sizes, target)}
+        if allocation == "global":
+            if global_split is None:
+                raise RuntimeError("allocation='global' ranks ECP importances: call Pruner.calibrate(batches) first")
+            return {"global": global_split}
+        return candidate_splits(sizes, target, global_split)
+
+    def _keep_for(self, scores: Mapping[str, torch.Tensor], scope: Scope) -> Callable[[Mapping[str, float]], dict]:
+        """Keep masks from ``scores`` at given per-layer sparsities (within a row or N:M group per scope)."""
+        per_layer = scope if scope.kind in ("row", "n:m") else Scope("layer")
+
+        def keep_fn(split: Mapping[str, float]) -> dict[str, torch.Tensor]:
+            result = {}
+            for name, spec in self.layers.items():
+                keep = self._keep_mask(spec)
+                removed = select_weights({name: scores[name]}, {name: keep}, split[name], per_layer)[name]
+                result[name] = keep & ~removed
+            return result
+
+        return keep_fn
+
     # ---- helpers --------------------------------------------------------------------------------
 
     def _keep_mask(self, spec: LayerSpec) -> torch.Tensor:
@@ -601,18 +740,30 @@ def prune(
     method: str = "ecp",
     scope: str = "global",
     steps: int = 1,
-    sensitivity: str = "output",
+    sensitivity: str | None = None,
     probes: int | None = None,
     layers: Sequence[str] | None = None,
     loss_fn: LossFn | None = None,
     seed: int = 0,
     progress: bool = True,
+    *,
+    reconstruct: bool = False,
+    allocation: str | None = None,
+    divergence: str = "auto",
 ) -> PruneReport:
     """Calibrate on ``batches`` and prune ``model`` in place in one call; see :class:`Pruner`.
 
     ``batches`` may be None for the methods that need no data (``magnitude``, ``random``).
+    ``sensitivity`` defaults to ``"output"``, and to ``"local"`` for ``sparsegpt``, which weights
+    every sample alike and so needs no backward pass. ``method="ecp-obs"`` is the best one-shot
+    configuration: sensitivity-weighted OBS, refit towards the dense network and an allocation search.
     """
+    if sensitivity is None:
+        sensitivity = "local" if method == "sparsegpt" else "output"
     pruner = Pruner(model, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=progress)
     if batches is not None:
         pruner.calibrate(batches, loss_fn=loss_fn)
-    return pruner.prune(sparsity=sparsity, method=method, scope=scope, steps=steps)
+    return pruner.prune(
+        sparsity=sparsity, method=method, scope=scope, steps=steps, reconstruct=reconstruct, allocation=allocation,
+        divergence=divergence,
+    )

@@ -1,0 +1,138 @@
+"""Allocation: how a total sparsity is split across layers.
+
+* ``"uniform"``: every layer at the total sparsity.
+* ``"global"``: one ranking of a registered importance over all layers (the layers' shares follow).
+* ``"search"``: a small set of candidate splits, each pruned and scored by the divergence between
+  the dense and the pruned model's outputs on the calibration batches (KL for classifiers, mean
+  squared error otherwise); never labels or test data. The candidates are the uniform split, the
+  global split, blends of the two, and splits that prune larger layers harder
+  (``density_l ~ size_l^-alpha``), so the search costs a handful of reconstructions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ecp_fast.pruning.batches import module_device, split_batch, to_device
+
+ALLOCATIONS = ("global", "uniform", "search")
+DIVERGENCES = ("auto", "kl", "mse")
+#: Exponents of the size-based candidates (0 is the uniform split).
+SIZE_EXPONENTS = (0.25, 0.5, 0.75, 1.0)
+#: Blends ``(1 - beta) * uniform + beta * global`` tried by the search.
+GLOBAL_BLENDS = (0.25, 0.5, 0.75, 1.0)
+
+Split = dict[str, float]
+
+
+def uniform_split(sizes: Mapping[str, int], sparsity: float) -> Split:
+    """Every layer at ``sparsity``."""
+    return {name: sparsity for name in sizes}
+
+
+def size_split(sizes: Mapping[str, int], sparsity: float, alpha: float) -> Split:
+    """Densities ``min(1, kappa * (size / mean size)^-alpha)`` with ``kappa`` meeting the total."""
+    total = sum(sizes.values())
+    mean = total / len(sizes)
+    target = (1.0 - sparsity) * total
+    shape = {name: (size / mean) ** -alpha for name, size in sizes.items()}
+
+    def kept(kappa: float) -> float:
+        return sum(min(1.0, kappa * shape[name]) * size for name, size in sizes.items())
+
+    low, high = 0.0, 1.0
+    while kept(high) < target and high < 1e12:
+        high *= 2.0
+    for _ in range(100):  # bisection: kept() is monotone in kappa
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(middle) < target else (low, middle)
+    return {name: 1.0 - min(1.0, high * shape[name]) for name in sizes}
+
+
+def blend(first: Split, second: Split, beta: float) -> Split:
+    """``(1 - beta) * first + beta * second`` per layer (the total is kept when both meet it)."""
+    return {name: (1.0 - beta) * first[name] + beta * second[name] for name in first}
+
+
+def split_from_keep(keep: Mapping[str, torch.Tensor]) -> Split:
+    """Per-layer sparsity of keep masks (for example the result of a global selection)."""
+    return {name: 1.0 - float(mask.double().mean()) for name, mask in keep.items()}
+
+
+def candidate_splits(sizes: Mapping[str, int], sparsity: float, global_split: Split | None) -> dict[str, Split]:
+    """The search's candidates by label: uniform, size-based, and blends with the global split."""
+    candidates = {"uniform": uniform_split(sizes, sparsity)}
+    for alpha in SIZE_EXPONENTS:
+        candidates[f"size^-{alpha:g}"] = size_split(sizes, sparsity, alpha)
+    if global_split is not None:
+        for beta in GLOBAL_BLENDS:
+            label = "global" if beta == 1.0 else f"blend {beta:g}"
+            candidates[label] = blend(candidates["uniform"], global_split, beta)
+    return candidates
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+
+
+def resolve_divergence(divergence: str, batches: Sequence[Any]) -> str:
+    """``"auto"`` is KL when the calibration targets are class indices, else mean squared error."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"argument 'divergence' must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence != "auto":
+        return divergence
+    targets = split_batch(batches[0])[1]
+    is_class = isinstance(targets, torch.Tensor) and not targets.is_floating_point() and not targets.is_complex()
+    return "kl" if is_class else "mse"
+
+
+def model_outputs(
+    model: nn.Module, batches: Sequence[Any], output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """The model's outputs on every batch, in eval mode, without a graph."""
+    device = module_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = []
+            for batch in batches:
+                raw = model(to_device(split_batch(batch)[0], device))
+                outputs.append((raw if output_fn is None else output_fn(raw)).detach())
+            return outputs
+    finally:
+        model.train(was_training)
+
+
+def output_divergence(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], kind: str) -> float:
+    """Mean KL(reference || outputs) over samples of softmax outputs, or the mean squared error."""
+    total, count = 0.0, 0
+    for expected, actual in zip(reference, outputs):
+        expected, actual = expected.double(), actual.double()
+        if kind == "kl":
+            flat_expected = expected.reshape(-1, expected.shape[-1])
+            flat_actual = actual.reshape(-1, actual.shape[-1])
+            total += float(
+                F.kl_div(F.log_softmax(flat_actual, -1), F.log_softmax(flat_expected, -1), log_target=True,
+                         reduction="sum")
+            )
+            count += flat_expected.shape[0]
+        else:
+            total += float((expected - actual).square().sum())
+            count += expected.numel()
+    value = total / max(count, 1)
+    return value if math.isfinite(value) else math.inf
+
+
+@dataclass
+class SearchResult:
+    """The chosen split and the divergence of every candidate tried."""
+
+    chosen: str
+    split: Split
+    divergences: dict[str, float]

@@ -1,0 +1,371 @@
+"""Compensation by reconstruction: layer by layer, the kept weights (and the bias) absorb what is removed.
+
+The layers of a model are pruned one at a time in forward order. Layer ``k`` sees the inputs that
+the already pruned layers ``0 .. k-1`` produce (``x~p = [a_pruned; 1]``); its quadratic is the
+sample-weighted Gram matrix ``H = sum_s w_s x~p x~p^T`` (op ``ecp.gram``). The mask is chosen by an
+Optimal Brain Surgeon sweep on ``[W | b]`` (the bias column is never pruned) or taken from a
+registered importance, and with ``refit`` the kept weights and bias are then solved exactly towards
+the *dense* network's pre-activations, through the cross term ``C = sum_s w_s x~p x~d^T``
+(METHOD.md, "compensation by reconstruction"; derivation in docs/method.md).
+
+Sample weights ``w_s`` are 1 (SparseGPT) or the row-mean ``c-bar_s`` of the layer's ECP
+sensitivities: weighting by each neuron's own ``c_i^s`` would be zero wherever a ReLU unit is off,
+and the compensation would then switch such units on; the row-mean keeps every sample in every row.
+
+Everything is computed on a working copy of the model; the caller's model is changed only when every
+layer is done (:func:`apply_outcomes`), so a failure never leaves a half-pruned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from ecp_fast.pruning import obs
+from ecp_fast.pruning.batches import module_device, split_batch, to_device
+from ecp_fast.pruning.calibration import LayerSpec, weight_parameter
+from ecp_fast.pruning.masks import install_mask
+
+logger = logging.getLogger(__name__)
+
+try:  # the fused op, where this build has it
+    from ecp_fast.ops import gram
+except ImportError:  # pragma: no cover - until ecp.gram lands
+    def gram(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+        ones = a.new_ones(a.shape[0], 1)
+        left = torch.cat([a, ones], 1)
+        right = left if b is None else torch.cat([b, ones], 1)
+        if weight is not None:
+            left = left * weight.unsqueeze(1)
+        return left.T @ right
+
+try:
+    from ecp_fast.pruning.batches import call_model
+except ImportError:  # pragma: no cover - until dict batches land
+    def call_model(model: nn.Module, inputs: Any) -> Any:
+        return model(inputs)
+
+Pattern = obs.Pattern
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig:
+    """How a reconstructive method chooses and compensates.
+
+    ``weighting``: ``"uniform"`` (``w_s = 1``) or ``"sensitivity"`` (``w_s = c-bar_s``).
+    ``refit``: solve the kept weights towards the dense pre-activations after the mask is chosen;
+    without it the OBS sweep's own update (towards the layer's output on the pruned inputs) stays.
+    ``damp``: dampening of ``H``, a fraction of its mean diagonal.
+    """
+
+    weighting: str
+    refit: bool
+    damp: float = 0.01
+    block_size: int = 128
+
+
+#: The reconstructive methods: SparseGPT as published (here with the bias column), and ECP-OBS.
+RECONSTRUCTIVE_METHODS: dict[str, ReconstructionConfig] = {
+    "sparsegpt": ReconstructionConfig(weighting="uniform", refit=False),
+    "ecp-obs": ReconstructionConfig(weighting="sensitivity", refit=True),
+}
+#: ``reconstruct=True`` with a mask method: masks as the method chooses them, then the refit.
+REFIT_ONLY = ReconstructionConfig(weighting="uniform", refit=True)
+
+
+@dataclass
+class LayerPlan:
+    """What to do with one layer: a fixed ``keep`` mask ``(out, in)``, or a sparsity and a pattern."""
+
+    sparsity: float = 0.0
+    pattern: Pattern = "unstructured"
+    keep: torch.Tensor | None = None
+
+
+@dataclass
+class LayerOutcome:
+    """A layer's new ``(out, in)`` weight, bias and keep mask, ready to apply."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    keep: torch.Tensor
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once the layer of interest has run: the rest is not needed."""
+
+
+# ---- capturing a layer's inputs ----------------------------------------------------------------
+
+
+def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: Any) -> torch.Tensor:
+    """``(N, in)`` inputs of ``module`` for one batch, stopping the forward pass right after it."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured.append(spec.inputs_2d(args[0].detach()))
+        raise _StopForward
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        call_model(model, inputs)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"argument 'layers': layer {spec.name!r} never ran during the model's forward pass")
+    return captured[0]
+
+
+def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any) -> list[str]:
+    """Names of ``specs`` in the order their modules first run on ``inputs``."""
+    order: list[str] = []
+    handles = []
+    for name, spec in specs.items():
+        def hook(_module: nn.Module, _args: tuple, name: str = name) -> None:
+            if name not in order:
+                order.append(name)
+
+        handles.append(spec.module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            call_model(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in specs if name not in order]
+    if missing:
+        raise ValueError(f"argument 'layers': layers {missing} never ran during the model's forward pass")
+    return order
+
+
+def layer_grams(
+    work: nn.Module,
+    dense: nn.Module | None,
+    spec: LayerSpec,
+    batches: Sequence[Any],
+    sample_weights: Sequence[torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``H`` of the layer's inputs in ``work`` and, with a ``dense`` copy, the cross term ``C``."""
+    work_module = dict(work.named_modules())[spec.name]
+    dense_module = None if dense is None else dict(dense.named_modules())[spec.name]
+    device = module_device(work)
+    hessian: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            inputs = to_device(split_batch(batch)[0], device)
+            pruned_inputs = _layer_inputs(work, work_module, spec, inputs).double()
+            weight = None if sample_weights is None else sample_weights[index].to(pruned_inputs)
+            part = gram(pruned_inputs, None, weight)
+            hessian = part if hessian is None else hessian + part
+            if dense_module is not None:
+                dense_inputs = _layer_inputs(dense, dense_module, spec, inputs).double()
+                part = gram(pruned_inputs, dense_inputs, weight)
+                cross = part if cross is None else cross + part
+    assert hessian is not None
+    return hessian, cross
+
+
+# ---- one layer -----------------------------------------------------------------------------------
+
+
+def _augmented(module: nn.Module, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = weight_parameter(module).detach().reshape(spec.fan_out, spec.fan_in)
+    mask = getattr(module, "weight_mask", None)
+    if mask is not None:
+        weight = weight * mask.reshape(spec.fan_out, spec.fan_in)
+    bias = module.bias.detach() if module.bias is not None else weight.new_zeros(spec.fan_out)
+    return weight, bias
+
+
+def solve_layer(
+    work: nn.Module,
+    dense: nn.Module | None,
+    spec: LayerSpec,
+    plan: LayerPlan,
+    config: ReconstructionConfig,
+    batches: Sequence[Any],
+    sample_weights: Sequence[torch.Tensor] | None,
+) -> LayerOutcome:
+    """Choose the layer's mask and compensation from its Gram matrices (the model is not changed)."""
+    hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
+    weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
+    if plan.keep is None:
+        result = obs.obs_sweep(
+            weight, bias, hessian, plan.sparsity, plan.pattern, block_size=config.block_size, damp=config.damp
+        )
+        keep, new_weight, new_bias = result.mask, result.weight, result.bias
+    else:
+        keep = plan.keep.to(device=weight.device, dtype=torch.bool)
+        new_weight, new_bias = weight * keep, bias
+    if config.refit:
+        dense_weight, dense_bias = _augmented(dict(dense.named_modules())[spec.name], spec)  # type: ignore[union-attr]
+        new_weight, new_bias = obs.refit(
+            new_weight, new_bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
+            ridge=config.damp,
+        )
+    return LayerOutcome(weight=new_weight * keep, bias=new_bias, keep=keep)
+
+
+def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: bool) -> bool:
+    """Put ``outcome`` into ``module``'s stored weight and bias; True when a bias was added."""
+    stored = weight_parameter(module)
+    added = False
+    with torch.no_grad():
+        stored.copy_(outcome.weight.reshape(stored.shape).to(stored.dtype))
+        if module.bias is None and add_bias and bool(outcome.bias.abs().sum() > 0):
+            module.bias = nn.Parameter(torch.zeros(spec.fan_out, dtype=stored.dtype, device=stored.device))
+            added = True
+        if module.bias is not None:
+            module.bias.copy_(outcome.bias.to(module.bias.dtype))
+    return added
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A copy whose masked weights are folded in, so weights can be written directly."""
+    work = copy.deepcopy(model)
+    for module in work.modules():
+        if hasattr(module, "weight_mask") and hasattr(module, "weight_orig"):
+            torch_prune.remove(module, "weight")
+    return work
+
+
+def reconstruct(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    plans: Mapping[str, LayerPlan],
+    config: ReconstructionConfig,
+    batches: Sequence[Any],
+    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+) -> tuple[dict[str, LayerOutcome], nn.Module]:
+    """Prune every layer of ``plans`` in forward order on a working copy of ``model``.
+
+    Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
+    is not changed (:func:`apply_outcomes` does that).
+    """
+    work = _plain_copy(model)
+    dense = copy.deepcopy(model) if config.refit else None
+    work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
+    first_inputs = to_device(split_batch(batches[0])[0], module_device(work))
+    order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
+    work.eval()  # copies: their modes need no restoring
+    if dense is not None:
+        dense.eval()
+    outcomes: dict[str, LayerOutcome] = {}
+    for name in progress(order):
+        spec = work_specs[name]
+        weights = None if sample_weights is None else sample_weights[name]
+        outcome = solve_layer(work, dense, spec, plans[name], config, batches, weights)
+        _write(spec.module, spec, outcome, add_bias=True)
+        outcomes[name] = outcome
+        logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
+    return outcomes, work
+
+
+def apply_outcomes(specs: Mapping[str, LayerSpec], outcomes: Mapping[str, LayerOutcome]) -> list[str]:
+    """Write every outcome into the caller's model and install the masks; returns layers given a bias."""
+    added = []
+    for name, outcome in outcomes.items():
+        spec = specs[name]
+        if _write(spec.module, spec, outcome, add_bias=True):
+            added.append(name)
+        stored = weight_parameter(spec.module)
+        install_mask(spec.module, outcome.keep.reshape(stored.shape).to(device=stored.device, dtype=stored.dtype))
+    return added
+
+
+# ---- sample weights ------------------------------------------------------------------------------
+
+
+def sensitivity_weights(
+    calibrator: Any, batches: Sequence[Any], names: Iterable[str], seed: int = 0
+) -> dict[str, list[torch.Tensor]]:
+    """``c-bar_s``, the row-mean of each layer's ECP sensitivities, per layer and batch (dense model).
+
+    ``calibrator`` is a :class:`~ecp_fast.pruning.calibration.Calibrator` of the dense model; its
+    sensitivity decides ``c`` (``local`` gives ones).
+    """
+    device = module_device(calibrator.model)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    weights: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    was_training = calibrator.model.training
+    calibrator.model.eval()
+    try:
+        for index, batch in enumerate(batches):
+            inputs, targets = split_batch(batch)
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            use_targets = targets if calibrator.loss_fn is not None else None
+            for name, grads in calibrator.gradients(inputs, use_targets, generator, index).items():
+                if name not in weights:
+                    continue
+                if grads.g is None:
+                    weights[name].append(grads.x.new_ones(grads.x.shape[0], dtype=torch.float64))
+                else:
+                    weights[name].append(grads.g.double().square().sum(0).mean(-1))
+    finally:
+        calibrator.model.train(was_training)
+    return weights
+
+
+# ---- candidates and the search -------------------------------------------------------------------
+
+
+KeepFn = Callable[[Mapping[str, float]], Mapping[str, torch.Tensor]]
+
+
+def _plans(split: Mapping[str, float], pattern: Pattern, keep_fn: KeepFn | None) -> dict[str, LayerPlan]:
+    keep = None if keep_fn is None else keep_fn(split)
+    return {
+        name: LayerPlan(sparsity=sparsity, pattern=pattern, keep=None if keep is None else keep[name])
+        for name, sparsity in split.items()
+    }
+
+
+def reconstruct_best(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    candidates: Mapping[str, Mapping[str, float]],
+    pattern: Pattern,
+    config: ReconstructionConfig,
+    batches: Sequence[Any],
+    keep_fn: KeepFn | None = None,
+    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
+    divergence: str = "mse",
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
+    """Reconstruct once per candidate split and keep the one whose outputs stay closest to the dense model.
+
+    Returns the outcomes of the chosen candidate, its label, and every candidate's divergence (empty
+    when there was only one candidate, which is then not evaluated).
+    """
+    from ecp_fast.pruning.allocation import model_outputs, output_divergence
+
+    if len(candidates) == 1:
+        label, split = next(iter(candidates.items()))
+        outcomes, _ = reconstruct(model, specs, _plans(split, pattern, keep_fn), config, batches, sample_weights)
+        return outcomes, label, {}
+    reference = model_outputs(model, batches, output_fn)
+    best: tuple[float, str, dict[str, LayerOutcome]] | None = None
+    divergences: dict[str, float] = {}
+    for label, split in candidates.items():
+        outcomes, work = reconstruct(model, specs, _plans(split, pattern, keep_fn), config, batches, sample_weights)
+        divergences[label] = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
+        logger.info("allocation candidate %s: divergence %.6g", label, divergences[label])
+        if best is None or divergences[label] < best[0]:
+            best = (divergences[label], label, outcomes)
+        del work
+    assert best is not None
+    return best[2], best[1], divergences
