@@ -53,6 +53,7 @@ from ecp_fast.pruning.batches import module_device
 from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.importance import get_method
+from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.pruner import PruneReport, Pruner, parse_scope
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,9 @@ def _check_arguments(
             f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has no "
             f"loss of its own), got {sensitivity!r}"
         )
+    if method in RECONSTRUCTIVE_METHODS:
+        parse_scope(scope)
+        return block_list
     chosen = get_method(method)
     if chosen.needs_loss:
         raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
@@ -262,6 +266,9 @@ def prune_sequential(
     synchronize: bool = True,
     seed: int = 0,
     progress: bool = True,
+    *,
+    reconstruct: bool = False,
+    allocation: str | None = None,
 ) -> SequentialReport:
     """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
 
@@ -290,6 +297,10 @@ def prune_sequential(
         seed: seeds the probes (offset per rank in a distributed job, see
             :func:`~ecp_fast.distributed.rank_seed`) and the ``random`` method (the same on every rank).
         progress: show a progress bar over the blocks.
+        reconstruct: refit each block's layers, in forward order, towards the dense block's outputs
+            on the block's (already pruned upstream) inputs; implied by ``sparsegpt`` and ``ecp-obs``.
+        allocation: how a block's total is split across its layers when reconstructing (see
+            :meth:`Pruner.prune`); the search compares the block's outputs (mean squared error).
 
     Returns:
         A :class:`SequentialReport` with one :class:`~ecp_fast.pruning.pruner.PruneReport` per block.
@@ -330,7 +341,10 @@ def prune_sequential(
                 pruner.calibrate(activations)
             if synchronize:
                 pruner.calibration = synchronize_calibration(pruner.calibration)
-            block_report = pruner.prune(sparsity=sparsity, method=method, scope=scope, steps=steps)
+            block_report = pruner.prune(
+                sparsity=sparsity, method=method, scope=scope, steps=steps, reconstruct=reconstruct,
+                allocation=allocation, divergence="mse",
+            )
             del pruner  # frees this block's statistics before its outputs are computed
             storage = storage_device if storage_device is not None else run_device
             report.activation_bytes = max(

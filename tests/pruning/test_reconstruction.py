@@ -1,0 +1,231 @@
+"""Reconstructive pruning: sparsegpt, ecp-obs and reconstruct=True, checked against direct solves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import ecp_fast
+from ecp_fast.pruning import allocation, obs, reconstruction
+from ecp_fast.pruning.calibration import LayerSpec
+
+
+def _relu_mlp(sizes=(12, 16, 8, 3), seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if index < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).double()
+
+
+def _batches(fan_in: int = 12, count: int = 3, size: int = 40, seed: int = 1, classes: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, fan_in, generator=generator, dtype=torch.float64),
+         torch.randint(0, classes, (size,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().clone() for key, value in model.state_dict().items()}
+
+
+def _augmented_inputs(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+
+
+def test_refit_of_a_later_layer_is_least_squares_to_the_dense_preactivations() -> None:
+    """Layer 2 is solved from the pruned layer 0's outputs towards the dense layer 2's outputs."""
+    model = _relu_mlp()
+    dense = copy.deepcopy(model)
+    batches = _batches()
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    pruner.calibrate(batches)
+    pruner.prune(0.6, method="magnitude", scope="layer", reconstruct=True, allocation="uniform")
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        pruned_inputs = model[1](model[0](x))  # what layer 2 sees in the pruned model
+        target = dense[2](dense[1](dense[0](x)))  # the dense pre-activations of layer 2
+    keep = model[2].weight_mask.bool()
+    design = _augmented_inputs(pruned_inputs)
+    hessian = design.T @ design
+    ridge = 0.01 * float(hessian.diagonal().mean())
+    # Ridge centred on the layer's weights before the refit: layer 2 is masked by magnitude on the
+    # dense weights, and only the kept ones (and the bias) move.
+    centre = torch.cat([dense[2].weight * keep, dense[2].bias.unsqueeze(1)], 1)
+    for row in range(keep.shape[0]):
+        support = torch.cat([keep[row], torch.tensor([True])])
+        columns = design[:, support]
+        stacked = torch.cat([columns, ridge**0.5 * torch.eye(int(support.sum()), dtype=torch.float64)])
+        rhs = torch.cat([target[:, row], ridge**0.5 * centre[row, support]])
+        expected = torch.linalg.lstsq(stacked, rhs.unsqueeze(1)).solution.squeeze(1)
+        actual = torch.cat([model[2].weight[row], model[2].bias[row : row + 1]])[support]
+        torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-9)
+
+
+def test_refit_never_increases_the_first_layers_preactivation_error() -> None:
+    model = _relu_mlp()
+    batches = _batches()
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        dense_out = model[0](x)
+    masked = copy.deepcopy(model)
+    ecp_fast.prune(masked, None, sparsity=0.7, method="magnitude", scope="layer", progress=False)
+    refitted = copy.deepcopy(model)
+    ecp_fast.prune(
+        refitted, batches, sparsity=0.7, method="magnitude", scope="layer", reconstruct=True,
+        allocation="uniform", sensitivity="local", progress=False,
+    )
+    assert torch.equal(masked[0].weight_mask, refitted[0].weight_mask)
+    with torch.no_grad():
+        error_masked = (masked[0](x) - dense_out).square().sum()
+        error_refit = (refitted[0](x) - dense_out).square().sum()
+    assert error_refit < error_masked
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "ecp-obs"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.8])
+def test_reconstructive_methods_meet_the_target_and_the_report_is_what_was_done(method: str, sparsity: float) -> None:
+    model = _relu_mlp()
+    report = ecp_fast.prune(model, _batches(), sparsity=sparsity, method=method, progress=False)
+    zeros = sum(int((module.weight == 0).sum()) for module in model if isinstance(module, nn.Linear))
+    total = sum(module.weight.numel() for module in model if isinstance(module, nn.Linear))
+    assert report.total_pruned == zeros
+    assert report.sparsity == pytest.approx(sparsity, abs=0.02)
+    for layer in report.layers:  # masks are installed and agree with the weights
+        module = dict(model.named_modules())[layer.name]
+        assert bool((module.weight[module.weight_mask == 0] == 0).all())
+        assert layer.pruned == int((module.weight_mask == 0).sum())
+    assert total == report.total_weights
+    if report.divergences:
+        assert report.candidate == min(report.divergences, key=report.divergences.get)
+
+
+def test_sparsegpt_prunes_every_layer_to_the_same_sparsity_and_matches_the_sweep_on_one_layer() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 6).double()
+    model = nn.Sequential(layer)
+    batches = _batches(fan_in=20)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    ecp_fast.prune(model, batches, sparsity=0.5, method="sparsegpt", progress=False)
+    x = torch.cat([b[0] for b in batches])
+    design = _augmented_inputs(x)
+    expected = obs.obs_sweep(weight, bias, design.T @ design, 0.5)
+    torch.testing.assert_close(layer.weight.detach(), expected.weight, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(layer.bias.detach(), expected.bias, rtol=1e-6, atol=1e-9)
+
+
+def test_two_to_four_and_row_patterns_hold_exactly() -> None:
+    model = _relu_mlp(sizes=(12, 16, 8, 4))
+    ecp_fast.prune(model, _batches(), method="ecp-obs", scope="2:4", progress=False)
+    for module in (model[0], model[2], model[4]):
+        groups = (module.weight_mask.reshape(module.weight.shape[0], -1, 4) != 0).sum(-1)
+        assert bool((groups == 2).all())
+    model = _relu_mlp()
+    ecp_fast.prune(model, _batches(), sparsity=0.75, method="sparsegpt", scope="row", progress=False)
+    assert bool(((model[0].weight_mask == 0).sum(1) == 9).all())
+
+
+def test_conv_and_leading_dimension_layers_reconstruct() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(1), nn.Linear(4 * 5 * 5, 3)
+    ).double()
+    batches = [(torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(2)]
+    report = ecp_fast.prune(model, batches, sparsity=0.5, method="ecp-obs", progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    tokens = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    token_batches = [torch.randn(3, 7, 6, dtype=torch.float64) for _ in range(2)]
+    report = ecp_fast.prune(tokens, token_batches, sparsity=0.5, method="sparsegpt", progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=0.05)
+
+
+def test_a_failure_inside_the_reconstruction_leaves_the_model_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _relu_mlp()
+    before = _state(model)
+    calls = {"count": 0}
+    original = obs.refit
+
+    def failing_refit(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obs, "refit", failing_refit)
+    with pytest.raises(KeyboardInterrupt):
+        ecp_fast.prune(model, _batches(), sparsity=0.5, method="ecp-obs", allocation="uniform", progress=False)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[key], before[key]) for key in before)
+    assert not any(hasattr(module, "weight_mask") for module in model.modules())
+
+
+def test_bad_arguments_are_refused_before_any_change() -> None:
+    model = _relu_mlp()
+    before = _state(model)
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        pruner.prune(0.5, method="sparsegpt")
+    pruner.calibrate(_batches())
+    with pytest.raises(ValueError, match="argument 'allocation'"):
+        pruner.prune(0.5, method="ecp-obs", allocation="greedy")
+    with pytest.raises(ValueError, match="argument 'steps'"):
+        pruner.prune(0.5, method="sparsegpt", steps=3)
+    with pytest.raises(ValueError, match="argument 'method'"):
+        pruner.prune(0.5, method="nope", reconstruct=True)
+    with pytest.raises(ValueError, match="argument 'sparsity'"):
+        pruner.prune(1.5, method="sparsegpt")
+    one_shot = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    one_shot.calibrate(iter(_batches()))
+    with pytest.raises(ValueError, match="re-iterable"):
+        one_shot.prune(0.5, method="sparsegpt")
+    assert all(torch.equal(model.state_dict()[key], before[key]) for key in before)
+
+
+def test_size_split_meets_the_total_and_prunes_larger_layers_harder() -> None:
+    sizes = {"a": 1000, "b": 100, "c": 10}
+    split = allocation.size_split(sizes, 0.9, 0.5)
+    kept = sum((1 - split[name]) * size for name, size in sizes.items())
+    assert kept == pytest.approx(0.1 * 1110, rel=1e-9)
+    assert split["a"] > split["b"] > split["c"]
+    assert allocation.size_split(sizes, 0.9, 0.0) == pytest.approx(allocation.uniform_split(sizes, 0.9))
+
+
+def test_divergence_is_zero_for_identical_outputs_and_positive_otherwise() -> None:
+    logits = [torch.randn(5, 3, dtype=torch.float64)]
+    assert allocation.output_divergence(logits, logits, "kl") == pytest.approx(0.0, abs=1e-12)
+    assert allocation.output_divergence(logits, [logits[0] + torch.randn(5, 3, dtype=torch.float64)], "kl") > 0
+    assert allocation.output_divergence(logits, [logits[0] + 1], "mse") == pytest.approx(1.0)
+    assert allocation.resolve_divergence("auto", _batches()) == "kl"
+    assert allocation.resolve_divergence("auto", [(torch.randn(2, 3), torch.randn(2, 1))]) == "mse"
+
+
+def test_forward_order_follows_execution_not_registration() -> None:
+    class Reversed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = nn.Linear(4, 2)
+            self.first = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x).relu())
+
+    model = Reversed()
+    specs = {name: LayerSpec(name, module, "linear") for name, module in model.named_children()}
+    assert reconstruction.forward_order(model, specs, torch.randn(2, 3)) == ["first", "second"]
+
+
+def test_sequential_blocks_accept_reconstructive_methods() -> None:
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)]).double()
+    inputs = [torch.randn(16, 8, dtype=torch.float64) for _ in range(2)]
+    report = ecp_fast.prune_sequential(blocks, inputs, sparsity=0.5, method="sparsegpt", progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    assert all(hasattr(block[0], "weight_mask") for block in blocks)
