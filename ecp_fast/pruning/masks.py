@@ -3,28 +3,89 @@
 A pruned layer holds ``weight_orig`` (a parameter) and ``weight_mask`` (a buffer); a forward pre-hook
 recomputes ``weight = weight_orig * weight_mask``, so fine-tuning keeps the zeros, and both travel in
 ``state_dict``. Zeros alone make a model neither smaller nor faster: see the README.
+
+Every function here that changes a model checks its arguments first and then changes the model
+inside :func:`~ecp_fast.pruning.transaction.model_transaction`: it succeeds completely or leaves
+the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
+
+from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
 
+#: Layers that can receive a compensated bias when a saved model has one and the layer has none.
+BIAS_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-def install_mask(module: nn.Module, mask: torch.Tensor) -> None:
-    """Mask ``module.weight`` with ``mask`` (1 keeps, 0 removes), combining with an existing mask."""
-    weight = module.weight_orig if hasattr(module, "weight_orig") else module.weight
-    if mask.shape != weight.shape:
+
+def weight_reparametrization(module: nn.Module, name: str = "weight") -> str | None:
+    """How ``module.<name>`` is re-parametrised other than by a pruning mask, or None.
+
+    Detects ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``, ``orthogonal``, ...)
+    and the hooks of the old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm``.
+    """
+    if parametrize.is_parametrized(module, name):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        return f"torch.nn.utils.parametrize: {kinds}"
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, torch_prune.BasePruningMethod):
+            continue
+        if getattr(hook, "name", None) == name:
+            return f"{type(hook).__name__} hook"
+    return None
+
+
+def check_maskable(module: nn.Module, layer: str | None = None) -> None:
+    """Raise ``ValueError`` unless ``module.weight`` can take a ``torch.nn.utils.prune`` mask.
+
+    ``layer`` names the module in the message. A weight behind ``weight_norm`` or any other
+    parametrization cannot: the mask would act on a computed tensor.
+    """
+    label = repr(layer) if layer is not None else type(module).__name__
+    kind = weight_reparametrization(module)
+    if kind is not None:
         raise ValueError(
-            f"install_mask: argument 'mask' must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}"
+            f"layer {label} has a parametrized weight (weight_norm/parametrize; found {kind}); "
+            "remove the parametrization or exclude the layer"
         )
-    torch_prune.custom_from_mask(module, "weight", mask.to(device=weight.device))
+    weight = getattr(module, "weight_orig", None) if hasattr(module, "weight_mask") else getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"layer {label} ({type(module).__name__}) has no weight tensor to mask")
+
+
+def _check_mask(mask: Any, weight: torch.Tensor, what: str) -> None:
+    """Raise unless ``mask`` is a tensor of ``weight``'s shape holding only 0 and 1."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(weight.shape):
+        raise ValueError(f"{what} must have the weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{what} must hold only 0 (removed) and 1 (kept), got other values")
+
+
+def install_mask(module: nn.Module, mask: torch.Tensor, name: str | None = None) -> None:
+    """Mask ``module.weight`` with ``mask`` (1 keeps, 0 removes), combining with an existing mask.
+
+    ``name`` labels the layer in errors. Raises ``ValueError`` for a parametrized weight, a mask of
+    the wrong shape or with values other than 0 and 1; the module is then unchanged.
+    """
+    check_maskable(module, name)
+    weight = module.weight_orig if hasattr(module, "weight_orig") else module.weight
+    what = "install_mask: argument 'mask'" + (f" of layer {name!r}" if name is not None else "")
+    _check_mask(mask, weight, what)
+    with model_transaction(module, values=False):
+        torch_prune.custom_from_mask(module, "weight", mask.to(device=weight.device))
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,14 +106,131 @@ def has_pruning_hooks(model: nn.Module) -> bool:
     )
 
 
+def _has_pruning_hook(module: nn.Module, name: str = "weight") -> bool:
+    return any(
+        isinstance(hook, torch_prune.BasePruningMethod) and getattr(hook, "_tensor_name", None) == name
+        for hook in module._forward_pre_hooks.values()
+    )
+
+
 def remove_masks(model: nn.Module) -> list[str]:
-    """Make every mask permanent (``prune.remove``): plain ``weight`` parameters with zeros remain."""
-    removed = []
-    for name, module in model.named_modules():
-        if hasattr(module, "weight_mask") and hasattr(module, "weight_orig"):
+    """Make every mask permanent (``prune.remove``): plain ``weight`` parameters with zeros remain.
+
+    Returns the names of the layers whose masks were removed. Raises ``ValueError`` (model
+    unchanged) when a layer holds ``weight_orig`` / ``weight_mask`` without the pruning hook.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove_masks: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    masked = [
+        (name, module)
+        for name, module in model.named_modules()
+        if hasattr(module, "weight_mask") and hasattr(module, "weight_orig")
+    ]
+    for name, module in masked:
+        if not _has_pruning_hook(module):
+            raise ValueError(
+                f"remove_masks: layer {name!r} has weight_orig and weight_mask but no torch.nn.utils.prune hook; "
+                "expected a layer pruned with torch.nn.utils.prune"
+            )
+    with model_transaction(model):
+        for _, module in masked:
             torch_prune.remove(module, "weight")
-            removed.append(name)
-    return removed
+    return [name for name, _ in masked]
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _LoadPlan:
+    """What :func:`apply_masks_from_state_dict` will do, computed before anything changes."""
+
+    masks: list[tuple[str, nn.Module, torch.Tensor]]
+    biases: list[tuple[str, nn.Module, int]]
+    masked: list[str]
+
+
+def _stored_weight(module: nn.Module) -> torch.Tensor | None:
+    weight = getattr(module, "weight_orig", None) if hasattr(module, "weight_mask") else getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _split_key(key: Any, suffix: str, modules: Mapping[str, nn.Module]) -> tuple[str, nn.Module | None] | None:
+    """``(layer name, module or None)`` for a key ending in ``suffix``, else None."""
+    if not isinstance(key, str):
+        raise TypeError(f"apply_masks_from_state_dict: argument 'state_dict' must have string keys, got {key!r}")
+    if not key.endswith(suffix):
+        return None
+    name = key[: -len(suffix)]
+    return name, modules.get(name)
+
+
+def _plan_masks(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> tuple[list, list[str]]:
+    masks, masked = [], []
+    for key, mask in state_dict.items():
+        split = _split_key(key, ".weight_mask", modules)
+        if split is None:
+            continue
+        name, module = split
+        if module is None:
+            raise ValueError(f"apply_masks_from_state_dict: state_dict key {key!r} names no module of the model")
+        check_maskable(module, name)
+        weight = _stored_weight(module)
+        assert weight is not None  # check_maskable
+        _check_mask(mask, weight, f"apply_masks_from_state_dict: state_dict[{key!r}]")
+        if not hasattr(module, "weight_mask"):
+            masks.append((name, module, mask))
+        masked.append(name)
+    return masks, masked
+
+
+def _check_weight_orig(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> None:
+    """Every ``<layer>.weight_orig`` comes with its mask and has the layer's weight shape."""
+    for key, orig in state_dict.items():
+        split = _split_key(key, ".weight_orig", modules)
+        if split is None or split[1] is None:
+            continue  # a key of no module: load_state_dict reports it
+        name, module = split
+        if f"{name}.weight_mask" not in state_dict:
+            raise ValueError(
+                f"apply_masks_from_state_dict: argument 'state_dict' has '{name}.weight_orig' but no "
+                f"'{name}.weight_mask'; a pruned layer is saved with both"
+            )
+        weight = _stored_weight(module)
+        if not isinstance(orig, torch.Tensor) or weight is None or tuple(orig.shape) != tuple(weight.shape):
+            expected = None if weight is None else tuple(weight.shape)
+            got = tuple(orig.shape) if isinstance(orig, torch.Tensor) else type(orig).__name__
+            raise ValueError(
+                f"apply_masks_from_state_dict: state_dict[{key!r}] must be a tensor of the weight's shape "
+                f"{expected}, got {got}"
+            )
+
+
+def _plan_biases(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> list[tuple[str, nn.Module, int]]:
+    biases = []
+    for key, bias in state_dict.items():
+        split = _split_key(key, ".bias", modules)
+        if split is None or split[1] is None or not isinstance(split[1], BIAS_LAYERS):
+            continue
+        name, module = split
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"apply_masks_from_state_dict: state_dict[{key!r}] must be a tensor, got {type(bias).__name__}")
+        weight = _stored_weight(module)
+        outputs = int(weight.shape[0]) if weight is not None else -1
+        if tuple(bias.shape) != (outputs,):
+            raise ValueError(
+                f"apply_masks_from_state_dict: state_dict[{key!r}] must have shape ({outputs},) (the outputs of "
+                f"layer {name!r}), got {tuple(bias.shape)}"
+            )
+        if module.bias is None:
+            biases.append((name, module, outputs))
+    return biases
+
+
+def _add_zero_bias(module: nn.Module, outputs: int) -> None:
+    weight = _stored_weight(module)
+    assert weight is not None  # checked by _plan_biases
+    module.bias = nn.Parameter(torch.zeros(outputs, dtype=weight.dtype, device=weight.device))
 
 
 def apply_masks_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -61,25 +239,31 @@ def apply_masks_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch
     For every ``<layer>.weight_mask`` in ``state_dict`` the layer gets that mask; a ``<layer>.bias``
     saved for a layer that has none (a bias added by compensation) gets a zero bias parameter.
     Returns the names of the masked layers. Then call ``model.load_state_dict(state_dict)``.
+
+    The whole ``state_dict`` is checked before the model changes: every mask names an existing,
+    maskable layer (no parametrized weight), has the weight's shape and holds only 0 and 1, and
+    every bias of a Linear / Conv layer has shape ``(out,)``. ``TypeError`` / ``ValueError``
+    otherwise, with the model unchanged.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"apply_masks_from_state_dict: argument 'model' must be an nn.Module, got {type(model).__name__}"
+        )
+    if not isinstance(state_dict, Mapping):
+        hint = " (load the file first: torch.load(path))" if isinstance(state_dict, (str, bytes)) else ""
+        raise TypeError(
+            "apply_masks_from_state_dict: argument 'state_dict' must be a mapping of names to tensors"
+            f"{hint}, got {type(state_dict).__name__}"
+        )
     modules = dict(model.named_modules())
-    masked = []
-    for key, mask in state_dict.items():
-        if not key.endswith(".weight_mask"):
-            continue
-        name = key[: -len(".weight_mask")]
-        if name not in modules:
-            raise ValueError(f"apply_masks_from_state_dict: state_dict key {key!r} names no module of the model")
-        module = modules[name]
-        if not hasattr(module, "weight_mask"):
-            install_mask(module, mask)
-        masked.append(name)
-    for key, bias in state_dict.items():
-        if not key.endswith(".bias"):
-            continue
-        name = key[: -len(".bias")]
-        module = modules.get(name)
-        if module is not None and isinstance(module, (nn.Linear, nn.Conv2d)) and module.bias is None:
-            module.bias = nn.Parameter(torch.zeros_like(bias))
+    masks, masked = _plan_masks(modules, state_dict)
+    _check_weight_orig(modules, state_dict)
+    plan = _LoadPlan(masks, _plan_biases(modules, state_dict), masked)
+    with model_transaction(model, values=False):
+        for name, module, mask in plan.masks:
+            weight = _stored_weight(module)
+            torch_prune.custom_from_mask(module, "weight", mask.to(device=weight.device))
+        for name, module, outputs in plan.biases:
+            _add_zero_bias(module, outputs)
             logger.info("added a bias to %r to load the compensated bias of the saved model", name)
-    return masked
+    return plan.masked

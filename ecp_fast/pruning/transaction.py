@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.parameter import Parameter
 from torch.nn.utils import prune as torch_prune
 
 logger = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _copy(tensor: torch.Tensor, storage: torch.device | None) -> torch.Tensor:
 
 
 def _record_tensor(tensor: torch.Tensor, values: bool, storage: torch.device | None) -> _TensorRecord:
-    grad = tensor.grad if isinstance(tensor, nn.Parameter) else None
+    grad = tensor.grad if isinstance(tensor, Parameter) else None
     if values and grad is not None:
         grad = _copy(grad, storage)
     return _TensorRecord(
@@ -139,7 +140,7 @@ def _restore_tensor(record: _TensorRecord) -> None:
             tensor.data = record.value.to(device=record.device, dtype=record.dtype)
     if tensor.is_leaf and tensor.requires_grad != record.requires_grad:
         tensor.requires_grad_(record.requires_grad)
-    if isinstance(tensor, nn.Parameter):
+    if isinstance(tensor, Parameter):
         grad = record.grad
         tensor.grad = None if grad is None else grad.to(device=record.device)
 
