@@ -1,15 +1,97 @@
-"""Calibration batches: what a batch holds, how the model is called on it, where it lives."""
+"""Calibration batches: what a batch holds, how the model is called on it, where it lives.
+
+A batch is ``inputs`` or ``(inputs, targets)``. ``inputs`` is
+
+* a tensor, passed as ``model(inputs)``;
+* a mapping (a ``dict``, or what a Hugging Face tokenizer returns), passed as ``model(**inputs)``;
+  an ``attention_mask`` key (``(batch, tokens)``, 1 for real tokens, 0 for padding) makes padding
+  tokens count for nothing in the statistics (:func:`sample_weights`);
+* a :class:`BlockInputs`, the captured positional and keyword arguments of one block of a model
+  (:func:`capture_block_inputs`), passed as ``block(hidden, *args, **kwargs)``.
+
+Hugging Face models (a ``config`` with ``use_cache``) are called with ``use_cache=False``: a
+key/value cache is never needed for calibration and would hold every layer's keys and values.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+# ---- one block's captured arguments ----------------------------------------------------------------
+
+
+@dataclass
+class BlockInputs:
+    """What one block of a model receives for one batch: ``block(hidden, *args, **kwargs)``.
+
+    Attributes:
+        hidden: the hidden states, the block's first argument (``(batch, tokens, d)`` in a transformer).
+        args: the remaining positional arguments.
+        kwargs: the keyword arguments (attention mask, position embeddings or ids, ``use_cache=False``).
+        token_weights: ``(batch * tokens,)`` 0/1 weights of the tokens (0 for padding), or None when
+            every token counts.
+    """
+
+    hidden: torch.Tensor
+    args: tuple = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    token_weights: torch.Tensor | None = None
+
+    def __call__(self, block: nn.Module) -> torch.Tensor:
+        """The block's output hidden states (the first element when it returns a tuple)."""
+        return block_output(block(self.hidden, *self.args, **self.kwargs))
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
+        """The same arguments with new hidden states (the previous block's output)."""
+        return replace(self, hidden=hidden)
+
+    def to(self, device: torch.device | str | None) -> "BlockInputs":
+        """Every tensor (also inside ``args`` and ``kwargs``) on ``device``; None leaves them where they are."""
+        if device is None:
+            return self
+        device = torch.device(device)
+        return BlockInputs(
+            hidden=self.hidden.to(device),
+            args=to_device(self.args, device),
+            kwargs=to_device(self.kwargs, device),
+            token_weights=None if self.token_weights is None else self.token_weights.to(device),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the hidden states (the other arguments are usually shared or small)."""
+        return self.hidden.numel() * self.hidden.element_size()
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """A block's hidden states: the output itself, or the first element of a tuple or list."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"a block must return a tensor or a tuple whose first element is a tensor, got {type(output).__name__}"
+    )
+
+
+# ---- batches -------------------------------------------------------------------------------------------
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """``inputs`` or ``(inputs, targets)`` (tuple, list) -> ``(inputs, targets or None)``."""
+    """``inputs`` or ``(inputs, targets)`` (tuple, list) -> ``(inputs, targets or None)``.
+
+    A mapping or :class:`BlockInputs` is inputs alone; ``(mapping, targets)`` is a pair.
+    """
     if isinstance(batch, (tuple, list)):
         if len(batch) == 1:
             return batch[0], None
@@ -22,9 +104,33 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` on ``device`` when it is a tensor; anything else unchanged."""
+    """``value`` on ``device``: tensors moved, mappings, tuples, lists and :class:`BlockInputs` moved
+    item by item (a mapping becomes a ``dict``); anything else unchanged."""
     if isinstance(value, torch.Tensor):
         return value.to(device)
+    if isinstance(value, BlockInputs):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(to_device(item, device) for item in value)
+    if isinstance(value, list):
+        return [to_device(item, device) for item in value]
+    return value
+
+
+def detach(value: Any) -> Any:
+    """``value`` with every tensor detached (through mappings, tuples, lists and :class:`BlockInputs`)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, BlockInputs):
+        return BlockInputs(detach(value.hidden), detach(value.args), detach(value.kwargs), value.token_weights)
+    if isinstance(value, Mapping):
+        return {key: detach(item) for key, item in value.items()}
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(detach(item) for item in value)
+    if isinstance(value, list):
+        return [detach(item) for item in value]
     return value
 
 
@@ -35,3 +141,202 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        return False
+    try:
+        return "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` on one batch's inputs: ``model(**inputs)`` for a mapping,
+    ``block(hidden, *args, **kwargs)`` for :class:`BlockInputs`, ``model(inputs)`` otherwise.
+
+    Hugging Face models get ``use_cache=False`` unless the mapping sets it.
+    """
+    if isinstance(inputs, BlockInputs):
+        return model(inputs.hidden, *inputs.args, **inputs.kwargs)
+    extra = {"use_cache": False} if _takes_use_cache(model) else {}
+    if isinstance(inputs, Mapping):
+        kwargs = dict(inputs)
+        if "use_cache" in kwargs:
+            extra = {}
+        return model(**kwargs, **extra)
+    return model(inputs, **extra)
+
+
+def model_output(raw_output: Any) -> torch.Tensor:
+    """The output tensor ``y`` of what a model returned (the default ``output_fn``).
+
+    A tensor is itself; an object or mapping with ``logits`` (a Hugging Face ``ModelOutput``) gives
+    the logits; a tuple or list gives its first tensor; another mapping its first tensor value.
+    """
+    if isinstance(raw_output, torch.Tensor):
+        return raw_output
+    logits = raw_output.get("logits") if isinstance(raw_output, Mapping) else getattr(raw_output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values: Iterable[Any] = ()
+    if isinstance(raw_output, Mapping):
+        values = raw_output.values()
+    elif isinstance(raw_output, (tuple, list)):
+        values = raw_output
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(
+        f"the model returned {type(raw_output).__name__} without a tensor, logits or a first tensor element; "
+        "pass output_fn to select the output tensor"
+    )
+
+
+def sample_weights(inputs: Any) -> torch.Tensor | None:
+    """Per-token weights ``(batch * tokens,)`` (1.0 for real tokens, 0.0 for padding), flattened in the
+    order a Linear layer's inputs ``(batch, tokens, in)`` flatten to samples; None when every sample
+    counts (no ``attention_mask`` in a mapping, no ``token_weights`` in :class:`BlockInputs`).
+    """
+    if isinstance(inputs, BlockInputs):
+        return inputs.token_weights
+    if not isinstance(inputs, Mapping):
+        return None
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError(
+            "argument 'batches': 'attention_mask' must be a (batch, tokens) tensor of 0 (padding) and 1 (token), "
+            f"got {type(mask).__name__} of shape {tuple(getattr(mask, 'shape', ()))}"
+        )
+    return (mask.reshape(-1) != 0).to(torch.float32)
+
+
+def count_samples(inputs: Any) -> int:
+    """Samples in one batch's inputs, as reports count them.
+
+    With an attention mask (or :class:`BlockInputs` token weights), the real (non-padding) tokens;
+    a mapping with ``input_ids`` counts every token; :class:`BlockInputs` counts the positions of its
+    hidden states; a tensor counts its first dimension (one sample per row).
+    """
+    weights = sample_weights(inputs)
+    if weights is not None:
+        return int(weights.count_nonzero())
+    if isinstance(inputs, BlockInputs):
+        return int(inputs.hidden.shape[:-1].numel()) if inputs.hidden.dim() > 1 else 1
+    if isinstance(inputs, Mapping):
+        ids = inputs.get("input_ids")
+        if isinstance(ids, torch.Tensor):
+            return int(ids.numel())
+        for value in inputs.values():
+            if isinstance(value, torch.Tensor):
+                return int(value.shape[0]) if value.dim() > 0 else 1
+        return 1
+    if isinstance(inputs, torch.Tensor):
+        return int(inputs.shape[0]) if inputs.dim() > 0 else 1
+    return 1
+
+
+# ---- block-by-block capture ---------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the model's forward pass at the first block."""
+
+
+def capture_block_inputs(
+    model: nn.Module,
+    blocks: Sequence[nn.Module] | nn.Module,
+    batches: Iterable[Any],
+    storage: torch.device | str | None = None,
+    progress: bool = False,
+) -> list[BlockInputs]:
+    """The first block's arguments for every batch, captured by running ``model`` up to that block.
+
+    A forward pre-hook on the first block records its positional and keyword arguments (attention
+    mask, position embeddings or ids, ...) and raises a private exception that stops the forward
+    pass, as SparseGPT's and Wanda's drivers do, so nothing after the embeddings runs. The model is
+    called through :func:`call_model` (Hugging Face models with ``use_cache=False``), in eval mode
+    and without gradients.
+
+    Args:
+        model: the whole model.
+        blocks: its blocks in execution order (e.g. ``model.model.layers``, see
+            :func:`ecp_fast.pruning.hf.resolve_blocks`), or the first block.
+        batches: calibration batches as :class:`~ecp_fast.pruning.calibration.Calibrator` takes
+            them (tensors, mappings, ``(inputs, targets)``).
+        storage: where the captured tensors are kept (e.g. ``"cpu"`` to offload); None keeps them
+            where they were computed.
+
+    Returns:
+        One :class:`BlockInputs` per batch; ``token_weights`` carries the batch's attention mask, so
+        padding tokens count for nothing when the blocks are calibrated. Then
+        ``inputs = inputs.with_hidden(inputs(block))`` feeds each block's output to the next.
+    """
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        first = blocks
+    else:
+        block_list = list(blocks)
+        if not block_list:
+            raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
+        first = block_list[0]
+    if not isinstance(first, nn.Module):
+        raise TypeError(f"argument 'blocks': the first block must be an nn.Module, got {type(first).__name__}")
+    device = module_device(model)
+    store = None if storage is None else torch.device(storage)
+    recorded: list[tuple[tuple, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        recorded.append((args, kwargs))
+        raise _StopForward
+
+    captured: list[BlockInputs] = []
+    modes = {module: module.training for module in model.modules()}
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    model.eval()
+    try:
+        for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
+            inputs, _ = split_batch(batch)
+            inputs = to_device(inputs, device)
+            recorded.clear()
+            with torch.no_grad():
+                try:
+                    call_model(model, inputs)
+                except _StopForward:
+                    pass
+            if not recorded:
+                raise ValueError(f"argument 'blocks': the first block never ran in the model's forward pass (batch {index})")
+            args, kwargs = recorded[0]
+            kwargs = dict(kwargs)
+            if args:
+                hidden, rest = args[0], tuple(args[1:])
+            elif "hidden_states" in kwargs:
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            else:
+                raise ValueError(
+                    "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
+                    f"argument is the hidden state (keywords: {sorted(kwargs)})"
+                )
+            if not isinstance(hidden, torch.Tensor):
+                raise TypeError(f"the first block's hidden states must be a tensor, got {type(hidden).__name__}")
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            weights = sample_weights(inputs)
+            entry = BlockInputs(detach(hidden), detach(rest), detach(kwargs), weights)
+            if weights is not None and weights.numel() != entry.hidden.shape[:-1].numel():
+                raise ValueError(
+                    f"batch {index}: the attention mask has {weights.numel()} tokens but the first block's hidden "
+                    f"states have shape {tuple(entry.hidden.shape)}"
+                )
+            captured.append(entry.to(store))
+    finally:
+        handle.remove()
+        for module, mode in modes.items():
+            module.train(mode)
+    if not captured:
+        raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
+    logger.info("captured the first block's inputs for %d batches", len(captured))
+    return captured

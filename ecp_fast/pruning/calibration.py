@@ -1,34 +1,67 @@
-"""Calibration: stream per-layer statistics through forward hooks and batched backward passes.
+"""Calibration: stream per-layer statistics through forward hooks and backward hooks.
 
-For every scored layer and every calibration batch, a forward hook captures the layer's input ``a``
-and pre-activation ``z``; one batched backward pass then gives the output gradients ``g = dy/dz``
-(exact Jacobian rows, Rademacher probes, per-sample loss gradients, or ``c = 1``, METHOD.md), and
-``ecp_fast.moments`` turns ``(a, g)`` into the sensitivity-weighted moments of the batch. Batches are
-merged with :func:`merge_statistics`, so memory does not grow with the number of samples. The same
-pass streams what the baselines need: ``sum_s a_j^2`` (wanda) and the summed loss gradient
-``dL/dW`` (gradient, taylor).
+For every scored layer and every calibration batch, a forward hook sees the layer's input ``a``
+and taps its pre-activation ``z``; backward passes then deliver the output gradients
+``g = dy/dz`` (exact Jacobian rows, Rademacher probes, per-sample loss gradients, or ``c = 1``,
+METHOD.md) to a hook on each ``z``, which reduces them at once: each layer's gradient of one pass is
+folded into that layer's sensitivities ``c = sum_p g_p^2`` (``(N, out)``) and freed while the
+backward pass moves on to the earlier layers, so no pass ever holds every layer's gradients, and
+never ``P`` of them. ``ecp_fast.moments`` then turns ``(a, c)`` into the sensitivity-weighted
+moments of the batch. With ``sensitivity="local"`` the moments are computed inside the forward
+hook and no graph is built. Batches are merged with :func:`merge_statistics`, so memory does not
+grow with the number of samples. The same pass streams what the baselines need: ``sum_s a_j^2``
+(wanda) and the summed loss gradient ``dL/dW`` (gradient, taylor).
+
+Batches may be tensors, mappings (called as ``model(**batch)``; an ``attention_mask`` makes padding
+tokens count for nothing) or captured block inputs (:mod:`ecp_fast.pruning.batches`).
 
 Everything a distributed job must reduce lives in :class:`LayerStatistics` and is merged by the one
 function :func:`merge_statistics` (moments merge exactly, the sums add).
+
+The layer helpers (:class:`LayerSpec`, :func:`resolve_layers`, :func:`weight_parameter`,
+:func:`existing_mask`, :func:`weight_2d`) live in :mod:`ecp_fast.pruning.layers` and are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.ops.merge import Moments, merge_moments
-from ecp_fast.pruning.batches import module_device, split_batch, to_device
 from ecp_fast.ops import moments as fused_moments
+from ecp_fast.ops.merge import Moments, merge_moments
+from ecp_fast.pruning.batches import (
+    call_model,
+    count_samples,
+    model_output,
+    module_device,
+    sample_weights,
+    split_batch,
+    to_device,
+)
+from ecp_fast.pruning.layers import (  # re-exported: pruner, sequential, importance, structured import them from here
+    LayerSpec,
+    existing_mask,
+    resolve_layers,
+    weight_2d,
+    weight_parameter,
+)
+from ecp_fast.pruning.layers import _conv_padding  # noqa: F401  (kept importable from here)
+from ecp_fast.pruning.layers import unsupported_reason as _unsupported_reason  # noqa: F401
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CalibrationResult", "Calibrator", "DEFAULT_PROBES", "LayerGradients", "LayerSpec", "LayerStatistics",
+    "MAX_EXACT_OUTPUTS", "MAX_STORED_SAMPLES", "SENSITIVITIES", "existing_mask", "merge_statistics",
+    "resolve_layers", "weight_2d", "weight_parameter",
+]
 
 SENSITIVITIES = ("output", "loss", "local")
 #: Up to this many model outputs the exact Jacobian rows are computed; above it, Rademacher probes.
@@ -39,136 +72,6 @@ DEFAULT_PROBES = 16
 MAX_STORED_SAMPLES = 1024
 
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
-
-
-# ---- layers ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """A scored layer: its qualified name, the module and its kind (``"linear"`` or ``"conv2d"``)."""
-
-    name: str
-    module: nn.Module
-    kind: str
-
-    @property
-    def fan_out(self) -> int:
-        """Output neurons (rows of the ``(out, in)`` weight view)."""
-        return int(weight_parameter(self.module).shape[0])
-
-    @property
-    def fan_in(self) -> int:
-        """Inputs per neuron (columns of the ``(out, in)`` weight view; ``C kh kw`` for a conv)."""
-        return int(weight_parameter(self.module)[0].numel())
-
-    def inputs_2d(self, x: torch.Tensor) -> torch.Tensor:
-        """Layer input as ``(N, in)`` samples: tokens for a Linear, unfolded patches for a Conv2d."""
-        if self.kind == "linear":
-            return x.reshape(-1, x.shape[-1])
-        conv = self.module
-        if x.dim() == 3:  # unbatched (C, H, W)
-            x = x.unsqueeze(0)
-        patches = F.unfold(
-            x, kernel_size=conv.kernel_size, dilation=conv.dilation, padding=_conv_padding(conv), stride=conv.stride
-        )  # (B, C kh kw, L), columns in the order of weight.reshape(out, -1)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-    def grads_3d(self, g: torch.Tensor) -> torch.Tensor:
-        """Gradients ``(P, *z.shape)`` as ``(P, N, out)``, samples ordered like :meth:`inputs_2d`."""
-        if self.kind == "linear":
-            return g.reshape(g.shape[0], -1, g.shape[-1])
-        if g.dim() == 4:  # unbatched conv output (P, out, H, W)
-            g = g.unsqueeze(1)
-        # (P, B, out, H, W) -> (P, B, H, W, out): output positions in unfold's row-major order.
-        return g.permute(0, 1, 3, 4, 2).reshape(g.shape[0], -1, g.shape[2])
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    padding = conv.padding
-    if padding == "valid":
-        return (0, 0)
-    if padding == "same":
-        # nn.Conv2d pads 'same' asymmetrically when the total padding is odd; unfold cannot.
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError(
-                f"Conv2d padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
-                "pads asymmetrically, which is not supported; use an explicit integer padding"
-            )
-        return (total[0] // 2, total[1] // 2)
-    return tuple(padding)  # type: ignore[return-value]
-
-
-def weight_parameter(module: nn.Module) -> torch.Tensor:
-    """The stored weight tensor: ``weight_orig`` under ``torch.nn.utils.prune``, else ``weight``."""
-    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
-
-
-def existing_mask(module: nn.Module) -> torch.Tensor | None:
-    """The ``torch.nn.utils.prune`` mask of the weight, or None when the weight is not masked."""
-    return getattr(module, "weight_mask", None)
-
-
-def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The effective weight (mask applied) viewed as ``(out, in)``, detached."""
-    weight = weight_parameter(module).detach()
-    mask = existing_mask(module)
-    if mask is not None:
-        weight = weight * mask
-    return weight.reshape(weight.shape[0], -1)
-
-
-def _unsupported_reason(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
-        return None
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"Conv2d with groups={module.groups} is not supported (expected groups=1)"
-        if module.padding_mode != "zeros":
-            return f"Conv2d with padding_mode={module.padding_mode!r} is not supported (expected 'zeros')"
-        return None
-    return f"{type(module).__name__} is not supported (expected nn.Linear or nn.Conv2d)"
-
-
-def resolve_layers(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, LayerSpec]:
-    """The layers to score, in module order.
-
-    ``layers=None`` takes every ``nn.Linear`` and supported ``nn.Conv2d`` (unsupported convolutions
-    are skipped with a warning). Named layers must exist and be supported, else ``ValueError``.
-    """
-    modules = dict(model.named_modules())
-    if layers is None:
-        specs: dict[str, LayerSpec] = {}
-        for name, module in modules.items():
-            if not isinstance(module, (nn.Linear, nn.Conv2d)):
-                continue
-            reason = _unsupported_reason(module)
-            if reason is not None:
-                logger.warning("skipping layer %r: %s", name, reason)
-                continue
-            specs[name] = LayerSpec(name, module, "linear" if isinstance(module, nn.Linear) else "conv2d")
-        if not specs:
-            raise ValueError("argument 'layers': the model has no nn.Linear or supported nn.Conv2d layer to prune")
-        return specs
-    if isinstance(layers, str):
-        raise TypeError(f"argument 'layers' must be a sequence of layer names, got the string {layers!r}")
-    names = list(layers)
-    if not names:
-        raise ValueError("argument 'layers' must name at least one layer, got an empty sequence")
-    specs = {}
-    for name in names:
-        if name not in modules or name == "":
-            linear_like = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
-            raise ValueError(
-                f"argument 'layers': no module named {name!r} in the model; prunable layers are {linear_like}"
-            )
-        reason = _unsupported_reason(modules[name])
-        if reason is not None:
-            raise ValueError(f"argument 'layers': layer {name!r} cannot be pruned: {reason}")
-        module = modules[name]
-        specs[name] = LayerSpec(name, module, "linear" if isinstance(module, nn.Linear) else "conv2d")
-    return specs
 
 
 # ---- statistics ------------------------------------------------------------------------------------
@@ -241,7 +144,63 @@ def _check_layer_gradients(grads: LayerGradients, name: str, batch_index: int) -
         _check_finite(grads.loss_g, f"{where} the loss gradients of layer {name!r}", "gradients")
 
 
-# ---- the streaming pass ------------------------------------------------------------------------------
+# ---- one batch ----------------------------------------------------------------------------------------
+
+
+class _Rows(NamedTuple):
+    """Which of a layer's ``N`` rows count (None: all) and the square roots of their weights (None: all 1)."""
+
+    index: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
+def _row_selection(weights: torch.Tensor | None, count: int, cache: dict[int, _Rows]) -> _Rows:
+    """The rows of a layer's ``(N, in)`` samples that count, from the batch's per-token weights.
+
+    Weights apply to layers whose samples are the batch's tokens (``N`` equals the number of
+    weights); a layer that sees other samples (a pooled classifier head) counts every row.
+    """
+    if weights is None or weights.numel() != count:
+        return _Rows(None, None)
+    if count not in cache:
+        keep = weights != 0
+        index = None if bool(keep.all()) else keep.nonzero().squeeze(1)
+        kept = weights if index is None else weights.index_select(0, index)
+        scale = None if bool((kept == 1).all()) else kept.sqrt()
+        cache[count] = _Rows(index, scale)
+    return cache[count]
+
+
+def _select(t: torch.Tensor, rows: _Rows) -> torch.Tensor:
+    return t if rows.index is None else t.index_select(0, rows.index)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _LayerPass:
+    """One layer during one batch: its captured input and what its gradients were reduced to."""
+
+    def __init__(self, spec: LayerSpec) -> None:
+        self.spec = spec
+        self.raw_x: torch.Tensor | None = None  # the input as the layer saw it, while a pass still needs it
+        self.rows = _Rows(None, None)
+        self.samples = 0
+        self.moments: Moments | None = None
+        self.activation_sq_sum: torch.Tensor | None = None
+        self.loss_grad_sum: torch.Tensor | None = None
+        self.sensitivity: torch.Tensor | None = None  # (rows, out): sum_p g_p^2 (output), or (N,) row sums
+        self.gradients: list[torch.Tensor] = []  # every pass's (N, out) gradient (``gradients()`` only)
+        self.loss_g: torch.Tensor | None = None
+
+    def inputs(self) -> torch.Tensor:
+        """The counted rows of the layer's ``(N, in)`` samples."""
+        assert self.raw_x is not None
+        return _select(self.spec.inputs_2d(self.raw_x), self.rows)
+
+
+_STATISTICS, _GRADIENTS, _ROW_SENSITIVITIES = "statistics", "gradients", "row_sensitivities"
 
 
 class Calibrator:
@@ -257,9 +216,15 @@ class Calibrator:
         loss_fn: ``loss_fn(outputs, targets)``; needed by ``"loss"`` and by the gradient baselines.
         loss_reduction: how ``loss_fn`` reduces over the batch: ``"mean"``, ``"sum"``, or None to read
             ``loss_fn.reduction`` (default ``"mean"``). A non-scalar loss is summed.
-        output_fn: maps the model's return value to the output tensor ``y`` (default: identity).
+        output_fn: maps the model's return value to the output tensor ``y``; the default
+            (:func:`~ecp_fast.pruning.batches.model_output`) takes a tensor as it is, the ``logits`` of
+            a Hugging Face output, or the first tensor of a tuple. Only used when a backward pass is.
         seed: seeds the Rademacher probes.
         keep_inputs: keep up to :data:`MAX_STORED_SAMPLES` model inputs for the ``nonlinear`` baseline.
+
+    Each output or loss backward pass delivers one layer's gradient at a time to a hook that reduces
+    it (to ``c`` or to the moments) and frees it, so the extra memory of ``"output"`` is the
+    forward graph plus one ``(N, out)`` sensitivity per layer, whatever the number of probes.
     """
 
     @renamed_keyword("criterion", "sensitivity")
@@ -298,7 +263,11 @@ class Calibrator:
     # The public entry point -------------------------------------------------------------------------
 
     def run(self, batches: Iterable[Any], progress: bool = True) -> CalibrationResult:
-        """Stream every batch once; raise ``ValueError`` on empty data or non-finite values."""
+        """Stream every batch once; raise ``ValueError`` on empty data or non-finite values.
+
+        ``samples`` counts what the statistics count: rows of tensor inputs, real (non-padding)
+        tokens of inputs with an attention mask (see :func:`~ecp_fast.pruning.batches.count_samples`).
+        """
         if batches is None:
             raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
         try:
@@ -341,7 +310,7 @@ class Calibrator:
                 batch_statistics = self._batch_statistics(inputs, targets if use_loss else None, generator, batch_count)
                 for name, stats in batch_statistics.items():
                     statistics[name] = merge_statistics(statistics[name], stats)
-                batch_samples = int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.dim() > 0 else 1
+                batch_samples = count_samples(inputs)
                 samples += batch_samples
                 batch_count += 1
                 if self.keep_inputs and inputs_complete:
@@ -370,37 +339,7 @@ class Calibrator:
             has_loss=bool(has_loss),
         )
 
-    # One batch -------------------------------------------------------------------------------------
-
-    def _capture(self, inputs: Any) -> tuple[Any, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Forward pass with hooks: returns the model output and ``{layer: (input, output)}``."""
-        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        needs_graph = self.sensitivity != "local" or self.loss_fn is not None
-
-        def make_hook(name: str) -> Callable[..., torch.Tensor | None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-                if name in captured:
-                    raise RuntimeError(
-                        f"layer {name!r} ran twice in one forward pass; shared layers are not supported"
-                    )
-                if needs_graph and not output.requires_grad:
-                    # Frozen parameters: make the output a leaf of the graph so dy/dz still exists.
-                    output = output.detach().requires_grad_(True)
-                    captured[name] = (args[0].detach(), output)
-                    return output
-                captured[name] = (args[0].detach(), output)
-                return None
-
-            return hook
-
-        handles = [spec.module.register_forward_hook(make_hook(name)) for name, spec in self.layers.items()]
-        try:
-            with torch.set_grad_enabled(needs_graph):
-                raw_output = self.model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return raw_output, captured
+    # One batch, three ways of reducing it ------------------------------------------------------------
 
     def gradients(
         self,
@@ -410,61 +349,86 @@ class Calibrator:
         batch_index: int = 0,
         check_finite: bool = True,
     ) -> dict[str, LayerGradients]:
-        """One batch: every layer's inputs ``(N, in)``, sensitivity gradients ``(P, N, out)`` (None for
-        ``sensitivity="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
+        """One batch, unreduced: every layer's inputs ``(N, in)``, sensitivity gradients ``(P, N, out)``
+        (None for ``sensitivity="local"``) and per-sample loss gradients ``(N, out)`` (None without targets).
 
+        Every row is returned, padding included (:func:`~ecp_fast.pruning.batches.sample_weights`
+        tells which count). This holds every layer's gradients of every pass at once: for small
+        models and tests; calibration itself streams (:meth:`run`, :meth:`row_sensitivities`).
         With ``check_finite`` raises ``ValueError`` when an input or gradient is NaN or Inf.
         """
-        if generator is None:
-            generator = torch.Generator(device=module_device(self.model))
-            generator.manual_seed(self.seed)
-        raw_output, captured = self._capture(inputs)
-        output = self.output_fn(raw_output) if self.output_fn is not None else raw_output
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(
-                f"the model returned {type(output).__name__}, expected a tensor; pass output_fn to select it"
-            )
-        names = [name for name in self.layers if name in captured]
-        if not names:
-            return {}
-        zs = [captured[name][1] for name in names]
-        loss_grads: list[torch.Tensor] | None = None
-        if targets is not None and self.loss_fn is not None:
-            loss_grads = self._loss_gradients(output, targets, zs)
-        if self.sensitivity == "output":
-            sensitivity_grads: list[torch.Tensor | None] = list(self._output_gradients(output, zs, generator))
-        elif self.sensitivity == "loss":
-            if loss_grads is None:
-                raise ValueError("sensitivity='loss' needs targets and loss_fn for every batch")
-            sensitivity_grads = [g.unsqueeze(0) for g in loss_grads]
-        else:
-            sensitivity_grads = [None] * len(names)
+        passes = self._pass(inputs, targets, generator, batch_index, _GRADIENTS, check_finite)
         result = {}
-        for index, name in enumerate(names):
-            spec = self.layers[name]
-            x = spec.inputs_2d(captured[name][0])
-            g = None if sensitivity_grads[index] is None else spec.grads_3d(sensitivity_grads[index].detach())
-            g_loss = None if loss_grads is None else spec.grads_3d(loss_grads[index].detach().unsqueeze(0))[0]
-            result[name] = LayerGradients(x=x, g=g, loss_g=g_loss)
+        for name, state in passes.items():
+            spec = state.spec
+            x = spec.inputs_2d(state.raw_x)
+            count = len(state.gradients)
+            if self.sensitivity == "loss":
+                g = None if state.loss_g is None else state.loss_g.unsqueeze(0)
+                if g is None and targets is not None:
+                    g = x.new_zeros(1, x.shape[0], spec.fan_out)
+            elif self.sensitivity == "output":
+                g = torch.stack(state.gradients) if count else x.new_zeros(self._pass_count, x.shape[0], spec.fan_out)
+            else:
+                g = None
+            loss_g = state.loss_g
+            if loss_g is None and targets is not None and self.loss_fn is not None:
+                loss_g = x.new_zeros(x.shape[0], spec.fan_out)
+            result[name] = LayerGradients(x=x, g=g, loss_g=loss_g)
             if check_finite:
-                _check_layer_gradients(result[name], name, batch_index)
+                _check_finite(x, f"calibration batch {batch_index}: the inputs of layer {name!r}", "activations")
+        return result
+
+    def row_sensitivities(
+        self, inputs: Any, targets: Any = None, generator: torch.Generator | None = None, batch_index: int = 0
+    ) -> dict[str, torch.Tensor]:
+        """One batch: per layer, the row mean of the sensitivities ``c-bar_s = (1/out) sum_i c_i^s``, ``(N,)``
+        float64, times the sample's weight (0 for padding tokens); ones for ``sensitivity="local"``.
+
+        Streamed like :meth:`run` (one layer's gradient at a time): the per-sample weights of a
+        reconstruction's Gram matrix without holding ``(P, N, out)`` gradients.
+        """
+        passes = self._pass(inputs, targets, generator, batch_index, _ROW_SENSITIVITIES, True)
+        weights = sample_weights(inputs)
+        result = {}
+        for name, state in passes.items():
+            spec = state.spec
+            rows = spec.inputs_2d(state.raw_x).shape[0]
+            if self.sensitivity == "local":
+                row = torch.ones(rows, dtype=torch.float64, device=state.raw_x.device)
+            elif state.sensitivity is None:
+                row = torch.zeros(rows, dtype=torch.float64, device=state.raw_x.device)
+            else:
+                row = state.sensitivity / spec.fan_out
+            if weights is not None and weights.numel() == rows:
+                row = row * weights.to(device=row.device, dtype=torch.float64)
+            result[name] = row
         return result
 
     def _batch_statistics(
         self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int
     ) -> dict[str, LayerStatistics]:
+        passes = self._pass(inputs, targets, generator, batch_index, _STATISTICS, True)
         result = {}
-        for name, grads in self.gradients(inputs, targets, generator, batch_index).items():
-            x = grads.x
-            g = x.new_ones(x.shape[0], self.layers[name].fan_out) if grads.g is None else grads.g.to(x.dtype)
-            loss_grad_sum = None
-            if grads.loss_g is not None:
-                loss_grad_sum = grads.loss_g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
+        for name, state in passes.items():
+            spec = state.spec
+            if state.moments is None:  # output sensitivity (c accumulated), or a layer no gradient reached
+                x = state.inputs()
+                c = state.sensitivity
+                if c is None:
+                    c = x.new_zeros(x.shape[0], spec.fan_out)
+                state.moments = fused_moments(x, c.sqrt().to(x.dtype).unsqueeze(0))
+                state.sensitivity = None
+            loss_grad_sum = state.loss_grad_sum
+            if loss_grad_sum is None and targets is not None and self.loss_fn is not None:
+                loss_grad_sum = torch.zeros(spec.fan_out, spec.fan_in, dtype=state.activation_sq_sum.dtype,
+                                            device=state.activation_sq_sum.device)
+            state.raw_x = None
             stats = LayerStatistics(
-                moments=fused_moments(x, g),
-                activation_sq_sum=x.square().sum(dim=0),
+                moments=state.moments,
+                activation_sq_sum=state.activation_sq_sum,
                 loss_grad_sum=loss_grad_sum,
-                samples=int(x.shape[0]),
+                samples=state.samples,
             )
             sums = [stats.moments.s0, stats.moments.mean, stats.moments.m2, stats.activation_sq_sum]
             if loss_grad_sum is not None:
@@ -478,8 +442,145 @@ class Calibrator:
             result[name] = stats
         return result
 
-    def _loss_gradients(self, output: torch.Tensor, targets: Any, zs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-sample loss gradients ``d loss^s / dz`` (the batch loss rescaled to a per-sample sum)."""
+    # The pass itself ---------------------------------------------------------------------------------
+
+    def _pass(
+        self,
+        inputs: Any,
+        targets: Any,
+        generator: torch.Generator | None,
+        batch_index: int,
+        mode: str,
+        check_finite: bool,
+    ) -> dict[str, _LayerPass]:
+        """Forward with hooks, then the loss and output backward passes, reducing as gradients arrive."""
+        if generator is None:
+            generator = torch.Generator(device=module_device(self.model))
+            generator.manual_seed(self.seed)
+        use_loss = targets is not None and self.loss_fn is not None
+        if self.sensitivity == "loss" and not use_loss:
+            raise ValueError("sensitivity='loss' needs targets and loss_fn for every batch")
+        needs_graph = self.sensitivity != "local" or use_loss
+        weights = sample_weights(inputs)
+        if weights is not None:
+            weights = weights.to(module_device(self.model))
+        row_cache: dict[int, _Rows] = {}
+        passes: dict[str, _LayerPass] = {}
+        anchors: list[torch.Tensor] = []
+        phase = ["forward"]
+        where = f"calibration batch {batch_index}:"
+
+        def on_input(name: str, x: torch.Tensor) -> None:
+            state = passes[name] = _LayerPass(self.layers[name])
+            state.raw_x = x
+            if mode != _STATISTICS:
+                return
+            spec = state.spec
+            samples = spec.inputs_2d(x)
+            state.rows = _row_selection(weights, samples.shape[0], row_cache)
+            samples = _select(samples, state.rows)
+            if check_finite:
+                _check_finite(samples, f"{where} the inputs of layer {name!r}", "activations")
+            state.samples = int(samples.shape[0])
+            scale = state.rows.scale
+            squares = samples.square() if scale is None else samples.square() * scale.square().to(samples.dtype).unsqueeze(1)
+            state.activation_sq_sum = squares.sum(dim=0)
+            if self.sensitivity == "local":
+                g = samples.new_ones(samples.shape[0], spec.fan_out)
+                if scale is not None:
+                    g = g * scale.to(g.dtype).unsqueeze(1)
+                state.moments = fused_moments(samples, g)
+                if not use_loss:
+                    state.raw_x = None  # nothing else needs this layer's input
+
+        def on_gradient(name: str, grad: torch.Tensor) -> None:
+            state = passes[name]
+            spec = state.spec
+            g = spec.grads_3d(grad.detach().unsqueeze(0))[0]  # (N, out)
+            if check_finite:
+                what = "loss gradients" if phase[0] == "loss" else "output gradients"
+                _check_finite(g, f"{where} the {what} of layer {name!r}", "gradients")
+            if mode == _GRADIENTS:
+                if phase[0] == "loss":
+                    state.loss_g = g
+                else:
+                    state.gradients.append(g)
+                return
+            if mode == _ROW_SENSITIVITIES:
+                if phase[0] == "loss" and self.sensitivity != "loss":
+                    return
+                row = g.to(torch.float64).square().sum(dim=-1)
+                state.sensitivity = row if state.sensitivity is None else state.sensitivity.add_(row)
+                return
+            g = _select(g, state.rows)
+            scale = state.rows.scale
+            if phase[0] == "loss":
+                x = state.inputs()
+                state.loss_grad_sum = g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
+                if self.sensitivity == "loss":
+                    weighted = g if scale is None else g * scale.to(g.dtype).unsqueeze(1)
+                    state.moments = fused_moments(x, weighted.to(x.dtype).unsqueeze(0))
+                return
+            squares = g.to(_accumulation_dtype(g.dtype)).square()
+            if scale is not None:
+                squares = squares * scale.square().to(squares.dtype).unsqueeze(1)
+            state.sensitivity = squares if state.sensitivity is None else state.sensitivity.add_(squares)
+
+        def make_hook(name: str) -> Callable[..., torch.Tensor | None]:
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+                if name in passes:
+                    raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
+                on_input(name, args[0].detach())
+                if not needs_graph:
+                    return None
+                # A zero leaf added to z: differentiating with respect to the anchors drives the
+                # backward pass through every z without capturing (and holding) their gradients,
+                # and works when the layer's own parameters are frozen. The hook on the sum sees
+                # dy/dz as soon as the backward pass reaches this layer.
+                anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                tapped = output + anchor
+                tapped.register_hook(lambda grad: on_gradient(name, grad))
+                anchors.append(anchor)
+                return tapped
+
+            return hook
+
+        handles = [spec.module.register_forward_hook(make_hook(name)) for name, spec in self.layers.items()]
+        try:
+            with torch.set_grad_enabled(needs_graph):
+                raw_output = call_model(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self._pass_count = 0
+        if not needs_graph:
+            return passes
+        output = (self.output_fn or model_output)(raw_output)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"argument 'output_fn' must return a tensor, got {type(output).__name__}")
+        del raw_output
+        if use_loss:
+            phase[0] = "loss"
+            total = self._loss_total(output, targets)
+            self._backward(total, anchors, None, retain=self.sensitivity == "output")
+        if self.sensitivity == "output":
+            phase[0] = "output"
+            directions = self._directions(output, weights, generator)
+            self._pass_count = len(directions)
+            for index in range(len(directions)):
+                self._backward(output, anchors, directions[index](), retain=index < len(directions) - 1)
+        return passes
+
+    @staticmethod
+    def _backward(
+        target: torch.Tensor, anchors: list[torch.Tensor], grad_outputs: torch.Tensor | None, retain: bool
+    ) -> None:
+        if not anchors or not target.requires_grad:
+            return  # nothing scored reaches the output: every gradient is zero
+        torch.autograd.grad(target, anchors, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
+
+    def _loss_total(self, output: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The batch loss rescaled to a sum of per-sample losses."""
         assert self.loss_fn is not None
         loss = self.loss_fn(output, targets)
         if not isinstance(loss, torch.Tensor):
@@ -493,46 +594,39 @@ class Calibrator:
             total = loss
         if not torch.isfinite(total):
             raise ValueError(f"the loss is {total.item()} (expected a finite value)")
-        grads = torch.autograd.grad(total, zs, retain_graph=self.sensitivity == "output", allow_unused=True)
-        return [torch.zeros_like(z) if g is None else g for g, z in zip(grads, zs)]
+        return total
 
-    def _output_gradients(
-        self, output: torch.Tensor, zs: list[torch.Tensor], generator: torch.Generator
-    ) -> list[torch.Tensor]:
-        """``(P, *z.shape)`` per layer: exact Jacobian rows, or scaled Rademacher probes ``v^T J``."""
+    def _directions(
+        self, output: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator
+    ) -> list[Callable[[], torch.Tensor]]:
+        """One ``grad_outputs`` per backward pass, made when it runs: exact Jacobian rows (output ``k``
+        of every sample) or Rademacher probes scaled by ``1/sqrt(P)``; outputs at padding positions get 0."""
         batch = output.shape[0] if output.dim() > 1 else 1
-        flat = output.reshape(batch, -1)
-        outputs = flat.shape[1]
+        outputs = output.numel() // batch if batch else 0
+        token_mask = None
+        if weights is not None and output.dim() >= 2 and output.shape[0] * output.shape[1] == weights.numel():
+            token_mask = weights.to(output.dtype).reshape(output.shape[0], output.shape[1], *[1] * (output.dim() - 2))
         probes = self.probes
         if probes is None and outputs > MAX_EXACT_OUTPUTS:
             probes = DEFAULT_PROBES
+
+        def masked(direction: torch.Tensor) -> torch.Tensor:
+            direction = direction.reshape(output.shape)
+            return direction if token_mask is None else direction * token_mask
+
         if probes is None:
-            # Row k of grad_outputs selects output k of every sample: g_k = dy_k/dz, per sample.
-            basis = torch.eye(outputs, dtype=flat.dtype, device=flat.device)
-            grad_outputs = basis.unsqueeze(1).expand(outputs, batch, outputs)
-        else:
-            signs = torch.randint(0, 2, (probes, batch, outputs), generator=generator, device=flat.device)
+            def row(k: int) -> Callable[[], torch.Tensor]:
+                def make() -> torch.Tensor:
+                    direction = torch.zeros(batch, outputs, dtype=output.dtype, device=output.device)
+                    direction[:, k] = 1
+                    return masked(direction)
+                return make
+            return [row(k) for k in range(outputs)]
+
+        def probe() -> torch.Tensor:
+            # Drawn in order, one probe per pass: the same stream as drawing (P, batch, outputs) at once.
+            signs = torch.randint(0, 2, (batch, outputs), generator=generator, device=output.device)
             # Scaled by 1/sqrt(P) so that sum_p g_p^2 is the unbiased estimate (1/P) sum_p (v_p^T J)^2.
-            grad_outputs = (signs.to(flat.dtype) * 2 - 1) / probes**0.5
-        grad_outputs = grad_outputs.reshape(grad_outputs.shape[0], *output.shape)
-        try:
-            grads = torch.autograd.grad(
-                output, zs, grad_outputs=grad_outputs, is_grads_batched=True, retain_graph=True, allow_unused=True
-            )
-        except RuntimeError as error:
-            # Some ops have no batching rule; fall back to one backward pass per row.
-            logger.warning("batched backward failed (%s); falling back to one backward pass per row", error)
-            rows = []
-            for index in range(grad_outputs.shape[0]):
-                rows.append(
-                    torch.autograd.grad(
-                        output, zs, grad_outputs=grad_outputs[index], retain_graph=True, allow_unused=True
-                    )
-                )
-            grads = tuple(
-                None if rows[0][k] is None else torch.stack([row[k] for row in rows]) for k in range(len(zs))
-            )
-        count = grad_outputs.shape[0]
-        return [
-            z.new_zeros((count, *z.shape)) if g is None else g for g, z in zip(grads, zs)
-        ]
+            return masked((signs.to(output.dtype) * 2 - 1) / probes**0.5)
+
+        return [probe] * probes
