@@ -1,0 +1,204 @@
+"""Prints the export figures: file size and CPU latency of pruned models, dense against CSR.
+
+Run: ``nice -n 10 .venv/bin/python bench/export_report.py`` (about two minutes on 2 cores;
+``--rounds`` trades time for steadier figures; ``--csv PATH`` also writes the rows).
+
+1. LeNet-300-100 (784-300-100-10, ReLU), magnitude-pruned per layer (``ecp_fast.prune``,
+   ``scope="layer"``) at 90% and 95%: state-dict and compact file sizes against the dense state dict;
+   latency at batch 1 and 256 of ``export(model, "dense")`` against ``export(model, "csr")`` (modelled
+   crossover) and against the CSR export whose layers were chosen by timing them (``example_inputs``).
+2. One 4096x4096 Linear at 95%, batch 16.
+3. torch's sparse kernels against each other (is torch's CSR path good enough?): ``addmm`` / ``mm`` /
+   ``torch.sparse.mm`` with a CSR left operand, int32 and int64 indices, ``F.linear`` with a CSR weight,
+   BSR 4x4, and scipy's CSR product (a plain single-threaded C++ loop: what a kernel of our own
+   without MKL would start from).
+
+Every comparison times its contenders interleaved (``ecp_fast.export.interleaved_times``: rounds of
+one ~2 ms burst each) and reports the minimum and median per call and the ratios within the run, at
+one and two torch threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import platform
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import ecp_fast
+from ecp_fast.export import export, exported_layers, interleaved_times, save_compact
+
+LENET = (784, 300, 100, 10)
+
+
+def lenet(sparsity: float, seed: int = 0) -> nn.Sequential:
+    """LeNet-300-100 with random weights, magnitude-pruned per layer (masks through torch.nn.utils.prune)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    ecp_fast.prune(model, None, sparsity=sparsity, method="magnitude", scope="layer", progress=False)
+    return model.eval()
+
+
+def saved_bytes(obj: Any) -> int:
+    """Bytes of ``torch.save(obj)``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return len(buffer.getvalue())
+
+
+def size_rows(sparsity: float) -> list[dict[str, Any]]:
+    """File sizes of one pruned LeNet in each form, against the dense state dict."""
+    model = lenet(sparsity)
+    dense = saved_bytes(export(model, "dense").state_dict())
+    forms = {
+        "checkpoint with masks (state_dict)": saved_bytes(model.state_dict()),
+        "dense state_dict": dense,
+        "csr export state_dict": saved_bytes(export(model, "csr").state_dict()),
+        "save_compact file": save_compact(model, io.BytesIO()),
+    }
+    return [{"sparsity": sparsity, "form": form, "bytes": size, "smaller_than_dense": dense / size}
+            for form, size in forms.items()]
+
+
+def timed(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
+    """``{name: (minimum, median)}`` seconds per call, interleaved."""
+    with torch.inference_mode():
+        times = interleaved_times(calls, rounds=rounds)
+    return {name: (timing.minimum, timing.median) for name, timing in times.items()}
+
+
+def ratio_rows(case: dict[str, Any], times: dict[str, tuple[float, float]], baseline: str) -> list[dict[str, Any]]:
+    """One row per contender with its times and its speed-up over ``baseline`` by minimum and by median."""
+    base_min, base_median = times[baseline]
+    return [{**case, "contender": name, "min_us": low * 1e6, "median_us": middle * 1e6,
+             "speedup_min": base_min / low, "speedup_median": base_median / middle}
+            for name, (low, middle) in times.items()]
+
+
+def lenet_rows(sparsity: float, threads: int, rounds: int) -> list[dict[str, Any]]:
+    """Dense vs CSR (modelled and measured choice) LeNet latency at batch 1 and 256."""
+    torch.set_num_threads(threads)
+    model = lenet(sparsity)
+    rows = []
+    for batch in (1, 256):
+        x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(batch))
+        models = {"dense": export(model, "dense"), "csr (modelled)": export(model, "csr"),
+                  "csr (measured)": export(model, "csr", example_inputs=x)}
+        layers = {name: "/".join(kind for kind in exported_layers(m).values()) for name, m in models.items()}
+        times = timed({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds)
+        for row in ratio_rows({"case": f"LeNet {sparsity:.0%}", "threads": threads, "batch": batch}, times, "dense"):
+            rows.append({**row, "layers": layers[row["contender"]]})
+    return rows
+
+
+def big_layer_rows(threads: int, rounds: int, size: int = 4096, batch: int = 16) -> list[dict[str, Any]]:
+    """One ``size`` x ``size`` Linear at 95%, dense vs CSR."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(size, size))
+    ecp_fast.prune(model, None, sparsity=0.95, method="magnitude", scope="layer", progress=False)
+    x = torch.randn(batch, size)
+    dense, sparse = export(model, "dense"), export(model, "csr")
+    assert exported_layers(sparse) == {"0": "csr"}
+    times = timed({"dense": lambda: dense(x), "csr": lambda: sparse(x)}, rounds)
+    return ratio_rows({"case": f"{size}x{size} 95%", "threads": threads, "batch": batch}, times, "dense")
+
+
+def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Callable[[], object]]:
+    """torch's (and scipy's) ways to compute ``x @ W.T + b`` for a ``density``-sparse ``W``."""
+    import scipy.sparse
+
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(out, inp, generator=generator)
+    weight = weight * (torch.rand(out, inp, generator=generator) < density)
+    bias, x = torch.randn(out, generator=generator), torch.randn(batch, inp, generator=generator)
+    csr64 = weight.to_sparse_csr()
+    csr32 = torch.sparse_csr_tensor(csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(), (out, inp))
+    bsr = weight.to_sparse_bsr((4, 4)) if out % 4 == 0 and inp % 4 == 0 else None
+    column = bias.unsqueeze(1)
+    scipy_weight, x_numpy, bias_numpy = scipy.sparse.csr_matrix(weight.numpy()), x.numpy(), bias.numpy()
+    calls: dict[str, Callable[[], object]] = {
+        "dense F.linear": lambda: F.linear(x, weight, bias),
+        "addmm(b, csr32, x.T)": lambda: torch.addmm(column, csr32, x.t()),
+        "addmm(b, csr64, x.T)": lambda: torch.addmm(column, csr64, x.t()),
+        "csr32 @ x.T + b": lambda: (csr32 @ x.t()).t() + bias,
+        "torch.sparse.mm(csr32, x.T) + b": lambda: torch.sparse.mm(csr32, x.t()).t() + bias,
+        "F.linear(x, csr32, b)": lambda: F.linear(x, csr32, bias),
+        "scipy csr @ x.T + b": lambda: (scipy_weight @ x_numpy.T).T + bias_numpy,
+    }
+    if bsr is not None:
+        calls["addmm(b, bsr4x4, x.T)"] = lambda: torch.addmm(column, bsr, x.t())
+    return calls
+
+
+def kernel_rows(threads: int, rounds: int) -> list[dict[str, Any]]:
+    """The kernel comparison at the report's shapes, 95% sparse."""
+    torch.set_num_threads(threads)
+    rows = []
+    for out, inp, batch in ((300, 784, 1), (300, 784, 256), (4096, 4096, 16)):
+        # F.linear with a CSR weight fails under inference_mode (torch 2.13), so this runs under no_grad.
+        with torch.no_grad():
+            times = interleaved_times(kernel_calls(out, inp, batch, 0.05), rounds=rounds)
+        case = {"case": f"{out}x{inp} 95% kernels", "threads": threads, "batch": batch}
+        rows += ratio_rows(case, {name: (t.minimum, t.median) for name, t in times.items()}, "dense F.linear")
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of ``columns`` (floats to 2 decimals, microseconds to 1, bytes with separators)."""
+    def cell(value: Any, column: str) -> str:
+        if isinstance(value, float):
+            return f"{value:.1f}" if column.endswith("_us") else f"{value:.2f}"
+        return f"{value:,}" if isinstance(value, int) and column == "bytes" else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, ""), c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (default 30)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (default 1 2)")
+    parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel comparison")
+    parser.add_argument("--csv", type=Path, default=None, help="also write every row to this CSV file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"MKL {torch.backends.mkl.is_available()}; {args.rounds} interleaved rounds\n")
+    sizes = [row for sparsity in (0.9, 0.95) for row in size_rows(sparsity)]
+    print("## File size, LeNet-300-100\n")
+    print(markdown(sizes, ["sparsity", "form", "bytes", "smaller_than_dense"]))
+    speed = []
+    for threads in args.threads:
+        speed += [row for sparsity in (0.9, 0.95) for row in lenet_rows(sparsity, threads, args.rounds)]
+        speed += big_layer_rows(threads, max(5, args.rounds // 3))
+    print("\n## Latency: dense against CSR (speed-up > 1: CSR faster)\n")
+    print(markdown(speed, ["case", "threads", "batch", "contender", "layers", "min_us", "median_us",
+                           "speedup_min", "speedup_median"]))
+    kernels = []
+    if not args.skip_kernels:
+        kernels = [row for threads in args.threads for row in kernel_rows(threads, max(5, args.rounds // 3))]
+        print("\n## torch's sparse kernels, 95% sparse weight (speed-up over dense F.linear)\n")
+        print(markdown(kernels, ["case", "threads", "batch", "contender", "min_us", "median_us",
+                                 "speedup_min", "speedup_median"]))
+    if args.csv is not None:
+        rows = [{"table": "size", **row} for row in sizes] + [{"table": "latency", **row} for row in speed]
+        rows += [{"table": "kernels", **row} for row in kernels]
+        fields = list(dict.fromkeys(key for row in rows for key in row))
+        with args.csv.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
