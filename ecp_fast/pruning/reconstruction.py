@@ -198,6 +198,19 @@ def solve_layer(
     """Choose the layer's mask and compensation from its Gram matrices (the model is not changed)."""
     hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
     weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
+    dense_weight = dense_bias = None
+    if config.refit:
+        dense_weight, dense_bias = _augmented(dict(dense.named_modules())[spec.name], spec)  # type: ignore[union-attr]
+        if plan.keep is None:
+            # The quadratic towards the dense pre-activations is minimised, before any pruning, by the
+            # unmasked least-squares fit; the OBS sweep must start from that minimiser to rank and
+            # compensate removals of *this* objective (starting from the dense weights would measure
+            # the error towards the layer's own output on the already pruned inputs instead).
+            everything = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
+            weight, bias = obs.refit(
+                weight, bias, everything, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
+                ridge=config.damp,
+            )
     if plan.keep is None:
         result = obs.obs_sweep(
             weight, bias, hessian, plan.sparsity, plan.pattern, block_size=config.block_size, damp=config.damp
@@ -207,7 +220,6 @@ def solve_layer(
         keep = plan.keep.to(device=weight.device, dtype=torch.bool)
         new_weight, new_bias = weight * keep, bias
     if config.refit:
-        dense_weight, dense_bias = _augmented(dict(dense.named_modules())[spec.name], spec)  # type: ignore[union-attr]
         new_weight, new_bias = obs.refit(
             new_weight, new_bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
             ridge=config.damp,
@@ -326,7 +338,12 @@ def sensitivity_weights(
 KeepFn = Callable[[Mapping[str, float]], Mapping[str, torch.Tensor]]
 
 
+#: A layer is never emptied by a split: a global ranking may ask for it, but nothing would be left to refit.
+MAX_LAYER_SPARSITY = 0.995
+
+
 def _plans(split: Mapping[str, float], pattern: Pattern, keep_fn: KeepFn | None) -> dict[str, LayerPlan]:
+    split = {name: min(sparsity, MAX_LAYER_SPARSITY) for name, sparsity in split.items()}
     keep = None if keep_fn is None else keep_fn(split)
     return {
         name: LayerPlan(sparsity=sparsity, pattern=pattern, keep=None if keep is None else keep[name])
