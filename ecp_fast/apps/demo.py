@@ -3,7 +3,8 @@
 The 8x8 digits ship with scikit-learn (no download). Features are standardised on a fixed
 train/test split; a 64-32-10 ReLU MLP is trained per seed, calibrated on the training set (exact
 Jacobian rows of the 10 logits, cross-entropy for the gradient baselines) and pruned one-shot to
-each sparsity with every method, plus ECP in 5 iterative steps. Test loss and accuracy (mean over
+each sparsity with every method, plus ECP in 5 iterative steps, and with the reconstructive methods
+(``ecp-obs``, ``sparsegpt``) and the magnitude and wanda masks refit the same way. Test loss and accuracy (mean over
 seeds) are printed as tables and written to ``results.csv`` (per seed), ``summary.csv`` (mean and
 standard deviation) and ``loss_vs_sparsity.png`` in ``--out``. The exact ``nonlinear`` baseline
 replays the network once per weight, so it is calibrated on the first ``--nonlinear-samples``
@@ -37,6 +38,14 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 QUICK_SPARSITIES = (0.5, 0.9)
 ITERATIVE_STEPS = 5
 METHOD_ORDER = ("ecp", "obd", "nonlinear", "wanda", "taylor", "gradient", "magnitude", "random")
+#: Reconstructive runs: label -> (method, sensitivity, extra prune() arguments). The refit baselines
+#: are the mask methods with the same sequential refit and allocation search as ecp-obs.
+RECONSTRUCTIVE_RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ecp-obs": ("ecp-obs", "output", {}),
+    "sparsegpt": ("sparsegpt", "local", {}),
+    "magnitude+refit": ("magnitude", "output", {"reconstruct": True, "allocation": "search"}),
+    "wanda+refit": ("wanda", "output", {"reconstruct": True, "allocation": "search"}),
+}
 
 
 @dataclass
@@ -116,6 +125,8 @@ def run_seed(
             scorer = Pruner(copy.deepcopy(model), sensitivity="output", seed=seed, progress=False)
             scorer.calibrate(_batches(data.train_x[:nonlinear_samples], data.train_y[:nonlinear_samples], 256))
             scores = scorer.importances(method)
+        elif method in RECONSTRUCTIVE_RUNS:
+            continue
         else:
             scores = base.importances(method)
         for sparsity in sparsities:
@@ -123,6 +134,7 @@ def run_seed(
             Pruner(pruned, seed=seed, progress=False).prune(sparsity, method=method, importances=scores)
             loss, accuracy = evaluate(pruned, data)
             rows.append(_row(method, 1, sparsity, seed, loss, accuracy, time.perf_counter() - started))
+    rows.extend(run_reconstructive(model, data, seed, sparsities, methods, calibration))
     if "ecp" in methods:
         for sparsity in sparsities:
             started = time.perf_counter()
@@ -132,6 +144,29 @@ def run_seed(
             pruner.prune(sparsity, method="ecp", steps=ITERATIVE_STEPS)
             loss, accuracy = evaluate(pruned, data)
             rows.append(_row("ecp", ITERATIVE_STEPS, sparsity, seed, loss, accuracy, time.perf_counter() - started))
+    return rows
+
+
+def run_reconstructive(
+    model: nn.Module,
+    data: DigitsData,
+    seed: int,
+    sparsities: tuple[float, ...],
+    methods: tuple[str, ...],
+    calibration: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[dict[str, Any]]:
+    """Prune copies of ``model`` with every requested reconstructive run and sparsity."""
+    rows = []
+    for label in (label for label in RECONSTRUCTIVE_RUNS if label in methods):
+        method, sensitivity, extra = RECONSTRUCTIVE_RUNS[label]
+        for sparsity in sparsities:
+            started = time.perf_counter()
+            pruned = copy.deepcopy(model)
+            pruner = Pruner(pruned, sensitivity=sensitivity, seed=seed, progress=False)
+            pruner.calibrate(calibration, loss_fn=nn.CrossEntropyLoss())
+            pruner.prune(sparsity, method=method, **extra)
+            loss, accuracy = evaluate(pruned, data)
+            rows.append(_row(label, 1, sparsity, seed, loss, accuracy, time.perf_counter() - started))
     return rows
 
 
@@ -243,7 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nonlinear-samples", type=int, default=256, help="calibration samples of the exact nonlinear baseline"
     )
     parser.add_argument(
-        "--methods", nargs="+", default=None, choices=sorted(IMPORTANCES), help="methods to run (default all)"
+        "--methods", nargs="+", default=None, choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
+        help="methods to run (default all)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run in seconds (1 seed, 2 sparsities, 8 hidden)")
 
@@ -267,8 +303,9 @@ def _run(args: argparse.Namespace) -> int:
     nonlinear_samples = 64 if args.quick else args.nonlinear_samples
     if seeds < 1:
         raise SystemExit(f"ecp-fast demo: --seeds must be at least 1, got {seeds}")
-    requested = tuple(args.methods) if args.methods else tuple(IMPORTANCES)
-    methods = tuple(m for m in METHOD_ORDER if m in requested) + tuple(m for m in requested if m not in METHOD_ORDER)
+    requested = tuple(args.methods) if args.methods else (*RECONSTRUCTIVE_RUNS, *IMPORTANCES)
+    order = (*RECONSTRUCTIVE_RUNS, *METHOD_ORDER)
+    methods = tuple(m for m in order if m in requested) + tuple(m for m in requested if m not in order)
     started = time.perf_counter()
     data = load_digits_data()
     rows: list[dict[str, Any]] = []

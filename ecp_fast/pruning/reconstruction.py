@@ -28,8 +28,8 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.pruning import obs
-from ecp_fast.pruning.batches import module_device, split_batch, to_device
-from ecp_fast.pruning.calibration import LayerSpec, weight_parameter
+from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, to_device
+from ecp_fast.pruning.layers import LayerSpec, weight_parameter
 from ecp_fast.pruning.masks import install_mask
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,6 @@ except ImportError:  # pragma: no cover - until ecp.gram lands
         if weight is not None:
             left = left * weight.unsqueeze(1)
         return left.T @ right
-
-try:
-    from ecp_fast.pruning.batches import call_model
-except ImportError:  # pragma: no cover - until dict batches land
-    def call_model(model: nn.Module, inputs: Any) -> Any:
-        return model(inputs)
 
 Pattern = obs.Pattern
 
@@ -146,6 +140,12 @@ def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any)
     return order
 
 
+def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
+    """0/1 per row from a batch's attention mask (padding never counts), or None."""
+    weights = sample_weights(inputs)
+    return weights if weights is not None and weights.numel() == rows else None
+
+
 def layer_grams(
     work: nn.Module,
     dense: nn.Module | None,
@@ -163,7 +163,8 @@ def layer_grams(
         for index, batch in enumerate(batches):
             inputs = to_device(split_batch(batch)[0], device)
             pruned_inputs = _layer_inputs(work, work_module, spec, inputs).double()
-            weight = None if sample_weights is None else sample_weights[index].to(pruned_inputs)
+            weight = token_weights(inputs, pruned_inputs.shape[0]) if sample_weights is None else sample_weights[index]
+            weight = None if weight is None else weight.to(pruned_inputs)
             part = gram(pruned_inputs, None, weight)
             hessian = part if hessian is None else hessian + part
             if dense_module is not None:
@@ -178,10 +179,9 @@ def layer_grams(
 
 
 def _augmented(module: nn.Module, spec: LayerSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = weight_parameter(module).detach().reshape(spec.fan_out, spec.fan_in)
-    mask = getattr(module, "weight_mask", None)
-    if mask is not None:
-        weight = weight * mask.reshape(spec.fan_out, spec.fan_in)
+    """The effective ``(out, in)`` weight (mask applied) and the bias (zeros when there is none)."""
+    same = LayerSpec(spec.name, module, spec.kind)
+    weight = same.weight_2d()
     bias = module.bias.detach() if module.bias is not None else weight.new_zeros(spec.fan_out)
     return weight, bias
 
@@ -232,7 +232,7 @@ def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: 
     stored = weight_parameter(module)
     added = False
     with torch.no_grad():
-        stored.copy_(outcome.weight.reshape(stored.shape).to(stored.dtype))
+        stored.copy_(spec.mask_to_weight_shape(outcome.weight).to(stored.dtype))
         if module.bias is None and add_bias and bool(outcome.bias.abs().sum() > 0):
             module.bias = nn.Parameter(torch.zeros(spec.fan_out, dtype=stored.dtype, device=stored.device))
             added = True
@@ -294,7 +294,7 @@ def apply_outcomes(specs: Mapping[str, LayerSpec], outcomes: Mapping[str, LayerO
         if _write(spec.module, spec, outcome, add_bias=True):
             added.append(name)
         stored = weight_parameter(spec.module)
-        install_mask(spec.module, outcome.keep.reshape(stored.shape).to(device=stored.device, dtype=stored.dtype))
+        install_mask(spec.module, spec.mask_to_weight_shape(outcome.keep).to(device=stored.device, dtype=stored.dtype))
     return added
 
 
@@ -307,7 +307,7 @@ def sensitivity_weights(
     """``c-bar_s``, the row-mean of each layer's ECP sensitivities, per layer and batch (dense model).
 
     ``calibrator`` is a :class:`~ecp_fast.pruning.calibration.Calibrator` of the dense model; its
-    sensitivity decides ``c`` (``local`` gives ones).
+    sensitivity decides ``c`` (``local`` gives ones); padding tokens get 0.
     """
     device = module_device(calibrator.model)
     generator = torch.Generator(device=device)
@@ -320,13 +320,9 @@ def sensitivity_weights(
             inputs, targets = split_batch(batch)
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             use_targets = targets if calibrator.loss_fn is not None else None
-            for name, grads in calibrator.gradients(inputs, use_targets, generator, index).items():
-                if name not in weights:
-                    continue
-                if grads.g is None:
-                    weights[name].append(grads.x.new_ones(grads.x.shape[0], dtype=torch.float64))
-                else:
-                    weights[name].append(grads.g.double().square().sum(0).mean(-1))
+            for name, row in calibrator.row_sensitivities(inputs, use_targets, generator, index).items():
+                if name in weights:
+                    weights[name].append(row)
     finally:
         calibrator.model.train(was_training)
     return weights
