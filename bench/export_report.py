@@ -121,7 +121,8 @@ def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Ca
     weight = weight * (torch.rand(out, inp, generator=generator) < density)
     bias, x = torch.randn(out, generator=generator), torch.randn(batch, inp, generator=generator)
     csr64 = weight.to_sparse_csr()
-    csr32 = torch.sparse_csr_tensor(csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(), (out, inp))
+    csr32 = torch.sparse_csr_tensor(csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(), (out, inp),
+                                    check_invariants=True)
     bsr = weight.to_sparse_bsr((4, 4)) if out % 4 == 0 and inp % 4 == 0 else None
     column = bias.unsqueeze(1)
     scipy_weight, x_numpy, bias_numpy = scipy.sparse.csr_matrix(weight.numpy()), x.numpy(), bias.numpy()

@@ -226,8 +226,8 @@ def _table(args: argparse.Namespace) -> list[str]:
         lines.append(line)
     compact = io.BytesIO()
     compact_bytes = save_compact(model, compact)
-    lines += ["", f"compact file (save_compact): {compact_bytes:,} bytes, {sizes['dense'] / compact_bytes:.2f}x smaller "
-                  f"than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes"]
+    lines += ["", f"compact file (save_compact): {compact_bytes:,} bytes, {sizes['dense'] / compact_bytes:.2f}x "
+                  f"smaller than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes"]
     if args.out is not None:
         lines.append(_write_files(args.out, exported, compact.getvalue()))
     return lines

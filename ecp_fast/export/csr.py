@@ -27,7 +27,7 @@ import logging
 import operator
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -191,8 +191,9 @@ def density_of(linear: nn.Linear) -> float:
 def replaceable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """``{name: layer}`` of the plain ``nn.Linear`` layers that may be replaced.
 
-    Subclasses and attention projections stay: ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly instead of calling the module, and a
-    subclass may override ``forward``; replacing either would change what the model computes.
+    Subclasses and attention projections stay: ``nn.MultiheadAttention`` reads ``out_proj.weight``
+    directly instead of calling the module, and a subclass may override ``forward``; replacing either
+    would change what the model computes.
     """
     skip = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
             for child in module.modules()}
@@ -227,8 +228,18 @@ def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_i
 def _measure(linear: nn.Linear, inputs: torch.Tensor, rounds: int) -> tuple[float, float]:
     """Minimum seconds per call of ``linear`` and of its CSR form on ``inputs`` (interleaved)."""
     sparse = csr_linear(linear)
+    # GPU kernels run asynchronously: without a synchronisation only the launch would be timed.
+    synchronize = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+
+    def timed(module: nn.Module) -> Callable[[], None]:
+        def call() -> None:
+            module(inputs)
+            synchronize()
+
+        return call
+
     with torch.no_grad():
-        times = interleaved_times({"dense": lambda: linear(inputs), "csr": lambda: sparse(inputs)}, rounds=rounds)
+        times = interleaved_times({"dense": timed(linear), "csr": timed(sparse)}, rounds=rounds)
     return times["dense"].minimum, times["csr"].minimum
 
 
@@ -240,6 +251,10 @@ def _choose_one(name: str, linear: nn.Linear, max_density: float | None, inputs:
         return LayerChoice(name, shape, density, False, f"dtype {linear.weight.dtype} has no CPU CSR kernel")
     if max_density is not None:
         return LayerChoice(name, shape, density, density <= max_density, f"max_density={max_density:g}")
+    if inputs is None and linear.weight.device.type != "cpu":
+        # The model was fitted to CPU timings; GPU GEMMs move the crossover far out. Ask, don't guess.
+        return LayerChoice(name, shape, density, False, "modelled crossover is for CPU: pass max_density or "
+                           "example_inputs")
     if inputs is None:
         limit = modelled_max_density(*shape)
         return LayerChoice(name, shape, density, density <= limit, f"modelled crossover {limit:g}")
@@ -266,7 +281,10 @@ def choose_csr_layers(
             (``rounds`` interleaved rounds, minimum) and the faster wins.
         rounds: timing rounds per layer when measuring.
 
-    Without either, the modelled crossover :func:`modelled_max_density` decides.
+    Without either, the modelled crossover :func:`modelled_max_density` decides (CPU layers only;
+    layers on another device then stay dense). The model was fitted to batches of 16 and more: at
+    batch 1 small layers (under about 1M weights) can be slower as CSR, which ``example_inputs`` of
+    batch 1 would detect.
     """
     if max_density is not None and not (isinstance(max_density, (int, float)) and 0.0 <= max_density <= 1.0):
         raise ValueError(f"argument 'max_density' must be a number in [0, 1] or None, got {max_density!r}")

@@ -8,8 +8,10 @@ float16 / bfloat16 / int8 weights on CUDA whose shapes meet the backend's minimu
 **On CPU this is not faster.** torch has no CPU kernel for semi-structured sparse tensors, and a
 2:4-masked dense weight costs exactly as much as the dense one (the zeros are multiplied like any
 other number). :func:`export_semi_structured` therefore validates the pattern and, without CUDA,
-logs a warning and returns the model unchanged. On CPU, real speed comes from removing whole
-neurons: see :mod:`ecp_fast.pruning.structured`.
+logs a warning and returns the model unchanged. On CPU, real speed comes from a CSR export of
+unstructured sparsity (:func:`ecp_fast.export.export` with ``format="csr"``) or from removing whole
+neurons (:mod:`ecp_fast.pruning.structured`). ``export(model, "2:4")`` wraps this function on a copy
+and raises instead of warning on CPU.
 """
 
 from __future__ import annotations
@@ -111,6 +113,27 @@ def _select_linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str,
     return selected
 
 
+def _semi_structured_weights(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """The semi-structured sparse form of every layer's effective weight; ValueError naming the first that fails."""
+    from torch.sparse import to_sparse_semi_structured
+
+    converted: dict[str, torch.Tensor] = {}
+    for name, module in linears.items():
+        weight = weight_2d(module).contiguous()
+        if weight.dtype not in SEMI_STRUCTURED_DTYPES:
+            raise ValueError(
+                f"layer {name!r}: semi-structured sparse weights must be float16, bfloat16 or int8, "
+                f"got {weight.dtype}; convert the model first (model.half())"
+            )
+        try:
+            converted[name] = to_sparse_semi_structured(weight)
+        except RuntimeError as error:
+            raise ValueError(
+                f"layer {name!r} with weight {tuple(weight.shape)} cannot be converted: {error}"
+            ) from error
+    return converted
+
+
 def export_semi_structured(
     model: nn.Module, layers: Sequence[str] | None = None, pattern: str = SUPPORTED_PATTERN
 ) -> nn.Module:
@@ -148,24 +171,12 @@ def export_semi_structured(
         logger.warning(
             "2:4 export skipped: semi-structured sparse kernels need CUDA on a GPU of compute capability 8.0+ "
             "(found devices %s); on CPU a 2:4 weight is no faster than a dense one, the model is returned "
-            "unchanged. For CPU speed remove whole neurons (ecp_fast.pruning.structured.prune_neurons).",
+            "unchanged. For CPU speed use ecp_fast.export.export(model, 'csr') or remove whole neurons "
+            "(ecp_fast.pruning.structured.prune_neurons).",
             sorted(str(device) for device in devices),
         )
         return model
-    from torch.sparse import to_sparse_semi_structured
-
-    converted: dict[str, torch.Tensor] = {}
-    for name, module in linears.items():
-        weight = weight_2d(module).contiguous()
-        if weight.dtype not in SEMI_STRUCTURED_DTYPES:
-            raise ValueError(
-                f"layer {name!r}: semi-structured sparse weights must be float16, bfloat16 or int8, got {weight.dtype}; "
-                "convert the model first (model.half())"
-            )
-        try:
-            converted[name] = to_sparse_semi_structured(weight)
-        except RuntimeError as error:
-            raise ValueError(f"layer {name!r} with weight {tuple(weight.shape)} cannot be converted: {error}") from error
+    converted = _semi_structured_weights(linears)
     # Every conversion succeeded; only now change the model.
     for name, module in linears.items():
         if hasattr(module, "weight_orig"):
