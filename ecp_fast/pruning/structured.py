@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -52,6 +54,7 @@ from ecp_fast.pruning.calibration import (
 )
 from ecp_fast.ops import finalize
 from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +159,37 @@ def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
     return pairs
 
 
+def _check_pair(modules: Mapping[str, nn.Module], pair: NeuronPair) -> None:
+    """Raise ``ValueError`` naming the pair unless its modules exist with matching sizes."""
+    for role, name in (("producer", pair.producer), ("consumer", pair.consumer)):
+        if name not in modules or name == "":
+            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            raise ValueError(f"argument 'pairs': no module named {name!r} ({role}); Linear layers are {linears}")
+        if not isinstance(modules[name], nn.Linear):
+            raise ValueError(
+                f"argument 'pairs': {role} {name!r} must be an nn.Linear, got {type(modules[name]).__name__}"
+            )
+    producer, consumer = modules[pair.producer], modules[pair.consumer]
+    if producer.out_features != consumer.in_features:
+        raise ValueError(
+            f"argument 'pairs': producer {pair.producer!r} has {producer.out_features} outputs but consumer "
+            f"{pair.consumer!r} has {consumer.in_features} inputs; they must be equal"
+        )
+    for norm in pair.norms:
+        module = modules.get(norm)
+        if module is None or not isinstance(module, PER_FEATURE):
+            raise ValueError(
+                f"argument 'pairs': per-feature module {norm!r} of pair ({pair.producer!r}, {pair.consumer!r}) "
+                f"must be a BatchNorm1d, LayerNorm or PReLU, got {type(module).__name__ if module else None}"
+            )
+        features = _feature_count(module)
+        if features is not None and features != producer.out_features:
+            raise ValueError(
+                f"argument 'pairs': {norm!r} has {features} features, expected {producer.out_features} "
+                f"(the outputs of {pair.producer!r})"
+            )
+
+
 def resolve_pairs(
     model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None
 ) -> list[NeuronPair]:
@@ -172,7 +206,7 @@ def resolve_pairs(
                 "pass pairs=[(producer_name, consumer_name), ...]"
             )
         return found
-    if isinstance(pairs, (str, NeuronPair)):
+    if isinstance(pairs, (str, NeuronPair)) or not hasattr(pairs, "__iter__"):
         raise TypeError(f"argument 'pairs' must be a sequence of (producer, consumer) pairs, got {pairs!r}")
     modules = dict(model.named_modules())
     resolved: list[NeuronPair] = []
@@ -180,42 +214,19 @@ def resolve_pairs(
         if isinstance(entry, NeuronPair):
             pair = entry
         else:
-            items = tuple(entry) if not isinstance(entry, str) else ()
+            items = tuple(entry) if hasattr(entry, "__iter__") and not isinstance(entry, str) else ()
             if len(items) not in (2, 3) or not all(isinstance(item, str) for item in items[:2]):
                 raise ValueError(
                     f"argument 'pairs': each entry must be (producer, consumer) or (producer, consumer, norms), "
                     f"got {entry!r}"
                 )
             norm_names = items[2] if len(items) == 3 else ()
-            norms = (norm_names,) if isinstance(norm_names, str) else tuple(norm_names)
+            iterable = hasattr(norm_names, "__iter__") and not isinstance(norm_names, str)
+            norms = tuple(norm_names) if iterable else (norm_names,)
+            if not all(isinstance(norm, str) for norm in norms):
+                raise ValueError(f"argument 'pairs': the norms of {entry!r} must be module names (strings)")
             pair = NeuronPair(items[0], items[1], norms)
-        for role, name in (("producer", pair.producer), ("consumer", pair.consumer)):
-            if name not in modules or name == "":
-                linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-                raise ValueError(f"argument 'pairs': no module named {name!r} ({role}); Linear layers are {linears}")
-            if not isinstance(modules[name], nn.Linear):
-                raise ValueError(
-                    f"argument 'pairs': {role} {name!r} must be an nn.Linear, got {type(modules[name]).__name__}"
-                )
-        producer, consumer = modules[pair.producer], modules[pair.consumer]
-        if producer.out_features != consumer.in_features:
-            raise ValueError(
-                f"argument 'pairs': producer {pair.producer!r} has {producer.out_features} outputs but consumer "
-                f"{pair.consumer!r} has {consumer.in_features} inputs; they must be equal"
-            )
-        for norm in pair.norms:
-            module = modules.get(norm)
-            if module is None or not isinstance(module, PER_FEATURE):
-                raise ValueError(
-                    f"argument 'pairs': per-feature module {norm!r} of pair ({pair.producer!r}, {pair.consumer!r}) "
-                    f"must be a BatchNorm1d, LayerNorm or PReLU, got {type(module).__name__ if module else None}"
-                )
-            features = _feature_count(module)
-            if features is not None and features != producer.out_features:
-                raise ValueError(
-                    f"argument 'pairs': {norm!r} has {features} features, expected {producer.out_features} "
-                    f"(the outputs of {pair.producer!r})"
-                )
+        _check_pair(modules, pair)
         resolved.append(pair)
     for role in ("producer", "consumer"):
         names = [getattr(pair, role) for pair in resolved]
@@ -538,6 +549,7 @@ def _build_per_feature(module: nn.Module, index: torch.Tensor) -> nn.Module:
 
 def build_replacements(model: nn.Module, plan: NeuronPlan) -> dict[str, nn.Module]:
     """The smaller modules of ``plan`` by qualified name; the model is only read."""
+    _check_plan(model, plan)
     modules = dict(model.named_modules())
     rows: dict[str, torch.Tensor] = {}
     columns: dict[str, torch.Tensor] = {}
@@ -545,12 +557,6 @@ def build_replacements(model: nn.Module, plan: NeuronPlan) -> dict[str, nn.Modul
     replacements: dict[str, nn.Module] = {}
     for pair in plan.pairs:
         keep = plan.keep[pair.consumer]
-        hidden = modules[pair.producer].out_features
-        if keep.numel() != hidden or modules[pair.consumer].in_features != hidden:
-            raise ValueError(
-                f"the plan for ({pair.producer!r}, {pair.consumer!r}) has {keep.numel()} hidden units, the model "
-                f"{hidden}; plan and model disagree"
-            )
         index = torch.nonzero(keep).flatten()
         shift = plan.bias_shift.get(pair.consumer)
         if bool(keep.all()):
@@ -568,23 +574,45 @@ def build_replacements(model: nn.Module, plan: NeuronPlan) -> dict[str, nn.Modul
 
 
 def _swap(model: nn.Module, replacements: Mapping[str, nn.Module]) -> None:
-    """Install the replacements; on any failure put every original module back."""
-    originals: dict[str, nn.Module] = {}
-    try:
+    """Install the replacements; on any failure (KeyboardInterrupt too) every original module is back."""
+    with model_transaction(model, values=False):
         for name, module in replacements.items():
             parent, attribute = _parent_and_attribute(model, name)
-            originals[name] = getattr(parent, attribute)
             setattr(parent, attribute, module)
-    except BaseException:
-        for name, module in originals.items():
-            parent, attribute = _parent_and_attribute(model, name)
-            setattr(parent, attribute, module)
-        raise
 
 
 def shrink_model(model: nn.Module, plan: NeuronPlan) -> None:
-    """Replace the planned layers of ``model`` (in place) by smaller plain ``torch.nn`` modules."""
+    """Replace the planned layers of ``model`` (in place) by smaller plain ``torch.nn`` modules.
+
+    Every new module is built before the first is installed; the model is unchanged on failure.
+    """
     _swap(model, build_replacements(model, plan))
+
+
+def _check_plan(model: nn.Module, plan: NeuronPlan) -> None:
+    """Raise ``ValueError`` unless every pair of ``plan`` exists in ``model`` with the planned sizes."""
+    if not isinstance(plan, NeuronPlan):
+        raise TypeError(f"argument 'plan' must be a NeuronPlan, got {type(plan).__name__}")
+    modules = dict(model.named_modules())
+    for pair in plan.pairs:
+        producer, consumer = modules.get(pair.producer), modules.get(pair.consumer)
+        keep = plan.keep.get(pair.consumer)
+        if not isinstance(producer, nn.Linear) or not isinstance(consumer, nn.Linear) or keep is None:
+            raise ValueError(
+                f"argument 'plan': pair ({pair.producer!r}, {pair.consumer!r}) is not a pair of Linear layers of "
+                "this model with a keep-mask; plan and model disagree"
+            )
+        if keep.numel() != consumer.in_features or producer.out_features != consumer.in_features:
+            raise ValueError(
+                f"argument 'plan': the plan for ({pair.producer!r}, {pair.consumer!r}) has {keep.numel()} hidden "
+                f"units, the model {consumer.in_features}; plan and model disagree"
+            )
+        shift = plan.bias_shift.get(pair.consumer)
+        if shift is not None and tuple(shift.shape) != (consumer.out_features,):
+            raise ValueError(
+                f"argument 'plan': the bias shift of {pair.consumer!r} must have shape ({consumer.out_features},), "
+                f"got {tuple(shift.shape)}"
+            )
 
 
 def mask_neurons(model: nn.Module, plan: NeuronPlan) -> None:
@@ -592,10 +620,12 @@ def mask_neurons(model: nn.Module, plan: NeuronPlan) -> None:
 
     The result computes the same function as :func:`shrink_model`'s (exactly, for every pair
     without a LayerNorm, which normalises over all features); useful as a reference and for
-    inspecting the compensation at full size.
+    inspecting the compensation at full size. The plan is checked first; the model is unchanged
+    on failure.
     """
+    _check_plan(model, plan)
     modules = dict(model.named_modules())
-    with torch.no_grad():
+    with model_transaction(model), torch.no_grad():
         for pair in plan.pairs:
             consumer = modules[pair.consumer]
             weight = weight_parameter(consumer)
@@ -667,6 +697,11 @@ class StructuredReport:
         return sum(pair.hidden_after for pair in self.pairs)
 
     @property
+    def removed_fraction(self) -> float:
+        """Fraction of the hidden units actually removed (``ratio`` is what was asked for)."""
+        return 1.0 - self.hidden_after / self.hidden_before if self.hidden_before else 0.0
+
+    @property
     def parameter_ratio(self) -> float:
         """Parameters after / before."""
         return self.parameters_after / self.parameters_before if self.parameters_before else 1.0
@@ -708,6 +743,179 @@ class StructuredReport:
 
 
 # ---- the entry point -----------------------------------------------------------------------------
+
+
+def _check_options(
+    sensitivity: str, normalize: str, min_keep: int, compensate: bool | None, inplace: bool, batches: Any
+) -> None:
+    """Raise for a bad option of :func:`prune_neurons` before anything is calibrated or changed."""
+    if sensitivity not in SENSITIVITIES:
+        raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"argument 'normalize' must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
+        raise ValueError(f"argument 'min_keep' must be a positive integer, got {min_keep!r}")
+    if compensate is not None and not isinstance(compensate, bool):
+        raise TypeError(f"argument 'compensate' must be True, False or None, got {compensate!r}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"argument 'inplace' must be a bool, got {inplace!r}")
+    if batches is None:
+        return
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(
+            "argument 'batches' must be an iterable of batches (a list of tensors or of (inputs, targets)), got a "
+            "single Tensor (iterating it would treat every row as a batch); pass [tensor]"
+        )
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"argument 'batches' must be an iterable of batches or None, got {type(batches).__name__}")
+
+
+def _statistics_for(
+    pruner: Pruner | None,
+    model: nn.Module,
+    method: str,
+    consumers: list[str],
+    batches: Iterable[Any] | None,
+    sensitivity: str,
+    wants_statistics: bool,
+) -> tuple[Mapping[str, LayerStatistics] | None, str]:
+    """The consumers' statistics (calibrating when needed) and the sensitivity they come from."""
+    if not wants_statistics:
+        return None, sensitivity
+    if pruner is not None:
+        if method == "local" and pruner.sensitivity != "local":
+            # Pruner keeps the batches it was calibrated on; reuse them for the c = 1 moments.
+            source = batches if batches is not None else getattr(pruner, "_batches", None)
+            if source is not None and batches is None and iter(source) is source:
+                source = None  # a one-shot iterator, already consumed
+            return _local_statistics(model, consumers, source), "local"
+        if not pruner.statistics:
+            raise RuntimeError(f"method {method!r} needs statistics: call Pruner.calibrate(batches) first")
+        return pruner.statistics, pruner.sensitivity
+    if method == "local" or sensitivity == "local":
+        return _local_statistics(model, consumers, batches), "local"
+    if batches is None:
+        raise ValueError(f"method {method!r} on a bare model needs calibration batches: pass batches=...")
+    calibrating = Pruner(model, sensitivity=sensitivity, layers=consumers, progress=False)
+    calibrating.calibrate(batches)
+    return calibrating.statistics, sensitivity
+
+
+def _dead_units(model: nn.Module, pairs: Sequence[NeuronPair]) -> tuple[int, int]:
+    """Hidden units whose consumer column is already all zero (masked or zeroed), and all hidden units."""
+    modules = dict(model.named_modules())
+    dead = total = 0
+    for pair in pairs:
+        weight = weight_2d(modules[pair.consumer])
+        dead += int((weight == 0).all(dim=0).sum())
+        total += weight.shape[1]
+    return dead, total
+
+
+def _warn_about_sparsity(model: nn.Module, pairs: Sequence[NeuronPair], ratio: float) -> None:
+    """Warn when the model already has more dead hidden units than ``ratio`` asks to remove."""
+    dead, total = _dead_units(model, pairs)
+    if total and ratio > 0 and dead / total > ratio:
+        warnings.warn(
+            f"prune_neurons: argument 'ratio' ({ratio:.4g}) is below the fraction of hidden units the model has "
+            f"already switched off ({dead} of {total} consumer columns are all zero, {dead / total:.4g}); ratio "
+            "counts the units this call removes, so the result keeps some of the dead units",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _build_report(
+    target: nn.Module, plan: NeuronPlan, hidden_before: Mapping[str, int], counts: tuple[int, int]
+) -> StructuredReport:
+    """The :class:`StructuredReport` of a finished removal (``counts``: parameters and FLOPs before)."""
+    pair_reports = []
+    for pair in plan.pairs:
+        shift = plan.bias_shift[pair.consumer]
+        pair_reports.append(
+            PairReport(
+                producer=pair.producer,
+                consumer=pair.consumer,
+                hidden_before=hidden_before[pair.consumer],
+                hidden_after=int(plan.keep[pair.consumer].sum()),
+                bias_change_l1=0.0 if shift is None else float(shift.abs().sum()),
+            )
+        )
+    return StructuredReport(
+        method=plan.method,
+        scope=plan.scope,
+        ratio=plan.ratio,
+        compensated=any(shift is not None for shift in plan.bias_shift.values()),
+        pairs=pair_reports,
+        parameters_before=counts[0],
+        parameters_after=count_parameters(target),
+        flops_before=counts[1],
+        flops_after=linear_flops(target),
+        model=target,
+        plan=plan,
+    )
+
+
+def _warn_if_short(report: StructuredReport, min_keep: int) -> None:
+    """Warn when ``min_keep`` kept the removal below the requested ratio (never report it silently)."""
+    requested = report.ratio * report.hidden_before
+    removed = report.hidden_before - report.hidden_after
+    if report.scope == "layer":
+        requested = sum(round(report.ratio * pair.hidden_before) for pair in report.pairs)
+    if removed < round(requested):
+        warnings.warn(
+            f"prune_neurons: removed {removed} of {report.hidden_before} hidden units "
+            f"({report.removed_fraction:.4g}), fewer than ratio={report.ratio:.4g} asks ({round(requested)}), "
+            f"because every layer keeps at least min_keep={min_keep} units",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _restore_pruner(pruner: Pruner, layers: Any, calibration: Any) -> None:
+    pruner.layers = layers
+    pruner.calibration = calibration
+
+
+def _remove_neurons(
+    pruner: Pruner | None,
+    model: nn.Module,
+    ratio: float,
+    method: str,
+    scope: str,
+    resolved: list[NeuronPair],
+    *,
+    batches: Iterable[Any] | None,
+    sensitivity: str,
+    normalize: str,
+    min_keep: int,
+    compensate: bool | None,
+    inplace: bool,
+) -> StructuredReport:
+    """The body of :func:`prune_neurons` with validated arguments (run inside its transaction)."""
+    wants_statistics = method in NEEDS_STATISTICS or bool(compensate)
+    consumers = [pair.consumer for pair in resolved]
+    statistics, used_sensitivity = _statistics_for(pruner, model, method, consumers, batches, sensitivity,
+                                                   wants_statistics)
+    plan = plan_neurons(
+        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_sensitivity
+    )
+    counts = (count_parameters(model), linear_flops(model))
+    modules = dict(model.named_modules())
+    hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
+    target = model if inplace else copy.deepcopy(model)
+    shrink_model(target, plan)
+    if inplace and pruner is not None:
+        pruner.layers = resolve_layers(model, list(pruner.layers))
+        pruner.calibration = None
+        logger.info("pruner layers re-resolved to the smaller modules; recalibrate before scoring again")
+    report = _build_report(target, plan, hidden_before, counts)
+    logger.info(
+        "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
+        report.hidden_before - report.hidden_after, report.hidden_before, method, scope,
+        report.parameter_ratio, report.flops_ratio,
+    )
+    return report
 
 
 @renamed_keyword("criterion", "sensitivity")
@@ -752,92 +960,30 @@ def prune_neurons(
         cleared (the statistics describe the old shapes).
 
     Raises:
-        ValueError / TypeError: bad ratio, method, scope or pairs, missing statistics; the model
-        is then unchanged.
+        ValueError / TypeError: bad ratio, method, scope, pairs or options, missing statistics;
+        checked before anything is calibrated or changed. Any failure later (KeyboardInterrupt
+        included) restores the model and the pruner exactly (:func:`~ecp_fast.pruning.transaction.model_transaction`).
+
+    Warns:
+        UserWarning: when the model already has more all-zero hidden units than ``ratio`` asks to
+        remove, and when ``min_keep`` keeps the removal below ``ratio``.
     """
     method = _canonical_method(method)
     ratio = _check_ratio(ratio)
     if scope not in SELECTION_SCOPES:
         raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
-    if sensitivity not in SENSITIVITIES:
-        raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
+    _check_options(sensitivity, normalize, min_keep, compensate, inplace, batches)
     pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
     model = pruner.model if pruner is not None else pruner_or_model
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'pruner_or_model' must be a Pruner or an nn.Module, got {type(model).__name__}")
     resolved = resolve_pairs(model, pairs)
-    consumers = [pair.consumer for pair in resolved]
-    wants_statistics = method in NEEDS_STATISTICS or bool(compensate)
-    statistics: Mapping[str, LayerStatistics] | None = None
-    used_sensitivity = sensitivity
-    if wants_statistics:
+    _warn_about_sparsity(model, resolved, ratio)
+    options = dict(batches=batches, sensitivity=sensitivity, normalize=normalize, min_keep=min_keep,
+                   compensate=compensate, inplace=inplace)
+    with model_transaction(model) as transaction:
         if pruner is not None:
-            used_sensitivity = pruner.sensitivity
-            if method == "local" and pruner.sensitivity != "local":
-                # Pruner keeps the batches it was calibrated on; reuse them for the c = 1 moments.
-                source = batches if batches is not None else getattr(pruner, "_batches", None)
-                if source is not None and batches is None and iter(source) is source:
-                    source = None  # a one-shot iterator, already consumed
-                statistics = _local_statistics(model, consumers, source)
-                used_sensitivity = "local"
-            else:
-                if not pruner.statistics:
-                    raise RuntimeError(f"method {method!r} needs statistics: call Pruner.calibrate(batches) first")
-                statistics = pruner.statistics
-        elif method == "local" or sensitivity == "local":
-            statistics = _local_statistics(model, consumers, batches)
-            used_sensitivity = "local"
-        else:
-            if batches is None:
-                raise ValueError(f"method {method!r} on a bare model needs calibration batches: pass batches=...")
-            calibrating = Pruner(model, sensitivity=sensitivity, layers=consumers, progress=False)
-            calibrating.calibrate(batches)
-            statistics = calibrating.statistics
-    plan = plan_neurons(
-        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_sensitivity
-    )
-    parameters_before = count_parameters(model)
-    flops_before = linear_flops(model)
-    modules = dict(model.named_modules())
-    hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
-    target = model if inplace else copy.deepcopy(model)
-    shrink_model(target, plan)
-    if inplace and pruner is not None:
-        pruner.layers = resolve_layers(model, list(pruner.layers))
-        pruner.calibration = None
-        logger.info("pruner layers re-resolved to the smaller modules; recalibrate before scoring again")
-    pair_reports = []
-    for pair in resolved:
-        shift = plan.bias_shift[pair.consumer]
-        pair_reports.append(
-            PairReport(
-                producer=pair.producer,
-                consumer=pair.consumer,
-                hidden_before=hidden_before[pair.consumer],
-                hidden_after=int(plan.keep[pair.consumer].sum()),
-                bias_change_l1=0.0 if shift is None else float(shift.abs().sum()),
-            )
-        )
-    report = StructuredReport(
-        method=method,
-        scope=scope,
-        ratio=ratio,
-        compensated=any(shift is not None for shift in plan.bias_shift.values()),
-        pairs=pair_reports,
-        parameters_before=parameters_before,
-        parameters_after=count_parameters(target),
-        flops_before=flops_before,
-        flops_after=linear_flops(target),
-        model=target,
-        plan=plan,
-    )
-    logger.info(
-        "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
-        report.hidden_before - report.hidden_after,
-        report.hidden_before,
-        method,
-        scope,
-        report.parameter_ratio,
-        report.flops_ratio,
-    )
+            transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
+        report = _remove_neurons(pruner, model, ratio, method, scope, resolved, **options)
+    _warn_if_short(report, min_keep)
     return report

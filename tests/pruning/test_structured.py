@@ -8,13 +8,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+import warnings
+from typing import Any, Callable
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
 import ecp_fast
 from ecp_fast import Pruner
+from ecp_fast.pruning import structured
 from ecp_fast.pruning.structured import (
     METHODS,
     NeuronPair,
@@ -26,6 +32,7 @@ from ecp_fast.pruning.structured import (
     prune_neurons,
     resolve_pairs,
 )
+from fingerprint import assert_unchanged, fingerprint
 
 
 def mlp(seed: int = 0, sizes: tuple[int, ...] = (12, 20, 14, 5), act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
@@ -277,17 +284,26 @@ def test_masked_layers_keep_sliced_masks() -> None:
         ({"pairs": [("1", "2")]}, ValueError, "must be an nn.Linear"),
         ({"pairs": [("0", "2"), ("0", "2")]}, ValueError, "more than once"),
         ({"pairs": [("0", "2", "4")]}, ValueError, "BatchNorm1d, LayerNorm or PReLU"),
+        ({"pairs": 3}, TypeError, "'pairs' must be a sequence"),
+        ({"pairs": [3]}, ValueError, "each entry must be"),
+        ({"pairs": [("0", "2", 4)]}, ValueError, "must be module names"),
+        ({"normalize": "max"}, ValueError, "'normalize' must be one of"),
+        ({"min_keep": 0}, ValueError, "'min_keep' must be a positive integer, got 0"),
+        ({"compensate": "yes"}, TypeError, "'compensate' must be True, False or None, got 'yes'"),
+        ({"inplace": None}, TypeError, "'inplace' must be a bool, got None"),
+        ({"batches": torch.zeros(4, 12)}, TypeError, "single Tensor"),
+        ({"batches": 5}, TypeError, "'batches' must be an iterable of batches or None, got int"),
+        ({"sensitivity": "fisher"}, ValueError, "'sensitivity' must be one of"),
     ],
 )
 def test_bad_input_raises_and_leaves_model(kwargs: dict, error: type[Exception], match: str) -> None:
     model = mlp()
     pruner = calibrated(model, inputs())
-    before = state(model)
+    before = fingerprint(model)
     arguments = {"ratio": 0.5, **kwargs}
     with pytest.raises(error, match=match):
         prune_neurons(pruner, **arguments)
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_unchanged(before, model)
     assert pruner.calibration is not None
 
 
@@ -338,3 +354,160 @@ def test_pruned_model_loads_without_ecp_fast(tmp_path: Path) -> None:
     assert sizes == [12, 10, 7, 5]
     torch.testing.assert_close(from_pickle, expected, rtol=0, atol=0)
     torch.testing.assert_close(from_state, expected, rtol=0, atol=0)
+
+
+# ---- no half-pruned model: bad inputs and failures at every stage -------------------------------------
+
+BAD_VALUES: dict[str, list[Any]] = {
+    "ratio": [-0.1, 1.0, 1.5, float("nan"), float("inf"), "half", None, True, [0.5]],
+    "method": ["taylor", 3, None, ""],
+    "scope": ["row", None, 1],
+    "pairs": [[("0", "4")], [("0", "nope")], "0,2", [("0",)], [("1", "2")], [], 7, [("0", "2", 5)]],
+    "sensitivity": ["bogus", None],
+    "normalize": ["max", None, 1],
+    "min_keep": [0, -1, 1.5, True, "1"],
+    "compensate": ["yes", 1, 0.0],
+    "inplace": ["no", None, 1],
+    "batches": [5, "x", torch.zeros(3, 12)],
+}
+GOOD_VALUES: dict[str, list[Any]] = {
+    "ratio": [0.0, 0.25, 0.5],
+    "method": ["ecp", "norm", "local", "magnitude"],
+    "scope": ["global", "layer"],
+    "pairs": [None, [("2", "4")]],
+    "normalize": ["auto", "mean"],
+    "min_keep": [1, 3],
+    "compensate": [None, True],
+    "inplace": [True, False],
+}
+
+
+@st.composite
+def bad_arguments(draw: st.DrawFn) -> dict[str, Any]:
+    """Arguments of prune_neurons with at least one bad value among good ones."""
+    arguments = {name: draw(st.sampled_from(values)) for name, values in GOOD_VALUES.items() if draw(st.booleans())}
+    for name in draw(st.lists(st.sampled_from(sorted(BAD_VALUES)), min_size=1, max_size=3, unique=True)):
+        arguments[name] = draw(st.sampled_from(BAD_VALUES[name]))
+    return arguments
+
+
+_SHARED: dict[str, Pruner] = {}
+
+
+@settings(max_examples=80, deadline=None)
+@given(arguments=bad_arguments(), use_pruner=st.booleans())
+def test_bad_arguments_never_change_the_model(arguments: dict[str, Any], use_pruner: bool) -> None:
+    # One calibrated model serves every example: a bad call must leave it as it is, which is checked.
+    if "subject" not in _SHARED:
+        _SHARED["subject"] = calibrated(mlp(), inputs())
+    model, x = _SHARED["subject"].model, inputs()
+    pruner = _SHARED["subject"] if use_pruner else None
+    layers, calibration = (pruner.layers, pruner.calibration) if pruner else (None, None)
+    before = fingerprint(model)
+    arguments = {"ratio": 0.5, **arguments}
+    if not use_pruner:
+        arguments.setdefault("batches", [x])
+    with pytest.raises((TypeError, ValueError)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prune_neurons(pruner if pruner else model, **arguments)
+    assert_unchanged(before, model)
+    if pruner is not None:
+        assert pruner.layers is layers and pruner.calibration is calibration
+
+
+def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
+    """``original`` for ``calls`` calls, then ``error``."""
+    count = {"n": 0}
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if count["n"] >= calls:
+            raise error
+        count["n"] += 1
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def rich_model() -> nn.Sequential:
+    """An MLP with a BatchNorm, a mask, a forward hook and a bias-less consumer: everything to undo."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 14, bias=False), nn.ReLU(), nn.Linear(14, 5)
+    ).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+    ecp_fast.pruning.masks.install_mask(model[3], (torch.rand(14, 20) > 0.3).double())
+    model[5].register_forward_hook(lambda *args: None)
+    return model
+
+
+# Each stage: (function of the structured module to break, calls that succeed first)
+STAGES = {
+    "calibration": ("Pruner.calibrate", 0),
+    "local statistics": ("_local_statistics", 0),
+    "scores": ("neuron_scores", 0),
+    "selection": ("select_neurons", 0),
+    "new Linear": ("_build_linear", 1),
+    "new BatchNorm": ("_build_per_feature", 0),
+    "half swapped": ("_parent_and_attribute", 2),
+    "re-resolve pruner": ("resolve_layers", 0),
+    "report": ("count_parameters", 1),
+    "log": ("logger.info", 0),
+}
+
+
+def _break(monkeypatch: pytest.MonkeyPatch, target: str, calls: int, error: BaseException) -> None:
+    owner: Any = structured
+    *path, attribute = target.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    monkeypatch.setattr(owner, attribute, failing_after(calls, getattr(owner, attribute), error))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_failure_at_every_stage_restores_model_and_pruner(
+    monkeypatch: pytest.MonkeyPatch, stage: str, error: BaseException
+) -> None:
+    model = rich_model()
+    x = inputs()
+    pruner = calibrated(model, x)
+    layers, calibration = pruner.layers, pruner.calibration
+    before = fingerprint(model)
+    reference = model(x)
+    target, calls = STAGES[stage]
+    _break(monkeypatch, target, calls, error)
+    method = "local" if stage == "local statistics" else "ecp"
+    subject = model if stage == "calibration" else pruner
+    with pytest.raises(type(error)):
+        prune_neurons(subject, 0.5, method=method, batches=[x] if subject is model else None)
+    assert_unchanged(before, model)
+    assert pruner.layers is layers and pruner.calibration is calibration
+    torch.testing.assert_close(model(x), reference, rtol=0, atol=0)
+
+
+def test_dead_units_and_a_short_removal_warn() -> None:
+    model = mlp()
+    x = inputs()
+    with torch.no_grad():
+        model[2].weight[:, :10] = 0  # half of the first hidden layer already switched off
+    with pytest.warns(UserWarning, match="already switched off"):
+        prune_neurons(model, 0.2, method="norm", pairs=[("0", "2")])
+    with pytest.warns(UserWarning, match="fewer than ratio=0.9 asks"):
+        report = prune_neurons(mlp(), 0.9, method="ecp", batches=[x], scope="layer", min_keep=5)
+    assert report.removed_fraction < 0.9
+
+
+def test_mask_neurons_checks_the_plan_and_is_atomic(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    report = prune_neurons(model, 0.5, method="ecp", batches=[inputs()], inplace=False)
+    other = mlp(sizes=(12, 9, 14, 5))
+    before = fingerprint(other)
+    with pytest.raises(ValueError, match="plan and model disagree"):
+        mask_neurons(other, report.plan)
+    assert_unchanged(before, other)
+    before = fingerprint(model)
+    monkeypatch.setattr(structured, "weight_parameter", failing_after(1, structured.weight_parameter, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        mask_neurons(model, report.plan)
+    assert_unchanged(before, model)
