@@ -37,7 +37,11 @@ logger = logging.getLogger(__name__)
 try:  # the fused op, where this build has it
     from ecp_fast.ops import gram
 except ImportError:  # pragma: no cover - until ecp.gram lands
-    def gram(a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def gram(
+        a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+    ) -> torch.Tensor:
+        a, b = a.double(), None if b is None else b.double()
+        weight = None if weight is None else weight.double()
         ones = a.new_ones(a.shape[0], 1)
         left = torch.cat([a, ones], 1)
         right = left if b is None else torch.cat([b, ones], 1)
@@ -146,30 +150,59 @@ def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
     return weights if weights is not None and weights.numel() == rows else None
 
 
+#: The dense model's layer inputs are the same for every allocation candidate; they are kept for
+#: reuse while they fit this many bytes, and recomputed otherwise.
+DENSE_CACHE_BYTES = 256 << 20
+
+
+class DenseReference:
+    """The dense model whose pre-activations a refit aims at, with a bounded cache of its layer inputs."""
+
+    def __init__(self, model: nn.Module, budget: int = DENSE_CACHE_BYTES) -> None:
+        self.model = copy.deepcopy(model).eval()
+        self.modules = dict(self.model.named_modules())
+        self.budget = budget
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        self.cached_bytes = 0
+        #: Gram matrices of the first layer pruned, whose inputs no pruning has touched yet: the
+        #: same for every allocation candidate (prefix caching).
+        self.first_grams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor:
+        """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``)."""
+        key = (spec.name, index)
+        if key in self.cache:
+            return self.cache[key]
+        dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
+        size = dense_inputs.numel() * dense_inputs.element_size()
+        if self.cached_bytes + size <= self.budget:
+            self.cache[key] = dense_inputs
+            self.cached_bytes += size
+        return dense_inputs
+
+
 def layer_grams(
     work: nn.Module,
-    dense: nn.Module | None,
+    dense: DenseReference | None,
     spec: LayerSpec,
     batches: Sequence[Any],
     sample_weights: Sequence[torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``H`` of the layer's inputs in ``work`` and, with a ``dense`` copy, the cross term ``C``."""
+    """``H`` of the layer's inputs in ``work`` and, with a ``dense`` reference, the cross term ``C``."""
     work_module = dict(work.named_modules())[spec.name]
-    dense_module = None if dense is None else dict(dense.named_modules())[spec.name]
     device = module_device(work)
     hessian: torch.Tensor | None = None
     cross: torch.Tensor | None = None
     with torch.no_grad():
         for index, batch in enumerate(batches):
             inputs = to_device(split_batch(batch)[0], device)
-            pruned_inputs = _layer_inputs(work, work_module, spec, inputs).double()
+            pruned_inputs = _layer_inputs(work, work_module, spec, inputs)
             weight = token_weights(inputs, pruned_inputs.shape[0]) if sample_weights is None else sample_weights[index]
-            weight = None if weight is None else weight.to(pruned_inputs)
-            part = gram(pruned_inputs, None, weight)
+            weight = None if weight is None else weight.to(device=pruned_inputs.device, dtype=pruned_inputs.dtype)
+            part = gram(pruned_inputs, None, weight, float64=True)
             hessian = part if hessian is None else hessian + part
-            if dense_module is not None:
-                dense_inputs = _layer_inputs(dense, dense_module, spec, inputs).double()
-                part = gram(pruned_inputs, dense_inputs, weight)
+            if dense is not None:
+                part = gram(pruned_inputs, dense.layer_inputs(spec, index, inputs), weight, float64=True)
                 cross = part if cross is None else cross + part
     assert hessian is not None
     return hessian, cross
@@ -188,19 +221,31 @@ def _augmented(module: nn.Module, spec: LayerSpec) -> tuple[torch.Tensor, torch.
 
 def solve_layer(
     work: nn.Module,
-    dense: nn.Module | None,
+    dense: DenseReference | None,
     spec: LayerSpec,
     plan: LayerPlan,
     config: ReconstructionConfig,
     batches: Sequence[Any],
     sample_weights: Sequence[torch.Tensor] | None,
+    exact: bool = True,
+    first: bool = False,
 ) -> LayerOutcome:
-    """Choose the layer's mask and compensation from its Gram matrices (the model is not changed)."""
-    hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
+    """Choose the layer's mask and compensation from its Gram matrices (the model is not changed).
+
+    With ``exact=False`` an OBS-chosen mask keeps the sweep's own update instead of the final
+    least-squares refit (a cheaper proxy, used to compare allocation candidates). ``first`` marks
+    the first layer pruned, whose Gram matrices ``dense`` may cache.
+    """
+    if dense is not None and first and spec.name in dense.first_grams:
+        hessian, cross = dense.first_grams[spec.name]
+    else:
+        hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
+        if dense is not None and first:
+            dense.first_grams[spec.name] = (hessian, cross)
     weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
     dense_weight = dense_bias = None
     if config.refit:
-        dense_weight, dense_bias = _augmented(dict(dense.named_modules())[spec.name], spec)  # type: ignore[union-attr]
+        dense_weight, dense_bias = _augmented(dense.modules[spec.name], spec)  # type: ignore[union-attr]
         if plan.keep is None:
             # The quadratic towards the dense pre-activations is minimised, before any pruning, by the
             # unmasked least-squares fit; the OBS sweep must start from that minimiser to rank and
@@ -219,7 +264,7 @@ def solve_layer(
     else:
         keep = plan.keep.to(device=weight.device, dtype=torch.bool)
         new_weight, new_bias = weight * keep, bias
-    if config.refit:
+    if config.refit and (exact or plan.keep is not None):
         new_weight, new_bias = obs.refit(
             new_weight, new_bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
             ridge=config.damp,
@@ -260,26 +305,26 @@ def reconstruct(
     config: ReconstructionConfig,
     batches: Sequence[Any],
     sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
-    progress: Callable[[Iterable[str]], Iterable[str]] = iter,
+    dense: DenseReference | None = None,
+    exact: bool = True,
 ) -> tuple[dict[str, LayerOutcome], nn.Module]:
     """Prune every layer of ``plans`` in forward order on a working copy of ``model``.
 
     Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
-    is not changed (:func:`apply_outcomes` does that).
+    is not changed (:func:`apply_outcomes` does that). ``dense`` may be shared between calls.
     """
     work = _plain_copy(model)
-    dense = copy.deepcopy(model) if config.refit else None
+    if config.refit and dense is None:
+        dense = DenseReference(model)
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     first_inputs = to_device(split_batch(batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
-    work.eval()  # copies: their modes need no restoring
-    if dense is not None:
-        dense.eval()
+    work.eval()  # a copy: its mode needs no restoring
     outcomes: dict[str, LayerOutcome] = {}
-    for name in progress(order):
+    for position, name in enumerate(order):
         spec = work_specs[name]
         weights = None if sample_weights is None else sample_weights[name]
-        outcome = solve_layer(work, dense, spec, plans[name], config, batches, weights)
+        outcome = solve_layer(work, dense, spec, plans[name], config, batches, weights, exact, first=position == 0)
         _write(spec.module, spec, outcome, add_bias=True)
         outcomes[name] = outcome
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
@@ -361,24 +406,33 @@ def reconstruct_best(
 ) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
     """Reconstruct once per candidate split and keep the one whose outputs stay closest to the dense model.
 
-    Returns the outcomes of the chosen candidate, its label, and every candidate's divergence (empty
-    when there was only one candidate, which is then not evaluated).
+    Candidates whose masks the OBS sweep chooses are compared through the sweep's own update (no
+    final refit, the expensive step), and only the chosen one is then reconstructed exactly. Returns
+    the outcomes of the chosen candidate, its label, and every candidate's divergence (empty when
+    there was only one candidate, which is then not evaluated).
     """
     from ecp_fast.pruning.allocation import model_outputs, output_divergence
 
+    dense = DenseReference(model) if config.refit else None
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
-        outcomes, _ = reconstruct(model, specs, _plans(split, pattern, keep_fn), config, batches, sample_weights)
-        return outcomes, label, {}
+        plans = _plans(split, pattern, keep_fn)
+        return reconstruct(model, specs, plans, config, batches, sample_weights, dense)[0], label, {}
+    proxy = config.refit and keep_fn is None
     reference = model_outputs(model, batches, output_fn)
-    best: tuple[float, str, dict[str, LayerOutcome]] | None = None
     divergences: dict[str, float] = {}
+    best: dict[str, LayerOutcome] = {}
     for label, split in candidates.items():
-        outcomes, work = reconstruct(model, specs, _plans(split, pattern, keep_fn), config, batches, sample_weights)
-        divergences[label] = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
-        logger.info("allocation candidate %s: divergence %.6g", label, divergences[label])
-        if best is None or divergences[label] < best[0]:
-            best = (divergences[label], label, outcomes)
+        plans = _plans(split, pattern, keep_fn)
+        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense, exact=not proxy)
+        value = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
+        if not divergences or value < min(divergences.values()):
+            best = outcomes
+        divergences[label] = value
+        logger.info("allocation candidate %s: divergence %.6g", label, value)
         del work
-    assert best is not None
-    return best[2], best[1], divergences
+    chosen = min(divergences, key=divergences.__getitem__)
+    if proxy:
+        plans = _plans(candidates[chosen], pattern, keep_fn)
+        return reconstruct(model, specs, plans, config, batches, sample_weights, dense)[0], chosen, divergences
+    return best, chosen, divergences
