@@ -746,9 +746,11 @@ class StructuredReport:
 
 
 def _check_options(
-    sensitivity: str, normalize: str, min_keep: int, compensate: bool | None, inplace: bool, batches: Any
+    scope: str, sensitivity: str, normalize: str, min_keep: int, compensate: bool | None, inplace: bool, batches: Any
 ) -> None:
     """Raise for a bad option of :func:`prune_neurons` before anything is calibrated or changed."""
+    if scope not in SELECTION_SCOPES:
+        raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
     if sensitivity not in SENSITIVITIES:
         raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
     if normalize not in NORMALIZATIONS:
@@ -961,29 +963,24 @@ def prune_neurons(
 
     Raises:
         ValueError / TypeError: bad ratio, method, scope, pairs or options, missing statistics;
-        checked before anything is calibrated or changed. Any failure later (KeyboardInterrupt
-        included) restores the model and the pruner exactly (:func:`~ecp_fast.pruning.transaction.model_transaction`).
-
-    Warns:
-        UserWarning: when the model already has more all-zero hidden units than ``ratio`` asks to
-        remove, and when ``min_keep`` keeps the removal below ``ratio``.
+        checked before anything is calibrated or changed. Any later failure (KeyboardInterrupt too)
+        restores model and pruner exactly. A UserWarning says when the model already has more
+        all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the removal below it.
     """
-    method = _canonical_method(method)
-    ratio = _check_ratio(ratio)
-    if scope not in SELECTION_SCOPES:
-        raise ValueError(f"argument 'scope' must be one of {SELECTION_SCOPES}, got {scope!r}")
-    _check_options(sensitivity, normalize, min_keep, compensate, inplace, batches)
+    method, ratio = _canonical_method(method), _check_ratio(ratio)
+    _check_options(scope, sensitivity, normalize, min_keep, compensate, inplace, batches)
     pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
     model = pruner.model if pruner is not None else pruner_or_model
     if not isinstance(model, nn.Module):
         raise TypeError(f"argument 'pruner_or_model' must be a Pruner or an nn.Module, got {type(model).__name__}")
     resolved = resolve_pairs(model, pairs)
     _warn_about_sparsity(model, resolved, ratio)
-    options = dict(batches=batches, sensitivity=sensitivity, normalize=normalize, min_keep=min_keep,
-                   compensate=compensate, inplace=inplace)
     with model_transaction(model) as transaction:
         if pruner is not None:
             transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
-        report = _remove_neurons(pruner, model, ratio, method, scope, resolved, **options)
+        report = _remove_neurons(
+            pruner, model, ratio, method, scope, resolved, batches=batches, sensitivity=sensitivity,
+            normalize=normalize, min_keep=min_keep, compensate=compensate, inplace=inplace,
+        )
     _warn_if_short(report, min_keep)
     return report

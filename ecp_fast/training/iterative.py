@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 import torch
@@ -31,7 +32,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ecp_fast._deprecation import renamed_attribute, renamed_keyword
-from ecp_fast.training.regularize import RelevanceDecay, WeightRef, eligible_weights, sparsity
+from ecp_fast.pruning.masks import weight_reparametrization
+from ecp_fast.pruning.transaction import model_transaction
+from ecp_fast.training._checks import check_batches, check_bool, check_callable, check_choice, check_int, check_real
+from ecp_fast.training.regularize import RelevanceDecay, WeightRef, check_regularizer, eligible_weights, sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -140,10 +144,21 @@ class ECPPruneStep:
         method: str = "ecp",
         seed: int = 0,
     ) -> None:
-        if not batches:
+        from ecp_fast.pruning.calibration import SENSITIVITIES
+        from ecp_fast.pruning.importance import get_method
+
+        if isinstance(batches, (list, tuple)) and not batches:
             raise ValueError("ECPPruneStep: argument 'batches' must hold at least one calibration batch")
+        check_batches("ECPPruneStep", batches, reiterable=False, items=None)
+        check_choice("ECPPruneStep", "sensitivity", sensitivity, SENSITIVITIES)
+        check_callable("ECPPruneStep", "loss_fn", loss_fn, allow_none=True)
         if sensitivity == "loss" and loss_fn is None:
             raise ValueError("ECPPruneStep: sensitivity='loss' needs argument 'loss_fn'")
+        check_int("ECPPruneStep", "probes", probes, 1, allow_none=True)
+        check_int("ECPPruneStep", "seed", seed, -(2**63))
+        if not isinstance(method, str):
+            raise TypeError(f"ECPPruneStep: argument 'method' must be a string, got {type(method).__name__}")
+        get_method(method)
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.sensitivity = sensitivity
@@ -192,7 +207,7 @@ def _batches_forever(batches: Iterable[Batch]) -> Iterator[Batch]:
 
 
 def _resolve_prune_step(prune_step: Union[str, PruneFn]) -> PruneFn:
-    if callable(prune_step):
+    if isinstance(prune_step, ECPPruneStep) or callable(prune_step):
         return prune_step
     if prune_step == "magnitude":
         return magnitude_prune
@@ -201,6 +216,274 @@ def _resolve_prune_step(prune_step: Union[str, PruneFn]) -> PruneFn:
     raise ValueError(
         f"iterative_prune: argument 'prune_step' must be 'magnitude', an ECPPruneStep or a callable, got {prune_step!r}"
     )
+
+
+@dataclass
+class _Settings:
+    """The validated arguments of :func:`iterative_prune` that the loop reads."""
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    metric_fn: Callable[[nn.Module], float]
+    bound: float
+    interval: int
+    prune_fraction: float
+    prune_fn: PruneFn
+    regularizer: RelevanceDecay | None
+    scheduler: Any
+    scheduler_step: str
+    recovery_intervals: int
+    backoff: float | None
+    min_prune_fraction: float
+    warmup_intervals: int
+    max_steps: int
+    max_sparsity: float
+    time_limit_s: float | None
+    eval_after_prune: bool
+    description: str
+
+
+class _IterativeRun:
+    """The state of one :func:`iterative_prune` run and the steps of its loop."""
+
+    def __init__(
+        self, model: nn.Module, batches: Iterable[Batch], weights: list[WeightRef], settings: _Settings
+    ) -> None:
+        self.model, self.weights, self.settings = model, weights, settings
+        self.stream = _batches_forever(batches)
+        self.start = time.perf_counter()
+        self.history: list[HistoryEntry] = []
+        self.checkpoint: dict[str, Any] | None = None
+        self.optimizer_checkpoint: dict[str, Any] | None = None
+        self.fraction = settings.prune_fraction
+        self.best = (0.0, -math.inf, 0)  # sparsity, metric, step of the checkpoint
+        self.step = self.intervals_done = self.below = self.prune_steps = self.rollbacks = 0
+        self.stop_reason = "max_steps"
+
+    def train_interval(self, bar: Any) -> None:
+        """``interval`` optimizer steps (fewer at the end of ``max_steps``), then the interval scheduler."""
+        s = self.settings
+        self.model.train()
+        for _ in range(min(s.interval, s.max_steps - self.step)):
+            inputs, targets = next(self.stream)[:2]
+            s.optimizer.zero_grad(set_to_none=True)
+            loss = s.loss_fn(self.model(inputs), targets)
+            loss.backward()
+            if s.regularizer is not None:
+                s.regularizer.apply()
+            s.optimizer.step()
+            zero_pruned(self.weights)
+            if s.scheduler is not None and s.scheduler_step == "step":
+                s.scheduler.step()
+            self.step += 1
+        bar.update(s.interval)
+        self.intervals_done += 1
+        if s.scheduler is not None and s.scheduler_step == "interval":
+            s.scheduler.step()
+
+    def evaluate(self, bar: Any) -> tuple[float, float]:
+        """The metric and the sparsity after a training interval, recorded in the history."""
+        self.model.eval()
+        metric = float(self.settings.metric_fn(self.model))
+        current = sparsity(self.weights)
+        self.history.append(HistoryEntry(self.step, current, metric, "train"))
+        bar.set_postfix(sparsity=f"{current:.4f}", metric=f"{metric:.3f}")
+        logger.debug("%s: step %d sparsity %.4f metric %.4f", self.settings.description, self.step, current, metric)
+        return metric, current
+
+    def _out_of_time(self) -> bool:
+        limit = self.settings.time_limit_s
+        if limit is not None and time.perf_counter() - self.start > limit:
+            self.stop_reason = "time_limit"
+            return True
+        return False
+
+    def _roll_back(self) -> float:
+        """Back to the checkpoint with a smaller prune fraction; returns the sparsity there."""
+        s = self.settings
+        assert self.checkpoint is not None
+        self.model.load_state_dict(self.checkpoint)
+        if self.optimizer_checkpoint is not None:
+            s.optimizer.load_state_dict(self.optimizer_checkpoint)
+        self.fraction *= s.backoff  # type: ignore[operator]
+        self.rollbacks += 1
+        self.below = 0
+        current = sparsity(self.weights)
+        self.history.append(HistoryEntry(self.step, current, self.best[1], "rollback"))
+        logger.info("%s: step %d, rolled back to sparsity %.4f; prune fraction now %.4f",
+                    s.description, self.step, current, self.fraction)
+        return current
+
+    def judge(self, metric: float, current: float) -> tuple[str, float]:
+        """After an evaluation: ``("stop" | "train" | "prune", sparsity)``; checkpoints and rolls back."""
+        s = self.settings
+        rolled_back = False
+        if metric >= s.bound:
+            self.checkpoint = copy.deepcopy(self.model.state_dict())
+            if s.backoff is not None:
+                self.optimizer_checkpoint = copy.deepcopy(s.optimizer.state_dict())
+            self.best = (current, metric, self.step)
+            self.below = 0
+        else:
+            self.below += 1
+            if not (self.prune_steps > 0 and self.below > s.recovery_intervals):
+                return ("stop" if self._out_of_time() else "train"), current
+            if s.backoff is None or self.checkpoint is None or self.fraction * s.backoff < s.min_prune_fraction:
+                self.stop_reason = "bound"
+                return "stop", current
+            # The last pruning step was too large: back to the checkpoint, prune less.
+            current, rolled_back = self._roll_back(), True
+        if self._out_of_time():
+            return "stop", current
+        if self.intervals_done <= s.warmup_intervals and not rolled_back:
+            return "train", current
+        return ("stop" if self.step >= s.max_steps else "prune"), current
+
+    def prune(self, metric: float, current: float) -> bool:
+        """One pruning step from sparsity ``current``; False when nothing is left below ``max_sparsity``."""
+        s = self.settings
+        target = min(1.0 - (1.0 - current) * (1.0 - self.fraction), s.max_sparsity)
+        if _prune_count(self.weights, target) == 0:
+            self.stop_reason = "max_sparsity"  # nothing left to prune below max_sparsity
+            return False
+        s.prune_fn(self.model, self.weights, target)
+        zero_pruned(self.weights)
+        logger.info("%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
+                    s.description, self.step, metric, current, sparsity(self.weights))
+        self.prune_steps += 1
+        if s.regularizer is not None:
+            s.regularizer.restart()
+        if s.eval_after_prune:
+            self.model.eval()
+            metric_after = float(s.metric_fn(self.model))
+            self.history.append(HistoryEntry(self.step, sparsity(self.weights), metric_after, "prune"))
+        return True
+
+    def loop(self, bar: Any) -> None:
+        """Train, evaluate, checkpoint and prune until a stopping rule fires."""
+        while self.step < self.settings.max_steps:
+            self.train_interval(bar)
+            metric, current = self.evaluate(bar)
+            action, current = self.judge(metric, current)
+            if action == "stop":
+                break
+            if action == "prune" and not self.prune(metric, current):
+                break
+
+    def result(self) -> IterativeResult:
+        """Load the last checkpoint that met the bound (if any) and describe the run."""
+        s = self.settings
+        if self.checkpoint is not None:
+            self.model.load_state_dict(self.checkpoint)
+            state = self.checkpoint
+            final_sparsity, final_metric, final_step = self.best
+        else:
+            logger.warning("%s: the metric never reached the bound %.4f; returning the final model",
+                           s.description, s.bound)
+            state = copy.deepcopy(self.model.state_dict())
+            final_sparsity = sparsity(self.weights)
+            final_metric = self.history[-1].metric if self.history else math.nan
+            final_step = self.step
+        logger.info(
+            "%s: stopped (%s) after %d steps, %d pruning steps; returned sparsity %.4f, metric %.4f (step %d)",
+            s.description, self.stop_reason, self.step, self.prune_steps, final_sparsity, final_metric, final_step,
+        )
+        return IterativeResult(
+            model=self.model, state_dict=state, sparsity=final_sparsity, metric=final_metric, step=final_step,
+            met_bound=self.checkpoint is not None, stop_reason=self.stop_reason, history=self.history,
+            prune_steps=self.prune_steps, rollbacks=self.rollbacks, total_steps=self.step,
+            seconds=time.perf_counter() - self.start,
+        )
+
+
+# ---- checks and the entry point --------------------------------------------------------------------
+
+
+def _check_numbers(arguments: dict[str, Any]) -> None:
+    """The numeric and flag arguments of :func:`iterative_prune`."""
+    owner = "iterative_prune"
+    check_real(owner, "bound", arguments["bound"])
+    check_int(owner, "interval", arguments["interval"], 1)
+    check_real(owner, "prune_fraction", arguments["prune_fraction"], 0.0, 1.0)
+    check_choice(owner, "scheduler_step", arguments["scheduler_step"], ("interval", "step"))
+    check_real(owner, "backoff", arguments["backoff"], 0.0, 1.0, allow_none=True)
+    check_real(owner, "min_prune_fraction", arguments["min_prune_fraction"], 0.0, 1.0)
+    check_int(owner, "recovery_intervals", arguments["recovery_intervals"], 0)
+    check_int(owner, "warmup_intervals", arguments["warmup_intervals"], 0)
+    check_int(owner, "max_steps", arguments["max_steps"], 1)
+    check_real(owner, "max_sparsity", arguments["max_sparsity"], 0.0, 1.0, open_high=False)
+    check_real(owner, "time_limit_s", arguments["time_limit_s"], 0.0, allow_none=True)
+    check_bool(owner, "eval_after_prune", arguments["eval_after_prune"])
+    check_bool(owner, "progress", arguments["progress"])
+    if not isinstance(arguments["description"], str):
+        description = type(arguments["description"]).__name__
+        raise TypeError(f"{owner}: argument 'description' must be a string, got {description}")
+
+
+def _check_objects(model: Any, arguments: dict[str, Any]) -> None:
+    """The callables, the optimizer, the scheduler and the regulariser of :func:`iterative_prune`."""
+    owner = "iterative_prune"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: argument 'model' must be an nn.Module, got {type(model).__name__}")
+    check_callable(owner, "loss_fn", arguments["loss_fn"])
+    check_callable(owner, "metric_fn", arguments["metric_fn"])
+    optimizer = arguments["optimizer"]
+    methods = ("zero_grad", "step", "state_dict", "load_state_dict")
+    if not all(callable(getattr(optimizer, name, None)) for name in methods):
+        raise TypeError(
+            f"{owner}: argument 'optimizer' must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    scheduler = arguments["scheduler"]
+    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+        raise TypeError(f"{owner}: argument 'scheduler' must be a learning-rate scheduler or None, got "
+                        f"{type(scheduler).__name__}")
+    regularizer = arguments["regularizer"]
+    if regularizer is not None:
+        if not isinstance(regularizer, RelevanceDecay):
+            raise TypeError(f"{owner}: argument 'regularizer' must be a RelevanceDecay or None, got "
+                            f"{type(regularizer).__name__}")
+        check_regularizer(regularizer, model, owner)
+
+
+def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: float) -> None:
+    """The weights exist in ``model``, can be masked, and are sparser than nothing above ``max_sparsity``."""
+    if not weights:
+        raise ValueError("iterative_prune: argument 'weights' must name at least one weight; the model has no "
+                         "eligible weights to prune")
+    modules = {id(module) for module in model.modules()}
+    for ref in weights:
+        if not isinstance(ref, WeightRef):
+            raise TypeError(
+                f"iterative_prune: argument 'weights' must hold WeightRef objects, got {type(ref).__name__}"
+            )
+        if id(ref.module) not in modules:
+            raise ValueError(
+                f"iterative_prune: argument 'weights': {ref.qualified_name!r} is not a weight of this model"
+            )
+        kind = weight_reparametrization(ref.module, ref.name)
+        if kind is not None:
+            raise ValueError(
+                f"iterative_prune: layer {ref.module_name!r} has a parametrized weight (weight_norm/parametrize; found "
+                f"{kind}); remove the parametrization or exclude the layer"
+            )
+    current = sparsity(weights)
+    if current >= max_sparsity:
+        raise ValueError(
+            f"iterative_prune: argument 'max_sparsity' ({max_sparsity:.4g}) must be above the sparsity the weights "
+            f"already have ({current:.4g}); nothing would be pruned"
+        )
+
+
+def _register_rollbacks(transaction: Any, settings: _Settings) -> None:
+    """Undo actions for what the run changes outside the model: optimizer, scheduler, regulariser, prune step."""
+    transaction.on_rollback(partial(settings.optimizer.load_state_dict, copy.deepcopy(settings.optimizer.state_dict())))
+    scheduler = settings.scheduler
+    if scheduler is not None and callable(getattr(scheduler, "state_dict", None)):
+        transaction.on_rollback(partial(scheduler.load_state_dict, copy.deepcopy(scheduler.state_dict())))
+    if settings.regularizer is not None:
+        transaction.on_rollback(partial(settings.regularizer.load_state_dict, settings.regularizer.state_dict()))
+    if isinstance(settings.prune_fn, ECPPruneStep):
+        transaction.on_rollback(partial(setattr, settings.prune_fn, "last_report", settings.prune_fn.last_report))
 
 
 @renamed_keyword("criterion", "prune_step")
@@ -234,7 +517,8 @@ def iterative_prune(
 
     Args:
         model: the network; its eligible weights (or ``weights``) get ``torch.nn.utils.prune`` masks.
-        batches: training batches ``(inputs, targets)``, iterated again when exhausted.
+        batches: training batches ``(inputs, targets)``, iterated again when exhausted (a list or a
+            DataLoader, not a generator).
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar.
         optimizer: optimizer over the model's parameters (create it before or after this call:
             masking keeps the same parameter objects, renamed ``weight_orig``).
@@ -256,7 +540,8 @@ def iterative_prune(
         min_prune_fraction: the smallest fraction tried with ``backoff``.
         warmup_intervals: dense training intervals before the first pruning step.
         max_steps: hard cap on optimizer steps.
-        max_sparsity: no pruning step beyond this global sparsity.
+        max_sparsity: no pruning step beyond this global sparsity; must be above the sparsity the
+            weights already have.
         time_limit_s: stop (returning the last good checkpoint) after this many seconds.
         eval_after_prune: also evaluate right after each pruning step (for the history only).
         progress: show a tqdm bar.
@@ -265,149 +550,37 @@ def iterative_prune(
     Returns:
         :class:`IterativeResult` whose ``model`` is ``model`` restored to the last checkpoint that
         met the bound; if none did, the final state with ``met_bound=False``.
+
+    Raises:
+        TypeError / ValueError: for a bad argument (batches, numbers, the regulariser's settings,
+        ``max_sparsity`` not above the current sparsity), before any mask is installed. When the
+        run fails (``KeyboardInterrupt`` included), the model, the optimizer, the scheduler and the
+        regulariser are restored to their state before the call and the error is re-raised.
     """
     from tqdm.auto import tqdm
 
-    if interval < 1:
-        raise ValueError(f"iterative_prune: argument 'interval' must be >= 1, got {interval}")
-    if not 0 < prune_fraction < 1:
-        raise ValueError(f"iterative_prune: argument 'prune_fraction' must be in (0, 1), got {prune_fraction}")
-    if scheduler_step not in ("interval", "step"):
-        raise ValueError(f"iterative_prune: argument 'scheduler_step' must be 'interval' or 'step', got {scheduler_step!r}")
-    if backoff is not None and not 0 < backoff < 1:
-        raise ValueError(f"iterative_prune: argument 'backoff' must be None or in (0, 1), got {backoff}")
-    if recovery_intervals < 0 or warmup_intervals < 0:
-        raise ValueError("iterative_prune: 'recovery_intervals' and 'warmup_intervals' must be >= 0")
+    arguments = dict(locals())
+    _check_objects(model, arguments)
+    _check_numbers(arguments)
     prune_fn = _resolve_prune_step(prune_step)
+    check_batches("iterative_prune", batches, reiterable=True, items=(2, None))
     weights = eligible_weights(model) if weights is None else list(weights)
-    if not weights:
-        raise ValueError("iterative_prune: the model has no eligible weights to prune")
-    ensure_masks(weights)
-
-    start = time.perf_counter()
-    history: list[HistoryEntry] = []
-    checkpoint: dict[str, Any] | None = None
-    optimizer_checkpoint: dict[str, Any] | None = None
-    fraction = prune_fraction
-    rollbacks = 0
-    best = (0.0, -math.inf, 0)  # sparsity, metric, step of the checkpoint
-    step = 0
-    intervals_done = 0
-    below = 0
-    prune_steps = 0
-    stop_reason = "max_steps"
-    stream = _batches_forever(batches)
-    bar = tqdm(total=max_steps, desc=description, disable=not progress, leave=False)
-    try:
-        while step < max_steps:
-            model.train()
-            for _ in range(min(interval, max_steps - step)):
-                inputs, targets = next(stream)[:2]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(inputs), targets)
-                loss.backward()
-                if regularizer is not None:
-                    regularizer.apply()
-                optimizer.step()
-                zero_pruned(weights)
-                if scheduler is not None and scheduler_step == "step":
-                    scheduler.step()
-                step += 1
-            bar.update(interval)
-            intervals_done += 1
-            if scheduler is not None and scheduler_step == "interval":
-                scheduler.step()
-            model.eval()
-            metric = float(metric_fn(model))
-            current = sparsity(weights)
-            history.append(HistoryEntry(step, current, metric, "train"))
-            bar.set_postfix(sparsity=f"{current:.4f}", metric=f"{metric:.3f}")
-            logger.debug("%s: step %d sparsity %.4f metric %.4f", description, step, current, metric)
-
-            rolled_back = False
-            if metric >= bound:
-                checkpoint = copy.deepcopy(model.state_dict())
-                if backoff is not None:
-                    optimizer_checkpoint = copy.deepcopy(optimizer.state_dict())
-                best = (current, metric, step)
-                below = 0
-            else:
-                below += 1
-                if prune_steps > 0 and below > recovery_intervals:
-                    if backoff is None or checkpoint is None or fraction * backoff < min_prune_fraction:
-                        stop_reason = "bound"
-                        break
-                    # The last pruning step was too large: back to the checkpoint, prune less.
-                    model.load_state_dict(checkpoint)
-                    if optimizer_checkpoint is not None:
-                        optimizer.load_state_dict(optimizer_checkpoint)
-                    fraction *= backoff
-                    rollbacks += 1
-                    below = 0
-                    rolled_back = True
-                    current = sparsity(weights)
-                    history.append(HistoryEntry(step, current, best[1], "rollback"))
-                    logger.info("%s: step %d, rolled back to sparsity %.4f; prune fraction now %.4f",
-                                description, step, current, fraction)
-                else:
-                    if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                        stop_reason = "time_limit"
-                        break
-                    continue
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
-                stop_reason = "time_limit"
-                break
-            if intervals_done <= warmup_intervals and not rolled_back:
-                continue
-            if step >= max_steps:
-                break
-            target = min(1.0 - (1.0 - current) * (1.0 - fraction), max_sparsity)
-            if _prune_count(weights, target) == 0:
-                stop_reason = "max_sparsity"  # nothing left to prune below max_sparsity
-                break
-            prune_fn(model, weights, target)
-            zero_pruned(weights)
-            logger.info("%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
-                        description, step, metric, current, sparsity(weights))
-            prune_steps += 1
-            if regularizer is not None:
-                regularizer.restart()
-            if eval_after_prune:
-                model.eval()
-                history.append(HistoryEntry(step, sparsity(weights), float(metric_fn(model)), "prune"))
-    finally:
-        bar.close()
-
-    met_bound = checkpoint is not None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint)
-        state = checkpoint
-        final_sparsity, final_metric, final_step = best
-    else:
-        logger.warning("%s: the metric never reached the bound %.4f; returning the final model", description, bound)
-        state = copy.deepcopy(model.state_dict())
-        final_sparsity = sparsity(weights)
-        final_metric = history[-1].metric if history else math.nan
-        final_step = step
-    seconds = time.perf_counter() - start
-    logger.info(
-        "%s: stopped (%s) after %d steps, %d pruning steps; returned sparsity %.4f, metric %.4f (step %d)",
-        description, stop_reason, step, prune_steps, final_sparsity, final_metric, final_step,
+    _check_weights(model, weights, max_sparsity)
+    settings = _Settings(
+        loss_fn, optimizer, metric_fn, float(bound), interval, float(prune_fraction), prune_fn, regularizer, scheduler,
+        scheduler_step, recovery_intervals, backoff, min_prune_fraction, warmup_intervals, max_steps,
+        float(max_sparsity), time_limit_s, eval_after_prune, description,
     )
-    return IterativeResult(
-        model=model,
-        state_dict=state,
-        sparsity=final_sparsity,
-        metric=final_metric,
-        step=final_step,
-        met_bound=met_bound,
-        stop_reason=stop_reason,
-        history=history,
-        prune_steps=prune_steps,
-        rollbacks=rollbacks,
-        total_steps=step,
-        seconds=seconds,
-    )
+    with model_transaction(model) as transaction:
+        _register_rollbacks(transaction, settings)
+        ensure_masks(weights)
+        run = _IterativeRun(model, batches, weights, settings)
+        bar = tqdm(total=max_steps, desc=description, disable=not progress, leave=False)
+        try:
+            run.loop(bar)
+        finally:
+            bar.close()
+        return run.result()
 
 
 __getattr__ = renamed_attribute(__name__, {"ECPCriterion": ("ECPPruneStep", ECPPruneStep)})

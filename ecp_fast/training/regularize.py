@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from ecp_fast.training._checks import check_int, check_real
+
 logger = logging.getLogger(__name__)
 
 #: Module types whose ``weight`` the regulariser (and the iterative pruner) treats by default.
@@ -143,10 +145,9 @@ class GammaSchedule:
     """
 
     def __init__(self, gamma0: float, decay_steps: int | None = None, gamma_final: float = 0.0) -> None:
-        if gamma0 < 0 or gamma_final < 0:
-            raise ValueError(f"GammaSchedule: gamma0 and gamma_final must be >= 0, got {gamma0} and {gamma_final}")
-        if decay_steps is not None and decay_steps < 0:
-            raise ValueError(f"GammaSchedule: decay_steps must be >= 0 or None, got {decay_steps}")
+        check_real("GammaSchedule", "gamma0", gamma0, 0.0, open_low=False)
+        check_real("GammaSchedule", "gamma_final", gamma_final, 0.0, open_low=False)
+        check_int("GammaSchedule", "decay_steps", decay_steps, 0, allow_none=True)
         self.gamma0 = float(gamma0)
         self.gamma_final = float(gamma_final)
         self.decay_steps = decay_steps or None
@@ -221,16 +222,25 @@ class RelevanceDecay:
         decay_steps: int | None = None,
         gamma_final: float = 0.0,
     ) -> None:
-        if alpha <= 0:
-            raise ValueError(f"RelevanceDecay: alpha must be > 0, got {alpha}")
+        check_real("RelevanceDecay", "alpha", alpha, 0.0)
+        schedule = GammaSchedule(gamma, decay_steps, gamma_final)
         if isinstance(model_or_weights, nn.Module):
-            self.weights = eligible_weights(model_or_weights)
+            weights = eligible_weights(model_or_weights)
+        elif isinstance(model_or_weights, Iterable) and not isinstance(model_or_weights, (str, torch.Tensor)):
+            weights = list(model_or_weights)
         else:
-            self.weights = list(model_or_weights)
-        if not self.weights:
+            raise TypeError(
+                "RelevanceDecay: argument 'model_or_weights' must be an nn.Module or a list of WeightRef, got "
+                f"{type(model_or_weights).__name__}"
+            )
+        if not weights:
             raise ValueError("RelevanceDecay: no eligible weights (Linear, Conv, Embedding, attention projections)")
+        wrong = [type(ref).__name__ for ref in weights if not isinstance(ref, WeightRef)]
+        if wrong:
+            raise TypeError(f"RelevanceDecay: argument 'model_or_weights' must hold WeightRef objects, got {wrong[0]}")
+        self.weights = weights
         self.alpha = float(alpha)
-        self.schedule = GammaSchedule(gamma, decay_steps, gamma_final)
+        self.schedule = schedule
 
     @property
     def gamma(self) -> float:
@@ -351,6 +361,26 @@ class RelevanceDecayOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"RelevanceDecayOptimizer({self.optimizer!r}, gamma={self.decay.gamma}, alpha={self.decay.alpha})"
+
+
+def check_regularizer(regularizer: RelevanceDecay, model: nn.Module, owner: str = "iterative_prune") -> None:
+    """Raise unless ``regularizer``'s settings are valid and its weights belong to ``model``.
+
+    Catches a regulariser built for another model (it would decay nothing the run trains) and
+    settings changed after construction (``alpha``, the gamma schedule).
+    """
+    check_real(owner, "regularizer.alpha", regularizer.alpha, 0.0)
+    schedule = regularizer.schedule
+    check_real(owner, "regularizer.schedule.gamma0", schedule.gamma0, 0.0, open_low=False)
+    check_real(owner, "regularizer.schedule.gamma_final", schedule.gamma_final, 0.0, open_low=False)
+    check_int(owner, "regularizer.schedule.decay_steps", schedule.decay_steps, 1, allow_none=True)
+    modules = {id(module) for module in model.modules()}
+    foreign = [ref.qualified_name for ref in regularizer.weights if id(ref.module) not in modules]
+    if foreign:
+        raise ValueError(
+            f"{owner}: argument 'regularizer' decays weights that are not in the model ({foreign[:3]}); "
+            "build it from the model being pruned"
+        )
 
 
 def iter_parameters(weights: Iterable[WeightRef]) -> Iterator[nn.Parameter]:
