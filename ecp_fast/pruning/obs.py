@@ -238,12 +238,15 @@ def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) ->
     return scores.masked_fill(dead, -math.inf)
 
 
-def _block_keep(scores: torch.Tensor, mode: str, sparsity: float) -> torch.Tensor:
-    """Keep-mask of one block's prunable columns for the 'unstructured' or 'row' pattern."""
+def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: Optional[int] = None) -> torch.Tensor:
+    """Keep-mask of one block's prunable columns for the 'unstructured' or 'row' pattern.
+
+    ``count`` overrides the number of entries an unstructured block removes (a layer-wide budget).
+    """
     out, width = scores.shape
     keep = torch.ones(out, width, dtype=torch.bool, device=scores.device)
     if mode == "unstructured":
-        count = round(sparsity * out * width)
+        count = round(sparsity * out * width) if count is None else count
         if count:
             keep.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = False
     else:
@@ -253,10 +256,23 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float) -> torch.Tenso
     return keep
 
 
+def _layer_budgets(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsity: float, block_size: int,
+                   n_in: int) -> list[int]:
+    """Removals per block from one ranking of the whole layer's saliencies before the sweep."""
+    scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[:n_in])
+    count = round(sparsity * scores.numel())
+    removed = torch.zeros_like(scores, dtype=torch.bool)
+    if count:
+        removed.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = True
+    per_column = removed.sum(0)
+    return [int(per_column[i1:i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
+
+
 def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, sparsity: float,
-           block_size: int, dead: torch.Tensor) -> None:
+           block_size: int, dead: torch.Tensor, budget: str = "block") -> None:
     """Column-sequential OBS over the augmented weight ``w`` (in place); fills ``keep`` unless fixed."""
     n_in = keep.shape[1] - 1
+    budgets = _layer_budgets(w, u, dead, sparsity, block_size, n_in) if mode == "unstructured" and budget == "layer" else None
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
@@ -264,7 +280,8 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, 
         width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
         if mode in ("unstructured", "row") and width:
             scores = _scores(w1[:, :width], d[:width], dead[i1:i1 + width])
-            keep1[:, :width] = _block_keep(scores, mode, sparsity)
+            count = None if budgets is None else budgets[i1 // block_size]
+            keep1[:, :width] = _block_keep(scores, mode, sparsity, count)
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
@@ -283,7 +300,7 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, 
 
 def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, sparsity: float = 0.0,
               pattern: Pattern = "unstructured", mask: Optional[torch.Tensor] = None, block_size: int = 128,
-              damp: float = 0.01, dtype: torch.dtype = torch.float64) -> ObsResult:
+              damp: float = 0.01, dtype: torch.dtype = torch.float64, budget: str = "block") -> ObsResult:
     """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
 
     Args:
@@ -296,6 +313,11 @@ def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Te
         mask: (out, in) bool, True = keep; if given, only the OBS error propagation runs.
         block_size: columns per block; damp: fraction of mean(diag H) added to the diagonal.
         dtype: computation dtype; results come back in the weight's (and bias's) dtype.
+        budget: for "unstructured", how many entries each block removes: "block" (the same
+            fraction of every block, as SparseGPT does) or "layer" (each block's share of one
+            ranking of the whole layer's saliencies before the sweep, so blocks of inputs that
+            matter little, such as image borders, give up more; the entries within a block are
+            still chosen from the updated weights).
 
     Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
     and are pruned before anything else. Raises ValueError if H is singular after dampening.
@@ -305,6 +327,8 @@ def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Te
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
     mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
+    if budget not in ("block", "layer"):
+        raise ValueError(f"argument 'budget' must be 'block' or 'layer', got {budget!r}")
     gram = gram.to(device=weight.device, dtype=dtype)
     u = _inverse_upper_cholesky(dampen(gram, damp), damp)
     dead = gram.diagonal() == 0
@@ -314,7 +338,7 @@ def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Te
     keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)
-    _sweep(w, u, keep, mode, float(sparsity), block_size, dead)
+    _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
     error = _quadratic(w - original, gram)
     logger.debug("obs_sweep %dx%d pattern=%s: kept %d of %d weights, error %.6g",
                  out, n_in, mode, int(keep[:, :n_in].sum()), out * n_in, error)

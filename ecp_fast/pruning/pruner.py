@@ -579,9 +579,13 @@ class Pruner:
         weights = None
         if config.weighting == "sensitivity":
             weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+        alternative = None
+        if config.alternative is not None and allocation == "search" and self.calibration is not None:
+            method_scores = {name: importance.score for name, importance in self.importances(config.alternative).items()}
+            alternative = self._keep_for(method_scores, parsed_scope)
         outcomes, chosen, divergences = reconstruct_best(
             self.model, self.layers, candidates, pattern, config, batches, keep_fn, weights,
-            resolve_divergence(divergence, batches), self.output_fn,
+            resolve_divergence(divergence, batches), self.output_fn, alternative,
         )
         snapshot = self._snapshot()
         added: list[str] = []

@@ -66,12 +66,14 @@ class ReconstructionConfig:
     refit: bool
     damp: float = 0.01
     block_size: int = 128
+    budget: str = "block"  # unstructured removals per block: "block" (SparseGPT) or "layer" (see obs_sweep)
+    alternative: str | None = None  # a registered importance whose masks the search also tries
 
 
 #: The reconstructive methods: SparseGPT as published (here with the bias column), and ECP-OBS.
 RECONSTRUCTIVE_METHODS: dict[str, ReconstructionConfig] = {
     "sparsegpt": ReconstructionConfig(weighting="uniform", refit=False),
-    "ecp-obs": ReconstructionConfig(weighting="sensitivity", refit=True),
+    "ecp-obs": ReconstructionConfig(weighting="sensitivity", refit=True, budget="layer", alternative="ecp"),
 }
 #: ``reconstruct=True`` with a mask method: masks as the method chooses them, then the refit.
 REFIT_ONLY = ReconstructionConfig(weighting="uniform", refit=True)
@@ -258,7 +260,8 @@ def solve_layer(
             )
     if plan.keep is None:
         result = obs.obs_sweep(
-            weight, bias, hessian, plan.sparsity, plan.pattern, block_size=config.block_size, damp=config.damp
+            weight, bias, hessian, plan.sparsity, plan.pattern, block_size=config.block_size, damp=config.damp,
+            budget=config.budget,
         )
         keep, new_weight, new_bias = result.mask, result.weight, result.bias
     else:
@@ -403,13 +406,16 @@ def reconstruct_best(
     sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     divergence: str = "mse",
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    alternative: KeepFn | None = None,
 ) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
     """Reconstruct once per candidate split and keep the one whose outputs stay closest to the dense model.
 
     Candidates whose masks the OBS sweep chooses are compared through the sweep's own update (no
-    final refit, the expensive step), and only the chosen one is then reconstructed exactly. Returns
-    the outcomes of the chosen candidate, its label, and every candidate's divergence (empty when
-    there was only one candidate, which is then not evaluated).
+    final refit, the expensive step), and only the chosen one is then reconstructed exactly; with
+    ``alternative`` (masks of an importance at given per-layer sparsities) the chosen split is also
+    reconstructed with those masks, and the closer of the two is kept. Returns the outcomes, the
+    chosen label, and the divergence of everything tried (proxies under their split's label; empty
+    when there was only one candidate, which is then not evaluated).
     """
     from ecp_fast.pruning.allocation import model_outputs, output_divergence
 
@@ -432,7 +438,15 @@ def reconstruct_best(
         logger.info("allocation candidate %s: divergence %.6g", label, value)
         del work
     chosen = min(divergences, key=divergences.__getitem__)
-    if proxy:
-        plans = _plans(candidates[chosen], pattern, keep_fn)
-        return reconstruct(model, specs, plans, config, batches, sample_weights, dense)[0], chosen, divergences
-    return best, chosen, divergences
+    if not proxy:
+        return best, chosen, divergences
+    finalists = {f"{chosen}, refit": _plans(candidates[chosen], pattern, None)}
+    if alternative is not None:
+        finalists[f"{chosen}, refit, importance masks"] = _plans(candidates[chosen], pattern, alternative)
+    for label, plans in finalists.items():
+        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense)
+        divergences[label] = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
+        if label.endswith(", refit") or divergences[label] < divergences[f"{chosen}, refit"]:
+            best, final = outcomes, label
+        del work
+    return best, final, divergences
