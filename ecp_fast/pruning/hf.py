@@ -1,0 +1,238 @@
+"""Hugging Face models: their blocks, and saving a pruned one with ``save_pretrained``.
+
+``transformers`` is never imported here: these helpers work on any ``nn.Module`` that follows its
+conventions (a ``config`` attribute, ``save_pretrained``), so the library does not depend on it.
+
+* :func:`resolve_blocks` finds a transformer's list of blocks (``model.layers``, ``transformer.h``,
+  ``bert.encoder.layer``, ...), for :func:`~ecp_fast.pruning.batches.capture_block_inputs` and
+  block-by-block pruning.
+* :func:`prepare_for_save_pretrained` makes a pruned model survive ``save_pretrained`` /
+  ``from_pretrained`` with the same outputs: masks are folded into the weights (``from_pretrained``
+  knows no ``weight_orig`` / ``weight_mask`` and would re-initialise the weights), and compensation
+  biases added to bias-free layers are carried through the architecture's config switch where it
+  has one (Llama's ``attention_bias`` / ``mlp_bias``), else refused with the layers named (they
+  would be dropped as unexpected keys).
+* :func:`masks_from_zeros` re-installs masks on a loaded model, to fine-tune it with the zeros kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ecp_fast.pruning.layers import layer_kind, resolve_layers, weight_parameter
+from ecp_fast.pruning.masks import install_mask, remove_masks
+
+logger = logging.getLogger(__name__)
+
+#: Attribute paths of the block list in common architectures, tried in order by :func:`resolve_blocks`.
+BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3 (causal LM)
+    "layers",  # their base models (LlamaModel, ...)
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom (causal LM)
+    "h",  # their base models
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "decoder.layers",
+    "bert.encoder.layer",  # BERT heads
+    "roberta.encoder.layer",
+    "encoder.layer",  # BertModel, RobertaModel
+    "transformer.layer",  # DistilBERT
+    "transformer.blocks",  # MPT
+    "blocks",
+)
+
+
+# ---- blocks ---------------------------------------------------------------------------------------
+
+
+def _walk(model: nn.Module, path: str) -> Any:
+    current: Any = model
+    for part in path.split("."):
+        if isinstance(current, (nn.ModuleList, nn.Sequential)) and part.isdigit():
+            current = current[int(part)]
+        elif hasattr(current, part):
+            current = getattr(current, part)
+        else:
+            return None
+    return current
+
+
+def resolve_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList | nn.Sequential:
+    """The model's blocks in execution order: the module list at attribute ``path`` (``"model.layers"``,
+    ``"transformer.h"``, ``"bert.encoder.layer"``), or with ``path=None`` the first of
+    :data:`BLOCK_PATHS` the model has.
+
+    Raises:
+        ValueError: ``path`` does not lead to a ``nn.ModuleList`` / ``nn.Sequential`` of modules, or
+            no known path fits (then pass ``path``).
+    """
+    if path is not None:
+        if not isinstance(path, str) or not path:
+            raise TypeError(f"argument 'path' must be an attribute path such as 'model.layers', got {path!r}")
+        found = _walk(model, path)
+        if not isinstance(found, (nn.ModuleList, nn.Sequential)) or len(found) == 0:
+            raise ValueError(
+                f"argument 'path': {path!r} must lead to a non-empty nn.ModuleList or nn.Sequential of blocks in "
+                f"{type(model).__name__}, got {type(found).__name__ if found is not None else 'nothing'}"
+            )
+        return found
+    for candidate in BLOCK_PATHS:
+        found = _walk(model, candidate)
+        if isinstance(found, (nn.ModuleList, nn.Sequential)) and len(found) > 0:
+            logger.info("blocks of %s found at %r (%d blocks)", type(model).__name__, candidate, len(found))
+            return found
+    raise ValueError(
+        f"argument 'path': no block list found in {type(model).__name__} at any of {list(BLOCK_PATHS)}; "
+        "pass the attribute path of its blocks, e.g. path='model.layers'"
+    )
+
+
+# ---- save_pretrained ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SavePreparation:
+    """What :func:`prepare_for_save_pretrained` changed.
+
+    Attributes:
+        folded: layers whose masks were folded into their weights.
+        config_switches: config attributes set to True so that the architecture has the biases.
+        zero_biases: layers that got a zero bias because a switch gives them one.
+    """
+
+    folded: list[str] = field(default_factory=list)
+    config_switches: list[str] = field(default_factory=list)
+    zero_biases: list[str] = field(default_factory=list)
+
+
+def _architecture_keys(model: nn.Module, config: Any) -> set[str]:
+    """The state-dict keys the model's class builds from ``config`` (on the meta device: no memory)."""
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    return set(fresh.state_dict().keys())
+
+
+def _bias_switches(config: Any) -> list[str]:
+    """Boolean config attributes that are off and whose name says they switch biases on."""
+    names = config.to_dict().keys() if hasattr(config, "to_dict") else vars(config).keys()
+    return sorted(
+        name for name in names
+        if "bias" in name.lower() and getattr(config, name, None) is False
+    )
+
+
+def _bias_layer(key: str) -> str:
+    return key[: -len(".bias")]
+
+
+def prepare_for_save_pretrained(model: nn.Module) -> SavePreparation:
+    """Make a pruned Hugging Face model reload with ``from_pretrained`` and give the same outputs.
+
+    1. Masks (``torch.nn.utils.prune``) are folded into the weights: ``from_pretrained`` does not
+       know ``weight_orig`` / ``weight_mask`` and would re-initialise every masked weight.
+    2. Biases that compensation added to bias-free layers would be dropped as unexpected keys. Where
+       the architecture has a config switch that gives those layers a bias (Llama's
+       ``attention_bias`` and ``mlp_bias``), it is set to True and every layer the switch affects
+       gets a bias, zeros where compensation added none, so the outputs do not change.
+
+    Checks come first: when some added bias has no switch, nothing is changed and ``ValueError``
+    names the layers. Call ``model.save_pretrained(path)`` afterwards (or use :func:`save_pretrained`);
+    :func:`masks_from_zeros` re-installs masks on the reloaded model for fine-tuning.
+
+    Raises:
+        TypeError: ``model`` has no ``config`` (not a Hugging Face model).
+        ValueError: compensation biases that the architecture cannot hold.
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"argument 'model' must be a Hugging Face model with a config, got {type(model).__name__}")
+    # Compare keys with the masks folded: weight_orig/weight_mask become weight.
+    model_keys = {
+        key.replace(".weight_orig", ".weight") for key in model.state_dict() if not key.endswith(".weight_mask")
+    }
+    expected = _architecture_keys(model, config)
+    unexpected = sorted(model_keys - expected)
+    missing_now = sorted(expected - model_keys)
+    if missing_now:
+        raise ValueError(
+            f"the model lacks parameters its architecture has ({missing_now[:8]}{' ...' if len(missing_now) > 8 else ''}); "
+            "it was changed in a way save_pretrained cannot express (e.g. neurons removed); save its state_dict instead"
+        )
+    stray = [key for key in unexpected if not key.endswith(".bias")]
+    if stray:
+        raise ValueError(f"the model has parameters its architecture does not build: {stray}; save its state_dict instead")
+    added = [_bias_layer(key) for key in unexpected]
+    switches: list[str] = []
+    new_config = config
+    if added:
+        new_config = copy.deepcopy(config)
+        base = expected
+        for switch in _bias_switches(config):
+            trial = copy.deepcopy(config)
+            setattr(trial, switch, True)
+            gives = _architecture_keys(model, trial) - base
+            if gives & set(unexpected):
+                switches.append(switch)
+                setattr(new_config, switch, True)
+        expected = _architecture_keys(model, new_config) if switches else base
+        uncovered = sorted(_bias_layer(key) for key in set(unexpected) - expected)
+        if uncovered:
+            raise ValueError(
+                f"layers {uncovered} received compensation biases, but {type(model).__name__} has no bias there "
+                f"(no config switch adds one{'; tried ' + ', '.join(_bias_switches(config)) if _bias_switches(config) else ''}), "
+                "so from_pretrained would drop them and change the outputs. Prune those layers without bias "
+                "compensation (Pruner(..., add_bias=False), or a method that does not compensate), leave them out "
+                "(exclude=[...]), or save the state_dict instead"
+            )
+        extra_missing = sorted(expected - model_keys)
+        not_biases = [key for key in extra_missing if not key.endswith(".bias")]
+        if not_biases:
+            raise ValueError(f"config switches {switches} would also add non-bias parameters {not_biases}; not applied")
+    # Every check passed: change the model.
+    preparation = SavePreparation(config_switches=switches)
+    preparation.folded = remove_masks(model)
+    if switches:
+        modules = dict(model.named_modules())
+        for key in sorted(expected - model_keys):
+            name = _bias_layer(key)
+            module = modules[name]
+            stored = weight_parameter(module)
+            kind = layer_kind(module)
+            outputs = stored.shape[1] if kind == "conv1d" else stored.shape[0]
+            module.bias = nn.Parameter(torch.zeros(outputs, dtype=stored.dtype, device=stored.device))
+            preparation.zero_biases.append(name)
+        for switch in switches:
+            setattr(config, switch, True)
+        logger.info(
+            "set %s on the config; zero biases added to %d layers so that the saved model keeps the compensation",
+            ", ".join(f"{switch}=True" for switch in switches), len(preparation.zero_biases),
+        )
+    return preparation
+
+
+def save_pretrained(model: nn.Module, path: str, **kwargs: Any) -> SavePreparation:
+    """:func:`prepare_for_save_pretrained`, then ``model.save_pretrained(path, **kwargs)``."""
+    preparation = prepare_for_save_pretrained(model)
+    model.save_pretrained(path, **kwargs)
+    return preparation
+
+
+def masks_from_zeros(
+    model: nn.Module, layers: Sequence[str] | None = None, exclude: Sequence[str] | None = None
+) -> list[str]:
+    """Install a mask (1 where the weight is non-zero) on every layer :func:`~ecp_fast.pruning.layers.resolve_layers`
+    selects that has zeros, so fine-tuning a reloaded pruned model keeps them; returns those layers."""
+    masked = []
+    for name, spec in resolve_layers(model, layers, exclude).items():
+        stored = weight_parameter(spec.module)
+        if hasattr(spec.module, "weight_mask") or bool((stored != 0).all()):
+            continue
+        install_mask(spec.module, (stored != 0).to(stored.dtype))
+        masked.append(name)
+    return masked
