@@ -330,9 +330,15 @@ def resolve_layers(
     patterns = _check_patterns(exclude)
     modules = dict(model.named_modules())
     if layers is None:
+        # nn.MultiheadAttention reads its out_proj's weight directly and never calls it: no hook would fire.
+        inside_attention = {
+            f"{name}.{child}" if name else child
+            for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)
+            for child, _ in module.named_children()
+        }
         candidates = [name for name, module in modules.items() if layer_kind(module) is not None
-                      and unsupported_reason(module) is None]
-        skipped = _weight_bearing_skips(model, set(candidates))
+                      and unsupported_reason(module) is None and name not in inside_attention]
+        skipped = _weight_bearing_skips(model, set(candidates) | inside_attention)
         if skipped:
             logger.warning(
                 "not pruning %d module(s) with weight matrices that cannot be scored: %s",

@@ -268,3 +268,117 @@ def test_unsupported_conv_is_skipped_or_refused():
     assert list(resolve_layers(model)) == ["2"]
     with pytest.raises(ValueError, match="groups=2"):
         resolve_layers(model, ["0"])
+
+
+# ---- batches as users bring them: dicts, attention masks, model outputs -------------------------------
+
+
+class TokenMLP(nn.Module):
+    """Per-token tanh MLP on (batch, tokens, 5) that takes keyword inputs like a Hugging Face model."""
+
+    def __init__(self, returns: str = "tensor") -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.first = nn.Linear(5, 6).double()
+        self.second = nn.Linear(6, 2).double()
+        self.returns = returns
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, scale: float = 1.0):
+        y = self.second(torch.tanh(self.first(x * scale)))
+        if self.returns == "tuple":
+            return (y, "extra")
+        if self.returns == "dict":
+            return {"hidden": y.detach() * 0, "logits": y}
+        if self.returns == "object":
+            return type("Output", (), {"logits": y})()
+        return y
+
+
+def padded_and_real_tokens() -> tuple[dict, torch.Tensor]:
+    """Two sequences of 4 tokens, the second padded after 2 with huge garbage; and the 6 real tokens."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    x[1, 2:] = 1e6  # padding must count for nothing, whatever it holds
+    real = x[mask.bool()]  # (6, 5)
+    return {"x": x, "attention_mask": mask}, real
+
+
+def test_dict_batches_are_called_with_keywords():
+    model = TokenMLP()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    plain = ecp_fast.Pruner(model, progress=False)
+    plain.calibrate([x * 2])
+    keyword = ecp_fast.Pruner(model, progress=False)
+    result = keyword.calibrate([{"x": x, "scale": 2.0}])
+    for name in ("first", "second"):
+        assert_moments_close(keyword.statistics[name].moments, plain.statistics[name].moments)
+    assert result.samples == 3  # no input_ids or mask: the first dimension
+    targets = torch.randn(3, 4, 2, dtype=torch.float64)
+    with_targets = ecp_fast.Pruner(model, sensitivity="loss", progress=False)
+    with_targets.calibrate([({"x": x}, targets)], loss_fn=nn.MSELoss(reduction="sum"))
+    assert with_targets.calibration.has_loss
+
+
+@pytest.mark.parametrize("sensitivity", ["local", "output", "loss"])
+def test_padding_tokens_never_count(sensitivity):
+    model = TokenMLP()
+    padded, real = padded_and_real_tokens()
+    targets = torch.randn(2, 4, 2, dtype=torch.float64)
+    real_targets = targets[padded["attention_mask"].bool()]
+
+    def loss_fn(y, t):  # ignores padded positions, as a token loss with ignore_index does
+        weights = padded["attention_mask"].to(y.dtype).unsqueeze(-1) if y.dim() == 3 else 1.0
+        return ((y - t).square() * weights).sum()
+
+    loss = loss_fn if sensitivity == "loss" else None
+    with_padding = ecp_fast.Pruner(model, sensitivity=sensitivity, progress=False)
+    result = with_padding.calibrate([(padded, targets) if loss else padded], loss_fn=loss, loss_reduction="sum")
+    # The same tokens as six independent samples (tokens do not interact in this model).
+    alone = ecp_fast.Pruner(model, sensitivity=sensitivity, progress=False)
+    alone.calibrate([({"x": real}, real_targets) if loss else {"x": real}], loss_fn=loss, loss_reduction="sum")
+    assert result.samples == 6
+    for name in ("first", "second"):
+        stats, expected = with_padding.statistics[name], alone.statistics[name]
+        assert stats.samples == 6
+        assert_moments_close(stats.moments, expected.moments)
+        torch.testing.assert_close(stats.activation_sq_sum, expected.activation_sq_sum)
+        if loss:
+            torch.testing.assert_close(stats.loss_grad_sum, expected.loss_grad_sum)
+
+
+def test_row_sensitivities_are_the_row_means_of_c_and_zero_on_padding():
+    model = TokenMLP()
+    padded, _ = padded_and_real_tokens()
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity="output")
+    rows = calibrator.row_sensitivities(padded)
+    gradients = calibrator.gradients(padded)
+    weights = padded["attention_mask"].reshape(-1).double()
+    for name in ("first", "second"):
+        expected = gradients[name].g.square().sum(0).mean(-1) * weights
+        torch.testing.assert_close(rows[name], expected)
+    local = Calibrator(model, resolve_layers(model), sensitivity="local").row_sensitivities(padded)
+    torch.testing.assert_close(local["first"], weights)
+
+
+@pytest.mark.parametrize("returns", ["tuple", "dict", "object"])
+def test_the_output_tensor_is_found_without_output_fn(returns):
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    expected = ecp_fast.Pruner(TokenMLP(), probes=4, progress=False)
+    expected.calibrate([x])
+    found = ecp_fast.Pruner(TokenMLP(returns=returns), probes=4, progress=False)
+    found.calibrate([x])
+    for name in ("first", "second"):
+        assert_moments_close(found.statistics[name].moments, expected.statistics[name].moments)
+    # The local sensitivity never looks at the output at all.
+    unreadable = nn.Sequential(nn.Linear(5, 3), nn.Flatten(0))
+    unreadable.forward = lambda inputs: {"not": "a tensor", "layer": unreadable[0](inputs)}  # type: ignore[assignment]
+    ecp_fast.Pruner(unreadable, sensitivity="local", progress=False).calibrate([torch.randn(4, 5)])
+
+
+def test_calibration_restores_which_parameters_require_grad():
+    model = tanh_mlp()
+    model[0].weight.requires_grad_(False)
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([torch.randn(5, 7, dtype=torch.float64)])
+    assert [p.requires_grad for p in model.parameters()] == [False] + [True] * 5

@@ -1,0 +1,237 @@
+"""Which layers are scored and how their weights read as (out, in): Conv1D, tied weights, heads, exclude."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import ecp_fast  # noqa: F401
+from ecp_fast.ops import reference
+from ecp_fast.pruning.calibration import Calibrator
+from ecp_fast.pruning.layers import (
+    LayerSpec,
+    is_transposed_linear,
+    output_heads,
+    resolve_layers,
+    tied_weights,
+    weight_2d,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def conv1d_class() -> type[nn.Module]:
+    """transformers' Conv1D when installed, else a stand-in with the same class name, module and layout."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D
+    except ImportError:
+
+        class Conv1D(nn.Module):
+            def __init__(self, nf: int, nx: int) -> None:
+                super().__init__()
+                self.nf, self.nx = nf, nx
+                self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+                self.bias = nn.Parameter(torch.zeros(nf))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+        Conv1D.__module__ = "transformers.pytorch_utils"
+        return Conv1D
+
+
+def conv1d_mlp(seed: int = 0) -> tuple[nn.Sequential, nn.Sequential]:
+    """A Conv1D MLP and the same function built from nn.Linear (weights transposed), float64."""
+    torch.manual_seed(seed)
+    conv1d = conv1d_class()
+    first, second = conv1d(9, 5), conv1d(3, 9)
+    with torch.no_grad():
+        for layer in (first, second):
+            layer.weight.normal_(0, 0.4)
+            layer.bias.normal_(0, 0.1)
+    model = nn.Sequential(first, nn.Tanh(), second).double()
+    linear = nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).double()
+    with torch.no_grad():
+        for source, target in ((model[0], linear[0]), (model[2], linear[2])):
+            target.weight.copy_(source.weight.t())
+            target.bias.copy_(source.bias)
+    return model, linear
+
+
+# ---- Conv1D ---------------------------------------------------------------------------------------
+
+
+def test_conv1d_spec_gives_the_out_in_view_and_writes_through():
+    model, _ = conv1d_mlp()
+    layer = model[0]
+    assert is_transposed_linear(layer) and not is_transposed_linear(nn.Linear(2, 3))
+    specs = resolve_layers(model)
+    assert list(specs) == ["0", "2"]
+    spec = specs["0"]
+    assert spec.kind == "conv1d" and (spec.fan_out, spec.fan_in) == (9, 5)
+    torch.testing.assert_close(spec.weight_view(), layer.weight.t())
+    torch.testing.assert_close(weight_2d(layer), layer.weight.detach().t())
+    assert weight_2d(layer).is_contiguous()
+    with torch.no_grad():
+        spec.weight_view()[2, 4] = 0.0  # output 2, input 4
+    assert layer.weight[4, 2] == 0
+    mask = torch.rand(9, 5) > 0.5
+    stored = spec.mask_to_weight_shape(mask)
+    assert stored.shape == layer.weight.shape and stored.is_contiguous()
+    torch.testing.assert_close(spec.as_2d(stored), mask)
+    with pytest.raises(ValueError, match=r"shape \(9, 5\)"):
+        spec.mask_to_weight_shape(mask.t())
+
+
+def test_conv1d_calibrates_like_the_equivalent_linear():
+    model, linear = conv1d_mlp()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)  # (batch, tokens, in)
+    torch.testing.assert_close(model(x), linear(x))
+    for sensitivity in ("output", "local"):
+        conv_pruner = ecp_fast.Pruner(model, sensitivity=sensitivity, progress=False)
+        linear_pruner = ecp_fast.Pruner(linear, sensitivity=sensitivity, progress=False)
+        conv_pruner.calibrate([x[:2], x[2:]])
+        linear_pruner.calibrate([x[:2], x[2:]])
+        for name in ("0", "2"):
+            for actual, expected in zip(conv_pruner.statistics[name].moments, linear_pruner.statistics[name].moments):
+                torch.testing.assert_close(actual, expected)
+    gradients = Calibrator(model, resolve_layers(model)).gradients(x)
+    expected = reference.sensitivities(linear, x)
+    for name in ("0", "2"):
+        torch.testing.assert_close(gradients[name].x, expected[name].x)
+        torch.testing.assert_close(gradients[name].g, expected[name].g)
+
+
+def test_masked_conv1d_weight_reads_through_the_mask():
+    model, _ = conv1d_mlp()
+    spec = resolve_layers(model)["0"]
+    keep = torch.rand(9, 5) > 0.3
+    ecp_fast.pruning.masks.install_mask(spec.module, spec.mask_to_weight_shape(keep).double())
+    torch.testing.assert_close(spec.mask_2d(), keep.double())
+    torch.testing.assert_close(spec.weight_2d(), spec.weight_view().detach() * keep)
+
+
+# ---- tied weights and output heads ---------------------------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """Embedding, two hidden layers and a head named lm_head, optionally tied to the embedding."""
+
+    def __init__(self, tie: str | None = None, vocab: int = 11, width: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.body = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        if tie == "same":
+            self.lm_head.weight = self.embed.weight
+        elif tie == "storage":  # a different Parameter over the same memory
+            self.lm_head.weight = nn.Parameter(self.embed.weight.data)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.body(self.embed(ids)))
+
+
+@pytest.mark.parametrize("tie", ["same", "storage"])
+def test_tied_head_is_left_out_and_refused_by_name(tie):
+    model = TinyLM(tie=tie)
+    assert tied_weights(model)["lm_head"] == ["embed.weight"]
+    assert list(resolve_layers(model)) == ["body.0", "body.2"]
+    assert list(resolve_layers(model, include_output_head=True)) == ["body.0", "body.2"]  # tied: never
+    with pytest.raises(ValueError, match=r"'lm_head' has its weight tied to embed.weight"):
+        resolve_layers(model, ["body.0", "lm_head"])
+
+
+def test_pruning_never_changes_a_tied_embedding():
+    model = TinyLM(tie="same")
+    embedding = model.embed.weight.detach().clone()
+    ids = torch.randint(0, 11, (4, 7))
+    ecp_fast.prune(model, [ids], sparsity=0.5, method="ecp", scope="layer", sensitivity="output", progress=False)
+    torch.testing.assert_close(model.embed.weight, embedding, rtol=0, atol=0)
+
+
+def test_untied_output_head_is_left_out_by_default_and_included_on_request():
+    model = TinyLM()
+    assert output_heads(model) == ["lm_head"]
+    assert list(resolve_layers(model)) == ["body.0", "body.2"]
+    assert list(resolve_layers(model, include_output_head=True)) == ["body.0", "body.2", "lm_head"]
+    assert list(resolve_layers(model, ["lm_head"])) == ["lm_head"]  # named explicitly: allowed
+
+
+def test_get_output_embeddings_names_the_head():
+    class WithGetter(TinyLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = self.lm_head
+            del self.lm_head
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.out
+
+        def forward(self, ids):
+            return self.out(self.body(self.embed(ids)))
+
+    model = WithGetter()
+    assert output_heads(model) == ["out"]
+    assert list(resolve_layers(model)) == ["body.0", "body.2"]
+
+
+# ---- exclude ----------------------------------------------------------------------------------------
+
+
+def test_exclude_takes_names_and_glob_patterns_and_parents(caplog):
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    )
+    assert list(resolve_layers(model, exclude=["0.1"])) == ["0.0", "1.0", "1.1"]
+    assert list(resolve_layers(model, exclude=["*.1"])) == ["0.0", "1.0"]
+    assert list(resolve_layers(model, exclude="1")) == ["0.0", "0.1"]  # a parent leaves out its children
+    assert list(resolve_layers(model, ["0.0", "1.1"], exclude=["1.*"])) == ["0.0"]
+    with caplog.at_level(logging.WARNING, logger="ecp_fast.pruning.layers"):
+        resolve_layers(model, exclude=["nothing.here"])
+    assert "matches no module" in caplog.text
+    with pytest.raises(ValueError, match="left out"):
+        resolve_layers(model, exclude=["*"])
+    with pytest.raises(TypeError, match="exclude"):
+        resolve_layers(model, exclude=[3])
+
+
+# ---- unsupported layers --------------------------------------------------------------------------------
+
+
+def test_one_warning_lists_every_weight_matrix_that_cannot_be_scored(caplog):
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)  # not a layer: left out silently
+            self.norm = nn.LayerNorm(4)  # 1-D weight: not a matrix
+            self.conv = nn.Conv1d(4, 4, 1)
+            self.grouped = nn.Conv2d(4, 4, 1, groups=2)
+            self.attention = nn.MultiheadAttention(4, 2)
+            self.scale = nn.Parameter(torch.ones(4, 4))  # a matrix on the model itself
+            self.head = nn.Linear(4, 2)
+
+    with caplog.at_level(logging.WARNING, logger="ecp_fast.pruning.layers"):
+        specs = resolve_layers(Mixed())
+    assert list(specs) == ["head"]  # MultiheadAttention never calls its out_proj
+    records = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    for expected in ("'conv': Conv1d", "'grouped': Conv2d with groups=2", "'attention': MultiheadAttention",
+                     "in_proj_weight", "'': Mixed"):
+        assert expected in message, expected
+    assert "embed" not in message and "norm" not in message
+
+
+def test_layer_spec_keeps_its_constructor():
+    linear = nn.Linear(3, 2)
+    spec = LayerSpec("x", linear, "linear")
+    assert (spec.fan_out, spec.fan_in) == (2, 3)
+    assert spec.weight_view().data_ptr() == linear.weight.data_ptr()
