@@ -10,7 +10,8 @@ whole neurons and :mod:`.sequential` prunes block by block.
 from ecp_fast.pruning.calibration import LayerStatistics, merge_statistics
 from ecp_fast.pruning.importance import Importance, ScoringContext, register_importance
 from ecp_fast.pruning.masks import apply_masks_from_state_dict, get_masks, remove_masks
-from ecp_fast.pruning.pruner import LayerReport, PruneReport, Pruner, prune
+from ecp_fast.pruning.pruner import Pruner, prune
+from ecp_fast.pruning.report import LayerReport, PruneReport
 from ecp_fast.pruning.sequential import SequentialReport, prune_sequential
 from ecp_fast.pruning.structured import NeuronPair, StructuredReport, find_neuron_pairs, prune_neurons
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -219,3 +219,38 @@ def nonlinear_importance(context: ScoringContext) -> Importance:
     dtype = context.weight.dtype
     # Removing an already-zero weight changes nothing; its exact error is 0 like every method's.
     return Importance(exact.error.to(dtype), exact.bias_delta.to(dtype))
+
+
+def check_importances(importances: Any, layers: Mapping[str, LayerSpec], compensates: bool) -> None:
+    """Refuse precomputed importances that would prune wrongly: missing layers, shapes, NaN or Inf.
+
+    ``bias_delta`` is checked when the method compensates (it is added to the biases).
+    """
+    if not isinstance(importances, Mapping):
+        raise TypeError(
+            f"argument 'importances' must be a mapping of layer name to Importance, got {type(importances).__name__}"
+        )
+    missing = sorted(set(layers) - set(importances))
+    if missing:
+        raise ValueError(f"argument 'importances' lacks layers {missing}")
+    for name, spec in layers.items():
+        importance = importances[name]
+        if not isinstance(importance, Importance):
+            raise TypeError(
+                f"argument 'importances': layer {name!r} must map to an Importance(score, bias_delta), "
+                f"got {type(importance).__name__}"
+            )
+        expected = (spec.fan_out, spec.fan_in)
+        parts = [("score", importance.score)]
+        if compensates and importance.bias_delta is not None:
+            parts.append(("bias_delta", importance.bias_delta))
+        for part, tensor in parts:
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(
+                    f"argument 'importances': layer {name!r} must have a {part} of shape {expected}, got {shape}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(
+                    f"argument 'importances': the {part} of layer {name!r} contains NaN or Inf (expected finite values)"
+                )

@@ -13,8 +13,8 @@ the weights, biases and statistics exactly as they were: there is never a half-p
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -36,9 +36,19 @@ from ecp_fast.pruning.calibration import (
     weight_parameter,
 )
 from ecp_fast.distributed import synchronize_calibration
-from ecp_fast.pruning.importance import Importance, Method, ScoringContext, check_nonlinear_size, get_method
+from ecp_fast.pruning.importance import (
+    Importance,
+    Method,
+    ScoringContext,
+    check_importances,
+    check_nonlinear_size,
+    get_method,
+)
 from ecp_fast.pruning.allocation import ALLOCATIONS, candidate_splits, resolve_divergence, split_from_keep, uniform_split
-from ecp_fast.pruning.masks import install_mask
+from ecp_fast.pruning.masks import check_maskable, install_mask
+from ecp_fast.pruning.transaction import model_transaction
+from ecp_fast.pruning.report import LayerReport, PruneReport
+from ecp_fast.pruning.selection import Scope, parse_scope, prune_count, resolve_sparsity, select_weights, step_sparsities
 from ecp_fast.pruning.reconstruction import (
     RECONSTRUCTIVE_METHODS,
     REFIT_ONLY,
@@ -51,240 +61,6 @@ if TYPE_CHECKING:
     from ecp_fast.pruning.structured import StructuredReport
 
 logger = logging.getLogger(__name__)
-
-SCOPES = ("global", "layer", "row")
-DEFAULT_SPARSITY = 0.9
-
-
-# ---- scope ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scope:
-    """``kind`` is one of :data:`SCOPES` or ``"n:m"`` (keep ``n`` of every ``m`` consecutive inputs)."""
-
-    kind: str
-    n: int = 0
-    m: int = 0
-
-
-def parse_scope(scope: str) -> Scope:
-    """``"global"``, ``"layer"``, ``"row"`` or an ``"N:M"`` pattern such as ``"2:4"``."""
-    if not isinstance(scope, str):
-        raise TypeError(f"argument 'scope' must be a string, got {type(scope).__name__}")
-    if scope in SCOPES:
-        return Scope(scope)
-    if ":" in scope:
-        parts = scope.split(":")
-        if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise ValueError(f"argument 'scope': an N:M pattern must be two integers such as '2:4', got {scope!r}")
-        n, m = (int(part) for part in parts)
-        if not 0 < n < m:
-            raise ValueError(f"argument 'scope': an N:M pattern needs 0 < N < M, got N={n}, M={m} in {scope!r}")
-        return Scope("n:m", n, m)
-    raise ValueError(
-        f"argument 'scope' must be one of {SCOPES}, 'neuron' or an N:M pattern such as '2:4', got {scope!r}"
-    )
-
-
-def _resolve_sparsity(sparsity: float | None, scope: Scope) -> float:
-    if scope.kind == "n:m":
-        implied = 1 - scope.n / scope.m
-        if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
-            raise ValueError(
-                f"argument 'sparsity': scope '{scope.n}:{scope.m}' prunes exactly {implied:g} of the weights, "
-                f"got sparsity={sparsity}; pass sparsity=None or {implied:g}"
-            )
-        return implied
-    if sparsity is None:
-        return DEFAULT_SPARSITY
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"argument 'sparsity' must be a float in [0, 1), got {type(sparsity).__name__}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"argument 'sparsity' must be in [0, 1), got {sparsity}")
-    return float(sparsity)
-
-
-# ---- report ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class LayerReport:
-    """One layer after pruning."""
-
-    name: str
-    kind: str
-    weights: int
-    pruned: int
-    bias_change_l1: float  # sum_i |b_i(after) - b_i(before)|
-    bias_added: bool
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of the layer's weights that are zero by mask."""
-        return self.pruned / self.weights if self.weights else 0.0
-
-
-@dataclass
-class PruneReport:
-    """What :meth:`Pruner.prune` did, per layer and overall; ``str(report)`` is a table."""
-
-    method: str
-    scope: str
-    sensitivity: str
-    target_sparsity: float
-    steps: int
-    layers: list[LayerReport] = field(default_factory=list)
-    allocation: str | None = None  # how the total was split across layers (reconstructive pruning)
-    candidate: str | None = None  # the split the allocation search chose
-    divergences: dict[str, float] = field(default_factory=dict)  # every searched candidate's divergence
-
-    @property
-    def total_weights(self) -> int:
-        """Weights in the scored layers."""
-        return sum(layer.weights for layer in self.layers)
-
-    @property
-    def total_pruned(self) -> int:
-        """Weights removed (masked) in the scored layers."""
-        return sum(layer.pruned for layer in self.layers)
-
-    @property
-    def sparsity(self) -> float:
-        """Overall sparsity of the scored layers."""
-        return self.total_pruned / self.total_weights if self.total_weights else 0.0
-
-    @property
-    def added_biases(self) -> list[str]:
-        """Layers that had no bias and received one for the compensation."""
-        return [layer.name for layer in self.layers if layer.bias_added]
-
-    def to_rows(self) -> list[dict[str, Any]]:
-        """One dict per layer, for CSV or logging."""
-        return [
-            {
-                "layer": layer.name,
-                "kind": layer.kind,
-                "weights": layer.weights,
-                "pruned": layer.pruned,
-                "sparsity": layer.sparsity,
-                "bias_change_l1": layer.bias_change_l1,
-                "bias_added": layer.bias_added,
-            }
-            for layer in self.layers
-        ]
-
-    def __str__(self) -> str:
-        header = (
-            f"method={self.method} scope={self.scope} sensitivity={self.sensitivity} steps={self.steps} "
-            f"target={self.target_sparsity:.4g} achieved={self.sparsity:.4f}"
-        )
-        name_width = max([len("layer")] + [len(layer.name) for layer in self.layers])
-        if self.allocation is not None:
-            header += f" allocation={self.allocation}" + (f" ({self.candidate})" if self.candidate else "")
-        lines = [
-            header,
-            f"{'layer':<{name_width}}  {'kind':<6}  {'weights':>9}  {'pruned':>9}  {'sparsity':>8}  "
-            f"{'sum|db|':>10}  bias added",
-        ]
-        for layer in self.layers:
-            lines.append(
-                f"{layer.name:<{name_width}}  {layer.kind:<6}  {layer.weights:>9}  {layer.pruned:>9}  "
-                f"{layer.sparsity:>8.4f}  {layer.bias_change_l1:>10.4g}  {'yes' if layer.bias_added else 'no'}"
-            )
-        lines.append(
-            f"{'total':<{name_width}}  {'':<6}  {self.total_weights:>9}  {self.total_pruned:>9}  {self.sparsity:>8.4f}"
-        )
-        if self.divergences:
-            searched = ", ".join(f"{label} {value:.4g}" for label, value in self.divergences.items())
-            lines.append(f"allocation search (calibration divergence): {searched}")
-        return "\n".join(lines)
-
-
-# ---- selection -------------------------------------------------------------------------------------
-
-
-def _pick_smallest(scores: torch.Tensor, available: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Along the last dimension, mark the ``count`` smallest available scores (ties: first index).
-
-    ``scores``, ``available`` ``(..., K)``; ``count`` ``(...)``. Returns a bool tensor like ``scores``.
-    """
-    ranked = torch.where(available, scores.to(torch.float64), torch.inf)
-    order = torch.argsort(ranked, dim=-1, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (rank < count.unsqueeze(-1)) & available
-
-
-def _pick_smallest_flat(scores: torch.Tensor, available: torch.Tensor, count: int) -> torch.Tensor:
-    """1-D: mark exactly ``min(count, available)`` smallest available scores (ties in any fixed order).
-
-    ``topk`` on the smaller side (removed or kept) instead of a full sort: pruning 90% of a large
-    model selects the 10% to keep.
-    """
-    selected = torch.zeros_like(available)
-    free = int(available.sum())
-    count = min(count, free)
-    if count <= 0:
-        return selected
-    values = scores.to(torch.float64)
-    if count <= free - count:
-        index = torch.topk(torch.where(available, values, torch.inf), count, largest=False, sorted=False).indices
-        selected[index] = True
-        return selected
-    kept = torch.zeros_like(available)
-    if free - count > 0:
-        index = torch.topk(torch.where(available, values, -torch.inf), free - count, largest=True, sorted=False).indices
-        kept[index] = True
-    return available & ~kept
-
-
-def select_weights(
-    scores: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor], sparsity: float, scope: Scope
-) -> dict[str, torch.Tensor]:
-    """Weights to remove now (bool ``(out, in)`` per layer) so that the scope reaches ``sparsity``.
-
-    ``keep`` marks weights still present; already removed ones are never selected again and count
-    toward the target. Importances are compared within the scope: all layers (``global``), one layer
-    (``layer``), one output neuron (``row``) or ``m`` consecutive inputs of a neuron (``n:m``).
-    """
-    selected: dict[str, torch.Tensor] = {}
-    if scope.kind == "global":
-        names = list(scores)
-        total = sum(keep[name].numel() for name in names)
-        already = sum(int((~keep[name]).sum()) for name in names)
-        count = max(round(sparsity * total) - already, 0)
-        flat_scores = torch.cat([scores[name].reshape(-1).to(torch.float64) for name in names])
-        flat_keep = torch.cat([keep[name].reshape(-1) for name in names])
-        flat = _pick_smallest_flat(flat_scores, flat_keep, count)
-        offset = 0
-        for name in names:
-            size = keep[name].numel()
-            selected[name] = flat[offset : offset + size].reshape(keep[name].shape)
-            offset += size
-        return selected
-    for name, score in scores.items():
-        available = keep[name]
-        if scope.kind == "layer":
-            count = max(round(sparsity * available.numel()) - int((~available).sum()), 0)
-            selected[name] = _pick_smallest_flat(score.reshape(-1), available.reshape(-1), count).reshape(available.shape)
-        elif scope.kind == "row":
-            per_row = available.shape[1]
-            counts = (round(sparsity * per_row) - (~available).sum(dim=1)).clamp_min(0)
-            selected[name] = _pick_smallest(score, available, counts)
-        else:
-            fan_out, fan_in = available.shape
-            if fan_in % scope.m:
-                raise ValueError(
-                    f"argument 'scope': pattern {scope.n}:{scope.m} needs the input size of layer {name!r} to be a "
-                    f"multiple of {scope.m}, got {fan_in}"
-                )
-            groups = (fan_out, fan_in // scope.m, scope.m)
-            group_keep = available.reshape(groups)
-            counts = ((scope.m - scope.n) - (~group_keep).sum(dim=-1)).clamp_min(0)
-            selected[name] = _pick_smallest(score.reshape(groups), group_keep, counts).reshape(available.shape)
-    return selected
-
 
 # ---- the pruner ------------------------------------------------------------------------------------
 
@@ -467,9 +243,21 @@ class Pruner:
             from ecp_fast.pruning.structured import prune_neurons
 
             return prune_neurons(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
+        request = self._validate(sparsity, method, scope, steps, importances)
+        calibration = self.calibration
+        with model_transaction(self.model) as transaction:
+            transaction.on_rollback(lambda: setattr(self, "calibration", calibration))
+            before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}
+            added = self._run_steps(request)
+        return self._report(method, scope, request.target, steps, before, added)
+
+    def _validate(
+        self, sparsity: float | None, method: str, scope: str, steps: int, importances: Mapping[str, Importance] | None
+    ) -> _Request:
+        """Every check that can be made before the model is touched."""
         chosen = get_method(method)
         parsed_scope = parse_scope(scope)
-        target = _resolve_sparsity(sparsity, parsed_scope)
+        target = resolve_sparsity(sparsity, parsed_scope)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"argument 'steps' must be a positive integer, got {steps!r}")
         if steps > 1 and parsed_scope.kind == "n:m":
@@ -477,16 +265,7 @@ class Pruner:
         if importances is not None:
             if steps != 1:
                 raise ValueError(f"argument 'importances' can only be given with steps=1, got steps={steps}")
-            missing = sorted(set(self.layers) - set(importances))
-            if missing:
-                raise ValueError(f"argument 'importances' lacks layers {missing}")
-            for name, spec in self.layers.items():
-                expected = (spec.fan_out, spec.fan_in)
-                if tuple(importances[name].score.shape) != expected:
-                    raise ValueError(
-                        f"argument 'importances': layer {name!r} must have scores of shape {expected}, "
-                        f"got {tuple(importances[name].score.shape)}"
-                    )
+            check_importances(importances, self.layers, chosen.compensates)
         else:
             self._check_ready(chosen)
         if steps > 1 and chosen.needs_calibration:
@@ -503,52 +282,50 @@ class Pruner:
                         f"argument 'scope': pattern {scope} needs the input size of layer {name!r} to be a multiple "
                         f"of {parsed_scope.m}, got {spec.fan_in}"
                     )
+        for name, spec in self.layers.items():
+            check_maskable(spec.module, name)
+        self._warn_if_sparser(target)
+        return _Request(chosen, parsed_scope, target, steps, importances)
 
-        snapshot = self._snapshot()
-        added_bias: list[str] = []
-        try:
-            keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
-            total = sum(mask.numel() for mask in keep.values())
-            initial_density = sum(int(mask.sum()) for mask in keep.values()) / total
-            final_density = 1.0 - target
-            for step in tqdm(range(1, steps + 1), desc="prune", disable=not self.progress or steps == 1, leave=False):
-                if step > 1 and chosen.needs_calibration:
-                    assert self._batches is not None
-                    self.calibrate(self._batches, self._loss_fn, self._loss_reduction)
-                if initial_density > final_density:
-                    density = initial_density * (final_density / initial_density) ** (step / steps)
-                else:
-                    density = initial_density
-                step_sparsity = target if step == steps else 1.0 - density
-                scores = importances if importances is not None else self.importances(method)
-                removed = select_weights(
-                    {name: importance.score for name, importance in scores.items() if name in self.layers},
-                    keep,
-                    step_sparsity,
-                    parsed_scope,
-                )
-                # Everything is computed; only now touch the model.
-                for name, spec in self.layers.items():
-                    bias_delta = scores[name].bias_delta if chosen.compensates else None
-                    if self._apply(spec, removed[name], bias_delta):
-                        added_bias.append(name)
-                    keep[name] = keep[name] & ~removed[name]
-                logger.info(
-                    "step %d/%d (%s, %s): sparsity %.4f",
-                    step,
-                    steps,
-                    method,
-                    scope,
-                    1.0 - sum(int(mask.sum()) for mask in keep.values()) / total,
-                )
+    def _warn_if_sparser(self, target: float) -> None:
+        keep = [self._keep_mask(spec) for spec in self.layers.values()]
+        current = 1.0 - sum(int(mask.sum()) for mask in keep) / sum(mask.numel() for mask in keep)
+        if current > target + 1e-12:
+            warnings.warn(
+                f"the layers are already {current:.4f} sparse, above the requested sparsity {target:.4f}: nothing "
+                "more is removed and nothing is restored (the report shows the sparsity the layers have)",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _run_steps(self, request: _Request) -> list[str]:
+        """Score, select and apply each step; masks are installed after the last. Returns layers given a bias."""
+        added: list[str] = []
+        keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
+        total = sum(mask.numel() for mask in keep.values())
+        initial_density = sum(int(mask.sum()) for mask in keep.values()) / total
+        schedule = step_sparsities(initial_density, request.target, request.steps)
+        progress = tqdm(schedule, desc="prune", disable=not self.progress or request.steps == 1, leave=False)
+        for step, step_sparsity in enumerate(progress, start=1):
+            if step > 1 and request.method.needs_calibration:
+                assert self._batches is not None
+                self.calibrate(self._batches, self._loss_fn, self._loss_reduction)
+            scores = request.importances if request.importances is not None else self.importances(request.method.name)
+            removed = select_weights(
+                {name: scores[name].score for name in self.layers}, keep, step_sparsity, request.scope
+            )
+            # Everything of this step is computed; only now touch the model.
             for name, spec in self.layers.items():
-                install_mask(spec.module, keep[name].reshape(weight_parameter(spec.module).shape).to(
-                    weight_parameter(spec.module).dtype
-                ))
-        except BaseException:
-            self._restore(snapshot, added_bias)
-            raise
-        return self._report(method, scope, target, steps, snapshot, added_bias)
+                bias_delta = scores[name].bias_delta if request.method.compensates else None
+                if self._apply(spec, removed[name], bias_delta):
+                    added.append(name)
+                keep[name] = keep[name] & ~removed[name]
+            logger.info("step %d/%d (%s): sparsity %.4f", step, request.steps, request.method.name,
+                        1.0 - sum(int(mask.sum()) for mask in keep.values()) / total)
+        for name, spec in self.layers.items():
+            stored = weight_parameter(spec.module)
+            install_mask(spec.module, spec.mask_to_weight_shape(keep[name]).to(device=stored.device, dtype=stored.dtype))
+        return added
 
     # ---- reconstructive pruning -----------------------------------------------------------------
 
@@ -565,7 +342,7 @@ class Pruner:
         """Masks and compensation by layer-wise reconstruction (see :meth:`prune`)."""
         config = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY)
         parsed_scope = parse_scope(scope)
-        target = _resolve_sparsity(sparsity, parsed_scope)
+        target = resolve_sparsity(sparsity, parsed_scope)
         allocation = self._check_reconstructive(method, parsed_scope, steps, importances, allocation)
         batches = self._reconstruction_batches()
         pattern: Any = {"row": "row", "n:m": (parsed_scope.n, parsed_scope.m)}.get(parsed_scope.kind, "unstructured")
@@ -587,14 +364,10 @@ class Pruner:
             self.model, self.layers, candidates, pattern, config, batches, keep_fn, weights,
             resolve_divergence(divergence, batches), self.output_fn, alternative,
         )
-        snapshot = self._snapshot()
-        added: list[str] = []
-        try:
+        before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}
+        with model_transaction(self.model):
             added = apply_outcomes(self.layers, outcomes)
-        except BaseException:
-            self._restore(snapshot, added)
-            raise
-        report = self._report(method, scope, target, 1, snapshot, added)
+        report = self._report(method, scope, target, 1, before, added)
         report.allocation, report.divergences = allocation, divergences
         report.candidate = chosen if len(candidates) > 1 else None
         return report
@@ -611,6 +384,8 @@ class Pruner:
             )
         if allocation is not None and allocation not in ALLOCATIONS:
             raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
+        for name, spec in self.layers.items():
+            check_maskable(spec.module, name)
         if scope.kind == "n:m" or scope.kind == "row":
             return "uniform"  # the pattern fixes every layer's sparsity
         if allocation is None:
@@ -663,11 +438,11 @@ class Pruner:
     # ---- helpers --------------------------------------------------------------------------------
 
     def _keep_mask(self, spec: LayerSpec) -> torch.Tensor:
-        mask = existing_mask(spec.module)
-        weight = weight_parameter(spec.module)
+        """``(out, in)`` bool: True where the weight is still present (no mask: everywhere)."""
+        mask = spec.mask_2d()
         if mask is None:
-            return torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
-        return (mask != 0).reshape(spec.fan_out, spec.fan_in)
+            return torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight_parameter(spec.module).device)
+        return mask != 0
 
     def _apply(self, spec: LayerSpec, removed: torch.Tensor, bias_delta: torch.Tensor | None) -> bool:
         """Zero the removed weights and add their compensation to the bias; True if a bias was added."""
@@ -675,7 +450,7 @@ class Pruner:
         weight = weight_parameter(module)
         added = False
         with torch.no_grad():
-            weight.view(spec.fan_out, spec.fan_in)[removed] = 0
+            spec.weight_view()[removed] = 0
             if bias_delta is not None and bool(removed.any()):
                 shift = torch.where(removed, bias_delta.to(torch.float64), 0.0).sum(dim=1)
                 if module.bias is None:
@@ -685,43 +460,22 @@ class Pruner:
                 module.bias.add_(shift.to(module.bias.dtype))
         return added
 
-    def _snapshot(self) -> dict[str, Any]:
-        return {
-            "weights": {name: weight_parameter(spec.module).detach().clone() for name, spec in self.layers.items()},
-            "biases": {
-                name: None if spec.module.bias is None else spec.module.bias.detach().clone()
-                for name, spec in self.layers.items()
-            },
-            "masks": {name: existing_mask(spec.module) is not None for name, spec in self.layers.items()},
-            "calibration": self.calibration,
-        }
-
-    def _restore(self, snapshot: dict[str, Any], added_bias: list[str]) -> None:
-        with torch.no_grad():
-            for name, spec in self.layers.items():
-                weight_parameter(spec.module).copy_(snapshot["weights"][name])
-                if name in added_bias:
-                    spec.module.register_parameter("bias", None)
-                elif snapshot["biases"][name] is not None:
-                    spec.module.bias.copy_(snapshot["biases"][name])
-        self.calibration = snapshot["calibration"]
-        logger.warning("pruning failed; the model was restored to its state before prune()")
-
     def _report(
-        self, method: str, scope: str, target: float, steps: int, snapshot: dict[str, Any], added_bias: list[str]
+        self, method: str, scope: str, target: float, steps: int, before: Mapping[str, torch.Tensor | None],
+        added_bias: list[str],
     ) -> PruneReport:
+        """What the layers hold now: masks counted, bias changes measured against ``before``."""
         report = PruneReport(method=method, scope=scope, sensitivity=self.sensitivity, target_sparsity=target, steps=steps)
         for name, spec in self.layers.items():
             mask = existing_mask(spec.module)
             pruned = int((mask == 0).sum()) if mask is not None else 0
-            before = snapshot["biases"][name]
             after = spec.module.bias
             if after is None:
                 change = 0.0
-            elif before is None:
+            elif before[name] is None:
                 change = float(after.detach().abs().sum())
             else:
-                change = float((after.detach() - before).abs().sum())
+                change = float((after.detach() - before[name]).abs().sum())
             report.layers.append(
                 LayerReport(
                     name=name,
@@ -734,6 +488,21 @@ class Pruner:
             )
         logger.info("pruned with %s/%s to sparsity %.4f", method, scope, report.sparsity)
         return report
+
+
+def _bias_copy(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().clone()
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated call of :meth:`Pruner.prune`."""
+
+    method: Method
+    scope: Scope
+    target: float
+    steps: int
+    importances: Mapping[str, Importance] | None
 
 
 @renamed_keyword("criterion", "sensitivity")

@@ -54,7 +54,9 @@ from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.importance import get_method
 from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
-from ecp_fast.pruning.pruner import PruneReport, Pruner, parse_scope
+from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.pruning.report import PruneReport
+from ecp_fast.pruning.selection import parse_scope
 
 logger = logging.getLogger(__name__)
 
