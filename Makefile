@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ecp_fast_installed
 
-.PHONY: setup demo test bench bench-gpu clean
+.PHONY: setup demo test lint bench bench-gpu clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ecp-fast demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+# Style, types and C++ formatting of the whole package (configured in pyproject.toml and .clang-format).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ecp_fast tests bench examples
+	$(VENV)/bin/ruff format --check ecp_fast tests bench examples
+	$(VENV)/bin/mypy ecp_fast
+	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.cpp csrc/*.h
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
