@@ -22,7 +22,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ecp-fast demo
 
-test: lint
+test: $(STAMP)
 	$(PY) -m pytest
 
 # Style, types and C++ formatting of the whole package (configured in pyproject.toml and .clang-format).
