@@ -84,3 +84,15 @@ def test_python_dash_m_runs_the_command_line():
     )
     assert result.returncode == 0
     assert "demo" in result.stdout and "experiment" in result.stdout
+
+
+def test_console_script_gives_one_line_user_errors(tmp_path):
+    """The installed ``ecp-fast`` script (pyproject: ``ecp_fast.apps.cli:main``), when it is current."""
+    script = Path(sys.executable).parent / "ecp-fast"
+    if not script.is_file() or "ecp_fast.apps.cli" not in script.read_text():
+        pytest.skip(f"{script} is missing or stale (reinstall: pip install --no-build-isolation -e .)")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run([str(script), "demo", "--quick", "--out", str(blocker)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr

@@ -8,6 +8,7 @@ population standard deviation), written as CSV, markdown tables and matplotlib p
 
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import logging
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ecp_fast.apps.cli import UsageError
 from ecp_fast.training.finetune import finetune
 from ecp_fast.pruning.importance import check_nonlinear_size
 from ecp_fast.pruning.pruner import Pruner
@@ -297,14 +299,65 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def parse_ratios(text: str) -> tuple[float, ...]:
-    """``"10,20,50"`` (percent) or ``"0.1,0.2"`` (fractions) as a sorted tuple of fractions in (0, 1)."""
-    values = [float(part) for part in text.split(",") if part.strip()]
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_ratios(text: str, option: str = "--ratios") -> tuple[float, ...]:
+    """``"10,20,50"`` (percent) or ``"0.1,0.2"`` (fractions) as a sorted tuple of fractions in (0, 1).
+
+    Raises :class:`~ecp_fast.apps.cli.UsageError` (a ``ValueError``) naming ``option`` for anything else.
+    """
+    expected = f"{option}: pruning ratios must be comma-separated numbers in (0, 100) percent (e.g. 10,50,90)"
+    if not isinstance(text, str):
+        raise UsageError(f"{expected}, got {text!r}")
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise UsageError(f"{expected}, got {text!r}") from error
+    if not values:
+        raise UsageError(f"{expected}, got {text!r}")
     fractions = tuple(sorted(v / 100.0 if v >= 1.0 else v for v in values))
     for value in fractions:
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"pruning ratios must lie in (0, 100) percent, got {text!r}")
+        if not 0.0 < value < 1.0:  # also NaN
+            raise UsageError(f"{expected}, got {text!r}")
     return fractions
+
+
+def parse_numbers(text: str, option: str, kind: type, minimum: float) -> tuple[Any, ...]:
+    """Comma-separated ``kind`` values (``int`` or ``float``), each finite and at least ``minimum``."""
+    expected = f"{option} must be comma-separated {'integers' if kind is int else 'numbers'} >= {minimum:g}"
+    try:
+        values = tuple(kind(part) for part in str(text).split(",") if part.strip())
+    except ValueError as error:
+        raise UsageError(f"{expected}, got {text!r}") from error
+    if any(not np.isfinite(value) or value < minimum for value in values):
+        raise UsageError(f"{expected}, got {text!r}")
+    return values
+
+
+def check_counts(args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """Every integer option in ``minimums`` (attribute -> least value) is at least that value (None allowed)."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise UsageError(f"{_option(name)} must be an integer >= {minimum}, got {value}")
+
+
+def check_number(
+    args: argparse.Namespace, name: str, low: float | None = None, high: float | None = None, closed: str = ""
+) -> None:
+    """A float option is finite and in ``low..high`` (ends open unless named in ``closed``: "low", "high")."""
+    value = getattr(args, name)
+    if value is None:
+        return
+    bad = not np.isfinite(value)
+    bad = bad or (low is not None and (value < low or (value == low and "low" not in closed)))
+    bad = bad or (high is not None and (value > high or (value == high and "high" not in closed)))
+    if bad:
+        left, right = ("[" if "low" in closed else "("), ("]" if "high" in closed else ")")
+        interval = f" in {left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+        raise UsageError(f"{_option(name)} must be a finite number{interval}, got {value}")
 
 
 def limit_threads(threads: int = 1) -> None:

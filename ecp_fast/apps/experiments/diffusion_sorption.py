@@ -35,12 +35,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ecp_fast.apps.cli import UsageError
 from ecp_fast.apps.experiments._common import (
     SweepConfig,
     batches_of,
+    check_counts,
+    check_number,
     limit_threads,
     markdown_table,
     nonlinear_fits,
+    parse_numbers,
     parse_ratios,
     plot_panels,
     shuffled_batches,
@@ -163,6 +167,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds: 1 seed, 32 cells, 12/4 trajectories, 2 noise levels, ratios 50 and 90")
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check every option before the run (the command line calls it; also under ``--quick``)."""
+    parse_ratios(args.ratios, option="--ratios")
+    parse_ratios(args.finetune_ratios, option="--finetune-ratios")
+    if not parse_numbers(args.noise, "--noise", float, 0.0):
+        raise UsageError(f"--noise needs at least one level, got {args.noise!r}")
+    parse_numbers(args.hidden, "--hidden", int, 1)
+    check_counts(args, {"seeds": 1, "cells": 1, "train_trajectories": 1, "test_trajectories": 1, "horizon": 1,
+                        "epochs": 0, "calibration_samples": 1, "probes": 0, "iterative_steps": 0,
+                        "nonlinear_samples": 1, "finetune_steps": 0})
+    check_number(args, "lr", low=0.0)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the experiment; print the markdown tables and write CSV, markdown and PNG to ``args.out``."""
     limit_threads()
@@ -172,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     finetune_ratios = (0.9,) if quick else tuple(r for r in parse_ratios(args.finetune_ratios) if r in ratios)
     seeds = 1 if quick else args.seeds
     if seeds < 1:
-        raise SystemExit(f"ecp-fast experiment diffusion-sorption: --seeds must be at least 1, got {seeds}")
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     cells = 32 if quick else args.cells
     train_count = 12 if quick else args.train_trajectories
     test_count = 4 if quick else args.test_trajectories
@@ -184,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     finetune_steps = 5 if quick else args.finetune_steps
     probes = args.probes if args.probes > 0 else None
     if len(noise_levels) < 1:
-        raise SystemExit("ecp-fast experiment diffusion-sorption: --noise needs at least one level")
+        raise UsageError("--noise needs at least one level")
     methods = tuple(args.methods) if args.methods else tuple(IMPORTANCES)
     progress = True
     problem = DiffusionSorption()

@@ -30,10 +30,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, load_mnist
+from ecp_fast.apps.cli import UsageError
+from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, check_mnist, load_mnist
 from ecp_fast.apps.experiments._common import (
     SweepConfig,
     batches_of,
+    check_counts,
     limit_threads,
     markdown_table,
     nonlinear_fits,
@@ -138,6 +140,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds: 1 seed, 2000/500 samples, 1 epoch, ratios 50 and 90, 256 calibration samples")
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check every option and read the MNIST files through, before the run (the command line calls it).
+
+    Raises :class:`~ecp_fast.apps.cli.UsageError`, ``FileNotFoundError`` or
+    :class:`~ecp_fast.apps.datasets.DataFileError` naming the option or file; the ratios are
+    checked under ``--quick`` too.
+    """
+    for name in ("ratios", "finetune_ratios", "iterative_ratios"):
+        parse_ratios(getattr(args, name), option="--" + name.replace("_", "-"))
+    check_counts(args, {"seeds": 1, "epochs": 0, "calibration_samples": 1, "iterative_steps": 0,
+                        "finetune_steps": 0, "small_hidden": 1, "small_epochs": 0, "nonlinear_samples": 1})
+    check_mnist(args.data_dir)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the experiment; print the markdown tables and write CSV, markdown and PNG to ``args.out``."""
     limit_threads()
@@ -148,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     iterative_ratios = tuple(r for r in parse_ratios(args.iterative_ratios) if r in ratios) if not quick else (0.9,)
     seeds = 1 if quick else args.seeds
     if seeds < 1:
-        raise SystemExit(f"ecp-fast experiment mnist: --seeds must be at least 1, got {seeds}")
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
     epochs = 1 if quick else args.epochs
     small_epochs = 2 if quick else args.small_epochs
     calibration_samples = 256 if quick else args.calibration_samples
@@ -160,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = load_data(args.data_dir, 2000 if quick else None, 500 if quick else None)
     except FileNotFoundError as error:
-        raise SystemExit(f"ecp-fast experiment mnist: {error}") from error
+        raise UsageError(str(error)) from error
     progress = logger.getEffectiveLevel() <= logging.WARNING
     config = SweepConfig(
         methods=large_methods, sparsities=ratios, iterative_steps=args.iterative_steps,

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, load_digits_split, load_mnist
+from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, check_mnist, load_digits_split, load_mnist
+from ecp_fast.apps.experiments._common import check_counts, check_number
 from ecp_fast.training.iterative import ECPPruneStep, IterativeResult, iterative_prune
 from ecp_fast.training.regularize import RelevanceDecay, eligible_weights
 
@@ -416,6 +417,29 @@ def _apply_quick(args: argparse.Namespace) -> None:
     args.recovery_intervals = min(args.recovery_intervals, 1)
     args.calibration_batches = min(args.calibration_batches, 2)
     args.batch_size = min(args.batch_size, 64)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check every option and the MNIST files before the run (the command line calls it).
+
+    Catches a bad value for the second network's run before the first one trains for minutes.
+    """
+    check_counts(args, {
+        "val_size": 0, "batch_size": 1, "threads": 0, "gamma_decay_steps": 0, "interval": 0, "warmup_intervals": 0,
+        "recovery_intervals": 0, "max_intervals": 1, "max_steps": 0, "lenet5_train_subset": 0, "lenet5_interval": 0,
+        "lenet5_val_subset": 0, "probes": 1, "calibration_batches": 1, "quick_train": 1,
+    })
+    check_number(args, "bound")
+    for name in ("lr", "alpha", "interval_epochs", "lr_decay"):
+        check_number(args, name, low=0.0)
+    for name in ("momentum", "lr_floor", "gamma", "time_limit_lenet300", "time_limit_lenet5"):
+        check_number(args, name, low=0.0, closed="low")
+    check_number(args, "prune_fraction", low=0.0, high=1.0)
+    check_number(args, "lenet5_prune_fraction", low=0.0, high=1.0, closed="low")
+    check_number(args, "backoff", low=0.0, high=1.0)
+    check_number(args, "max_sparsity", low=0.0, high=1.0, closed="high")
+    if args.dataset == "mnist":
+        check_mnist(args.data_dir)
 
 
 def run(args: argparse.Namespace) -> int:
