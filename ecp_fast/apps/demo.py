@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS
 from ecp_fast.training.finetune import fit_classifier
 from ecp_fast.pruning.importance import IMPORTANCES
 from ecp_fast.pruning.pruner import Pruner
@@ -38,14 +39,6 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 QUICK_SPARSITIES = (0.5, 0.9)
 ITERATIVE_STEPS = 5
 METHOD_ORDER = ("ecp", "obd", "nonlinear", "wanda", "taylor", "gradient", "magnitude", "random")
-#: Reconstructive runs: label -> (method, sensitivity, extra prune() arguments). The refit baselines
-#: are the mask methods with the same sequential refit and allocation search as ecp-obs.
-RECONSTRUCTIVE_RUNS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "ecp-obs": ("ecp-obs", "output", {}),
-    "sparsegpt": ("sparsegpt", "local", {}),
-    "magnitude+refit": ("magnitude", "output", {"reconstruct": True, "allocation": "search"}),
-    "wanda+refit": ("wanda", "output", {"reconstruct": True, "allocation": "search"}),
-}
 
 
 @dataclass
@@ -162,7 +155,7 @@ def run_reconstructive(
         for sparsity in sparsities:
             started = time.perf_counter()
             pruned = copy.deepcopy(model)
-            pruner = Pruner(pruned, sensitivity=sensitivity, seed=seed, progress=False)
+            pruner = Pruner(pruned, sensitivity=sensitivity or "output", seed=seed, progress=False)
             pruner.calibrate(calibration, loss_fn=nn.CrossEntropyLoss())
             pruner.prune(sparsity, method=method, **extra)
             loss, accuracy = evaluate(pruned, data)

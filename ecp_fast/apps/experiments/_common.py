@@ -29,8 +29,20 @@ from ecp_fast.pruning.pruner import Pruner
 
 logger = logging.getLogger(__name__)
 
+#: Reconstructive runs: label -> (method, sensitivity, extra prune() arguments). The refit baselines
+#: are mask methods with the same sequential refit and allocation search as ecp-obs.
+RECONSTRUCTIVE_RUNS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
+    "ecp-obs": ("ecp-obs", None, {}),
+    "sparsegpt": ("sparsegpt", "local", {}),
+    "magnitude+refit": ("magnitude", None, {"reconstruct": True, "allocation": "search"}),
+    "wanda+refit": ("wanda", None, {"reconstruct": True, "allocation": "search"}),
+}
+
 #: Order in which methods appear in tables and plots.
-METHOD_ORDER = ("ecp", "ecp-iterative", "nonlinear", "obd", "wanda", "taylor", "gradient", "magnitude", "random")
+METHOD_ORDER = (
+    "ecp-obs", "sparsegpt", "magnitude+refit", "wanda+refit",
+    "ecp", "ecp-iterative", "nonlinear", "obd", "wanda", "taylor", "gradient", "magnitude", "random",
+)
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -51,6 +63,7 @@ class SweepConfig:
         finetune_steps: optimiser steps of each fine-tuning.
         finetune_lr: Adam learning rate of the fine-tuning.
         progress: show tqdm progress bars.
+        reconstructive: labels of :data:`RECONSTRUCTIVE_RUNS` pruned at every ratio.
     """
 
     methods: Sequence[str]
@@ -63,6 +76,7 @@ class SweepConfig:
     finetune_steps: int = 0
     finetune_lr: float = 1e-3
     progress: bool = True
+    reconstructive: Sequence[str] = field(default_factory=tuple)
 
 
 def batches_of(x: torch.Tensor, y: torch.Tensor, size: int) -> Batches:
@@ -116,13 +130,16 @@ def sweep(
     jobs: list[tuple[str, int]] = [(method, 1) for method in config.methods]
     if "ecp" in config.methods and config.iterative_steps > 1:
         jobs.append(("ecp", config.iterative_steps))
+    jobs.extend((label, 1) for label in config.reconstructive)
     iterative = config.sparsities if config.iterative_sparsities is None else config.iterative_sparsities
     total = sum(len(config.sparsities if steps == 1 else iterative) for _, steps in jobs)
     bar = tqdm(total=total, desc=f"prune seed {seed} {_describe(context)}", disable=not config.progress, leave=False)
     for method, steps in jobs:
         started = time.perf_counter()
         scores = None
-        if steps == 1:
+        if method in RECONSTRUCTIVE_RUNS:
+            pass  # calibrated and pruned per point below
+        elif steps == 1:
             if method == "nonlinear":
                 if nonlinear_batches is None:
                     raise ValueError("method 'nonlinear' needs nonlinear_batches (a small calibration subset)")
@@ -137,7 +154,9 @@ def sweep(
             point_started = time.perf_counter()
             pruned = copy.deepcopy(model)
             pruner = Pruner(pruned, sensitivity=config.sensitivity, probes=config.probes, seed=seed, progress=False)
-            if scores is not None:
+            if method in RECONSTRUCTIVE_RUNS:
+                _prune_reconstructive(pruned, method, sparsity, config, calibration, loss_fn, seed)
+            elif scores is not None:
                 pruner.prune(sparsity, method=method, importances=scores)
             else:
                 pruner.calibrate(calibration)
@@ -153,6 +172,18 @@ def sweep(
             bar.update(1)
     bar.close()
     return rows
+
+
+def _prune_reconstructive(
+    model: nn.Module, label: str, sparsity: float, config: SweepConfig, calibration: Batches, loss_fn: nn.Module,
+    seed: int,
+) -> None:
+    """One reconstructive run of :data:`RECONSTRUCTIVE_RUNS` on ``model`` (in place)."""
+    method, sensitivity, extra = RECONSTRUCTIVE_RUNS[label]
+    pruner = Pruner(model, sensitivity=sensitivity or config.sensitivity, probes=config.probes, seed=seed,
+                    progress=False)
+    pruner.calibrate(calibration, loss_fn=loss_fn)
+    pruner.prune(sparsity, method=method, **extra)
 
 
 def _describe(context: dict[str, Any]) -> str:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ecp_fast.apps.cli import UsageError
 from ecp_fast.apps.experiments._common import (
+    RECONSTRUCTIVE_RUNS,
     SweepConfig,
     batches_of,
     check_counts,
@@ -161,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ratios at which the pruned surrogates are also fine-tuned (default 50,80,90,95)")
     parser.add_argument("--finetune-steps", type=int, default=100,
                         help="Adam steps (batch 256, lr 1e-3) of each fine-tuning on the noisy targets (default 100)")
-    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(IMPORTANCES),
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
                         help="methods to run (default all)")
     parser.add_argument("--quick", action="store_true",
                         help="seconds: 1 seed, 32 cells, 12/4 trajectories, 2 noise levels, ratios 50 and 90")
@@ -202,7 +203,9 @@ def run(args: argparse.Namespace) -> int:
     probes = args.probes if args.probes > 0 else None
     if len(noise_levels) < 1:
         raise UsageError("--noise needs at least one level")
-    methods = tuple(args.methods) if args.methods else tuple(IMPORTANCES)
+    requested = tuple(args.methods) if args.methods else (*IMPORTANCES, *RECONSTRUCTIVE_RUNS)
+    methods = tuple(m for m in requested if m in IMPORTANCES)
+    reconstructive = tuple(m for m in requested if m in RECONSTRUCTIVE_RUNS)
     progress = True
     problem = DiffusionSorption()
 
@@ -237,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             config = SweepConfig(
                 methods=run_methods, sparsities=ratios, iterative_steps=args.iterative_steps, sensitivity="output",
                 probes=probes, finetune_sparsities=finetune_ratios, finetune_steps=finetune_steps, progress=progress,
+                reconstructive=reconstructive,
             )
             finetune_batches = shuffled_batches(train_x, noisy_y, 256, seed + 1000)
             rows += sweep(model, config, calibration, loss_fn, evaluate, finetune_batches, seed,

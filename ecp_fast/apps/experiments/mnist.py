@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from ecp_fast.apps.cli import UsageError
 from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, check_mnist, load_mnist
 from ecp_fast.apps.experiments._common import (
+    RECONSTRUCTIVE_RUNS,
     SweepConfig,
     batches_of,
     check_counts,
@@ -134,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nonlinear-samples", type=int, default=128,
                         help="calibration samples of the exact nonlinear baseline (default 128)")
     parser.add_argument("--no-small", action="store_true", help="skip the small-network comparison (no nonlinear)")
-    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(IMPORTANCES),
+    parser.add_argument("--methods", nargs="+", default=None, choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
                         help="methods to run (default all; nonlinear only on the small network)")
     parser.add_argument("--quick", action="store_true",
                         help="seconds: 1 seed, 2000/500 samples, 1 epoch, ratios 50 and 90, 256 calibration samples")
@@ -171,8 +172,9 @@ def run(args: argparse.Namespace) -> int:
     finetune_steps = 5 if quick else args.finetune_steps
     small_hidden = 8 if quick else args.small_hidden
     nonlinear_samples = 32 if quick else args.nonlinear_samples
-    requested = tuple(args.methods) if args.methods else tuple(IMPORTANCES)
-    large_methods = tuple(m for m in requested if m != "nonlinear")
+    requested = tuple(args.methods) if args.methods else (*IMPORTANCES, *RECONSTRUCTIVE_RUNS)
+    large_methods = tuple(m for m in requested if m != "nonlinear" and m in IMPORTANCES)
+    reconstructive = tuple(m for m in requested if m in RECONSTRUCTIVE_RUNS)
     try:
         data = load_data(args.data_dir, 2000 if quick else None, 500 if quick else None)
     except FileNotFoundError as error:
@@ -182,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         methods=large_methods, sparsities=ratios, iterative_steps=args.iterative_steps,
         iterative_sparsities=iterative_ratios, sensitivity="output",
         finetune_sparsities=finetune_ratios, finetune_steps=finetune_steps, progress=progress,
+        reconstructive=reconstructive,
     )
     loss_fn = nn.CrossEntropyLoss()
     evaluate = make_evaluate(data.x_test, data.y_test)
@@ -205,11 +208,11 @@ def run(args: argparse.Namespace) -> int:
         small_calibration = batches_of(pool_images(calibration_x), calibration_y, 512)
         nonlinear_batches = batches_of(pool_images(calibration_x[:nonlinear_samples]),
                                        calibration_y[:nonlinear_samples], 512)
-        small_methods = requested
+        small_methods = tuple(m for m in requested if m in IMPORTANCES)  # the nonlinear comparison
         if "nonlinear" in requested:
             reason = nonlinear_fits(small_model, nonlinear_batches)
             if reason is not None:
-                small_methods = tuple(m for m in requested if m != "nonlinear")
+                small_methods = tuple(m for m in small_methods if m != "nonlinear")
                 nonlinear_note = f"nonlinear skipped: {reason}"
                 logger.warning(nonlinear_note)
         small_config = SweepConfig(methods=small_methods, sparsities=ratios, iterative_steps=args.iterative_steps,
