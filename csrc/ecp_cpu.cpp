@@ -1,4 +1,4 @@
-// Fused CPU kernels of the ecp ops (schemas in ecp_fast/ops.py, mathematics in METHOD.md).
+// Fused CPU kernels of the ecp ops (schemas in register.cpp, mathematics in METHOD.md).
 //
 // One pass over the samples, in bounded chunks. For each chunk the kernel writes, into two small
 // reusable buffers,
@@ -11,21 +11,36 @@
 //
 // Shifting by the column mean of the first chunk keeps m2 = S2 - S1^2 / S0 free of the catastrophic
 // cancellation the raw sums suffer when an input's mean is large next to its spread.
+//
+// Non-finite results: float32 sums overflow for inputs near 1e19 and above, where the float64
+// reference is still finite. When a float32 result holds a NaN or an infinity, the op recomputes in
+// float64 and rounds to float32, which is exactly what the reference returns (an infinity where the
+// float64 value exceeds float32's range). NaN inputs stay NaN through both passes: a neuron is "dead"
+// (zero statistics) only when its s0 is exactly zero, never because its gradients are NaN.
 #include "ecp_cpu.h"
+#include "checks.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/ScalarType.h>
-#include <torch/library.h>
 
 #include <algorithm>
-#include <sstream>
-#include <string>
-#include <vector>
+#include <tuple>
 
 namespace ecp_fast {
 namespace {
+
+using detail::all_finite;
+using detail::check_floating;
+using detail::check_same_device;
+using detail::check_samples_matrix;
+using detail::padded_row;
+using detail::result_type;
+using detail::sample_count;
+using detail::SampleOffsets;
+using detail::shape_string;
+using detail::with_float64_rescue;
 
 // Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
 constexpr int64_t kShiftSamples = 256;
@@ -37,36 +52,7 @@ constexpr int64_t kBlockBytes = 8 << 20;
 constexpr int64_t kMinChunkRows = 64;
 constexpr int64_t kMaxChunkRows = 4096;
 
-// ---- validation, worded like ecp_fast/_checks.py -------------------------------------------------
-
-std::string shape_string(at::IntArrayRef sizes) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t d = 0; d < sizes.size(); ++d) {
-    out << (d ? ", " : "") << sizes[d];
-  }
-  out << (sizes.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
-std::string dtype_string(at::ScalarType type) {
-  return "torch." + std::string(c10::getDtypeNames(type).first);
-}
-
-void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  const auto type = t.scalar_type();
-  TORCH_CHECK_TYPE(
-      type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
-      op, ": argument '", name, "' must have dtype float32, float64, bfloat16 or float16, got ",
-      dtype_string(type));
-}
-
-void check_same_device(const char* op, const char* ref_name, const at::Tensor& ref, const char* name,
-                       const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": argument '", name,
-                    "' must be on the same device as '", ref_name, "' (", ref.device(), "), got ",
-                    t.device());
-}
+// ---- validation, worded like ecp_fast/ops/_checks.py ---------------------------------------------
 
 struct LayerShape {
   int64_t n, p, fan_in, fan_out;
@@ -81,67 +67,25 @@ LayerShape check_layer_inputs(const char* op, const at::Tensor& x, const at::Ten
     check_floating(op, "weight", *weight);
     check_same_device(op, "x", x, "weight", *weight);
   }
-  TORCH_CHECK_VALUE(x.dim() >= 2, op,
-                    ": argument 'x' must have at least 2 dimensions (samples..., in), got shape ",
-                    shape_string(x.sizes()));
+  check_samples_matrix(op, "x", x);
   LayerShape shape{};
   shape.fan_in = x.size(-1);
-  shape.n = 1;
-  for (int64_t d = 0; d + 1 < x.dim(); ++d) shape.n *= x.size(d);
+  shape.n = sample_count(x);
   TORCH_CHECK_VALUE(g.dim() == 2 || g.dim() == 3, op,
                     ": argument 'g' must have shape (N, out) or (P, N, out), got shape ",
                     shape_string(g.sizes()));
   shape.p = g.dim() == 2 ? 1 : g.size(0);
   TORCH_CHECK_VALUE(g.size(-2) == shape.n, op, ": argument 'g' must have N = ", shape.n,
-                    " samples in dimension ", g.dim() - 2, " to match 'x' of shape ",
-                    shape_string(x.sizes()), ", got shape ", shape_string(g.sizes()));
+                    " samples in dimension ", g.dim() - 2, " to match 'x' of shape ", shape_string(x.sizes()),
+                    ", got shape ", shape_string(g.sizes()));
   shape.fan_out = g.size(-1);
   if (weight != nullptr) {
     TORCH_CHECK_VALUE(
-        weight->dim() == 2 && weight->size(0) == shape.fan_out && weight->size(1) == shape.fan_in,
-        op, ": argument 'weight' must have shape (out, in) = (", shape.fan_out, ", ", shape.fan_in,
+        weight->dim() == 2 && weight->size(0) == shape.fan_out && weight->size(1) == shape.fan_in, op,
+        ": argument 'weight' must have shape (out, in) = (", shape.fan_out, ", ", shape.fan_in,
         ") to match 'g' and 'x', got shape ", shape_string(weight->sizes()));
   }
   return shape;
-}
-
-at::ScalarType result_type(std::initializer_list<at::Tensor> tensors) {
-  for (const auto& t : tensors) {
-    if (t.scalar_type() == at::kDouble) return at::kDouble;
-  }
-  return at::kFloat;
-}
-
-// ---- strided access ------------------------------------------------------------------------------
-
-// Maps a flat sample index to an element offset, for tensors whose leading dimensions are samples
-// (x of any rank, with any strides), so that no reshape ever copies the input.
-class SampleOffsets {
- public:
-  SampleOffsets(at::IntArrayRef sizes, at::IntArrayRef strides)
-      : sizes_(sizes.begin(), sizes.end()), strides_(strides.begin(), strides.end()) {}
-
-  int64_t operator()(int64_t sample) const {
-    int64_t offset = 0;
-    for (int64_t d = static_cast<int64_t>(sizes_.size()) - 1; d >= 0; --d) {
-      offset += (sample % sizes_[d]) * strides_[d];
-      sample /= sizes_[d];
-    }
-    return offset;
-  }
-
- private:
-  std::vector<int64_t> sizes_, strides_;
-};
-
-int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
-
-// Leading dimension of a buffer row: padded to whole cache lines, and off powers of two, whose
-// strides make consecutive rows collide in the cache sets during the GEMM.
-int64_t padded_row(int64_t columns) {
-  int64_t ld = round_up(std::max<int64_t>(columns, 1), 16);
-  if (ld % 512 == 0) ld += 16;
-  return ld;
 }
 
 // ---- chunk fills ---------------------------------------------------------------------------------
@@ -149,9 +93,8 @@ int64_t padded_row(int64_t columns) {
 // Buffer rows r in [begin, end) = [x - shift | (x - shift)^2 | 1] of sample start + r. Called
 // inside a parallel region: one region per chunk fills both buffers, so threads meet once a chunk.
 template <typename in_t, typename acc_t>
-void fill_shifted_inputs(const at::Tensor& x, const SampleOffsets& offsets, const acc_t* shift,
-                         int64_t start, int64_t begin, int64_t end, int64_t fan_in, acc_t* buffer,
-                         int64_t ld) {
+void fill_shifted_inputs(const at::Tensor& x, const SampleOffsets& offsets, const acc_t* shift, int64_t start,
+                         int64_t begin, int64_t end, int64_t fan_in, acc_t* buffer, int64_t ld) {
   const in_t* data = x.const_data_ptr<in_t>();
   const int64_t col_stride = x.stride(-1);
   for (int64_t r = begin; r < end; ++r) {
@@ -230,8 +173,9 @@ void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t r
       const acc_t* s1 = acc + (i - row_begin) * ld;
       const acc_t* s2 = s1 + fan_in;
       const acc_t s0 = s2[fan_in];
-      if (!(s0 > acc_t(0))) {
+      if (s0 <= acc_t(0)) {
         // METHOD.md: a neuron that never affects the output has zero importance and no shift.
+        // A NaN s0 (NaN gradients) is not "never affects": it falls through and stays NaN.
         for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
         continue;
       }
@@ -259,7 +203,7 @@ void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
   const int64_t ld_inputs = padded_row(gemm_cols), ld_sens = padded_row(fan_out);
   if (fan_out == 0 || fan_in == 0) return;
 
-  const SampleOffsets offsets(x.sizes().slice(0, x.dim() - 1), x.strides().slice(0, x.dim() - 1));
+  const SampleOffsets offsets(x);
   at::Tensor shift_tensor = at::empty({fan_in}, options);
   acc_t* shift = shift_tensor.mutable_data_ptr<acc_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_column_shift", [&] {
@@ -325,15 +269,19 @@ void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, const at::Tensor& g) {
-  const auto shape = check_layer_inputs("ecp.moments", x, g, nullptr);
-  const auto out_type = result_type({x, g});
-  const auto options = x.options().dtype(out_type);
+// ---- the ops -------------------------------------------------------------------------------------
+
+namespace {
+
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+using Triple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Triple moments_in(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape, at::ScalarType type) {
+  const auto options = x.options().dtype(type);
   at::Tensor s0 = at::empty({shape.fan_out}, options);
   at::Tensor mean = at::empty({shape.fan_out, shape.fan_in}, options);
   at::Tensor m2 = at::empty({shape.fan_out, shape.fan_in}, options);
-  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
-  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_moments", [&] {
+  AT_DISPATCH_FLOATING_TYPES(type, "ecp_moments", [&] {
     using acc_t = scalar_t;
     acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
@@ -347,22 +295,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, 
   });
   if (shape.fan_in == 0) {
     // No weight to visit: s0 is still the sensitivity sum of each neuron.
-    s0.copy_((g3.to(out_type).square().sum(at::IntArrayRef{0, 1})));
+    s0.copy_(g3.to(type).square().sum(at::IntArrayRef{0, 1}));
   }
   return {s0, mean, m2};
 }
 
-std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tensor& g,
-                                             const at::Tensor& weight, bool compensate) {
-  const auto shape = check_layer_inputs("ecp.score", x, g, &weight);
-  const auto out_type = result_type({x, g, weight});
-  const auto options = x.options().dtype(out_type);
+Pair score_in(const at::Tensor& x, const at::Tensor& g3, const at::Tensor& weight, bool compensate,
+              const LayerShape& shape, at::ScalarType type) {
+  const auto options = x.options().dtype(type);
   at::Tensor importance = at::empty({shape.fan_out, shape.fan_in}, options);
   at::Tensor bias_delta = at::empty({shape.fan_out, shape.fan_in}, options);
-  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
   // (out, in) is small next to (N, in); a contiguous copy of the weight keeps the epilogue simple.
-  const at::Tensor w = weight.to(out_type).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_score", [&] {
+  const at::Tensor w = weight.to(type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(type, "ecp_score", [&] {
     using acc_t = scalar_t;
     const acc_t* w_data = w.const_data_ptr<acc_t>();
     acc_t* importance_out = importance.mutable_data_ptr<acc_t>();
@@ -371,7 +316,11 @@ std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tens
     shifted_pass<acc_t>(x, g3, shape, [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2) {
       const int64_t k = i * fan_in + j;
       const acc_t w_ij = w_data[k];
-      if (compensate) {
+      if (s0 <= acc_t(0)) {
+        // A dead neuron's zeros must not become NaN through a NaN or infinite weight (0 * inf).
+        importance_out[k] = acc_t(0);
+        delta_out[k] = acc_t(0);
+      } else if (compensate) {
         importance_out[k] = w_ij * w_ij * m2;
         delta_out[k] = w_ij * mean;
       } else {
@@ -384,9 +333,8 @@ std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tens
   return {importance, bias_delta};
 }
 
-std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::Tensor& mean,
-                                                const at::Tensor& m2, const at::Tensor& weight) {
-  const char* op = "ecp.finalize";
+void check_finalize_inputs(const char* op, const at::Tensor& s0, const at::Tensor& mean, const at::Tensor& m2,
+                           const at::Tensor& weight) {
   check_floating(op, "s0", s0);
   check_floating(op, "mean", mean);
   check_floating(op, "m2", m2);
@@ -397,23 +345,24 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::
   TORCH_CHECK_VALUE(weight.dim() == 2, op, ": argument 'weight' must have shape (out, in), got shape ",
                     shape_string(weight.sizes()));
   const int64_t fan_out = weight.size(0), fan_in = weight.size(1);
-  TORCH_CHECK_VALUE(s0.dim() == 1 && s0.size(0) == fan_out, op,
-                    ": argument 's0' must have shape (out,) = (", fan_out,
-                    ",) to match 'weight', got shape ", shape_string(s0.sizes()));
-  TORCH_CHECK_VALUE(mean.sizes() == weight.sizes(), op,
-                    ": argument 'mean' must have shape (out, in) = (", fan_out, ", ", fan_in,
-                    ") to match 'weight', got shape ", shape_string(mean.sizes()));
-  TORCH_CHECK_VALUE(m2.sizes() == weight.sizes(), op,
-                    ": argument 'm2' must have shape (out, in) = (", fan_out, ", ", fan_in,
-                    ") to match 'weight', got shape ", shape_string(m2.sizes()));
-  const auto out_type = result_type({s0, mean, m2, weight});
-  const auto options = weight.options().dtype(out_type);
+  TORCH_CHECK_VALUE(s0.dim() == 1 && s0.size(0) == fan_out, op, ": argument 's0' must have shape (out,) = (",
+                    fan_out, ",) to match 'weight', got shape ", shape_string(s0.sizes()));
+  TORCH_CHECK_VALUE(mean.sizes() == weight.sizes(), op, ": argument 'mean' must have shape (out, in) = (",
+                    fan_out, ", ", fan_in, ") to match 'weight', got shape ", shape_string(mean.sizes()));
+  TORCH_CHECK_VALUE(m2.sizes() == weight.sizes(), op, ": argument 'm2' must have shape (out, in) = (",
+                    fan_out, ", ", fan_in, ") to match 'weight', got shape ", shape_string(m2.sizes()));
+}
+
+Pair finalize_in(const at::Tensor& s0, const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& weight,
+                 at::ScalarType type) {
+  const int64_t fan_out = weight.size(0), fan_in = weight.size(1);
+  const auto options = weight.options().dtype(type);
   at::Tensor importance = at::empty({fan_out, fan_in}, options);
   at::Tensor bias_delta = at::empty({fan_out, fan_in}, options);
-  AT_DISPATCH_FLOATING_TYPES(out_type, "ecp_finalize", [&] {
+  const at::Tensor s0_c = s0.to(type).contiguous(), mean_c = mean.to(type).contiguous();
+  const at::Tensor m2_c = m2.to(type).contiguous(), w_c = weight.to(type).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(type, "ecp_finalize", [&] {
     using acc_t = scalar_t;
-    const at::Tensor s0_c = s0.to(out_type).contiguous(), mean_c = mean.to(out_type).contiguous();
-    const at::Tensor m2_c = m2.to(out_type).contiguous(), w_c = weight.to(out_type).contiguous();
     const acc_t* s0_data = s0_c.const_data_ptr<acc_t>();
     const acc_t* mean_data = mean_c.const_data_ptr<acc_t>();
     const acc_t* m2_data = m2_c.const_data_ptr<acc_t>();
@@ -423,12 +372,14 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(fan_in, 1));
     at::parallel_for(0, fan_out, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const bool active = s0_data[i] > acc_t(0);
+        // Dead only when s0 <= 0: a NaN s0 keeps its row NaN, as in the reference.
+        const bool dead = s0_data[i] <= acc_t(0);
         for (int64_t j = 0; j < fan_in; ++j) {
           const int64_t k = i * fan_in + j;
           const acc_t w_ij = w_data[k];
-          importance_out[k] = active ? std::max(w_ij * w_ij * m2_data[k], acc_t(0)) : acc_t(0);
-          delta_out[k] = active ? w_ij * mean_data[k] : acc_t(0);
+          // std::max(value, 0) keeps a NaN value (the comparison is false, the first argument wins).
+          importance_out[k] = dead ? acc_t(0) : std::max(w_ij * w_ij * m2_data[k], acc_t(0));
+          delta_out[k] = dead ? acc_t(0) : w_ij * mean_data[k];
         }
       }
     });
@@ -436,11 +387,33 @@ std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::
   return {importance, bias_delta};
 }
 
-}  // namespace ecp_fast
+bool finite_pair(const Pair& pair) { return all_finite({std::get<0>(pair), std::get<1>(pair)}); }
 
-// Schemas are declared in ecp_fast/ops.py; this library only provides the CPU implementations.
-TORCH_LIBRARY_IMPL(ecp, CPU, m) {
-  m.impl("moments", &ecp_fast::moments_cpu);
-  m.impl("score", &ecp_fast::score_cpu);
-  m.impl("finalize", &ecp_fast::finalize_cpu);
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moments_cpu(const at::Tensor& x, const at::Tensor& g) {
+  const auto shape = check_layer_inputs("ecp.moments", x, g, nullptr);
+  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
+  return with_float64_rescue<Triple>(
+      result_type({x, g}), [&](at::ScalarType type) { return moments_in(x, g3, shape, type); },
+      [](const Triple& t) { return all_finite({std::get<0>(t), std::get<1>(t), std::get<2>(t)}); });
 }
+
+std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tensor& g,
+                                             const at::Tensor& weight, bool compensate) {
+  const auto shape = check_layer_inputs("ecp.score", x, g, &weight);
+  const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
+  return with_float64_rescue<Pair>(
+      result_type({x, g, weight}),
+      [&](at::ScalarType type) { return score_in(x, g3, weight, compensate, shape, type); }, finite_pair);
+}
+
+std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::Tensor& mean,
+                                                const at::Tensor& m2, const at::Tensor& weight) {
+  check_finalize_inputs("ecp.finalize", s0, mean, m2, weight);
+  return with_float64_rescue<Pair>(
+      result_type({s0, mean, m2, weight}),
+      [&](at::ScalarType type) { return finalize_in(s0, mean, m2, weight, type); }, finite_pair);
+}
+
+}  // namespace ecp_fast

@@ -1,13 +1,22 @@
-"""The ``ecp`` custom ops: declared once here, with fake kernels and typed Python wrappers.
+"""The ``ecp`` custom ops: their contract, fake kernels and typed Python wrappers.
 
-Backends register implementations of these schemas:
+The native library (``csrc/``, loaded by :mod:`ecp_fast.ops._native`) declares the op schemas
+itself (``TORCH_LIBRARY(ecp)``) beside its CPU kernels, so it also works from C++ and TorchScript
+without Python. Backends:
 
-* CPU tensors: the fused multithreaded C++ kernel in ``csrc/`` (``TORCH_LIBRARY_IMPL(ecp, CPU)``),
-  or, when it was not built, the reference implementation with a warning.
-* CUDA tensors: the Triton kernels in ``ecp_fast/triton`` (registered when CUDA and Triton exist).
+* CPU tensors: the fused multithreaded C++ kernels, or, when they are not built (or
+  ``ECP_FAST_DISABLE_NATIVE=1``), the reference implementation with a warning; the schemas then come
+  from :data:`SCHEMAS`, the Python copy of the C++ ones (a test checks that they agree).
+* CUDA tensors: the Triton kernels in :mod:`ecp_fast.ops.triton` (registered when CUDA and Triton exist).
 * Meta / FakeTensor: the fake kernels below, so ``torch.compile`` and shape propagation work.
 
-All three ops return sums over samples (METHOD.md), in float32, or float64 for float64 inputs.
+All ops return sums over samples (METHOD.md), in float32, or float64 for float64 inputs. A NaN input
+makes NaN every statistic it enters (a neuron is dead only when its ``s0`` is exactly zero); inputs
+so large that float32 sums overflow (about 1e19 and above) are summed again in float64 and rounded,
+so the result is the reference's (an infinity only where the value exceeds float32's range).
+
+The ops have no derivative: an input that requires grad while grad mode is on is refused with an
+error naming it (detach it, or call under ``torch.no_grad()``).
 """
 
 from __future__ import annotations
@@ -18,20 +27,71 @@ import warnings
 import torch
 
 from ecp_fast.ops import _native, reference
-from ecp_fast.ops._checks import check_finalize_inputs, check_layer_inputs, result_dtype
-from ecp_fast.ops.merge import Moments
+from ecp_fast.ops._checks import (
+    check_bool,
+    check_finalize_inputs,
+    check_gram_inputs,
+    check_layer_inputs,
+    check_score_inputs,
+    check_tensor,
+    result_dtype,
+)
+from ecp_fast.ops.merge import Moments, merge_moments
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["Moments", "NATIVE_CPU", "SCHEMAS", "TRITON_CUDA", "finalize", "gram", "merge_moments", "moments", "score"]
+
+#: The op schemas, as csrc/register.cpp declares them. Used only when the native library is not
+#: loaded, so that the reference fallback keeps working; tests/ops/test_native_build.py checks that
+#: the C++ declarations equal these strings.
 SCHEMAS = {
     "moments": "moments(Tensor x, Tensor g) -> (Tensor s0, Tensor mean, Tensor m2)",
     "score": "score(Tensor x, Tensor g, Tensor weight, bool compensate=True) -> (Tensor importance, Tensor bias_delta)",
     "finalize": "finalize(Tensor s0, Tensor mean, Tensor m2, Tensor weight) -> (Tensor importance, Tensor bias_delta)",
+    "gram": "gram(Tensor a, Tensor? b=None, Tensor? weight=None, bool float64=False) -> Tensor",
 }
 
-_library = torch.library.Library("ecp", "DEF")
-for _schema in SCHEMAS.values():
-    _library.define(_schema)
+
+def _refuse_grad_inputs(name: str):
+    """``setup_context`` that refuses inputs requiring grad, like csrc/register.cpp's Autograd kernel.
+
+    torch calls it only when grad mode is on and an input requires grad, during the forward call.
+    """
+    arguments = [argument.name for argument in getattr(torch.ops.ecp, name).default._schema.arguments]
+
+    def setup_context(ctx, inputs: tuple, output) -> None:
+        for argument, value in zip(arguments, inputs):
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                raise RuntimeError(
+                    f"ecp.{name}: argument '{argument}' requires grad, but the ecp ops have no derivative; "
+                    f"pass {argument}.detach() or call the op under torch.no_grad()"
+                )
+
+    return setup_context
+
+
+def _no_backward(ctx, *grads):  # never reached: setup_context refuses first
+    raise RuntimeError("the ecp ops have no derivative")
+
+
+def _declare_missing_ops() -> "torch.library.Library":
+    """Define from :data:`SCHEMAS` every op the native library did not, with the reference kernels.
+
+    Also covers a stale native build that predates an op: its kernels keep serving the ops it has.
+    """
+    library = torch.library.Library("ecp", "FRAGMENT")
+    for name, schema in SCHEMAS.items():
+        if not hasattr(torch.ops.ecp, name):
+            library.define(schema)
+            torch.library.register_autograd(f"ecp::{name}", _no_backward, setup_context=_refuse_grad_inputs(name))
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ecp::{name}", "CPU"):
+            library.impl(name, getattr(reference, name), "CPU")
+    return library
+
+
+NATIVE_CPU = _native.load()
+_fallback_library = _declare_missing_ops()
 
 
 # ---- fake kernels: shapes and dtypes only, contiguous like the real kernels' outputs -------------
@@ -52,7 +112,7 @@ def _moments_fake(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch
 def _score_fake(
     x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = check_layer_inputs("ecp.score", x, g, weight)
+    shape = check_score_inputs("ecp.score", x, g, weight)
     dtype = result_dtype(x, g, weight)
     size = (shape.fan_out, shape.fan_in)
     return x.new_empty(size, dtype=dtype), x.new_empty(size, dtype=dtype)
@@ -67,13 +127,16 @@ def _finalize_fake(
     return weight.new_empty(weight.shape, dtype=dtype), weight.new_empty(weight.shape, dtype=dtype)
 
 
-# ---- backends ------------------------------------------------------------------------------------
+@torch.library.register_fake("ecp::gram")
+def _gram_fake(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+) -> torch.Tensor:
+    shape = check_gram_inputs("ecp.gram", a, b, weight)
+    dtype = torch.float64 if float64 else result_dtype(a, b, weight)
+    return a.new_empty((shape.in_a + 1, shape.in_b + 1), dtype=dtype)
 
-NATIVE_CPU = _native.load()
-if not NATIVE_CPU:
-    # Keep the ops usable (slowly) on CPU when the extension is missing.
-    for _name in SCHEMAS:
-        _library.impl(_name, getattr(reference, _name), "CPU")
+
+# ---- backends ------------------------------------------------------------------------------------
 
 
 def _register_cuda_kernels() -> bool:
@@ -119,6 +182,8 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> Moments:
     Returns:
         ``Moments(s0 (out,), mean (out, in), m2 (out, in))``; mergeable with :func:`merge_moments`.
     """
+    check_tensor("ecp.moments", "x", x)
+    check_tensor("ecp.moments", "g", g)
     return Moments(*torch.ops.ecp.moments.default(x, g))
 
 
@@ -131,6 +196,9 @@ def score(
     ``compensate=False`` ``importance = w^2 sum_s c a^2`` and ``bias_delta`` is zeros.
     Both outputs are ``(out, in)``.
     """
+    for name, value in (("x", x), ("g", g), ("weight", weight)):
+        check_tensor("ecp.score", name, value)
+    check_bool("ecp.score", "compensate", compensate)
     importance, bias_delta = torch.ops.ecp.score.default(x, g, weight, compensate)
     return importance, bias_delta
 
@@ -139,5 +207,38 @@ def finalize(
     s0: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Importance and bias shift from accumulated moments (after streaming or merging)."""
+    for name, value in (("s0", s0), ("mean", mean), ("m2", m2), ("weight", weight)):
+        check_tensor("ecp.finalize", name, value)
     importance, bias_delta = torch.ops.ecp.finalize.default(s0, mean, m2, weight)
     return importance, bias_delta
+
+
+def gram(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, *, float64: bool = False
+) -> torch.Tensor:
+    """Sample-weighted Gram matrix of bias-augmented inputs, one streaming pass over the samples.
+
+    ``H = sum_s w_s [a_s; 1] [b_s; 1]^T`` of shape ``(in_a + 1, in_b + 1)``, the constant 1 last: the
+    quadratic of layer-wise reconstruction (Optimal Brain Surgeon, SparseGPT; METHOD.md,
+    "compensation by reconstruction").
+
+    Args:
+        a: inputs of the layer ``(N, in_a)``; extra leading dimensions are more samples.
+        b: a second stream of the same ``N`` samples ``(N, in_b)`` (for instance the dense network's
+            inputs to the layer, for the cross term with the pruned network's ``a``); ``None`` means
+            ``b = a``, and ``H`` is then symmetric.
+        weight: per-sample weights ``(N,)``, for example the row mean of the sensitivities; ``None``
+            means 1. Meant to be non-negative (not checked: negative weights give an indefinite ``H``).
+        float64: accumulate and return in float64 (otherwise float32, or float64 when an input is).
+
+    Returns:
+        ``H`` ``(in_a + 1, in_b + 1)``, contiguous. Grams of disjoint sets of samples add:
+        ``gram(a1) + gram(a2)`` equals ``gram(torch.cat([a1, a2]))``, so calibration can stream
+        batches into a running sum, and ranks merge with ``torch.distributed.all_reduce`` (SUM).
+    """
+    check_tensor("ecp.gram", "a", a)
+    for name, value in (("b", b), ("weight", weight)):
+        if value is not None:
+            check_tensor("ecp.gram", name, value)
+    check_bool("ecp.gram", "float64", float64)
+    return torch.ops.ecp.gram.default(a, b, weight, float64)

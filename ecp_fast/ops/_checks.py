@@ -13,6 +13,14 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+class GramShape(NamedTuple):
+    """Sizes of a Gram: samples ``n``, and the features ``in_a`` of ``a`` and ``in_b`` of ``b``."""
+
+    n: int
+    in_a: int
+    in_b: int
+
+
 class LayerShape(NamedTuple):
     """Sizes the ops agree on: samples ``n``, probes ``p``, inputs ``fan_in``, outputs ``fan_out``."""
 
@@ -26,10 +34,21 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
 
 
+def check_tensor(op: str, name: str, value: object) -> None:
+    """Raise ``TypeError`` unless ``value`` is a tensor (wrappers call this before dispatching)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_bool(op: str, name: str, value: object) -> None:
+    """Raise ``TypeError`` unless ``value`` is a Python bool (the schemas' ``bool`` arguments)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: argument '{name}' must be a bool, got {type(value).__name__}")
+
+
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:
     """Raise ``TypeError`` unless ``t`` is a tensor of one of the supported floating dtypes."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    check_tensor(op, name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: argument '{name}' must have dtype float32, float64, bfloat16 or float16, "
@@ -47,6 +66,19 @@ def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **o
             )
 
 
+def check_samples_matrix(op: str, name: str, t: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``t`` has at least 2 dimensions: ``(samples..., features)``."""
+    if t.dim() < 2:
+        raise ValueError(
+            f"{op}: argument '{name}' must have at least 2 dimensions (samples..., in), got shape {_shape(t)}"
+        )
+
+
+def sample_count(t: torch.Tensor) -> int:
+    """Samples of a ``(samples..., features)`` tensor: the product of all dimensions but the last."""
+    return int(torch.Size(t.shape[:-1]).numel())
+
+
 def check_layer_inputs(op: str, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor | None = None) -> LayerShape:
     """Validate ``x`` ``(..., in)``, ``g`` ``(N, out)`` or ``(P, N, out)`` and ``weight`` ``(out, in)``.
 
@@ -59,12 +91,9 @@ def check_layer_inputs(op: str, x: torch.Tensor, g: torch.Tensor, weight: torch.
         check_same_device(op, "x", x, g=g, weight=weight)
     else:
         check_same_device(op, "x", x, g=g)
-    if x.dim() < 2:
-        raise ValueError(
-            f"{op}: argument 'x' must have at least 2 dimensions (samples..., in), got shape {_shape(x)}"
-        )
+    check_samples_matrix(op, "x", x)
     fan_in = x.shape[-1]
-    n = x.numel() // fan_in if fan_in > 0 else int(torch.Size(x.shape[:-1]).numel())
+    n = sample_count(x)
     if g.dim() not in (2, 3):
         raise ValueError(
             f"{op}: argument 'g' must have shape (N, out) or (P, N, out), got shape {_shape(g)}"
@@ -83,6 +112,14 @@ def check_layer_inputs(op: str, x: torch.Tensor, g: torch.Tensor, weight: torch.
                 f"'g' and 'x', got shape {_shape(weight)}"
             )
     return LayerShape(n=n, p=p, fan_in=fan_in, fan_out=fan_out)
+
+
+def check_score_inputs(op: str, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> LayerShape:
+    """:func:`check_layer_inputs` for an op whose ``weight`` is required (``None`` is refused)."""
+    check_floating(op, "x", x)
+    check_floating(op, "g", g)
+    check_floating(op, "weight", weight)
+    return check_layer_inputs(op, x, g, weight)
 
 
 def check_finalize_inputs(
@@ -108,6 +145,44 @@ def check_finalize_inputs(
             )
 
 
-def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float64 when any input is float64, float32 otherwise (half inputs accumulate in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def check_gram_inputs(
+    op: str, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None
+) -> GramShape:
+    """Validate ``a`` ``(..., in_a)``, optional ``b`` with the same ``N`` samples and ``weight`` ``(N,)``.
+
+    The C++ kernel (csrc/gram_cpu.cpp) runs the same checks in the same order, with the same words.
+    """
+    check_floating(op, "a", a)
+    if b is not None:
+        check_floating(op, "b", b)
+    if weight is not None:
+        check_floating(op, "weight", weight)
+    if b is not None:
+        check_same_device(op, "a", a, b=b)
+    if weight is not None:
+        check_same_device(op, "a", a, weight=weight)
+    check_samples_matrix(op, "a", a)
+    n = sample_count(a)
+    in_b = a.shape[-1]
+    if b is not None:
+        check_samples_matrix(op, "b", b)
+        if sample_count(b) != n:
+            raise ValueError(
+                f"{op}: argument 'b' must have N = {n} samples (the product of its leading dimensions) "
+                f"to match 'a' of shape {_shape(a)}, got shape {_shape(b)}"
+            )
+        in_b = b.shape[-1]
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != n):
+        raise ValueError(
+            f"{op}: argument 'weight' must have shape (N,) = ({n},) to match 'a' of shape {_shape(a)}, "
+            f"got shape {_shape(weight)}"
+        )
+    return GramShape(n=n, in_a=a.shape[-1], in_b=in_b)
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (half inputs accumulate in float32).
+
+    ``None`` entries (absent optional arguments) are skipped.
+    """
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32

@@ -1,4 +1,4 @@
-"""Loads the compiled CPU kernels (``ecp_fast/_C*.so``) into the ``ecp`` op namespace."""
+"""Loads the native library (``ecp_fast/_C*.so``): the ``ecp`` op schemas and their CPU kernels."""
 
 from __future__ import annotations
 
@@ -16,9 +16,13 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def library_path() -> str | None:
-    """Path of the built extension next to this package, or None when it was not built."""
-    candidates = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")))
-    return candidates[0] if candidates else None
+    """Path of the built extension next to this package, or None when it was not built.
+
+    The newest one when several are there: a build of another flavour (``_C.abi3.so`` beside an
+    older ``_C.cpython-311-*.so``) leaves the previous file behind.
+    """
+    candidates = glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so"))
+    return max(candidates, key=os.path.getmtime) if candidates else None
 
 
 def load() -> bool:

@@ -15,24 +15,73 @@ class Moments(NamedTuple):
     m2: torch.Tensor
 
 
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_part(name: str, part: object) -> Moments:
+    """The ``(s0, mean, m2)`` triple passed as argument ``name``, or an error that says what is wrong."""
+    if not isinstance(part, (tuple, list)):
+        raise TypeError(
+            f"merge_moments: argument '{name}' must be an (s0, mean, m2) triple such as Moments, "
+            f"got {type(part).__name__}"
+        )
+    if len(part) != 3:
+        raise ValueError(
+            f"merge_moments: argument '{name}' must be an (s0, mean, m2) triple, got a "
+            f"{type(part).__name__} of length {len(part)}"
+        )
+    triple = Moments(*part)
+    for field, t in zip(Moments._fields, triple):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"merge_moments: '{field}' of argument '{name}' must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(
+                f"merge_moments: '{field}' of argument '{name}' must have a floating dtype, got {t.dtype}"
+            )
+        if t.device != triple.s0.device:
+            raise ValueError(
+                f"merge_moments: '{field}' of argument '{name}' must be on the same device as its 's0' "
+                f"({triple.s0.device}), got {t.device}"
+            )
+    if triple.mean.dim() < 1 or triple.s0.shape != triple.mean.shape[:-1]:
+        raise ValueError(
+            f"merge_moments: 's0' of argument '{name}' must have the shape of 'mean' without its last "
+            f"dimension, {_shape(triple.mean)[:-1]}, got {_shape(triple.s0)}"
+        )
+    if triple.m2.shape != triple.mean.shape:
+        raise ValueError(
+            f"merge_moments: 'm2' of argument '{name}' must have the shape of 'mean', {_shape(triple.mean)}, "
+            f"got {_shape(triple.m2)}"
+        )
+    return triple
+
+
 def merge_moments(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> Moments:
     """Merge the moments of two disjoint sets of samples exactly (Chan et al.'s pairwise form).
 
     ``S0 = S0a + S0b``, ``d = mean_b - mean_a``, ``mean = mean_a + d S0b / S0`` and
     ``M2 = M2a + M2b + d^2 S0a S0b / S0``. Rows where both parts have ``S0 = 0`` stay zero. Works on
-    any device and dtype; ``a`` and ``b`` are ``(s0, mean, m2)`` triples of matching shapes.
+    any device and floating dtype; ``a`` and ``b`` are ``(s0, mean, m2)`` triples (``Moments`` or
+    tuples) of matching shapes on one device. Malformed arguments raise ``TypeError``/``ValueError``
+    naming the argument and the field.
     """
-    s0_a, mean_a, m2_a = a
-    s0_b, mean_b, m2_b = b
+    s0_a, mean_a, m2_a = _check_part("a", a)
+    s0_b, mean_b, m2_b = _check_part("b", b)
     for name, t_a, t_b in (("s0", s0_a, s0_b), ("mean", mean_a, mean_b), ("m2", m2_a, m2_b)):
         if t_a.shape != t_b.shape:
             raise ValueError(
                 f"merge_moments: '{name}' of both parts must have the same shape, got "
                 f"{tuple(t_a.shape)} and {tuple(t_b.shape)}"
             )
+    if s0_a.device != s0_b.device:
+        raise ValueError(f"merge_moments: both parts must be on the same device, got {s0_a.device} and {s0_b.device}")
     s0 = s0_a + s0_b
-    safe = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(-1)
-    weight_b = (s0_b.unsqueeze(-1) / safe)
+    # Only empty rows (s0 <= 0) divide by 1 instead; a NaN s0 stays NaN, as in the kernels.
+    safe = torch.where(s0 <= 0, torch.ones_like(s0), s0).unsqueeze(-1)
+    weight_b = s0_b.unsqueeze(-1) / safe
     delta = mean_b - mean_a
     mean = mean_a + delta * weight_b
     m2 = m2_a + m2_b + delta.square() * s0_a.unsqueeze(-1) * weight_b

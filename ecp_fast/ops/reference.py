@@ -4,6 +4,11 @@ Everything here follows ``METHOD.md`` line by line and computes in float64, so i
 memory-hungry (it materialises the ``(N, in)`` and ``(N, out)`` intermediates) but easy to read and
 trust. The fused kernels in ``csrc/`` and ``ecp_fast/triton/`` must agree with it.
 
+Non-finite values follow IEEE arithmetic in float64, then the rounding to the output dtype: a NaN
+input makes NaN every statistic it enters, and a float64 value beyond float32's range becomes an
+infinity in a float32 output. A neuron is "dead" (zero statistics, METHOD.md) only when its ``s0`` is
+exactly zero, never because its gradients are NaN.
+
 Notation: ``x`` is a layer's input ``a`` per sample, ``g`` its output gradients ``dy/dz`` per probe
 and sample, ``c = sum_p g_p^2`` the per-sample sensitivity of each output neuron.
 """
@@ -15,13 +20,29 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import nn
 
-from ecp_fast.ops._checks import check_finalize_inputs, check_layer_inputs, result_dtype
+from ecp_fast.ops._checks import (
+    check_finalize_inputs,
+    check_gram_inputs,
+    check_layer_inputs,
+    check_score_inputs,
+    result_dtype,
+)
 
 
 def _sensitivity(g: torch.Tensor) -> torch.Tensor:
     """``c[s, i] = sum_p g[p, s, i]^2`` in float64, shape ``(N, out)``."""
     g = g.to(torch.float64)
     return g.square() if g.dim() == 2 else g.square().sum(dim=0)
+
+
+def _out(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in the output dtype and contiguous, like the fused kernels' outputs (and fake kernels)."""
+    return t.to(dtype).contiguous()
+
+
+def _dead(s0: torch.Tensor) -> torch.Tensor:
+    """Neurons that never affect the output: ``s0 <= 0``. A NaN ``s0`` is not dead, it stays NaN."""
+    return s0 <= 0
 
 
 def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -35,17 +56,17 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     a = x.reshape(shape.n, shape.fan_in).to(torch.float64)
     c = _sensitivity(g)
     s0 = c.sum(dim=0)
+    dead = _dead(s0).unsqueeze(1)
     # METHOD.md, Numerics: moments of inputs shifted by their column mean leave m2 unchanged and keep
     # the subtraction s2 - s1^2 / s0 small; float64 does the rest.
     shift = a.mean(dim=0) if shape.n > 0 else a.new_zeros(shape.fan_in)
     centred = a - shift
     s1 = c.T @ centred
     s2 = c.T @ centred.square()
-    has_weight = (s0 > 0).unsqueeze(1)
-    safe_s0 = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(1)
-    mean = torch.where(has_weight, shift + s1 / safe_s0, 0.0)
-    m2 = torch.where(has_weight, (s2 - s1.square() / safe_s0).clamp_min(0.0), 0.0)
-    return s0.to(out_dtype), mean.to(out_dtype), m2.to(out_dtype)
+    safe_s0 = torch.where(dead, 1.0, s0.unsqueeze(1))
+    mean = torch.where(dead, 0.0, shift + s1 / safe_s0)
+    m2 = torch.where(dead, 0.0, (s2 - s1.square() / safe_s0).clamp_min(0.0))
+    return _out(s0, out_dtype), _out(mean, out_dtype), _out(m2, out_dtype)
 
 
 def finalize(
@@ -55,10 +76,10 @@ def finalize(
     check_finalize_inputs("ecp.finalize", s0, mean, m2, weight)
     out_dtype = result_dtype(s0, mean, m2, weight)
     w = weight.to(torch.float64)
-    active = (s0 > 0).unsqueeze(1)
-    importance = torch.where(active, w.square() * m2.to(torch.float64), 0.0).clamp_min(0.0)
-    bias_delta = torch.where(active, w * mean.to(torch.float64), 0.0)
-    return importance.to(out_dtype), bias_delta.to(out_dtype)
+    dead = _dead(s0).unsqueeze(1)
+    importance = torch.where(dead, 0.0, w.square() * m2.to(torch.float64)).clamp_min(0.0)
+    bias_delta = torch.where(dead, 0.0, w * mean.to(torch.float64))
+    return _out(importance, out_dtype), _out(bias_delta, out_dtype)
 
 
 def score(
@@ -69,15 +90,36 @@ def score(
     ``compensate=True`` is ECP: ``I = w^2 m2``, ``bias_delta = w mu``. ``compensate=False`` is the
     uncompensated (OBD-style) error ``I = w^2 sum_s c a^2`` with ``bias_delta = 0``.
     """
-    shape = check_layer_inputs("ecp.score", x, g, weight)
+    shape = check_score_inputs("ecp.score", x, g, weight)
     out_dtype = result_dtype(x, g, weight)
     if compensate:
         s0, mean, m2 = moments(x, g)
         return finalize(s0, mean, m2, weight.to(out_dtype))
     a = x.reshape(shape.n, shape.fan_in).to(torch.float64)
-    raw_second_moment = _sensitivity(g).T @ a.square()
-    importance = weight.to(torch.float64).square() * raw_second_moment
-    return importance.to(out_dtype), torch.zeros_like(importance, dtype=out_dtype)
+    c = _sensitivity(g)
+    raw_second_moment = c.T @ a.square()
+    # A dead row is zero by convention even where a NaN input would make 0 * NaN = NaN.
+    dead = _dead(c.sum(dim=0)).unsqueeze(1)
+    importance = torch.where(dead, 0.0, weight.to(torch.float64).square() * raw_second_moment)
+    return _out(importance, out_dtype), torch.zeros(importance.shape, dtype=out_dtype, device=importance.device)
+
+
+def gram(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+) -> torch.Tensor:
+    """``H = sum_s w_s [a_s; 1] [b_s; 1]^T``, shape ``(in_a + 1, in_b + 1)``, the constant 1 last.
+
+    ``b=None`` means ``b = a``; ``weight=None`` means ``w_s = 1``. Extra leading dimensions are
+    samples. float32 result, float64 when an input is float64 or ``float64=True``.
+    """
+    shape = check_gram_inputs("ecp.gram", a, b, weight)
+    out_dtype = torch.float64 if float64 else result_dtype(a, b, weight)
+    ones = torch.ones(shape.n, 1, dtype=torch.float64, device=a.device)
+    left = torch.cat([a.reshape(shape.n, shape.in_a).to(torch.float64), ones], dim=1)
+    right = left if b is None else torch.cat([b.reshape(shape.n, shape.in_b).to(torch.float64), ones], dim=1)
+    if weight is not None:
+        left = left * weight.to(torch.float64).unsqueeze(1)
+    return _out(left.T @ right, out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

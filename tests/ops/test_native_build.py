@@ -1,4 +1,11 @@
-"""CMakeLists.txt still configures and builds the CPU kernels, and the library it builds works."""
+"""The native library describes itself (TORCH_LIBRARY in C++), and Python's copy of the schemas agrees.
+
+* The C++ schemas equal :data:`ecp_fast.ops.SCHEMAS`, the strings Python declares when the native
+  library is not loaded.
+* With ``ECP_FAST_DISABLE_NATIVE=1`` the schemas come from Python and the reference kernels serve.
+* CMakeLists.txt builds a library that registers and runs the ops in a process that never imports
+  ecp_fast (slow: a full build).
+"""
 
 from __future__ import annotations
 
@@ -11,28 +18,89 @@ import sys
 import pytest
 import torch
 
-from ecp_fast.ops import reference
-from ecp_fast.ops import SCHEMAS
+from ecp_fast import ops
+from ecp_fast.ops import SCHEMAS, _native, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+native = pytest.mark.skipif(not ops.NATIVE_CPU, reason="the native library is not built or is disabled")
 
-# Runs in a fresh interpreter that never imports ecp_fast: the CMake library alone provides the CPU
-# kernels there, behind the same schemas.
-CHILD = """
+
+def declared_schemas() -> dict[str, str]:
+    """The schemas of the ecp ops as the dispatcher holds them, without the namespace."""
+    return {name: str(getattr(torch.ops.ecp, name).default._schema).removeprefix("ecp::") for name in SCHEMAS}
+
+
+def python_schemas() -> dict[str, str]:
+    """:data:`SCHEMAS`, normalised by torch's schema parser the same way."""
+    return {name: str(torch._C.parse_schema(f"ecp::{schema}")).removeprefix("ecp::") for name, schema in SCHEMAS.items()}
+
+
+@native
+def test_cpp_schemas_equal_the_python_ones():
+    assert declared_schemas() == python_schemas()
+    for name in SCHEMAS:
+        # Declared by the C++ library itself, not by the Python fallback.
+        assert "register.cpp" in torch._C._dispatch_dump(f"ecp::{name}").splitlines()[2], name
+
+
+@native
+def test_extension_is_built_against_the_limited_api():
+    """setup.py builds an abi3 extension: one .so serves every Python >= 3.10 of the same torch."""
+    assert ".abi3." in os.path.basename(_native.library_path())
+
+
+FALLBACK_CHILD = """
+import json, torch
+import ecp_fast.ops as ops
+schemas = {name: str(getattr(torch.ops.ecp, name).default._schema).removeprefix("ecp::") for name in ops.SCHEMAS}
+a = torch.randn(9, 4)
+error = ""
+try:
+    ops.gram(a.requires_grad_())
+except RuntimeError as caught:
+    error = str(caught)
+h = ops.gram(a.detach(), None, torch.rand(9))
+print(json.dumps({"native": ops.NATIVE_CPU, "schemas": schemas, "error": error, "shape": list(h.shape),
+                  "dump": torch._C._dispatch_dump("ecp::gram")}))
+"""
+
+
+def test_fallback_declares_the_schemas_from_python():
+    """ECP_FAST_DISABLE_NATIVE=1: SCHEMAS declares the ops, the reference serves, autograd is refused."""
+    environment = {**os.environ, "ECP_FAST_DISABLE_NATIVE": "1"}
+    finished = subprocess.run(
+        [sys.executable, "-c", FALLBACK_CHILD], env=environment, capture_output=True, text=True, timeout=300, check=True
+    )
+    child = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert child["native"] is False
+    assert child["schemas"] == python_schemas()
+    assert "register.cpp" not in child["dump"]
+    assert child["shape"] == [5, 5]
+    assert child["error"].startswith("ecp.gram: argument 'a' requires grad, but the ecp ops have no derivative")
+
+
+# Runs in a fresh interpreter that never imports ecp_fast: the CMake library alone declares the ops
+# and provides their CPU kernels and autograd policy.
+CMAKE_CHILD = """
 import json, sys, torch
-schemas, library, inputs, output = json.loads(sys.argv[1])
-lib = torch.library.Library("ecp", "DEF")
-for schema in schemas:
-    lib.define(schema)
+library, inputs, output = json.loads(sys.argv[1])
 torch.ops.load_library(library)
-x, g, weight = torch.load(inputs)
-torch.save(torch.ops.ecp.score(x, g, weight), output)
+assert "ecp_fast" not in sys.modules
+x, g, weight, sample_weight = torch.load(inputs)
+results = {"score": torch.ops.ecp.score(x, g, weight), "gram": torch.ops.ecp.gram(x, g[0], sample_weight)}
+try:
+    torch.ops.ecp.score(x, g, weight.requires_grad_())
+    results["error"] = ""
+except RuntimeError as error:
+    results["error"] = str(error).splitlines()[0]
+results["schemas"] = {name: str(getattr(torch.ops.ecp, name).default._schema) for name in ("moments", "score", "finalize", "gram")}
+torch.save(results, output)
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_builds_a_working_library(tmp_path):
+def test_cmake_builds_a_self_describing_library(tmp_path):
     build = tmp_path / "build"
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run(
@@ -47,11 +115,17 @@ def test_cmake_builds_a_working_library(tmp_path):
     x = torch.randn(70, 9, generator=generator_) + 4
     g = torch.randn(2, 70, 5, generator=generator_)
     weight = torch.randn(5, 9, generator=generator_)
-    torch.save((x, g, weight), tmp_path / "inputs.pt")
-    arguments = json.dumps([list(SCHEMAS.values()), str(library), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")])
-    subprocess.run([sys.executable, "-c", CHILD, arguments], check=True, capture_output=True, text=True,
-                   env={**os.environ, "PYTHONPATH": ""})
-    importance, bias_delta = torch.load(tmp_path / "out.pt")
+    sample_weight = torch.rand(70, generator=generator_)
+    torch.save((x, g, weight, sample_weight), tmp_path / "inputs.pt")
+    arguments = json.dumps([str(library), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")])
+    subprocess.run([sys.executable, "-c", CMAKE_CHILD, arguments], check=True, capture_output=True, text=True,
+                   env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    results = torch.load(tmp_path / "out.pt")
+    assert {name: schema.removeprefix("ecp::") for name, schema in results["schemas"].items()} == python_schemas()
+    assert results["error"].startswith("ecp.score: argument 'weight' requires grad")
+    importance, bias_delta = results["score"]
     expected_importance, expected_delta = reference.score(x, g, weight)
     torch.testing.assert_close(importance, expected_importance, rtol=1e-4, atol=1e-5 * float(expected_importance.max()))
     torch.testing.assert_close(bias_delta, expected_delta, rtol=1e-4, atol=1e-5 * float(expected_delta.abs().max()))
+    expected_gram = reference.gram(x, g[0], sample_weight)
+    torch.testing.assert_close(results["gram"], expected_gram, rtol=1e-5, atol=1e-5 * float(expected_gram.abs().max()))
