@@ -243,6 +243,86 @@ def test_empty_sample_set_gives_zeros(launch: None) -> None:
     assert torch.count_nonzero(importance) + torch.count_nonzero(bias_delta) == 0
 
 
+# ---- ecp::gram ------------------------------------------------------------------------------------
+
+# (N, in_a, in_b): ones, primes, tails in every tile dimension, and the ones column alone in a tile.
+GRAM_SHAPES = [(1, 1, 1), (7, 13, 5), (37, 19, 23), (67, 15, 31)]
+GRAM_VARIANTS = [(False, False), (False, True), (True, False), (True, True)]  # (use b, use weight)
+
+
+def make_gram_inputs(n: int, in_a: int, in_b: int, dtype: torch.dtype, seed: int = 0):
+    """ReLU-like ``a``, centred ``b`` and positive weights with a zero, on the test device."""
+    generator = torch.Generator().manual_seed(seed)
+    a = (torch.randn(n, in_a, generator=generator) * 2.0 + 3.0).relu().to(dtype)
+    b = torch.randn(n, in_b, generator=generator).to(dtype)
+    weight = torch.rand(n, generator=generator)
+    weight[::5] = 0.0
+    return a.to(DEVICE), b.to(DEVICE), weight.to(dtype).to(DEVICE)
+
+
+def check_gram(a: torch.Tensor, b, weight, tol: float) -> None:
+    got = ecp_triton.gram(a, b, weight)
+    expected = reference.gram(a, b, weight)
+    assert got.dtype == expected.dtype, f"H: dtype {got.dtype} != {expected.dtype}"
+    assert got.is_contiguous()
+    assert_matches(got, expected, tol, f"H (b={b is not None}, weight={weight is not None})")
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GRAM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_matches_reference(launch: None, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """Half inputs are exact products with float32 sums: every dtype meets the float32 tolerance."""
+    a, b, weight = make_gram_inputs(*shape, dtype)
+    for use_b, use_weight in GRAM_VARIANTS:
+        check_gram(a, b if use_b else None, weight if use_weight else None, TOLERANCE[torch.float32])
+
+
+@kernel_test
+def test_gram_strides_leading_dims_and_edge_sizes(launch: None) -> None:
+    a, b, weight = make_gram_inputs(24, 10, 9, torch.float32, seed=1)
+    tol = TOLERANCE[torch.float32]
+    check_gram(a.t().contiguous().t(), b.t().contiguous().t(), weight, tol)  # column-major
+    check_gram(a.reshape(4, 6, 10), b.reshape(6, 4, 9), None, tol)  # leading dimensions
+    check_gram(torch.randn(24, 20, device=DEVICE)[:, ::2], None, torch.rand(48, device=DEVICE)[::2], tol)
+    check_gram(a[:, :0], b, weight, tol)  # in_a = 0: only the ones column
+    empty = ecp_triton.gram(a[:0], b[:0], weight[:0])
+    assert empty.shape == (11, 10) and torch.count_nonzero(empty) == 0
+    got64 = ecp_triton.gram(a, b, weight, float64=True)
+    assert got64.dtype == torch.float64
+    assert_matches(got64, reference.gram(a, b, weight, True), TOLERANCE[torch.float64], "H float64")
+
+
+# ---- non-finite input ---------------------------------------------------------------------------
+
+
+@kernel_test
+def test_nan_gradients_are_not_dead_neurons(launch: None) -> None:
+    """A NaN gradient makes its neuron's statistics NaN, as in the reference, not zero."""
+    x, g, weight = make_layer(29, 6, 5, 3, torch.float32, seed=14)
+    g[1, 4, 2] = float("nan")
+    for got, expected in zip(ecp_triton.moments(x, g), reference.moments(x, g)):
+        assert torch.equal(got.isnan(), expected.isnan())
+    for compensate in (True, False):
+        importance, _ = ecp_triton.score(x, g, weight, compensate)
+        assert bool(importance[2].isnan().all()) and not bool(importance[[0, 1, 3, 4]].isnan().any())
+
+
+@kernel_test
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_float32_overflow_gives_the_reference_result(launch: None) -> None:
+    """Inputs near 1e20 overflow float32 sums (inf - inf = NaN); the reference is finite there."""
+    x, g, weight = make_layer(40, 4, 3, None, torch.float32, seed=15)
+    x[:, 1] = 1e20
+    g = g * 1e18
+    for got, expected in zip(ecp_triton.score(x, g, weight), reference.score(x, g, weight)):
+        assert torch.equal(got.isnan(), expected.isnan()) and not bool(expected.isnan().any())
+        assert torch.equal(got.isinf(), expected.isinf())
+    a = torch.tensor([[1e20], [1e20]], device=DEVICE)
+    b = torch.tensor([[1e20], [-1e20]], device=DEVICE)
+    assert torch.equal(ecp_triton.gram(a, b), reference.gram(a, b))
+
+
 @pytest.mark.parametrize(
     "bad_call",
     [
@@ -295,7 +375,7 @@ def test_register_cuda_kernels_is_idempotent() -> None:
     """Registration works without a GPU (the CUDA dispatch key exists) and can be repeated."""
     ecp_triton.register_cuda_kernels()
     ecp_triton.register_cuda_kernels()
-    for name in ("moments", "score", "finalize"):
+    for name in ("moments", "score", "finalize", "gram"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ecp::{name}", "CUDA"), name
 
 
@@ -354,3 +434,22 @@ def test_cuda_opcheck(compiled: None) -> None:
     torch.library.opcheck(torch.ops.ecp.moments.default, (x, g))
     torch.library.opcheck(torch.ops.ecp.score.default, (x, g, weight, True))
     torch.library.opcheck(torch.ops.ecp.score.default, (x.t().contiguous().t(), g, weight, False))
+    sample_weight = torch.rand(300, device="cuda")
+    torch.library.opcheck(torch.ops.ecp.gram.default, (x, None, None, False))
+    torch.library.opcheck(torch.ops.ecp.gram.default, (x.t().contiguous().t(), g[0], sample_weight, False))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_gram_dispatches_to_triton(compiled: None, dtype: torch.dtype) -> None:
+    """``torch.ops.ecp.gram`` on CUDA tensors runs the (autotuned) kernel and matches the reference."""
+    import ecp_fast.ops
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b, weight = (t.cuda() for t in make_gram_inputs(4099, 383, 257, dtype, seed=16))
+    for use_b, use_weight in GRAM_VARIANTS:
+        args = (a, b if use_b else None, weight if use_weight else None)
+        got = ecp_fast.ops.gram(*args)
+        assert got.is_cuda
+        assert_matches(got, reference.gram(*args), TOLERANCE[torch.float32], f"H {use_b} {use_weight}")
+    assert kernels.build_kernels(False, True).gram.cache, "the autotuner recorded no configuration"

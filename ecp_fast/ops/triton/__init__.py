@@ -1,6 +1,6 @@
-"""Fused Triton kernels for ``ecp::moments`` and ``ecp::score``: the CUDA backend of the ecp ops.
+"""Fused Triton kernels for ``ecp::moments``, ``ecp::score`` and ``ecp::gram``: the CUDA backend.
 
-``moments``/``score`` are the launchers (same contract as the ops). ``register_cuda_kernels``
+``moments``/``score``/``gram`` are the launchers (same contract as the ops). ``register_cuda_kernels``
 registers them, and the device-agnostic reference ``finalize``, as the CUDA implementations of
 ``torch.ops.ecp.*``; ``ecp_fast.ops`` calls it when CUDA is available. Importing this package needs
 ``triton`` but no GPU. With ``TRITON_INTERPRET=1`` the launchers also run CPU tensors through the
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ecp_fast.ops.triton.launch import interpreter_ready, is_interpreted, moments, score
+from ecp_fast.ops.triton.launch import gram, interpreter_ready, is_interpreted, moments, score
 
-__all__ = ["interpreter_ready", "is_interpreted", "moments", "register_cuda_kernels", "score"]
+__all__ = ["gram", "interpreter_ready", "is_interpreted", "moments", "register_cuda_kernels", "score"]
 
 _library: torch.library.Library | None = None
 
@@ -38,4 +38,5 @@ def register_cuda_kernels() -> None:
     library.impl("moments", moments, "CUDA")
     library.impl("score", score, "CUDA")
     library.impl("finalize", reference.finalize, "CUDA")
+    library.impl("gram", gram, "CUDA")
     _library = library

@@ -1,4 +1,4 @@
-"""The Triton kernels behind ``ecp::moments`` and ``ecp::score`` on CUDA tensors.
+"""The Triton kernels behind ``ecp::moments``, ``ecp::score`` and ``ecp::gram`` on CUDA tensors.
 
 The kernel bodies are plain functions here; :func:`build_kernels` turns them into ``@triton.jit``
 kernels (autotuned on a GPU, a single small configuration under ``TRITON_INTERPRET=1``). Decorating
@@ -155,29 +155,101 @@ def _weighted_moments(
         if COMPENSATE:
             sum_first = tl.dot(c_op, a_op, sum_first, input_precision=INPUT_PRECISION)
 
-    # Epilogue, in registers: METHOD.md's closed forms with the shift undone.
-    active = s0 > 0.0
-    safe_s0 = tl.where(active, s0, 1.0)
+    # Epilogue, in registers: METHOD.md's closed forms with the shift undone. A row is dead only when
+    # s0 <= 0; a NaN s0 (NaN gradients) is not, and its NaN reaches every output of the row.
+    dead = (s0 <= 0.0)[:, None]
+    safe_s0 = tl.where(s0 <= 0.0, 1.0, s0)
     out_mask = mask_o[:, None] & mask_i[None, :]
     out_offsets = offs_o.to(tl.int64)[:, None] * fan_in + offs_i[None, :]
     if COMPENSATE:
         offset = sum_first / safe_s0[:, None]  # mean - shift
-        mean = tl.where(active[:, None], shift[None, :] + offset, 0.0)
-        m2 = tl.where(active[:, None], tl.maximum(sum_second - sum_first * offset, 0.0), 0.0)
+        mean = tl.where(dead, 0.0, shift[None, :] + offset)
+        m2 = sum_second - sum_first * offset
+        # Clamp rounding below zero; where(m2 < 0) keeps a NaN, which tl.maximum would drop on a GPU.
+        m2 = tl.where(dead | (m2 < 0.0), 0.0, m2)
     if SCORE:
         w_ptrs = w_ptr + offs_o[:, None] * stride_wo + offs_i[None, :] * stride_wi
         w = tl.load(w_ptrs, mask=out_mask, other=0.0).to(tl.float32)
         if COMPENSATE:
-            tl.store(first_ptr + out_offsets, w * w * m2, mask=out_mask)
-            tl.store(second_ptr + out_offsets, w * mean, mask=out_mask)
+            # where(dead) again: a dead row's zeros must not become NaN through a NaN weight.
+            tl.store(first_ptr + out_offsets, tl.where(dead, 0.0, w * w * m2), mask=out_mask)
+            tl.store(second_ptr + out_offsets, tl.where(dead, 0.0, w * mean), mask=out_mask)
         else:
-            tl.store(first_ptr + out_offsets, w * w * sum_second, mask=out_mask)
+            tl.store(first_ptr + out_offsets, tl.where(dead, 0.0, w * w * sum_second), mask=out_mask)
     else:
         tl.store(first_ptr + out_offsets, mean, mask=out_mask)
         tl.store(second_ptr + out_offsets, m2, mask=out_mask)
         # One column of tiles writes s0, so each row is written exactly once.
         if pid_in == 0:
             tl.store(s0_ptr + offs_o, s0, mask=mask_o)
+
+
+def _gram(
+    a_ptr,
+    b_ptr,
+    w_ptr,
+    h_ptr,
+    n_samples,
+    in_a,
+    in_b,
+    stride_an,
+    stride_ai,
+    stride_bn,
+    stride_bi,
+    stride_w,
+    n_bucket,
+    HAS_WEIGHT: tl.constexpr,
+    DOT_NATIVE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP_A: tl.constexpr,
+):
+    """One ``(BLOCK_A x BLOCK_B)`` tile of ``H = sum_s w_s [a_s; 1] [b_s; 1]^T``, float32 accumulation.
+
+    Column ``in_a`` of the augmented ``a`` (row ``in_a`` of ``H``) is the constant 1, and likewise for
+    ``b``: the tiles that reach it load ones there, so the sums and the total weight come out of the
+    same ``tl.dot``. ``DOT_NATIVE`` runs the dot on the (half) input dtype, whose products are exact
+    in float32, when there are no weights to round into it. ``n_bucket`` only keys the autotuner.
+    """
+    pid = tl.program_id(0)
+    tiles_a = tl.cdiv(in_a + 1, BLOCK_A)
+    tiles_b = tl.cdiv(in_b + 1, BLOCK_B)
+    per_group = GROUP_A * tiles_b
+    first_a = (pid // per_group) * GROUP_A
+    group_size = tl.minimum(tiles_a - first_a, GROUP_A)
+    pid_a = first_a + (pid % per_group) % group_size
+    pid_b = (pid % per_group) // group_size
+
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    ones_a = (offs_a == in_a)[None, :]
+    ones_b = (offs_b == in_b)[None, :]
+    acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for start in range(0, n_samples, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        mask_n = (rows < n_samples)[:, None]
+        rows64 = rows.to(tl.int64)[:, None]
+        a_ptrs = a_ptr + rows64 * stride_an + offs_a.to(tl.int64)[None, :] * stride_ai
+        a = tl.load(a_ptrs, mask=mask_n & (offs_a < in_a)[None, :], other=0.0)
+        b_ptrs = b_ptr + rows64 * stride_bn + offs_b.to(tl.int64)[None, :] * stride_bi
+        b = tl.load(b_ptrs, mask=mask_n & (offs_b < in_b)[None, :], other=0.0)
+        if DOT_NATIVE and not UPCAST_DOT:
+            a = tl.where(ones_a & mask_n, 1.0, a).to(a.dtype)
+            b = tl.where(ones_b & mask_n, 1.0, b).to(b.dtype)
+        else:
+            a = tl.where(ones_a & mask_n, 1.0, a.to(tl.float32))
+            b = tl.where(ones_b & mask_n, 1.0, b.to(tl.float32))
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=rows < n_samples, other=0.0)
+                a = a * w.to(tl.float32)[:, None]
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=INPUT_PRECISION)
+
+    out_mask = (offs_a < in_a + 1)[:, None] & (offs_b < in_b + 1)[None, :]
+    out_offsets = offs_a.to(tl.int64)[:, None] * (in_b + 1) + offs_b[None, :]
+    tl.store(h_ptr + out_offsets, acc, mask=out_mask)
 
 
 def _config(block_out: int, block_in: int, block_n: int, warps: int, stages: int) -> triton.Config:
@@ -233,6 +305,30 @@ SHIFT_BLOCKS = {"BLOCK_ROWS": 32, "BLOCK_IN": 128}
 DEFAULT_CONFIG = SAFE_CONFIG
 
 
+def _gram_config(block_a: int, block_b: int, block_n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_A": block_a, "BLOCK_B": block_b, "BLOCK_N": block_n, "GROUP_A": 8},
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# One float32 accumulator per tile (half the registers of the moments kernel's two), so larger tiles
+# fit; the small ones fill the GPU for MLP-sized layers, whose Grams have few tiles.
+GRAM_SAFE_CONFIG = _gram_config(64, 64, 32, 4, 3)
+GRAM_AUTOTUNE_CONFIGS = [
+    _gram_config(128, 128, 32, 8, 3),
+    _gram_config(128, 128, 64, 8, 3),
+    _gram_config(128, 64, 32, 4, 4),
+    _gram_config(64, 128, 32, 4, 4),
+    _gram_config(64, 64, 64, 4, 4),
+    _gram_config(32, 64, 64, 4, 4),
+    GRAM_SAFE_CONFIG,
+]
+GRAM_AUTOTUNE_KEY = ["in_a", "in_b", "n_bucket", "HAS_WEIGHT", "DOT_NATIVE", "INPUT_PRECISION"]
+INTERPRETER_GRAM_BLOCKS = {"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_N": 32, "GROUP_A": 2}
+
+
 @functools.lru_cache(maxsize=4)
 def build_kernels(interpret: bool, autotune: bool = True) -> SimpleNamespace:
     """The jitted kernels for the current ``TRITON_INTERPRET`` setting (cached per setting).
@@ -244,7 +340,10 @@ def build_kernels(interpret: bool, autotune: bool = True) -> SimpleNamespace:
     del interpret  # only the cache key: triton.jit reads the setting itself
     column_shift = triton.jit(_column_shift)
     weighted_moments = triton.jit(_weighted_moments)
+    gram = triton.jit(_gram)
     if not triton.knobs.runtime.interpret:
         configs = AUTOTUNE_CONFIGS if autotune else [DEFAULT_CONFIG]
         weighted_moments = triton.autotune(configs=configs, key=AUTOTUNE_KEY)(weighted_moments)
-    return SimpleNamespace(column_shift=column_shift, weighted_moments=weighted_moments)
+        gram_configs = GRAM_AUTOTUNE_CONFIGS if autotune else [GRAM_SAFE_CONFIG]
+        gram = triton.autotune(configs=gram_configs, key=GRAM_AUTOTUNE_KEY)(gram)
+    return SimpleNamespace(column_shift=column_shift, weighted_moments=weighted_moments, gram=gram)

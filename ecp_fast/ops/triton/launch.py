@@ -1,19 +1,44 @@
-"""Python launchers for the Triton kernels, with the contract of ``torch.ops.ecp.moments``/``score``."""
+"""Python launchers for the Triton kernels, with the contract of ``torch.ops.ecp.moments``/``score``/``gram``.
+
+Non-finite results: the kernels accumulate in float32, whose sums overflow for inputs near 1e19 and
+above while the float64 reference is still finite. When a result holds a NaN or an infinity, the
+launcher returns the float64 reference's result instead (rounded to float32, exactly what the op
+promises), except during CUDA graph capture, where the check would need a synchronisation.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from typing import Callable, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
 from ecp_fast.ops import reference
-from ecp_fast.ops._checks import LayerShape, check_layer_inputs, result_dtype
+from ecp_fast.ops._checks import (
+    GramShape,
+    LayerShape,
+    check_gram_inputs,
+    check_layer_inputs,
+    check_score_inputs,
+    result_dtype,
+)
 from ecp_fast.ops.triton import kernels
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+Outputs = TypeVar("Outputs", torch.Tensor, tuple)
+
+
+def _with_float64_rescue(outputs: Outputs, recompute: Callable[[], Outputs]) -> Outputs:
+    """``outputs`` when all finite, else ``recompute()`` (the float64 reference; see the module doc)."""
+    tensors = outputs if isinstance(outputs, tuple) else (outputs,)
+    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return outputs
+    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return outputs
+    return recompute()
 
 
 def is_interpreted() -> bool:
@@ -184,7 +209,7 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if shape.fan_in == 0:
         return _sensitivity_sum(g), mean, m2
     _launch("ecp.moments", shape, x, g, None, True, (s0, mean, m2))
-    return s0, mean, m2
+    return _with_float64_rescue((s0, mean, m2), lambda: reference.moments(x, g))
 
 
 def score(
@@ -196,7 +221,7 @@ def score(
     ``w^2 sum_s c x^2`` and zeros. Outputs are float32 ``(out, in)``; float64 inputs run the
     float64 reference instead.
     """
-    shape = check_layer_inputs("ecp.score", x, g, weight)
+    shape = check_score_inputs("ecp.score", x, g, weight)
     if result_dtype(x, g, weight) == torch.float64:
         return reference.score(x, g, weight, compensate)
     importance = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
@@ -206,4 +231,50 @@ def score(
     # s0 is kept in registers by the score kernel; this placeholder is never written.
     placeholder = importance.new_empty(1)
     _launch("ecp.score", shape, x, g, weight, bool(compensate), (placeholder, importance, bias_delta))
-    return importance, bias_delta
+    return _with_float64_rescue((importance, bias_delta), lambda: reference.score(x, g, weight, compensate))
+
+
+def gram(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+) -> torch.Tensor:
+    """``H = sum_s w_s [a_s; 1] [b_s; 1]^T`` as :func:`ecp_fast.ops.reference.gram`, by the Triton kernel.
+
+    float32 accumulation and output; float64 inputs, or ``float64=True``, run the float64 reference.
+    """
+    shape = check_gram_inputs("ecp.gram", a, b, weight)
+    if float64 or result_dtype(a, b, weight) == torch.float64:
+        return reference.gram(a, b, weight, float64)
+    h = torch.zeros(shape.in_a + 1, shape.in_b + 1, device=a.device, dtype=torch.float32)
+    if shape.n == 0:
+        return h
+    _launch_gram(shape, a, b, weight, h)
+    return _with_float64_rescue(h, lambda: reference.gram(a, b, weight))
+
+
+def _launch_gram(shape: GramShape, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None, h: torch.Tensor) -> None:
+    """Launch the Gram kernel into ``h`` (the kernel's offsets are 64-bit, so any strides are fine)."""
+    interpret = is_interpreted()
+    _check_device("ecp.gram", a, interpret)
+    built = kernels.build_kernels(interpret, autotune_enabled())
+    left = a.reshape(shape.n, shape.in_a)  # a view whenever the leading dims allow one
+    right = left if b is None else b.reshape(shape.n, shape.in_b)
+    # Half inputs without weights multiply exactly in their own dtype on tensor cores (float32 sums).
+    native = weight is None and left.dtype in HALF_DTYPES and right.dtype == left.dtype
+    input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    w = weight if weight is not None else h  # not read without weights
+    arguments = (
+        left, right, w, h, shape.n, shape.in_a, shape.in_b,
+        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+        w.stride(0) if weight is not None else 0, _n_bucket(shape.n),
+    )
+    flags = {"HAS_WEIGHT": weight is not None, "DOT_NATIVE": native, "UPCAST_DOT": interpret,
+             "INPUT_PRECISION": input_precision}
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(shape.in_a + 1, meta["BLOCK_A"]) * triton.cdiv(shape.in_b + 1, meta["BLOCK_B"]),)
+
+    with torch.cuda.device(a.device) if a.device.type == "cuda" else contextlib.nullcontext():
+        if interpret:
+            built.gram[grid](*arguments, **flags, **kernels.INTERPRETER_GRAM_BLOCKS)
+        else:
+            built.gram[grid](*arguments, **flags)
