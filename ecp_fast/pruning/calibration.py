@@ -83,7 +83,8 @@ class LayerStatistics:
 
     ``moments`` are the sensitivity-weighted moments ``(s0, mean, m2)`` (METHOD.md);
     ``activation_sq_sum`` ``(in,)`` is ``sum_s a_j^2``; ``loss_grad_sum`` ``(out, in)`` is the
-    gradient of the summed per-sample loss (None when no loss was given); ``samples`` counts rows.
+    gradient of the summed per-sample loss (None when no loss was given); ``samples`` counts the rows that
+    count (padding tokens excluded).
     """
 
     moments: Moments
