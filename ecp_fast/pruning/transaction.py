@@ -33,12 +33,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.nn.parameter import Parameter
+from torch.nn.parameter import Parameter, UninitializedTensorMixin
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ModelSnapshot", "ModelTransaction", "model_transaction"]
+
+_MISSING = object()
 
 @dataclass
 class _ModuleRecord:
@@ -49,6 +52,7 @@ class _ModuleRecord:
     attributes: dict[str, Any]
     containers: dict[str, Any]
     pruning_hooks: list[tuple[Any, dict[str, Any]]]
+    class_attributes: dict[str, Any] | None
 
 
 @dataclass
@@ -80,7 +84,9 @@ def _record_module(module: nn.Module) -> _ModuleRecord:
         for hook in module._forward_pre_hooks.values()
         if isinstance(hook, torch_prune.BasePruningMethod)
     ]
-    return _ModuleRecord(module, type(module), attributes, containers, pruning_hooks)
+    # parametrize gives each module its own generated class and adds or deletes properties on it
+    class_attributes = dict(vars(type(module))) if parametrize.is_parametrized(module) else None
+    return _ModuleRecord(module, type(module), attributes, containers, pruning_hooks, class_attributes)
 
 
 def _copy(tensor: torch.Tensor, storage: torch.device | None) -> torch.Tensor:
@@ -90,6 +96,8 @@ def _copy(tensor: torch.Tensor, storage: torch.device | None) -> torch.Tensor:
 
 
 def _record_tensor(tensor: torch.Tensor, values: bool, storage: torch.device | None) -> _TensorRecord:
+    if isinstance(tensor, UninitializedTensorMixin):  # a lazy module's placeholder: no values, no shape yet
+        return _TensorRecord(tensor, None, torch.Size(), tensor.dtype, tensor.device, tensor.requires_grad, None)
     grad = tensor.grad if isinstance(tensor, Parameter) else None
     if values and grad is not None:
         grad = _copy(grad, storage)
@@ -104,10 +112,22 @@ def _record_tensor(tensor: torch.Tensor, values: bool, storage: torch.device | N
     )
 
 
+def _restore_class(cls: type, saved: dict[str, Any]) -> None:
+    """Put back the properties parametrize added to or deleted from a generated class."""
+    current = vars(cls)
+    for key in [key for key in current if key not in saved]:
+        delattr(cls, key)
+    for key, value in saved.items():
+        if current.get(key, _MISSING) is not value:
+            setattr(cls, key, value)
+
+
 def _restore_module(record: _ModuleRecord) -> None:
     module = record.module
     if type(module) is not record.cls:
         module.__class__ = record.cls  # parametrize swaps in a generated subclass
+    if record.class_attributes is not None:
+        _restore_class(record.cls, record.class_attributes)
     attributes = vars(module)
     for key in [key for key in attributes if key not in record.attributes]:
         del attributes[key]

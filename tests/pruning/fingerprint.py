@@ -11,7 +11,8 @@
     assert_unchanged(before, model)        # lists every difference when it fails
 
 The fingerprint holds, for every submodule (by qualified name, shared ones under every name): its
-class (``parametrize`` swaps it), its identity, the ``training`` flag, every parameter and buffer
+class and that class's properties (``parametrize`` swaps in a generated class and adds a property
+per parametrized tensor), its identity, the ``training`` flag, every parameter and buffer
 (object identity, shape, dtype, device, ``requires_grad``, exact bits, and the gradient's bits),
 the names of plain tensor attributes (``torch.nn.utils.prune`` keeps the masked ``weight`` there),
 its parametrizations, the keys, identities and types of the entries of every hook dict (forward,
@@ -92,6 +93,7 @@ def _module_entry(module: nn.Module, grads: bool) -> dict[str, Any]:
     attributes = vars(module)
     return {
         "class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "class_properties": sorted(k for k, v in vars(type(module)).items() if isinstance(v, property)),
         "id": id(module),
         "training": module.training,
         "children": [(name, id(child)) for name, child in module._modules.items()],
