@@ -14,7 +14,7 @@ Run: ``nice -n 10 .venv/bin/python bench/export_report.py`` (about two minutes o
    without MKL would start from).
 
 Every comparison times its contenders interleaved (``ecp_fast.export.interleaved_times``: rounds of
-one ~2 ms burst each) and reports the minimum and median per call and the ratios within the run, at
+one ~1 ms burst each, ``--burst-ms``) and reports the minimum and median per call and the ratios within the run, at
 one and two torch threads.
 """
 
@@ -68,10 +68,10 @@ def size_rows(sparsity: float) -> list[dict[str, Any]]:
             for form, size in forms.items()]
 
 
-def timed(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, float]]:
-    """``{name: (minimum, median)}`` seconds per call, interleaved."""
+def timed(calls: dict[str, Callable[[], object]], rounds: int, burst: float) -> dict[str, tuple[float, float]]:
+    """``{name: (minimum, median)}`` seconds per call, ``rounds`` interleaved rounds of ``burst``-second bursts."""
     with torch.inference_mode():
-        times = interleaved_times(calls, rounds=rounds)
+        times = interleaved_times(calls, rounds=rounds, burst_seconds=burst)
     return {name: (timing.minimum, timing.median) for name, timing in times.items()}
 
 
@@ -83,7 +83,7 @@ def ratio_rows(case: dict[str, Any], times: dict[str, tuple[float, float]], base
             for name, (low, middle) in times.items()]
 
 
-def lenet_rows(sparsity: float, threads: int, rounds: int) -> list[dict[str, Any]]:
+def lenet_rows(sparsity: float, threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
     """Dense vs CSR (modelled and measured choice) LeNet latency at batch 1 and 256."""
     torch.set_num_threads(threads)
     model = lenet(sparsity)
@@ -93,13 +93,13 @@ def lenet_rows(sparsity: float, threads: int, rounds: int) -> list[dict[str, Any
         models = {"dense": export(model, "dense"), "csr (modelled)": export(model, "csr"),
                   "csr (measured)": export(model, "csr", example_inputs=x)}
         layers = {name: "/".join(kind for kind in exported_layers(m).values()) for name, m in models.items()}
-        times = timed({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds)
+        times = timed({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds, burst)
         for row in ratio_rows({"case": f"LeNet {sparsity:.0%}", "threads": threads, "batch": batch}, times, "dense"):
             rows.append({**row, "layers": layers[row["contender"]]})
     return rows
 
 
-def big_layer_rows(threads: int, rounds: int, size: int = 4096, batch: int = 16) -> list[dict[str, Any]]:
+def big_layer_rows(threads: int, rounds: int, burst: float, size: int = 4096, batch: int = 16) -> list[dict[str, Any]]:
     """One ``size`` x ``size`` Linear at 95%, dense vs CSR."""
     torch.set_num_threads(threads)
     torch.manual_seed(1)
@@ -108,7 +108,7 @@ def big_layer_rows(threads: int, rounds: int, size: int = 4096, batch: int = 16)
     x = torch.randn(batch, size)
     dense, sparse = export(model, "dense"), export(model, "csr")
     assert exported_layers(sparse) == {"0": "csr"}
-    times = timed({"dense": lambda: dense(x), "csr": lambda: sparse(x)}, rounds)
+    times = timed({"dense": lambda: dense(x), "csr": lambda: sparse(x)}, rounds, burst)
     return ratio_rows({"case": f"{size}x{size} 95%", "threads": threads, "batch": batch}, times, "dense")
 
 
@@ -140,14 +140,14 @@ def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Ca
     return calls
 
 
-def kernel_rows(threads: int, rounds: int) -> list[dict[str, Any]]:
+def kernel_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
     """The kernel comparison at the report's shapes, 95% sparse."""
     torch.set_num_threads(threads)
     rows = []
     for out, inp, batch in ((300, 784, 1), (300, 784, 256), (4096, 4096, 16)):
         # F.linear with a CSR weight fails under inference_mode (torch 2.13), so this runs under no_grad.
         with torch.no_grad():
-            times = interleaved_times(kernel_calls(out, inp, batch, 0.05), rounds=rounds)
+            times = interleaved_times(kernel_calls(out, inp, batch, 0.05), rounds=rounds, burst_seconds=burst)
         case = {"case": f"{out}x{inp} 95% kernels", "threads": threads, "batch": batch}
         rows += ratio_rows(case, {name: (t.minimum, t.median) for name, t in times.items()}, "dense F.linear")
     return rows
@@ -169,25 +169,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (default 30)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (default 1 2)")
+    parser.add_argument("--burst-ms", type=float, default=1.0, help="length of one timed burst (default 1 ms)")
     parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel comparison")
     parser.add_argument("--csv", type=Path, default=None, help="also write every row to this CSV file")
     args = parser.parse_args()
+    burst = args.burst_ms / 1e3
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"MKL {torch.backends.mkl.is_available()}; {args.rounds} interleaved rounds\n")
+          f"MKL {torch.backends.mkl.is_available()}; {args.rounds} interleaved rounds of "
+          f"{args.burst_ms:g} ms bursts; load average before: {os.getloadavg()[0]:.2f}\n")
     sizes = [row for sparsity in (0.9, 0.95) for row in size_rows(sparsity)]
     print("## File size, LeNet-300-100\n")
     print(markdown(sizes, ["sparsity", "form", "bytes", "smaller_than_dense"]))
     speed = []
     for threads in args.threads:
-        speed += [row for sparsity in (0.9, 0.95) for row in lenet_rows(sparsity, threads, args.rounds)]
-        speed += big_layer_rows(threads, max(5, args.rounds // 3))
+        speed += [row for sparsity in (0.9, 0.95) for row in lenet_rows(sparsity, threads, args.rounds, burst)]
+        speed += big_layer_rows(threads, max(5, args.rounds // 3), burst)
     print("\n## Latency: dense against CSR (speed-up > 1: CSR faster)\n")
     print(markdown(speed, ["case", "threads", "batch", "contender", "layers", "min_us", "median_us",
                            "speedup_min", "speedup_median"]))
     kernels = []
     if not args.skip_kernels:
-        kernels = [row for threads in args.threads for row in kernel_rows(threads, max(5, args.rounds // 3))]
+        kernels = [row for threads in args.threads for row in kernel_rows(threads, max(5, args.rounds // 3), burst)]
         print("\n## torch's sparse kernels, 95% sparse weight (speed-up over dense F.linear)\n")
         print(markdown(kernels, ["case", "threads", "batch", "contender", "min_us", "median_us",
                                  "speedup_min", "speedup_median"]))

@@ -26,16 +26,20 @@ class Timing:
     rounds: int
 
 
-def _burst_size(call: Callable[[], object], warmup: int) -> int:
+def _burst_size(call: Callable[[], object], warmup: int, burst_seconds: float) -> int:
     start = time.perf_counter()
     for _ in range(warmup):
         call()
     per_call = (time.perf_counter() - start) / warmup
-    return max(1, min(10_000, int(BURST_SECONDS / max(per_call, 1e-9))))
+    return max(1, min(10_000, int(burst_seconds / max(per_call, 1e-9))))
 
 
 def interleaved_times(
-    calls: Mapping[str, Callable[[], object]], rounds: int = 20, warmup: int = 3, burst: int | None = None
+    calls: Mapping[str, Callable[[], object]],
+    rounds: int = 20,
+    warmup: int = 3,
+    burst: int | None = None,
+    burst_seconds: float = BURST_SECONDS,
 ) -> dict[str, Timing]:
     """Time every call of ``calls`` in ``rounds`` interleaved rounds of one burst each.
 
@@ -43,11 +47,13 @@ def interleaved_times(
         calls: name -> zero-argument callable.
         rounds: rounds; each round times one burst of every contender in turn.
         warmup: untimed calls per contender first (also used to size the bursts).
-        burst: calls per burst; None sizes each contender's burst to about :data:`BURST_SECONDS`.
+        burst: calls per burst; None sizes each contender's burst to about ``burst_seconds``.
+        burst_seconds: target length of a burst when ``burst`` is None (shorter bursts are more
+            often undisturbed on a loaded machine; longer ones average more calls).
     """
     if rounds < 1 or warmup < 1:
         raise ValueError(f"arguments 'rounds' and 'warmup' must be at least 1, got {rounds} and {warmup}")
-    bursts = {name: _burst_size(call, warmup) for name, call in calls.items()}  # warms up every call
+    bursts = {name: _burst_size(call, warmup, burst_seconds) for name, call in calls.items()}  # warms up too
     if burst is not None:
         bursts = dict.fromkeys(bursts, max(1, burst))
     samples: dict[str, list[float]] = {name: [] for name in calls}
