@@ -13,9 +13,12 @@ Run: ``nice -n 10 .venv/bin/python bench/export_report.py`` (about two minutes o
    BSR 4x4, and scipy's CSR product (a plain single-threaded C++ loop: what a kernel of our own
    without MKL would start from).
 
+``--sweep`` prints instead the density sweep behind the modelled crossover
+(``ecp_fast.export.csr.modelled_max_density``): a CSR layer against ``nn.Linear`` per shape and batch.
+
 Every comparison times its contenders interleaved (``ecp_fast.export.interleaved_times``: rounds of
-one ~1 ms burst each, ``--burst-ms``) and reports the minimum and median per call and the ratios within the run, at
-one and two torch threads.
+one ~1 ms burst each, ``--burst-ms``) and reports the minimum and median per call and the ratios
+within the run, at one and two torch threads.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import ecp_fast
-from ecp_fast.export import export, exported_layers, interleaved_times, save_compact
+from ecp_fast.export import csr_linear, export, exported_layers, interleaved_times, save_compact
 
 LENET = (784, 300, 100, 10)
 
@@ -153,6 +156,40 @@ def kernel_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]
     return rows
 
 
+SWEEP_SHAPES = ((10, 100), (100, 300), (300, 784), (1024, 1024), (1024, 4096), (4096, 4096))
+SWEEP_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def sweep_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
+    """Speed-up of a CSR layer (``csr_linear``, call overhead included) over ``nn.Linear`` per shape, batch, density.
+
+    The data behind :func:`ecp_fast.export.csr.modelled_max_density`.
+    """
+    torch.set_num_threads(threads)
+    rows = []
+    for out, inp in SWEEP_SHAPES:
+        for batch in (1, 16, 64, 256):
+            if out * inp * batch > 4096 * 4096 * 64:
+                continue
+            generator = torch.Generator().manual_seed(3)
+            dense = nn.Linear(inp, out)
+            uniform = torch.rand(out, inp, generator=generator)
+            x = torch.randn(batch, inp, generator=generator)
+            calls: dict[str, Callable[[], object]] = {"dense": lambda: dense(x)}
+            for density in SWEEP_DENSITIES:
+                layer = nn.Linear(inp, out)
+                with torch.no_grad():
+                    layer.weight.copy_(dense.weight * (uniform < density))
+                    layer.bias.copy_(dense.bias)
+                calls[f"{density:g}"] = lambda sparse=csr_linear(layer): sparse(x)
+            times = timed(calls, max(3, rounds if out * inp < 2**20 else rounds // 4), burst)
+            row: dict[str, Any] = {"threads": threads, "shape": f"{out}x{inp}", "batch": batch,
+                                   "dense_us": times["dense"][0] * 1e6}
+            row.update({f"d={name}": times["dense"][0] / low for name, (low, _) in times.items() if name != "dense"})
+            rows.append(row)
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table of ``columns`` (floats to 2 decimals, microseconds to 1, bytes with separators)."""
     def cell(value: Any, column: str) -> str:
@@ -171,6 +208,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (default 1 2)")
     parser.add_argument("--burst-ms", type=float, default=1.0, help="length of one timed burst (default 1 ms)")
     parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel comparison")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the density sweep behind the modelled crossover (a few minutes)")
     parser.add_argument("--csv", type=Path, default=None, help="also write every row to this CSV file")
     args = parser.parse_args()
     burst = args.burst_ms / 1e3
@@ -178,6 +217,11 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"MKL {torch.backends.mkl.is_available()}; {args.rounds} interleaved rounds of "
           f"{args.burst_ms:g} ms bursts; load average before: {os.getloadavg()[0]:.2f}\n")
+    if args.sweep:
+        rows = [row for threads in args.threads for row in sweep_rows(threads, args.rounds, burst)]
+        print("## Speed-up of a CSR layer over nn.Linear by weight density (> 1: CSR faster)\n")
+        print(markdown(rows, list(rows[0])))
+        return
     sizes = [row for sparsity in (0.9, 0.95) for row in size_rows(sparsity)]
     print("## File size, LeNet-300-100\n")
     print(markdown(sizes, ["sparsity", "form", "bytes", "smaller_than_dense"]))

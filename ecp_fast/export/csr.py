@@ -42,9 +42,10 @@ CSR_CLASS_NAME = "SparseCSRLinear"
 CSR_PARAMETERS = ("weight_crow_indices", "weight_col_indices", "weight_values")
 #: torch's CPU kernel (``addmm_out_sparse_csr_impl_mkl``) implements float32 and float64 only.
 CSR_DTYPES = (torch.float32, torch.float64)
-#: Below this many weights a layer stays dense: the extra calls (about 5 us) outweigh the product
-#: (a 10x100 Linear: CSR 0.6-1.0x of dense at every density and batch 1-256, measured).
-MIN_CSR_WEIGHTS = 16_384
+#: Below this many weights a layer stays dense: the CSR layer's extra calls (about 10 us of Python
+#: and dispatch) outweigh the product (measured: 10x100 0.3-0.8x at every density and batch; 100x300
+#: at density 0.1: 0.4x at batch 1, 0.9x at 16, 1.9-2.0x at 64-256).
+MIN_CSR_WEIGHTS = 65_536
 #: Layers of at least this many weights amortise the sparse kernel's set-up even at batch 1.
 LARGE_LAYER_WEIGHTS = 1 << 20
 #: Modelled crossover densities (see :func:`modelled_max_density`).
@@ -65,10 +66,11 @@ def quiet_csr_warning() -> Iterator[None]:
 def modelled_max_density(out_features: int, in_features: int) -> float:
     """Largest weight density at which a CSR layer of this shape is modelled to beat dense (CPU, float32).
 
-    From a sweep of ``torch.addmm(b, W_csr, x^T)`` against ``F.linear`` (one thread, batches 1-256):
-    below :data:`MIN_CSR_WEIGHTS` weights never (returns 0); up to 1M weights 0.10 (measured at 0.10:
-    1.2-2.6x faster at batch >= 16, 0.7-0.95x at batch 1); from 1M weights 0.15 (at 0.10: 2.2-4.9x at
-    every batch, at 0.20: 1.04-2.4x). Override with ``max_density`` or measure with ``example_inputs``.
+    From ``bench/export_report.py --sweep`` (a CSR layer against ``nn.Linear``, one thread, batches
+    1-256): below :data:`MIN_CSR_WEIGHTS` weights never (returns 0); up to 1M weights 0.10 (300x784
+    at 0.10: 2.4-2.8x faster at batch >= 16, 0.86x at batch 1); from 1M weights 0.15 (at 0.10:
+    2.0-10x at every batch; at 0.20: 0.9-2.9x). Batch-1 inference of layers under 1M weights is often
+    faster dense: measure with ``example_inputs``, or override with ``max_density``.
     """
     weights = out_features * in_features
     if weights < MIN_CSR_WEIGHTS:

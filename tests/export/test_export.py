@@ -142,14 +142,14 @@ def test_modelled_and_measured_choices(one_thread: None) -> None:
     assert modelled_max_density(300, 784) == pytest.approx(0.10)
     assert modelled_max_density(4096, 4096) == pytest.approx(0.15)
     torch.manual_seed(3)
-    model = pruned(nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10), nn.BatchNorm1d(10)), 0.95)
+    model = pruned(nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10), nn.BatchNorm1d(10)), 0.95)
     model[3].train()
-    assert 256 * 128 >= MIN_CSR_WEIGHTS > 128 * 10
+    assert 512 * 256 >= MIN_CSR_WEIGHTS > 256 * 10
     folded = export(model, "dense")
     modelled = choose_csr_layers(folded)
     assert modelled["0"].csr and not modelled["2"].csr and "modelled" in modelled["0"].reason
     running_mean = folded[3].running_mean.clone()
-    measured = choose_csr_layers(folded, example_inputs=torch.randn(64, 256), rounds=2)
+    measured = choose_csr_layers(folded, example_inputs=torch.randn(64, 512), rounds=2)
     assert measured["0"].dense_seconds > 0 and measured["0"].csr_seconds > 0 and "measured" in measured["0"].reason
     assert torch.equal(folded[3].running_mean, running_mean) and folded[3].training  # measuring ran in eval mode
     forced = choose_csr_layers(folded, max_density=0.0)
