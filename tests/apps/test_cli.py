@@ -15,6 +15,7 @@ import pytest
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     from ecp_fast.apps import cli
+from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS
 from ecp_fast.pruning.importance import IMPORTANCES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,14 +25,14 @@ def test_quick_demo_writes_table_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--out", str(out)]) == 0
     table = capsys.readouterr().out
-    for method in IMPORTANCES:
+    for method in (*IMPORTANCES, *RECONSTRUCTIVE_RUNS):
         assert f"\n{method} " in table, f"{method} missing from the demo table"
     assert "ecp (steps=5)" in table and "dense" in table
     assert (out / "loss_vs_sparsity.png").stat().st_size > 1000
     with (out / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     labels = {row["method"] for row in rows}
-    assert labels == set(IMPORTANCES) | {"dense", "ecp (steps=5)"}
+    assert labels == set(IMPORTANCES) | set(RECONSTRUCTIVE_RUNS) | {"dense", "ecp (steps=5)"}
     for row in rows:
         assert 0.0 <= float(row["test_accuracy_mean"]) <= 1.0 and float(row["test_loss_mean"]) > 0
     with (out / "results.csv").open() as handle:
@@ -63,6 +64,10 @@ def test_experiments_are_discovered_without_editing_the_cli(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "EXPERIMENT_PACKAGE", "plugin_experiments_for_test")
     assert set(cli.discover_experiments()) == {"echo"}
     assert cli.main(["experiment", "echo", "--word", "pruned"]) == 3
+    assert set(cli.SKIPPED_EXPERIMENTS) == {"plugin_experiments_for_test.broken", "plugin_experiments_for_test.incomplete"}
+    with pytest.raises(SystemExit) as info:
+        cli.main(["experiment", "broken"])
+    assert info.value.code == 2 and "broken: import failed (missing dependency)" in str(info.value)
 
 
 def test_parser_has_the_subcommands():

@@ -19,6 +19,7 @@ from ecp_fast.apps.pde import DiffusionSorption, cell_centres, generate, load_or
 MNIST_DIR = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist")
 HAS_MNIST = all((MNIST_DIR / f"{stem}.gz").is_file() or (MNIST_DIR / stem).is_file() for stem in MNIST_FILES.values())
 ONE_SHOT = sorted(set(IMPORTANCES) - {"nonlinear"})
+RECONSTRUCTIVE = sorted(_common.RECONSTRUCTIVE_RUNS)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -65,7 +66,7 @@ def test_mnist_quick_writes_every_method(tmp_path: Path, capsys: pytest.CaptureF
     rows = read_rows(out / "mnist_results.csv")
     large = {row["method"] for row in rows if row["network"] == "784-300-100-10"}
     small = {row["method"] for row in rows if row["network"] != "784-300-100-10"}
-    assert large == {"dense", "ecp-iterative", *ONE_SHOT}
+    assert large == {"dense", "ecp-iterative", *ONE_SHOT, *RECONSTRUCTIVE}
     assert small == {"dense", "ecp-iterative", "nonlinear", *ONE_SHOT}
     assert {row["finetuned"] for row in rows} == {"0", "1"}
     assert all(np.isfinite(float(row["test_loss"])) for row in rows)
@@ -147,7 +148,7 @@ def test_diffusion_sorption_quick_writes_every_method(tmp_path: Path, capsys: py
     assert {row["noise"] for row in rows} == {"0.0", "0.01"}
     for noise in ("0.0", "0.01"):
         methods = {row["method"] for row in rows if row["noise"] == noise}
-        assert methods == {"dense", "ecp-iterative", "nonlinear", *ONE_SHOT}
+        assert methods == {"dense", "ecp-iterative", "nonlinear", *ONE_SHOT, *RECONSTRUCTIVE}
     assert all(np.isfinite(float(row["test_mse"])) for row in rows)
     printed = capsys.readouterr().out
     assert printed.strip() == (out / "diffusion_sorption_tables.md").read_text().strip()
