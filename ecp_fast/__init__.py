@@ -8,7 +8,7 @@ distributed calibration (:mod:`ecp_fast.distributed`) and export formats (:mod:`
 build on them; the command line and experiments live in :mod:`ecp_fast.apps`.
 """
 
-from ecp_fast.ops import finalize, moments, score
+from ecp_fast.ops import finalize, gram, moments, score
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning import (
     Importance,
@@ -27,14 +27,14 @@ from ecp_fast.pruning import (
     remove_masks,
 )
 from ecp_fast.training import IterativeResult, RelevanceDecay, RelevanceDecayOptimizer, finetune, iterative_prune
-from ecp_fast.export import export_semi_structured
+from ecp_fast.export import export, export_semi_structured, load_compact, save_compact
 
 __version__ = "0.2.0"
 
 __all__ = [
     "Importance", "IterativeResult", "LayerReport", "Moments", "PruneReport", "Pruner", "RelevanceDecay",
     "RelevanceDecayOptimizer", "ScoringContext", "SequentialReport", "StructuredReport", "__version__",
-    "apply_masks_from_state_dict", "export_semi_structured", "finalize", "finetune", "get_masks",
-    "iterative_prune", "merge_moments", "moments", "prune", "prune_neurons", "prune_sequential",
-    "register_importance", "remove_masks", "score",
+    "apply_masks_from_state_dict", "export", "export_semi_structured", "finalize", "finetune", "get_masks", "gram",
+    "iterative_prune", "load_compact", "merge_moments", "moments", "prune", "prune_neurons", "prune_sequential",
+    "register_importance", "remove_masks", "save_compact", "score",
 ]

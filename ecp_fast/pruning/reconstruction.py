@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast.ops import gram
 from ecp_fast.pruning import obs
 from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, to_device
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
@@ -34,20 +35,6 @@ from ecp_fast.pruning.masks import install_mask
 
 logger = logging.getLogger(__name__)
 
-try:  # the fused op, where this build has it
-    from ecp_fast.ops import gram
-except ImportError:  # pragma: no cover - until ecp.gram lands
-    def gram(
-        a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
-    ) -> torch.Tensor:
-        a, b = a.double(), None if b is None else b.double()
-        weight = None if weight is None else weight.double()
-        ones = a.new_ones(a.shape[0], 1)
-        left = torch.cat([a, ones], 1)
-        right = left if b is None else torch.cat([b, ones], 1)
-        if weight is not None:
-            left = left * weight.unsqueeze(1)
-        return left.T @ right
 
 Pattern = obs.Pattern
 
