@@ -54,6 +54,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), exit status 2."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        if "invalid choice" in message and SKIPPED_EXPERIMENTS:
+            message += f" (experiments that could not be loaded: {_skipped_note()})"
         _fail(self.prog, f"{message} (see --help)")
 
 
@@ -64,10 +66,26 @@ def _fail(prog: str, message: str) -> NoReturn:
     raise UsageExit(line)
 
 
+#: Experiment modules the last discovery skipped, with the reason (shown by ``--help`` and in errors).
+SKIPPED_EXPERIMENTS: dict[str, str] = {}
+
+
+def _skip(qualified: str, reason: str) -> None:
+    # INFO, not WARNING: a broken plug-in must not add lines to another command's output or error;
+    # ``experiment --help`` lists it, and so does the error for an unknown experiment.
+    SKIPPED_EXPERIMENTS[qualified] = reason
+    logger.info("skipping experiment module %s: %s", qualified, reason)
+
+
 def discover_experiments() -> dict[str, ModuleType]:
-    """``{NAME: module}`` for every module of :mod:`ecp_fast.apps.experiments` that follows the contract."""
+    """``{NAME: module}`` for every module of :mod:`ecp_fast.apps.experiments` that follows the contract.
+
+    Modules that fail to import or lack part of the contract are skipped and recorded in
+    :data:`SKIPPED_EXPERIMENTS`.
+    """
     package = importlib.import_module(EXPERIMENT_PACKAGE)
     experiments: dict[str, ModuleType] = {}
+    SKIPPED_EXPERIMENTS.clear()
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("_"):
             continue
@@ -75,17 +93,20 @@ def discover_experiments() -> dict[str, ModuleType]:
         try:
             module = importlib.import_module(qualified)
         except Exception as error:  # one broken experiment must not break the command line
-            logger.warning("skipping experiment module %s: import failed (%s)", qualified, error)
+            _skip(qualified, f"import failed ({error})")
             continue
         missing = [attribute for attribute in _EXPERIMENT_ATTRIBUTES if not hasattr(module, attribute)]
         if missing:
-            logger.warning("skipping experiment module %s: it lacks %s", qualified, ", ".join(missing))
-            continue
-        if module.NAME in experiments:
-            logger.warning("skipping experiment module %s: name %r is taken", qualified, module.NAME)
-            continue
-        experiments[module.NAME] = module
+            _skip(qualified, f"it lacks {', '.join(missing)}")
+        elif module.NAME in experiments:
+            _skip(qualified, f"name {module.NAME!r} is taken")
+        else:
+            experiments[module.NAME] = module
     return experiments
+
+
+def _skipped_note() -> str:
+    return "; ".join(f"{name.rsplit('.', 1)[-1]}: {reason}" for name, reason in SKIPPED_EXPERIMENTS.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment_commands = experiment_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     experiment_commands.required = True
-    for name, module in sorted(discover_experiments().items()):
+    experiments = discover_experiments()
+    if SKIPPED_EXPERIMENTS:
+        experiment_parser.epilog = f"Skipped experiment modules: {_skipped_note()}"
+    for name, module in sorted(experiments.items()):
         sub = experiment_commands.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(

@@ -214,7 +214,9 @@ def _plan_biases(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]
             continue
         name, module = split
         if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"apply_masks_from_state_dict: state_dict[{key!r}] must be a tensor, got {type(bias).__name__}")
+            raise TypeError(
+                f"apply_masks_from_state_dict: state_dict[{key!r}] must be a tensor, got {type(bias).__name__}"
+            )
         weight = _stored_weight(module)
         outputs = int(weight.shape[0]) if weight is not None else -1
         if tuple(bias.shape) != (outputs,):
