@@ -43,3 +43,39 @@ def two_matmuls(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """The roofline: the two (out x N) @ (N x in) GEMMs of the same shapes, nothing else."""
     sensitivity_t = (g if g.dim() == 2 else g[0]).t()
     return sensitivity_t @ x, sensitivity_t @ x
+
+
+class GramCase(NamedTuple):
+    """One Gram shape: ``n`` samples of ``fan_in`` features; ``cross`` adds a second stream ``b``."""
+
+    n: int
+    fan_in: int
+    cross: bool = False
+    weighted: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"N{self.n}-in{self.fan_in}" + ("-cross" if self.cross else "") + ("-weighted" if self.weighted else "")
+
+
+# The shapes of the target (at most 1.15x one torch.mm of the same shapes), b = a and b given.
+GRAM_CASES = [
+    GramCase(n, fan_in, cross, weighted)
+    for n, fan_in in ((4096, 1024), (16384, 784))
+    for cross in (False, True)
+    for weighted in (False, True)
+]
+
+
+def make_gram_inputs(case: GramCase, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """ReLU-like ``a``, an independent ``b`` when ``case.cross``, positive weights when ``case.weighted``."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(case.n, case.fan_in, generator=generator).relu_().to(dtype)
+    b = torch.randn(case.n, case.fan_in, generator=generator).to(dtype) if case.cross else None
+    weight = torch.rand(case.n, generator=generator).to(dtype) if case.weighted else None
+    return a, b, weight
+
+
+def one_matmul(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """The roofline of ``ecp::gram``: the single ``torch.mm(a.T, b)`` (``b = a`` when None)."""
+    return torch.mm(a.T, a if b is None else b)

@@ -24,7 +24,7 @@ SHAPES = [
     (257, 16, 33),
     (1023, 97, 61),
     (3, 1023, 2),
-    (20011, 5, 3),
+    (8209, 5, 3),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (use b, use weight)

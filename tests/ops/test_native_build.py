@@ -49,6 +49,20 @@ def test_extension_is_built_against_the_limited_api():
     assert ".abi3." in os.path.basename(_native.library_path())
 
 
+def clang_format() -> str | None:
+    """clang-format from the virtual environment (``pip install clang-format``) or the PATH."""
+    beside_python = os.path.join(os.path.dirname(sys.executable), "clang-format")
+    return beside_python if os.access(beside_python, os.X_OK) else shutil.which("clang-format")
+
+
+@pytest.mark.skipif(clang_format() is None, reason="clang-format is not installed (pip install clang-format)")
+def test_csrc_is_clang_format_clean():
+    """The style is .clang-format at the repository root; `clang-format -i csrc/*` fixes a failure."""
+    sources = sorted(os.path.join(ROOT, "csrc", name) for name in os.listdir(os.path.join(ROOT, "csrc")))
+    finished = subprocess.run([clang_format(), "--dry-run", "--Werror", *sources], capture_output=True, text=True, cwd=ROOT)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+
 FALLBACK_CHILD = """
 import json, torch
 import ecp_fast.ops as ops
