@@ -210,8 +210,8 @@ def _table(args: argparse.Namespace) -> list[str]:
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     batches = {batch: torch.randn((batch, *input_shape), generator=generator).to(device, dtype) for batch in args.batch}
+    torch.set_num_threads(args.threads)  # before exporting: --measure times the layers with these threads
     exported = _export_all(model, args, batches[max(batches)])
-    torch.set_num_threads(args.threads)
     times = {batch: _timings(exported, inputs, args.rounds) for batch, inputs in batches.items()}
     sizes = {name: _state_dict_bytes(module) for name, module in exported.items()}
     header = f"{'format':<7} {'layers':<18} {'state dict':>12} {'smaller':>8}"

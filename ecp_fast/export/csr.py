@@ -53,6 +53,8 @@ MAX_DENSITY_MEDIUM = 0.10
 MAX_DENSITY_LARGE = 0.15
 #: Layers denser than this are never timed: CSR lost to dense above it at every measured shape.
 MEASURE_MAX_DENSITY = 0.5
+#: A measured CSR layer must be this much faster to be chosen: near-ties flip with machine noise.
+MEASURE_MARGIN = 0.1
 
 
 @contextlib.contextmanager
@@ -263,7 +265,7 @@ def _choose_one(name: str, linear: nn.Linear, max_density: float | None, inputs:
     if density > MEASURE_MAX_DENSITY:
         return LayerChoice(name, shape, density, False, f"density above {MEASURE_MAX_DENSITY:g}, not timed")
     dense_seconds, csr_seconds = _measure(linear, inputs, rounds)
-    return LayerChoice(name, shape, density, csr_seconds < dense_seconds,
+    return LayerChoice(name, shape, density, csr_seconds < dense_seconds * (1 - MEASURE_MARGIN),
                        f"measured on input {tuple(inputs.shape)}", dense_seconds, csr_seconds)
 
 
@@ -271,7 +273,7 @@ def choose_csr_layers(
     model: nn.Module,
     max_density: float | None = None,
     example_inputs: Any = None,
-    rounds: int = 7,
+    rounds: int = 11,
 ) -> dict[str, LayerChoice]:
     """Decide, for every replaceable ``nn.Linear`` of a mask-folded ``model``, whether CSR is faster.
 
@@ -280,7 +282,8 @@ def choose_csr_layers(
         max_density: if given, CSR exactly for the layers of density at most this (0..1).
         example_inputs: if given (and ``max_density`` is None), a tensor or tuple of positional
             arguments for ``model``: each layer is timed dense and CSR on the input it receives
-            (``rounds`` interleaved rounds, minimum) and the faster wins.
+            (``rounds`` interleaved rounds, minimum); CSR wins when at least
+            :data:`MEASURE_MARGIN` (10%) faster.
         rounds: timing rounds per layer when measuring.
 
     Without either, the modelled crossover :func:`modelled_max_density` decides (CPU layers only;

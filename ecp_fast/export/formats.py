@@ -131,7 +131,7 @@ def export(
         format: ``"dense"``, ``"csr"`` or ``"2:4"`` (see the module docstring).
         max_density: ``"csr"`` only: convert exactly the Linear layers of at most this weight density.
         example_inputs: ``"csr"`` only: a tensor (or tuple of positional arguments) for ``model``;
-            each Linear is timed dense and CSR on the input it receives and the faster wins.
+            each Linear is timed dense and CSR on the input it receives and CSR wins when 10% faster.
             Without ``max_density`` and ``example_inputs``, the modelled crossover
             (:func:`ecp_fast.export.csr.modelled_max_density`) decides.
 
