@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecp_fast.pruning.batches import module_device, split_batch, to_device
+from ecp_fast.pruning.batches import call_model, model_output, module_device, split_batch, to_device
 
 ALLOCATIONS = ("global", "uniform", "search")
 DIVERGENCES = ("auto", "kl", "mse")
@@ -102,8 +102,8 @@ def model_outputs(
         with torch.no_grad():
             outputs = []
             for batch in batches:
-                raw = model(to_device(split_batch(batch)[0], device))
-                outputs.append((raw if output_fn is None else output_fn(raw)).detach())
+                raw = call_model(model, to_device(split_batch(batch)[0], device))
+                outputs.append((model_output(raw) if output_fn is None else output_fn(raw)).detach())
             return outputs
     finally:
         model.train(was_training)

@@ -26,8 +26,8 @@ are unless ``device`` is given):
 * one block's statistics: the weighted mean and ``M2`` (two floats per weight), its importances and
   bias shifts (two more) and the pruner's copy of its weights, i.e. about five times that block's
   weights; they are freed before the next block starts;
-* with ``atomic=True`` (the default), a CPU copy of each pruned block's original state, kept until
-  the whole stack is done so that a failure in block ``k`` can restore blocks ``0 .. k-1``; this is
+* with ``atomic=True`` (the default), a CPU snapshot of the blocks (one transaction, taken before the
+  first block is touched) so that a failure in block ``k`` restores blocks ``0 .. k-1``; this is
   one extra copy of the model's weights in host memory. ``atomic=False`` drops it: a failure then
   leaves the blocks before the failing one pruned, and the error says which.
 
@@ -38,6 +38,7 @@ all ranks prune every block identically and feed their own shard forward.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,18 +46,18 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.pruning.batches import module_device
+from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, module_device
 from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.importance import get_method
 from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.pruning.report import PruneReport
-from ecp_fast.pruning.selection import parse_scope
+from ecp_fast.pruning.selection import parse_scope, resolve_sparsity
+from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -127,86 +128,42 @@ class SequentialReport:
         return "\n".join(lines)
 
 
-# ---- undo ------------------------------------------------------------------------------------------
+# ---- arguments ----------------------------------------------------------------------------------
 
 
-@dataclass
-class _BlockSnapshot:
-    """A block's state before pruning (on the CPU) and which of its layers had masks and biases."""
-
-    block: nn.Module
-    state: dict[str, torch.Tensor]
-    had_mask: dict[str, bool]
-    had_bias: dict[str, bool]
-
-
-def _snapshot(block: nn.Module, layer_names: Sequence[str]) -> _BlockSnapshot:
-    modules = dict(block.named_modules())
-    return _BlockSnapshot(
-        block=block,
-        state={key: value.detach().to("cpu", copy=True) for key, value in block.state_dict().items()},
-        had_mask={name: hasattr(modules[name], "weight_mask") for name in layer_names},
-        had_bias={name: modules[name].bias is not None for name in layer_names},
-    )
+def _check_arguments(sparsity: float | None, method: str, sensitivity: str, scope: str, steps: int) -> None:
+    if sensitivity not in SEQUENTIAL_SENSITIVITIES:
+        raise ValueError(
+            f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has "
+            f"no loss of its own), got {sensitivity!r}"
+        )
+    if method not in RECONSTRUCTIVE_METHODS and get_method(method).needs_loss:
+        raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
+    resolve_sparsity(sparsity if sparsity is not None else None, parse_scope(scope))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"argument 'steps' must be a positive integer, got {steps!r}")
 
 
-def _restore(snapshot: _BlockSnapshot) -> None:
-    """Put a block back exactly as it was: drop masks and biases pruning added, reload the values."""
-    modules = dict(snapshot.block.named_modules())
-    for name, had_mask in snapshot.had_mask.items():
-        module = modules[name]
-        if not had_mask and hasattr(module, "weight_mask"):
-            torch_prune.remove(module, "weight")
-        if not snapshot.had_bias[name] and module.bias is not None:
-            module.register_parameter("bias", None)
-    snapshot.block.load_state_dict(snapshot.state, strict=True)
-    with torch.no_grad():
-        for name, had_mask in snapshot.had_mask.items():
-            module = modules[name]
-            if had_mask:  # the masked weight is recomputed by the pre-hook; refresh it now
-                module.weight = module.weight_orig * module.weight_mask
-
-
-# ---- helpers -------------------------------------------------------------------------------------------
-
-
-def _check_arguments(
-    blocks: Any, sparsity: float | None, method: str, sensitivity: str, scope: str, steps: int
-) -> list[nn.Module]:
+def _block_list(blocks: Any) -> list[nn.Module]:
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         raise TypeError(
             f"argument 'blocks' must be a sequence of modules or an nn.Sequential/nn.ModuleList, got "
-            f"{type(blocks).__name__}; pass the model's list of blocks"
+            f"{type(blocks).__name__}; pass the model's list of blocks, or the model with blocks='model.layers'"
         )
-    block_list = list(blocks)
+    try:
+        block_list = list(blocks)
+    except TypeError:
+        raise TypeError(f"argument 'blocks' must be a sequence of modules, got {type(blocks).__name__}") from None
     if not block_list:
         raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
     for index, block in enumerate(block_list):
         if not isinstance(block, nn.Module):
             raise TypeError(f"argument 'blocks': item {index} must be an nn.Module, got {type(block).__name__}")
-    if sensitivity not in SEQUENTIAL_SENSITIVITIES:
-        raise ValueError(
-            f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has no "
-            f"loss of its own), got {sensitivity!r}"
-        )
-    if method in RECONSTRUCTIVE_METHODS:
-        parse_scope(scope)
-        return block_list
-    chosen = get_method(method)
-    if chosen.needs_loss:
-        raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
-    parse_scope(scope)
-    if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-            raise TypeError(f"argument 'sparsity' must be a float in [0, 1), got {type(sparsity).__name__}")
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"argument 'sparsity' must be in [0, 1), got {sparsity}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"argument 'steps' must be a positive integer, got {steps!r}")
     return block_list
 
 
-def _collect_inputs(inputs: Iterable[torch.Tensor], storage: torch.device | None) -> list[torch.Tensor]:
+def _tensor_inputs(inputs: Iterable[Any], storage: torch.device | None) -> list[BlockInputs]:
+    """Calibration batches for the first block given directly: tensors (or captured BlockInputs)."""
     if isinstance(inputs, torch.Tensor):
         raise TypeError(
             "argument 'inputs' must be an iterable of batches (tensors), got a single tensor; wrap it in a list"
@@ -217,35 +174,86 @@ def _collect_inputs(inputs: Iterable[torch.Tensor], storage: torch.device | None
         raise TypeError(f"argument 'inputs' must be an iterable of tensors, got {type(inputs).__name__}") from None
     batches = []
     for index, batch in enumerate(iterator):
-        if not isinstance(batch, torch.Tensor):
+        if isinstance(batch, torch.Tensor):
+            batch = BlockInputs(batch.detach())
+        if not isinstance(batch, BlockInputs):
             raise TypeError(f"argument 'inputs': batch {index} must be a tensor, got {type(batch).__name__}")
-        batches.append(batch.detach() if storage is None else batch.detach().to(storage))
+        batches.append(batch.to(storage))
     if not batches:
         raise ValueError("argument 'inputs': the calibration data is empty (expected at least one batch, got 0)")
     return batches
 
 
-def _forward(block: nn.Module, batches: list[torch.Tensor], device: torch.device, storage: torch.device) -> list[
-    torch.Tensor
+def _first_block_inputs(
+    model_or_blocks: Any, inputs: Iterable[Any], blocks: str | None, storage: torch.device | None
+) -> tuple[list[nn.Module], list[BlockInputs]]:
+    """The blocks and their first inputs: captured from a whole model, or given with a block list."""
+    if isinstance(model_or_blocks, nn.Module) and not isinstance(model_or_blocks, (nn.Sequential, nn.ModuleList)):
+        from ecp_fast.pruning.hf import resolve_blocks
+
+        try:
+            block_container = resolve_blocks(model_or_blocks, blocks)
+        except ValueError as error:
+            if blocks is not None:
+                raise
+            raise TypeError(
+                f"argument 'blocks' must be a sequence of modules, an nn.Sequential/nn.ModuleList, or a model whose "
+                f"blocks are found with path=...; got {type(model_or_blocks).__name__} ({error})"
+            ) from None
+        block_list = _block_list(block_container)
+        return block_list, capture_block_inputs(model_or_blocks, block_container, inputs, storage=storage)
+    if blocks is not None:
+        raise ValueError("argument 'blocks' (an attribute path) needs the whole model as the first argument")
+    return _block_list(model_or_blocks), _tensor_inputs(inputs, storage)
+
+
+def _forward(block: nn.Module, batches: list[BlockInputs], device: torch.device, storage: torch.device) -> list[
+    BlockInputs
 ]:
-    """The block's outputs for every batch, in eval mode and without a graph."""
+    """The next block's inputs: this block's outputs for every batch, in eval mode and without a graph."""
     modes = {module: module.training for module in block.modules()}
     block.eval()
     try:
         with torch.no_grad():
-            outputs = []
-            for index, batch in enumerate(batches):
-                output = block(batch.to(device))
-                if not isinstance(output, torch.Tensor):
-                    raise TypeError(
-                        f"a block must return a tensor to feed the next one, got {type(output).__name__} "
-                        f"for batch {index}"
-                    )
-                outputs.append(output.to(storage))
-            return outputs
+            return [batch.with_hidden(batch.to(device)(block).to(storage)) for batch in batches]
     finally:
         for module, mode in modes.items():
             module.train(mode)
+
+
+# ---- one block -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Settings:
+    """The per-block pruning settings of one call."""
+
+    sparsity: float | None
+    method: str
+    sensitivity: str
+    scope: str
+    steps: int
+    probes: int | None
+    layers: Sequence[str] | None
+    synchronize: bool
+    seed: int
+    reconstruct: bool
+    allocation: str | None
+
+
+def _prune_block(block: nn.Module, activations: list[BlockInputs], settings: _Settings) -> PruneReport:
+    pruner = Pruner(
+        block, sensitivity=settings.sensitivity, probes=settings.probes, layers=settings.layers, seed=settings.seed,
+        progress=False,
+    )
+    with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
+        pruner.calibrate(activations)
+    if settings.synchronize:
+        pruner.calibration = synchronize_calibration(pruner.calibration)
+    return pruner.prune(
+        sparsity=settings.sparsity, method=settings.method, scope=settings.scope, steps=settings.steps,
+        reconstruct=settings.reconstruct, allocation=settings.allocation, divergence="mse",
+    )
 
 
 # ---- the entry point -------------------------------------------------------------------------------
@@ -253,8 +261,8 @@ def _forward(block: nn.Module, batches: list[torch.Tensor], device: torch.device
 
 @renamed_keyword("criterion", "sensitivity")
 def prune_sequential(
-    blocks: Sequence[nn.Module] | nn.Sequential | nn.ModuleList,
-    inputs: Iterable[torch.Tensor],
+    blocks: Sequence[nn.Module] | nn.Sequential | nn.ModuleList | nn.Module,
+    inputs: Iterable[Any],
     sparsity: float | None = 0.5,
     method: str = "ecp",
     sensitivity: str = "local",
@@ -271,17 +279,22 @@ def prune_sequential(
     *,
     reconstruct: bool = False,
     allocation: str | None = None,
+    path: str | None = None,
 ) -> SequentialReport:
     """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
 
     Args:
-        blocks: the model's blocks in execution order; each maps a tensor to a tensor (the input of
-            the next). They are pruned in place.
-        inputs: calibration batches for the first block (e.g. token embeddings ``(B, T, d)``); read
-            once.
+        blocks: the model's blocks in execution order (each maps hidden states to hidden states, the
+            first element of a returned tuple counts), pruned in place; or the whole model, whose
+            blocks are found at ``path`` (``"model.layers"``, ``"transformer.h"``, ...; None tries the
+            common ones) and whose first block's arguments (attention mask, position embeddings or
+            ids, cache disabled) are captured from a forward pass on ``inputs`` and given to every block.
+        inputs: calibration batches: for a block list, the first block's inputs (tensors such as
+            token embeddings ``(B, T, d)``); for a whole model, what the model takes (tensors or
+            tokenizer dicts; attention masks keep padding out of the statistics). Read once.
         sparsity: target sparsity per block, in ``[0, 1)`` (None with an ``"N:M"`` scope).
-        method: a registered importance method that needs no loss (``ecp``, ``obd``, ``wanda``, ``magnitude``,
-            ``random``, ...).
+        method: a registered importance method that needs no loss (``ecp``, ``obd``, ``wanda``,
+            ``magnitude``, ``random``, ...) or a reconstructive one (``sparsegpt``, ``ecp-obs``).
         sensitivity: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
         scope: ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (across the layers of one block).
         steps: iterative pruning steps within each block (see :meth:`Pruner.prune`); in a distributed
@@ -289,91 +302,76 @@ def prune_sequential(
             ``Pruner.calibrate`` itself synchronises, so use ``steps=1`` there otherwise.
         probes: Rademacher probes for ``sensitivity="output"`` (None: the pruner's default).
         layers: names of the layers to prune inside every block (relative to the block); None
-            prunes every supported Linear and Conv2d.
+            prunes every supported layer.
         device: where each block is calibrated and run; the block is moved there and back to where
             it was afterwards. None computes each block where it already is.
         offload_activations: hold the calibration activations on the CPU between blocks.
-        atomic: keep a CPU copy of each pruned block's original state until the end, so that any
-            failure leaves every block exactly as it was (see the module docstring for the cost).
+        atomic: snapshot the blocks (one copy of their tensors) so that any failure leaves every
+            block exactly as it was (see the module docstring for the cost).
         synchronize: in a ``torch.distributed`` job, merge each block's statistics across ranks.
-        seed: seeds the probes (offset per rank in a distributed job, see
-            :func:`~ecp_fast.distributed.rank_seed`) and the ``random`` method (the same on every rank).
+        seed: seeds the probes (offset per rank in a distributed job) and the ``random`` method.
         progress: show a progress bar over the blocks.
         reconstruct: refit each block's layers, in forward order, towards the dense block's outputs
             on the block's (already pruned upstream) inputs; implied by ``sparsegpt`` and ``ecp-obs``.
         allocation: how a block's total is split across its layers when reconstructing (see
             :meth:`Pruner.prune`); the search compares the block's outputs (mean squared error).
+        path: with a whole model, the attribute path of its blocks.
 
     Returns:
-        A :class:`SequentialReport` with one :class:`~ecp_fast.pruning.pruner.PruneReport` per block.
+        A :class:`SequentialReport` with one :class:`~ecp_fast.pruning.report.PruneReport` per block.
 
     Raises:
         ValueError, TypeError: on bad arguments or inputs, before or during the pass; with
             ``atomic=True`` the blocks are then restored to their state before the call.
     """
-    block_list = _check_arguments(blocks, sparsity, method, sensitivity, scope, steps)
+    _check_arguments(sparsity, method, sensitivity, scope, steps)
     compute = None if device is None else torch.device(device)
     storage_device = torch.device("cpu") if offload_activations else compute
-    layer_names = [list(resolve_layers(block, layers)) for block in block_list]  # fail before any change
-    activations = _collect_inputs(inputs, storage_device)
-    samples = sum(int(batch.shape[0]) if batch.dim() else 1 for batch in activations)
+    block_list, activations = _first_block_inputs(blocks, inputs, path, storage_device)
+    for block in block_list:  # fail before any change
+        resolve_layers(block, layers)
+    settings = _Settings(sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, seed, reconstruct,
+                         allocation)
     report = SequentialReport(
-        method=method,
-        sensitivity=sensitivity,
-        scope=scope,
+        method=method, sensitivity=sensitivity, scope=scope,
         target_sparsity=float("nan") if sparsity is None else float(sparsity),
-        samples=samples,
-        batches=len(activations),
+        samples=sum(count_samples(batch) for batch in activations), batches=len(activations),
     )
-    snapshots: list[_BlockSnapshot] = []
-    homes: dict[int, torch.device] = {}
-    current = -1
-    try:
-        for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
-            current = index
-            started = time.perf_counter()
-            homes[index] = module_device(block)
-            if compute is not None:
-                block.to(compute)
-            run_device = module_device(block)
-            if atomic:
-                snapshots.append(_snapshot(block, layer_names[index]))
-            pruner = Pruner(block, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=False)
-            with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
-                pruner.calibrate(activations)
-            if synchronize:
-                pruner.calibration = synchronize_calibration(pruner.calibration)
-            block_report = pruner.prune(
-                sparsity=sparsity, method=method, scope=scope, steps=steps, reconstruct=reconstruct,
-                allocation=allocation, divergence="mse",
-            )
-            del pruner  # frees this block's statistics before its outputs are computed
-            storage = storage_device if storage_device is not None else run_device
-            report.activation_bytes = max(
-                report.activation_bytes, sum(batch.numel() * batch.element_size() for batch in activations)
-            )
-            activations = _forward(block, activations, run_device, storage)
-            if compute is not None:
-                block.to(homes[index])
-            seconds = time.perf_counter() - started
-            report.blocks.append(BlockReport(index=index, report=block_report, seconds=seconds))
-            logger.info(
-                "block %d/%d: sparsity %.4f in %.2f s", index + 1, len(block_list), block_report.sparsity, seconds
-            )
-    except BaseException:
-        for snapshot in reversed(snapshots):
-            _restore(snapshot)
-        for index, home in homes.items():
-            block_list[index].to(home)
+    homes = [module_device(block) for block in block_list]
+    with contextlib.ExitStack() as stack:
         if atomic:
-            logger.warning("sequential pruning failed at block %d; every block was restored", current)
-        else:
+            stack.enter_context(model_transaction(*block_list, storage=torch.device("cpu")))
+        try:
+            _run_blocks(block_list, activations, settings, compute, storage_device, report, progress)
+        except BaseException:
+            for block, home in zip(block_list, homes):
+                block.to(home)
             logger.warning(
-                "sequential pruning failed at block %d; the blocks pruned before the failure stay pruned "
-                "(atomic=False)",
-                current,
+                "sequential pruning failed; %s", "every block was restored" if atomic else
+                "the blocks pruned before the failure stay pruned (atomic=False)",
             )
-        raise
+            raise
     logger.info("sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity,
                 report.seconds)
     return report
+
+
+def _run_blocks(
+    block_list: list[nn.Module], activations: list[BlockInputs], settings: _Settings, compute: torch.device | None,
+    storage_device: torch.device | None, report: SequentialReport, progress: bool,
+) -> None:
+    for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
+        started = time.perf_counter()
+        home = module_device(block)
+        if compute is not None:
+            block.to(compute)
+        run_device = module_device(block)
+        block_report = _prune_block(block, [batch.to(run_device) for batch in activations], settings)
+        storage = storage_device if storage_device is not None else run_device
+        report.activation_bytes = max(report.activation_bytes, sum(batch.nbytes for batch in activations))
+        activations = _forward(block, activations, run_device, storage)
+        if compute is not None:
+            block.to(home)
+        seconds = time.perf_counter() - started
+        report.blocks.append(BlockReport(index=index, report=block_report, seconds=seconds))
+        logger.info("block %d/%d: sparsity %.4f in %.2f s", index + 1, len(block_list), block_report.sparsity, seconds)

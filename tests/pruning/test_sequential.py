@@ -93,7 +93,7 @@ def test_matches_per_block_pruner(sensitivity: str, probes: int | None, method: 
     assert_same_state(stack, reference)
     assert isinstance(report, SequentialReport)
     assert len(report.blocks) == 3
-    assert report.samples == 12 and report.batches == 4
+    assert report.samples == 60 and report.batches == 4  # tokens: 4 batches of (3, 5, d)
     assert report.sparsity == pytest.approx(0.5 if sparsity is None else 0.6, abs=5e-3)
     assert "block" in str(report)
     assert report.blocks[0].report.added_biases == (["fc1"] if method == "ecp" else [])
