@@ -43,6 +43,7 @@ __all__ = ["ModelSnapshot", "ModelTransaction", "model_transaction"]
 
 _MISSING = object()
 
+
 @dataclass
 class _ModuleRecord:
     """One module: its class, a shallow copy of ``__dict__`` and of every container in it."""
