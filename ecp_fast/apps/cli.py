@@ -111,7 +111,7 @@ def _skipped_note() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand (experiments discovered now)."""
-    from ecp_fast.apps import demo
+    from ecp_fast.apps import demo, export_command
 
     parser = _Parser(prog="ecp-fast", description="Elimination-compensation pruning (ECP) for PyTorch.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
@@ -122,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(
         handler=demo.run, command_validate=getattr(demo, "validate", None), command_prog=demo_parser.prog
+    )
+
+    export_parser = commands.add_parser(
+        export_command.NAME, help=export_command.HELP, description=export_command.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export_command.add_arguments(export_parser)
+    export_parser.set_defaults(
+        handler=export_command.run, command_validate=getattr(export_command, "validate", None),
+        command_prog=export_parser.prog,
     )
 
     experiment_parser = commands.add_parser(

@@ -101,3 +101,9 @@ def test_console_script_gives_one_line_user_errors(tmp_path):
     result = subprocess.run([str(script), "demo", "--quick", "--out", str(blocker)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
+
+
+def test_export_is_a_subcommand() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["export", "checkpoint.pt", "--arch", "mlp:4,3,2"])
+    assert args.command == "export" and callable(args.handler)
