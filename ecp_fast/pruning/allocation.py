@@ -5,7 +5,7 @@
 * ``"search"``: a small set of candidate splits, each pruned and scored by the divergence between
   the dense and the pruned model's outputs on the calibration batches (KL for classifiers, mean
   squared error otherwise); never labels or test data. The candidates are the uniform split, the
-  global split, blends of the two, and splits that prune larger layers harder
+  global split, their even blend, and splits that prune larger layers harder
   (``density_l ~ size_l^-alpha``), so the search costs a handful of reconstructions.
 """
 
@@ -19,14 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecp_fast.pruning.batches import call_model, model_output, module_device, split_batch, to_device
+from ecp_fast.pruning.batches import call_model, model_output, module_device, sample_weights, split_batch, to_device
 
 ALLOCATIONS = ("global", "uniform", "search")
 DIVERGENCES = ("auto", "kl", "mse")
 #: Exponents of the size-based candidates (0 is the uniform split).
-SIZE_EXPONENTS = (0.25, 0.5, 0.75, 1.0)
+SIZE_EXPONENTS = (0.5, 1.0)
 #: Blends ``(1 - beta) * uniform + beta * global`` tried by the search.
-GLOBAL_BLENDS = (0.25, 0.5, 0.75, 1.0)
+GLOBAL_BLENDS = (0.5, 1.0)
 
 Split = dict[str, float]
 
@@ -102,8 +102,12 @@ def model_outputs(
         with torch.no_grad():
             outputs = []
             for batch in batches:
-                raw = call_model(model, to_device(split_batch(batch)[0], device))
-                outputs.append((model_output(raw) if output_fn is None else output_fn(raw)).detach())
+                inputs = to_device(split_batch(batch)[0], device)
+                output = (output_fn or model_output)(call_model(model, inputs)).detach()
+                weights = sample_weights(inputs)  # padding positions are left out of the comparison
+                if weights is not None and output.dim() >= 2 and output.shape[:2].numel() == weights.numel():
+                    output = output.flatten(0, 1)[weights.to(output.device) != 0]
+                outputs.append(output)
             return outputs
     finally:
         model.train(was_training)
@@ -118,8 +122,9 @@ def output_divergence(reference: Sequence[torch.Tensor], outputs: Sequence[torch
             flat_expected = expected.reshape(-1, expected.shape[-1])
             flat_actual = actual.reshape(-1, actual.shape[-1])
             total += float(
-                F.kl_div(F.log_softmax(flat_actual, -1), F.log_softmax(flat_expected, -1), log_target=True,
-                         reduction="sum")
+                F.kl_div(
+                    F.log_softmax(flat_actual, -1), F.log_softmax(flat_expected, -1), log_target=True, reduction="sum"
+                )
             )
             count += flat_expected.shape[0]
         else:

@@ -44,11 +44,24 @@ from ecp_fast.pruning.importance import (
     check_nonlinear_size,
     get_method,
 )
-from ecp_fast.pruning.allocation import ALLOCATIONS, candidate_splits, resolve_divergence, split_from_keep, uniform_split
+from ecp_fast.pruning.allocation import (
+    ALLOCATIONS,
+    candidate_splits,
+    resolve_divergence,
+    split_from_keep,
+    uniform_split,
+)
 from ecp_fast.pruning.masks import check_maskable, install_mask
 from ecp_fast.pruning.transaction import model_transaction
 from ecp_fast.pruning.report import LayerReport, PruneReport
-from ecp_fast.pruning.selection import Scope, parse_scope, prune_count, resolve_sparsity, select_weights, step_sparsities
+from ecp_fast.pruning.selection import (
+    Scope,
+    parse_scope,
+    prune_count,
+    resolve_sparsity,
+    select_weights,
+    step_sparsities,
+)
 from ecp_fast.pruning.reconstruction import (
     RECONSTRUCTIVE_METHODS,
     REFIT_ONLY,
@@ -74,7 +87,14 @@ class Pruner:
             outputs, Rademacher probes above or when ``probes`` is given), ``"loss"`` (per-sample loss
             gradients, needs ``loss_fn`` and targets) or ``"local"`` (``c = 1``, no backward pass).
         probes: number of Rademacher probes, or None for exact rows where the outputs are few.
-        layers: names of the layers to prune; None prunes every supported Linear and Conv2d.
+        layers: names of the layers to prune; None prunes every supported Linear, Conv2d and
+            transformers ``Conv1D``, except output heads and layers whose weight is tied to another
+            parameter (as Wanda and SparseGPT do).
+        exclude: names or glob patterns of layers to leave out (a parent's pattern covers its children).
+        include_output_head: also prune the output head (``lm_head``) when it is not tied.
+        add_bias: let compensation add a bias to layers that have none; False prunes those layers
+            without compensation (for architectures that cannot hold the bias, see
+            :func:`ecp_fast.pruning.hf.prepare_for_save_pretrained`).
         output_fn: selects the output tensor from what the model returns (for models returning tuples).
         seed: seeds the probes and the ``random`` method.
         progress: show tqdm progress bars.
@@ -93,6 +113,10 @@ class Pruner:
         output_fn: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
         progress: bool = True,
+        *,
+        exclude: Sequence[str] | str | None = None,
+        include_output_head: bool = False,
+        add_bias: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -103,7 +127,10 @@ class Pruner:
         self.model = model
         self.sensitivity = sensitivity
         self.probes = probes
-        self.layers: dict[str, LayerSpec] = resolve_layers(model, layers)
+        self.layers: dict[str, LayerSpec] = resolve_layers(
+            model, layers, exclude, include_output_head=include_output_head
+        )
+        self.add_bias = bool(add_bias)
         self.output_fn = output_fn
         self.seed = seed
         self.progress = progress
@@ -320,11 +347,18 @@ class Pruner:
                 if self._apply(spec, removed[name], bias_delta):
                     added.append(name)
                 keep[name] = keep[name] & ~removed[name]
-            logger.info("step %d/%d (%s): sparsity %.4f", step, request.steps, request.method.name,
-                        1.0 - sum(int(mask.sum()) for mask in keep.values()) / total)
+            logger.info(
+                "step %d/%d (%s): sparsity %.4f",
+                step,
+                request.steps,
+                request.method.name,
+                1.0 - sum(int(mask.sum()) for mask in keep.values()) / total,
+            )
         for name, spec in self.layers.items():
             stored = weight_parameter(spec.module)
-            install_mask(spec.module, spec.mask_to_weight_shape(keep[name]).to(device=stored.device, dtype=stored.dtype))
+            install_mask(
+                spec.module, spec.mask_to_weight_shape(keep[name]).to(device=stored.device, dtype=stored.dtype)
+            )
         return added
 
     # ---- reconstructive pruning -----------------------------------------------------------------
@@ -358,15 +392,27 @@ class Pruner:
             weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
         alternative = None
         if config.alternative is not None and allocation == "search" and self.calibration is not None:
-            method_scores = {name: importance.score for name, importance in self.importances(config.alternative).items()}
+            method_scores = {
+                name: importance.score for name, importance in self.importances(config.alternative).items()
+            }
             alternative = self._keep_for(method_scores, parsed_scope)
         outcomes, chosen, divergences = reconstruct_best(
-            self.model, self.layers, candidates, pattern, config, batches, keep_fn, weights,
-            resolve_divergence(divergence, batches), self.output_fn, alternative,
+            self.model,
+            self.layers,
+            candidates,
+            pattern,
+            config,
+            batches,
+            keep_fn,
+            weights,
+            resolve_divergence(divergence, batches),
+            self.output_fn,
+            alternative,
+            self.add_bias,
         )
         before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}
         with model_transaction(self.model):
-            added = apply_outcomes(self.layers, outcomes)
+            added = apply_outcomes(self.layers, outcomes, add_bias=self.add_bias)
         report = self._report(method, scope, target, 1, before, added)
         report.allocation, report.divergences = allocation, divergences
         report.candidate = chosen if len(candidates) > 1 else None
@@ -451,6 +497,8 @@ class Pruner:
         added = False
         with torch.no_grad():
             spec.weight_view()[removed] = 0
+            if module.bias is None and not self.add_bias:
+                bias_delta = None
             if bias_delta is not None and bool(removed.any()):
                 shift = torch.where(removed, bias_delta.to(torch.float64), 0.0).sum(dim=1)
                 if module.bias is None:
@@ -461,11 +509,18 @@ class Pruner:
         return added
 
     def _report(
-        self, method: str, scope: str, target: float, steps: int, before: Mapping[str, torch.Tensor | None],
+        self,
+        method: str,
+        scope: str,
+        target: float,
+        steps: int,
+        before: Mapping[str, torch.Tensor | None],
         added_bias: list[str],
     ) -> PruneReport:
         """What the layers hold now: masks counted, bias changes measured against ``before``."""
-        report = PruneReport(method=method, scope=scope, sensitivity=self.sensitivity, target_sparsity=target, steps=steps)
+        report = PruneReport(
+            method=method, scope=scope, sensitivity=self.sensitivity, target_sparsity=target, steps=steps
+        )
         for name, spec in self.layers.items():
             mask = existing_mask(spec.module)
             pruned = int((mask == 0).sum()) if mask is not None else 0
@@ -523,6 +578,9 @@ def prune(
     reconstruct: bool = False,
     allocation: str | None = None,
     divergence: str = "auto",
+    exclude: Sequence[str] | str | None = None,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
+    add_bias: bool = True,
 ) -> PruneReport:
     """Calibrate on ``batches`` and prune ``model`` in place in one call; see :class:`Pruner`.
 
@@ -533,10 +591,25 @@ def prune(
     """
     if sensitivity is None:
         sensitivity = "local" if method == "sparsegpt" else "output"
-    pruner = Pruner(model, sensitivity=sensitivity, probes=probes, layers=layers, seed=seed, progress=progress)
+    pruner = Pruner(
+        model,
+        sensitivity=sensitivity,
+        probes=probes,
+        layers=layers,
+        output_fn=output_fn,
+        seed=seed,
+        progress=progress,
+        exclude=exclude,
+        add_bias=add_bias,
+    )
     if batches is not None:
         pruner.calibrate(batches, loss_fn=loss_fn)
     return pruner.prune(
-        sparsity=sparsity, method=method, scope=scope, steps=steps, reconstruct=reconstruct, allocation=allocation,
+        sparsity=sparsity,
+        method=method,
+        scope=scope,
+        steps=steps,
+        reconstruct=reconstruct,
+        allocation=allocation,
         divergence=divergence,
     )

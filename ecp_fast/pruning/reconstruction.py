@@ -116,6 +116,7 @@ def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any)
     order: list[str] = []
     handles = []
     for name, spec in specs.items():
+
         def hook(_module: nn.Module, _args: tuple, name: str = name) -> None:
             if name not in order:
                 order.append(name)
@@ -208,6 +209,15 @@ def _augmented(module: nn.Module, spec: LayerSpec) -> tuple[torch.Tensor, torch.
     return weight, bias
 
 
+def _without_bias(matrix: torch.Tensor, columns: bool = True) -> torch.Tensor:
+    """``matrix`` with the fitted layer's bias row (and column) zeroed: the bias then only meets the ridge."""
+    matrix = matrix.clone()
+    matrix[-1, :] = 0
+    if columns:
+        matrix[:, -1] = 0
+    return matrix
+
+
 def solve_layer(
     work: nn.Module,
     dense: DenseReference | None,
@@ -218,12 +228,14 @@ def solve_layer(
     sample_weights: Sequence[torch.Tensor] | None,
     exact: bool = True,
     first: bool = False,
+    bias_free: bool = False,
 ) -> LayerOutcome:
     """Choose the layer's mask and compensation from its Gram matrices (the model is not changed).
 
     With ``exact=False`` an OBS-chosen mask keeps the sweep's own update instead of the final
     least-squares refit (a cheaper proxy, used to compare allocation candidates). ``first`` marks
-    the first layer pruned, whose Gram matrices ``dense`` may cache.
+    the first layer pruned, whose Gram matrices ``dense`` may cache. ``bias_free`` keeps a layer
+    without a bias without one: the bias column is taken out of the quadratic, so it stays 0.
     """
     if dense is not None and first and spec.name in dense.first_grams:
         hessian, cross = dense.first_grams[spec.name]
@@ -231,23 +243,38 @@ def solve_layer(
         hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
         if dense is not None and first:
             dense.first_grams[spec.name] = (hessian, cross)
+    if bias_free:
+        hessian, cross = _without_bias(hessian), None if cross is None else _without_bias(cross, columns=False)
     weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
     dense_weight = dense_bias = None
     if config.refit:
         dense_weight, dense_bias = _augmented(dense.modules[spec.name], spec)  # type: ignore[union-attr]
-        if plan.keep is None:
+        if plan.keep is None and not first:
             # The quadratic towards the dense pre-activations is minimised, before any pruning, by the
             # unmasked least-squares fit; the OBS sweep must start from that minimiser to rank and
             # compensate removals of *this* objective (starting from the dense weights would measure
-            # the error towards the layer's own output on the already pruned inputs instead).
+            # the error towards the layer's own output on the already pruned inputs instead). The
+            # first layer sees the dense inputs, so its own weights are that minimiser already.
             everything = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
             weight, bias = obs.refit(
-                weight, bias, everything, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
+                weight,
+                bias,
+                everything,
+                hessian,
+                cross=cross,
+                dense_weight=dense_weight,
+                dense_bias=dense_bias,
                 ridge=config.damp,
             )
     if plan.keep is None:
         result = obs.obs_sweep(
-            weight, bias, hessian, plan.sparsity, plan.pattern, block_size=config.block_size, damp=config.damp,
+            weight,
+            bias,
+            hessian,
+            plan.sparsity,
+            plan.pattern,
+            block_size=config.block_size,
+            damp=config.damp,
             budget=config.budget,
         )
         keep, new_weight, new_bias = result.mask, result.weight, result.bias
@@ -256,14 +283,23 @@ def solve_layer(
         new_weight, new_bias = weight * keep, bias
     if config.refit and (exact or plan.keep is not None):
         new_weight, new_bias = obs.refit(
-            new_weight, new_bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias,
+            new_weight,
+            new_bias,
+            keep,
+            hessian,
+            cross=cross,
+            dense_weight=dense_weight,
+            dense_bias=dense_bias,
             ridge=config.damp,
         )
     return LayerOutcome(weight=new_weight * keep, bias=new_bias, keep=keep)
 
 
 def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: bool) -> bool:
-    """Put ``outcome`` into ``module``'s stored weight and bias; True when a bias was added."""
+    """Put ``outcome`` into ``module``'s stored weight and bias; True when a bias was added.
+
+    A layer without a bias gets one only with ``add_bias``; otherwise its compensation is the weights'.
+    """
     stored = weight_parameter(module)
     added = False
     with torch.no_grad():
@@ -297,6 +333,7 @@ def reconstruct(
     sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     dense: DenseReference | None = None,
     exact: bool = True,
+    add_bias: bool = True,
 ) -> tuple[dict[str, LayerOutcome], nn.Module]:
     """Prune every layer of ``plans`` in forward order on a working copy of ``model``.
 
@@ -314,19 +351,24 @@ def reconstruct(
     for position, name in enumerate(order):
         spec = work_specs[name]
         weights = None if sample_weights is None else sample_weights[name]
-        outcome = solve_layer(work, dense, spec, plans[name], config, batches, weights, exact, first=position == 0)
-        _write(spec.module, spec, outcome, add_bias=True)
+        bias_free = not add_bias and spec.module.bias is None
+        outcome = solve_layer(
+            work, dense, spec, plans[name], config, batches, weights, exact, first=position == 0, bias_free=bias_free
+        )
+        _write(spec.module, spec, outcome, add_bias=add_bias)
         outcomes[name] = outcome
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
     return outcomes, work
 
 
-def apply_outcomes(specs: Mapping[str, LayerSpec], outcomes: Mapping[str, LayerOutcome]) -> list[str]:
+def apply_outcomes(
+    specs: Mapping[str, LayerSpec], outcomes: Mapping[str, LayerOutcome], add_bias: bool = True
+) -> list[str]:
     """Write every outcome into the caller's model and install the masks; returns layers given a bias."""
     added = []
     for name, outcome in outcomes.items():
         spec = specs[name]
-        if _write(spec.module, spec, outcome, add_bias=True):
+        if _write(spec.module, spec, outcome, add_bias=add_bias):
             added.append(name)
         stored = weight_parameter(spec.module)
         install_mask(spec.module, spec.mask_to_weight_shape(outcome.keep).to(device=stored.device, dtype=stored.dtype))
@@ -394,6 +436,7 @@ def reconstruct_best(
     divergence: str = "mse",
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     alternative: KeepFn | None = None,
+    add_bias: bool = True,
 ) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
     """Reconstruct once per candidate split and keep the one whose outputs stay closest to the dense model.
 
@@ -410,14 +453,16 @@ def reconstruct_best(
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         plans = _plans(split, pattern, keep_fn)
-        return reconstruct(model, specs, plans, config, batches, sample_weights, dense)[0], label, {}
+        return reconstruct(model, specs, plans, config, batches, sample_weights, dense, add_bias=add_bias)[0], label, {}
     proxy = config.refit and keep_fn is None
     reference = model_outputs(model, batches, output_fn)
     divergences: dict[str, float] = {}
     best: dict[str, LayerOutcome] = {}
     for label, split in candidates.items():
         plans = _plans(split, pattern, keep_fn)
-        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense, exact=not proxy)
+        outcomes, work = reconstruct(
+            model, specs, plans, config, batches, sample_weights, dense, exact=not proxy, add_bias=add_bias
+        )
         value = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
         if not divergences or value < min(divergences.values()):
             best = outcomes
@@ -431,7 +476,7 @@ def reconstruct_best(
     if alternative is not None:
         finalists[f"{chosen}, refit, importance masks"] = _plans(candidates[chosen], pattern, alternative)
     for label, plans in finalists.items():
-        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense)
+        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense, add_bias=add_bias)
         divergences[label] = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
         if label.endswith(", refit") or divergences[label] < divergences[f"{chosen}, refit"]:
             best, final = outcomes, label
