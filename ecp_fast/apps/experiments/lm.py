@@ -31,9 +31,10 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -43,6 +44,9 @@ from tqdm.auto import tqdm
 import ecp_fast
 from ecp_fast.apps.corpus import ByteTokenizer, Corpus, python_docs_corpus, token_windows
 from ecp_fast.apps.experiments._common import limit_threads, write_csv
+
+if TYPE_CHECKING:  # transformers is an optional extra, imported where the experiment runs
+    from transformers import LlamaForCausalLM
 
 try:  # a one-line message and status 2 on the command line, where the CLI has it
     from ecp_fast.apps.cli import UsageError
@@ -101,8 +105,7 @@ class Setting:
 def parse_settings(text: str) -> list[Setting]:
     """``"50%:row,70%:row,2:4"``: sparsities with a scope (``row``, ``layer``, ``global``), or ``N:M`` patterns."""
     expected = (
-        "--settings must be comma-separated SPARSITY:SCOPE entries (e.g. 50%:row, 0.7:layer) or N:M patterns "
-        "(e.g. 2:4)"
+        "--settings must be comma-separated SPARSITY:SCOPE entries (e.g. 50%:row, 0.7:layer) or N:M patterns (e.g. 2:4)"
     )
     settings = []
     for part in (piece.strip() for piece in str(text).split(",")):
@@ -140,14 +143,28 @@ def parse_methods(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ecp-fast experiment lm``."""
     parser.add_argument("--out", type=Path, default=Path("runs/lm"), help="output folder (default runs/lm)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where the trained model and parsed corpus are cached (default <out>/cache)")
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help=f"comma-separated pruning methods, any the library offers (default {DEFAULT_METHODS})")
-    parser.add_argument("--settings", default=DEFAULT_SETTINGS,
-                        help=f"SPARSITY:SCOPE entries and N:M patterns (default {DEFAULT_SETTINGS})")
-    parser.add_argument("--sensitivity", default="output", choices=("output", "loss", "local"),
-                        help="sensitivity of the methods that use one (default output; wanda always local)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the trained model and parsed corpus are cached (default <out>/cache)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma-separated pruning methods, any the library offers (default {DEFAULT_METHODS})",
+    )
+    parser.add_argument(
+        "--settings",
+        default=DEFAULT_SETTINGS,
+        help=f"SPARSITY:SCOPE entries and N:M patterns (default {DEFAULT_SETTINGS})",
+    )
+    parser.add_argument(
+        "--sensitivity",
+        default="output",
+        choices=("output", "loss", "local"),
+        help="sensitivity of the methods that use one (default output; wanda always local)",
+    )
     parser.add_argument("--probes", type=int, default=8, help="Rademacher probes of the output sensitivity (default 8)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
@@ -157,16 +174,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=300, help="AdamW steps of training (default 300)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per training step (default 16)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    parser.add_argument("--calibration-sequences", type=int, default=32,
-                        help="training sequences streamed for calibration, 8 per batch (default 32)")
-    parser.add_argument("--eval-sequences", type=int, default=256,
-                        help="held-out sequences for the perplexity (default 256)")
-    parser.add_argument("--corpus", default="topics,docstrings",
-                        help="corpus sources: topics and/or docstrings (default both)")
+    parser.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=32,
+        help="training sequences streamed for calibration, 8 per batch (default 32)",
+    )
+    parser.add_argument(
+        "--eval-sequences", type=int, default=256, help="held-out sequences for the perplexity (default 256)"
+    )
+    parser.add_argument(
+        "--corpus", default="topics,docstrings", help="corpus sources: topics and/or docstrings (default both)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and probes")
+    parser.add_argument(
+        "--calibration-seeds",
+        type=int,
+        default=3,
+        help="calibration draws (sequences and probes) per pruning point, averaged (default 3; --quick 1)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--quick", action="store_true",
-                        help="seconds: hidden 64, 2 layers, 20 training steps, 4 calibration sequences")
+    parser.add_argument(
+        "--quick", action="store_true", help="seconds: hidden 64, 2 layers, 20 training steps, 4 calibration sequences"
+    )
 
 
 def _quick(args: argparse.Namespace) -> argparse.Namespace:
@@ -174,6 +204,7 @@ def _quick(args: argparse.Namespace) -> argparse.Namespace:
     quick.hidden, quick.layers, quick.heads, quick.intermediate, quick.context = 64, 2, 2, 128, 64
     quick.train_steps, quick.batch_size, quick.lr = 20, 8, 3e-3
     quick.calibration_sequences, quick.eval_sequences, quick.probes = 4, 16, 2
+    quick.calibration_seeds = 1
     quick.corpus = "topics"
     return quick
 
@@ -182,8 +213,18 @@ def validate(args: argparse.Namespace) -> None:
     """Check every option before the run (the command line calls it); ``UsageError`` names the option."""
     parse_methods(args.methods)
     parse_settings(args.settings)
-    for name in ("probes", "hidden", "layers", "heads", "intermediate", "context", "batch_size",
-                 "calibration_sequences", "eval_sequences", "threads"):
+    for name in (
+        "probes",
+        "hidden",
+        "layers",
+        "heads",
+        "intermediate",
+        "context",
+        "batch_size",
+        "calibration_sequences",
+        "eval_sequences",
+        "threads",
+    ):
         value = getattr(args, name)
         if not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -201,16 +242,24 @@ def validate(args: argparse.Namespace) -> None:
 # ---- the model ---------------------------------------------------------------------------------------
 
 
-def build_model(shape: ModelShape, seed: int) -> nn.Module:
+def build_model(shape: ModelShape, seed: int) -> LlamaForCausalLM:
     """A randomly initialised ``LlamaForCausalLM`` of ``shape`` (untied head, no biases, no cache)."""
     import transformers
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
-        max_position_embeddings=shape.context, tie_word_embeddings=False, use_cache=False,
-        pad_token_id=ByteTokenizer.pad_token_id, bos_token_id=None, eos_token_id=None,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=shape.context,
+        tie_word_embeddings=False,
+        use_cache=False,
+        pad_token_id=ByteTokenizer.pad_token_id,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -250,7 +299,7 @@ def train(model: nn.Module, corpus: Corpus, shape: ModelShape, training: Trainin
 
 def load_or_train(
     shape: ModelShape, training: Training, corpus: Corpus, corpus_key: str, cache: Path, progress: bool
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The trained model from ``cache`` when one with the same settings is there, else train and save it."""
     import transformers
 
@@ -328,7 +377,7 @@ class PeakMemory:
                 self.peak = max(self.peak, value)
             time.sleep(0.001)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self.base = self.peak = _rss()
         if self.base is not None:
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -369,19 +418,33 @@ def check_methods(methods: Sequence[str]) -> None:
         tiny = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
         batches = [torch.randn(16, 8)]
         try:
-            ecp_fast.prune(tiny, None if method in DATA_FREE_METHODS else batches, sparsity=0.5, method=method,
-                           scope="row", progress=False, **_sensitivity_kwargs(method, "local"))
+            ecp_fast.prune(
+                tiny,
+                None if method in DATA_FREE_METHODS else batches,
+                sparsity=0.5,
+                method=method,
+                scope="row",
+                progress=False,
+                **_sensitivity_kwargs(method, "local"),
+            )
         except ValueError as error:
             raise UsageError(f"--methods: {method!r} cannot prune ({error})") from error
 
 
-def _sensitivity_kwargs(method: str, requested: str) -> dict[str, str]:
+def _sensitivity_kwargs(method: str, requested: str) -> dict[str, Any]:
     sensitivity = _sensitivity(method, requested)
     return {} if sensitivity is None or method in DATA_FREE_METHODS else {"sensitivity": sensitivity}
 
 
+def calibration_batches(corpus: Any, shape: ModelShape, sequences: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Tokenizer-style batches of 8 training windows drawn with ``seed``."""
+    windows = token_windows(corpus.train, shape.context, count=sequences, seed=seed)
+    return [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in torch.split(windows, 8)]
+
+
 def prune_copy(
-    dense: nn.Module, method: str, setting: Setting, batches: list[dict[str, torch.Tensor]], args: argparse.Namespace
+    dense: nn.Module, method: str, setting: Setting, batches: list[dict[str, torch.Tensor]], args: argparse.Namespace,
+    seed: int,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of ``dense`` and what the pruning call cost (time, peak extra memory)."""
     model = copy.deepcopy(dense)
@@ -389,8 +452,15 @@ def prune_copy(
     with PeakMemory() as memory:
         started = time.perf_counter()
         report = ecp_fast.prune(
-            model, data, sparsity=setting.sparsity, method=method, scope=setting.scope, probes=args.probes,
-            seed=args.seed, progress=False, **_sensitivity_kwargs(method, args.sensitivity),
+            model,
+            data,
+            sparsity=setting.sparsity,
+            method=method,
+            scope=setting.scope,
+            probes=args.probes,
+            seed=seed,
+            progress=False,
+            **_sensitivity_kwargs(method, args.sensitivity),
         )
         seconds = time.perf_counter() - started
     return model, {
@@ -404,17 +474,43 @@ def prune_copy(
 # ---- reporting ----------------------------------------------------------------------------------------
 
 
+METRICS = ("perplexity", "seconds", "peak_extra_mib")
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Mean (and ``<metric>_std``, the spread over calibration seeds) per (method, setting)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["setting"]), []).append(row)
+    summary = {}
+    for key, members in groups.items():
+        entry: dict[str, float] = {"count": float(len(members))}
+        for metric in METRICS:
+            values = torch.tensor([float(member[metric]) for member in members], dtype=torch.float64)
+            entry[metric] = float(values.mean())
+            entry[f"{metric}_std"] = float(values.std(unbiased=False)) if len(members) > 1 else 0.0
+        summary[key] = entry
+    return summary
+
+
 def markdown_tables(rows: list[dict[str, Any]], settings: Sequence[Setting], methods: Sequence[str]) -> str:
-    """Perplexity, seconds and peak extra memory as method x setting tables (best perplexity in bold)."""
-    lookup = {(row["method"], row["setting"]): row for row in rows}
+    """Perplexity, seconds and peak extra memory as method x setting tables (best perplexity in bold);
+    means over calibration seeds, the perplexity with its spread."""
+    lookup = mean_rows(rows)
     dense = next(row for row in rows if row["method"] == "dense")
     parts = []
-    for metric, title, fmt in (("perplexity", "held-out perplexity per byte (lower is better)", ".3f"),
-                               ("seconds", "seconds per pruning call (calibration included)", ".2f"),
-                               ("peak_extra_mib", "peak extra resident memory of the pruning call, MiB", ".0f")):
+    for metric, title, fmt in (
+        ("perplexity", "held-out perplexity per byte (lower is better)", ".3f"),
+        ("seconds", "seconds per pruning call (calibration included)", ".2f"),
+        ("peak_extra_mib", "peak extra resident memory of the pruning call, MiB", ".0f"),
+    ):
         header = "| method | " + " | ".join(setting.label for setting in settings) + " |"
-        lines = [f"**{title}**" + (f" (dense: {dense['perplexity']:.3f})" if metric == "perplexity" else ""), "",
-                 header, "| --- |" + " ---: |" * len(settings)]
+        lines = [
+            f"**{title}**" + (f" (dense: {dense['perplexity']:.3f})" if metric == "perplexity" else ""),
+            "",
+            header,
+            "| --- |" + " ---: |" * len(settings),
+        ]
         best = {}
         if metric == "perplexity":
             for setting in settings:
@@ -428,6 +524,8 @@ def markdown_tables(rows: list[dict[str, Any]], settings: Sequence[Setting], met
                     cells.append("")
                     continue
                 text = format(row[metric], fmt)
+                if metric == "perplexity" and row["count"] > 1:
+                    text += f" ± {row['perplexity_std']:{fmt}}"
                 cells.append(f"**{text}**" if best.get(setting.label) == row[metric] else text)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
@@ -441,15 +539,18 @@ def plot(rows: list[dict[str, Any]], settings: Sequence[Setting], methods: Seque
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lookup = {(row["method"], row["setting"]): row for row in rows}
+    lookup = mean_rows(rows)
     dense = next(row for row in rows if row["method"] == "dense")["perplexity"]
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(methods))
-    for panel, (metric, label) in zip(axes, (("perplexity", "held-out perplexity per byte"),
-                                             ("seconds", "seconds per pruning call"))):
+    for panel, (metric, label) in zip(
+        axes, (("perplexity", "held-out perplexity per byte"), ("seconds", "seconds per pruning call")), strict=True
+    ):
         for index, method in enumerate(methods):
             xs = [position + (index - (len(methods) - 1) / 2) * width for position in range(len(settings))]
-            values = [lookup[(method, s.label)][metric] if (method, s.label) in lookup else float("nan") for s in settings]
+            values = [
+                lookup[(method, s.label)][metric] if (method, s.label) in lookup else float("nan") for s in settings
+            ]
             panel.bar(xs, values, width=width, label=method)
         if metric == "perplexity":
             panel.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
@@ -498,29 +599,49 @@ def run(args: argparse.Namespace) -> int:
     dense, info = load_or_train(shape, training, corpus, f"{sources}:{max_bytes}", cache, progress)
 
     eval_windows = token_windows(corpus.heldout, shape.context, count=args.eval_sequences)
-    calibration = token_windows(corpus.train, shape.context, count=args.calibration_sequences, seed=args.seed + 1)
-    tokenizer_batches = [
-        {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)} for chunk in torch.split(calibration, 8)
-    ]
     dense_perplexity = perplexity(dense, eval_windows)
-    rows: list[dict[str, Any]] = [{
-        "method": "dense", "setting": "", "scope": "", "target": 0.0, "sparsity": 0.0, "perplexity": dense_perplexity,
-        "seconds": 0.0, "peak_extra_mib": 0.0, "sensitivity": "",
-    }]
-    jobs = [(method, setting) for method in methods for setting in settings]
-    for method, setting in tqdm(jobs, desc="prune", disable=not progress, leave=False):
-        pruned, cost = prune_copy(dense, method, setting, tokenizer_batches, args)
-        rows.append({
-            "method": method, "setting": setting.label, "scope": setting.scope,
-            "target": setting.sparsity if setting.sparsity is not None else float("nan"),
-            **cost, "perplexity": perplexity(pruned, eval_windows),
-        })
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "dense",
+            "setting": "",
+            "scope": "",
+            "target": 0.0,
+            "calibration_seed": "",
+            "sparsity": 0.0,
+            "perplexity": dense_perplexity,
+            "seconds": 0.0,
+            "peak_extra_mib": 0.0,
+            "sensitivity": "",
+        }
+    ]
+    seeds = range(args.seed, args.seed + max(1, args.calibration_seeds))
+    jobs = [(seed, method, setting) for seed in seeds for method in methods for setting in settings]
+    draws = {seed: calibration_batches(corpus, shape, args.calibration_sequences, seed + 1) for seed in seeds}
+    for seed, method, setting in tqdm(jobs, desc="prune", disable=not progress, leave=False):
+        pruned, cost = prune_copy(dense, method, setting, draws[seed], args, seed)
+        rows.append(
+            {
+                "method": method,
+                "setting": setting.label,
+                "scope": setting.scope,
+                "target": setting.sparsity if setting.sparsity is not None else float("nan"),
+                "calibration_seed": seed,
+                **cost,
+                "perplexity": perplexity(pruned, eval_windows),
+            }
+        )
         logger.info("%s %s: perplexity %.3f in %.2f s", method, setting.label, rows[-1]["perplexity"], cost["seconds"])
         del pruned
     context = {
-        "parameters": info["parameters"], "train_steps": training.steps, "final_train_loss": info["final_train_loss"],
-        "calibration_tokens": calibration.numel(), "eval_tokens": eval_windows.numel(), "threads": args.threads,
-        "probes": args.probes, "torch": torch.__version__, "transformers": transformers.__version__,
+        "parameters": info["parameters"],
+        "train_steps": training.steps,
+        "final_train_loss": info["final_train_loss"],
+        "calibration_tokens": sum(batch["input_ids"].numel() for batch in draws[args.seed]),
+        "eval_tokens": eval_windows.numel(),
+        "threads": args.threads,
+        "probes": args.probes,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
     for row in rows:
         row.update(context)
@@ -530,7 +651,8 @@ def run(args: argparse.Namespace) -> int:
     summary = (
         f"Llama-style byte LM: hidden {shape.hidden}, {shape.layers} layers, {info['parameters']:,} parameters, "
         f"{training.steps} training steps ({trained}; final "
-        f"training loss {info['final_train_loss']:.3f} nats/byte); {corpus}; calibration {calibration.numel()} tokens, "
+        f"training loss {info['final_train_loss']:.3f} nats/byte); {corpus}; calibration {context['calibration_tokens']} tokens "
+        f"x {len(seeds)} draw(s), "
         f"evaluation {eval_windows.numel()} held-out tokens; {args.threads} thread(s)."
     )
     (out / "lm_tables.md").write_text(f"{summary}\n\n{tables}\n")
