@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 NAME = "lm"
 HELP = "a small Llama-style LM on Python's documentation: perplexity, time and memory of each pruning method"
 
-DEFAULT_METHODS = "magnitude,wanda,ecp"
+DEFAULT_METHODS = "magnitude,wanda,ecp,sparsegpt,ecp-obs"
 DEFAULT_SETTINGS = "50%:row,70%:row,2:4"
 #: Methods calibrated without a backward pass whatever ``--sensitivity`` says.
 LOCAL_METHODS = ("wanda",)
