@@ -26,8 +26,9 @@ re-exported here.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -47,20 +48,31 @@ from ecp_fast.pruning.batches import (
 )
 from ecp_fast.pruning.layers import (  # re-exported: pruner, sequential, importance, structured import them from here
     LayerSpec,
+    _conv_padding,  # noqa: F401  (kept importable from here)
     existing_mask,
     resolve_layers,
     weight_2d,
     weight_parameter,
 )
-from ecp_fast.pruning.layers import _conv_padding  # noqa: F401  (kept importable from here)
 from ecp_fast.pruning.layers import unsupported_reason as _unsupported_reason  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CalibrationResult", "Calibrator", "DEFAULT_PROBES", "LayerGradients", "LayerSpec", "LayerStatistics",
-    "MAX_EXACT_OUTPUTS", "MAX_STORED_SAMPLES", "SENSITIVITIES", "existing_mask", "merge_statistics",
-    "resolve_layers", "weight_2d", "weight_parameter",
+    "CalibrationResult",
+    "Calibrator",
+    "DEFAULT_PROBES",
+    "LayerGradients",
+    "LayerSpec",
+    "LayerStatistics",
+    "MAX_EXACT_OUTPUTS",
+    "MAX_STORED_SAMPLES",
+    "SENSITIVITIES",
+    "existing_mask",
+    "merge_statistics",
+    "resolve_layers",
+    "weight_2d",
+    "weight_parameter",
 ]
 
 SENSITIVITIES = ("output", "loss", "local")
@@ -99,10 +111,13 @@ def merge_statistics(a: LayerStatistics | None, b: LayerStatistics) -> LayerStat
         return b
     if (a.loss_grad_sum is None) != (b.loss_grad_sum is None):
         raise ValueError("merge_statistics: both parts must have loss gradients, or neither")
+    loss_grad_sum = None
+    if a.loss_grad_sum is not None and b.loss_grad_sum is not None:
+        loss_grad_sum = a.loss_grad_sum + b.loss_grad_sum
     return LayerStatistics(
         moments=merge_moments(a.moments, b.moments),
         activation_sq_sum=a.activation_sq_sum + b.activation_sq_sum,
-        loss_grad_sum=None if a.loss_grad_sum is None else a.loss_grad_sum + b.loss_grad_sum,
+        loss_grad_sum=loss_grad_sum,
         samples=a.samples + b.samples,
     )
 
@@ -151,7 +166,7 @@ def _check_layer_gradients(grads: LayerGradients, name: str, batch_index: int) -
 class _Rows(NamedTuple):
     """Which of a layer's ``N`` rows count (None: all) and the square roots of their weights (None: all 1)."""
 
-    index: torch.Tensor | None
+    kept: torch.Tensor | None
     scale: torch.Tensor | None
 
 
@@ -173,7 +188,7 @@ def _row_selection(weights: torch.Tensor | None, count: int, cache: dict[int, _R
 
 
 def _select(t: torch.Tensor, rows: _Rows) -> torch.Tensor:
-    return t if rows.index is None else t.index_select(0, rows.index)
+    return t if rows.kept is None else t.index_select(0, rows.kept)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -202,6 +217,200 @@ class _LayerPass:
 
 
 _STATISTICS, _GRADIENTS, _ROW_SENSITIVITIES = "statistics", "gradients", "row_sensitivities"
+
+
+def _batch_iterator(batches: Iterable[Any]) -> Iterator[Any]:
+    if batches is None:
+        raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
+    try:
+        return iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"argument 'batches' must be an iterable of inputs or (inputs, targets), got {type(batches).__name__}"
+        ) from None
+
+
+@dataclass
+class _RunTotals:
+    """What :meth:`Calibrator.run` accumulates over the batches."""
+
+    statistics: dict[str, LayerStatistics | None]
+    keep_inputs: bool
+    kept_inputs: list[torch.Tensor] = field(default_factory=list)
+    kept_count: int = 0
+    inputs_complete: bool = True
+    samples: int = 0
+    batch_count: int = 0
+    has_loss: bool | None = None
+
+    def check_targets(self, use_loss: bool) -> None:
+        """Every batch has targets, or none has."""
+        if self.has_loss is None:
+            self.has_loss = use_loss
+        elif self.has_loss != use_loss:
+            raise ValueError(
+                f"argument 'batches': batch {self.batch_count} {'has' if use_loss else 'lacks'} targets "
+                "unlike the first batch; give targets for every batch or for none"
+            )
+
+    def add(self, batch_statistics: dict[str, LayerStatistics], inputs: Any) -> None:
+        """Merge one batch's statistics; keep its inputs while they fit."""
+        for name, stats in batch_statistics.items():
+            self.statistics[name] = merge_statistics(self.statistics[name], stats)
+        batch_samples = count_samples(inputs)
+        self.samples += batch_samples
+        self.batch_count += 1
+        if self.keep_inputs and self.inputs_complete:
+            fits = self.kept_count + batch_samples <= MAX_STORED_SAMPLES
+            if isinstance(inputs, torch.Tensor) and fits:
+                self.kept_inputs.append(inputs.detach())
+                self.kept_count += batch_samples
+            else:  # too many samples to replay, or inputs that cannot be concatenated
+                self.inputs_complete = False
+                self.kept_inputs = []
+
+    def result(self) -> CalibrationResult:
+        """The result; ``ValueError`` when there was no batch or a layer never ran."""
+        if self.batch_count == 0:
+            raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
+        missing = [name for name, stats in self.statistics.items() if stats is None]
+        if missing:
+            raise ValueError(f"argument 'layers': layers {missing} never ran during the model's forward pass")
+        logger.info(
+            "calibrated %d layers on %d samples in %d batches", len(self.statistics), self.samples, self.batch_count
+        )
+        kept = self.kept_inputs
+        return CalibrationResult(
+            statistics={name: stats for name, stats in self.statistics.items() if stats is not None},
+            samples=self.samples,
+            batches=self.batch_count,
+            inputs=torch.cat(kept) if self.inputs_complete and kept else None,
+            inputs_complete=self.inputs_complete and bool(kept),
+            has_loss=bool(self.has_loss),
+        )
+
+
+#: Up to this many bytes of output gradients (directions x every scored layer's outputs of a batch),
+#: the output sensitivity takes one batched backward pass (vmap) instead of one pass per direction:
+#: much faster for few exact rows, while large models keep streaming one direction at a time.
+BATCHED_BACKWARD_BYTES = 64 << 20
+_BATCHED = "batched"
+
+
+class _PassHooks:
+    """The hooks of one forward pass: each layer's input captured, its gradients reduced as they arrive.
+
+    ``mode`` says what a gradient becomes: the moments and sums of :meth:`Calibrator.run`
+    (``statistics``), every gradient kept (``gradients``) or per-row sensitivities (``row_sensitivities``).
+    """
+
+    def __init__(
+        self,
+        layers: dict[str, LayerSpec],
+        sensitivity: str,
+        mode: str,
+        check_finite: bool,
+        use_loss: bool,
+        weights: torch.Tensor | None,
+        batch_index: int,
+    ) -> None:
+        self.layers = layers
+        self.sensitivity = sensitivity
+        self.mode = mode
+        self.check_finite = check_finite
+        self.use_loss = use_loss
+        self.weights = weights
+        self.needs_graph = sensitivity != "local" or use_loss
+        self.where = f"calibration batch {batch_index}:"
+        self.passes: dict[str, _LayerPass] = {}
+        self.anchors: list[torch.Tensor] = []
+        self.tapped: dict[str, torch.Tensor] = {}  # each layer's output, for the batched backward pass
+        self.phase = "forward"
+        self._row_cache: dict[int, _Rows] = {}
+
+    def hook(self, name: str) -> Callable[..., torch.Tensor | None]:
+        """The forward hook of layer ``name``."""
+
+        def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if name in self.passes:
+                raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
+            self.on_input(name, args[0].detach())
+            if not self.needs_graph:
+                return None
+            # A zero leaf added to z: differentiating with respect to the anchors drives the
+            # backward pass through every z without capturing (and holding) their gradients,
+            # and works when the layer's own parameters are frozen. The hook on the sum sees
+            # dy/dz as soon as the backward pass reaches this layer.
+            anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            tapped = output + anchor
+            tapped.register_hook(lambda grad: self.on_gradient(name, grad))
+            self.anchors.append(anchor)
+            self.tapped[name] = tapped
+            return tapped
+
+        return forward_hook
+
+    def on_input(self, name: str, x: torch.Tensor) -> None:
+        """Capture the layer's input; in statistics mode, its counted rows and their squares (and moments for local)."""
+        state = self.passes[name] = _LayerPass(self.layers[name])
+        state.raw_x = x
+        if self.mode != _STATISTICS:
+            return
+        spec = state.spec
+        samples = spec.inputs_2d(x)
+        state.rows = _row_selection(self.weights, samples.shape[0], self._row_cache)
+        samples = _select(samples, state.rows)
+        if self.check_finite:
+            _check_finite(samples, f"{self.where} the inputs of layer {name!r}", "activations")
+        state.samples = int(samples.shape[0])
+        scale = state.rows.scale
+        squares = (
+            samples.square() if scale is None else samples.square() * scale.square().to(samples.dtype).unsqueeze(1)
+        )
+        state.activation_sq_sum = squares.sum(dim=0)
+        if self.sensitivity == "local":
+            g = samples.new_ones(samples.shape[0], spec.fan_out)
+            if scale is not None:
+                g = g * scale.to(g.dtype).unsqueeze(1)
+            state.moments = fused_moments(samples, g)
+            if not self.use_loss:
+                state.raw_x = None  # nothing else needs this layer's input
+
+    def on_gradient(self, name: str, grad: torch.Tensor) -> None:
+        """Reduce one backward pass's gradient of a layer's output and let it go."""
+        if self.phase == _BATCHED:
+            return  # the batched pass returns its gradients; they are reduced one direction at a time
+        state = self.passes[name]
+        spec = state.spec
+        g = spec.grads_3d(grad.detach().unsqueeze(0))[0]  # (N, out)
+        if self.check_finite:
+            what = "loss gradients" if self.phase == "loss" else "output gradients"
+            _check_finite(g, f"{self.where} the {what} of layer {name!r}", "gradients")
+        if self.mode == _GRADIENTS:
+            if self.phase == "loss":
+                state.loss_g = g
+            else:
+                state.gradients.append(g)
+            return
+        if self.mode == _ROW_SENSITIVITIES:
+            if self.phase == "loss" and self.sensitivity != "loss":
+                return
+            row = g.to(torch.float64).square().sum(dim=-1)
+            state.sensitivity = row if state.sensitivity is None else state.sensitivity.add_(row)
+            return
+        g = _select(g, state.rows)
+        scale = state.rows.scale
+        if self.phase == "loss":
+            x = state.inputs()
+            state.loss_grad_sum = g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
+            if self.sensitivity == "loss":
+                weighted = g if scale is None else g * scale.to(g.dtype).unsqueeze(1)
+                state.moments = fused_moments(x, weighted.to(x.dtype).unsqueeze(0))
+            return
+        squares = g.to(_accumulation_dtype(g.dtype)).square()
+        if scale is not None:
+            squares = squares * scale.square().to(squares.dtype).unsqueeze(1)
+        state.sensitivity = squares if state.sensitivity is None else state.sensitivity.add_(squares)
 
 
 class Calibrator:
@@ -234,6 +443,7 @@ class Calibrator:
         model: nn.Module,
         layers: dict[str, LayerSpec],
         sensitivity: str = "output",
+        *,
         probes: int | None = None,
         loss_fn: LossFn | None = None,
         loss_reduction: str | None = None,
@@ -269,76 +479,36 @@ class Calibrator:
         ``samples`` counts what the statistics count: rows of tensor inputs, real (non-padding)
         tokens of inputs with an attention mask (see :func:`~ecp_fast.pruning.batches.count_samples`).
         """
-        if batches is None:
-            raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
-        try:
-            iterator: Iterator[Any] = iter(batches)
-        except TypeError:
-            raise TypeError(
-                f"argument 'batches' must be an iterable of inputs or (inputs, targets), got {type(batches).__name__}"
-            ) from None
+        iterator = _batch_iterator(batches)
         device = module_device(self.model)
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
-        statistics: dict[str, LayerStatistics | None] = {name: None for name in self.layers}
-        kept_inputs: list[torch.Tensor] = []
-        kept_count = 0
-        inputs_complete = True
-        samples = 0
-        batch_count = 0
-        has_loss: bool | None = None
-        total = len(batches) if hasattr(batches, "__len__") else None  # type: ignore[arg-type]
+        totals = _RunTotals({name: None for name in self.layers}, self.keep_inputs)
+        total = len(batches) if isinstance(batches, Sized) else None
         was_training = {name: module.training for name, module in self.model.named_modules()}
         self.model.eval()  # dropout off and batch norm frozen: samples stay independent
         try:
             for batch in tqdm(iterator, total=total, desc="calibrate", disable=not progress, leave=False):
-                inputs, targets = split_batch(batch)
-                inputs = to_device(inputs, device)
-                targets = to_device(targets, device)
-                use_loss = self.loss_fn is not None and targets is not None
-                if self.sensitivity == "loss" and targets is None:
-                    raise ValueError(
-                        f"argument 'batches': sensitivity='loss' needs (inputs, targets) batches, batch {batch_count} "
-                        "has no targets"
-                    )
-                if has_loss is None:
-                    has_loss = use_loss
-                elif has_loss != use_loss:
-                    raise ValueError(
-                        f"argument 'batches': batch {batch_count} {'has' if use_loss else 'lacks'} targets "
-                        "unlike the first batch; give targets for every batch or for none"
-                    )
-                batch_statistics = self._batch_statistics(inputs, targets if use_loss else None, generator, batch_count)
-                for name, stats in batch_statistics.items():
-                    statistics[name] = merge_statistics(statistics[name], stats)
-                batch_samples = count_samples(inputs)
-                samples += batch_samples
-                batch_count += 1
-                if self.keep_inputs and inputs_complete:
-                    fits = kept_count + batch_samples <= MAX_STORED_SAMPLES
-                    if isinstance(inputs, torch.Tensor) and fits:
-                        kept_inputs.append(inputs.detach())
-                        kept_count += batch_samples
-                    else:  # too many samples to replay, or inputs that cannot be concatenated
-                        inputs_complete = False
-                        kept_inputs = []
+                self._run_batch(batch, device, generator, totals)
         finally:
             for name, module in self.model.named_modules():
                 module.train(was_training.get(name, module.training))
-        if batch_count == 0:
-            raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
-        missing = [name for name, stats in statistics.items() if stats is None]
-        if missing:
-            raise ValueError(f"argument 'layers': layers {missing} never ran during the model's forward pass")
-        logger.info("calibrated %d layers on %d samples in %d batches", len(statistics), samples, batch_count)
-        return CalibrationResult(
-            statistics={name: stats for name, stats in statistics.items() if stats is not None},
-            samples=samples,
-            batches=batch_count,
-            inputs=torch.cat(kept_inputs) if inputs_complete and kept_inputs else None,
-            inputs_complete=inputs_complete and bool(kept_inputs),
-            has_loss=bool(has_loss),
-        )
+        return totals.result()
+
+    def _run_batch(self, batch: Any, device: torch.device, generator: torch.Generator, totals: _RunTotals) -> None:
+        """One batch of :meth:`run`: its statistics merged into ``totals``."""
+        inputs, targets = split_batch(batch)
+        inputs = to_device(inputs, device)
+        targets = to_device(targets, device)
+        use_loss = self.loss_fn is not None and targets is not None
+        if self.sensitivity == "loss" and targets is None:
+            raise ValueError(
+                f"argument 'batches': sensitivity='loss' needs (inputs, targets) batches, batch {totals.batch_count} "
+                "has no targets"
+            )
+        totals.check_targets(use_loss)
+        batch_statistics = self._batch_statistics(inputs, targets if use_loss else None, generator, totals.batch_count)
+        totals.add(batch_statistics, inputs)
 
     # One batch, three ways of reducing it ------------------------------------------------------------
 
@@ -362,7 +532,7 @@ class Calibrator:
         result = {}
         for name, state in passes.items():
             spec = state.spec
-            x = spec.inputs_2d(state.raw_x)
+            x = state.inputs()  # every row: gradients() selects none
             count = len(state.gradients)
             if self.sensitivity == "loss":
                 g = None if state.loss_g is None else state.loss_g.unsqueeze(0)
@@ -394,11 +564,12 @@ class Calibrator:
         result = {}
         for name, state in passes.items():
             spec = state.spec
-            rows = spec.inputs_2d(state.raw_x).shape[0]
+            x = state.inputs()  # every row: row_sensitivities() selects none
+            rows = x.shape[0]
             if self.sensitivity == "local":
-                row = torch.ones(rows, dtype=torch.float64, device=state.raw_x.device)
+                row = torch.ones(rows, dtype=torch.float64, device=x.device)
             elif state.sensitivity is None:
-                row = torch.zeros(rows, dtype=torch.float64, device=state.raw_x.device)
+                row = torch.zeros(rows, dtype=torch.float64, device=x.device)
             else:
                 row = state.sensitivity / spec.fan_out
             if weights is not None and weights.numel() == rows:
@@ -420,14 +591,17 @@ class Calibrator:
                     c = x.new_zeros(x.shape[0], spec.fan_out)
                 state.moments = fused_moments(x, c.sqrt().to(x.dtype).unsqueeze(0))
                 state.sensitivity = None
+            activation_sq_sum = state.activation_sq_sum
+            assert activation_sq_sum is not None  # on_input sets it in statistics mode
             loss_grad_sum = state.loss_grad_sum
             if loss_grad_sum is None and targets is not None and self.loss_fn is not None:
-                loss_grad_sum = torch.zeros(spec.fan_out, spec.fan_in, dtype=state.activation_sq_sum.dtype,
-                                            device=state.activation_sq_sum.device)
+                loss_grad_sum = torch.zeros(
+                    spec.fan_out, spec.fan_in, dtype=activation_sq_sum.dtype, device=activation_sq_sum.device
+                )
             state.raw_x = None
             stats = LayerStatistics(
                 moments=state.moments,
-                activation_sq_sum=state.activation_sq_sum,
+                activation_sq_sum=activation_sq_sum,
                 loss_grad_sum=loss_grad_sum,
                 samples=state.samples,
             )
@@ -461,127 +635,99 @@ class Calibrator:
         use_loss = targets is not None and self.loss_fn is not None
         if self.sensitivity == "loss" and not use_loss:
             raise ValueError("sensitivity='loss' needs targets and loss_fn for every batch")
-        needs_graph = self.sensitivity != "local" or use_loss
         weights = sample_weights(inputs)
         if weights is not None:
             weights = weights.to(module_device(self.model))
-        row_cache: dict[int, _Rows] = {}
-        passes: dict[str, _LayerPass] = {}
-        anchors: list[torch.Tensor] = []
-        phase = ["forward"]
-        where = f"calibration batch {batch_index}:"
-
-        def on_input(name: str, x: torch.Tensor) -> None:
-            state = passes[name] = _LayerPass(self.layers[name])
-            state.raw_x = x
-            if mode != _STATISTICS:
-                return
-            spec = state.spec
-            samples = spec.inputs_2d(x)
-            state.rows = _row_selection(weights, samples.shape[0], row_cache)
-            samples = _select(samples, state.rows)
-            if check_finite:
-                _check_finite(samples, f"{where} the inputs of layer {name!r}", "activations")
-            state.samples = int(samples.shape[0])
-            scale = state.rows.scale
-            squares = samples.square() if scale is None else samples.square() * scale.square().to(samples.dtype).unsqueeze(1)
-            state.activation_sq_sum = squares.sum(dim=0)
-            if self.sensitivity == "local":
-                g = samples.new_ones(samples.shape[0], spec.fan_out)
-                if scale is not None:
-                    g = g * scale.to(g.dtype).unsqueeze(1)
-                state.moments = fused_moments(samples, g)
-                if not use_loss:
-                    state.raw_x = None  # nothing else needs this layer's input
-
-        def on_gradient(name: str, grad: torch.Tensor) -> None:
-            state = passes[name]
-            spec = state.spec
-            g = spec.grads_3d(grad.detach().unsqueeze(0))[0]  # (N, out)
-            if check_finite:
-                what = "loss gradients" if phase[0] == "loss" else "output gradients"
-                _check_finite(g, f"{where} the {what} of layer {name!r}", "gradients")
-            if mode == _GRADIENTS:
-                if phase[0] == "loss":
-                    state.loss_g = g
-                else:
-                    state.gradients.append(g)
-                return
-            if mode == _ROW_SENSITIVITIES:
-                if phase[0] == "loss" and self.sensitivity != "loss":
-                    return
-                row = g.to(torch.float64).square().sum(dim=-1)
-                state.sensitivity = row if state.sensitivity is None else state.sensitivity.add_(row)
-                return
-            g = _select(g, state.rows)
-            scale = state.rows.scale
-            if phase[0] == "loss":
-                x = state.inputs()
-                state.loss_grad_sum = g.T.to(x.dtype) @ x  # dL/dW of the summed per-sample loss
-                if self.sensitivity == "loss":
-                    weighted = g if scale is None else g * scale.to(g.dtype).unsqueeze(1)
-                    state.moments = fused_moments(x, weighted.to(x.dtype).unsqueeze(0))
-                return
-            squares = g.to(_accumulation_dtype(g.dtype)).square()
-            if scale is not None:
-                squares = squares * scale.square().to(squares.dtype).unsqueeze(1)
-            state.sensitivity = squares if state.sensitivity is None else state.sensitivity.add_(squares)
-
-        def make_hook(name: str) -> Callable[..., torch.Tensor | None]:
-            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-                if name in passes:
-                    raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
-                on_input(name, args[0].detach())
-                if not needs_graph:
-                    return None
-                # A zero leaf added to z: differentiating with respect to the anchors drives the
-                # backward pass through every z without capturing (and holding) their gradients,
-                # and works when the layer's own parameters are frozen. The hook on the sum sees
-                # dy/dz as soon as the backward pass reaches this layer.
-                anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-                tapped = output + anchor
-                tapped.register_hook(lambda grad: on_gradient(name, grad))
-                anchors.append(anchor)
-                return tapped
-
-            return hook
-
-        handles = [spec.module.register_forward_hook(make_hook(name)) for name, spec in self.layers.items()]
+        hooks = _PassHooks(self.layers, self.sensitivity, mode, check_finite, use_loss, weights, batch_index)
         # No parameter gradient is ever needed (dL/dW is streamed from dL/dz and a): with the
         # parameters frozen, the graph saves only what the gradients with respect to z need
         # (about a third less on a transformer block).
-        trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad] if needs_graph else []
+        trainable = (
+            [parameter for parameter in self.model.parameters() if parameter.requires_grad] if hooks.needs_graph else []
+        )
         self._pass_count = 0
         try:
             for parameter in trainable:
                 parameter.requires_grad_(False)
-            try:
-                with torch.set_grad_enabled(needs_graph):
-                    raw_output = call_model(self.model, inputs)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            if not needs_graph:
-                return passes
-            output = (self.output_fn or model_output)(raw_output)
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"argument 'output_fn' must return a tensor, got {type(output).__name__}")
-            del raw_output
-            if use_loss:
-                phase[0] = "loss"
-                total = self._loss_total(output, targets)
-                self._backward(total, anchors, None, retain=self.sensitivity == "output")
-                del total
-            if self.sensitivity == "output":
-                phase[0] = "output"
-                directions = self._directions(output, weights, generator)
-                self._pass_count = len(directions)
-                for index in range(len(directions)):
-                    self._backward(output, anchors, directions[index](), retain=index < len(directions) - 1)
+            output = self._forward(hooks, inputs)  # the model's raw return value is not kept past this call
+            if output is not None:
+                self._backward_passes(hooks, output, targets, weights, generator)
         finally:
             for parameter in trainable:
                 parameter.requires_grad_(True)
-        return passes
+        return hooks.passes
+
+    def _forward(self, hooks: _PassHooks, inputs: Any) -> torch.Tensor | None:
+        """The forward pass with the hooks in place; the output tensor when backward passes follow."""
+        handles = [spec.module.register_forward_hook(hooks.hook(name)) for name, spec in self.layers.items()]
+        try:
+            with torch.set_grad_enabled(hooks.needs_graph):
+                raw_output = call_model(self.model, inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not hooks.needs_graph:
+            return None
+        output = (self.output_fn or model_output)(raw_output)
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"argument 'output_fn' must return a tensor, got {type(output).__name__}")
+        return output
+
+    def _backward_passes(
+        self,
+        hooks: _PassHooks,
+        output: torch.Tensor,
+        targets: Any,
+        weights: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> None:
+        """The loss backward pass (with targets), then one output backward pass per probe direction."""
+        if hooks.use_loss:
+            hooks.phase = "loss"
+            total = self._loss_total(output, targets)
+            self._backward(total, hooks.anchors, None, retain=self.sensitivity == "output")
+            del total
+        if self.sensitivity == "output":
+            directions = self._directions(output, weights, generator)
+            self._pass_count = len(directions)
+            if self._fits_batched(hooks, len(directions)):
+                self._batched_output_pass(hooks, output, directions)
+                return
+            hooks.phase = "output"
+            for index in range(len(directions)):
+                self._backward(output, hooks.anchors, directions[index](), retain=index < len(directions) - 1)
+
+    @staticmethod
+    def _fits_batched(hooks: _PassHooks, directions: int) -> bool:
+        """Whether every layer's gradients for every direction fit :data:`BATCHED_BACKWARD_BYTES` at once."""
+        values = sum(tapped.numel() * tapped.element_size() for tapped in hooks.tapped.values())
+        return 0 < directions * values <= BATCHED_BACKWARD_BYTES
+
+    @staticmethod
+    def _batched_output_pass(hooks: _PassHooks, output: torch.Tensor, directions: list) -> None:
+        """All directions in one batched backward pass, then each layer's gradients reduced as in the loop."""
+        names = [name for name in hooks.tapped if hooks.tapped[name].requires_grad]
+        if not names or not output.requires_grad:
+            return
+        hooks.phase = _BATCHED
+        stacked = torch.stack([direction() for direction in directions])
+        try:
+            grads = torch.autograd.grad(
+                output, [hooks.tapped[name] for name in names], grad_outputs=stacked, is_grads_batched=True,
+                allow_unused=True,
+            )
+        except RuntimeError as error:  # an op without a batching rule: one pass per direction instead
+            logger.info("batched backward failed (%s); one backward pass per direction", error)
+            hooks.phase = "output"
+            for index, direction in enumerate(directions):
+                Calibrator._backward(output, hooks.anchors, direction(), retain=index < len(directions) - 1)
+            return
+        hooks.phase = "output"
+        for name, grad in zip(names, grads, strict=True):
+            if grad is None:
+                continue
+            for row in grad:
+                hooks.on_gradient(name, row)
 
     @staticmethod
     def _backward(
@@ -627,12 +773,15 @@ class Calibrator:
             return direction if token_mask is None else direction * token_mask
 
         if probes is None:
+
             def row(k: int) -> Callable[[], torch.Tensor]:
                 def make() -> torch.Tensor:
                     direction = torch.zeros(batch, outputs, dtype=output.dtype, device=output.device)
                     direction[:, k] = 1
                     return masked(direction)
+
                 return make
+
             return [row(k) for k in range(outputs)]
 
         def probe() -> torch.Tensor:
