@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the Triton ``ecp::score`` on CUDA (skipped without a GPU).
+"""pytest-benchmark suite for the Triton ``ecp::score`` and ``ecp::gram`` on CUDA (skipped without a GPU).
 
 ``pytest bench/bench_triton.py --benchmark-only``. Each case times the fused op, cuBLAS on the two
 equivalent GEMMs and the unfused PyTorch formula in the input dtype (see ``bench/triton_table.py``).
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from triton_table import score_flops, unfused_score  # noqa: E402
 
 import ecp_fast  # noqa: E402
+import ecp_fast.ops  # noqa: E402
 
 SHAPES = [(16384, 4096, 4096), (16384, 784, 300)]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -81,3 +82,19 @@ def test_score_cublas_two_gemms(benchmark, shape: tuple[int, int, int], dtype: t
 def test_score_torch_formula(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     x, g, weight = make_layer(*shape, dtype)
     run_timed(benchmark, lambda: unfused_score(x, g, weight), score_flops(*shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_triton(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """ecp::gram with sample weights against the single cuBLAS GEMM of the same shapes below."""
+    x, _, _ = make_layer(*shape, dtype)
+    sample_weight = torch.rand(x.shape[0], device="cuda", dtype=dtype)
+    run_timed(benchmark, lambda: ecp_fast.ops.gram(x, None, sample_weight), 2.0 * x.shape[0] * x.shape[1] ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_cublas_one_gemm(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    x, _, _ = make_layer(*shape, dtype)
+    run_timed(benchmark, lambda: torch.mm(x.T, x), 2.0 * x.shape[0] * x.shape[1] ** 2)

@@ -1,23 +1,32 @@
 // CPU kernel of ecp::gram: H = sum_s w_s [a_s; 1] [b_s; 1]^T, the constant 1 last (METHOD.md,
 // "compensation by reconstruction").
 //
-// One pass over the samples in bounded chunks. For each chunk at::parallel_for writes
+// One pass over the samples in bounded chunks. For each chunk
 //   left = [w_s a_s | w_s]                                     (rows x (in_a + 1))
-// into a small reusable buffer, then one GEMM  H[:, :in_b] += left^T b_chunk  accumulates the chunk
-// on ATen's BLAS, reading b (or a, when b is None) in place whenever BLAS can (same dtype as the
-// sums, samples viewable as one dimension; otherwise its rows are copied into a second buffer). The
-// column of ones in left makes its last row the weighted column sums of b, and the last column of H
-// is left^T 1, the column sums of left. Nothing of size (N, in) is ever allocated.
+// is written into a small reusable buffer, then one GEMM  H[:, :in_b] += left^T b_chunk  accumulates
+// the chunk on ATen's BLAS, reading b (or a, when b is None) in place whenever BLAS can (same dtype
+// as the sums, samples viewable as one dimension; otherwise its rows are copied into a second
+// buffer). The column of ones in left makes its last row the weighted column sums of b; the last
+// column of H, left^T 1, is summed while the buffer is filled. Nothing of size (N, in) is allocated.
 //
 // With b = None, H is symmetric, so only the upper part of each block row of H is multiplied (one
 // GEMM per block row) and the lower triangle is mirrored at the end: about 5/8 of the
 // multiplications of a full GEMM for in = 1024.
+//
+// Threads: each takes chunks from a shared counter and accumulates them into its own H (serial fill,
+// single-threaded GEMMs), all inside one parallel region, and the private H are added at the end.
+// On a busy machine each parallel region waits for its slowest thread, so this keeps the op within a
+// few percent of one torch.mm where a parallel fill and parallel GEMMs per chunk lost 20-50%. When
+// the private H would not fit kPrivateSumsBytes (wide layers, many threads) or there are too few
+// samples, the threads share one H, with a parallel fill and parallel GEMMs instead.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 #include "ecp_cpu.h"
@@ -44,6 +53,9 @@ constexpr int64_t kMaxChunkRows = 8192;
 // Columns per block row of a symmetric H: narrow enough to skip most of the lower triangle, wide
 // enough that every block GEMM still runs at full speed.
 constexpr int64_t kSymmetricBlock = 256;
+// Bytes of the threads' private sums together (one H each): below it, each thread accumulates its
+// own chunks (see gram_pass); above it (wide layers, many threads) the threads share one H.
+constexpr int64_t kPrivateSumsBytes = 64 << 20;
 
 struct GramShape {
   int64_t n, in_a, in_b;
@@ -75,9 +87,10 @@ GramShape check_gram_inputs(const char* op, const at::Tensor& a, const std::opti
 }
 
 // Buffer rows r in [begin, end) = [w_s t_s | w_s] of sample s = start + r (w_s = 1 when `weight`
-// is null), or just w_s t_s without `ones_column`. Runs inside the chunk's parallel region.
+// is null), added into `sums` (the thread's column sums); just w_s t_s when `sums` is null. Runs
+// inside the chunk's parallel region.
 template <typename in_t, typename acc_t>
-void fill_samples(const at::Tensor& t, const SampleOffsets& offsets, const acc_t* weight, bool ones_column,
+void fill_samples(const at::Tensor& t, const SampleOffsets& offsets, const acc_t* weight, acc_t* sums,
                   int64_t start, int64_t begin, int64_t end, acc_t* buffer, int64_t ld) {
   const in_t* data = t.const_data_ptr<in_t>();
   const int64_t columns = t.size(-1), col_stride = t.stride(-1);
@@ -92,15 +105,18 @@ void fill_samples(const at::Tensor& t, const SampleOffsets& offsets, const acc_t
     } else {
       for (int64_t j = 0; j < columns; ++j) out[j] = w * static_cast<acc_t>(row[j * col_stride]);
     }
-    if (ones_column) out[columns] = w;
+    if (sums != nullptr) {
+      out[columns] = w;
+      for (int64_t j = 0; j <= columns; ++j) sums[j] += out[j];
+    }
   }
 }
 
 template <typename acc_t>
-void fill_rows(const at::Tensor& t, const SampleOffsets& offsets, const acc_t* weight, bool ones_column,
+void fill_rows(const at::Tensor& t, const SampleOffsets& offsets, const acc_t* weight, acc_t* sums,
                int64_t start, int64_t begin, int64_t end, acc_t* buffer, int64_t ld) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "ecp_gram_fill", [&] {
-    fill_samples<scalar_t, acc_t>(t, offsets, weight, ones_column, start, begin, end, buffer, ld);
+    fill_samples<scalar_t, acc_t>(t, offsets, weight, sums, start, begin, end, buffer, ld);
   });
 }
 
@@ -108,7 +124,8 @@ void fill_rows(const at::Tensor& t, const SampleOffsets& offsets, const acc_t* w
 template <typename acc_t>
 void mirror_upper(acc_t* h, int64_t size, int64_t ld) {
   constexpr int64_t kTile = 64;
-  at::parallel_for(0, (size + kTile - 1) / kTile, 1, [&](int64_t tile_begin, int64_t tile_end) {
+  // Up to 2048 columns in one go: a parallel region costs more than the copy on a busy machine.
+  at::parallel_for(0, (size + kTile - 1) / kTile, 32, [&](int64_t tile_begin, int64_t tile_end) {
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t row0 = tile * kTile, row1 = std::min(size, row0 + kTile);
       for (int64_t col0 = 0; col0 < row1; col0 += kTile) {
@@ -120,32 +137,51 @@ void mirror_upper(acc_t* h, int64_t size, int64_t ld) {
   });
 }
 
-// H[:, :in_b] (+)= left^T right and H[:, in_b] (+)= the column sums of left, where left = [w a | w]
-// (rows x in_a + 1) and right = b (rows x in_b): the last column of H is left^T 1, so right never
-// needs its column of ones. beta = 0 overwrites. Symmetric H: only the upper part of each block row
-// is multiplied; mirror_upper fills in the rest at the end.
+// H[:, :in_b] (+)= left^T right, where left = [w a | w] (rows x in_a + 1) and right = b (rows x
+// in_b); beta = 0 overwrites. The last column of H, left^T 1, comes from the fills' column sums, so
+// right never needs a column of ones. Symmetric H: only the upper part of each block row is
+// multiplied; mirror_upper fills in the rest at the end.
 void accumulate(at::Tensor& h, const at::Tensor& left, const at::Tensor& right, bool symmetric, int beta) {
   const int64_t in_b = right.size(1);
-  at::Tensor last_column = h.select(1, in_b);
-  at::Tensor column_sums = left.sum(0);
-  beta == 0 ? last_column.copy_(column_sums) : last_column.add_(column_sums);
   if (!symmetric) {
     h.narrow(1, 0, in_b).addmm_(left.t(), right, beta, 1);
     return;
   }
-  for (int64_t row = 0; row < in_b; row += kSymmetricBlock) {
-    const int64_t rows = std::min(kSymmetricBlock, h.size(0) - row);
+  // Block rows of about kSymmetricBlock, equally tall (whole cache lines), so no sliver of a GEMM
+  // is left at the end (in = 784 makes three blocks of 272 rows, not 256, 256, 256 and 17).
+  const int64_t size = h.size(0);
+  const int64_t blocks = std::max<int64_t>(1, (in_b + kSymmetricBlock / 2) / kSymmetricBlock);
+  const int64_t block_rows = ((size + blocks - 1) / blocks + 15) / 16 * 16;
+  for (int64_t row = 0; row < in_b; row += block_rows) {
+    const int64_t rows = std::min(block_rows, size - row);
     at::Tensor block = h.narrow(0, row, rows).narrow(1, row, in_b - row);
     block.addmm_(left.narrow(1, row, rows).t(), right.narrow(1, row, in_b - row), beta, 1);
   }
 }
 
-// Rows per chunk: at most max_rows, and the chunks of one pass equally long, so that N = 4096 with
-// room for 4032 rows makes two chunks of 2048 instead of a full one and a 64-row GEMM.
-int64_t balanced_chunk(int64_t n, int64_t max_rows) {
-  if (n <= 0) return 1;
-  const int64_t chunks = (n + max_rows - 1) / max_rows;
-  return (n + chunks - 1) / chunks;
+// Calls fill(begin, end) over [0, rows) in blocks of `grain` rows that the threads take in turn from
+// a shared counter: on a busy machine a thread that loses its core leaves its blocks to the others,
+// where a static split would hold the region until the slow thread had done its half.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t grain, const F& fill) {
+  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    fill(0, rows);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(grain); begin < rows; begin = next.fetch_add(grain))
+      fill(begin, std::min(rows, begin + grain));
+  });
+}
+
+// totals[j] += sum over rows of per_thread[:, j] (a few rows of cols_a: serial).
+template <typename acc_t>
+void add_rows(const at::Tensor& per_thread, std::vector<acc_t>& totals) {
+  const acc_t* data = per_thread.const_data_ptr<acc_t>();
+  const int64_t columns = per_thread.size(1);
+  for (int64_t t = 0; t < per_thread.size(0); ++t)
+    for (int64_t j = 0; j < columns; ++j) totals[j] += data[t * columns + j];
 }
 
 // `t` as an (n, in) matrix the GEMM can read in place (same dtype as the sums, samples viewable as
@@ -156,53 +192,145 @@ at::Tensor direct_matrix(const at::Tensor& t, int64_t n, at::ScalarType acc_type
   return t.is_contiguous() ? t.view({n, t.size(-1)}) : at::Tensor();
 }
 
+// How one pass splits the work, decided once per call.
+struct GramPlan {
+  at::Tensor right_direct;  // b (or a) read in place by the GEMM, or undefined: copied per chunk
+  bool symmetric;           // b is None: multiply the upper block triangle only
+  int64_t cols_a, ld_a, ld_b, ld_acc;
+  int64_t chunk;    // samples per chunk
+  int64_t workers;  // private accumulators, one per thread, or 1 (then fills and GEMMs are parallel)
+  int64_t grain;    // rows per block of a parallel fill
+};
+
+GramPlan make_plan(const at::Tensor& a, const std::optional<at::Tensor>& b, const GramShape& shape,
+                   at::ScalarType acc_type) {
+  GramPlan plan;
+  plan.right_direct = direct_matrix(b.has_value() ? *b : a, shape.n, acc_type);
+  plan.symmetric = !b.has_value();
+  const bool copy_right = !plan.right_direct.defined();
+  plan.cols_a = shape.in_a + 1;
+  plan.ld_a = padded_row(plan.cols_a);
+  plan.ld_b = padded_row(shape.in_b);
+  plan.ld_acc = padded_row(shape.in_b + 1);
+  const int64_t element = static_cast<int64_t>(c10::elementSize(acc_type));
+  const int64_t row_bytes = (plan.ld_a + (copy_right ? plan.ld_b : 0)) * element;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const bool private_sums = threads > 1 &&
+                            threads * plan.cols_a * plan.ld_acc * element <= kPrivateSumsBytes &&
+                            shape.n >= threads * kMinChunkRows;
+  plan.workers = private_sums ? threads : 1;
+  const int64_t max_rows = std::clamp(kChunkBytes / (plan.workers * row_bytes), kMinChunkRows, kMaxChunkRows);
+  // Equal chunks, a multiple of the workers in number: N = 4096 with room for 4032 rows makes two
+  // chunks of 2048 rather than a full one and a 64-row GEMM, and no worker waits for a last chunk.
+  int64_t chunks = (shape.n + max_rows - 1) / max_rows;
+  chunks = (chunks + plan.workers - 1) / plan.workers * plan.workers;
+  plan.chunk = (shape.n + chunks - 1) / chunks;
+  plan.grain = std::max<int64_t>(1, 16384 / (plan.cols_a + (copy_right ? shape.in_b : 0)));
+  return plan;
+}
+
+// One worker's buffers and sums: it takes chunks of samples from a shared counter and accumulates
+// them into its own H, so the threads of a worker pool never wait for each other until the end.
+template <typename acc_t>
+struct Worker {
+  at::Tensor left, right, acc;  // [w a | w] and b rows (chunk x ld), sums (in_a + 1 x ld_acc)
+  at::Tensor thread_sums;       // column sums of left per thread of a parallel fill
+  std::vector<acc_t> column_sums;
+  bool used = false;
+
+  Worker(const GramPlan& plan, const at::TensorOptions& options)
+      : left(at::empty({plan.chunk, plan.ld_a}, options)),
+        right(plan.right_direct.defined() ? at::Tensor() : at::empty({plan.chunk, plan.ld_b}, options)),
+        acc(at::empty({plan.cols_a, plan.ld_acc}, options)),
+        thread_sums(at::empty({at::get_num_threads(), plan.cols_a}, options)),
+        column_sums(plan.cols_a, acc_t(0)) {}
+};
+
+// Accumulates every chunk the shared counter `next` still hands out into `worker`.
+template <typename acc_t>
+void run_worker(Worker<acc_t>& worker, std::atomic<int64_t>& next, const GramPlan& plan, const at::Tensor& a,
+                const at::Tensor& right_source, const acc_t* w_data, const GramShape& shape) {
+  const SampleOffsets offsets_a(a), offsets_b(right_source);
+  acc_t* left_data = worker.left.template mutable_data_ptr<acc_t>();
+  acc_t* right_data = worker.right.defined() ? worker.right.template mutable_data_ptr<acc_t>() : nullptr;
+  acc_t* thread_sums = worker.thread_sums.template mutable_data_ptr<acc_t>();
+  for (int64_t start = next.fetch_add(plan.chunk); start < shape.n; start = next.fetch_add(plan.chunk)) {
+    const int64_t rows = std::min(plan.chunk, shape.n - start);
+    std::fill(thread_sums, thread_sums + worker.thread_sums.numel(), acc_t(0));
+    parallel_rows(rows, plan.grain, [&](int64_t begin, int64_t end) {
+      acc_t* sums = thread_sums + at::get_thread_num() * plan.cols_a;
+      fill_rows<acc_t>(a, offsets_a, w_data, sums, start, begin, end, left_data, plan.ld_a);
+      if (right_data != nullptr)
+        fill_rows<acc_t>(right_source, offsets_b, nullptr, nullptr, start, begin, end, right_data, plan.ld_b);
+    });
+    add_rows(worker.thread_sums, worker.column_sums);
+    const at::Tensor left = worker.left.narrow(0, 0, rows).narrow(1, 0, plan.cols_a);
+    const at::Tensor right = right_data != nullptr ? worker.right.narrow(0, 0, rows).narrow(1, 0, shape.in_b)
+                                                   : plan.right_direct.narrow(0, start, rows);
+    accumulate(worker.acc, left, right, plan.symmetric, worker.used ? 1 : 0);
+    worker.used = true;
+  }
+}
+
+// H = the sum of the workers' sums, last column = their column sums, lower triangle mirrored.
+template <typename acc_t>
+void combine(std::vector<Worker<acc_t>>& workers, const GramPlan& plan, const GramShape& shape,
+             at::Tensor& h) {
+  Worker<acc_t>* total = nullptr;
+  for (auto& worker : workers) {
+    if (!worker.used) continue;
+    if (total == nullptr) {
+      total = &worker;
+      continue;
+    }
+    // Symmetric: the lower triangles were never written; what they hold is overwritten by the mirror.
+    total->acc.narrow(1, 0, shape.in_b).add_(worker.acc.narrow(1, 0, shape.in_b));
+    for (int64_t i = 0; i < plan.cols_a; ++i) total->column_sums[i] += worker.column_sums[i];
+  }
+  acc_t* acc_data = total->acc.template mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < plan.cols_a; ++i) acc_data[i * plan.ld_acc + shape.in_b] = total->column_sums[i];
+  if (plan.symmetric) mirror_upper<acc_t>(acc_data, plan.cols_a, plan.ld_acc);
+  // A serial row copy: H is small next to the GEMMs, and a parallel region is not free.
+  acc_t* h_data = h.mutable_data_ptr<acc_t>();
+  for (int64_t i = 0; i < plan.cols_a; ++i)
+    std::copy(acc_data + i * plan.ld_acc, acc_data + i * plan.ld_acc + shape.in_b + 1,
+              h_data + i * (shape.in_b + 1));
+}
+
+// One pass over the samples. With several workers, each thread runs its own chunks (serial fills,
+// single-threaded GEMMs) into private sums inside ONE parallel region: on a busy machine every
+// parallel region waits for its slowest thread, and the chunked pass would otherwise open two or
+// more per chunk. With one worker (one thread, or private sums too large), fills and GEMMs are
+// parallel themselves.
 template <typename acc_t>
 void gram_pass(const at::Tensor& a, const std::optional<at::Tensor>& b,
                const std::optional<at::Tensor>& weight, const GramShape& shape, at::Tensor& h) {
   const auto acc_type = h.scalar_type();
   const auto options = a.options().dtype(acc_type);
-  const at::Tensor& right_source = b.has_value() ? *b : a;
-  const bool symmetric = !b.has_value();
-  // The right factor is read in place whenever BLAS can; only [w a | w] is always written.
-  const at::Tensor right_direct = direct_matrix(right_source, shape.n, acc_type);
-  const bool copy_right = !right_direct.defined();
-  const int64_t cols_a = shape.in_a + 1;
-  const int64_t ld_a = padded_row(cols_a), ld_b = padded_row(shape.in_b);
-  const int64_t row_bytes = (ld_a + (copy_right ? ld_b : 0)) * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t chunk =
-      balanced_chunk(shape.n, std::clamp(kChunkBytes / row_bytes, kMinChunkRows, kMaxChunkRows));
+  const GramPlan plan = make_plan(a, b, shape, acc_type);
   // (N,) weights in the accumulation type: small next to the inputs, and read once per row.
   const at::Tensor w = weight.has_value() ? weight->to(acc_type).contiguous() : at::Tensor();
   const acc_t* w_data = w.defined() ? w.const_data_ptr<acc_t>() : nullptr;
-  at::Tensor left_buffer = at::empty({chunk, ld_a}, options);
-  at::Tensor right_buffer = copy_right ? at::empty({chunk, ld_b}, options) : at::Tensor();
-  acc_t* left_data = left_buffer.mutable_data_ptr<acc_t>();
-  acc_t* right_data = copy_right ? right_buffer.mutable_data_ptr<acc_t>() : nullptr;
-  // The sums go to rows padded to whole cache lines: BLAS writes an (in + 1)-wide H with odd row
-  // starts about 15% slower. H gets a copy at the end.
-  at::Tensor acc = at::empty({cols_a, padded_row(shape.in_b + 1)}, options);
-  const SampleOffsets offsets_a(a), offsets_b(right_source);
-  const int64_t grain = std::max<int64_t>(1, 16384 / (cols_a + (copy_right ? shape.in_b : 0)));
-  for (int64_t start = 0; start < shape.n; start += chunk) {
-    const int64_t rows = std::min(chunk, shape.n - start);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      fill_rows<acc_t>(a, offsets_a, w_data, true, start, begin, end, left_data, ld_a);
-      if (copy_right)
-        fill_rows<acc_t>(right_source, offsets_b, nullptr, false, start, begin, end, right_data, ld_b);
+  const at::Tensor& right_source = b.has_value() ? *b : a;
+  std::vector<Worker<acc_t>> workers;
+  workers.reserve(plan.workers);
+  for (int64_t i = 0; i < plan.workers; ++i) workers.emplace_back(plan, options);
+  std::atomic<int64_t> next{0};
+  if (plan.workers == 1) {
+    run_worker<acc_t>(workers[0], next, plan, a, right_source, w_data, shape);
+  } else {
+    at::parallel_for(0, plan.workers, 1, [&](int64_t, int64_t) {
+      run_worker<acc_t>(workers[at::get_thread_num()], next, plan, a, right_source, w_data, shape);
     });
-    const at::Tensor left = left_buffer.narrow(0, 0, rows).narrow(1, 0, cols_a);
-    const at::Tensor right = copy_right ? right_buffer.narrow(0, 0, rows).narrow(1, 0, shape.in_b)
-                                        : right_direct.narrow(0, start, rows);
-    accumulate(acc, left, right, symmetric, start == 0 ? 0 : 1);
   }
-  if (symmetric) mirror_upper<acc_t>(acc.mutable_data_ptr<acc_t>(), cols_a, acc.stride(0));
-  h.copy_(acc.narrow(1, 0, shape.in_b + 1));
+  combine<acc_t>(workers, plan, shape, h);
 }
 
 at::Tensor gram_in(const at::Tensor& a, const std::optional<at::Tensor>& b,
                    const std::optional<at::Tensor>& weight, const GramShape& shape, at::ScalarType type) {
-  at::Tensor h = at::zeros({shape.in_a + 1, shape.in_b + 1}, a.options().dtype(type));
-  if (shape.n == 0) return h;  // no samples: an empty sum
+  const auto options = a.options().dtype(type);
+  if (shape.n == 0) return at::zeros({shape.in_a + 1, shape.in_b + 1}, options);  // an empty sum
+  at::Tensor h = at::empty({shape.in_a + 1, shape.in_b + 1}, options);
   AT_DISPATCH_FLOATING_TYPES(type, "ecp_gram", [&] { gram_pass<scalar_t>(a, b, weight, shape, h); });
   return h;
 }

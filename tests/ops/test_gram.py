@@ -97,6 +97,20 @@ def test_b_none_is_the_symmetric_special_case():
     assert_matches(symmetric, reference.gram(a, None, weight), 2e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_any_thread_count(threads):
+    """Private sums per thread (N >= 256 per thread) and one shared H with a parallel fill (fewer samples)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (400, 1500):
+            a, b, weight = make_inputs(n, 300, 40, torch.float32, seed=n)
+            for use_b, use_weight in VARIANTS:
+                check(a, b if use_b else None, weight if use_weight else None)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_augmented_entries():
     """The last row and column hold the weighted column sums, the corner the total weight."""
     a, b, weight = make_inputs(50, 4, 3, torch.float64, seed=3)
