@@ -8,16 +8,15 @@ rows of a group. ``bench/export_report.py`` prints the interleaved ratios quoted
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
+from export_report import lenet
 from torch import nn
 
 import ecp_fast
 from ecp_fast.export import export, exported_layers
-
-from export_report import lenet
 
 #: One thread by default: on a shared machine a second OpenMP thread that loses its core stalls the
 #: GEMM at every barrier. Override with ECP_BENCH_THREADS.

@@ -20,10 +20,10 @@ import pytest
 if os.environ.get("ECP_FAST_BENCH_SCALE") != "1":
     pytest.skip("set ECP_FAST_BENCH_SCALE=1 to run the 100M-parameter scale benchmark", allow_module_level=True)
 
+from scale_report import Config, make_batches, make_stack
+
 from ecp_fast import Pruner
 from ecp_fast.pruning.sequential import prune_sequential
-
-from scale_report import Config, make_batches, make_stack
 
 CONFIG = Config(
     width=int(os.environ.get("ECP_FAST_BENCH_SCALE_WIDTH", Config.width)),
@@ -45,7 +45,12 @@ def _whole(model, batches) -> float:
 
 def _sequential(model, batches) -> float:
     return prune_sequential(
-        model, batches, sparsity=CONFIG.sparsity, method=CONFIG.method, sensitivity="local", scope=CONFIG.scope,
+        model,
+        batches,
+        sparsity=CONFIG.sparsity,
+        method=CONFIG.method,
+        sensitivity="local",
+        scope=CONFIG.scope,
         progress=False,
     ).sparsity
 

@@ -7,17 +7,15 @@ ratios quoted in docs/structured.md.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import copy
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
+from structured_report import make_mnist_mlp, shrunk_copy
 
 from ecp_fast.pruning.structured import mask_neurons, prune_neurons
-
-from structured_report import make_mnist_mlp, shrunk_copy
 
 RATIOS = (0.0, 0.25, 0.5, 0.75)
 

@@ -8,13 +8,15 @@ distributed calibration (:mod:`ecp_fast.distributed`) and export formats (:mod:`
 build on them; the command line and experiments live in :mod:`ecp_fast.apps`.
 """
 
+from ecp_fast.export import export as export_model
+from ecp_fast.export import export_semi_structured, load_compact, save_compact
 from ecp_fast.ops import finalize, gram, moments, score
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning import (
     Importance,
     LayerReport,
-    PruneReport,
     Pruner,
+    PruneReport,
     ScoringContext,
     SequentialReport,
     StructuredReport,
@@ -27,15 +29,38 @@ from ecp_fast.pruning import (
     remove_masks,
 )
 from ecp_fast.training import IterativeResult, RelevanceDecay, RelevanceDecayOptimizer, finetune, iterative_prune
-from ecp_fast.export import export as export_model
-from ecp_fast.export import export_semi_structured, load_compact, save_compact
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "Importance", "IterativeResult", "LayerReport", "Moments", "PruneReport", "Pruner", "RelevanceDecay",
-    "RelevanceDecayOptimizer", "ScoringContext", "SequentialReport", "StructuredReport", "__version__",
-    "apply_masks_from_state_dict", "export_model", "export_semi_structured", "finalize", "finetune", "get_masks", "gram",
-    "iterative_prune", "load_compact", "merge_moments", "moments", "prune", "prune_neurons", "prune_sequential",
-    "register_importance", "remove_masks", "save_compact", "score",
+    "Importance",
+    "IterativeResult",
+    "LayerReport",
+    "Moments",
+    "PruneReport",
+    "Pruner",
+    "RelevanceDecay",
+    "RelevanceDecayOptimizer",
+    "ScoringContext",
+    "SequentialReport",
+    "StructuredReport",
+    "__version__",
+    "apply_masks_from_state_dict",
+    "export_model",
+    "export_semi_structured",
+    "finalize",
+    "finetune",
+    "get_masks",
+    "gram",
+    "iterative_prune",
+    "load_compact",
+    "merge_moments",
+    "moments",
+    "prune",
+    "prune_neurons",
+    "prune_sequential",
+    "register_importance",
+    "remove_masks",
+    "save_compact",
+    "score",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -17,7 +18,9 @@ def renamed_keyword(old: str, new: str, since: str = "0.2.0") -> Callable[[F], F
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             if old in kwargs:
                 if new in kwargs:
-                    raise TypeError(f"{function.__qualname__}() got both {old!r} (deprecated) and {new!r}; pass {new!r} only")
+                    raise TypeError(
+                        f"{function.__qualname__}() got both {old!r} (deprecated) and {new!r}; pass {new!r} only"
+                    )
                 warnings.warn(
                     f"{function.__qualname__}(): argument {old!r} was renamed to {new!r} in ecp_fast {since}; "
                     f"{old!r} will be removed in the next release",

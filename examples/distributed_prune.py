@@ -55,7 +55,7 @@ def fingerprint(model: nn.Module) -> str:
     for name, mask in sorted(get_masks(model).items()):
         digest.update(name.encode())
         digest.update(mask.cpu().numpy().tobytes())
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Linear) and module.bias is not None:
             digest.update(module.bias.detach().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -112,8 +112,14 @@ def main() -> None:
         report = pruner.prune(sparsity=args.sparsity, method="ecp", scope="global")
     else:
         report = prune_sequential(  # merges every block's statistics across ranks before pruning it
-            model, my_batches, sparsity=args.sparsity, method="ecp",
-            sensitivity=args.sensitivity, scope="layer", seed=args.seed, progress=False,
+            model,
+            my_batches,
+            sparsity=args.sparsity,
+            method="ecp",
+            sensitivity=args.sensitivity,
+            scope="layer",
+            seed=args.seed,
+            progress=False,
         )
 
     prints = [fingerprint(model)]
@@ -121,9 +127,15 @@ def main() -> None:
         prints = [None] * world_size
         dist.all_gather_object(prints, fingerprint(model))
     if rank == 0:
-        logger.info("sparsity %.4f; masks and biases identical on all %d ranks: %s", report.sparsity, world_size,
-                    len(set(prints)) == 1)
-        logger.info("relative change of the model output on all batches: %.4f", output_change(model, dense, data, device))
+        logger.info(
+            "sparsity %.4f; masks and biases identical on all %d ranks: %s",
+            report.sparsity,
+            world_size,
+            len(set(prints)) == 1,
+        )
+        logger.info(
+            "relative change of the model output on all batches: %.4f", output_change(model, dense, data, device)
+        )
     if distributed:
         identical = len(set(prints)) == 1
         dist.destroy_process_group()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ def tanh_mlp(
     """Linear layers of ``sizes`` with tanh between them, seeded initialisation, in ``dtype``."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out, bias=bias))
         if index < len(sizes) - 2:
             layers.append(nn.Tanh())

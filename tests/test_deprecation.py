@@ -47,6 +47,12 @@ def test_iterative_criterion_is_prune_step_and_old_class_name_warns() -> None:
     with pytest.warns(DeprecationWarning, match="'criterion' was renamed to 'prune_step'"):
         with pytest.raises(ValueError, match="prune_step"):
             ecp_fast.iterative_prune(
-                _model(), [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))], nn.functional.cross_entropy,
-                torch.optim.SGD(_model().parameters(), lr=0.1), lambda m: 1.0, 0.0, interval=1, criterion="nope",
+                _model(),
+                [(torch.randn(4, 4), torch.tensor([0, 1, 0, 1]))],
+                nn.functional.cross_entropy,
+                torch.optim.SGD(_model().parameters(), lr=0.1),
+                lambda m: 1.0,
+                0.0,
+                interval=1,
+                criterion="nope",
             )

@@ -84,8 +84,11 @@ def test_no_module_level_import_cycle() -> None:
     # A package's __init__ re-exports its submodules, which import siblings through the package:
     # only cycles between plain modules count.
     plain = [name for name, path in modules.items() if path.name != "__init__.py"]
-    cycles = [name for name in plain if reaches(name, name, set()) and any(
-        dep in plain and reaches(dep, name, set()) for dep in graph[name])]
+    cycles = [
+        name
+        for name in plain
+        if reaches(name, name, set()) and any(dep in plain and reaches(dep, name, set()) for dep in graph[name])
+    ]
     assert not cycles, cycles
 
 

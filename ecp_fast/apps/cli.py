@@ -21,9 +21,10 @@ import logging
 import os
 import pkgutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class UsageExit(SystemExit):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), exit status 2."""
 
-    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         if "invalid choice" in message and SKIPPED_EXPERIMENTS:
             message += f" (experiments that could not be loaded: {_skipped_note()})"
         _fail(self.prog, f"{message} (see --help)")
@@ -125,12 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     export_parser = commands.add_parser(
-        export_command.NAME, help=export_command.HELP, description=export_command.__doc__,
+        export_command.NAME,
+        help=export_command.HELP,
+        description=export_command.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export_command.add_arguments(export_parser)
     export_parser.set_defaults(
-        handler=export_command.run, command_validate=getattr(export_command, "validate", None),
+        handler=export_command.run,
+        command_validate=getattr(export_command, "validate", None),
         command_prog=export_parser.prog,
     )
 
@@ -145,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in sorted(experiments.items()):
         sub = experiment_commands.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)
-        sub.set_defaults(
-            handler=module.run, command_validate=getattr(module, "validate", None), command_prog=sub.prog
-        )
+        sub.set_defaults(handler=module.run, command_validate=getattr(module, "validate", None), command_prog=sub.prog)
     return parser
 
 
@@ -218,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = getattr(args, "command_prog", parser.prog)
     try:
         validate(args)
-    except (*_user_errors(), OSError) as error:  # missing or unreadable files are the user's too here
+    except _user_errors() + (OSError,) as error:  # missing or unreadable files are the user's too here
         _fail(prog, str(error))
     try:
         return int(args.handler(args) or 0)

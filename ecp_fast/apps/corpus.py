@@ -18,19 +18,29 @@ import hashlib
 import logging
 import os
 import sysconfig
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 #: Folders of the standard library whose files are not documentation of the library itself.
-SKIPPED_FOLDERS = frozenset({
-    "test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo",
-    "ensurepip", "venv",
-})
+SKIPPED_FOLDERS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "venv",
+    }
+)
 SOURCES = ("topics", "docstrings")
 #: Separates documents in the concatenated text (a form feed: a byte that documentation rarely holds).
 SEPARATOR = "\n\f\n"

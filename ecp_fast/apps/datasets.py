@@ -13,7 +13,7 @@ import logging
 import os
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ MNIST_FILES = {
 }
 
 # IDX type codes (third byte of the magic number) and their big-endian numpy dtypes.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -192,9 +192,7 @@ def check_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return directory
 
 
-def load_mnist(
-    data_dir: str | os.PathLike[str] | None = None, normalize: bool = False, flatten: bool = False
-) -> Split:
+def load_mnist(data_dir: str | os.PathLike[str] | None = None, normalize: bool = False, flatten: bool = False) -> Split:
     """The MNIST training (60,000) and test (10,000) sets as tensors.
 
     Args:

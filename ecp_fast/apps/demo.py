@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS
-from ecp_fast.training.finetune import fit_classifier
 from ecp_fast.pruning.importance import IMPORTANCES
 from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.training.finetune import fit_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +271,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nonlinear-samples", type=int, default=256, help="calibration samples of the exact nonlinear baseline"
     )
     parser.add_argument(
-        "--methods", nargs="+", default=None, choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
-        help="methods to run (default all)"
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
+        help="methods to run (default all)",
     )
     parser.add_argument("--quick", action="store_true", help="a tiny run in seconds (1 seed, 2 sparsities, 8 hidden)")
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import io
+import itertools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,8 +40,12 @@ logger = logging.getLogger(__name__)
 
 NAME = "export"
 HELP = "file size and latency of a pruned checkpoint in each export format (dense, csr, 2:4)"
-ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
-                                                   "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -50,24 +56,42 @@ class UsageError(Exception):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``ecp-fast export``."""
     parser.add_argument("checkpoint", type=Path, help="state_dict of the pruned model (torch.save), or a compact file")
-    parser.add_argument("--arch", required=True,
-                        help="mlp:784,300,100,10[:relu|tanh|gelu|sigmoid] or import:package.module:function")
-    parser.add_argument("--input-shape", default=None,
-                        help="shape of one input sample, e.g. 3,32,32 (default: the first size of an mlp arch)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=None,
-                        help="formats to compare (default: dense csr, and 2:4 on a GPU that supports it)")
+    parser.add_argument(
+        "--arch", required=True, help="mlp:784,300,100,10[:relu|tanh|gelu|sigmoid] or import:package.module:function"
+    )
+    parser.add_argument(
+        "--input-shape",
+        default=None,
+        help="shape of one input sample, e.g. 3,32,32 (default: the first size of an mlp arch)",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=None,
+        help="formats to compare (default: dense csr, and 2:4 on a GPU that supports it)",
+    )
     parser.add_argument("--batch", nargs="+", type=int, default=[1, 256], help="batch sizes to time (default 1 256)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (default 20)")
-    parser.add_argument("--max-density", type=float, default=None,
-                        help="csr: convert the Linear layers of at most this density (default: modelled crossover)")
-    parser.add_argument("--measure", action="store_true",
-                        help="csr: choose each layer's format by timing it on the largest batch")
+    parser.add_argument(
+        "--max-density",
+        type=float,
+        default=None,
+        help="csr: convert the Linear layers of at most this density (default: modelled crossover)",
+    )
+    parser.add_argument(
+        "--measure", action="store_true", help="csr: choose each layer's format by timing it on the largest batch"
+    )
     parser.add_argument("--device", default="cpu", help="device to run on (default cpu; 2:4 needs cuda)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for <format>.pt full-model files and compact.ecp (load .pt files with "
-                             "torch.load(path, weights_only=False); no ecp_fast needed)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for <format>.pt full-model files and compact.ecp (load .pt files with "
+        "torch.load(path, weights_only=False); no ecp_fast needed)",
+    )
 
 
 def build_arch(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -85,7 +109,7 @@ def build_arch(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         if activation not in ACTIVATIONS:
             raise UsageError(f"--arch {spec!r}: activation must be one of {', '.join(ACTIVATIONS)}")
         layers: list[nn.Module] = []
-        for index, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:])):
+        for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
             layers += [nn.Linear(fan_in, fan_out)] + ([ACTIVATIONS[activation]()] if index < len(sizes) - 2 else [])
         return nn.Sequential(*layers), (sizes[0],)
     if kind == "import":
@@ -118,9 +142,10 @@ def load_checkpoint(path: Path, model: nn.Module) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for files it cannot read
-        raise UsageError(f"checkpoint {str(path)!r} is not a state dict saved with torch.save "
-                         f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error) else ''})"
-                         ) from None
+        raise UsageError(
+            f"checkpoint {str(path)!r} is not a state dict saved with torch.save "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error) else ''})"
+        ) from None
     if isinstance(state, dict) and state.get("format") == COMPACT_FORMAT:
         try:
             return load_compact(path, model, "dense")
@@ -216,8 +241,12 @@ def _table(args: argparse.Namespace) -> list[str]:
     sizes = {name: _state_dict_bytes(module) for name, module in exported.items()}
     header = f"{'format':<7} {'layers':<18} {'state dict':>12} {'smaller':>8}"
     header += "".join(f" {f'batch {batch} (us)':>16} {'speed-up':>9}" for batch in args.batch)
-    lines = [f"{args.checkpoint} --arch {args.arch}, {args.threads} thread(s), {args.device}, {args.dtype}, "
-             f"minimum of {args.rounds} interleaved rounds", "", header]
+    lines = [
+        f"{args.checkpoint} --arch {args.arch}, {args.threads} thread(s), {args.device}, {args.dtype}, "
+        f"minimum of {args.rounds} interleaved rounds",
+        "",
+        header,
+    ]
     for name, module in exported.items():
         line = f"{name:<7} {_describe_layers(module):<18} {sizes[name]:>12,} {sizes['dense'] / sizes[name]:>7.2f}x"
         for batch in args.batch:
@@ -226,8 +255,11 @@ def _table(args: argparse.Namespace) -> list[str]:
         lines.append(line)
     compact = io.BytesIO()
     compact_bytes = save_compact(model, compact)
-    lines += ["", f"compact file (save_compact): {compact_bytes:,} bytes, {sizes['dense'] / compact_bytes:.2f}x "
-                  f"smaller than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes"]
+    lines += [
+        "",
+        f"compact file (save_compact): {compact_bytes:,} bytes, {sizes['dense'] / compact_bytes:.2f}x "
+        f"smaller than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes",
+    ]
     if args.out is not None:
         lines.append(_write_files(args.out, exported, compact.getvalue()))
     return lines

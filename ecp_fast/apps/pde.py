@@ -123,8 +123,9 @@ def generate(
     levels = rng.uniform(0.0, 0.2, size=samples)
     times = np.linspace(0.0, problem.t_end, snapshots)
     trajectories = np.empty((samples, snapshots, cells))
-    for index in tqdm(range(samples), desc=f"solve diffusion-sorption ({cells} cells)", disable=not progress,
-                      leave=False):
+    for index in tqdm(
+        range(samples), desc=f"solve diffusion-sorption ({cells} cells)", disable=not progress, leave=False
+    ):
         trajectories[index] = solve(levels[index], times, cells, problem)
     return levels, times, trajectories
 
@@ -140,8 +141,17 @@ def load_or_generate(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`generate`, cached as ``.npz`` in ``cache_dir`` under a hash of every argument."""
     problem = problem or DiffusionSorption()
-    key = json.dumps({"samples": samples, "cells": cells, "snapshots": snapshots, "seed": seed,
-                      "problem": asdict(problem), "version": 1}, sort_keys=True)
+    key = json.dumps(
+        {
+            "samples": samples,
+            "cells": cells,
+            "snapshots": snapshots,
+            "seed": seed,
+            "problem": asdict(problem),
+            "version": 1,
+        },
+        sort_keys=True,
+    )
     path = Path(cache_dir).expanduser() / f"diffusion_sorption_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
         with np.load(path) as stored:

@@ -12,7 +12,22 @@ from ecp_fast.export.semi_structured import NMPatternError, check_n_m, export_se
 from ecp_fast.export.timing import Timing, interleaved_times
 
 __all__ = [
-    "COMPACT_FORMAT", "FORMATS", "LayerChoice", "NMPatternError", "Timing", "check_n_m", "choose_csr_layers",
-    "copy_model", "csr_linear", "export", "export_semi_structured", "exported_layers", "fold_masks",
-    "interleaved_times", "is_csr_linear", "load_compact", "modelled_max_density", "save_compact",
+    "COMPACT_FORMAT",
+    "FORMATS",
+    "LayerChoice",
+    "NMPatternError",
+    "Timing",
+    "check_n_m",
+    "choose_csr_layers",
+    "copy_model",
+    "csr_linear",
+    "export",
+    "export_semi_structured",
+    "exported_layers",
+    "fold_masks",
+    "interleaved_times",
+    "is_csr_linear",
+    "load_compact",
+    "modelled_max_density",
+    "save_compact",
 ]

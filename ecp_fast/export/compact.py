@@ -53,8 +53,10 @@ def _encode(tensor: torch.Tensor) -> dict[str, Any] | None:
     col_dtype = smallest_index_dtype(max(matrix.shape[1] - 1, 0))
     crow_dtype = smallest_index_dtype(nonzeros)
     itemsize = tensor.element_size()
-    sparse_bytes = (nonzeros * (itemsize + torch.empty((), dtype=col_dtype).element_size())
-                    + (matrix.shape[0] + 1) * torch.empty((), dtype=crow_dtype).element_size())
+    sparse_bytes = (
+        nonzeros * (itemsize + torch.empty((), dtype=col_dtype).element_size())
+        + (matrix.shape[0] + 1) * torch.empty((), dtype=crow_dtype).element_size()
+    )
     if sparse_bytes >= matrix.numel() * itemsize:
         return None
     with quiet_csr_warning():
@@ -135,8 +137,10 @@ def _read(path_or_file: PathOrFile, map_location: Any) -> dict[str, Any]:
         )
     version = payload.get("version")
     if not isinstance(version, int) or version > COMPACT_VERSION:
-        raise ValueError(f"argument 'path_or_file': {source} has compact format version {version!r}; "
-                         f"this ecp_fast reads version {COMPACT_VERSION} and below")
+        raise ValueError(
+            f"argument 'path_or_file': {source} has compact format version {version!r}; "
+            f"this ecp_fast reads version {COMPACT_VERSION} and below"
+        )
     if not isinstance(payload.get("dense"), dict) or not isinstance(payload.get("csr"), dict):
         raise ValueError(f"argument 'path_or_file': {source} is damaged: 'dense' and 'csr' must be dictionaries")
     return payload
@@ -153,8 +157,11 @@ def _decode(key: str, record: Any) -> torch.Tensor:
             columns *= int(extent)
         with quiet_csr_warning():
             matrix = torch.sparse_csr_tensor(
-                record["crow_indices"].long(), record["col_indices"].long(), record["values"],
-                (int(shape[0]), columns), check_invariants=True,
+                record["crow_indices"].long(),
+                record["col_indices"].long(),
+                record["values"],
+                (int(shape[0]), columns),
+                check_invariants=True,
             )
         return matrix.to_dense().reshape([int(extent) for extent in shape])
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as error:

@@ -26,8 +26,9 @@ import contextlib
 import logging
 import operator
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -96,8 +97,10 @@ def _csr_graph(in_features: int, out_features: int, has_bias: bool) -> fx.Graph:
     crow, col, values = (graph.get_attr(name) for name in CSR_PARAMETERS)
     # The aten op takes tensors (torch.sparse_csr_tensor takes array-likes and cannot be re-traced).
     # dtype and device are read from the values at each call, so that model.double() / .to(device) work.
-    options = {"dtype": graph.call_function(getattr, (values, "dtype")),
-               "device": graph.call_function(getattr, (values, "device"))}
+    options: dict[str, fx.node.Argument] = {
+        "dtype": graph.call_function(getattr, (values, "dtype")),
+        "device": graph.call_function(getattr, (values, "device")),
+    }
     weight = graph.call_function(
         torch.ops.aten._sparse_csr_tensor_unsafe.default, (crow, col, values, [out_features, in_features]), options
     )
@@ -135,8 +138,9 @@ def csr_linear(linear: nn.Linear) -> fx.GraphModule:
     root.weight_values = _frozen(sparse.values().clone())
     if linear.bias is not None:
         root.bias = _frozen(linear.bias.detach().clone())
-    module = fx.GraphModule(root, _csr_graph(linear.in_features, linear.out_features, linear.bias is not None),
-                            class_name=CSR_CLASS_NAME)
+    module = fx.GraphModule(
+        root, _csr_graph(linear.in_features, linear.out_features, linear.bias is not None), class_name=CSR_CLASS_NAME
+    )
     shape = {"in_features": linear.in_features, "out_features": linear.out_features}
     for name, value in shape.items():
         setattr(module, name, value)
@@ -155,17 +159,19 @@ def csr_weight(module: nn.Module) -> torch.Tensor:
     if not is_csr_linear(module):
         raise TypeError(f"argument 'module' must be a {CSR_CLASS_NAME} layer, got {type(module).__name__}")
     crow, col, values = (getattr(module, name).detach() for name in CSR_PARAMETERS)
+    # in_features is a plain int attribute; the stub of Module.__getattr__ types every attribute Tensor | Module.
+    in_features = int(module.in_features)  # type: ignore[arg-type]
     with quiet_csr_warning():
-        return torch.sparse_csr_tensor(crow, col, values, (crow.numel() - 1, int(module.in_features)),
-                                       check_invariants=True)
+        return torch.sparse_csr_tensor(crow, col, values, (crow.numel() - 1, in_features), check_invariants=True)
 
 
 def dense_linear(module: nn.Module) -> nn.Linear:
     """The ``nn.Linear`` a CSR layer computes (the inverse of :func:`csr_linear`)."""
     weight = csr_weight(module).to_dense()
     bias = getattr(module, "bias", None)
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
+    linear = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
@@ -199,10 +205,15 @@ def replaceable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     directly instead of calling the module, and a subclass may override ``forward``; replacing either
     would change what the model computes.
     """
-    skip = {id(child) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-            for child in module.modules()}
-    return {name: module for name, module in model.named_modules()
-            if type(module) is nn.Linear and id(module) not in skip}
+    skip = {
+        id(child)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child in module.modules()
+    }
+    return {
+        name: module for name, module in model.named_modules() if type(module) is nn.Linear and id(module) not in skip
+    }
 
 
 def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: Any) -> dict[str, torch.Tensor]:
@@ -210,6 +221,7 @@ def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_i
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in layers.items():
+
         def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
             captured.setdefault(name, args[0].detach())
 
@@ -247,8 +259,9 @@ def _measure(linear: nn.Linear, inputs: torch.Tensor, rounds: int) -> tuple[floa
     return times["dense"].minimum, times["csr"].minimum
 
 
-def _choose_one(name: str, linear: nn.Linear, max_density: float | None, inputs: torch.Tensor | None,
-                rounds: int) -> LayerChoice:
+def _choose_one(
+    name: str, linear: nn.Linear, max_density: float | None, inputs: torch.Tensor | None, rounds: int
+) -> LayerChoice:
     shape = (linear.out_features, linear.in_features)
     density = density_of(linear)
     if linear.weight.dtype not in CSR_DTYPES:
@@ -257,16 +270,24 @@ def _choose_one(name: str, linear: nn.Linear, max_density: float | None, inputs:
         return LayerChoice(name, shape, density, density <= max_density, f"max_density={max_density:g}")
     if inputs is None and linear.weight.device.type != "cpu":
         # The model was fitted to CPU timings; GPU GEMMs move the crossover far out. Ask, don't guess.
-        return LayerChoice(name, shape, density, False, "modelled crossover is for CPU: pass max_density or "
-                           "example_inputs")
+        return LayerChoice(
+            name, shape, density, False, "modelled crossover is for CPU: pass max_density or example_inputs"
+        )
     if inputs is None:
         limit = modelled_max_density(*shape)
         return LayerChoice(name, shape, density, density <= limit, f"modelled crossover {limit:g}")
     if density > MEASURE_MAX_DENSITY:
         return LayerChoice(name, shape, density, False, f"density above {MEASURE_MAX_DENSITY:g}, not timed")
     dense_seconds, csr_seconds = _measure(linear, inputs, rounds)
-    return LayerChoice(name, shape, density, csr_seconds < dense_seconds * (1 - MEASURE_MARGIN),
-                       f"measured on input {tuple(inputs.shape)}", dense_seconds, csr_seconds)
+    return LayerChoice(
+        name,
+        shape,
+        density,
+        csr_seconds < dense_seconds * (1 - MEASURE_MARGIN),
+        f"measured on input {tuple(inputs.shape)}",
+        dense_seconds,
+        csr_seconds,
+    )
 
 
 def choose_csr_layers(
@@ -296,8 +317,9 @@ def choose_csr_layers(
     linears = replaceable_linears(model)
     measuring = example_inputs is not None and max_density is None
     inputs = _capture_inputs(model, linears, example_inputs) if measuring else {}
-    choices = {name: _choose_one(name, linear, max_density, inputs.get(name), rounds)
-               for name, linear in linears.items()}
+    choices = {
+        name: _choose_one(name, linear, max_density, inputs.get(name), rounds) for name, linear in linears.items()
+    }
     if measuring:
         for name in linears.keys() - inputs.keys():
             logger.info("layer %r did not run on example_inputs; its choice is the modelled one", name)

@@ -158,8 +158,14 @@ def _convert(model: nn.Module, format: str, max_density: float | None, example_i
     if format == "csr":
         choices = choose_csr_layers(model, max_density=max_density, example_inputs=example_inputs)
         for choice in choices.values():
-            logger.info("layer %r %s, density %.4f: %s (%s)", choice.name, choice.shape, choice.density,
-                        "CSR" if choice.csr else "dense", choice.reason)
+            logger.info(
+                "layer %r %s, density %.4f: %s (%s)",
+                choice.name,
+                choice.shape,
+                choice.density,
+                "CSR" if choice.csr else "dense",
+                choice.reason,
+            )
         replace_with_csr(model, [name for name, choice in choices.items() if choice.csr])
     elif format == "2:4":
         _to_two_four(model)

@@ -17,14 +17,14 @@ and raises instead of warning on CPU.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ecp_fast.pruning.calibration import weight_2d
+from ecp_fast.pruning.calibration import weight_2d, weight_parameter
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def check_n_m(weight: torch.Tensor, pattern: str = SUPPORTED_PATTERN, name: str 
     if bool(bad.any()):
         row, group = (int(v) for v in torch.nonzero(bad)[0])
         raise NMPatternError(
-            f"layer {name!r} is not {pattern} sparse: row {row}, inputs {group * parsed.m}..{group * parsed.m + parsed.m - 1} "
+            f"layer {name!r} is not {pattern} sparse: row {row}, "
+            f"inputs {group * parsed.m}..{group * parsed.m + parsed.m - 1} "
             f"hold {int(counts[row, group])} nonzeros (at most {parsed.n} allowed); {int(bad.sum())} of "
             f"{bad.numel()} groups violate the pattern. Prune with Pruner.prune(scope='{pattern}') first"
         )
@@ -165,8 +166,7 @@ def export_semi_structured(
         raise ValueError("argument 'model': no nn.Linear layer to export")
     for name, module in linears.items():
         check_n_m(weight_2d(module), pattern, name)
-    devices = {module.weight.device if not hasattr(module, "weight_orig") else module.weight_orig.device
-               for module in linears.values()}
+    devices = {weight_parameter(module).device for module in linears.values()}
     if not all(semi_structured_available(device) for device in devices):
         logger.warning(
             "2:4 export skipped: semi-structured sparse kernels need CUDA on a GPU of compute capability 8.0+ "

@@ -16,7 +16,22 @@ from ecp_fast.pruning.sequential import SequentialReport, prune_sequential
 from ecp_fast.pruning.structured import NeuronPair, StructuredReport, find_neuron_pairs, prune_neurons
 
 __all__ = [
-    "Importance", "LayerReport", "LayerStatistics", "NeuronPair", "PruneReport", "Pruner", "ScoringContext",
-    "SequentialReport", "StructuredReport", "apply_masks_from_state_dict", "find_neuron_pairs", "get_masks",
-    "merge_statistics", "prune", "prune_neurons", "prune_sequential", "register_importance", "remove_masks",
+    "Importance",
+    "LayerReport",
+    "LayerStatistics",
+    "NeuronPair",
+    "PruneReport",
+    "Pruner",
+    "ScoringContext",
+    "SequentialReport",
+    "StructuredReport",
+    "apply_masks_from_state_dict",
+    "find_neuron_pairs",
+    "get_masks",
+    "merge_statistics",
+    "prune",
+    "prune_neurons",
+    "prune_sequential",
+    "register_importance",
+    "remove_masks",
 ]

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from ecp_fast.ops import reference
+from ecp_fast.ops import finalize, reference
 from ecp_fast.pruning.calibration import CalibrationResult, LayerSpec, LayerStatistics
-from ecp_fast.ops import finalize
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,8 @@ def check_nonlinear_size(layers: dict[str, LayerSpec], calibration: CalibrationR
     samples = int(calibration.inputs.shape[0])
     if samples > NONLINEAR_MAX_SAMPLES:
         raise ValueError(
-            f"argument 'method': 'nonlinear' supports at most {NONLINEAR_MAX_SAMPLES} calibration samples, got {samples}"
+            f"argument 'method': 'nonlinear' supports at most {NONLINEAR_MAX_SAMPLES} calibration samples, "
+            f"got {samples}"
         )
     largest = max(spec.fan_out * spec.fan_in for spec in layers.values())
     if largest * samples > NONLINEAR_MAX_WORK:

@@ -36,7 +36,11 @@ def weight_reparametrization(module: nn.Module, name: str = "weight") -> str | N
     and the hooks of the old-style ``torch.nn.utils.weight_norm`` / ``spectral_norm``.
     """
     if parametrize.is_parametrized(module, name):
-        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        parametrizations = module.parametrizations
+        assert isinstance(parametrizations, nn.ModuleDict)  # torch keeps them by tensor name
+        entries = parametrizations[name]
+        assert isinstance(entries, nn.ModuleList)  # a ParametrizationList
+        kinds = ", ".join(type(p).__name__ for p in entries)
         return f"torch.nn.utils.parametrize: {kinds}"
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, torch_prune.BasePruningMethod):
@@ -59,8 +63,7 @@ def check_maskable(module: nn.Module, layer: str | None = None) -> None:
             f"layer {label} has a parametrized weight (weight_norm/parametrize; found {kind}); "
             "remove the parametrization or exclude the layer"
         )
-    weight = getattr(module, "weight_orig", None) if hasattr(module, "weight_mask") else getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
+    if _stored_weight(module) is None:
         raise ValueError(f"layer {label} ({type(module).__name__}) has no weight tensor to mask")
 
 
@@ -81,7 +84,8 @@ def install_mask(module: nn.Module, mask: torch.Tensor, name: str | None = None)
     the wrong shape or with values other than 0 and 1; the module is then unchanged.
     """
     check_maskable(module, name)
-    weight = module.weight_orig if hasattr(module, "weight_orig") else module.weight
+    weight = _stored_weight(module)
+    assert weight is not None  # check_maskable
     what = "install_mask: argument 'mask'" + (f" of layer {name!r}" if name is not None else "")
     _check_mask(mask, weight, what)
     with model_transaction(module, values=False):
@@ -188,9 +192,11 @@ def _check_weight_orig(modules: Mapping[str, nn.Module], state_dict: Mapping[str
     """Every ``<layer>.weight_orig`` comes with its mask and has the layer's weight shape."""
     for key, orig in state_dict.items():
         split = _split_key(key, ".weight_orig", modules)
-        if split is None or split[1] is None:
-            continue  # a key of no module: load_state_dict reports it
+        if split is None:
+            continue
         name, module = split
+        if module is None:
+            continue  # a key of no module: load_state_dict reports it
         if f"{name}.weight_mask" not in state_dict:
             raise ValueError(
                 f"apply_masks_from_state_dict: argument 'state_dict' has '{name}.weight_orig' but no "
@@ -207,12 +213,14 @@ def _check_weight_orig(modules: Mapping[str, nn.Module], state_dict: Mapping[str
 
 
 def _plan_biases(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> list[tuple[str, nn.Module, int]]:
-    biases = []
+    biases: list[tuple[str, nn.Module, int]] = []
     for key, bias in state_dict.items():
         split = _split_key(key, ".bias", modules)
-        if split is None or split[1] is None or not isinstance(split[1], BIAS_LAYERS):
+        if split is None:
             continue
         name, module = split
+        if not isinstance(module, BIAS_LAYERS):
+            continue
         if not isinstance(bias, torch.Tensor):
             raise TypeError(
                 f"apply_masks_from_state_dict: state_dict[{key!r}] must be a tensor, got {type(bias).__name__}"
@@ -262,8 +270,9 @@ def apply_masks_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch
     _check_weight_orig(modules, state_dict)
     plan = _LoadPlan(masks, _plan_biases(modules, state_dict), masked)
     with model_transaction(model, values=False):
-        for name, module, mask in plan.masks:
+        for _name, module, mask in plan.masks:
             weight = _stored_weight(module)
+            assert weight is not None  # check_maskable in _plan_masks
             torch_prune.custom_from_mask(module, "weight", mask.to(device=weight.device))
         for name, module, outputs in plan.biases:
             _add_zero_bias(module, outputs)

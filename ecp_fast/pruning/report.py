@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+
 @dataclass
 class LayerReport:
     """One layer after pruning."""
@@ -96,5 +97,3 @@ class PruneReport:
             searched = ", ".join(f"{label} {value:.4g}" for label, value in self.divergences.items())
             lines.append(f"allocation search (calibration divergence): {searched}")
         return "\n".join(lines)
-
-

@@ -27,13 +27,14 @@ Global hooks (``torch.nn.modules.module.register_module_forward_hook``) are not 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Callable, Iterable
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.parameter import Parameter, UninitializedTensorMixin
+from torch.nn.parameter import Parameter, UninitializedTensorMixin  # type: ignore[attr-defined]  # not in the stubs
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
@@ -71,7 +72,7 @@ class _TensorRecord:
 
 def _record_module(module: nn.Module) -> _ModuleRecord:
     attributes = dict(vars(module))
-    containers = {}
+    containers: dict[str, Any] = {}
     for key, value in attributes.items():
         if isinstance(value, dict):
             containers[key] = dict(value)
@@ -152,9 +153,7 @@ def _restore_module(record: _ModuleRecord) -> None:
 def _restore_tensor(record: _TensorRecord) -> None:
     tensor = record.tensor
     if record.value is not None:
-        same_layout = (
-            tensor.shape == record.shape and tensor.dtype == record.dtype and tensor.device == record.device
-        )
+        same_layout = tensor.shape == record.shape and tensor.dtype == record.dtype and tensor.device == record.device
         if same_layout:
             tensor.copy_(record.value)
         else:  # the call replaced ``.data`` (prune.remove, .to(), a resize): put a tensor like the old one back
@@ -183,8 +182,10 @@ class ModelSnapshot:
         roots = list(modules)
         for index, root in enumerate(roots):
             if not isinstance(root, nn.Module):
-                raise TypeError(f"ModelSnapshot: argument 'modules' must hold nn.Module objects, got "
-                                f"{type(root).__name__} at position {index}")
+                raise TypeError(
+                    f"ModelSnapshot: argument 'modules' must hold nn.Module objects, got "
+                    f"{type(root).__name__} at position {index}"
+                )
         device = None if storage is None else torch.device(storage)
         seen: set[int] = set()
         self._modules: list[_ModuleRecord] = []
@@ -266,7 +267,7 @@ class ModelTransaction:
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> bool:
+    ) -> Literal[False]:
         if exc is None:
             self._done = True
             return False

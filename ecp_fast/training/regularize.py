@@ -32,8 +32,9 @@ Usage::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,8 +172,12 @@ class GammaSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         """The schedule's state, for checkpoints."""
-        return {"gamma0": self.gamma0, "gamma_final": self.gamma_final, "decay_steps": self.decay_steps,
-                "step_count": self.step_count}
+        return {
+            "gamma0": self.gamma0,
+            "gamma_final": self.gamma_final,
+            "decay_steps": self.decay_steps,
+            "step_count": self.step_count,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
@@ -187,9 +192,7 @@ def relevance_gate(grad: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.exp(-grad.abs() / alpha)
 
 
-def relevance_penalty(
-    weight: torch.Tensor, grad: torch.Tensor, gamma: float, alpha: float = 1.0
-) -> torch.Tensor:
+def relevance_penalty(weight: torch.Tensor, grad: torch.Tensor, gamma: float, alpha: float = 1.0) -> torch.Tensor:
     """The explicit regulariser ``gamma * sum exp(-|grad| / alpha) * weight^2`` (``grad`` detached).
 
     For logging, or to train with a second backward pass; :class:`RelevanceDecay` adds its

@@ -45,7 +45,7 @@ def test_experiments_are_discovered_without_editing_the_cli(tmp_path, monkeypatc
     (package / "__init__.py").write_text("")
     (package / "echo.py").write_text(
         textwrap.dedent(
-            '''
+            """
             NAME = "echo"
             HELP = "prints its argument"
 
@@ -55,7 +55,7 @@ def test_experiments_are_discovered_without_editing_the_cli(tmp_path, monkeypatc
             def run(args):
                 print("echo:", args.word)
                 return 3
-            '''
+            """
         )
     )
     (package / "incomplete.py").write_text("NAME = 'incomplete'\n")
@@ -64,7 +64,10 @@ def test_experiments_are_discovered_without_editing_the_cli(tmp_path, monkeypatc
     monkeypatch.setattr(cli, "EXPERIMENT_PACKAGE", "plugin_experiments_for_test")
     assert set(cli.discover_experiments()) == {"echo"}
     assert cli.main(["experiment", "echo", "--word", "pruned"]) == 3
-    assert set(cli.SKIPPED_EXPERIMENTS) == {"plugin_experiments_for_test.broken", "plugin_experiments_for_test.incomplete"}
+    assert set(cli.SKIPPED_EXPERIMENTS) == {
+        "plugin_experiments_for_test.broken",
+        "plugin_experiments_for_test.incomplete",
+    }
     with pytest.raises(SystemExit) as info:
         cli.main(["experiment", "broken"])
     assert info.value.code == 2 and "broken: import failed (missing dependency)" in str(info.value)
@@ -98,8 +101,9 @@ def test_console_script_gives_one_line_user_errors(tmp_path):
         pytest.skip(f"{script} is missing or stale (reinstall: pip install --no-build-isolation -e .)")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = subprocess.run([str(script), "demo", "--quick", "--out", str(blocker)], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [str(script), "demo", "--quick", "--out", str(blocker)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is a file" in result.stderr
 
 

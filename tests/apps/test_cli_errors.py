@@ -35,8 +35,12 @@ def fake_mnist(directory: Path, compress: bool = True) -> Path:
     """Four tiny valid IDX files with MNIST's names."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    arrays = {"train_images": rng.integers(0, 256, (6, 28, 28)), "train_labels": rng.integers(0, 10, 6),
-              "test_images": rng.integers(0, 256, (3, 28, 28)), "test_labels": rng.integers(0, 10, 3)}
+    arrays = {
+        "train_images": rng.integers(0, 256, (6, 28, 28)),
+        "train_labels": rng.integers(0, 10, 6),
+        "test_images": rng.integers(0, 256, (3, 28, 28)),
+        "test_labels": rng.integers(0, 10, 3),
+    }
     for key, stem in MNIST_FILES.items():
         write_idx(directory / (stem + (".gz" if compress else "")), arrays[key])
     return directory
@@ -56,7 +60,10 @@ def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
     """``python -m ecp_fast ARGUMENTS`` (the console script ``ecp-fast`` runs the same ``main``)."""
     return subprocess.run(
         [sys.executable, "-W", "ignore", "-m", "ecp_fast", *arguments],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -150,12 +157,16 @@ def main_error(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
         (["experiment", "regularized", "--quick", "--dataset", "digits", "--backoff", "1.5"], "--backoff"),
         (["experiment", "regularized", "--quick", "--dataset", "digits", "--max-sparsity", "0"], "--max-sparsity"),
         (["experiment", "regularized", "--quick", "--dataset", "digits", "--bound", "nan"], "--bound"),
-        (["experiment", "regularized", "--quick", "--dataset", "digits", "--lenet5-prune-fraction", "1"],
-         "--lenet5-prune-fraction"),
+        (
+            ["experiment", "regularized", "--quick", "--dataset", "digits", "--lenet5-prune-fraction", "1"],
+            "--lenet5-prune-fraction",
+        ),
         (["experiment", "regularized", "--quick", "--dataset", "digits", "--alpha", "0"], "--alpha"),
         (["experiment", "regularized", "--quick", "--data-dir", "{missing}"], "does not exist"),
-        (["experiment", "regularized", "--quick", "--data-dir", "{partial}"],
-         "'t10k-labels-idx1-ubyte[.gz]' not found"),
+        (
+            ["experiment", "regularized", "--quick", "--data-dir", "{partial}"],
+            "'t10k-labels-idx1-ubyte[.gz]' not found",
+        ),
         (["demo", "--quick", "--out", "{blocker}/deeper/still"], "cannot be created"),
         (["demo", "--quick", "--seeds", "many"], "invalid int value: 'many'"),
         (["experiment", "mnist", "--quick", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
@@ -244,8 +255,13 @@ def fake_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data=st.data(),
 )
 def test_damaged_files_are_refused_or_read_unchanged(
-    tmp_path_factory: pytest.TempPathFactory, fake_files: dict[str, Path], stem: str, compress: bool,
-    damage: str, where: float, data: st.DataObject,
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_files: dict[str, Path],
+    stem: str,
+    compress: bool,
+    damage: str,
+    where: float,
+    data: st.DataObject,
 ) -> None:
     """check_mnist either names the damaged file or the file still holds exactly the original data.
 

@@ -106,8 +106,10 @@ def test_digits_split_is_fixed_and_standardised() -> None:
     assert not torch.equal(load_digits_split(seed=4).y_train, first.y_train)
 
 
-@pytest.mark.skipif(not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists() and not (REAL_MNIST / "train-images-idx3-ubyte").exists(),
-                    reason="real MNIST files not available")
+@pytest.mark.skipif(
+    not (REAL_MNIST / "train-images-idx3-ubyte.gz").exists() and not (REAL_MNIST / "train-images-idx3-ubyte").exists(),
+    reason="real MNIST files not available",
+)
 def test_real_mnist() -> None:
     split = load_mnist(REAL_MNIST)
     assert split.x_train.shape == (60000, 1, 28, 28) and split.x_test.shape == (10000, 1, 28, 28)

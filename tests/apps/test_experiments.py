@@ -12,8 +12,8 @@ import pytest
 from ecp_fast.apps.cli import build_parser, main
 from ecp_fast.apps.datasets import DATA_DIR_ENV, MNIST_FILES, write_idx
 from ecp_fast.apps.experiments import _common
-from ecp_fast.pruning.importance import IMPORTANCES
 from ecp_fast.apps.pde import DiffusionSorption, cell_centres, generate, load_or_generate, right_ghost, solve
+from ecp_fast.pruning.importance import IMPORTANCES
 
 # The project keeps MNIST beside the repository, in ../shared/data/mnist, unless ECP_DATA_DIR says otherwise.
 MNIST_DIR = Path(os.environ.get(DATA_DIR_ENV) or Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist")
@@ -60,8 +60,14 @@ def test_mnist_missing_file_is_named(tmp_path: Path) -> None:
 def test_mnist_quick_writes_every_method(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "mnist"
     assert main(["experiment", "mnist", "--quick", "--data-dir", str(MNIST_DIR), "--out", str(out)]) == 0
-    for name in ("mnist_results.csv", "mnist_summary.csv", "mnist_tables.md", "mnist_loss.png",
-                 "mnist_accuracy.png", "mnist_small_loss.png"):
+    for name in (
+        "mnist_results.csv",
+        "mnist_summary.csv",
+        "mnist_tables.md",
+        "mnist_loss.png",
+        "mnist_accuracy.png",
+        "mnist_small_loss.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_rows(out / "mnist_results.csv")
     large = {row["method"] for row in rows if row["network"] == "784-300-100-10"}
@@ -127,7 +133,7 @@ def test_dataset_is_cached_and_deterministic(tmp_path: Path) -> None:
     first = load_or_generate(tmp_path, samples=3, cells=16, snapshots=11, seed=1, progress=False)
     assert len(list(tmp_path.glob("*.npz"))) == 1
     second = load_or_generate(tmp_path, samples=3, cells=16, snapshots=11, seed=1, progress=False)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
     levels, times, u = generate(3, 16, 11, seed=1, progress=False)
     np.testing.assert_array_equal(levels, first[0])
@@ -141,8 +147,13 @@ def test_diffusion_sorption_quick_writes_every_method(tmp_path: Path, capsys: py
     out = tmp_path / "ds"
     argv = ["experiment", "diffusion-sorption", "--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert main(argv) == 0
-    for name in ("diffusion_sorption_results.csv", "diffusion_sorption_summary.csv", "diffusion_sorption_tables.md",
-                 "diffusion_sorption_mse.png", "diffusion_sorption_mse_finetuned.png"):
+    for name in (
+        "diffusion_sorption_results.csv",
+        "diffusion_sorption_summary.csv",
+        "diffusion_sorption_tables.md",
+        "diffusion_sorption_mse.png",
+        "diffusion_sorption_mse_finetuned.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = read_rows(out / "diffusion_sorption_results.csv")
     assert {row["noise"] for row in rows} == {"0.0", "0.01"}

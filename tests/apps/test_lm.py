@@ -41,7 +41,9 @@ def test_settings_and_methods_are_parsed_and_checked():
 
     settings = lm.parse_settings("50%:row,0.7:layer,2:4")
     assert [(s.label, s.sparsity, s.scope) for s in settings] == [
-        ("50% row", 0.5, "row"), ("70% layer", 0.7, "layer"), ("2:4", None, "2:4")
+        ("50% row", 0.5, "row"),
+        ("70% layer", 0.7, "layer"),
+        ("2:4", None, "2:4"),
     ]
     for bad in ("50%", "150%:row", "4:2", "50%:diagonal", ""):
         with pytest.raises(ValueError, match="--settings"):

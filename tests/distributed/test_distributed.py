@@ -8,7 +8,6 @@ runs computed here.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from ecp_fast import Pruner, get_masks
-from ecp_fast.pruning.calibration import CalibrationResult, LayerStatistics
 from ecp_fast.distributed import (
     RANK_SEED_STRIDE,
     SYNCHRONIZED_KEY,
@@ -29,6 +27,7 @@ from ecp_fast.distributed import (
     synchronize_calibration,
 )
 from ecp_fast.ops.merge import Moments
+from ecp_fast.pruning.calibration import CalibrationResult, LayerStatistics
 
 WORLD_SIZE = 2
 BATCHES = 10
@@ -41,9 +40,7 @@ SPARSITY = 0.6
 
 def make_model(dtype: torch.dtype, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 5)
-    ).to(dtype)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 5)).to(dtype)
 
 
 def make_batches(dtype: torch.dtype, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -86,8 +83,13 @@ def statistics_of(result: CalibrationResult) -> dict[str, Any]:
 
 
 def run_scenario(
-    dtype: torch.dtype, sensitivity: str, method: str, batches: list[Any], distributed: bool,
-    probes: int | None = None, strategy: str = "allreduce",
+    dtype: torch.dtype,
+    sensitivity: str,
+    method: str,
+    batches: list[Any],
+    distributed: bool,
+    probes: int | None = None,
+    strategy: str = "allreduce",
 ) -> dict[str, Any]:
     model = make_model(dtype)
     pruner = Pruner(model, sensitivity=sensitivity, probes=probes, seed=7, progress=False)
@@ -219,8 +221,11 @@ def test_every_rank_ends_bit_identical(rank_results: list[dict[str, Any]], scena
     for layer, fields in first["statistics"]["layers"].items():
         for field, value in fields.items():
             other = second["statistics"]["layers"][layer][field]
-            assert (value is None and other is None) or isinstance(value, int) and value == other or torch.equal(
-                value, other
+            assert (
+                (value is None and other is None)
+                or isinstance(value, int)
+                and value == other
+                or torch.equal(value, other)
             ), f"{scenario}: {layer}.{field} differs between ranks"
 
 
@@ -250,7 +255,9 @@ def test_merge_is_idempotent_and_mismatch_fails_on_every_rank(rank_results: list
 def test_synchronize_is_a_noop_without_process_group() -> None:
     assert not dist.is_initialized()
     moments = Moments(torch.ones(2), torch.zeros(2, 3), torch.zeros(2, 3))
-    result = CalibrationResult(statistics={"a": LayerStatistics(moments, torch.zeros(3), None, 4)}, samples=4, batches=1)
+    result = CalibrationResult(
+        statistics={"a": LayerStatistics(moments, torch.zeros(3), None, 4)}, samples=4, batches=1
+    )
     assert synchronize_calibration(result) is result
     with pytest.raises(ValueError, match="strategy"):
         synchronize_calibration(result, strategy="tree")

@@ -56,8 +56,9 @@ def mixed_model(dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(0)
     model = Mixed().to(dtype)
     # Prune conv, fc1 and fc2; the head stays unpruned (dense weights, no mask).
-    ecp_fast.prune(model, None, sparsity=0.8, method="magnitude", scope="layer", layers=["conv", "fc1", "fc2"],
-                   progress=False)
+    ecp_fast.prune(
+        model, None, sparsity=0.8, method="magnitude", scope="layer", layers=["conv", "fc1", "fc2"], progress=False
+    )
     return model
 
 
@@ -164,7 +165,10 @@ def test_attention_projection_and_subclasses_stay_dense() -> None:
         {"attention": nn.MultiheadAttention(16, 2), "sub": MyLinear(16, 16), "plain": nn.Linear(16, 16)}
     )
     assert exported_layers(export(model, "csr", max_density=1.0)) == {
-        "attention.out_proj": "dense", "sub": "dense", "plain": "csr"}
+        "attention.out_proj": "dense",
+        "sub": "dense",
+        "plain": "csr",
+    }
 
 
 def test_shared_layer_stays_shared() -> None:
@@ -350,8 +354,11 @@ def test_compact_argument_and_file_errors(tmp_path: Path) -> None:
     for name, content in bad_files.items():
         (tmp_path / name).write_bytes(content)
     expectations = {
-        "garbage.ecp": "not a readable", "empty.ecp": "not a readable", "truncated.ecp": "not a readable",
-        "state.pt": "not an ecp_fast compact file", "module.pt": "not a readable",
+        "garbage.ecp": "not a readable",
+        "empty.ecp": "not a readable",
+        "truncated.ecp": "not a readable",
+        "state.pt": "not an ecp_fast compact file",
+        "module.pt": "not a readable",
         "out_of_range.ecp": "CSR record of '0.weight' is damaged",
     }
     for name, expected in expectations.items():

@@ -49,8 +49,9 @@ def test_table_and_files(checkpoint: Path, tmp_path: Path, capsys: pytest.Captur
     assert model(torch.randn(3, 150)).shape == (3, 10)
 
 
-def test_measured_choice_and_compact_checkpoint(checkpoint: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_measured_choice_and_compact_checkpoint(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_command([str(checkpoint), *FAST, "--measure", "--formats", "csr"]) == 0
     assert "dense " in capsys.readouterr().out  # dense is always timed as the baseline
     template = nn.Sequential(nn.Linear(150, 120), nn.ReLU(), nn.Linear(120, 10))
@@ -82,8 +83,9 @@ def test_measured_choice_and_compact_checkpoint(checkpoint: Path, tmp_path: Path
         (["{checkpoint}", *FAST, "--device", "nonsense"], "--device 'nonsense'"),
     ],
 )
-def test_user_errors_are_one_line_and_exit_2(argv: list[str], message: str, checkpoint: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_errors_are_one_line_and_exit_2(
+    argv: list[str], message: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     paths = {"missing": tmp_path / "missing.pt", "garbage": tmp_path / "garbage.pt", "checkpoint": checkpoint}
     assert run_command([arg.format(**paths) for arg in argv]) == 2

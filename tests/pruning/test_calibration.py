@@ -15,6 +15,7 @@ with warnings.catch_warnings():
 from nets import tanh_mlp
 
 from ecp_fast.ops import reference
+from ecp_fast.ops.merge import Moments
 from ecp_fast.pruning.calibration import (
     MAX_STORED_SAMPLES,
     Calibrator,
@@ -22,7 +23,6 @@ from ecp_fast.pruning.calibration import (
     merge_statistics,
     resolve_layers,
 )
-from ecp_fast.ops.merge import Moments
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,7 +32,7 @@ def split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
 
 
 def assert_moments_close(actual: Moments, expected: tuple, rtol=1e-7, atol=1e-9) -> None:
-    for name, a, e in zip(("s0", "mean", "m2"), actual, expected):
+    for name, a, e in zip(("s0", "mean", "m2"), actual, expected, strict=True):
         torch.testing.assert_close(a, e.to(a.dtype), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 

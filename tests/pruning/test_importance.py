@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -23,14 +24,13 @@ from ecp_fast.pruning.importance import (
     register_importance,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tanh_mlp(sizes=(6, 9, 4), seed=0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(sizes) - 2:
             layers.append(nn.Tanh())

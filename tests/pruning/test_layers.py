@@ -101,7 +101,9 @@ def test_conv1d_calibrates_like_the_equivalent_linear():
         conv_pruner.calibrate([x[:2], x[2:]])
         linear_pruner.calibrate([x[:2], x[2:]])
         for name in ("0", "2"):
-            for actual, expected in zip(conv_pruner.statistics[name].moments, linear_pruner.statistics[name].moments):
+            for actual, expected in zip(
+                conv_pruner.statistics[name].moments, linear_pruner.statistics[name].moments, strict=True
+            ):
                 torch.testing.assert_close(actual, expected)
     gradients = Calibrator(model, resolve_layers(model)).gradients(x)
     expected = reference.sensitivities(linear, x)
@@ -224,8 +226,13 @@ def test_one_warning_lists_every_weight_matrix_that_cannot_be_scored(caplog):
     records = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert len(records) == 1
     message = records[0].getMessage()
-    for expected in ("'conv': Conv1d", "'grouped': Conv2d with groups=2", "'attention': MultiheadAttention",
-                     "in_proj_weight", "'': Mixed"):
+    for expected in (
+        "'conv': Conv1d",
+        "'grouped': Conv2d with groups=2",
+        "'attention': MultiheadAttention",
+        "in_proj_weight",
+        "'': Mixed",
+    ):
         assert expected in message, expected
     assert "embed" not in message and "norm" not in message
 

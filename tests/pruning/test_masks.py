@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from fingerprint import assert_unchanged, fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -15,7 +17,6 @@ from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.pruning import masks
 from ecp_fast.pruning.masks import apply_masks_from_state_dict, check_maskable, install_mask, remove_masks
-from fingerprint import assert_unchanged, fingerprint
 
 
 class Boom(Exception):
@@ -24,8 +25,9 @@ class Boom(Exception):
 
 def net(bias: bool = False, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 4, bias=bias), nn.ReLU(), nn.Linear(4, 3, bias=bias), nn.Tanh(),
-                         nn.Linear(3, 2, bias=bias))
+    return nn.Sequential(
+        nn.Linear(5, 4, bias=bias), nn.ReLU(), nn.Linear(4, 3, bias=bias), nn.Tanh(), nn.Linear(3, 2, bias=bias)
+    )
 
 
 def pruned_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -76,18 +78,43 @@ BAD_STATE_DICTS = {
     "path string": (lambda s: "model.pt", TypeError, "argument 'state_dict' must be a mapping.*torch.load.*got str"),
     "None": (lambda s: None, TypeError, "argument 'state_dict' must be a mapping.*got NoneType"),
     "no such module": (lambda s: corrupt(s, "9.weight_mask", torch.ones(4, 5)), ValueError, "'9.weight_mask' names no"),
-    "not prunable": (lambda s: corrupt(s, "1.weight_mask", torch.ones(4, 5)), ValueError, "layer '1' .ReLU. has no weight"),
-    "mask shape": (lambda s: corrupt(s, "4.weight_mask", torch.ones(3, 2)), ValueError,
-                   r"'4.weight_mask'\] must have the weight's shape \(2, 3\), got \(3, 2\)"),
-    "mask values": (lambda s: corrupt(s, "4.weight_mask", torch.full((2, 3), 0.5)), ValueError, "only 0 .removed. and 1"),
+    "not prunable": (
+        lambda s: corrupt(s, "1.weight_mask", torch.ones(4, 5)),
+        ValueError,
+        "layer '1' .ReLU. has no weight",
+    ),
+    "mask shape": (
+        lambda s: corrupt(s, "4.weight_mask", torch.ones(3, 2)),
+        ValueError,
+        r"'4.weight_mask'\] must have the weight's shape \(2, 3\), got \(3, 2\)",
+    ),
+    "mask values": (
+        lambda s: corrupt(s, "4.weight_mask", torch.full((2, 3), 0.5)),
+        ValueError,
+        "only 0 .removed. and 1",
+    ),
     "mask nan": (lambda s: corrupt(s, "2.weight_mask", torch.full((3, 4), float("nan"))), ValueError, "only 0"),
-    "mask not a tensor": (lambda s: corrupt(s, "2.weight_mask", [[1.0] * 4] * 3), TypeError, "must be a torch.Tensor, got list"),
-    "bias length": (lambda s: corrupt(s, "4.bias", torch.zeros(5)), ValueError,
-                    r"'4.bias'\] must have shape \(2,\) .the outputs of layer '4'., got \(5,\)"),
+    "mask not a tensor": (
+        lambda s: corrupt(s, "2.weight_mask", [[1.0] * 4] * 3),
+        TypeError,
+        "must be a torch.Tensor, got list",
+    ),
+    "bias length": (
+        lambda s: corrupt(s, "4.bias", torch.zeros(5)),
+        ValueError,
+        r"'4.bias'\] must have shape \(2,\) .the outputs of layer '4'., got \(5,\)",
+    ),
     "bias not a tensor": (lambda s: corrupt(s, "2.bias", 0.0), TypeError, r"'2.bias'\] must be a tensor, got float"),
-    "weight_orig shape": (lambda s: corrupt(s, "2.weight_orig", torch.zeros(4, 3)), ValueError, "weight's shape \\(3, 4\\), got \\(4, 3\\)"),
-    "orig without mask": (lambda s: {k: v for k, v in s.items() if k != "2.weight_mask"}, ValueError,
-                          "has '2.weight_orig' but no '2.weight_mask'"),
+    "weight_orig shape": (
+        lambda s: corrupt(s, "2.weight_orig", torch.zeros(4, 3)),
+        ValueError,
+        "weight's shape \\(3, 4\\), got \\(4, 3\\)",
+    ),
+    "orig without mask": (
+        lambda s: {k: v for k, v in s.items() if k != "2.weight_mask"},
+        ValueError,
+        "has '2.weight_orig' but no '2.weight_mask'",
+    ),
     "key not a string": (lambda s: {**s, 3: torch.ones(1)}, TypeError, "string keys, got 3"),
 }
 
@@ -126,8 +153,11 @@ def test_parametrized_layer_is_refused_by_name() -> None:
     model = net()
     torch.nn.utils.parametrizations.weight_norm(model[2])
     before = fingerprint(model)
-    with pytest.raises(ValueError, match="layer '2' has a parametrized weight .weight_norm/parametrize.*remove the "
-                                         "parametrization or exclude the layer"):
+    with pytest.raises(
+        ValueError,
+        match="layer '2' has a parametrized weight .weight_norm/parametrize.*remove the "
+        "parametrization or exclude the layer",
+    ):
         apply_masks_from_state_dict(model, pruned_state())
     assert_unchanged(before, model)
 
@@ -142,8 +172,9 @@ def test_model_argument_is_checked() -> None:
 def test_failure_at_every_stage_restores(monkeypatch: pytest.MonkeyPatch, stage: str, error: BaseException) -> None:
     if stage.endswith("mask"):
         calls = ["first mask", "second mask", "third mask"].index(stage)
-        monkeypatch.setattr(masks.torch_prune, "custom_from_mask",
-                            failing_after(calls, torch_prune.custom_from_mask, error))
+        monkeypatch.setattr(
+            masks.torch_prune, "custom_from_mask", failing_after(calls, torch_prune.custom_from_mask, error)
+        )
     elif stage == "bias":
         monkeypatch.setattr(masks, "_add_zero_bias", failing_after(1, masks._add_zero_bias, error))
     else:
@@ -196,7 +227,9 @@ def test_install_mask_checks_the_mask(mask: Any, error: type[Exception], match: 
 
 
 @pytest.mark.parametrize("error", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
-def test_install_mask_failure_inside_torch_prune_restores(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+def test_install_mask_failure_inside_torch_prune_restores(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
     layer = nn.Linear(4, 3)
     install_mask(layer, (torch.rand(3, 4) > 0.5).float())
     before = fingerprint(layer)

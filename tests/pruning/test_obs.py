@@ -10,10 +10,15 @@ from hypothesis import strategies as st
 try:
     from ecp_fast.pruning import obs
 except Exception:  # standalone run while the package is being reorganised
-    import importlib.util, pathlib, sys
+    import importlib.util
+    import pathlib
+    import sys
+
     _path = pathlib.Path(__file__).resolve().parents[2] / "ecp_fast" / "pruning" / "obs.py"
-    _spec = importlib.util.spec_from_file_location("obs", _path); obs = importlib.util.module_from_spec(_spec)
-    sys.modules.setdefault(_spec.name, obs); _spec.loader.exec_module(obs)
+    _spec = importlib.util.spec_from_file_location("obs", _path)
+    obs = importlib.util.module_from_spec(_spec)
+    sys.modules.setdefault(_spec.name, obs)
+    _spec.loader.exec_module(obs)
 
 F64 = torch.float64
 
@@ -52,7 +57,7 @@ def _problem(out: int, n_in: int, samples: int = 64, seed: int = 0, dead: tuple[
 
 def _row(weight: torch.Tensor, bias: torch.Tensor, i: int) -> torch.Tensor:
     """Augmented row w~_i = [W_i | b_i]."""
-    return torch.cat([weight[i], bias[i:i + 1]])
+    return torch.cat([weight[i], bias[i : i + 1]])
 
 
 def _random_mask(out: int, n_in: int, seed: int, keep_fraction: float = 0.5) -> torch.Tensor:
@@ -64,7 +69,7 @@ def _sequential_obs(row: torch.Tensor, damped: torch.Tensor, pruned: list[int]) 
     it, min over d_F of [d_q; d_F]^T H[q:, q:] [d_q; d_F] with d_q = -w_q."""
     w = row.clone()
     for q in sorted(pruned):
-        w[q + 1:] += torch.linalg.solve(damped[q + 1:, q + 1:], damped[q + 1:, q]) * w[q]
+        w[q + 1 :] += torch.linalg.solve(damped[q + 1 :, q + 1 :], damped[q + 1 :, q]) * w[q]
         w[q] = 0
     return w
 
@@ -186,8 +191,7 @@ def test_fixed_interleaved_mask_sweep_can_lose_to_zeroing_while_refit_cannot():
 
 
 @settings(max_examples=25, deadline=None)
-@given(out=st.integers(1, 4), n_in=st.integers(1, 11), block_size=st.integers(1, 12),
-       seed=st.integers(0, 10_000))
+@given(out=st.integers(1, 4), n_in=st.integers(1, 11), block_size=st.integers(1, 12), seed=st.integers(0, 10_000))
 def test_fixed_mask_sweep_is_sequential_obs_for_any_shape(out, n_in, block_size, seed):
     weight, bias, _, _, gram = _problem(out, n_in, samples=3 * n_in + 4, seed=seed)
     mask = _random_mask(out, n_in, seed=seed + 1)
@@ -225,7 +229,7 @@ def test_refit_matches_weighted_least_squares(monkeypatch, path, with_cross):
     weight, bias, xp, sample_weights, gram = _problem(out, n_in, samples=samples, seed=9)
     mask = _random_mask(out, n_in, seed=10, keep_fraction=0.4)
     mask[0] = False  # bias only
-    mask[1] = True   # dense row
+    mask[1] = True  # dense row
     if path == "grouped":
         monkeypatch.setattr(obs, "_MAX_GROUPED_SUPPORTS", 10**6)
     else:
@@ -238,9 +242,7 @@ def test_refit_matches_weighted_least_squares(monkeypatch, path, with_cross):
         dense_weight = weight + 0.2 * torch.randn(out, n_in, generator=g, dtype=F64)
         dense_bias = bias + 0.2 * torch.randn(out, generator=g, dtype=F64)
         cross = (_augment(xp) * sample_weights[:, None]).T @ _augment(xd)
-        new_weight, new_bias = obs.refit(
-            weight, bias, mask, gram, cross, dense_weight, dense_bias, ridge=0.05
-        )
+        new_weight, new_bias = obs.refit(weight, bias, mask, gram, cross, dense_weight, dense_bias, ridge=0.05)
     else:
         xd, dense_weight, dense_bias = xp, weight, bias
         new_weight, new_bias = obs.refit(weight, bias, mask, gram, ridge=0.05)
@@ -279,7 +281,7 @@ def test_unstructured_and_row_counts_are_exact_per_block(out, n_in, block_size, 
         result = obs.obs_sweep(weight, bias, gram, sparsity=sparsity, pattern=pattern, block_size=block_size)
         assert result.mask.shape == (out, n_in) and result.mask.dtype == torch.bool
         for i1 in range(0, n_in, block_size):
-            pruned = ~result.mask[:, i1:i1 + block_size]
+            pruned = ~result.mask[:, i1 : i1 + block_size]
             width = pruned.shape[1]
             if pattern == "unstructured":
                 assert int(pruned.sum()) == round(sparsity * out * width)
@@ -288,8 +290,10 @@ def test_unstructured_and_row_counts_are_exact_per_block(out, n_in, block_size, 
         _assert_pruned_exactly(result, bias)
 
 
-@pytest.mark.parametrize("n,m,out,n_in,block_size", [(2, 4, 1, 4, 128), (2, 4, 3, 8, 4), (2, 4, 7, 132, 128),
-                                                     (1, 3, 5, 9, 6), (3, 4, 2, 12, 8)])
+@pytest.mark.parametrize(
+    "n,m,out,n_in,block_size",
+    [(2, 4, 1, 4, 128), (2, 4, 3, 8, 4), (2, 4, 7, 132, 128), (1, 3, 5, 9, 6), (3, 4, 2, 12, 8)],
+)
 def test_n_of_m_keeps_exactly_n_in_every_aligned_group(n, m, out, n_in, block_size):
     weight, bias, _, _, gram = _problem(out, n_in, samples=2 * n_in + 4, seed=n_in)
     result = obs.obs_sweep(weight, bias, gram, pattern=(n, m), block_size=block_size)
@@ -347,9 +351,7 @@ def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal():
     gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]], dtype=F64)
     damped = obs.dampen(gram, 0.5)
     shift = 0.5 * (4.0 + 1.0 + 2.0) / 3
-    expected = torch.tensor(
-        [[4.0 + shift, 0.0, 2.0], [0.0, 1.0 + shift, 0.0], [2.0, 0.0, 2.0 + shift]], dtype=F64
-    )
+    expected = torch.tensor([[4.0 + shift, 0.0, 2.0], [0.0, 1.0 + shift, 0.0], [2.0, 0.0, 2.0 + shift]], dtype=F64)
     torch.testing.assert_close(damped, expected, rtol=0, atol=1e-15)
     assert gram[1, 1] == 0  # a copy
 
@@ -366,23 +368,25 @@ def test_singular_gram_after_zero_damp_raises_and_names_damp():
     assert obs.obs_sweep(weight, bias, gram, sparsity=0.5, damp=0.1).weight.shape == (2, 2)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(sparsity=1.5), r"'sparsity' must be .*\[0, 1\), got 1.5"),
-    (dict(sparsity=1.0), r"'sparsity' must be .*\[0, 1\), got 1.0"),
-    (dict(sparsity=-0.1), r"'sparsity' must be .*got -0.1"),
-    (dict(pattern="random"), r"'pattern' must be 'unstructured', 'row' or a tuple \(n, m\).*'random'"),
-    (dict(pattern=(3, 2)), r"'pattern' .*0 < n <= m.*\(3, 2\)"),
-    (dict(pattern=(2, 4)), r"m=4 does not divide in=6"),
-    (dict(pattern=(1, 3), block_size=4), r"'block_size' must be a multiple of m=3.*got 4"),
-    (dict(block_size=0), r"'block_size' must be an int >= 1, got 0"),
-    (dict(damp=-1.0), r"'damp' must be .*got -1.0"),
-    (dict(mask=torch.ones(3, 5, dtype=torch.bool)), r"'mask' must have shape \(3, 6\).*got shape \(3, 5\)"),
-    (dict(mask=torch.ones(3, 6, dtype=torch.bool), sparsity=0.5),
-     r"'sparsity' must be 0 when an explicit 'mask'"),
-    (dict(gram=torch.eye(6, dtype=F64)), r"'gram' must have shape \(7, 7\).*got shape \(6, 6\)"),
-    (dict(bias=torch.zeros(4, dtype=F64)), r"'bias' must have shape \(3,\).*\(3, 6\), got shape \(4,\)"),
-    (dict(dtype=torch.int64), r"'dtype' must be torch.float32 or torch.float64"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(sparsity=1.5), r"'sparsity' must be .*\[0, 1\), got 1.5"),
+        (dict(sparsity=1.0), r"'sparsity' must be .*\[0, 1\), got 1.0"),
+        (dict(sparsity=-0.1), r"'sparsity' must be .*got -0.1"),
+        (dict(pattern="random"), r"'pattern' must be 'unstructured', 'row' or a tuple \(n, m\).*'random'"),
+        (dict(pattern=(3, 2)), r"'pattern' .*0 < n <= m.*\(3, 2\)"),
+        (dict(pattern=(2, 4)), r"m=4 does not divide in=6"),
+        (dict(pattern=(1, 3), block_size=4), r"'block_size' must be a multiple of m=3.*got 4"),
+        (dict(block_size=0), r"'block_size' must be an int >= 1, got 0"),
+        (dict(damp=-1.0), r"'damp' must be .*got -1.0"),
+        (dict(mask=torch.ones(3, 5, dtype=torch.bool)), r"'mask' must have shape \(3, 6\).*got shape \(3, 5\)"),
+        (dict(mask=torch.ones(3, 6, dtype=torch.bool), sparsity=0.5), r"'sparsity' must be 0 when an explicit 'mask'"),
+        (dict(gram=torch.eye(6, dtype=F64)), r"'gram' must have shape \(7, 7\).*got shape \(6, 6\)"),
+        (dict(bias=torch.zeros(4, dtype=F64)), r"'bias' must have shape \(3,\).*\(3, 6\), got shape \(4,\)"),
+        (dict(dtype=torch.int64), r"'dtype' must be torch.float32 or torch.float64"),
+    ],
+)
 def test_bad_sweep_arguments_raise_value_errors_naming_them(kwargs, message):
     weight, bias, _, _, gram = _problem(3, 6, seed=17)
     call = dict(weight=weight, bias=bias, gram=gram) | kwargs

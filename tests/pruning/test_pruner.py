@@ -127,7 +127,9 @@ def test_steps_prune_less_at_once_than_one_shot():
         pruner = ecp_fast.Pruner(model, progress=False)
         pruner.calibrate(data())
         pruner.prune(0.9, steps=steps)
-    assert any(not torch.equal(a, b) for a, b in zip(masks_of(one_shot).values(), masks_of(iterative).values()))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(masks_of(one_shot).values(), masks_of(iterative).values(), strict=True)
+    )
 
 
 # ---- compensation --------------------------------------------------------------------------------
@@ -224,7 +226,12 @@ def test_report_table_lists_every_layer():
 def test_conv_and_linear_model_prunes_exactly():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(36, 3)
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(36, 3),
     )
     images = torch.randn(20, 1, 8, 8)
     report = ecp_fast.prune(model, [images[:10], images[10:]], sparsity=0.5, scope="layer", progress=False)
@@ -243,7 +250,9 @@ def test_token_inputs_loss_and_local_criteria():
     assert ecp_fast.Pruner(model).probes is None
     for sensitivity in ("loss", "local"):
         net = mlp()
-        report = ecp_fast.prune(net, data(), sparsity=0.6, sensitivity=sensitivity, loss_fn=nn.CrossEntropyLoss(), progress=False)
+        report = ecp_fast.prune(
+            net, data(), sparsity=0.6, sensitivity=sensitivity, loss_fn=nn.CrossEntropyLoss(), progress=False
+        )
         assert report.sensitivity == sensitivity and report.sparsity == pytest.approx(0.6, abs=1e-2)
 
 
@@ -287,7 +296,7 @@ def test_state_dict_round_trip_with_masks_and_added_biases():
     fresh.load_state_dict(state)
     x = torch.randn(7, 12)
     torch.testing.assert_close(fresh(x), model(x))
-    assert all(torch.equal(a, b) for a, b in zip(masks_of(fresh).values(), masks_of(model).values()))
+    assert all(torch.equal(a, b) for a, b in zip(masks_of(fresh).values(), masks_of(model).values(), strict=True))
     # The loaded model keeps its zeros while training.
     ecp_fast.training.finetune(fresh, data(), nn.CrossEntropyLoss(), steps=3, progress=False)
     assert torch.all(fresh[0].weight[~masks_of(fresh)["0"]] == 0)

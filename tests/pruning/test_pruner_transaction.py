@@ -6,15 +6,14 @@ import warnings
 
 import pytest
 import torch
+from fingerprint import assert_unchanged, fingerprint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import ecp_fast
-from ecp_fast.pruning import importance as importance_module
 from ecp_fast.pruning import pruner as pruner_module
 from ecp_fast.pruning.importance import Importance
-from fingerprint import assert_unchanged, fingerprint
 
 
 def _model() -> nn.Module:
@@ -24,8 +23,10 @@ def _model() -> nn.Module:
 
 def _batches():
     generator = torch.Generator().manual_seed(1)
-    return [(torch.randn(16, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (16,), generator=generator))
-            for _ in range(2)]
+    return [
+        (torch.randn(16, 6, generator=generator, dtype=torch.float64), torch.randint(0, 3, (16,), generator=generator))
+        for _ in range(2)
+    ]
 
 
 def _calibrated(model: nn.Module) -> ecp_fast.Pruner:
@@ -81,8 +82,13 @@ def test_failure_at_every_stage_restores_the_model_bit_identically(monkeypatch, 
 
 
 @given(
-    sparsity=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.text(max_size=3),
-                       st.none(), st.booleans()),
+    sparsity=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.integers(-3, 3),
+        st.text(max_size=3),
+        st.none(),
+        st.booleans(),
+    ),
     method=st.sampled_from(["ecp", "magnitude", "nope", "", "ECP"]),
     scope=st.sampled_from(["global", "layer", "row", "2:4", "3:2", "1:4:2", "x", "neuron2"]),
     steps=st.one_of(st.integers(-2, 3), st.floats(0, 3), st.none()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from ecp_fast.pruning.calibration import LayerSpec
 def _relu_mlp(sizes=(12, 16, 8, 3), seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(fan_in, fan_out))
         if index < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -26,8 +27,10 @@ def _relu_mlp(sizes=(12, 16, 8, 3), seed: int = 0) -> nn.Sequential:
 def _batches(fan_in: int = 12, count: int = 3, size: int = 40, seed: int = 1, classes: int = 3):
     generator = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(size, fan_in, generator=generator, dtype=torch.float64),
-         torch.randint(0, classes, (size,), generator=generator))
+        (
+            torch.randn(size, fan_in, generator=generator, dtype=torch.float64),
+            torch.randint(0, classes, (size,), generator=generator),
+        )
         for _ in range(count)
     ]
 
@@ -79,8 +82,15 @@ def test_refit_never_increases_the_first_layers_preactivation_error() -> None:
     ecp_fast.prune(masked, None, sparsity=0.7, method="magnitude", scope="layer", progress=False)
     refitted = copy.deepcopy(model)
     ecp_fast.prune(
-        refitted, batches, sparsity=0.7, method="magnitude", scope="layer", reconstruct=True,
-        allocation="uniform", sensitivity="local", progress=False,
+        refitted,
+        batches,
+        sparsity=0.7,
+        method="magnitude",
+        scope="layer",
+        reconstruct=True,
+        allocation="uniform",
+        sensitivity="local",
+        progress=False,
     )
     assert torch.equal(masked[0].weight_mask, refitted[0].weight_mask)
     with torch.no_grad():
@@ -134,9 +144,7 @@ def test_two_to_four_and_row_patterns_hold_exactly() -> None:
 
 def test_conv_and_leading_dimension_layers_reconstruct() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(1), nn.Linear(4 * 5 * 5, 3)
-    ).double()
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(1), nn.Linear(4 * 5 * 5, 3)).double()
     batches = [(torch.randn(8, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (8,))) for _ in range(2)]
     report = ecp_fast.prune(model, batches, sparsity=0.5, method="ecp-obs", progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=0.02)

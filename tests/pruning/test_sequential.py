@@ -77,8 +77,12 @@ def per_block_reference(
 
 @pytest.mark.parametrize(
     "sensitivity, probes, method, scope",
-    [("local", None, "ecp", "layer"), ("local", None, "ecp", "global"), ("local", None, "wanda", "2:4"),
-     ("output", 4, "ecp", "layer")],
+    [
+        ("local", None, "ecp", "layer"),
+        ("local", None, "ecp", "global"),
+        ("local", None, "wanda", "2:4"),
+        ("output", 4, "ecp", "layer"),
+    ],
 )
 def test_matches_per_block_pruner(sensitivity: str, probes: int | None, method: str, scope: str) -> None:
     stack = make_stack()
@@ -86,7 +90,14 @@ def test_matches_per_block_pruner(sensitivity: str, probes: int | None, method: 
     inputs = make_inputs()
     sparsity = None if ":" in scope else 0.6
     report = prune_sequential(
-        stack, inputs, sparsity=sparsity, method=method, sensitivity=sensitivity, scope=scope, probes=probes, seed=3,
+        stack,
+        inputs,
+        sparsity=sparsity,
+        method=method,
+        sensitivity=sensitivity,
+        scope=scope,
+        probes=probes,
+        seed=3,
         progress=False,
     )
     per_block_reference(reference, inputs, sensitivity, probes, sparsity=sparsity, method=method, scope=scope)

@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import ecp_fast
-from fingerprint import assert_unchanged, fingerprint
-from test_transformers import logits, tiny_gpt2, tiny_llama, token_batch
+from fingerprint import assert_unchanged, fingerprint  # noqa: E402
+from test_transformers import logits, tiny_gpt2, tiny_llama, token_batch  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

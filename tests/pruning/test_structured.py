@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
-
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from fingerprint import assert_unchanged, fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -32,13 +34,12 @@ from ecp_fast.pruning.structured import (
     prune_neurons,
     resolve_pairs,
 )
-from fingerprint import assert_unchanged, fingerprint
 
 
 def mlp(seed: int = 0, sizes: tuple[int, ...] = (12, 20, 14, 5), act: type[nn.Module] = nn.Tanh) -> nn.Sequential:
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         if index:
             layers.append(act())
         layers.append(nn.Linear(fan_in, fan_out))
@@ -260,7 +261,7 @@ def test_masked_layers_keep_sliced_masks() -> None:
     x = inputs()
     pruner = calibrated(model, x)
     pruner.prune(0.5, method="ecp", scope="layer")
-    expected_zeros = (model[2].weight_mask == 0)
+    expected_zeros = model[2].weight_mask == 0
     pruner.calibrate([x])
     report = prune_neurons(pruner, 0.25, method="ecp", scope="layer")
     keep_rows, keep_cols = report.plan.keep["4"], report.plan.keep["2"]
@@ -337,16 +338,17 @@ def test_pruned_model_loads_without_ecp_fast(tmp_path: Path) -> None:
         sys.modules["ecp_fast"] = None  # any import of ecp_fast now fails
         import torch
         from torch import nn
-        x = torch.load({str(tmp_path / 'x.pt')!r})
-        model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False).eval()
-        state = torch.load({str(tmp_path / 'state.pt')!r})
-        sizes = [state["0.weight"].shape[1], state["0.weight"].shape[0], state["2.weight"].shape[0], state["4.weight"].shape[0]]
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False).eval()
+        state = torch.load({str(tmp_path / "state.pt")!r})
+        sizes = [state["0.weight"].shape[1], state["0.weight"].shape[0], state["2.weight"].shape[0],
+                 state["4.weight"].shape[0]]
         rebuilt = nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.ReLU(), nn.Linear(sizes[1], sizes[2]), nn.ReLU(),
                                 nn.Linear(sizes[2], sizes[3])).eval()
         rebuilt.load_state_dict(state)
         assert not any(name.startswith("ecp_fast") and sys.modules[name] is not None for name in sys.modules)
         with torch.no_grad():
-            torch.save((model(x), rebuilt(x), sizes), {str(tmp_path / 'out.pt')!r})
+            torch.save((model(x), rebuilt(x), sizes), {str(tmp_path / "out.pt")!r})
         """
     )
     subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, timeout=60)
@@ -431,9 +433,13 @@ def failing_after(calls: int, original: Callable[..., Any], error: BaseException
 def rich_model() -> nn.Sequential:
     """An MLP with a BatchNorm, a mask, a forward hook and a bias-less consumer: everything to undo."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Linear(12, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 14, bias=False), nn.ReLU(), nn.Linear(14, 5)
-    ).double().eval()
+    model = (
+        nn.Sequential(
+            nn.Linear(12, 20), nn.BatchNorm1d(20), nn.Tanh(), nn.Linear(20, 14, bias=False), nn.ReLU(), nn.Linear(14, 5)
+        )
+        .double()
+        .eval()
+    )
     with torch.no_grad():
         model[1].running_mean.normal_()
     ecp_fast.pruning.masks.install_mask(model[3], (torch.rand(14, 20) > 0.3).double())
@@ -507,7 +513,9 @@ def test_mask_neurons_checks_the_plan_and_is_atomic(monkeypatch: pytest.MonkeyPa
         mask_neurons(other, report.plan)
     assert_unchanged(before, other)
     before = fingerprint(model)
-    monkeypatch.setattr(structured, "weight_parameter", failing_after(1, structured.weight_parameter, KeyboardInterrupt()))
+    monkeypatch.setattr(
+        structured, "weight_parameter", failing_after(1, structured.weight_parameter, KeyboardInterrupt())
+    )
     with pytest.raises(KeyboardInterrupt):
         mask_neurons(model, report.plan)
     assert_unchanged(before, model)

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from fingerprint import assert_unchanged, diff_fingerprints, fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -13,7 +14,6 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.pruning.transaction import ModelSnapshot, model_transaction
-from fingerprint import assert_unchanged, diff_fingerprints, fingerprint
 
 
 class Boom(Exception):
@@ -50,8 +50,9 @@ CHANGES = {
     "mask again": lambda m: torch_prune.random_unstructured(m[0], "weight", amount=0.5),
     "remove mask": lambda m: torch_prune.remove(m[0], "weight") if hasattr(m[0], "weight_mask") else None,
     "parametrize": lambda m: parametrize.register_parametrization(m[3], "weight", Double()),
-    "unparametrize": lambda m: parametrize.remove_parametrizations(m[3], "weight")
-    if parametrize.is_parametrized(m[3]) else None,
+    "unparametrize": lambda m: (
+        parametrize.remove_parametrizations(m[3], "weight") if parametrize.is_parametrized(m[3]) else None
+    ),
     "old weight_norm": lambda m: _old_weight_norm(m[0]) if not parametrize.is_parametrized(m[0]) else None,
     "forward hook": lambda m: m[2].register_forward_hook(lambda *a: None),
     "pre hook": lambda m: m.register_forward_pre_hook(lambda *a: None),

@@ -20,9 +20,9 @@ transformers = pytest.importorskip("transformers")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import ecp_fast
-from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, sample_weights
-from ecp_fast.pruning.hf import masks_from_zeros, prepare_for_save_pretrained, resolve_blocks
-from ecp_fast.pruning.layers import resolve_layers
+from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, sample_weights  # noqa: E402
+from ecp_fast.pruning.hf import masks_from_zeros, prepare_for_save_pretrained, resolve_blocks  # noqa: E402
+from ecp_fast.pruning.layers import resolve_layers  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -40,9 +40,17 @@ def quiet_transformers():
 def tiny_llama(tie: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.LlamaForCausalLM(config).to(dtype).eval()
 
@@ -50,7 +58,13 @@ def tiny_llama(tie: bool = False, seed: int = 0, dtype: torch.dtype = torch.floa
 def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
         pad_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config).to(dtype).eval()
@@ -59,8 +73,13 @@ def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
 def tiny_bert(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     return transformers.BertModel(config, add_pooling_layer=False).to(dtype).eval()
 
@@ -111,7 +130,11 @@ def test_untied_llama_head_is_left_out_by_default_and_exclude_takes_patterns():
 def test_gpt2_conv1d_layers_are_scored_through_their_out_in_view():
     model = tiny_gpt2()
     specs = resolve_layers(model)
-    expected = [f"transformer.h.{i}.{layer}" for i in range(2) for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    expected = [
+        f"transformer.h.{i}.{layer}"
+        for i in range(2)
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
     assert list(specs) == expected  # lm_head is tied to wte: left out
     c_attn = specs["transformer.h.0.attn.c_attn"]
     assert c_attn.kind == "conv1d" and (c_attn.fan_out, c_attn.fan_in) == (96, 32)
@@ -225,7 +248,7 @@ def test_captured_block_inputs_reproduce_the_final_hidden_states(family):
     assert len(blocks) == 2
     captured = capture_block_inputs(model, blocks, batches)
     assert [entry.token_weights.sum().item() for entry in captured] == [16, 21]
-    for entry, batch in zip(captured, batches):
+    for entry, batch in zip(captured, batches, strict=True):
         assert entry.kwargs.get("use_cache", False) is False
         inputs = entry
         for block in blocks:
@@ -269,14 +292,16 @@ def test_tokenizer_batches_need_no_output_fn_and_padding_never_counts():
     assert result.samples == 14
     # The two sequences alone, without padding: a causal model's real tokens do not see the padding.
     separate = ecp_fast.Pruner(model, sensitivity="local", progress=False)
-    separate.calibrate([
-        {"input_ids": padded["input_ids"][:1]},
-        {"input_ids": padded["input_ids"][1:, :4]},
-    ])
+    separate.calibrate(
+        [
+            {"input_ids": padded["input_ids"][:1]},
+            {"input_ids": padded["input_ids"][1:, :4]},
+        ]
+    )
     for name in with_padding.layers:
         ours, theirs = with_padding.statistics[name], separate.statistics[name]
         assert ours.samples == theirs.samples == 14
-        for actual, expected in zip(ours.moments, theirs.moments):
+        for actual, expected in zip(ours.moments, theirs.moments, strict=True):
             torch.testing.assert_close(actual, expected)
         torch.testing.assert_close(ours.activation_sq_sum, theirs.activation_sq_sum)
 
@@ -293,5 +318,5 @@ def test_output_sensitivity_on_a_causal_lm_ignores_padding_tokens_and_their_logi
         pruner.calibrate([inputs])
         results.append(pruner.statistics)
     for name in results[0]:
-        for actual, expected in zip(results[1][name].moments, results[0][name].moments):
+        for actual, expected in zip(results[1][name].moments, results[0][name].moments, strict=True):
             torch.testing.assert_close(actual, expected)

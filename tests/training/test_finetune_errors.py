@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pruning.fingerprint import assert_unchanged, fingerprint
 from torch import nn
 
 from ecp_fast.pruning.masks import install_mask
 from ecp_fast.training.finetune import finetune, fit_classifier
-from pruning.fingerprint import assert_unchanged, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,8 +59,13 @@ BAD: dict[str, list[Any]] = {
 def test_bad_arguments_are_refused_before_training(bad: dict[str, Any], steps: int | None) -> None:
     net = model()
     before = fingerprint(net)
-    arguments: dict[str, Any] = {"batches": BATCHES, "loss_fn": nn.CrossEntropyLoss(), "steps": steps,
-                                 "progress": False, **bad}
+    arguments: dict[str, Any] = {
+        "batches": BATCHES,
+        "loss_fn": nn.CrossEntropyLoss(),
+        "steps": steps,
+        "progress": False,
+        **bad,
+    }
     with pytest.raises((TypeError, ValueError), match="finetune: argument '"):
         finetune(net, **arguments)
     assert_unchanged(before, net)

@@ -15,7 +15,6 @@ from ecp_fast.apps.datasets import MNIST_FILES, load_digits_split, write_idx
 from ecp_fast.training.iterative import ECPPruneStep, iterative_prune, magnitude_prune
 from ecp_fast.training.regularize import RelevanceDecay, eligible_weights, sparsity
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -46,8 +45,17 @@ def test_stops_at_last_model_above_bound(digits) -> None:
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, bound=50.0,
-        interval=2, prune_fraction=0.2, recovery_intervals=2, warmup_intervals=1, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        sparsity_metric,
+        bound=50.0,
+        interval=2,
+        prune_fraction=0.2,
+        recovery_intervals=2,
+        warmup_intervals=1,
+        progress=False,
     )
     # 0 -> 0.2 -> 0.36 -> 0.488 -> 0.5904: the last pruning step takes the metric below 50 for good.
     assert result.stop_reason == "bound" and result.met_bound
@@ -77,9 +85,19 @@ def test_recovers_after_a_dip(digits) -> None:
         return 0.0 if evaluations["since_prune"] == 1 and current > 0 else 100.0
 
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01), dipping_metric,
-        bound=50.0, interval=1, prune_fraction=0.5, recovery_intervals=1, warmup_intervals=0,
-        max_sparsity=0.9, eval_after_prune=False, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        dipping_metric,
+        bound=50.0,
+        interval=1,
+        prune_fraction=0.5,
+        recovery_intervals=1,
+        warmup_intervals=0,
+        max_sparsity=0.9,
+        eval_after_prune=False,
+        progress=False,
     )
     assert result.stop_reason == "max_sparsity"
     assert result.sparsity == pytest.approx(0.9, abs=1e-3)
@@ -92,10 +110,20 @@ def test_real_training_never_returns_model_below_bound(digits) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     bound = 93.0
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), optimizer, lambda m: accuracy(m, x_val, y_val), bound,
-        interval=len(batches), prune_fraction=0.3, recovery_intervals=1, warmup_intervals=2,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        lambda m: accuracy(m, x_val, y_val),
+        bound,
+        interval=len(batches),
+        prune_fraction=0.3,
+        recovery_intervals=1,
+        warmup_intervals=2,
         regularizer=RelevanceDecay(model, gamma=1e-3, alpha=0.01, decay_steps=len(batches)),
-        max_steps=60 * len(batches), max_sparsity=0.995, progress=False,
+        max_steps=60 * len(batches),
+        max_sparsity=0.995,
+        progress=False,
     )
     assert result.met_bound and result.prune_steps >= 3
     assert result.stop_reason == "bound"  # 99.5% of a 64-32-10 MLP cannot keep 93%
@@ -111,10 +139,19 @@ def test_masks_survive_training(digits) -> None:
     model = mlp()
     regularizer = RelevanceDecay(model, gamma=1e-2, alpha=0.1, decay_steps=5)
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(),
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
         torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-2),
-        lambda m: accuracy(m, x_val, y_val), bound=0.0, interval=5, prune_fraction=0.5,
-        warmup_intervals=0, max_steps=20, regularizer=regularizer, eval_after_prune=False, progress=False,
+        lambda m: accuracy(m, x_val, y_val),
+        bound=0.0,
+        interval=5,
+        prune_fraction=0.5,
+        warmup_intervals=0,
+        max_steps=20,
+        regularizer=regularizer,
+        eval_after_prune=False,
+        progress=False,
     )
     assert result.prune_steps == 3
     for ref in eligible_weights(result.model):
@@ -138,9 +175,18 @@ def test_regularizer_restarts_at_each_pruning_step(digits) -> None:
         return 100.0
 
     iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.01), metric,
-        bound=1.0, interval=3, warmup_intervals=1, max_steps=12, regularizer=regularizer,
-        eval_after_prune=False, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        metric,
+        bound=1.0,
+        interval=3,
+        warmup_intervals=1,
+        max_steps=12,
+        regularizer=regularizer,
+        eval_after_prune=False,
+        progress=False,
     )
     assert gammas == [3, 6, 3, 3]  # warm-up runs on; every pruning step restarts the decay
 
@@ -189,10 +235,19 @@ def test_ecp_in_the_driver_with_conv(digits) -> None:
     torch.manual_seed(0)
     model = LeNet5(image_size=8)
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), torch.optim.Adam(model.parameters(), lr=1e-3),
-        lambda m: accuracy(m, x_val, y_val), bound=0.0, interval=4, prune_fraction=0.3,
-        prune_step=ECPPruneStep(batches[:1], nn.CrossEntropyLoss()), warmup_intervals=0, max_steps=12,
-        eval_after_prune=False, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        lambda m: accuracy(m, x_val, y_val),
+        bound=0.0,
+        interval=4,
+        prune_fraction=0.3,
+        prune_step=ECPPruneStep(batches[:1], nn.CrossEntropyLoss()),
+        warmup_intervals=0,
+        max_steps=12,
+        eval_after_prune=False,
+        progress=False,
     )
     assert result.prune_steps == 2
     assert result.sparsity == pytest.approx(1 - 0.7**2, abs=1e-3)
@@ -206,14 +261,17 @@ def test_rejects_bad_arguments(digits) -> None:
     with pytest.raises(ValueError, match="interval"):
         iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=0)
     with pytest.raises(ValueError, match="prune_fraction"):
-        iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
-                        prune_fraction=1.0)
+        iterative_prune(
+            model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1, prune_fraction=1.0
+        )
     with pytest.raises(ValueError, match="ECPPruneStep"):
-        iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
-                        prune_step="ecp")
+        iterative_prune(
+            model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1, prune_step="ecp"
+        )
     with pytest.raises(ValueError, match="generator"):
-        iterative_prune(model, iter([]), nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
-                        progress=False)
+        iterative_prune(
+            model, iter([]), nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1, progress=False
+        )
 
 
 # ---- the experiment, CI-sized --------------------------------------------------------------------
@@ -234,8 +292,13 @@ def test_quick_experiment_on_digits(tmp_path: Path, capsys: pytest.CaptureFixtur
     args = experiment_args(tmp_path, "--dataset", "digits", "--bound", "60")
     assert regularized.run(args) == 0
     out = tmp_path / "out"
-    for name in ("regularized_summary.csv", "regularized_history.csv", "regularized_table.md",
-                 "regularized_lenet300.png", "regularized_lenet5.png"):
+    for name in (
+        "regularized_summary.csv",
+        "regularized_history.csv",
+        "regularized_table.md",
+        "regularized_lenet300.png",
+        "regularized_lenet5.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     with open(out / "regularized_summary.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -262,8 +325,9 @@ def test_quick_experiment_on_synthetic_mnist_files(tmp_path: Path) -> None:
             images[index, 2 * label : 2 * label + 3, :] = 255
         write_idx(data_dir / (MNIST_FILES[f"{prefix}_images"] + ".gz"), images)
         write_idx(data_dir / (MNIST_FILES[f"{prefix}_labels"] + ".gz"), labels[part].astype(np.uint8))
-    args = experiment_args(tmp_path, "--data-dir", str(data_dir), "--networks", "lenet300",
-                           "--configs", "decay-magnitude", "--bound", "50")
+    args = experiment_args(
+        tmp_path, "--data-dir", str(data_dir), "--networks", "lenet300", "--configs", "decay-magnitude", "--bound", "50"
+    )
     assert regularized.run(args) == 0
     with open(tmp_path / "out" / "regularized_summary.csv") as handle:
         (row,) = list(csv.DictReader(handle))
@@ -277,8 +341,18 @@ def test_scheduler_stepping(digits, where: str, expected: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
     iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), optimizer, lambda m: 100.0, bound=1.0, interval=3,
-        max_steps=12, scheduler=scheduler, scheduler_step=where, eval_after_prune=False, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        lambda m: 100.0,
+        bound=1.0,
+        interval=3,
+        max_steps=12,
+        scheduler=scheduler,
+        scheduler_step=where,
+        eval_after_prune=False,
+        progress=False,
     )
     assert scheduler.last_epoch == expected
 
@@ -293,9 +367,19 @@ def test_backoff_rolls_back_and_prunes_less(digits) -> None:
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     result = iterative_prune(
-        model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, bound=50.0,
-        interval=2, prune_fraction=0.2, recovery_intervals=0, warmup_intervals=1,
-        backoff=0.5, min_prune_fraction=0.01, progress=False,
+        model,
+        batches,
+        nn.CrossEntropyLoss(),
+        optimizer,
+        sparsity_metric,
+        bound=50.0,
+        interval=2,
+        prune_fraction=0.2,
+        recovery_intervals=0,
+        warmup_intervals=1,
+        backoff=0.5,
+        min_prune_fraction=0.01,
+        progress=False,
     )
     # Without backoff it stops at 0.488; halving the fraction after each failure gets closer to 0.5.
     assert result.stop_reason == "bound" and result.rollbacks >= 4
@@ -304,5 +388,4 @@ def test_backoff_rolls_back_and_prunes_less(digits) -> None:
     assert sparsity(eligible_weights(result.model)) == pytest.approx(result.sparsity)
     assert any(entry.event == "rollback" for entry in result.history)
     with pytest.raises(ValueError, match="backoff"):
-        iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1,
-                        backoff=1.5)
+        iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1, backoff=1.5)

@@ -4,19 +4,20 @@ run that fails at any stage leaves model, optimizer, scheduler and regulariser a
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pruning.fingerprint import Bits, assert_unchanged, fingerprint
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.training import iterative
 from ecp_fast.training.iterative import ECPPruneStep, iterative_prune
 from ecp_fast.training.regularize import GammaSchedule, RelevanceDecay, WeightRef, eligible_weights, sparsity
-from pruning.fingerprint import Bits, assert_unchanged, fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +43,10 @@ def accuracy(net: nn.Module) -> float:
 def optimizer_state(optimizer: torch.optim.Optimizer) -> Any:
     """The optimizer's state dict with tensors as exact bits."""
     state = optimizer.state_dict()
-    tensors = {index: {key: Bits(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
-               for index, entry in state["state"].items()}
+    tensors = {
+        index: {key: Bits(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+        for index, entry in state["state"].items()
+    }
     return {"groups": state["param_groups"], "state": tensors}
 
 
@@ -68,9 +71,18 @@ class Setup:
 
     def run(self, **overrides: Any) -> Any:
         arguments: dict[str, Any] = dict(
-            batches=BATCHES, loss_fn=nn.CrossEntropyLoss(), optimizer=self.optimizer, metric_fn=accuracy,
-            bound=0.0, interval=2, prune_fraction=0.3, regularizer=self.regularizer, scheduler=self.scheduler,
-            warmup_intervals=0, max_steps=12, progress=False,
+            batches=BATCHES,
+            loss_fn=nn.CrossEntropyLoss(),
+            optimizer=self.optimizer,
+            metric_fn=accuracy,
+            bound=0.0,
+            interval=2,
+            prune_fraction=0.3,
+            regularizer=self.regularizer,
+            scheduler=self.scheduler,
+            warmup_intervals=0,
+            max_steps=12,
+            progress=False,
         )
         arguments.update(overrides)
         return iterative_prune(self.model, **arguments)
@@ -120,9 +132,11 @@ BAD: dict[str, list[Any]] = {
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.sampled_from(sorted(BAD)), min_size=1, max_size=3, unique=True).flatmap(
-    lambda names: st.fixed_dictionaries({name: st.sampled_from(BAD[name]) for name in names})
-))
+@given(
+    st.lists(st.sampled_from(sorted(BAD)), min_size=1, max_size=3, unique=True).flatmap(
+        lambda names: st.fixed_dictionaries({name: st.sampled_from(BAD[name]) for name in names})
+    )
+)
 def test_bad_arguments_are_refused_before_any_mask(bad: dict[str, Any]) -> None:
     setup = Setup()
     with pytest.raises((TypeError, ValueError), match="argument '|ECPPruneStep"):
@@ -135,8 +149,11 @@ def test_max_sparsity_below_the_current_sparsity_is_refused() -> None:
     torch_prune.l1_unstructured(setup.model[0], "weight", amount=0.9)
     setup.before = fingerprint(setup.model)
     current = sparsity(eligible_weights(setup.model))
-    with pytest.raises(ValueError, match=f"'max_sparsity' .0.3. must be above the sparsity the weights already have "
-                                         f".{current:.4g}.; nothing would be pruned"):
+    with pytest.raises(
+        ValueError,
+        match=f"'max_sparsity' .0.3. must be above the sparsity the weights already have "
+        f".{current:.4g}.; nothing would be pruned",
+    ):
         setup.run(max_sparsity=0.3)
     setup.assert_unchanged()
 
@@ -171,13 +188,20 @@ def test_a_parametrized_weight_is_refused_by_layer_name() -> None:
     gamma_final=st.sampled_from([0.0, -1.0, float("inf")]),
     target=st.sampled_from(["model", "weights", "empty", "strings", "tensor"]),
 )
-def test_relevance_decay_checks_its_arguments(gamma: Any, alpha: Any, decay_steps: Any, gamma_final: Any,
-                                              target: str) -> None:
+def test_relevance_decay_checks_its_arguments(
+    gamma: Any, alpha: Any, decay_steps: Any, gamma_final: Any, target: str
+) -> None:
     net = model()
-    subject = {"model": net, "weights": eligible_weights(net), "empty": [], "strings": ["0.weight"],
-               "tensor": X}[target]
-    valid = (gamma == 1e-3 and alpha == 1.0 and decay_steps in (None, 10) and gamma_final == 0.0
-             and target in ("model", "weights"))
+    subject = {"model": net, "weights": eligible_weights(net), "empty": [], "strings": ["0.weight"], "tensor": X}[
+        target
+    ]
+    valid = (
+        gamma == 1e-3
+        and alpha == 1.0
+        and decay_steps in (None, 10)
+        and gamma_final == 0.0
+        and target in ("model", "weights")
+    )
     if valid:
         RelevanceDecay(subject, gamma, alpha, decay_steps, gamma_final)
         return
@@ -233,8 +257,17 @@ def half_prune_then_fail(error: BaseException) -> Callable[..., None]:
 @pytest.mark.parametrize("error", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])
 @pytest.mark.parametrize(
     "stage",
-    ["loss at step 5", "metric after 2 prunings", "prune step", "second prune step", "regulariser", "scheduler",
-     "checkpoint", "rollback", "result"],
+    [
+        "loss at step 5",
+        "metric after 2 prunings",
+        "prune step",
+        "second prune step",
+        "regulariser",
+        "scheduler",
+        "checkpoint",
+        "rollback",
+        "result",
+    ],
 )
 def test_failure_at_every_stage_restores_everything(
     monkeypatch: pytest.MonkeyPatch, stage: str, error: BaseException
@@ -266,10 +299,15 @@ def test_failure_at_every_stage_restores_everything(
 
         monkeypatch.setattr(iterative.copy, "deepcopy", checkpoint_fails_second_time)
     elif stage == "rollback":
-        overrides.update(bound=60.0, backoff=0.5, recovery_intervals=0,
-                         metric_fn=lambda net: 100.0 * (1.0 - sparsity(eligible_weights(net))))
-        monkeypatch.setattr(iterative._IterativeRun, "_roll_back",
-                            failing_after(0, iterative._IterativeRun._roll_back, error))
+        overrides.update(
+            bound=60.0,
+            backoff=0.5,
+            recovery_intervals=0,
+            metric_fn=lambda net: 100.0 * (1.0 - sparsity(eligible_weights(net))),
+        )
+        monkeypatch.setattr(
+            iterative._IterativeRun, "_roll_back", failing_after(0, iterative._IterativeRun._roll_back, error)
+        )
     else:
         monkeypatch.setattr(iterative._IterativeRun, "result", failing_after(0, iterative._IterativeRun.result, error))
     masked: list[bool] = []

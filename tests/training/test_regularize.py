@@ -150,7 +150,13 @@ def test_eligible_weights_cover_layer_types() -> None:
             self.head = nn.Linear(8, 2)
 
     names = [ref.qualified_name for ref in eligible_weights(Net())]
-    assert names == ["embed.weight", "attention.in_proj_weight", "attention.out_proj.weight", "conv.weight", "head.weight"]
+    assert names == [
+        "embed.weight",
+        "attention.in_proj_weight",
+        "attention.out_proj.weight",
+        "conv.weight",
+        "head.weight",
+    ]
     names = [ref.qualified_name for ref in eligible_weights(Net(), exclude=["head"])]
     assert "head.weight" not in names
     kv = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)
