@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Generic, Iterable, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from ecp_fast.pruning.calibration import MAX_STORED_SAMPLES, CalibrationResult, LayerStatistics
 from ecp_fast.ops.merge import Moments, merge_moments
+from ecp_fast.pruning.calibration import MAX_STORED_SAMPLES, CalibrationResult, LayerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -212,30 +213,8 @@ def synchronize_calibration(
     device = communication_device(group)
     _check_layouts_agree(result, group, rank)
 
-    statistics: dict[str, LayerStatistics] = {}
-    for name, stats in result.statistics.items():  # one layer at a time bounds the extra memory
-        if strategy == "allreduce":
-            merged = _allreduce_moments(stats.moments, group, device)
-        else:
-            merged = _gather_moments(stats.moments, group, device, world_size)
-        activation_sq_sum = _allreduce_sum(stats.activation_sq_sum, group, device)
-        loss_grad_sum = None
-        if stats.loss_grad_sum is not None:
-            loss_grad_sum = _allreduce_sum(stats.loss_grad_sum, group, device)
-        statistics[name] = LayerStatistics(
-            moments=merged, activation_sq_sum=activation_sq_sum, loss_grad_sum=loss_grad_sum, samples=0
-        )
-
-    counts = torch.tensor(
-        [result.samples, result.batches] + [stats.samples for stats in result.statistics.values()],
-        dtype=torch.int64,
-        device=device,
-    )
-    dist.all_reduce(counts, group=group)
-    counts_list = counts.tolist()
-    for index, name in enumerate(statistics):
-        statistics[name].samples = int(counts_list[2 + index])
-
+    statistics = _merged_statistics(result, group, device, strategy, world_size)
+    samples, batches = _merge_counts(result, statistics, group, device)
     _make_identical(statistics, group, device, rank)
     inputs, inputs_complete = _gather_inputs(result, group)
     extra = dict(result.extra)
@@ -243,8 +222,8 @@ def synchronize_calibration(
     merged_result = dataclasses.replace(
         result,
         statistics=statistics,
-        samples=int(counts_list[0]),
-        batches=int(counts_list[1]),
+        samples=samples,
+        batches=batches,
         inputs=inputs,
         inputs_complete=inputs_complete,
         extra=extra,
@@ -258,6 +237,42 @@ def synchronize_calibration(
         result.samples,
     )
     return merged_result
+
+
+def _merged_statistics(
+    result: CalibrationResult, group: Any, device: torch.device, strategy: str, world_size: int
+) -> dict[str, LayerStatistics]:
+    """Every layer's moments and sums merged across the ranks (their ``samples`` still 0)."""
+    statistics: dict[str, LayerStatistics] = {}
+    for name, stats in result.statistics.items():  # one layer at a time bounds the extra memory
+        if strategy == "allreduce":
+            merged = _allreduce_moments(stats.moments, group, device)
+        else:
+            merged = _gather_moments(stats.moments, group, device, world_size)
+        activation_sq_sum = _allreduce_sum(stats.activation_sq_sum, group, device)
+        loss_grad_sum = None
+        if stats.loss_grad_sum is not None:
+            loss_grad_sum = _allreduce_sum(stats.loss_grad_sum, group, device)
+        statistics[name] = LayerStatistics(
+            moments=merged, activation_sq_sum=activation_sq_sum, loss_grad_sum=loss_grad_sum, samples=0
+        )
+    return statistics
+
+
+def _merge_counts(
+    result: CalibrationResult, statistics: dict[str, LayerStatistics], group: Any, device: torch.device
+) -> tuple[int, int]:
+    """Sum the sample and batch counts over the ranks (one all-reduce); sets each layer's ``samples``."""
+    counts = torch.tensor(
+        [result.samples, result.batches] + [stats.samples for stats in result.statistics.values()],
+        dtype=torch.int64,
+        device=device,
+    )
+    dist.all_reduce(counts, group=group)
+    counts_list = counts.tolist()
+    for index, name in enumerate(statistics):
+        statistics[name].samples = int(counts_list[2 + index])
+    return int(counts_list[0]), int(counts_list[1])
 
 
 def _check_layouts_agree(result: CalibrationResult, group: Any, rank: int) -> None:
@@ -370,8 +385,10 @@ def _make_identical(statistics: dict[str, LayerStatistics], group: Any, device: 
 
 def _gather_inputs(result: CalibrationResult, group: Any) -> tuple[torch.Tensor | None, bool]:
     """All ranks' replay inputs in rank order, when every rank kept all of its inputs and they fit."""
-    summary = (bool(result.inputs_complete and result.inputs is not None),
-               0 if result.inputs is None else int(result.inputs.shape[0]))
+    summary = (
+        bool(result.inputs_complete and result.inputs is not None),
+        0 if result.inputs is None else int(result.inputs.shape[0]),
+    )
     summaries: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(summaries, summary, group=group)
     if not all(complete for complete, _ in summaries) or sum(count for _, count in summaries) > MAX_STORED_SAMPLES:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,11 +52,11 @@ class BlockInputs:
         """The block's output hidden states (the first element when it returns a tuple)."""
         return block_output(block(self.hidden, *self.args, **self.kwargs))
 
-    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
         """The same arguments with new hidden states (the previous block's output)."""
         return replace(self, hidden=hidden)
 
-    def to(self, device: torch.device | str | None) -> "BlockInputs":
+    def to(self, device: torch.device | str | None) -> BlockInputs:
         """Every tensor (also inside ``args`` and ``kwargs``) on ``device``; None leaves them where they are."""
         if device is None:
             return self
@@ -138,8 +139,8 @@ def module_device(module: nn.Module) -> torch.device:
     """Where a module computes: the device of its first parameter (or buffer); CPU for an empty one."""
     for tensor in module.parameters():
         return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
+    for buffer in module.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -247,6 +248,56 @@ class _StopForward(Exception):
     """Raised by the capture hook to end the model's forward pass at the first block."""
 
 
+def _first_block(blocks: Sequence[nn.Module] | nn.Module) -> nn.Module:
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        first = blocks
+    else:
+        block_list = list(blocks)
+        if not block_list:
+            raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
+        first = block_list[0]
+    if not isinstance(first, nn.Module):
+        raise TypeError(f"argument 'blocks': the first block must be an nn.Module, got {type(first).__name__}")
+    return first
+
+
+def _capture_one(
+    model: nn.Module, inputs: Any, recorded: list[tuple[tuple, dict[str, Any]]], index: int
+) -> BlockInputs:
+    """Run ``model`` on one batch until the hook that fills ``recorded`` stops it; the first block's inputs."""
+    recorded.clear()
+    with torch.no_grad():
+        try:
+            call_model(model, inputs)
+        except _StopForward:
+            pass
+    if not recorded:
+        raise ValueError(f"argument 'blocks': the first block never ran in the model's forward pass (batch {index})")
+    args, kwargs = recorded[0]
+    kwargs = dict(kwargs)
+    if args:
+        hidden, rest = args[0], tuple(args[1:])
+    elif "hidden_states" in kwargs:
+        hidden, rest = kwargs.pop("hidden_states"), ()
+    else:
+        raise ValueError(
+            "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
+            f"argument is the hidden state (keywords: {sorted(kwargs)})"
+        )
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"the first block's hidden states must be a tensor, got {type(hidden).__name__}")
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    weights = sample_weights(inputs)
+    entry = BlockInputs(detach(hidden), detach(rest), detach(kwargs), weights)
+    if weights is not None and weights.numel() != entry.hidden.shape[:-1].numel():
+        raise ValueError(
+            f"batch {index}: the attention mask has {weights.numel()} tokens but the first block's hidden "
+            f"states have shape {tuple(entry.hidden.shape)}"
+        )
+    return entry
+
+
 def capture_block_inputs(
     model: nn.Module,
     blocks: Sequence[nn.Module] | nn.Module,
@@ -276,15 +327,7 @@ def capture_block_inputs(
         padding tokens count for nothing when the blocks are calibrated. Then
         ``inputs = inputs.with_hidden(inputs(block))`` feeds each block's output to the next.
     """
-    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        first = blocks
-    else:
-        block_list = list(blocks)
-        if not block_list:
-            raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
-        first = block_list[0]
-    if not isinstance(first, nn.Module):
-        raise TypeError(f"argument 'blocks': the first block must be an nn.Module, got {type(first).__name__}")
+    first = _first_block(blocks)
     device = module_device(model)
     store = None if storage is None else torch.device(storage)
     recorded: list[tuple[tuple, dict[str, Any]]] = []
@@ -301,37 +344,7 @@ def capture_block_inputs(
         for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
             inputs, _ = split_batch(batch)
             inputs = to_device(inputs, device)
-            recorded.clear()
-            with torch.no_grad():
-                try:
-                    call_model(model, inputs)
-                except _StopForward:
-                    pass
-            if not recorded:
-                raise ValueError(f"argument 'blocks': the first block never ran in the model's forward pass (batch {index})")
-            args, kwargs = recorded[0]
-            kwargs = dict(kwargs)
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            elif "hidden_states" in kwargs:
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            else:
-                raise ValueError(
-                    "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
-                    f"argument is the hidden state (keywords: {sorted(kwargs)})"
-                )
-            if not isinstance(hidden, torch.Tensor):
-                raise TypeError(f"the first block's hidden states must be a tensor, got {type(hidden).__name__}")
-            if "use_cache" in kwargs:
-                kwargs["use_cache"] = False
-            weights = sample_weights(inputs)
-            entry = BlockInputs(detach(hidden), detach(rest), detach(kwargs), weights)
-            if weights is not None and weights.numel() != entry.hidden.shape[:-1].numel():
-                raise ValueError(
-                    f"batch {index}: the attention mask has {weights.numel()} tokens but the first block's hidden "
-                    f"states have shape {tuple(entry.hidden.shape)}"
-                )
-            captured.append(entry.to(store))
+            captured.append(_capture_one(model, inputs, recorded, index).to(store))
     finally:
         handle.remove()
         for module, mode in modes.items():

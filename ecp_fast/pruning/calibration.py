@@ -713,7 +713,10 @@ class Calibrator:
         stacked = torch.stack([direction() for direction in directions])
         try:
             grads = torch.autograd.grad(
-                output, [hooks.tapped[name] for name in names], grad_outputs=stacked, is_grads_batched=True,
+                output,
+                [hooks.tapped[name] for name in names],
+                grad_outputs=stacked,
+                is_grads_batched=True,
                 allow_unused=True,
             )
         except RuntimeError as error:  # an op without a batching rule: one pass per direction instead

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,10 +122,7 @@ def _architecture_keys(model: nn.Module, config: Any) -> set[str]:
 def _bias_switches(config: Any) -> list[str]:
     """Boolean config attributes that are off and whose name says they switch biases on."""
     names = config.to_dict().keys() if hasattr(config, "to_dict") else vars(config).keys()
-    return sorted(
-        name for name in names
-        if "bias" in name.lower() and getattr(config, name, None) is False
-    )
+    return sorted(name for name in names if "bias" in name.lower() and getattr(config, name, None) is False)
 
 
 def _bias_layer(key: str) -> str:
@@ -157,69 +155,102 @@ def prepare_for_save_pretrained(model: nn.Module) -> SavePreparation:
         key.replace(".weight_orig", ".weight") for key in model.state_dict() if not key.endswith(".weight_mask")
     }
     expected = _architecture_keys(model, config)
-    unexpected = sorted(model_keys - expected)
-    missing_now = sorted(expected - model_keys)
-    if missing_now:
-        raise ValueError(
-            f"the model lacks parameters its architecture has ({missing_now[:8]}{' ...' if len(missing_now) > 8 else ''}); "
-            "it was changed in a way save_pretrained cannot express (e.g. neurons removed); save its state_dict instead"
-        )
-    stray = [key for key in unexpected if not key.endswith(".bias")]
-    if stray:
-        raise ValueError(f"the model has parameters its architecture does not build: {stray}; save its state_dict instead")
-    added = [_bias_layer(key) for key in unexpected]
+    unexpected = _unexpected_biases(model_keys, expected)
     switches: list[str] = []
-    new_config = config
-    if added:
-        new_config = copy.deepcopy(config)
-        base = expected
-        for switch in _bias_switches(config):
-            trial = copy.deepcopy(config)
-            setattr(trial, switch, True)
-            gives = _architecture_keys(model, trial) - base
-            if gives & set(unexpected):
-                switches.append(switch)
-                setattr(new_config, switch, True)
-        expected = _architecture_keys(model, new_config) if switches else base
-        uncovered = sorted(_bias_layer(key) for key in set(unexpected) - expected)
-        if uncovered:
-            raise ValueError(
-                f"layers {uncovered} received compensation biases, but {type(model).__name__} has no bias there "
-                f"(no config switch adds one{'; tried ' + ', '.join(_bias_switches(config)) if _bias_switches(config) else ''}), "
-                "so from_pretrained would drop them and change the outputs. Prune those layers without bias "
-                "compensation (Pruner(..., add_bias=False), or a method that does not compensate), leave them out "
-                "(exclude=[...]), or save the state_dict instead"
-            )
-        extra_missing = sorted(expected - model_keys)
-        not_biases = [key for key in extra_missing if not key.endswith(".bias")]
-        if not_biases:
-            raise ValueError(f"config switches {switches} would also add non-bias parameters {not_biases}; not applied")
+    if unexpected:
+        switches, expected = _bias_config_switches(model, config, model_keys, expected, unexpected)
     # Every check passed: change the model.
     preparation = SavePreparation(config_switches=switches)
     preparation.folded = remove_masks(model)
     if switches:
-        modules = dict(model.named_modules())
-        for key in sorted(expected - model_keys):
-            name = _bias_layer(key)
-            module = modules[name]
-            stored = weight_parameter(module)
-            kind = layer_kind(module)
-            outputs = stored.shape[1] if kind == "conv1d" else stored.shape[0]
-            module.bias = nn.Parameter(torch.zeros(outputs, dtype=stored.dtype, device=stored.device))
-            preparation.zero_biases.append(name)
+        preparation.zero_biases = _add_zero_biases(model, sorted(expected - model_keys))
         for switch in switches:
             setattr(config, switch, True)
         logger.info(
             "set %s on the config; zero biases added to %d layers so that the saved model keeps the compensation",
-            ", ".join(f"{switch}=True" for switch in switches), len(preparation.zero_biases),
+            ", ".join(f"{switch}=True" for switch in switches),
+            len(preparation.zero_biases),
         )
     return preparation
 
 
+def _unexpected_biases(model_keys: set[str], expected: set[str]) -> list[str]:
+    """The model's keys its architecture does not build, all biases (else ``ValueError``), sorted."""
+    unexpected = sorted(model_keys - expected)
+    missing_now = sorted(expected - model_keys)
+    if missing_now:
+        raise ValueError(
+            f"the model lacks parameters its architecture has "
+            f"({missing_now[:8]}{' ...' if len(missing_now) > 8 else ''}); "
+            "it was changed in a way save_pretrained cannot express (e.g. neurons removed); save its state_dict instead"
+        )
+    stray = [key for key in unexpected if not key.endswith(".bias")]
+    if stray:
+        raise ValueError(
+            f"the model has parameters its architecture does not build: {stray}; save its state_dict instead"
+        )
+    return unexpected
+
+
+def _bias_config_switches(
+    model: nn.Module, config: Any, model_keys: set[str], expected: set[str], unexpected: list[str]
+) -> tuple[list[str], set[str]]:
+    """The config switches that give the ``unexpected`` biases a place, and the keys the switched config builds.
+
+    Raises ``ValueError`` when some bias has no switch, or a switch would add other parameters too.
+    """
+    switches: list[str] = []
+    new_config = copy.deepcopy(config)
+    base = expected
+    for switch in _bias_switches(config):
+        trial = copy.deepcopy(config)
+        setattr(trial, switch, True)
+        gives = _architecture_keys(model, trial) - base
+        if gives & set(unexpected):
+            switches.append(switch)
+            setattr(new_config, switch, True)
+    expected = _architecture_keys(model, new_config) if switches else base
+    uncovered = sorted(_bias_layer(key) for key in set(unexpected) - expected)
+    if uncovered:
+        tried = _bias_switches(config)
+        raise ValueError(
+            f"layers {uncovered} received compensation biases, but {type(model).__name__} has no bias there "
+            f"(no config switch adds one{'; tried ' + ', '.join(tried) if tried else ''}), "
+            "so from_pretrained would drop them and change the outputs. Prune those layers without bias "
+            "compensation (Pruner(..., add_bias=False), or a method that does not compensate), leave them out "
+            "(exclude=[...]), or save the state_dict instead"
+        )
+    extra_missing = sorted(expected - model_keys)
+    not_biases = [key for key in extra_missing if not key.endswith(".bias")]
+    if not_biases:
+        raise ValueError(f"config switches {switches} would also add non-bias parameters {not_biases}; not applied")
+    return switches, expected
+
+
+def _add_zero_biases(model: nn.Module, keys: list[str]) -> list[str]:
+    """A zero bias for each ``<layer>.bias`` in ``keys``; returns the layers."""
+    modules = dict(model.named_modules())
+    names = []
+    for key in keys:
+        name = _bias_layer(key)
+        module = modules[name]
+        stored = weight_parameter(module)
+        kind = layer_kind(module)
+        outputs = stored.shape[1] if kind == "conv1d" else stored.shape[0]
+        module.bias = nn.Parameter(torch.zeros(outputs, dtype=stored.dtype, device=stored.device))
+        names.append(name)
+    return names
+
+
 def save_pretrained(model: nn.Module, path: str, **kwargs: Any) -> SavePreparation:
     """:func:`prepare_for_save_pretrained`, then ``model.save_pretrained(path, **kwargs)``."""
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save):
+        raise TypeError(
+            f"argument 'model' must be a Hugging Face model with save_pretrained, got {type(model).__name__}"
+        )
     preparation = prepare_for_save_pretrained(model)
-    model.save_pretrained(path, **kwargs)
+    save(path, **kwargs)
     return preparation
 
 

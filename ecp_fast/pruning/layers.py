@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +40,7 @@ OUTPUT_HEAD_NAMES = ("lm_head",)
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """True for Hugging Face's ``Conv1D`` (weight stored ``(in, out)``), found without importing transformers."""
-    return any(
-        cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__
-    )
+    return any(cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers") for cls in type(module).__mro__)
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -62,7 +60,11 @@ def weight_parameter(module: nn.Module) -> torch.Tensor:
     Its shape is the module's own (``(in, out)`` for ``Conv1D``); use :meth:`LayerSpec.weight_view`
     for the ``(out, in)`` view.
     """
-    return module.weight_orig if hasattr(module, "weight_orig") else module.weight
+    name = "weight_orig" if hasattr(module, "weight_orig") else "weight"
+    weight = getattr(module, name)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__}.{name} must be a tensor, got {type(weight).__name__}")
+    return weight
 
 
 def existing_mask(module: nn.Module) -> torch.Tensor | None:
@@ -139,7 +141,9 @@ class LayerSpec:
         """An ``(out, in)`` tensor (mask, scores) in the weight's stored shape, contiguous."""
         expected = (self.fan_out, self.fan_in)
         if tuple(mask_2d.shape) != expected:
-            raise ValueError(f"layer {self.name!r}: expected an (out, in) tensor of shape {expected}, got {tuple(mask_2d.shape)}")
+            raise ValueError(
+                f"layer {self.name!r}: expected an (out, in) tensor of shape {expected}, got {tuple(mask_2d.shape)}"
+            )
         if self.kind == "conv1d":
             return mask_2d.t().contiguous()
         return mask_2d.reshape(weight_parameter(self.module).shape)
@@ -160,6 +164,8 @@ class LayerSpec:
         if self.kind != "conv2d":
             return x.reshape(-1, x.shape[-1])
         conv = self.module
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"layer {self.name!r}: kind 'conv2d' needs an nn.Conv2d, got {type(conv).__name__}")
         if x.dim() == 3:  # unbatched (C, H, W)
             x = x.unsqueeze(0)
         patches = F.unfold(
@@ -183,7 +189,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
         return (0, 0)
     if padding == "same":
         # nn.Conv2d pads 'same' asymmetrically when the total padding is odd; unfold cannot.
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
         if any(t % 2 for t in total):
             raise ValueError(
                 f"Conv2d padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
@@ -211,7 +217,10 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def output_heads(model: nn.Module) -> list[str]:
-    """Names of the model's output heads: ``get_output_embeddings()`` when the model has it, and modules named ``lm_head``."""
+    """Names of the model's output heads.
+
+    ``get_output_embeddings()`` when the model has it, and modules named ``lm_head``.
+    """
     names: list[str] = []
     getter = getattr(model, "get_output_embeddings", None)
     if callable(getter):
@@ -253,7 +262,9 @@ def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[s
         weight = weight_parameter(module)
         key = _storage_key(weight)
         own = {f"{name}.weight" if name else "weight", f"{name}.weight_orig" if name else "weight_orig"}
-        others = [other for other in holders.get(key if key is not None else ("id", id(weight)), []) if other not in own]
+        others = [
+            other for other in holders.get(key if key is not None else ("id", id(weight)), []) if other not in own
+        ]
         # Parameters of the same module reached through an alias path are the same tie.
         if others:
             result[name] = others
@@ -278,7 +289,9 @@ def _check_patterns(exclude: Sequence[str] | None) -> list[str]:
     patterns = list(exclude)
     for pattern in patterns:
         if not isinstance(pattern, str):
-            raise TypeError(f"argument 'exclude' must hold layer names or glob patterns (str), got {type(pattern).__name__}")
+            raise TypeError(
+                f"argument 'exclude' must hold layer names or glob patterns (str), got {type(pattern).__name__}"
+            )
     return patterns
 
 
@@ -330,46 +343,71 @@ def resolve_layers(
     patterns = _check_patterns(exclude)
     modules = dict(model.named_modules())
     if layers is None:
-        # nn.MultiheadAttention reads its out_proj's weight directly and never calls it: no hook would fire.
-        inside_attention = {
-            f"{name}.{child}" if name else child
-            for name, module in modules.items() if isinstance(module, nn.MultiheadAttention)
-            for child, _ in module.named_children()
-        }
-        candidates = [name for name, module in modules.items() if layer_kind(module) is not None
-                      and unsupported_reason(module) is None and name not in inside_attention]
-        skipped = _weight_bearing_skips(model, set(candidates) | inside_attention)
-        if skipped:
-            logger.warning(
-                "not pruning %d module(s) with weight matrices that cannot be scored: %s",
-                len(skipped),
-                "; ".join(f"{name!r}: {reason}" for name, reason in skipped.items()),
-            )
-        heads = set() if include_output_head else set(output_heads(model))
-        tied = tied_weights(model, candidates)
-        specs: dict[str, LayerSpec] = {}
-        left_out: list[str] = []
-        used_patterns: set[str] = set()
-        for name in candidates:
-            pattern = _matches(name, patterns)
-            if pattern is not None:
-                used_patterns.add(pattern)
-                left_out.append(f"{name!r} (exclude pattern {pattern!r})")
-            elif name in tied:
-                left_out.append(f"{name!r} (weight tied to {', '.join(tied[name])})")
-            elif name in heads:
-                left_out.append(f"{name!r} (output head; include_output_head=True scores it)")
-            else:
-                specs[name] = LayerSpec(name, modules[name], layer_kind(modules[name]))  # type: ignore[arg-type]
-        _warn_unused_patterns(patterns, used_patterns, modules)
-        if left_out:
-            logger.info("left out of pruning: %s", "; ".join(left_out))
-        if not specs:
-            raise ValueError(
-                "argument 'layers': the model has no nn.Linear, supported nn.Conv2d or Conv1D layer to prune"
-                + (f" (left out: {'; '.join(left_out)})" if left_out else "")
-            )
-        return specs
+        return _default_layers(model, modules, patterns, include_output_head)
+    return _named_layers(model, modules, layers, patterns)
+
+
+def _layer_spec(name: str, module: nn.Module) -> LayerSpec:
+    """The spec of a layer that :func:`unsupported_reason` accepts."""
+    kind = layer_kind(module)
+    assert kind is not None  # unsupported_reason(module) is None
+    return LayerSpec(name, module, kind)
+
+
+def _default_layers(
+    model: nn.Module, modules: dict[str, nn.Module], patterns: list[str], include_output_head: bool
+) -> dict[str, LayerSpec]:
+    """:func:`resolve_layers` with ``layers=None``: every layer that can be scored, but the defaults left out."""
+    # nn.MultiheadAttention reads its out_proj's weight directly and never calls it: no hook would fire.
+    inside_attention = {
+        f"{name}.{child}" if name else child
+        for name, module in modules.items()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_children()
+    }
+    candidates = [
+        name
+        for name, module in modules.items()
+        if layer_kind(module) is not None and unsupported_reason(module) is None and name not in inside_attention
+    ]
+    skipped = _weight_bearing_skips(model, set(candidates) | inside_attention)
+    if skipped:
+        logger.warning(
+            "not pruning %d module(s) with weight matrices that cannot be scored: %s",
+            len(skipped),
+            "; ".join(f"{name!r}: {reason}" for name, reason in skipped.items()),
+        )
+    heads = set() if include_output_head else set(output_heads(model))
+    tied = tied_weights(model, candidates)
+    specs: dict[str, LayerSpec] = {}
+    left_out: list[str] = []
+    used_patterns: set[str] = set()
+    for name in candidates:
+        pattern = _matches(name, patterns)
+        if pattern is not None:
+            used_patterns.add(pattern)
+            left_out.append(f"{name!r} (exclude pattern {pattern!r})")
+        elif name in tied:
+            left_out.append(f"{name!r} (weight tied to {', '.join(tied[name])})")
+        elif name in heads:
+            left_out.append(f"{name!r} (output head; include_output_head=True scores it)")
+        else:
+            specs[name] = _layer_spec(name, modules[name])
+    _warn_unused_patterns(patterns, used_patterns, modules)
+    if left_out:
+        logger.info("left out of pruning: %s", "; ".join(left_out))
+    if not specs:
+        raise ValueError(
+            "argument 'layers': the model has no nn.Linear, supported nn.Conv2d or Conv1D layer to prune"
+            + (f" (left out: {'; '.join(left_out)})" if left_out else "")
+        )
+    return specs
+
+
+def _named_layers(
+    model: nn.Module, modules: dict[str, nn.Module], layers: Sequence[str], patterns: list[str]
+) -> dict[str, LayerSpec]:
+    """:func:`resolve_layers` with the layers named: each must exist, be scorable and not be tied."""
     if isinstance(layers, str):
         raise TypeError(f"argument 'layers' must be a sequence of layer names, got the string {layers!r}")
     names = list(layers)
@@ -379,7 +417,9 @@ def resolve_layers(
     for name in names:
         if name not in modules or name == "":
             prunable = [n for n, m in modules.items() if n and layer_kind(m) is not None]
-            raise ValueError(f"argument 'layers': no module named {name!r} in the model; prunable layers are {prunable}")
+            raise ValueError(
+                f"argument 'layers': no module named {name!r} in the model; prunable layers are {prunable}"
+            )
         module = modules[name]
         reason = unsupported_reason(module)
         if reason is not None:
@@ -393,7 +433,7 @@ def resolve_layers(
             )
         if _matches(name, patterns) is not None:
             continue
-        specs[name] = LayerSpec(name, module, layer_kind(module))  # type: ignore[arg-type]
+        specs[name] = _layer_spec(name, module)
     if not specs:
         raise ValueError(f"argument 'exclude': patterns {patterns} leave none of the layers {names}")
     return specs

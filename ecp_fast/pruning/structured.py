@@ -34,15 +34,17 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast.ops import finalize
 from ecp_fast.pruning.calibration import (
     SENSITIVITIES,
     Calibrator,
@@ -52,8 +54,7 @@ from ecp_fast.pruning.calibration import (
     weight_2d,
     weight_parameter,
 )
-from ecp_fast.ops import finalize
-from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.pruning.pruner import Pruner, register_neuron_pruning
 from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
@@ -72,9 +73,26 @@ NORMALIZATIONS = ("auto", "none", "mean")
 
 #: Modules that act on each feature separately and have no per-feature parameters.
 ELEMENTWISE = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU,
-    nn.Softplus, nn.Mish, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink, nn.Softsign,
-    nn.Identity, nn.Dropout, nn.AlphaDropout,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Softplus,
+    nn.Mish,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+    nn.Softsign,
+    nn.Identity,
+    nn.Dropout,
+    nn.AlphaDropout,
 )
 #: Modules with one entry per feature that are sliced with the neuron.
 PER_FEATURE = (nn.BatchNorm1d, nn.LayerNorm, nn.PReLU)
@@ -190,9 +208,7 @@ def _check_pair(modules: Mapping[str, nn.Module], pair: NeuronPair) -> None:
             )
 
 
-def resolve_pairs(
-    model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None
-) -> list[NeuronPair]:
+def resolve_pairs(model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None) -> list[NeuronPair]:
     """Validate ``pairs`` (``(producer, consumer)`` or ``(producer, consumer, norms)``) or detect them.
 
     Raises ``ValueError`` naming the pair when a name is missing, a module is not an ``nn.Linear``
@@ -256,9 +272,7 @@ def _canonical_method(method: str) -> str:
         raise TypeError(f"argument 'method' must be a string, got {type(method).__name__}")
     method = METHOD_ALIASES.get(method, method)
     if method not in METHODS:
-        raise ValueError(
-            f"argument 'method' must be one of {METHODS} (or {sorted(METHOD_ALIASES)}), got {method!r}"
-        )
+        raise ValueError(f"argument 'method' must be one of {METHODS} (or {sorted(METHOD_ALIASES)}), got {method!r}")
     return method
 
 
@@ -444,6 +458,7 @@ def plan_neurons(
     scope: str = "global",
     pairs: Sequence[NeuronPair | Sequence[Any]] | None = None,
     statistics: Mapping[str, LayerStatistics] | None = None,
+    *,
     normalize: str = "auto",
     min_keep: int = 1,
     compensate: bool | None = None,
@@ -533,16 +548,18 @@ def _build_per_feature(module: nn.Module, index: torch.Tensor) -> nn.Module:
         for attribute in ("weight", "bias"):
             parameter = getattr(module, attribute, None)
             if isinstance(parameter, nn.Parameter) and parameter.dim() == 1 and parameter.numel() > 1:
-                setattr(new, attribute, _parameter_like(parameter.index_select(0, index.to(parameter.device)), parameter))
-        if isinstance(module, nn.BatchNorm1d):
+                setattr(
+                    new, attribute, _parameter_like(parameter.index_select(0, index.to(parameter.device)), parameter)
+                )
+        if isinstance(new, nn.BatchNorm1d):  # new is a copy of module: the same class
             new.num_features = count
             for buffer in ("running_mean", "running_var"):
                 value = getattr(module, buffer)
                 if value is not None:
                     setattr(new, buffer, value.index_select(0, index.to(value.device)).clone())
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(new, nn.LayerNorm):
             new.normalized_shape = (count,)
-        elif isinstance(module, nn.PReLU) and module.num_parameters > 1:
+        elif isinstance(new, nn.PReLU) and new.num_parameters > 1:
             new.num_parameters = count
     return new
 
@@ -879,28 +896,73 @@ def _restore_pruner(pruner: Pruner, layers: Any, calibration: Any) -> None:
     pruner.calibration = calibration
 
 
+@dataclass(frozen=True)
+class _NeuronOptions:
+    """The options of :func:`prune_neurons`, checked when built."""
+
+    scope: str
+    batches: Iterable[Any] | None
+    sensitivity: str
+    normalize: str
+    min_keep: int
+    compensate: bool | None
+    inplace: bool
+
+    def __post_init__(self) -> None:
+        _check_options(
+            self.scope, self.sensitivity, self.normalize, self.min_keep, self.compensate, self.inplace, self.batches
+        )
+
+
+def _pruner_and_model(pruner_or_model: Pruner | nn.Module) -> tuple[Pruner | None, nn.Module]:
+    pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
+    model = pruner.model if pruner is not None else pruner_or_model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"argument 'pruner_or_model' must be a Pruner or an nn.Module, got {type(model).__name__}")
+    return pruner, model
+
+
+def _remove_neurons_atomically(
+    pruner: Pruner | None,
+    model: nn.Module,
+    ratio: float,
+    method: str,
+    resolved: list[NeuronPair],
+    options: _NeuronOptions,
+) -> StructuredReport:
+    """:func:`_remove_neurons` in a transaction that restores model and pruner when it fails."""
+    with model_transaction(model) as transaction:
+        if pruner is not None:
+            transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
+        return _remove_neurons(pruner, model, ratio, method, resolved, options)
+
+
 def _remove_neurons(
     pruner: Pruner | None,
     model: nn.Module,
     ratio: float,
     method: str,
-    scope: str,
     resolved: list[NeuronPair],
-    *,
-    batches: Iterable[Any] | None,
-    sensitivity: str,
-    normalize: str,
-    min_keep: int,
-    compensate: bool | None,
-    inplace: bool,
+    options: _NeuronOptions,
 ) -> StructuredReport:
     """The body of :func:`prune_neurons` with validated arguments (run inside its transaction)."""
-    wants_statistics = method in NEEDS_STATISTICS or bool(compensate)
+    scope, inplace = options.scope, options.inplace
+    wants_statistics = method in NEEDS_STATISTICS or bool(options.compensate)
     consumers = [pair.consumer for pair in resolved]
-    statistics, used_sensitivity = _statistics_for(pruner, model, method, consumers, batches, sensitivity,
-                                                   wants_statistics)
+    statistics, used_sensitivity = _statistics_for(
+        pruner, model, method, consumers, options.batches, options.sensitivity, wants_statistics
+    )
     plan = plan_neurons(
-        model, ratio, method, scope, resolved, statistics, normalize, min_keep, compensate, used_sensitivity
+        model,
+        ratio,
+        method,
+        scope,
+        resolved,
+        statistics,
+        normalize=options.normalize,
+        min_keep=options.min_keep,
+        compensate=options.compensate,
+        sensitivity=used_sensitivity,
     )
     counts = (count_parameters(model), linear_flops(model))
     modules = dict(model.named_modules())
@@ -914,8 +976,12 @@ def _remove_neurons(
     report = _build_report(target, plan, hidden_before, counts)
     logger.info(
         "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
-        report.hidden_before - report.hidden_after, report.hidden_before, method, scope,
-        report.parameter_ratio, report.flops_ratio,
+        report.hidden_before - report.hidden_after,
+        report.hidden_before,
+        method,
+        scope,
+        report.parameter_ratio,
+        report.flops_ratio,
     )
     return report
 
@@ -968,19 +1034,13 @@ def prune_neurons(
         all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the removal below it.
     """
     method, ratio = _canonical_method(method), _check_ratio(ratio)
-    _check_options(scope, sensitivity, normalize, min_keep, compensate, inplace, batches)
-    pruner = pruner_or_model if isinstance(pruner_or_model, Pruner) else None
-    model = pruner.model if pruner is not None else pruner_or_model
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"argument 'pruner_or_model' must be a Pruner or an nn.Module, got {type(model).__name__}")
+    options = _NeuronOptions(scope, batches, sensitivity, normalize, min_keep, compensate, inplace)
+    pruner, model = _pruner_and_model(pruner_or_model)
     resolved = resolve_pairs(model, pairs)
     _warn_about_sparsity(model, resolved, ratio)
-    with model_transaction(model) as transaction:
-        if pruner is not None:
-            transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
-        report = _remove_neurons(
-            pruner, model, ratio, method, scope, resolved, batches=batches, sensitivity=sensitivity,
-            normalize=normalize, min_keep=min_keep, compensate=compensate, inplace=inplace,
-        )
+    report = _remove_neurons_atomically(pruner, model, ratio, method, resolved, options)
     _warn_if_short(report, min_keep)
     return report
+
+
+register_neuron_pruning(prune_neurons)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from ecp_fast.pruning.transaction import model_transaction
 from ecp_fast.training._checks import check_batches, check_bool, check_callable, check_choice, check_int, check_real
 
 logger = logging.getLogger(__name__)
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def _check_finetune(
@@ -100,11 +103,14 @@ def _check_fit(model: Any, x: Any, y: Any, epochs: Any, lr: Any, seed: Any, batc
         raise TypeError(f"fit_classifier: argument 'model' must be an nn.Module, got {type(model).__name__}")
     for name, value in (("x", x), ("y", y)):
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            raise TypeError(f"fit_classifier: argument '{name}' must be a tensor with a sample dimension, got "
-                            f"{type(value).__name__}")
+            raise TypeError(
+                f"fit_classifier: argument '{name}' must be a tensor with a sample dimension, got "
+                f"{type(value).__name__}"
+            )
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"fit_classifier: arguments 'x' and 'y' must hold as many samples, got {x.shape[0]} and "
-                         f"{y.shape[0]}")
+        raise ValueError(
+            f"fit_classifier: arguments 'x' and 'y' must hold as many samples, got {x.shape[0]} and {y.shape[0]}"
+        )
     check_int("fit_classifier", "epochs", epochs, 0)
     check_int("fit_classifier", "batch_size", batch_size, 1)
     check_int("fit_classifier", "seed", seed, -(2**63))
@@ -112,16 +118,17 @@ def _check_fit(model: Any, x: Any, y: Any, epochs: Any, lr: Any, seed: Any, batc
 
 
 def fit_classifier(
-    model: nn.Module,
+    model: ModuleT,
     x: torch.Tensor,
     y: torch.Tensor,
     epochs: int,
     lr: float,
     seed: int,
+    *,
     batch_size: int = 128,
     progress: bool = False,
     description: str = "train",
-) -> nn.Module:
+) -> ModuleT:
     """Train ``model`` with Adam and cross-entropy on shuffled in-memory batches; returns it in eval mode.
 
     The shuffling draws from its own generator seeded with ``seed``, so a run is deterministic for

@@ -23,9 +23,10 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,8 +172,11 @@ class ECPPruneStep:
         """Prune ``weights`` to the global ``target_sparsity`` with bias compensation."""
         from ecp_fast.pruning.pruner import Pruner
 
-        unsupported = [ref.qualified_name for ref in weights
-                       if ref.name != "weight" or not isinstance(ref.module, (nn.Linear, nn.Conv2d))]
+        unsupported = [
+            ref.qualified_name
+            for ref in weights
+            if ref.name != "weight" or not isinstance(ref.module, (nn.Linear, nn.Conv2d))
+        ]
         if unsupported:
             raise ValueError(
                 f"ECPPruneStep: the Pruner handles nn.Linear and nn.Conv2d weights only, got {unsupported}; "
@@ -182,8 +186,9 @@ class ECPPruneStep:
         was_training = model.training
         model.eval()
         try:
-            pruner = Pruner(model, sensitivity=self.sensitivity, probes=self.probes, layers=layers,
-                            seed=self.seed, progress=False)
+            pruner = Pruner(
+                model, sensitivity=self.sensitivity, probes=self.probes, layers=layers, seed=self.seed, progress=False
+            )
             pruner.calibrate(self.batches, loss_fn=self.loss_fn)
             self.last_report = pruner.prune(target_sparsity, method=self.method, scope="global")
         finally:
@@ -206,13 +211,15 @@ def _batches_forever(batches: Iterable[Batch]) -> Iterator[Batch]:
             )
 
 
-def _resolve_prune_step(prune_step: Union[str, PruneFn]) -> PruneFn:
+def _resolve_prune_step(prune_step: str | PruneFn) -> PruneFn:
     if isinstance(prune_step, ECPPruneStep) or callable(prune_step):
         return prune_step
     if prune_step == "magnitude":
         return magnitude_prune
     if prune_step == "ecp":
-        raise ValueError("iterative_prune: prune_step 'ecp' needs calibration data: pass ECPPruneStep(batches, loss_fn)")
+        raise ValueError(
+            "iterative_prune: prune_step 'ecp' needs calibration data: pass ECPPruneStep(batches, loss_fn)"
+        )
     raise ValueError(
         f"iterative_prune: argument 'prune_step' must be 'magnitude', an ECPPruneStep or a callable, got {prune_step!r}"
     )
@@ -310,8 +317,13 @@ class _IterativeRun:
         self.below = 0
         current = sparsity(self.weights)
         self.history.append(HistoryEntry(self.step, current, self.best[1], "rollback"))
-        logger.info("%s: step %d, rolled back to sparsity %.4f; prune fraction now %.4f",
-                    s.description, self.step, current, self.fraction)
+        logger.info(
+            "%s: step %d, rolled back to sparsity %.4f; prune fraction now %.4f",
+            s.description,
+            self.step,
+            current,
+            self.fraction,
+        )
         return current
 
     def judge(self, metric: float, current: float) -> tuple[str, float]:
@@ -348,8 +360,14 @@ class _IterativeRun:
             return False
         s.prune_fn(self.model, self.weights, target)
         zero_pruned(self.weights)
-        logger.info("%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
-                    s.description, self.step, metric, current, sparsity(self.weights))
+        logger.info(
+            "%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
+            s.description,
+            self.step,
+            metric,
+            current,
+            sparsity(self.weights),
+        )
         self.prune_steps += 1
         if s.regularizer is not None:
             s.regularizer.restart()
@@ -378,20 +396,35 @@ class _IterativeRun:
             state = self.checkpoint
             final_sparsity, final_metric, final_step = self.best
         else:
-            logger.warning("%s: the metric never reached the bound %.4f; returning the final model",
-                           s.description, s.bound)
+            logger.warning(
+                "%s: the metric never reached the bound %.4f; returning the final model", s.description, s.bound
+            )
             state = copy.deepcopy(self.model.state_dict())
             final_sparsity = sparsity(self.weights)
             final_metric = self.history[-1].metric if self.history else math.nan
             final_step = self.step
         logger.info(
             "%s: stopped (%s) after %d steps, %d pruning steps; returned sparsity %.4f, metric %.4f (step %d)",
-            s.description, self.stop_reason, self.step, self.prune_steps, final_sparsity, final_metric, final_step,
+            s.description,
+            self.stop_reason,
+            self.step,
+            self.prune_steps,
+            final_sparsity,
+            final_metric,
+            final_step,
         )
         return IterativeResult(
-            model=self.model, state_dict=state, sparsity=final_sparsity, metric=final_metric, step=final_step,
-            met_bound=self.checkpoint is not None, stop_reason=self.stop_reason, history=self.history,
-            prune_steps=self.prune_steps, rollbacks=self.rollbacks, total_steps=self.step,
+            model=self.model,
+            state_dict=state,
+            sparsity=final_sparsity,
+            metric=final_metric,
+            step=final_step,
+            met_bound=self.checkpoint is not None,
+            stop_reason=self.stop_reason,
+            history=self.history,
+            prune_steps=self.prune_steps,
+            rollbacks=self.rollbacks,
+            total_steps=self.step,
             seconds=time.perf_counter() - self.start,
         )
 
@@ -435,21 +468,25 @@ def _check_objects(model: Any, arguments: dict[str, Any]) -> None:
         )
     scheduler = arguments["scheduler"]
     if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-        raise TypeError(f"{owner}: argument 'scheduler' must be a learning-rate scheduler or None, got "
-                        f"{type(scheduler).__name__}")
+        raise TypeError(
+            f"{owner}: argument 'scheduler' must be a learning-rate scheduler or None, got {type(scheduler).__name__}"
+        )
     regularizer = arguments["regularizer"]
     if regularizer is not None:
         if not isinstance(regularizer, RelevanceDecay):
-            raise TypeError(f"{owner}: argument 'regularizer' must be a RelevanceDecay or None, got "
-                            f"{type(regularizer).__name__}")
+            raise TypeError(
+                f"{owner}: argument 'regularizer' must be a RelevanceDecay or None, got {type(regularizer).__name__}"
+            )
         check_regularizer(regularizer, model, owner)
 
 
 def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: float) -> None:
     """The weights exist in ``model``, can be masked, and are sparser than nothing above ``max_sparsity``."""
     if not weights:
-        raise ValueError("iterative_prune: argument 'weights' must name at least one weight; the model has no "
-                         "eligible weights to prune")
+        raise ValueError(
+            "iterative_prune: argument 'weights' must name at least one weight; the model has no "
+            "eligible weights to prune"
+        )
     modules = {id(module) for module in model.modules()}
     for ref in weights:
         if not isinstance(ref, WeightRef):
@@ -497,7 +534,7 @@ def iterative_prune(
     *,
     interval: int,
     prune_fraction: float = 0.2,
-    prune_step: Union[str, PruneFn] = "magnitude",
+    prune_step: str | PruneFn = "magnitude",
     regularizer: RelevanceDecay | None = None,
     scheduler: Any = None,
     scheduler_step: str = "interval",
@@ -517,65 +554,67 @@ def iterative_prune(
 
     Args:
         model: the network; its eligible weights (or ``weights``) get ``torch.nn.utils.prune`` masks.
-        batches: training batches ``(inputs, targets)``, iterated again when exhausted (a list or a
-            DataLoader, not a generator).
-        loss_fn: ``loss_fn(outputs, targets)`` -> scalar.
-        optimizer: optimizer over the model's parameters (create it before or after this call:
-            masking keeps the same parameter objects, renamed ``weight_orig``).
-        metric_fn: validation metric of the model, higher is better (e.g. accuracy in percent).
+        batches: training batches ``(inputs, targets)``, iterated again when exhausted (a list or a DataLoader).
+        loss_fn, metric_fn: ``loss_fn(outputs, targets)`` -> scalar; ``metric_fn(model)``, higher is better.
+        optimizer: over the model's parameters, made before or after this call (masks keep the parameter objects).
         bound: the lowest acceptable metric.
-        interval: optimizer steps between evaluations (and pruning steps).
-        prune_fraction: fraction of the remaining weights removed per pruning step.
+        interval, prune_fraction: optimizer steps between evaluations; fraction of the remaining weights cut per step.
         prune_step: the pruning callback: ``"magnitude"``, an :class:`ECPPruneStep`, or a :data:`PruneFn`.
         regularizer: relevance decay applied at every step and restarted after every pruning step.
-        scheduler: a learning-rate scheduler, stepped once per interval (after the evaluation) or,
-            with ``scheduler_step="step"``, after every optimizer step.
-        scheduler_step: ``"interval"`` or ``"step"``.
+        scheduler, scheduler_step: a learning-rate scheduler, stepped once per interval after the evaluation
+            (``"interval"``) or after every optimizer step (``"step"``).
         weights: the weights to prune; default :func:`~ecp_fast.training.regularize.eligible_weights`.
         recovery_intervals: intervals of training allowed below the bound before stopping.
-        backoff: None (the source's procedure) stops when a pruning step fails for good. A factor in
-            ``(0, 1)`` instead rolls model and optimizer back to the last checkpoint, multiplies
-            ``prune_fraction`` by it and prunes again, until the fraction falls below
-            ``min_prune_fraction``.
-        min_prune_fraction: the smallest fraction tried with ``backoff``.
+        backoff, min_prune_fraction: None (the source's procedure) stops when a pruning step fails for good; a factor
+            in ``(0, 1)`` rolls model and optimizer back to the last checkpoint and prunes again with
+            ``prune_fraction`` times the factor, until the fraction falls below ``min_prune_fraction``.
         warmup_intervals: dense training intervals before the first pruning step.
-        max_steps: hard cap on optimizer steps.
-        max_sparsity: no pruning step beyond this global sparsity; must be above the sparsity the
-            weights already have.
-        time_limit_s: stop (returning the last good checkpoint) after this many seconds.
+        max_steps, time_limit_s: hard cap on optimizer steps; stop (returning the last good checkpoint) after seconds.
+        max_sparsity: no pruning step beyond this global sparsity; must be above the weights' current sparsity.
         eval_after_prune: also evaluate right after each pruning step (for the history only).
-        progress: show a tqdm bar.
-        description: label of the progress bar.
+        progress, description: show a tqdm bar with this label.
 
     Returns:
-        :class:`IterativeResult` whose ``model`` is ``model`` restored to the last checkpoint that
-        met the bound; if none did, the final state with ``met_bound=False``.
+        :class:`IterativeResult`; its ``model`` is at the last checkpoint that met the bound, else (``met_bound=False``)
+        at its end.
 
     Raises:
-        TypeError / ValueError: for a bad argument (batches, numbers, the regulariser's settings,
-        ``max_sparsity`` not above the current sparsity), before any mask is installed. When the
-        run fails (``KeyboardInterrupt`` included), the model, the optimizer, the scheduler and the
-        regulariser are restored to their state before the call and the error is re-raised.
+        TypeError / ValueError: a bad argument, before any mask is installed. When the run fails (``KeyboardInterrupt``
+        too), model, optimizer, scheduler and regulariser are restored to their state before the call and it re-raises.
     """
-    from tqdm.auto import tqdm
+    settings, weights = _prepare(model, dict(locals()))
+    return _run(model, batches, weights, settings, progress)
 
-    arguments = dict(locals())
+
+def _prepare(model: nn.Module, arguments: dict[str, Any]) -> tuple[_Settings, list[WeightRef]]:
+    """Check the arguments of :func:`iterative_prune` before any mask is installed; the loop's settings and weights."""
     _check_objects(model, arguments)
     _check_numbers(arguments)
-    prune_fn = _resolve_prune_step(prune_step)
-    check_batches("iterative_prune", batches, reiterable=True, items=(2, None))
-    weights = eligible_weights(model) if weights is None else list(weights)
-    _check_weights(model, weights, max_sparsity)
-    settings = _Settings(
-        loss_fn, optimizer, metric_fn, float(bound), interval, float(prune_fraction), prune_fn, regularizer, scheduler,
-        scheduler_step, recovery_intervals, backoff, min_prune_fraction, warmup_intervals, max_steps,
-        float(max_sparsity), time_limit_s, eval_after_prune, description,
+    prune_fn = _resolve_prune_step(arguments["prune_step"])
+    check_batches("iterative_prune", arguments["batches"], reiterable=True, items=(2, None))
+    weights = eligible_weights(model) if arguments["weights"] is None else list(arguments["weights"])
+    _check_weights(model, weights, arguments["max_sparsity"])
+    values: dict[str, Any] = {entry.name: arguments.get(entry.name) for entry in fields(_Settings)}
+    values.update(
+        prune_fn=prune_fn,
+        bound=float(arguments["bound"]),
+        prune_fraction=float(arguments["prune_fraction"]),
+        max_sparsity=float(arguments["max_sparsity"]),
     )
+    return _Settings(**values), weights
+
+
+def _run(
+    model: nn.Module, batches: Iterable[Batch], weights: list[WeightRef], settings: _Settings, progress: bool
+) -> IterativeResult:
+    """The loop of :func:`iterative_prune` in a transaction that restores what it changed when it fails."""
+    from tqdm.auto import tqdm
+
     with model_transaction(model) as transaction:
         _register_rollbacks(transaction, settings)
         ensure_masks(weights)
         run = _IterativeRun(model, batches, weights, settings)
-        bar = tqdm(total=max_steps, desc=description, disable=not progress, leave=False)
+        bar = tqdm(total=settings.max_steps, desc=settings.description, disable=not progress, leave=False)
         try:
             run.loop(bar)
         finally:

@@ -13,9 +13,10 @@ import copy
 import csv
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast.apps.cli import UsageError
-from ecp_fast.training.finetune import finetune
-from ecp_fast.pruning.importance import check_nonlinear_size
+from ecp_fast.pruning.importance import Importance, check_nonlinear_size
 from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.training.finetune import finetune
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +41,19 @@ RECONSTRUCTIVE_RUNS: dict[str, tuple[str, str | None, dict[str, Any]]] = {
 
 #: Order in which methods appear in tables and plots.
 METHOD_ORDER = (
-    "ecp-obs", "sparsegpt", "magnitude+refit", "wanda+refit",
-    "ecp", "ecp-iterative", "nonlinear", "obd", "wanda", "taylor", "gradient", "magnitude", "random",
+    "ecp-obs",
+    "sparsegpt",
+    "magnitude+refit",
+    "wanda+refit",
+    "ecp",
+    "ecp-iterative",
+    "nonlinear",
+    "obd",
+    "wanda",
+    "taylor",
+    "gradient",
+    "magnitude",
+    "random",
 )
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -114,6 +126,7 @@ def sweep(
     finetune_batches: Batches,
     seed: int,
     context: dict[str, Any],
+    *,
     nonlinear_batches: Batches | None = None,
 ) -> list[dict[str, Any]]:
     """Prune copies of the trained ``model`` with every method and sparsity; one row per point.
@@ -122,10 +135,11 @@ def sweep(
     ``gradient`` and ``taylor`` baselines get their loss gradients); ``nonlinear_batches`` (a small
     subset) feeds ``nonlinear``. ``context`` (network, noise level, ...) is copied into every row.
     """
+    run = _Sweep(model, config, calibration, loss_fn, evaluate, finetune_batches, seed, context, nonlinear_batches)
     rows: list[dict[str, Any]] = []
     dense_metrics = evaluate(model)
     rows.append(_row(context, "dense", 1, 0.0, False, seed, dense_metrics, 0.0))
-    base = Pruner(copy.deepcopy(model), sensitivity=config.sensitivity, probes=config.probes, seed=seed, progress=False)
+    base = run.pruner(copy.deepcopy(model))
     base.calibrate(calibration, loss_fn=loss_fn)
     jobs: list[tuple[str, int]] = [(method, 1) for method in config.methods]
     if "ecp" in config.methods and config.iterative_steps > 1:
@@ -135,53 +149,94 @@ def sweep(
     total = sum(len(config.sparsities if steps == 1 else iterative) for _, steps in jobs)
     bar = tqdm(total=total, desc=f"prune seed {seed} {_describe(context)}", disable=not config.progress, leave=False)
     for method, steps in jobs:
-        started = time.perf_counter()
-        scores = None
-        if method in RECONSTRUCTIVE_RUNS:
-            pass  # calibrated and pruned per point below
-        elif steps == 1:
-            if method == "nonlinear":
-                if nonlinear_batches is None:
-                    raise ValueError("method 'nonlinear' needs nonlinear_batches (a small calibration subset)")
-                scorer = Pruner(copy.deepcopy(model), sensitivity=config.sensitivity, probes=config.probes, seed=seed,
-                                progress=False)
-                scorer.calibrate(nonlinear_batches)
-                scores = scorer.importances("nonlinear")
-            else:
-                scores = base.importances(method)
-            logger.info("scored %s in %.1f s", method, time.perf_counter() - started)
+        scores = run.scores(base, method, steps)
         for sparsity in config.sparsities if steps == 1 else iterative:
-            point_started = time.perf_counter()
-            pruned = copy.deepcopy(model)
-            pruner = Pruner(pruned, sensitivity=config.sensitivity, probes=config.probes, seed=seed, progress=False)
-            if method in RECONSTRUCTIVE_RUNS:
-                _prune_reconstructive(pruned, method, sparsity, config, calibration, loss_fn, seed)
-            elif scores is not None:
-                pruner.prune(sparsity, method=method, importances=scores)
-            else:
-                pruner.calibrate(calibration)
-                pruner.prune(sparsity, method=method, steps=steps)
-            seconds = time.perf_counter() - point_started
-            label = _label(method, steps)
-            rows.append(_row(context, label, steps, sparsity, False, seed, evaluate(pruned), seconds))
-            if sparsity in config.finetune_sparsities and config.finetune_steps > 0:
-                finetune(pruned, finetune_batches, loss_fn, steps=config.finetune_steps, lr=config.finetune_lr,
-                         progress=False)
-                rows.append(_row(context, label, steps, sparsity, True, seed, evaluate(pruned),
-                                 time.perf_counter() - point_started))
+            rows += run.point(method, steps, sparsity, scores)
             bar.update(1)
     bar.close()
     return rows
 
 
+@dataclass(frozen=True)
+class _Sweep:
+    """The arguments of one :func:`sweep`, shared by its scoring and its pruning points."""
+
+    model: nn.Module
+    config: SweepConfig
+    calibration: Batches
+    loss_fn: nn.Module
+    evaluate: Evaluate
+    finetune_batches: Batches
+    seed: int
+    context: dict[str, Any]
+    nonlinear_batches: Batches | None
+
+    def pruner(self, model: nn.Module) -> Pruner:
+        config = self.config
+        return Pruner(model, sensitivity=config.sensitivity, probes=config.probes, seed=self.seed, progress=False)
+
+    def scores(self, base: Pruner, method: str, steps: int) -> dict[str, Importance] | None:
+        """One-shot importances of ``method`` (None: the method is calibrated and pruned per point)."""
+        if method in RECONSTRUCTIVE_RUNS or steps != 1:
+            return None
+        started = time.perf_counter()
+        if method == "nonlinear":
+            if self.nonlinear_batches is None:
+                raise ValueError("method 'nonlinear' needs nonlinear_batches (a small calibration subset)")
+            scorer = self.pruner(copy.deepcopy(self.model))
+            scorer.calibrate(self.nonlinear_batches)
+            scores = scorer.importances("nonlinear")
+        else:
+            scores = base.importances(method)
+        logger.info("scored %s in %.1f s", method, time.perf_counter() - started)
+        return scores
+
+    def point(
+        self, method: str, steps: int, sparsity: float, scores: dict[str, Importance] | None
+    ) -> list[dict[str, Any]]:
+        """Prune a copy to ``sparsity``: its row, and a fine-tuned row at the fine-tuning ratios."""
+        config, context, seed = self.config, self.context, self.seed
+        point_started = time.perf_counter()
+        pruned = copy.deepcopy(self.model)
+        pruner = self.pruner(pruned)
+        if method in RECONSTRUCTIVE_RUNS:
+            _prune_reconstructive(pruned, method, sparsity, config, self.calibration, self.loss_fn, seed)
+        elif scores is not None:
+            pruner.prune(sparsity, method=method, importances=scores)
+        else:
+            pruner.calibrate(self.calibration)
+            pruner.prune(sparsity, method=method, steps=steps)
+        seconds = time.perf_counter() - point_started
+        label = _label(method, steps)
+        rows = [_row(context, label, steps, sparsity, False, seed, self.evaluate(pruned), seconds)]
+        if sparsity in config.finetune_sparsities and config.finetune_steps > 0:
+            finetune(
+                pruned,
+                self.finetune_batches,
+                self.loss_fn,
+                steps=config.finetune_steps,
+                lr=config.finetune_lr,
+                progress=False,
+            )
+            metrics = self.evaluate(pruned)
+            rows.append(_row(context, label, steps, sparsity, True, seed, metrics, time.perf_counter() - point_started))
+        return rows
+
+
 def _prune_reconstructive(
-    model: nn.Module, label: str, sparsity: float, config: SweepConfig, calibration: Batches, loss_fn: nn.Module,
+    model: nn.Module,
+    label: str,
+    sparsity: float,
+    config: SweepConfig,
+    calibration: Batches,
+    loss_fn: nn.Module,
     seed: int,
 ) -> None:
     """One reconstructive run of :data:`RECONSTRUCTIVE_RUNS` on ``model`` (in place)."""
     method, sensitivity, extra = RECONSTRUCTIVE_RUNS[label]
-    pruner = Pruner(model, sensitivity=sensitivity or config.sensitivity, probes=config.probes, seed=seed,
-                    progress=False)
+    pruner = Pruner(
+        model, sensitivity=sensitivity or config.sensitivity, probes=config.probes, seed=seed, progress=False
+    )
     pruner.calibrate(calibration, loss_fn=loss_fn)
     pruner.prune(sparsity, method=method, **extra)
 
@@ -219,7 +274,7 @@ def summarise(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence
         groups.setdefault(tuple(row[key] for key in keys), []).append(row)
     summary = []
     for group_key, members in groups.items():
-        entry: dict[str, Any] = dict(zip(keys, group_key))
+        entry: dict[str, Any] = dict(zip(keys, group_key, strict=True))
         entry["seeds"] = len(members)
         for metric in metrics:
             values = np.array([member[metric] for member in members], dtype=np.float64)
@@ -291,7 +346,7 @@ def plot_panels(
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.5), squeeze=False)
-    for axis, (panel_title, where) in zip(axes[0], panels):
+    for axis, (panel_title, where) in zip(axes[0], panels, strict=True):
         selected = [entry for entry in summary if where(entry)]
         for method in ordered_methods([entry["method"] for entry in selected]):
             if method == "dense":

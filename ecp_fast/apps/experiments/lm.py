@@ -443,7 +443,11 @@ def calibration_batches(corpus: Any, shape: ModelShape, sequences: int, seed: in
 
 
 def prune_copy(
-    dense: nn.Module, method: str, setting: Setting, batches: list[dict[str, torch.Tensor]], args: argparse.Namespace,
+    dense: nn.Module,
+    method: str,
+    setting: Setting,
+    batches: list[dict[str, torch.Tensor]],
+    args: argparse.Namespace,
     seed: int,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A pruned copy of ``dense`` and what the pruning call cost (time, peak extra memory)."""
@@ -568,6 +572,62 @@ def plot(rows: list[dict[str, Any]], settings: Sequence[Setting], methods: Seque
 # ---- the run --------------------------------------------------------------------------------------------
 
 
+def _summary(
+    shape: ModelShape, training: Training, info: dict[str, Any], corpus: Corpus, context: dict[str, Any], draws: int
+) -> str:
+    """The line above the tables: model, training, corpus, calibration and evaluation."""
+    trained = "cached" if info["cached"] else f"{info['train_seconds']:.0f} s"
+    return (
+        f"Llama-style byte LM: hidden {shape.hidden}, {shape.layers} layers, {info['parameters']:,} parameters, "
+        f"{training.steps} training steps ({trained}; final training loss {info['final_train_loss']:.3f} nats/byte); "
+        f"{corpus}; calibration {context['calibration_tokens']} tokens x {draws} draw(s), "
+        f"evaluation {context['eval_tokens']} held-out tokens; {context['threads']} thread(s)."
+    )
+
+
+def _dense_row(dense_perplexity: float) -> dict[str, Any]:
+    return {
+        "method": "dense",
+        "setting": "",
+        "scope": "",
+        "target": 0.0,
+        "calibration_seed": "",
+        "sparsity": 0.0,
+        "perplexity": dense_perplexity,
+        "seconds": 0.0,
+        "peak_extra_mib": 0.0,
+        "sensitivity": "",
+    }
+
+
+def _pruned_rows(
+    dense: nn.Module,
+    jobs: list[tuple[int, str, Setting]],
+    draws: dict[int, list[dict[str, torch.Tensor]]],
+    eval_windows: torch.Tensor,
+    args: argparse.Namespace,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """One row per (calibration seed, method, setting): a pruned copy's cost and held-out perplexity."""
+    rows: list[dict[str, Any]] = []
+    for seed, method, setting in tqdm(jobs, desc="prune", disable=not progress, leave=False):
+        pruned, cost = prune_copy(dense, method, setting, draws[seed], args, seed)
+        rows.append(
+            {
+                "method": method,
+                "setting": setting.label,
+                "scope": setting.scope,
+                "target": setting.sparsity if setting.sparsity is not None else float("nan"),
+                "calibration_seed": seed,
+                **cost,
+                "perplexity": perplexity(pruned, eval_windows),
+            }
+        )
+        logger.info("%s %s: perplexity %.3f in %.2f s", method, setting.label, rows[-1]["perplexity"], cost["seconds"])
+        del pruned
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (or reuse) the model, prune it with every method and setting, write the tables, CSV and plot."""
     try:
@@ -599,39 +659,11 @@ def run(args: argparse.Namespace) -> int:
     dense, info = load_or_train(shape, training, corpus, f"{sources}:{max_bytes}", cache, progress)
 
     eval_windows = token_windows(corpus.heldout, shape.context, count=args.eval_sequences)
-    dense_perplexity = perplexity(dense, eval_windows)
-    rows: list[dict[str, Any]] = [
-        {
-            "method": "dense",
-            "setting": "",
-            "scope": "",
-            "target": 0.0,
-            "calibration_seed": "",
-            "sparsity": 0.0,
-            "perplexity": dense_perplexity,
-            "seconds": 0.0,
-            "peak_extra_mib": 0.0,
-            "sensitivity": "",
-        }
-    ]
+    rows = [_dense_row(perplexity(dense, eval_windows))]
     seeds = range(args.seed, args.seed + max(1, args.calibration_seeds))
-    jobs = [(seed, method, setting) for seed in seeds for method in methods for setting in settings]
     draws = {seed: calibration_batches(corpus, shape, args.calibration_sequences, seed + 1) for seed in seeds}
-    for seed, method, setting in tqdm(jobs, desc="prune", disable=not progress, leave=False):
-        pruned, cost = prune_copy(dense, method, setting, draws[seed], args, seed)
-        rows.append(
-            {
-                "method": method,
-                "setting": setting.label,
-                "scope": setting.scope,
-                "target": setting.sparsity if setting.sparsity is not None else float("nan"),
-                "calibration_seed": seed,
-                **cost,
-                "perplexity": perplexity(pruned, eval_windows),
-            }
-        )
-        logger.info("%s %s: perplexity %.3f in %.2f s", method, setting.label, rows[-1]["perplexity"], cost["seconds"])
-        del pruned
+    jobs = [(seed, method, setting) for seed in seeds for method in methods for setting in settings]
+    rows += _pruned_rows(dense, jobs, draws, eval_windows, args, progress)
     context = {
         "parameters": info["parameters"],
         "train_steps": training.steps,
@@ -647,14 +679,7 @@ def run(args: argparse.Namespace) -> int:
         row.update(context)
     write_csv(out / "lm_results.csv", rows)
     tables = markdown_tables(rows, settings, methods)
-    trained = "cached" if info["cached"] else f"{info['train_seconds']:.0f} s"
-    summary = (
-        f"Llama-style byte LM: hidden {shape.hidden}, {shape.layers} layers, {info['parameters']:,} parameters, "
-        f"{training.steps} training steps ({trained}; final "
-        f"training loss {info['final_train_loss']:.3f} nats/byte); {corpus}; calibration {context['calibration_tokens']} tokens "
-        f"x {len(seeds)} draw(s), "
-        f"evaluation {eval_windows.numel()} held-out tokens; {args.threads} thread(s)."
-    )
+    summary = _summary(shape, training, info, corpus, context, len(seeds))
     (out / "lm_tables.md").write_text(f"{summary}\n\n{tables}\n")
     plot(rows, settings, methods, out / "lm_perplexity.png")
     print(summary)

@@ -21,9 +21,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -148,9 +148,14 @@ def load_data(args: argparse.Namespace) -> Data:
         train_index = train_index[: args.quick_train]
         x_test, y_test = x_test[: args.quick_train], y_test[: args.quick_train]
     return Data(
-        split.x_train[train_index], split.y_train[train_index],
-        split.x_train[val_index], split.y_train[val_index],
-        x_test, y_test, image_size, args.dataset,
+        split.x_train[train_index],
+        split.y_train[train_index],
+        split.x_train[val_index],
+        split.y_train[val_index],
+        x_test,
+        y_test,
+        image_size,
+        args.dataset,
     )
 
 
@@ -199,22 +204,16 @@ def network_settings(args: argparse.Namespace, network: str, train_size: int) ->
     return RunSettings(interval, subset, val_subset, fraction, max_steps, limit or None)
 
 
-def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> IterativeResult:
-    """Train and iteratively prune one network in one configuration."""
-    settings = network_settings(args, network, len(data.x_train))
-    x_train, y_train = data.x_train, data.y_train
-    if settings.train_subset:
-        x_train, y_train = x_train[: settings.train_subset], y_train[: settings.train_subset]
-    torch.manual_seed(args.seed)  # the same initial weights in every configuration
-    model = build_network(network, data.image_size)
-    batches = TensorBatches(x_train, y_train, args.batch_size, args.seed)
+def _optimizer_and_scheduler(
+    args: argparse.Namespace, model: nn.Module, interval: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR, str]:
+    """The optimizer, its learning-rate schedule and when the schedule steps (``"step"`` or ``"interval"``)."""
     if args.optimizer == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0
         )
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    interval = settings.interval
     if args.lr_schedule == "cyclic":
         # Cosine from lr to lr * lr_floor within every interval, restarting at each interval (and so
         # at each pruning step): every evaluation sees a network settled at a small learning rate.
@@ -228,21 +227,42 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
             return max(args.lr_decay**t, args.lr_floor)
 
         scheduler_step = "interval"
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), scheduler_step
+
+
+def _prune_step(
+    args: argparse.Namespace, config: str, x_train: torch.Tensor, y_train: torch.Tensor, loss_fn: nn.Module
+) -> ECPPruneStep | str:
+    """ECP on the first calibration batches of the training set for the ``*ecp`` configs, else magnitude."""
+    if not config.endswith("ecp"):
+        return "magnitude"
+    calibration = [
+        (x_train[i : i + args.batch_size], y_train[i : i + args.batch_size])
+        for i in range(0, min(len(x_train), args.calibration_batches * args.batch_size), args.batch_size)
+    ]
+    return ECPPruneStep(calibration, loss_fn, sensitivity=args.ecp_sensitivity, probes=args.probes, seed=args.seed)
+
+
+def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> IterativeResult:
+    """Train and iteratively prune one network in one configuration."""
+    settings = network_settings(args, network, len(data.x_train))
+    x_train, y_train = data.x_train, data.y_train
+    if settings.train_subset:
+        x_train, y_train = x_train[: settings.train_subset], y_train[: settings.train_subset]
+    torch.manual_seed(args.seed)  # the same initial weights in every configuration
+    model = build_network(network, data.image_size)
+    batches = TensorBatches(x_train, y_train, args.batch_size, args.seed)
+    optimizer, scheduler, scheduler_step = _optimizer_and_scheduler(args, model, settings.interval)
     loss_fn = nn.CrossEntropyLoss()
     regularizer = None
     if config.startswith("decay"):
         regularizer = RelevanceDecay(
-            model, gamma=args.gamma, alpha=args.alpha,
+            model,
+            gamma=args.gamma,
+            alpha=args.alpha,
             decay_steps=args.gamma_decay_steps if args.gamma_decay_steps is not None else settings.interval,
         )
-    if config.endswith("ecp"):
-        calibration = [(x_train[i : i + args.batch_size], y_train[i : i + args.batch_size])
-                       for i in range(0, min(len(x_train), args.calibration_batches * args.batch_size), args.batch_size)]
-        prune_step = ECPPruneStep(calibration, loss_fn, sensitivity=args.ecp_sensitivity, probes=args.probes, seed=args.seed)
-    else:
-        prune_step = "magnitude"
-
+    prune_step = _prune_step(args, config, x_train, y_train, loss_fn)
     x_val, y_val = data.x_val, data.y_val
     if settings.val_subset:
         x_val, y_val = x_val[: settings.val_subset], y_val[: settings.val_subset]
@@ -250,16 +270,28 @@ def run_one(args: argparse.Namespace, data: Data, network: str, config: str) -> 
     def metric(m: nn.Module) -> float:
         return accuracy(m, x_val, y_val)
 
-    result = iterative_prune(
-        model, batches, loss_fn, optimizer, metric, args.bound,
-        interval=settings.interval, prune_fraction=settings.prune_fraction, prune_step=prune_step,
-        regularizer=regularizer, scheduler=scheduler, scheduler_step=scheduler_step,
-        recovery_intervals=args.recovery_intervals, backoff=args.backoff,
-        warmup_intervals=args.warmup_intervals, max_steps=settings.max_steps,
-        max_sparsity=args.max_sparsity, time_limit_s=settings.time_limit_s,
-        progress=not args.no_progress, description=f"{network} {config}",
+    return iterative_prune(
+        model,
+        batches,
+        loss_fn,
+        optimizer,
+        metric,
+        args.bound,
+        interval=settings.interval,
+        prune_fraction=settings.prune_fraction,
+        prune_step=prune_step,
+        regularizer=regularizer,
+        scheduler=scheduler,
+        scheduler_step=scheduler_step,
+        recovery_intervals=args.recovery_intervals,
+        backoff=args.backoff,
+        warmup_intervals=args.warmup_intervals,
+        max_steps=settings.max_steps,
+        max_sparsity=args.max_sparsity,
+        time_limit_s=settings.time_limit_s,
+        progress=not args.no_progress,
+        description=f"{network} {config}",
     )
-    return result
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -269,9 +301,9 @@ def write_outputs(out: Path, rows: list[dict], histories: dict[tuple[str, str], 
     """CSV files, one PNG per network and the markdown table; returns the table."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "regularized_summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+        summary_writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        summary_writer.writeheader()
+        summary_writer.writerows(rows)
     with open(out / "regularized_history.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["network", "config", "pruning_step", "step", "sparsity", "val_accuracy", "event"])
@@ -279,8 +311,17 @@ def write_outputs(out: Path, rows: list[dict], histories: dict[tuple[str, str], 
             pruning_step = 0
             for entry in result.history:
                 pruning_step += entry.event == "prune"
-                writer.writerow([network, config, pruning_step, entry.step, f"{entry.sparsity:.6f}",
-                                 f"{entry.metric:.4f}", entry.event])
+                writer.writerow(
+                    [
+                        network,
+                        config,
+                        pruning_step,
+                        entry.step,
+                        f"{entry.sparsity:.6f}",
+                        f"{entry.metric:.4f}",
+                        entry.event,
+                    ]
+                )
     table = markdown_table(rows)
     layers = ["| network | configuration | sparsity per layer |", "| --- | --- | --- |"]
     layers += [f"| {row['network']} | {row['config']} | {row['layer_sparsity']} |" for row in rows]
@@ -291,14 +332,17 @@ def write_outputs(out: Path, rows: list[dict], histories: dict[tuple[str, str], 
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary rows as a markdown table."""
-    header = ("| network | configuration | sparsity reached | val acc (%) | test acc (%) | pruning steps "
-              "| train steps | stop | time (s) |")
+    header = (
+        "| network | configuration | sparsity reached | val acc (%) | test acc (%) | pruning steps "
+        "| train steps | stop | time (s) |"
+    )
     lines = [header, "|" + " --- |" * 9]
     for row in rows:
         rollbacks = f" ({row['rollbacks']} rollbacks)" if row.get("rollbacks") else ""
         lines.append(
             f"| {row['network']} | {row['config']} | {100 * row['sparsity']:.2f}% | {row['val_accuracy']:.2f} "
-            f"| {row['test_accuracy']:.2f} | {row['prune_steps']} | {row['train_steps']} | {row['stop_reason']}{rollbacks}"
+            f"| {row['test_accuracy']:.2f} | {row['prune_steps']} | {row['train_steps']} "
+            f"| {row['stop_reason']}{rollbacks}"
             f"{'' if row['met_bound'] else ' (bound never met)'} | {row['seconds']:.0f} |"
         )
     return "\n".join(lines)
@@ -334,10 +378,16 @@ def plot(out: Path, histories: dict[tuple[str, str], IterativeResult], bound: fl
             ax_metric.plot(xs, metrics, marker="o", markersize=3, label=config)
         ax_metric.axhline(bound, color="black", linestyle="--", linewidth=1, label=f"bound {bound:g}%")
         ax_density.set_yscale("log")
-        ax_density.set(xlabel="pruning step", ylabel="remaining weights (%) = 100 - sparsity",
-                       title=f"{NETWORK_LABELS[network]}: weights left (dotted: returned model)")
-        ax_metric.set(xlabel="pruning step", ylabel="validation accuracy (%)",
-                      title=f"{NETWORK_LABELS[network]}: accuracy after each interval")
+        ax_density.set(
+            xlabel="pruning step",
+            ylabel="remaining weights (%) = 100 - sparsity",
+            title=f"{NETWORK_LABELS[network]}: weights left (dotted: returned model)",
+        )
+        ax_metric.set(
+            xlabel="pruning step",
+            ylabel="validation accuracy (%)",
+            title=f"{NETWORK_LABELS[network]}: accuracy after each interval",
+        )
         ax_metric.set_ylim(max(0.0, bound - 3), 100)
         for ax in (ax_density, ax_metric):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -351,61 +401,121 @@ def plot(out: Path, histories: dict[tuple[str, str], IterativeResult], bound: fl
 # ---- command line --------------------------------------------------------------------------------
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``ecp-fast experiment regularized``."""
-    parser.add_argument("--data-dir", default=os.environ.get(DATA_DIR_ENV),
-                        help=f"folder with the MNIST IDX files (default: ${DATA_DIR_ENV})")
-    parser.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
-                        help="mnist (28x28) or scikit-learn's bundled 8x8 digits for quick runs")
-    parser.add_argument("--out", default="runs/regularized", help="output folder for CSV, PNG and table")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes (a few hundred samples, a few intervals): runs in seconds")
-    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
-    parser.add_argument("--bound", type=float, default=98.0, help="lowest acceptable validation accuracy (%%)")
-    parser.add_argument("--val-size", type=int, default=5000, help="validation samples carved from training")
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Training: batches, optimizer, learning-rate schedule, threads, relevance decay."""
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="sgd")
     parser.add_argument("--lr", type=float, default=0.05, help="learning rate")
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    parser.add_argument("--lr-schedule", choices=("cyclic", "decay"), default="cyclic",
-                        help="cyclic: cosine from --lr to --lr * --lr-floor within every interval; "
-                        "decay: --lr * --lr-decay^interval, floored at --lr * --lr-floor")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("cyclic", "decay"),
+        default="cyclic",
+        help="cyclic: cosine from --lr to --lr * --lr-floor within every interval; "
+        "decay: --lr * --lr-decay^interval, floored at --lr * --lr-floor",
+    )
     parser.add_argument("--lr-decay", type=float, default=0.85, help="learning-rate factor per interval (decay)")
     parser.add_argument("--lr-floor", type=float, default=0.02, help="lowest learning rate, as a fraction of --lr")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for these small networks on a shared CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is fastest for these small networks on a shared CPU)",
+    )
     parser.add_argument("--gamma", type=float, default=2e-3, help="relevance decay strength")
     parser.add_argument("--alpha", type=float, default=1e-3, help="relevance gate temperature")
-    parser.add_argument("--gamma-decay-steps", type=int, default=None,
-                        help="steps of linear gamma decay, restarted at each pruning step (default: interval)")
+    parser.add_argument(
+        "--gamma-decay-steps",
+        type=int,
+        default=None,
+        help="steps of linear gamma decay, restarted at each pruning step (default: interval)",
+    )
+
+
+def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
+    """Pruning: schedule, stopping, LeNet-5 budgets, ECP calibration."""
     parser.add_argument("--prune-fraction", type=float, default=0.2, help="fraction of remaining weights per step")
-    parser.add_argument("--interval", type=int, default=0, help="steps between pruning steps (0: from --interval-epochs)")
+    parser.add_argument(
+        "--interval", type=int, default=0, help="steps between pruning steps (0: from --interval-epochs)"
+    )
     parser.add_argument("--interval-epochs", type=float, default=1.0, help="interval as a fraction of an epoch")
     parser.add_argument("--warmup-intervals", type=int, default=3, help="dense intervals before the first pruning")
     parser.add_argument("--recovery-intervals", type=int, default=3, help="intervals allowed below the bound")
-    parser.add_argument("--backoff", type=float, default=None,
-                        help="on a failed pruning step, roll back and multiply the fraction by this (default: stop)")
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=None,
+        help="on a failed pruning step, roll back and multiply the fraction by this (default: stop)",
+    )
     parser.add_argument("--max-intervals", type=int, default=45, help="cap on training intervals per run")
     parser.add_argument("--max-steps", type=int, default=0, help="cap on optimizer steps (0: from --max-intervals)")
     parser.add_argument("--max-sparsity", type=float, default=0.999)
-    parser.add_argument("--lenet5-train-subset", type=int, default=0,
-                        help="train LeNet-5 on the first N training samples only (0: all), for CPU time")
-    parser.add_argument("--lenet5-interval", type=int, default=100,
-                        help="steps between pruning steps for LeNet-5 (0: as for LeNet-300-100)")
-    parser.add_argument("--lenet5-prune-fraction", type=float, default=0.3,
-                        help="fraction pruned per step for LeNet-5 (0: --prune-fraction)")
-    parser.add_argument("--lenet5-val-subset", type=int, default=2000,
-                        help="validate LeNet-5 on the first N validation samples only (0: all)")
-    parser.add_argument("--time-limit-lenet300", type=float, default=200, help="seconds per LeNet-300-100 run (0: none)")
+    parser.add_argument(
+        "--lenet5-train-subset",
+        type=int,
+        default=0,
+        help="train LeNet-5 on the first N training samples only (0: all), for CPU time",
+    )
+    parser.add_argument(
+        "--lenet5-interval",
+        type=int,
+        default=100,
+        help="steps between pruning steps for LeNet-5 (0: as for LeNet-300-100)",
+    )
+    parser.add_argument(
+        "--lenet5-prune-fraction",
+        type=float,
+        default=0.3,
+        help="fraction pruned per step for LeNet-5 (0: --prune-fraction)",
+    )
+    parser.add_argument(
+        "--lenet5-val-subset",
+        type=int,
+        default=2000,
+        help="validate LeNet-5 on the first N validation samples only (0: all)",
+    )
+    parser.add_argument(
+        "--time-limit-lenet300", type=float, default=200, help="seconds per LeNet-300-100 run (0: none)"
+    )
     parser.add_argument("--time-limit-lenet5", type=float, default=330, help="seconds per LeNet-5 run (0: none)")
-    parser.add_argument("--ecp-sensitivity", "--ecp-criterion", dest="ecp_sensitivity", default="output", choices=("output", "loss", "local"),
-                        help="ECP sensitivity")
+    parser.add_argument(
+        "--ecp-sensitivity",
+        "--ecp-criterion",
+        dest="ecp_sensitivity",
+        default="output",
+        choices=("output", "loss", "local"),
+        help="ECP sensitivity",
+    )
     parser.add_argument("--probes", type=int, default=None, help="Rademacher probes for --ecp-sensitivity output")
     parser.add_argument("--calibration-batches", type=int, default=4, help="training batches ECP calibrates on")
     parser.add_argument("--quick-train", type=int, default=600, help="training samples in --quick mode")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``ecp-fast experiment regularized``."""
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get(DATA_DIR_ENV),
+        help=f"folder with the MNIST IDX files (default: ${DATA_DIR_ENV})",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=("mnist", "digits"),
+        default="mnist",
+        help="mnist (28x28) or scikit-learn's bundled 8x8 digits for quick runs",
+    )
+    parser.add_argument("--out", default="runs/regularized", help="output folder for CSV, PNG and table")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes (a few hundred samples, a few intervals): runs in seconds"
+    )
+    parser.add_argument("--networks", nargs="+", choices=NETWORKS, default=list(NETWORKS))
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    parser.add_argument("--bound", type=float, default=98.0, help="lowest acceptable validation accuracy (%%)")
+    parser.add_argument("--val-size", type=int, default=5000, help="validation samples carved from training")
+    _add_training_options(parser)
+    _add_pruning_options(parser)
 
 
 def _apply_quick(args: argparse.Namespace) -> None:
@@ -424,11 +534,26 @@ def validate(args: argparse.Namespace) -> None:
 
     Catches a bad value for the second network's run before the first one trains for minutes.
     """
-    check_counts(args, {
-        "val_size": 0, "batch_size": 1, "threads": 0, "gamma_decay_steps": 0, "interval": 0, "warmup_intervals": 0,
-        "recovery_intervals": 0, "max_intervals": 1, "max_steps": 0, "lenet5_train_subset": 0, "lenet5_interval": 0,
-        "lenet5_val_subset": 0, "probes": 1, "calibration_batches": 1, "quick_train": 1,
-    })
+    check_counts(
+        args,
+        {
+            "val_size": 0,
+            "batch_size": 1,
+            "threads": 0,
+            "gamma_decay_steps": 0,
+            "interval": 0,
+            "warmup_intervals": 0,
+            "recovery_intervals": 0,
+            "max_intervals": 1,
+            "max_steps": 0,
+            "lenet5_train_subset": 0,
+            "lenet5_interval": 0,
+            "lenet5_val_subset": 0,
+            "probes": 1,
+            "calibration_batches": 1,
+            "quick_train": 1,
+        },
+    )
     check_number(args, "bound")
     for name in ("lr", "alpha", "interval_epochs", "lr_decay"):
         check_number(args, name, low=0.0)
@@ -459,19 +584,39 @@ def run(args: argparse.Namespace) -> int:
             settings = network_settings(args, network, len(data.x_train))
             test_acc = accuracy(result.model, data.x_test, data.y_test)
             per_layer = " / ".join(
-                f"{ref.module_name} {100 * ref.count_zeros() / ref.numel():.1f}%" for ref in eligible_weights(result.model)
+                f"{ref.module_name} {100 * ref.count_zeros() / ref.numel():.1f}%"
+                for ref in eligible_weights(result.model)
             )
             histories[(network, config)] = result
-            rows.append({
-                "network": network, "config": config, "sparsity": result.sparsity,
-                "val_accuracy": result.metric, "test_accuracy": test_acc, "met_bound": result.met_bound,
-                "prune_steps": result.prune_steps, "rollbacks": result.rollbacks, "train_steps": result.total_steps,
-                "checkpoint_step": result.step, "stop_reason": result.stop_reason, "seconds": result.seconds,
-                "interval": settings.interval, "prune_fraction": settings.prune_fraction,
-                "layer_sparsity": per_layer,
-            })
-            logger.info("%s %s: sparsity %.4f val %.2f test %.2f (%s, %.0f s)", network, config,
-                        result.sparsity, result.metric, test_acc, result.stop_reason, result.seconds)
+            rows.append(
+                {
+                    "network": network,
+                    "config": config,
+                    "sparsity": result.sparsity,
+                    "val_accuracy": result.metric,
+                    "test_accuracy": test_acc,
+                    "met_bound": result.met_bound,
+                    "prune_steps": result.prune_steps,
+                    "rollbacks": result.rollbacks,
+                    "train_steps": result.total_steps,
+                    "checkpoint_step": result.step,
+                    "stop_reason": result.stop_reason,
+                    "seconds": result.seconds,
+                    "interval": settings.interval,
+                    "prune_fraction": settings.prune_fraction,
+                    "layer_sparsity": per_layer,
+                }
+            )
+            logger.info(
+                "%s %s: sparsity %.4f val %.2f test %.2f (%s, %.0f s)",
+                network,
+                config,
+                result.sparsity,
+                result.metric,
+                test_acc,
+                result.stop_reason,
+                result.seconds,
+            )
     table = write_outputs(Path(args.out), rows, histories, args.bound)
     print(table)
     print(f"\n{data.name}; total {time.perf_counter() - start:.0f} s; outputs in {args.out}")
