@@ -31,13 +31,15 @@ def test_import_needs_no_application_dependency() -> None:
 
 
 def _imports(path: pathlib.Path) -> set[str]:
-    """Modules of ecp_fast imported at module level (not inside functions) by ``path``.
-
-    ``from package import submodule`` counts as an import of the submodule.
+    """Modules of ecp_fast imported by ``path``, at module level or inside functions (a lazy import
+    is still a dependency). ``from package import submodule`` counts as an import of the submodule.
     """
     tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # imports for type checkers only are no dependency at run time
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            node.body = []
     names = set()
-    for node in tree.body:
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ecp_fast"):
             submodules = {f"{node.module}.{alias.name}" for alias in node.names}
             found = {name for name in submodules if (ROOT / (name.replace(".", "/") + ".py")).exists()}

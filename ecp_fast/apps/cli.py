@@ -26,6 +26,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NoReturn
 
+from ecp_fast.apps.errors import UsageError
+
+__all__ = ["UsageError", "UsageExit", "build_parser", "main"]
+
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_PACKAGE = "ecp_fast.apps.experiments"
@@ -34,10 +38,6 @@ _EXPERIMENT_ATTRIBUTES = ("NAME", "HELP", "add_arguments", "run")
 OUTPUT_DIRECTORIES = {"out": "--out", "cache_dir": "--cache-dir"}
 #: Exit status of a user error (argparse's).
 USAGE_STATUS = 2
-
-
-class UsageError(ValueError):
-    """A mistake in what the user asked for; the command line prints its message as one line."""
 
 
 class UsageExit(SystemExit):

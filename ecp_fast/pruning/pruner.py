@@ -73,6 +73,16 @@ from ecp_fast.pruning.reconstruction import (
 if TYPE_CHECKING:
     from ecp_fast.pruning.structured import StructuredReport
 
+#: ``scope="neuron"`` is served by :func:`ecp_fast.pruning.structured.prune_neurons`, which builds on
+#: this module and registers itself here, so that the dependency runs one way only.
+_NEURON_PRUNING: Callable[..., Any] | None = None
+
+
+def register_neuron_pruning(function: Callable[..., Any]) -> None:
+    """Let ``Pruner.prune(scope="neuron")`` call ``function(pruner, ratio, method=..., scope=...)``."""
+    global _NEURON_PRUNING
+    _NEURON_PRUNING = function
+
 logger = logging.getLogger(__name__)
 
 # ---- the pruner ------------------------------------------------------------------------------------
@@ -266,10 +276,9 @@ class Pruner:
                     "argument 'scope': scope='neuron' prunes in one step from the calibrated statistics "
                     f"(steps=1, importances=None), got steps={steps!r} and importances={'given' if importances else None}"
                 )
-            # Imported here: structured builds on this module.
-            from ecp_fast.pruning.structured import prune_neurons
-
-            return prune_neurons(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
+            if _NEURON_PRUNING is None:
+                raise RuntimeError("scope='neuron' needs ecp_fast.pruning.structured, which was not imported")
+            return _NEURON_PRUNING(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
         request = self._validate(sparsity, method, scope, steps, importances)
         calibration = self.calibration
         with model_transaction(self.model) as transaction:

@@ -922,21 +922,6 @@ def _pruner_and_model(pruner_or_model: Pruner | nn.Module) -> tuple[Pruner | Non
     return pruner, model
 
 
-def _remove_neurons_atomically(
-    pruner: Pruner | None,
-    model: nn.Module,
-    ratio: float,
-    method: str,
-    resolved: list[NeuronPair],
-    options: _NeuronOptions,
-) -> StructuredReport:
-    """:func:`_remove_neurons` in a transaction that restores model and pruner when it fails."""
-    with model_transaction(model) as transaction:
-        if pruner is not None:
-            transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
-        return _remove_neurons(pruner, model, ratio, method, resolved, options)
-
-
 def _remove_neurons(
     pruner: Pruner | None,
     model: nn.Module,
@@ -945,45 +930,48 @@ def _remove_neurons(
     resolved: list[NeuronPair],
     options: _NeuronOptions,
 ) -> StructuredReport:
-    """The body of :func:`prune_neurons` with validated arguments (run inside its transaction)."""
-    scope, inplace = options.scope, options.inplace
-    wants_statistics = method in NEEDS_STATISTICS or bool(options.compensate)
-    consumers = [pair.consumer for pair in resolved]
-    statistics, used_sensitivity = _statistics_for(
-        pruner, model, method, consumers, options.batches, options.sensitivity, wants_statistics
-    )
-    plan = plan_neurons(
-        model,
-        ratio,
-        method,
-        scope,
-        resolved,
-        statistics,
-        normalize=options.normalize,
-        min_keep=options.min_keep,
-        compensate=options.compensate,
-        sensitivity=used_sensitivity,
-    )
-    counts = (count_parameters(model), linear_flops(model))
-    modules = dict(model.named_modules())
-    hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
-    target = model if inplace else copy.deepcopy(model)
-    shrink_model(target, plan)
-    if inplace and pruner is not None:
-        pruner.layers = resolve_layers(model, list(pruner.layers))
-        pruner.calibration = None
-        logger.info("pruner layers re-resolved to the smaller modules; recalibrate before scoring again")
-    report = _build_report(target, plan, hidden_before, counts)
-    logger.info(
-        "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
-        report.hidden_before - report.hidden_after,
-        report.hidden_before,
-        method,
-        scope,
-        report.parameter_ratio,
-        report.flops_ratio,
-    )
-    return report
+    """The body of :func:`prune_neurons` with validated arguments, in a transaction that restores model and pruner."""
+    with model_transaction(model) as transaction:
+        if pruner is not None:
+            transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
+        scope, inplace = options.scope, options.inplace
+        wants_statistics = method in NEEDS_STATISTICS or bool(options.compensate)
+        consumers = [pair.consumer for pair in resolved]
+        statistics, used_sensitivity = _statistics_for(
+            pruner, model, method, consumers, options.batches, options.sensitivity, wants_statistics
+        )
+        plan = plan_neurons(
+            model,
+            ratio,
+            method,
+            scope,
+            resolved,
+            statistics,
+            normalize=options.normalize,
+            min_keep=options.min_keep,
+            compensate=options.compensate,
+            sensitivity=used_sensitivity,
+        )
+        counts = (count_parameters(model), linear_flops(model))
+        modules = dict(model.named_modules())
+        hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
+        target = model if inplace else copy.deepcopy(model)
+        shrink_model(target, plan)
+        if inplace and pruner is not None:
+            pruner.layers = resolve_layers(model, list(pruner.layers))
+            pruner.calibration = None
+            logger.info("pruner layers re-resolved to the smaller modules; recalibrate before scoring again")
+        report = _build_report(target, plan, hidden_before, counts)
+        logger.info(
+            "removed %d of %d hidden neurons (%s, %s): parameters %.3fx, Linear FLOPs %.3fx",
+            report.hidden_before - report.hidden_after,
+            report.hidden_before,
+            method,
+            scope,
+            report.parameter_ratio,
+            report.flops_ratio,
+        )
+        return report
 
 
 @renamed_keyword("criterion", "sensitivity")
@@ -1038,7 +1026,7 @@ def prune_neurons(
     pruner, model = _pruner_and_model(pruner_or_model)
     resolved = resolve_pairs(model, pairs)
     _warn_about_sparsity(model, resolved, ratio)
-    report = _remove_neurons_atomically(pruner, model, ratio, method, resolved, options)
+    report = _remove_neurons(pruner, model, ratio, method, resolved, options)
     _warn_if_short(report, min_keep)
     return report
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ecp_fast.apps.cli import UsageError
-from ecp_fast.pruning.importance import Importance, check_nonlinear_size
+from ecp_fast.apps.errors import UsageError
+from ecp_fast.pruning.importance import IMPORTANCES, Importance, check_nonlinear_size
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.training.finetune import finetune
 
@@ -55,6 +55,10 @@ METHOD_ORDER = (
     "magnitude",
     "random",
 )
+
+#: Pruning ratios of the sweeps (percent, ``--ratios``) and of their ``--quick`` runs.
+DEFAULT_RATIOS = "10,20,30,40,50,60,70,80,85,90,95"
+QUICK_RATIOS = (0.5, 0.9)
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -373,6 +377,30 @@ def plot_panels(
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def where(key: str, value: Any, finetuned: bool) -> Callable[[dict[str, Any]], bool]:
+    """The summary rows with ``row[key] == value``, fine-tuned or not (the dense row in both)."""
+    return lambda row: row[key] == value and (row["finetuned"] == int(finetuned) or row["method"] == "dense")
+
+
+def finish_report(path: Path, lines: list[str], started: float) -> int:
+    """Add the wall time since ``started``, write the report to ``path``, print it; the exit status 0."""
+    report = "\n".join([*lines, "", f"Wall time: {time.perf_counter() - started:.0f} s"])
+    path.write_text(report + "\n")
+    print(report)
+    return 0
+
+
+def add_methods_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--methods``: any of the importances and of :data:`RECONSTRUCTIVE_RUNS`."""
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
+        help=help_text,
+    )
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

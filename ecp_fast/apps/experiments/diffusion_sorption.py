@@ -38,13 +38,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ecp_fast.apps.cli import UsageError
+from ecp_fast.apps.errors import UsageError
 from ecp_fast.apps.experiments._common import (
+    DEFAULT_RATIOS,
+    QUICK_RATIOS,
     RECONSTRUCTIVE_RUNS,
     SweepConfig,
+    add_methods_option,
     batches_of,
     check_counts,
     check_number,
+    finish_report,
     limit_threads,
     markdown_table,
     nonlinear_fits,
@@ -54,6 +58,7 @@ from ecp_fast.apps.experiments._common import (
     shuffled_batches,
     summarise,
     sweep,
+    where,
     write_csv,
 )
 from ecp_fast.apps.pde import DiffusionSorption, load_or_generate
@@ -64,8 +69,6 @@ logger = logging.getLogger(__name__)
 NAME = "diffusion-sorption"
 HELP = "MLP surrogate of PDEBench's 1D diffusion-sorption: test MSE of every pruning method vs pruning ratio"
 
-DEFAULT_RATIOS = "10,20,30,40,50,60,70,80,85,90,95"
-QUICK_RATIOS = (0.5, 0.9)
 METRICS = ("test_mse",)
 
 
@@ -167,13 +170,7 @@ def _add_pruning_options(parser: argparse.ArgumentParser) -> None:
         default=100,
         help="Adam steps (batch 256, lr 1e-3) of each fine-tuning on the noisy targets (default 100)",
     )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
-        help="methods to run (default all)",
-    )
+    add_methods_option(parser, "methods to run (default all)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -372,7 +369,7 @@ def _runs(args: argparse.Namespace, plan: _Plan) -> _Runs:
 
 
 def _select(noise: float, finetuned: bool) -> Callable[[dict[str, Any]], bool]:
-    return lambda e: e["noise"] == noise and (e["finetuned"] == int(finetuned) or e["method"] == "dense")
+    return where("noise", noise, finetuned)
 
 
 def _plots(summary: list[dict[str, Any]], out: Path, plan: _Plan) -> None:
@@ -452,9 +449,4 @@ def run(args: argparse.Namespace) -> int:
     write_csv(out / "diffusion_sorption_results.csv", rows)
     write_csv(out / "diffusion_sorption_summary.csv", summary)
     _plots(summary, out, plan)
-    lines = _report_lines(args, runs, summary)
-    lines += ["", f"Wall time: {time.perf_counter() - started:.0f} s"]
-    report = "\n".join(lines)
-    (out / "diffusion_sorption_tables.md").write_text(report + "\n")
-    print(report)
-    return 0
+    return finish_report(out / "diffusion_sorption_tables.md", _report_lines(args, runs, summary), started)

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # transformers is an optional extra, imported where the exper
     from transformers import LlamaForCausalLM
 
 try:  # a one-line message and status 2 on the command line, where the CLI has it
-    from ecp_fast.apps.cli import UsageError
+    from ecp_fast.apps.errors import UsageError
 except ImportError:  # pragma: no cover - older command line
     UsageError = ValueError  # type: ignore[misc,assignment]
 

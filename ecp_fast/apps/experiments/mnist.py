@@ -33,13 +33,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecp_fast.apps.cli import UsageError
 from ecp_fast.apps.datasets import DATA_DIR_ENV, Split, check_mnist, load_mnist
+from ecp_fast.apps.errors import UsageError
 from ecp_fast.apps.experiments._common import (
+    DEFAULT_RATIOS,
+    QUICK_RATIOS,
     RECONSTRUCTIVE_RUNS,
     SweepConfig,
+    add_methods_option,
     batches_of,
     check_counts,
+    finish_report,
     limit_threads,
     markdown_table,
     nonlinear_fits,
@@ -48,6 +52,7 @@ from ecp_fast.apps.experiments._common import (
     shuffled_batches,
     summarise,
     sweep,
+    where,
     write_csv,
 )
 from ecp_fast.pruning.importance import IMPORTANCES
@@ -58,8 +63,6 @@ logger = logging.getLogger(__name__)
 NAME = "mnist"
 HELP = "LeNet-300-100 on MNIST: test loss of every pruning method against the pruning ratio"
 
-DEFAULT_RATIOS = "10,20,30,40,50,60,70,80,85,90,95"
-QUICK_RATIOS = (0.5, 0.9)
 LARGE = "784-300-100-10"
 METRICS = ("test_loss", "test_accuracy")
 
@@ -170,13 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibration samples of the exact nonlinear baseline (default 128)",
     )
     parser.add_argument("--no-small", action="store_true", help="skip the small-network comparison (no nonlinear)")
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
-        help="methods to run (default all; nonlinear only on the small network)",
-    )
+    add_methods_option(parser, "methods to run (default all; nonlinear only on the small network)")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -351,7 +348,7 @@ class _Seeds:
 
 def _select(network: str, finetuned: bool) -> Callable[[dict[str, Any]], bool]:
     """The summary rows of ``network`` with or without fine-tuning (the dense row in both)."""
-    return lambda e: e["network"] == network and (e["finetuned"] == int(finetuned) or e["method"] == "dense")
+    return where("network", network, finetuned)
 
 
 def _plots(summary: list[dict[str, Any]], out: Path, plan: _Plan, no_small: bool) -> None:
@@ -443,9 +440,6 @@ def run(args: argparse.Namespace) -> int:
     write_csv(out / "mnist_results.csv", rows)
     write_csv(out / "mnist_summary.csv", summary)
     _plots(summary, out, plan, args.no_small)
-    lines = _report_lines(args, plan, data, summary, seeds.nonlinear_note)
-    lines += ["", f"Wall time: {time.perf_counter() - started:.0f} s"]
-    report = "\n".join(lines)
-    (out / "mnist_tables.md").write_text(report + "\n")
-    print(report)
-    return 0
+    return finish_report(
+        out / "mnist_tables.md", _report_lines(args, plan, data, summary, seeds.nonlinear_note), started
+    )
