@@ -17,6 +17,7 @@ import copy
 import logging
 import os
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -45,13 +46,17 @@ def calibration_batches(seed: int = 0) -> list[torch.Tensor]:
     return list(torch.rand(SAMPLES, SIZES[0], generator=generator).split(BATCH))
 
 
+def _keep_output(outputs: list[torch.Tensor], module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    outputs.append(output)
+
+
 def jacobian_rows(model: nn.Module, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
     """Exact rows ``dy_k/dz`` of every Linear for every batch: forward hooks + one batched backward."""
     layers = [module for module in model.modules() if isinstance(module, nn.Linear)]
     rows = []
     for inputs in batches:
         outputs: list[torch.Tensor] = []
-        handles = [layer.register_forward_hook(lambda m, a, z: outputs.append(z)) for layer in layers]
+        handles = [layer.register_forward_hook(partial(_keep_output, outputs)) for layer in layers]
         try:
             y = model(inputs)
         finally:

@@ -16,28 +16,31 @@ Run: ``nice -n 10 .venv/bin/python bench/export_report.py`` (about two minutes o
 ``--sweep`` prints instead the density sweep behind the modelled crossover
 (``ecp_fast.export.csr.modelled_max_density``): a CSR layer against ``nn.Linear`` per shape and batch.
 
-Every comparison times its contenders interleaved (``ecp_fast.export.interleaved_times``: rounds of
-one ~1 ms burst each, ``--burst-ms``) and reports the minimum and median per call and the ratios
-within the run, at one and two torch threads.
+Every comparison times its contenders interleaved (``interleaved_times`` of ``bench/harness.py``, the
+library's ``ecp_fast.export.interleaved_times``: rounds of one ~1 ms burst each, ``--burst-ms``) and
+reports the minimum and median per call and the ratios within the run, at one and two torch threads.
+``--csv`` writes every measurement in the harness's row schema, the machine at the top.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import io
-import os
-import platform
+import json
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from harness import Row, interleaved_times, machine_info, machine_line, markdown, timing_row, value_row, write_csv
 from torch import nn
 from torch.nn import functional as F
 
 import ecp_fast
-from ecp_fast.export import csr_linear, export, exported_layers, interleaved_times, save_compact
+from ecp_fast.export import csr_linear, export, exported_layers, save_compact
 
 LENET = (784, 300, 100, 10)
 
@@ -57,52 +60,87 @@ def saved_bytes(obj: Any) -> int:
     return len(buffer.getvalue())
 
 
-def size_rows(sparsity: float) -> list[dict[str, Any]]:
-    """File sizes of one pruned LeNet in each form, against the dense state dict."""
+def size_rows(sparsity: float) -> list[Row]:
+    """File sizes of one pruned LeNet in each form."""
     model = lenet(sparsity)
-    dense = saved_bytes(export(model, "dense").state_dict())
     forms = {
         "checkpoint with masks (state_dict)": saved_bytes(model.state_dict()),
-        "dense state_dict": dense,
+        "dense state_dict": saved_bytes(export(model, "dense").state_dict()),
         "csr export state_dict": saved_bytes(export(model, "csr").state_dict()),
         "save_compact file": save_compact(model, io.BytesIO()),
     }
-    return [{"sparsity": sparsity, "form": form, "bytes": size, "smaller_than_dense": dense / size}
-            for form, size in forms.items()]
+    case = f"LeNet {sparsity:.0%}"
+    return [
+        value_row("export", case, form, "file_size", "bytes", size, sparsity=sparsity) for form, size in forms.items()
+    ]
 
 
-def timed(calls: dict[str, Callable[[], object]], rounds: int, burst: float) -> dict[str, tuple[float, float]]:
-    """``{name: (minimum, median)}`` seconds per call, ``rounds`` interleaved rounds of ``burst``-second bursts."""
+def size_table(rows: list[Row]) -> list[dict[str, Any]]:
+    """Sizes against the dense state dict of the same case."""
+    dense = {row.case: row.minimum for row in rows if row.contender == "dense state_dict"}
+    return [
+        {
+            "sparsity": row.settings()["sparsity"],
+            "form": row.contender,
+            "bytes": int(row.minimum),
+            "smaller_than_dense": dense[row.case] / row.minimum,
+        }
+        for row in rows
+    ]
+
+
+def timed_rows(calls: dict[str, Callable[[], object]], rounds: int, burst: float, case: str, **extra: Any) -> list[Row]:
+    """One row per contender of ``calls`` timed in ``rounds`` interleaved rounds of ``burst``-second bursts."""
     with torch.inference_mode():
         times = interleaved_times(calls, rounds=rounds, burst_seconds=burst)
-    return {name: (timing.minimum, timing.median) for name, timing in times.items()}
+    return [timing_row("export", case, name, timing, "us", **extra) for name, timing in times.items()]
 
 
-def ratio_rows(case: dict[str, Any], times: dict[str, tuple[float, float]], baseline: str) -> list[dict[str, Any]]:
-    """One row per contender with its times and its speed-up over ``baseline`` by minimum and by median."""
-    base_min, base_median = times[baseline]
-    return [{**case, "contender": name, "min_us": low * 1e6, "median_us": middle * 1e6,
-             "speedup_min": base_min / low, "speedup_median": base_median / middle}
-            for name, (low, middle) in times.items()]
+def ratio_table(rows: list[Row], baseline: str) -> list[dict[str, Any]]:
+    """One line per row with its times and its speed-up over ``baseline`` of its case by minimum and by median."""
+    keys = [(row.case, row.settings()["threads"], row.settings()["batch"]) for row in rows]
+    base = {key: row for key, row in zip(keys, rows, strict=True) if row.contender == baseline}
+    return [
+        {
+            **row.settings(),
+            "case": row.case,
+            "contender": row.contender,
+            "min_us": row.minimum,
+            "median_us": row.median,
+            "speedup_min": base[key].minimum / row.minimum,
+            "speedup_median": base[key].median / row.median,
+        }
+        for key, row in zip(keys, rows, strict=True)
+    ]
 
 
-def lenet_rows(sparsity: float, threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
+def lenet_rows(sparsity: float, threads: int, rounds: int, burst: float) -> list[Row]:
     """Dense vs CSR (modelled and measured choice) LeNet latency at batch 1 and 256."""
     torch.set_num_threads(threads)
     model = lenet(sparsity)
     rows = []
     for batch in (1, 256):
         x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(batch))
-        models = {"dense": export(model, "dense"), "csr (modelled)": export(model, "csr"),
-                  "csr (measured)": export(model, "csr", example_inputs=x)}
-        layers = {name: "/".join(kind for kind in exported_layers(m).values()) for name, m in models.items()}
-        times = timed({name: (lambda m=m: m(x)) for name, m in models.items()}, rounds, burst)
-        for row in ratio_rows({"case": f"LeNet {sparsity:.0%}", "threads": threads, "batch": batch}, times, "dense"):
-            rows.append({**row, "layers": layers[row["contender"]]})
+        models = {
+            "dense": export(model, "dense"),
+            "csr (modelled)": export(model, "csr"),
+            "csr (measured)": export(model, "csr", example_inputs=x),
+        }
+        measured = timed_rows(
+            {name: partial(exported, x) for name, exported in models.items()},
+            rounds,
+            burst,
+            f"LeNet {sparsity:.0%}",
+            threads=threads,
+            batch=batch,
+        )
+        for row in measured:  # which layers each export made CSR
+            layers = "/".join(kind for kind in exported_layers(models[row.contender]).values())
+            rows.append(dataclasses.replace(row, extra=json.dumps({**row.settings(), "layers": layers})))
     return rows
 
 
-def big_layer_rows(threads: int, rounds: int, burst: float, size: int = 4096, batch: int = 16) -> list[dict[str, Any]]:
+def big_layer_rows(threads: int, rounds: int, burst: float, size: int = 4096, batch: int = 16) -> list[Row]:
     """One ``size`` x ``size`` Linear at 95%, dense vs CSR."""
     torch.set_num_threads(threads)
     torch.manual_seed(1)
@@ -111,8 +149,8 @@ def big_layer_rows(threads: int, rounds: int, burst: float, size: int = 4096, ba
     x = torch.randn(batch, size)
     dense, sparse = export(model, "dense"), export(model, "csr")
     assert exported_layers(sparse) == {"0": "csr"}
-    times = timed({"dense": lambda: dense(x), "csr": lambda: sparse(x)}, rounds, burst)
-    return ratio_rows({"case": f"{size}x{size} 95%", "threads": threads, "batch": batch}, times, "dense")
+    calls: dict[str, Callable[[], object]] = {"dense": partial(dense, x), "csr": partial(sparse, x)}
+    return timed_rows(calls, rounds, burst, f"{size}x{size} 95%", threads=threads, batch=batch)
 
 
 def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Callable[[], object]]:
@@ -124,8 +162,9 @@ def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Ca
     weight = weight * (torch.rand(out, inp, generator=generator) < density)
     bias, x = torch.randn(out, generator=generator), torch.randn(batch, inp, generator=generator)
     csr64 = weight.to_sparse_csr()
-    csr32 = torch.sparse_csr_tensor(csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(), (out, inp),
-                                    check_invariants=True)
+    csr32 = torch.sparse_csr_tensor(
+        csr64.crow_indices().int(), csr64.col_indices().int(), csr64.values(), (out, inp), check_invariants=True
+    )
     bsr = weight.to_sparse_bsr((4, 4)) if out % 4 == 0 and inp % 4 == 0 else None
     column = bias.unsqueeze(1)
     scipy_weight, x_numpy, bias_numpy = scipy.sparse.csr_matrix(weight.numpy()), x.numpy(), bias.numpy()
@@ -143,7 +182,7 @@ def kernel_calls(out: int, inp: int, batch: int, density: float) -> dict[str, Ca
     return calls
 
 
-def kernel_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
+def kernel_rows(threads: int, rounds: int, burst: float) -> list[Row]:
     """The kernel comparison at the report's shapes, 95% sparse."""
     torch.set_num_threads(threads)
     rows = []
@@ -151,8 +190,11 @@ def kernel_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]
         # F.linear with a CSR weight fails under inference_mode (torch 2.13), so this runs under no_grad.
         with torch.no_grad():
             times = interleaved_times(kernel_calls(out, inp, batch, 0.05), rounds=rounds, burst_seconds=burst)
-        case = {"case": f"{out}x{inp} 95% kernels", "threads": threads, "batch": batch}
-        rows += ratio_rows(case, {name: (t.minimum, t.median) for name, t in times.items()}, "dense F.linear")
+        case = f"{out}x{inp} 95% kernels"
+        rows += [
+            timing_row("export", case, name, timing, "us", threads=threads, batch=batch)
+            for name, timing in times.items()
+        ]
     return rows
 
 
@@ -160,7 +202,7 @@ SWEEP_SHAPES = ((10, 100), (100, 300), (300, 784), (1024, 1024), (1024, 4096), (
 SWEEP_DENSITIES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
 
-def sweep_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
+def sweep_rows(threads: int, rounds: int, burst: float) -> list[Row]:
     """Speed-up of a CSR layer (``csr_linear``, call overhead included) over ``nn.Linear`` per shape, batch, density.
 
     The data behind :func:`ecp_fast.export.csr.modelled_max_density`.
@@ -175,31 +217,36 @@ def sweep_rows(threads: int, rounds: int, burst: float) -> list[dict[str, Any]]:
             dense = nn.Linear(inp, out)
             uniform = torch.rand(out, inp, generator=generator)
             x = torch.randn(batch, inp, generator=generator)
-            calls: dict[str, Callable[[], object]] = {"dense": lambda: dense(x)}
+            calls: dict[str, Callable[[], object]] = {"dense": partial(dense, x)}
             for density in SWEEP_DENSITIES:
                 layer = nn.Linear(inp, out)
                 with torch.no_grad():
                     layer.weight.copy_(dense.weight * (uniform < density))
                     layer.bias.copy_(dense.bias)
-                calls[f"{density:g}"] = lambda sparse=csr_linear(layer): sparse(x)
-            times = timed(calls, max(3, rounds if out * inp < 2**20 else rounds // 4), burst)
-            row: dict[str, Any] = {"threads": threads, "shape": f"{out}x{inp}", "batch": batch,
-                                   "dense_us": times["dense"][0] * 1e6}
-            row.update({f"d={name}": times["dense"][0] / low for name, (low, _) in times.items() if name != "dense"})
-            rows.append(row)
+                calls[f"{density:g}"] = partial(csr_linear(layer), x)
+            rounds_here = max(3, rounds if out * inp < 2**20 else rounds // 4)
+            rows += timed_rows(calls, rounds_here, burst, f"{out}x{inp}", threads=threads, batch=batch)
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """A markdown table of ``columns`` (floats to 2 decimals, microseconds to 1, bytes with separators)."""
-    def cell(value: Any, column: str) -> str:
-        if isinstance(value, float):
-            return f"{value:.1f}" if column.endswith("_us") else f"{value:.2f}"
-        return f"{value:,}" if isinstance(value, int) and column == "bytes" else str(value)
+def sweep_table(rows: list[Row]) -> list[dict[str, Any]]:
+    """One line per shape and batch: the dense time and the speed-up of a CSR layer at each density."""
+    lines: dict[tuple[int, str, int], dict[str, Any]] = {}
+    for row in rows:
+        settings = row.settings()
+        key = (settings["threads"], row.case, settings["batch"])
+        if row.contender == "dense":
+            lines[key] = {"threads": settings["threads"], "shape": row.case, "batch": settings["batch"]}
+            lines[key]["dense_us"] = dense_us = row.minimum
+        else:
+            lines[key][f"d={row.contender}"] = dense_us / row.minimum
+    return list(lines.values())
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(cell(row.get(c, ""), c) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+
+def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A markdown table of ``columns`` (floats to 2 decimals, microseconds to 1, bytes with separators)."""
+    formats = {column: ".1f" for column in columns if column.endswith("_us")} | {"bytes": ","}
+    return markdown(rows, columns, formats, floats=".2f")
 
 
 def main() -> None:
@@ -208,44 +255,55 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (default 1 2)")
     parser.add_argument("--burst-ms", type=float, default=1.0, help="length of one timed burst (default 1 ms)")
     parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel comparison")
-    parser.add_argument("--sweep", action="store_true",
-                        help="only the density sweep behind the modelled crossover (a few minutes)")
+    parser.add_argument(
+        "--sweep", action="store_true", help="only the density sweep behind the modelled crossover (a few minutes)"
+    )
     parser.add_argument("--csv", type=Path, default=None, help="also write every row to this CSV file")
     args = parser.parse_args()
     burst = args.burst_ms / 1e3
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"MKL {torch.backends.mkl.is_available()}; {args.rounds} interleaved rounds of "
-          f"{args.burst_ms:g} ms bursts; load average before: {os.getloadavg()[0]:.2f}\n")
+    machine = machine_info()
+    print(f"{machine_line(machine)}; {args.rounds} interleaved rounds of {args.burst_ms:g} ms bursts\n")
     if args.sweep:
         rows = [row for threads in args.threads for row in sweep_rows(threads, args.rounds, burst)]
         print("## Speed-up of a CSR layer over nn.Linear by weight density (> 1: CSR faster)\n")
-        print(markdown(rows, list(rows[0])))
-        return
+        sweep = sweep_table(rows)
+        print(table(sweep, list(sweep[0])))
+    else:
+        rows = report(args, burst)
+    if args.csv is not None:
+        write_csv(args.csv, rows, machine)
+
+
+def report(args: argparse.Namespace, burst: float) -> list[Row]:
+    """Print the size, latency and kernel tables; return their rows."""
     sizes = [row for sparsity in (0.9, 0.95) for row in size_rows(sparsity)]
     print("## File size, LeNet-300-100\n")
-    print(markdown(sizes, ["sparsity", "form", "bytes", "smaller_than_dense"]))
+    print(table(size_table(sizes), ["sparsity", "form", "bytes", "smaller_than_dense"]))
     speed = []
     for threads in args.threads:
         speed += [row for sparsity in (0.9, 0.95) for row in lenet_rows(sparsity, threads, args.rounds, burst)]
         speed += big_layer_rows(threads, max(5, args.rounds // 3), burst)
     print("\n## Latency: dense against CSR (speed-up > 1: CSR faster)\n")
-    print(markdown(speed, ["case", "threads", "batch", "contender", "layers", "min_us", "median_us",
-                           "speedup_min", "speedup_median"]))
+    columns = [
+        "case",
+        "threads",
+        "batch",
+        "contender",
+        "layers",
+        "min_us",
+        "median_us",
+        "speedup_min",
+        "speedup_median",
+    ]
+    print(table(ratio_table(speed, "dense"), columns))
     kernels = []
     if not args.skip_kernels:
         kernels = [row for threads in args.threads for row in kernel_rows(threads, max(5, args.rounds // 3), burst)]
         print("\n## torch's sparse kernels, 95% sparse weight (speed-up over dense F.linear)\n")
-        print(markdown(kernels, ["case", "threads", "batch", "contender", "min_us", "median_us",
-                                 "speedup_min", "speedup_median"]))
-    if args.csv is not None:
-        rows = [{"table": "size", **row} for row in sizes] + [{"table": "latency", **row} for row in speed]
-        rows += [{"table": "kernels", **row} for row in kernels]
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
+        columns.remove("layers")
+        print(table(ratio_table(kernels, "dense F.linear"), columns))
+    return sizes + speed + kernels
 
 
 if __name__ == "__main__":

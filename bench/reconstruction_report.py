@@ -10,6 +10,8 @@ high-water mark (VmHWM, reset through /proc/self/clear_refs) of a fresh process 
 the model and the inputs already resident; the size of the model and of its largest layer's Gram
 matrix (float64) are printed beside it.
 
+Timing, the machine line and the ``--csv`` rows come from ``bench/harness.py``.
+
 Run: ``.venv/bin/python bench/reconstruction_report.py`` (a few minutes on 2 cores; ``--threads 1``).
 """
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import subprocess
 import sys
-import time
 import warnings
+from functools import partial
+from pathlib import Path
 
 import torch
+from harness import Timing, interleaved_times, machine_info, machine_line, timing_row, value_row, write_csv
 from torch import nn
 
 with warnings.catch_warnings():
@@ -65,7 +68,7 @@ def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.rand(SAMPLES, SIZES[0], generator=generator)
     targets = torch.randint(0, SIZES[-1], (SAMPLES,), generator=generator)
-    return list(zip(inputs.split(BATCH), targets.split(BATCH)))
+    return list(zip(inputs.split(BATCH), targets.split(BATCH), strict=True))
 
 
 def prune(model: nn.Module, data: list, method: str) -> ecp_fast.PruneReport:
@@ -75,18 +78,24 @@ def prune(model: nn.Module, data: list, method: str) -> ecp_fast.PruneReport:
     return pruner.prune(SPARSITY, method=method)
 
 
-def best_times(rounds: int) -> dict[str, float]:
-    """Minimum wall time of each method over interleaved rounds (after one warm-up round)."""
+def _fresh_copy(copies: dict[str, nn.Module], method: str, model: nn.Module) -> None:
+    copies[method] = copy.deepcopy(model)
+
+
+def _prune_copy(copies: dict[str, nn.Module], method: str, data: list) -> None:
+    prune(copies[method], data, method)
+
+
+def method_times(rounds: int) -> dict[str, Timing]:
+    """Wall time of each method over interleaved rounds of one call (after one warm-up round).
+
+    Each call prunes a fresh copy of the model, made untimed before it.
+    """
     model, data = lenet(), batches()
-    best = {method: float("inf") for method in METHODS}
-    for round_index in range(rounds + 1):
-        for method in METHODS:
-            copy_of_model = copy.deepcopy(model)
-            start = time.perf_counter()
-            prune(copy_of_model, data, method)
-            if round_index:  # the first round warms caches and libraries
-                best[method] = min(best[method], time.perf_counter() - start)
-    return best
+    copies: dict[str, nn.Module] = {}
+    calls = {method: partial(_prune_copy, copies, method, data) for method in METHODS}
+    setup = {method: partial(_fresh_copy, copies, method, model) for method in METHODS}
+    return interleaved_times(calls, rounds=rounds, warmup=1, burst=1, setup=setup)
 
 
 def peak_memory_mib(method: str, threads: int) -> float:
@@ -105,24 +114,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per method (default 3)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the rows to this CSV file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    machine = machine_info()
     model_mib = sum(p.numel() * p.element_size() for p in lenet().parameters()) / 2**20
     gram_mib = (SIZES[0] + 1) ** 2 * 8 / 2**20
-    print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {args.threads}, "
-        f"native CPU kernels {ecp_fast.ops.NATIVE_CPU}"
-    )
+    print(f"# {machine_line(machine)}")
     print(
         f"# LeNet-300-100 ({model_mib:.2f} MiB of float32 parameters), {SAMPLES} samples, sparsity {SPARSITY}; "
         f"largest Gram matrix (785 x 785, float64) {gram_mib:.2f} MiB"
     )
-    times = best_times(args.rounds)
+    case = f"LeNet-300-100, {SAMPLES} samples, sparsity {SPARSITY}, {args.threads} thread(s)"
+    times = method_times(args.rounds)
+    rows = [timing_row("reconstruction", case, method, times[method], "s", threads=args.threads) for method in METHODS]
     print("| method | seconds (min) | x ecp | peak extra memory (MiB) |")
     print("|---|---|---|---|")
     for method in METHODS:
         memory = peak_memory_mib(method, args.threads)
-        print(f"| {method} | {times[method]:.3f} | {times[method] / times['ecp']:.2f} | {memory:.1f} |")
+        rows.append(value_row("reconstruction", case, method, "peak_memory", "MiB", memory, threads=args.threads))
+        seconds = times[method].minimum
+        print(f"| {method} | {seconds:.3f} | {seconds / times['ecp'].minimum:.2f} | {memory:.1f} |")
+    if args.csv is not None:
+        write_csv(args.csv, rows, machine)
     return 0
 
 

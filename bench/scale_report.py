@@ -8,6 +8,7 @@ parent prints one markdown table. Run::
 Defaults: width 1024, 12 blocks (Linear d->4d, GELU, Linear 4d->d, residual: 100.7M parameters),
 2048 calibration tokens in batches of 4 x 128 tokens, ECP with the local sensitivity, 50% sparsity per
 layer. ``--worker MODE`` runs one mode and prints its figures as JSON (what the parent calls).
+The machine line and the ``--csv`` rows (one schema for every benchmark) come from ``bench/harness.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from harness import Row, machine_info, machine_line, value_row, write_csv
 from torch import nn
 
 logger = logging.getLogger("scale_report")
@@ -92,7 +94,12 @@ def run_mode(mode: str, config: Config) -> dict[str, float]:
         sparsity = report.sparsity
     elif mode == "sequential":
         sequential = prune_sequential(
-            model, batches, sparsity=config.sparsity, method=config.method, sensitivity="local", scope=config.scope,
+            model,
+            batches,
+            sparsity=config.sparsity,
+            method=config.method,
+            sensitivity="local",
+            scope=config.scope,
             progress=False,
         )
         sparsity = sequential.sparsity
@@ -142,6 +149,22 @@ def markdown_table(config: Config, results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def result_rows(config: Config, results: dict[str, dict[str, float]]) -> list[Row]:
+    """The figures of every mode as rows of the harness's schema."""
+    case = f"{config.blocks} MLP blocks of width {config.width}, {config.tokens} tokens"
+    case += f", {config.sparsity:.0%} per {config.scope}"
+    settings = {**asdict(config), "threads": torch.get_num_threads()}
+    rows = []
+    for mode, figures in results.items():
+        rows += [
+            value_row("scale", case, mode, "prune_time", "s", figures["prune_seconds"], **settings),
+            value_row("scale", case, mode, "process_time", "s", figures["process_seconds"], **settings),
+            value_row("scale", case, mode, "peak_memory", "GiB", figures["peak_rss_kib"] / 2**20, **settings),
+            value_row("scale", case, mode, "model_memory", "GiB", figures["model_rss_kib"] / 2**20, **settings),
+        ]
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments; as ``--worker`` run one mode, else run every mode and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sparsity", type=float, default=Config.sparsity)
     parser.add_argument("--scope", default=Config.scope)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--csv", type=Path, default=None, help="also write the figures to this CSV file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads is not None:
@@ -167,11 +191,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(json.dumps(figures) + "\n")
         return
     config = Config(
-        width=args.width, blocks=args.blocks, tokens=args.tokens, batch_size=args.batch_size, sequence=args.sequence,
-        sparsity=args.sparsity, scope=args.scope,
+        width=args.width,
+        blocks=args.blocks,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        sequence=args.sequence,
+        sparsity=args.sparsity,
+        scope=args.scope,
     )
+    machine = machine_info()
+    print(machine_line(machine) + "\n")
     results = {mode: run_in_subprocess(mode, config, args.threads) for mode in args.modes}
     print(markdown_table(config, results))
+    if args.csv is not None:
+        write_csv(args.csv, result_rows(config, results), machine)
 
 
 if __name__ == "__main__":

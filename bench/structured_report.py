@@ -11,28 +11,32 @@ MNIST IDX files in ``--mnist`` or ``$ECP_DATA_DIR``; ``--skip-mnist`` runs witho
    dense weight, and a CSR sparse weight.
 2. Quality: every structured sensitivity at 25/50/75% on an MLP trained on MNIST and on the digits
    demo MLP, test loss and accuracy without and after a short fine-tuning (``ecp_fast.training.finetune``).
+
+Timing, the machine line and the speed CSVs (``structured_speed.csv``, ``structured_2to4_cpu.csv``: the
+harness's row schema, the settings of each row in ``extra``) come from ``bench/harness.py``;
+``structured_quality.csv`` has one column per figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import os
-import platform
-import time
 import warnings
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from harness import Row, interleaved_times, machine_info, machine_line, markdown, timing_row, write_csv
 from torch import nn
 from torch.nn import functional as F
 
 from ecp_fast import Pruner, finetune
-from ecp_fast.training.finetune import fit_classifier
+from ecp_fast.apps.experiments._common import write_csv as write_dict_csv
 from ecp_fast.pruning.structured import prune_neurons
+from ecp_fast.training.finetune import fit_classifier
 
 logger = logging.getLogger("structured_report")
 
@@ -55,55 +59,38 @@ def shrunk_copy(model: nn.Module, ratio: float) -> nn.Module:
     return prune_neurons(model, ratio, method="norm", scope="layer", inplace=False).model
 
 
-def interleaved_minimum(calls: dict[str, Callable[[], Any]], rounds: int, burst: int) -> dict[str, float]:
-    """Seconds per call: minimum over ``rounds`` of the mean of a ``burst`` of calls, interleaved."""
-    for call in calls.values():
-        for _ in range(3):
-            call()
-    best = {name: float("inf") for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(burst):
-                call()
-            best[name] = min(best[name], (time.perf_counter() - start) / burst)
-    return best
+def _inference(model: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model(x)
 
 
-def speed_table(threads: int, rounds: int) -> list[dict[str, Any]]:
-    """Dense vs neuron-pruned inference time of the MNIST MLP."""
+def speed_rows(threads: int, rounds: int) -> list[Row]:
+    """Dense vs neuron-pruned inference time of the MNIST MLP, one row per removed fraction and batch."""
     torch.set_num_threads(threads)
     dense = make_mnist_mlp().eval()
     models = {0.0: dense, **{ratio: shrunk_copy(dense, ratio).eval() for ratio in RATIOS}}
     rows = []
     for batch in BATCHES:
         x = torch.randn(batch, 784, generator=torch.Generator().manual_seed(0))
-        calls = {}
-        for ratio, model in models.items():
-            def call(model: nn.Module = model) -> None:
-                with torch.inference_mode():
-                    model(x)
-
-            calls[ratio] = call
+        calls = {f"{ratio:.0%} removed": partial(_inference, model, x) for ratio, model in models.items()}
         # Short bursts: on a loaded machine a burst that fits in one scheduler slice is undisturbed.
-        times = interleaved_minimum(calls, rounds=rounds, burst=50 if batch == 1 else 2)
-        for ratio, model in models.items():
+        times = interleaved_times(calls, rounds=rounds, burst=50 if batch == 1 else 2)
+        case = f"784-300-100-10 MLP, batch {batch}, {threads} thread(s)"
+        for (name, timing), (ratio, model) in zip(times.items(), models.items(), strict=True):
             hidden = [m.out_features for m in model if isinstance(m, nn.Linear)][:-1]
-            rows.append(
-                {
-                    "threads": threads,
-                    "batch": batch,
-                    "removed": ratio,
-                    "hidden": "-".join(str(h) for h in hidden),
-                    "parameters": sum(p.numel() for p in model.parameters()),
-                    "microseconds": times[ratio] * 1e6,
-                    "speedup": times[0.0] / times[ratio],
-                }
-            )
+            extra = {"threads": threads, "batch": batch, "removed": ratio}
+            extra.update(hidden="-".join(str(h) for h in hidden), parameters=sum(p.numel() for p in model.parameters()))
+            rows.append(timing_row("structured", case, name, timing, "us", **extra))
     return rows
 
 
-def two_four_table(rounds: int) -> list[dict[str, Any]]:
+def speed_table(rows: list[Row]) -> list[dict[str, Any]]:
+    """The speed rows as the table of docs/structured.md: time per call and speed-up over dense."""
+    dense = {row.case: row.minimum for row in rows if row.settings()["removed"] == 0.0}
+    return [{**row.settings(), "microseconds": row.minimum, "speedup": dense[row.case] / row.minimum} for row in rows]
+
+
+def two_four_rows(rounds: int) -> list[Row]:
     """Batch-256 time of a 784->300 Linear: dense, 2:4-masked dense, CSR sparse (CPU)."""
     torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
@@ -123,10 +110,16 @@ def two_four_table(rounds: int) -> list[dict[str, Any]]:
         "CSR sparse weight (50% zeros)": lambda: (csr @ x.t()).t() + bias,
     }
     with torch.inference_mode():
-        times = interleaved_minimum(calls, rounds=rounds, burst=2)
+        times = interleaved_times(calls, rounds=rounds, burst=2)
+    case = "784->300 Linear, batch 256, 1 thread"
+    return [timing_row("structured", case, name, timing, "us", threads=1, batch=256) for name, timing in times.items()]
+
+
+def two_four_table(rows: list[Row]) -> list[dict[str, Any]]:
+    """The 2:4 rows as the table of docs/structured.md: time per call relative to the dense weight."""
+    dense = next(row.minimum for row in rows if row.contender == "dense weight")
     return [
-        {"weight": name, "microseconds": seconds * 1e6, "relative_to_dense": seconds / times["dense weight"]}
-        for name, seconds in times.items()
+        {"weight": row.contender, "microseconds": row.minimum, "relative_to_dense": row.minimum / dense} for row in rows
     ]
 
 
@@ -146,8 +139,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-
-
 def quality_rows(
     task: str,
     model: nn.Module,
@@ -161,9 +152,18 @@ def quality_rows(
     """Every sensitivity x ratio x scope on copies of ``model``, before and after fine-tuning."""
     dense_loss, dense_accuracy = evaluate(model, *test)
     rows = [
-        {"task": task, "seed": seed, "method": "dense", "scope": "-", "removed": 0.0, "parameters":
-         sum(p.numel() for p in model.parameters()), "loss": dense_loss, "accuracy": dense_accuracy,
-         "loss_finetuned": dense_loss, "accuracy_finetuned": dense_accuracy}
+        {
+            "task": task,
+            "seed": seed,
+            "method": "dense",
+            "scope": "-",
+            "removed": 0.0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "loss": dense_loss,
+            "accuracy": dense_accuracy,
+            "loss_finetuned": dense_loss,
+            "accuracy_finetuned": dense_accuracy,
+        }
     ]
     base = Pruner(copy.deepcopy(model), sensitivity="output", seed=seed, progress=False)
     base.calibrate(calibration)
@@ -177,12 +177,22 @@ def quality_rows(
                 finetune(pruned, train_batches, nn.CrossEntropyLoss(), steps=finetune_steps, lr=1e-3, progress=False)
                 tuned_loss, tuned_accuracy = evaluate(pruned, *test)
                 rows.append(
-                    {"task": task, "seed": seed, "method": method, "scope": scope, "removed": ratio,
-                     "parameters": report.parameters_after, "loss": loss, "accuracy": accuracy,
-                     "loss_finetuned": tuned_loss, "accuracy_finetuned": tuned_accuracy}
+                    {
+                        "task": task,
+                        "seed": seed,
+                        "method": method,
+                        "scope": scope,
+                        "removed": ratio,
+                        "parameters": report.parameters_after,
+                        "loss": loss,
+                        "accuracy": accuracy,
+                        "loss_finetuned": tuned_loss,
+                        "accuracy_finetuned": tuned_accuracy,
+                    }
                 )
-                logger.info("%s %s %s %.2f: loss %.4f -> %.4f after fine-tuning", task, scope, method, ratio,
-                            loss, tuned_loss)
+                logger.info(
+                    "%s %s %s %.2f: loss %.4f -> %.4f after fine-tuning", task, scope, method, ratio, loss, tuned_loss
+                )
     return rows
 
 
@@ -197,8 +207,9 @@ def mnist_rows(data_dir: str, epochs: int, finetune_steps: int) -> list[dict[str
     order = torch.randperm(split.x_train.shape[0], generator=generator)
     calibration = batches_of(split.x_train[order[:2048]], split.y_train[order[:2048]], 256)
     train_batches = batches_of(split.x_train[order], split.y_train[order], 128)
-    return quality_rows("mnist", model, calibration, train_batches, (split.x_test, split.y_test),
-                        finetune_steps, ("layer", "global"))
+    return quality_rows(
+        "mnist", model, calibration, train_batches, (split.x_test, split.y_test), finetune_steps, ("layer", "global")
+    )
 
 
 def digits_rows(seeds: int, finetune_steps: int) -> list[dict[str, Any]]:
@@ -210,20 +221,20 @@ def digits_rows(seeds: int, finetune_steps: int) -> list[dict[str, Any]]:
     for seed in range(seeds):
         model = train_mlp(data, hidden=16, epochs=60, seed=seed)
         calibration = batches_of(data.train_x, data.train_y, 256)
-        rows += quality_rows("digits", model, calibration, batches_of(data.train_x, data.train_y, 128),
-                             (data.test_x, data.test_y), finetune_steps, ("layer",), seed=seed)
+        rows += quality_rows(
+            "digits",
+            model,
+            calibration,
+            batches_of(data.train_x, data.train_y, 128),
+            (data.test_x, data.test_y),
+            finetune_steps,
+            ("layer",),
+            seed=seed,
+        )
     return rows
 
 
 # ---- output ---------------------------------------------------------------------------------------
-
-
-def markdown(rows: list[dict[str, Any]], columns: list[str], formats: dict[str, str]) -> str:
-    """A markdown table of ``columns``."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(format(row[c], formats.get(c, "")) for c in columns) + " |")
-    return "\n".join(lines)
 
 
 def pivot(rows: list[dict[str, Any]], task: str, scope: str, value: str) -> str:
@@ -235,27 +246,22 @@ def pivot(rows: list[dict[str, Any]], task: str, scope: str, value: str) -> str:
     for method in SENSITIVITIES:
         cells = []
         for ratio in RATIOS:
-            values = [r[value] for r in rows if r["task"] == task and r["scope"] == scope
-                      and r["method"] == method and r["removed"] == ratio]
+            values = [
+                r[value]
+                for r in rows
+                if r["task"] == task and r["scope"] == scope and r["method"] == method and r["removed"] == ratio
+            ]
             cells.append(f"{sum(values) / len(values):.4f}" if values else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Rows to CSV."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--mnist",
-        default=os.environ.get("ECP_DATA_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"),
+        default=os.environ.get("ECP_DATA_DIR")
+        or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"),
         help="MNIST folder (default $ECP_DATA_DIR, else ../shared/data/mnist beside the repository)",
     )
     parser.add_argument("--skip-mnist", action="store_true", help="only speed and digits")
@@ -270,29 +276,43 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("ecp_fast").setLevel(logging.WARNING)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}\n")
-    speed = [row for threads in args.threads for row in speed_table(threads, args.rounds)]
-    write_csv(args.out / "structured_speed.csv", speed)
+    machine = machine_info()
+    print(machine_line(machine) + "\n")
+    speed_measured = [row for threads in args.threads for row in speed_rows(threads, args.rounds)]
+    write_csv(args.out / "structured_speed.csv", speed_measured, machine)
     print("## Inference time, 784-300-100-10 MLP (minimum over interleaved rounds)\n")
-    print(markdown(speed, ["threads", "batch", "removed", "hidden", "parameters", "microseconds", "speedup"],
-                   {"removed": ".0%", "microseconds": ".1f", "speedup": ".2f"}))
-    two_four = two_four_table(args.rounds)
-    write_csv(args.out / "structured_2to4_cpu.csv", two_four)
+    print(
+        markdown(
+            speed_table(speed_measured),
+            ["threads", "batch", "removed", "hidden", "parameters", "microseconds", "speedup"],
+            {"removed": ".0%", "microseconds": ".1f", "speedup": ".2f"},
+        )
+    )
+    two_four = two_four_rows(args.rounds)
+    write_csv(args.out / "structured_2to4_cpu.csv", two_four, machine)
     print("\n## 2:4 on CPU: batch 256 through a 784->300 Linear, 1 thread\n")
-    print(markdown(two_four, ["weight", "microseconds", "relative_to_dense"],
-                   {"microseconds": ".1f", "relative_to_dense": ".2f"}))
+    print(
+        markdown(
+            two_four_table(two_four),
+            ["weight", "microseconds", "relative_to_dense"],
+            {"microseconds": ".1f", "relative_to_dense": ".2f"},
+        )
+    )
     if args.skip_quality:
         return
     rows = [] if args.skip_mnist else mnist_rows(args.mnist, args.epochs, args.finetune_steps)
     rows += digits_rows(args.digits_seeds, min(args.finetune_steps, 100))
-    write_csv(args.out / "structured_quality.csv", rows)
+    write_dict_csv(args.out / "structured_quality.csv", rows)
     for task, scopes in (("mnist", ("layer", "global")), ("digits", ("layer",))):
         if not any(r["task"] == task for r in rows):
             continue
         for scope in scopes:
-            for value, label in (("loss", "test loss, no fine-tuning"), ("loss_finetuned", "test loss after fine-tuning"),
-                                 ("accuracy", "test accuracy, no fine-tuning"),
-                                 ("accuracy_finetuned", "test accuracy after fine-tuning")):
+            for value, label in (
+                ("loss", "test loss, no fine-tuning"),
+                ("loss_finetuned", "test loss after fine-tuning"),
+                ("accuracy", "test accuracy, no fine-tuning"),
+                ("accuracy_finetuned", "test accuracy after fine-tuning"),
+            ):
                 print(f"\n## {task}, scope={scope}: {label}\n")
                 print(pivot(rows, task, scope, value))
 

@@ -1,16 +1,16 @@
 """Interleaved timing: the contenders of one comparison take turns, so a busy machine slows all alike.
 
 Used to measure the dense/CSR crossover of a layer (:func:`ecp_fast.export.csr.choose_csr_layers`),
-by ``ecp-fast export`` and by ``bench/export_report.py``. Report ratios within one run, never
-absolute times across runs.
+by ``ecp-fast export`` and by every benchmark report (``bench/harness.py``). Report ratios within one
+run, never absolute times across runs.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 #: A burst of calls is sized to last about this long: short enough to fit in one scheduler slice of
 #: a loaded machine, long enough that the clock's resolution does not matter.
@@ -19,19 +19,43 @@ BURST_SECONDS = 2e-3
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over the rounds: the minimum (least disturbed) and the median."""
+    """Seconds per call over the rounds: the minimum (least disturbed), the median and the 20% and 80% quantiles."""
 
     minimum: float
     median: float
     rounds: int
+    q20: float
+    q80: float
 
 
-def _burst_size(call: Callable[[], object], warmup: int, burst_seconds: float) -> int:
-    start = time.perf_counter()
+def _quantile(ordered: Sequence[float], fraction: float) -> float:
+    """The ``fraction`` quantile of sorted values, linear between the two nearest (numpy's default)."""
+    position = fraction * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _timing(values: Sequence[float]) -> Timing:
+    ordered = sorted(values)
+    return Timing(
+        ordered[0], statistics.median(ordered), len(ordered), _quantile(ordered, 0.2), _quantile(ordered, 0.8)
+    )
+
+
+def _burst_size(call: Callable[[], object], warmup: int, burst_seconds: float, setup: Callable[[], object]) -> int:
+    per_call = 0.0
     for _ in range(warmup):
+        setup()
+        start = time.perf_counter()
         call()
-    per_call = (time.perf_counter() - start) / warmup
+        per_call += time.perf_counter() - start
+    per_call /= warmup
     return max(1, min(10_000, int(burst_seconds / max(per_call, 1e-9))))
+
+
+def _nothing() -> None:
+    return None
 
 
 def interleaved_times(
@@ -40,6 +64,8 @@ def interleaved_times(
     warmup: int = 3,
     burst: int | None = None,
     burst_seconds: float = BURST_SECONDS,
+    *,
+    setup: Mapping[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
     """Time every call of ``calls`` in ``rounds`` interleaved rounds of one burst each.
 
@@ -50,18 +76,22 @@ def interleaved_times(
         burst: calls per burst; None sizes each contender's burst to about ``burst_seconds``.
         burst_seconds: target length of a burst when ``burst`` is None (shorter bursts are more
             often undisturbed on a loaded machine; longer ones average more calls).
+        setup: name -> zero-argument callable run untimed before each warm-up call and each burst
+            of that contender (e.g. a fresh copy of a model that the call changes).
     """
     if rounds < 1 or warmup < 1:
         raise ValueError(f"arguments 'rounds' and 'warmup' must be at least 1, got {rounds} and {warmup}")
-    bursts = {name: _burst_size(call, warmup, burst_seconds) for name, call in calls.items()}  # warms up too
+    setups = {name: (setup or {}).get(name, _nothing) for name in calls}
+    bursts = {name: _burst_size(call, warmup, burst_seconds, setups[name]) for name, call in calls.items()}  # warms up
     if burst is not None:
         bursts = dict.fromkeys(bursts, max(1, burst))
     samples: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
             count = bursts[name]
+            setups[name]()
             start = time.perf_counter()
             for _ in range(count):
                 call()
             samples[name].append((time.perf_counter() - start) / count)
-    return {name: Timing(min(values), statistics.median(values), rounds) for name, values in samples.items()}
+    return {name: _timing(values) for name, values in samples.items()}

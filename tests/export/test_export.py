@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,28 @@ def test_interleaved_times_and_csr_speed_ratio(one_thread: None) -> None:
     assert times["dense"].minimum / times["csr"].minimum > 1.5
     with pytest.raises(ValueError, match="rounds"):
         interleaved_times({"x": lambda: None}, rounds=0)
+
+
+def test_interleaved_times_quantiles_and_untimed_setup() -> None:
+    """Setup runs before each warm-up call and each burst, outside the timed span; quantiles are ordered."""
+    events: list[str] = []
+    fresh: dict[str, list[int]] = {}
+
+    def setup(name: str) -> None:
+        events.append(f"setup {name}")
+        fresh[name] = []
+
+    def call(name: str) -> None:
+        assert fresh[name] == [], "a call must see the copy its setup made"
+        fresh[name].append(1)
+        events.append(f"call {name}")
+
+    calls = {name: partial(call, name) for name in ("a", "b")}
+    times = interleaved_times(
+        calls, rounds=4, warmup=2, burst=1, setup={name: partial(setup, name) for name in ("a", "b")}
+    )
+    warmup = ["setup a", "call a"] * 2 + ["setup b", "call b"] * 2
+    assert events == warmup + ["setup a", "call a", "setup b", "call b"] * 4
+    for timing in times.values():
+        assert timing.rounds == 4
+        assert 0 < timing.minimum <= timing.q20 <= timing.median <= timing.q80
