@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import logging
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS
+from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS, add_methods_option, write_csv
 from ecp_fast.pruning.importance import IMPORTANCES
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.training.finetune import fit_classifier
@@ -253,13 +252,6 @@ def plot(summary: list[dict[str, Any]], path: Path, sparsities: tuple[float, ...
     plt.close(figure)
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ecp-fast demo``."""
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
@@ -270,13 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nonlinear-samples", type=int, default=256, help="calibration samples of the exact nonlinear baseline"
     )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        default=None,
-        choices=sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_RUNS),
-        help="methods to run (default all)",
-    )
+    add_methods_option(parser, "methods to run (default all)")
     parser.add_argument("--quick", action="store_true", help="a tiny run in seconds (1 seed, 2 sparsities, 8 hidden)")
 
 
@@ -310,8 +296,8 @@ def _run(args: argparse.Namespace) -> int:
         logger.info("seed %d done after %.1f s", seed, time.perf_counter() - started)
     summary = summarise(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    _write_csv(args.out / "results.csv", rows)
-    _write_csv(args.out / "summary.csv", summary)
+    write_csv(args.out / "results.csv", rows)
+    write_csv(args.out / "summary.csv", summary)
     plot(summary, args.out / "loss_vs_sparsity.png", sparsities)
     columns = (0.0,) + sparsities
     print(f"Digits MLP 64-{hidden}-10, {seeds} seed(s), test set {data.test_x.shape[0]} samples, no fine-tuning")

@@ -12,7 +12,7 @@ the model exactly as it was.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,23 +159,21 @@ def _stored_weight(module: nn.Module) -> torch.Tensor | None:
     return weight if isinstance(weight, torch.Tensor) else None
 
 
-def _split_key(key: Any, suffix: str, modules: Mapping[str, nn.Module]) -> tuple[str, nn.Module | None] | None:
-    """``(layer name, module or None)`` for a key ending in ``suffix``, else None."""
-    if not isinstance(key, str):
-        raise TypeError(f"apply_masks_from_state_dict: argument 'state_dict' must have string keys, got {key!r}")
-    if not key.endswith(suffix):
-        return None
-    name = key[: -len(suffix)]
-    return name, modules.get(name)
+def _entries(
+    state_dict: Mapping[str, Any], suffix: str, modules: Mapping[str, nn.Module]
+) -> Iterator[tuple[str, str, nn.Module | None, Any]]:
+    """``(key, layer name, module or None, value)`` of every key ending in ``suffix``; keys must be strings."""
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise TypeError(f"apply_masks_from_state_dict: argument 'state_dict' must have string keys, got {key!r}")
+        if key.endswith(suffix):
+            name = key[: -len(suffix)]
+            yield key, name, modules.get(name), value
 
 
 def _plan_masks(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> tuple[list, list[str]]:
     masks, masked = [], []
-    for key, mask in state_dict.items():
-        split = _split_key(key, ".weight_mask", modules)
-        if split is None:
-            continue
-        name, module = split
+    for key, name, module, mask in _entries(state_dict, ".weight_mask", modules):
         if module is None:
             raise ValueError(f"apply_masks_from_state_dict: state_dict key {key!r} names no module of the model")
         check_maskable(module, name)
@@ -190,11 +188,7 @@ def _plan_masks(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any])
 
 def _check_weight_orig(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> None:
     """Every ``<layer>.weight_orig`` comes with its mask and has the layer's weight shape."""
-    for key, orig in state_dict.items():
-        split = _split_key(key, ".weight_orig", modules)
-        if split is None:
-            continue
-        name, module = split
+    for key, name, module, orig in _entries(state_dict, ".weight_orig", modules):
         if module is None:
             continue  # a key of no module: load_state_dict reports it
         if f"{name}.weight_mask" not in state_dict:
@@ -214,11 +208,7 @@ def _check_weight_orig(modules: Mapping[str, nn.Module], state_dict: Mapping[str
 
 def _plan_biases(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]) -> list[tuple[str, nn.Module, int]]:
     biases: list[tuple[str, nn.Module, int]] = []
-    for key, bias in state_dict.items():
-        split = _split_key(key, ".bias", modules)
-        if split is None:
-            continue
-        name, module = split
+    for key, name, module, bias in _entries(state_dict, ".bias", modules):
         if not isinstance(module, BIAS_LAYERS):
             continue
         if not isinstance(bias, torch.Tensor):
