@@ -34,8 +34,14 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=256, use_cache=False,
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        use_cache=False,
     )
     model = transformers.LlamaForCausalLM(config).eval()
     ids = [torch.randint(0, 256, (args.batch, args.tokens)) for _ in range(args.batches)]
