@@ -417,11 +417,8 @@ def select_neurons(
     order = torch.argsort(ranked, stable=True)
     flat_keep = torch.ones(total, dtype=torch.bool)
     flat_keep[order[:count]] = False
-    offset = 0
-    for name in names:
-        size = ranks[name].numel()
-        keep[name] = flat_keep[offset : offset + size].to(ranks[name].device)
-        offset += size
+    for name, part in zip(names, flat_keep.split([ranks[name].numel() for name in names]), strict=True):
+        keep[name] = part.to(ranks[name].device)
     return keep
 
 
