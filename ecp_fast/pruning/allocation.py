@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +117,7 @@ def model_outputs(
 def output_divergence(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], kind: str) -> float:
     """Mean KL(reference || outputs) over samples of softmax outputs, or the mean squared error."""
     total, count = 0.0, 0
-    for expected, actual in zip(reference, outputs):
+    for expected, actual in zip(reference, outputs, strict=True):
         expected, actual = expected.double(), actual.double()
         if kind == "kl":
             flat_expected = expected.reshape(-1, expected.shape[-1])

@@ -22,13 +22,13 @@ of summed squared output error. The bias column is never pruned.
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-Pattern = Union[str, tuple[int, int]]
+Pattern = Union[str, tuple[int, int]]  # noqa: UP007 - a runtime alias, valid on Python 3.9
 
 # Padded per-row systems in refit are built in chunks of at most this many matrix entries
 # (32 MiB in float64), so low-sparsity layers with all-different supports stay within memory.
@@ -76,9 +76,7 @@ def _check_layer(weight: object, bias: object, wname: str = "weight", bname: str
     out = weight.shape[0]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(
-                f"argument '{bname}' must be None or a floating-point tensor, got {_describe(bias)}"
-            )
+            raise TypeError(f"argument '{bname}' must be None or a floating-point tensor, got {_describe(bias)}")
         if tuple(bias.shape) != (out,):
             raise ValueError(
                 f"argument '{bname}' must have shape ({out},) to match '{wname}' of shape "
@@ -89,7 +87,7 @@ def _check_layer(weight: object, bias: object, wname: str = "weight", bname: str
     return out, weight.shape[1]
 
 
-def _check_square(matrix: object, name: str, n_in: Optional[int] = None) -> None:
+def _check_square(matrix: object, name: str, n_in: int | None = None) -> None:
     if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point():
         raise TypeError(f"argument '{name}' must be a floating-point tensor, got {_describe(matrix)}")
     size = matrix.shape[0] if matrix.dim() == 2 else -1
@@ -103,16 +101,13 @@ def _check_square(matrix: object, name: str, n_in: Optional[int] = None) -> None
         raise ValueError(f"argument '{name}' must be finite, got NaN or infinite entries")
 
 
-def _check_real(
-    value: object, name: str, low: float, high: float = math.inf, high_open: bool = False
-) -> None:
+def _check_real(value: object, name: str, low: float, high: float = math.inf, high_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and low <= value and (value < high if high_open else value <= high)
+    number = float(value) if ok else 0.0  # type: ignore[arg-type]  # checked just above
+    ok = ok and low <= number and (number < high if high_open else number <= high)
     if not ok:
         bracket = ")" if high_open else "]"
-        raise ValueError(
-            f"argument '{name}' must be a real number in [{low:g}, {high:g}{bracket}, got {value!r}"
-        )
+        raise ValueError(f"argument '{name}' must be a real number in [{low:g}, {high:g}{bracket}, got {value!r}")
 
 
 def _check_mask(mask: object, out: int, n_in: int) -> None:
@@ -120,8 +115,7 @@ def _check_mask(mask: object, out: int, n_in: int) -> None:
         raise TypeError(f"argument 'mask' must be a bool tensor (True = keep), got {_describe(mask)}")
     if tuple(mask.shape) != (out, n_in):
         raise ValueError(
-            f"argument 'mask' must have shape {(out, n_in)} to match the weight, "
-            f"got shape {tuple(mask.shape)}"
+            f"argument 'mask' must have shape {(out, n_in)} to match the weight, got shape {tuple(mask.shape)}"
         )
 
 
@@ -141,26 +135,23 @@ def _check_selection(
         _check_mask(mask, out, n_in)
         if sparsity != 0:
             raise ValueError(
-                f"argument 'sparsity' must be 0 when an explicit 'mask' is given (the mask fixes it), "
-                f"got {sparsity!r}"
+                f"argument 'sparsity' must be 0 when an explicit 'mask' is given (the mask fixes it), got {sparsity!r}"
             )
         return "fixed"
     if isinstance(pattern, str) and pattern in ("unstructured", "row"):
         return pattern
-    is_pair = isinstance(pattern, (tuple, list)) and len(pattern) == 2
-    if not (is_pair and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)):
-        raise ValueError(
-            f"argument 'pattern' must be 'unstructured', 'row' or a tuple (n, m) of ints, got {pattern!r}"
-        )
-    n, m = pattern
+    if not (
+        isinstance(pattern, (tuple, list))
+        and len(pattern) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+    ):
+        raise ValueError(f"argument 'pattern' must be 'unstructured', 'row' or a tuple (n, m) of ints, got {pattern!r}")
+    n, m = int(pattern[0]), int(pattern[1])
     if not 0 < n <= m:
-        raise ValueError(
-            f"argument 'pattern' (n, m) must satisfy 0 < n <= m (keep n of every m), got {(n, m)}"
-        )
+        raise ValueError(f"argument 'pattern' (n, m) must satisfy 0 < n <= m (keep n of every m), got {(n, m)}")
     if n_in % m:
         raise ValueError(
-            f"argument 'pattern' {(n, m)} needs m to divide the number of inputs: "
-            f"m={m} does not divide in={n_in}"
+            f"argument 'pattern' {(n, m)} needs m to divide the number of inputs: m={m} does not divide in={n_in}"
         )
     if block_size % m:
         raise ValueError(
@@ -172,7 +163,7 @@ def _check_selection(
 # --------------------------------------------------------------------------- linear algebra
 
 
-def _augment(weight: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _augment(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if bias is None:
         column = torch.zeros(weight.shape[0], 1, dtype=dtype, device=weight.device)
     else:
@@ -238,7 +229,7 @@ def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) ->
     return scores.masked_fill(dead, -math.inf)
 
 
-def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: Optional[int] = None) -> torch.Tensor:
+def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | None = None) -> torch.Tensor:
     """Keep-mask of one block's prunable columns for the 'unstructured' or 'row' pattern.
 
     ``count`` overrides the number of entries an unstructured block removes (a layer-wide budget).
@@ -256,8 +247,9 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: Optiona
     return keep
 
 
-def _layer_budgets(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsity: float, block_size: int,
-                   n_in: int) -> list[int]:
+def _layer_budgets(
+    w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsity: float, block_size: int, n_in: int
+) -> list[int]:
     """Removals per block from one ranking of the whole layer's saliencies before the sweep."""
     scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[:n_in])
     count = round(sparsity * scores.numel())
@@ -265,30 +257,40 @@ def _layer_budgets(w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsit
     if count:
         removed.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = True
     per_column = removed.sum(0)
-    return [int(per_column[i1:i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
+    return [int(per_column[i1 : i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
 
 
-def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, sparsity: float,
-           block_size: int, dead: torch.Tensor, budget: str = "block") -> None:
+def _sweep(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    keep: torch.Tensor,
+    mode: Pattern,
+    sparsity: float,
+    block_size: int,
+    dead: torch.Tensor,
+    budget: str = "block",
+) -> None:
     """Column-sequential OBS over the augmented weight ``w`` (in place); fills ``keep`` unless fixed."""
     n_in = keep.shape[1] - 1
-    budgets = _layer_budgets(w, u, dead, sparsity, block_size, n_in) if mode == "unstructured" and budget == "layer" else None
+    budgets = (
+        _layer_budgets(w, u, dead, sparsity, block_size, n_in) if mode == "unstructured" and budget == "layer" else None
+    )
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         d, keep1 = u1.diagonal(), keep[:, i1:i2]
         width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
         if mode in ("unstructured", "row") and width:
-            scores = _scores(w1[:, :width], d[:width], dead[i1:i1 + width])
+            scores = _scores(w1[:, :width], d[:width], dead[i1 : i1 + width])
             count = None if budgets is None else budgets[i1 // block_size]
             keep1[:, :width] = _block_keep(scores, mode, sparsity, count)
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
                 n, m = mode
-                scores = _scores(w1[:, i:i + m], d[i:i + m], dead[i1 + i:i1 + i + m])
-                keep1[:, i:i + m] = True
-                keep1[:, i:i + m].scatter_(1, torch.topk(scores, m - n, dim=1, largest=False).indices, False)
+                scores = _scores(w1[:, i : i + m], d[i : i + m], dead[i1 + i : i1 + i + m])
+                keep1[:, i : i + m] = True
+                keep1[:, i : i + m].scatter_(1, torch.topk(scores, m - n, dim=1, largest=False).indices, False)
             kept = w1[:, i] * keep1[:, i]
             err = (w1[:, i] - kept) / d[i]
             w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
@@ -298,9 +300,18 @@ def _sweep(w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, mode: Pattern, 
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
 
 
-def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Tensor, sparsity: float = 0.0,
-              pattern: Pattern = "unstructured", mask: Optional[torch.Tensor] = None, block_size: int = 128,
-              damp: float = 0.01, dtype: torch.dtype = torch.float64, budget: str = "block") -> ObsResult:
+def obs_sweep(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    gram: torch.Tensor,
+    sparsity: float = 0.0,
+    pattern: Pattern = "unstructured",
+    mask: torch.Tensor | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float64,
+    budget: str = "block",
+) -> ObsResult:
     """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
 
     Args:
@@ -340,11 +351,19 @@ def obs_sweep(weight: torch.Tensor, bias: Optional[torch.Tensor], gram: torch.Te
         keep[:, :n_in] = mask.to(weight.device)
     _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
     error = _quadratic(w - original, gram)
-    logger.debug("obs_sweep %dx%d pattern=%s: kept %d of %d weights, error %.6g",
-                 out, n_in, mode, int(keep[:, :n_in].sum()), out * n_in, error)
+    logger.debug(
+        "obs_sweep %dx%d pattern=%s: kept %d of %d weights, error %.6g",
+        out,
+        n_in,
+        mode,
+        int(keep[:, :n_in].sum()),
+        out * n_in,
+        error,
+    )
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return ObsResult(weight=w[:, :n_in].to(weight.dtype), bias=w[:, n_in].to(bias_dtype),
-                     mask=keep[:, :n_in].clone(), error=error)
+    return ObsResult(
+        weight=w[:, :n_in].to(weight.dtype), bias=w[:, n_in].to(bias_dtype), mask=keep[:, :n_in].clone(), error=error
+    )
 
 
 # --------------------------------------------------------------------------- exact refit
@@ -356,8 +375,9 @@ def _chunk_stop(sizes: list[int], start: int) -> int:
     return start + max(1, min(stop - start, _MAX_BATCH_ENTRIES // sizes[stop - 1] ** 2))
 
 
-def _solve_grouped(system: torch.Tensor, rhs: torch.Tensor, supports: torch.Tensor,
-                   inverse: torch.Tensor, ridge: float) -> torch.Tensor:
+def _solve_grouped(
+    system: torch.Tensor, rhs: torch.Tensor, supports: torch.Tensor, inverse: torch.Tensor, ridge: float
+) -> torch.Tensor:
     """One factorisation per distinct support, shared by all rows with that support."""
     solution = torch.zeros_like(rhs)
     for group in range(supports.shape[0]):
@@ -394,10 +414,17 @@ def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, r
     return solution
 
 
-def refit(weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor, gram: torch.Tensor,
-          cross: Optional[torch.Tensor] = None, dense_weight: Optional[torch.Tensor] = None,
-          dense_bias: Optional[torch.Tensor] = None, ridge: float = 0.01,
-          dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def refit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor | None = None,
+    dense_weight: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
+    ridge: float = 0.01,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ridge least-squares weights for a fixed mask; returns new (weight, bias).
 
     For every row i with support K_i = kept inputs plus the bias this solves
@@ -449,8 +476,13 @@ def refit(weight: torch.Tensor, bias: Optional[torch.Tensor], mask: torch.Tensor
     return solution[:, :n_in].to(weight.dtype), solution[:, n_in].to(bias_dtype)
 
 
-def reconstruction_error(weight: torch.Tensor, bias: Optional[torch.Tensor], new_weight: torch.Tensor,
-                         new_bias: Optional[torch.Tensor], gram: torch.Tensor) -> float:
+def reconstruction_error(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    new_weight: torch.Tensor,
+    new_bias: torch.Tensor | None,
+    gram: torch.Tensor,
+) -> float:
     """Sum over rows of ``(w~_new - w~_old)^T H (w~_new - w~_old)`` (float64): the weighted squared
     change of the layer's output over the samples that built ``gram``."""
     _check_layer(weight, bias)

@@ -14,14 +14,23 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast.distributed import synchronize_calibration
+from ecp_fast.pruning.allocation import (
+    ALLOCATIONS,
+    candidate_splits,
+    resolve_divergence,
+    split_from_keep,
+    uniform_split,
+)
 from ecp_fast.pruning.batches import module_device
 from ecp_fast.pruning.calibration import (
     SENSITIVITIES,
@@ -35,7 +44,6 @@ from ecp_fast.pruning.calibration import (
     weight_2d,
     weight_parameter,
 )
-from ecp_fast.distributed import synchronize_calibration
 from ecp_fast.pruning.importance import (
     Importance,
     Method,
@@ -44,24 +52,7 @@ from ecp_fast.pruning.importance import (
     check_nonlinear_size,
     get_method,
 )
-from ecp_fast.pruning.allocation import (
-    ALLOCATIONS,
-    candidate_splits,
-    resolve_divergence,
-    split_from_keep,
-    uniform_split,
-)
 from ecp_fast.pruning.masks import check_maskable, install_mask
-from ecp_fast.pruning.transaction import model_transaction
-from ecp_fast.pruning.report import LayerReport, PruneReport
-from ecp_fast.pruning.selection import (
-    Scope,
-    parse_scope,
-    prune_count,
-    resolve_sparsity,
-    select_weights,
-    step_sparsities,
-)
 from ecp_fast.pruning.reconstruction import (
     RECONSTRUCTIVE_METHODS,
     REFIT_ONLY,
@@ -69,6 +60,15 @@ from ecp_fast.pruning.reconstruction import (
     reconstruct_best,
     sensitivity_weights,
 )
+from ecp_fast.pruning.report import LayerReport, PruneReport
+from ecp_fast.pruning.selection import (
+    Scope,
+    parse_scope,
+    resolve_sparsity,
+    select_weights,
+    step_sparsities,
+)
+from ecp_fast.pruning.transaction import model_transaction
 
 if TYPE_CHECKING:
     from ecp_fast.pruning.structured import StructuredReport
@@ -82,6 +82,7 @@ def register_neuron_pruning(function: Callable[..., Any]) -> None:
     """Let ``Pruner.prune(scope="neuron")`` call ``function(pruner, ratio, method=..., scope=...)``."""
     global _NEURON_PRUNING
     _NEURON_PRUNING = function
+
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +275,8 @@ class Pruner:
             if steps != 1 or importances is not None:
                 raise ValueError(
                     "argument 'scope': scope='neuron' prunes in one step from the calibrated statistics "
-                    f"(steps=1, importances=None), got steps={steps!r} and importances={'given' if importances else None}"
+                    f"(steps=1, importances=None), got steps={steps!r} and "
+                    f"importances={'given' if importances else None}"
                 )
             if _NEURON_PRUNING is None:
                 raise RuntimeError("scope='neuron' needs ecp_fast.pruning.structured, which was not imported")
@@ -510,11 +512,14 @@ class Pruner:
                 bias_delta = None
             if bias_delta is not None and bool(removed.any()):
                 shift = torch.where(removed, bias_delta.to(torch.float64), 0.0).sum(dim=1)
-                if module.bias is None:
-                    module.bias = nn.Parameter(torch.zeros(spec.fan_out, dtype=weight.dtype, device=weight.device))
+                bias = _bias_of(module)
+                if bias is None:
+                    bias = module.bias = nn.Parameter(
+                        torch.zeros(spec.fan_out, dtype=weight.dtype, device=weight.device)
+                    )
                     added = True
                     logger.info("layer %r had no bias; added one to receive the compensation", spec.name)
-                module.bias.add_(shift.to(module.bias.dtype))
+                bias.add_(shift.to(bias.dtype))
         return added
 
     def _report(
@@ -533,13 +538,13 @@ class Pruner:
         for name, spec in self.layers.items():
             mask = existing_mask(spec.module)
             pruned = int((mask == 0).sum()) if mask is not None else 0
-            after = spec.module.bias
+            after, previous = _bias_of(spec.module), before[name]
             if after is None:
                 change = 0.0
-            elif before[name] is None:
+            elif previous is None:
                 change = float(after.detach().abs().sum())
             else:
-                change = float((after.detach() - before[name]).abs().sum())
+                change = float((after.detach() - previous).abs().sum())
             report.layers.append(
                 LayerReport(
                     name=name,
@@ -554,8 +559,15 @@ class Pruner:
         return report
 
 
+def _bias_of(module: nn.Module) -> torch.Tensor | None:
+    """The module's bias tensor, or None (typed: ``nn.Module`` attributes are not)."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def _bias_copy(module: nn.Module) -> torch.Tensor | None:
-    return None if module.bias is None else module.bias.detach().clone()
+    bias = _bias_of(module)
+    return None if bias is None else bias.detach().clone()
 
 
 @dataclass(frozen=True)
@@ -590,7 +602,7 @@ def prune(
     exclude: Sequence[str] | str | None = None,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     add_bias: bool = True,
-) -> PruneReport:
+) -> PruneReport | StructuredReport:
     """Calibrate on ``batches`` and prune ``model`` in place in one call; see :class:`Pruner`.
 
     ``batches`` may be None for the methods that need no data (``magnitude``, ``random``).

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,8 +206,8 @@ def _augmented(module: nn.Module, spec: LayerSpec) -> tuple[torch.Tensor, torch.
     """The effective ``(out, in)`` weight (mask applied) and the bias (zeros when there is none)."""
     same = LayerSpec(spec.name, module, spec.kind)
     weight = same.weight_2d()
-    bias = module.bias.detach() if module.bias is not None else weight.new_zeros(spec.fan_out)
-    return weight, bias
+    bias = getattr(module, "bias", None)
+    return weight, bias.detach() if isinstance(bias, torch.Tensor) else weight.new_zeros(spec.fan_out)
 
 
 def _without_bias(matrix: torch.Tensor, columns: bool = True) -> torch.Tensor:
@@ -307,8 +308,9 @@ def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: 
         if module.bias is None and add_bias and bool(outcome.bias.abs().sum() > 0):
             module.bias = nn.Parameter(torch.zeros(spec.fan_out, dtype=stored.dtype, device=stored.device))
             added = True
-        if module.bias is not None:
-            module.bias.copy_(outcome.bias.to(module.bias.dtype))
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            bias.copy_(outcome.bias.to(bias.dtype))
     return added
 
 

@@ -9,8 +9,8 @@ and :func:`~ecp_fast.training.iterative_prune` share :func:`prune_count` and :fu
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 
@@ -134,7 +134,9 @@ def select_weights(
         available = keep[name]
         if scope.kind == "layer":
             count = max(round(sparsity * available.numel()) - int((~available).sum()), 0)
-            selected[name] = _pick_smallest_flat(score.reshape(-1), available.reshape(-1), count).reshape(available.shape)
+            selected[name] = _pick_smallest_flat(score.reshape(-1), available.reshape(-1), count).reshape(
+                available.shape
+            )
         elif scope.kind == "row":
             per_row = available.shape[1]
             counts = (round(sparsity * per_row) - (~available).sum(dim=1)).clamp_min(0)
@@ -151,8 +153,6 @@ def select_weights(
             counts = ((scope.m - scope.n) - (~group_keep).sum(dim=-1)).clamp_min(0)
             selected[name] = _pick_smallest(score.reshape(groups), group_keep, counts).reshape(available.shape)
     return selected
-
-
 
 
 # ---- schedule ---------------------------------------------------------------------------------------

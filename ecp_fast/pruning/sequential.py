@@ -41,20 +41,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, module_device
 from ecp_fast.pruning.calibration import resolve_layers
-from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.importance import get_method
-from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.report import PruneReport
 from ecp_fast.pruning.selection import parse_scope, resolve_sparsity
 from ecp_fast.pruning.transaction import model_transaction
@@ -207,9 +208,9 @@ def _first_block_inputs(
     return _block_list(model_or_blocks), _tensor_inputs(inputs, storage)
 
 
-def _forward(block: nn.Module, batches: list[BlockInputs], device: torch.device, storage: torch.device) -> list[
-    BlockInputs
-]:
+def _forward(
+    block: nn.Module, batches: list[BlockInputs], device: torch.device, storage: torch.device
+) -> list[BlockInputs]:
     """The next block's inputs: this block's outputs for every batch, in eval mode and without a graph."""
     modes = {module: module.training for module in block.modules()}
     block.eval()
@@ -243,17 +244,28 @@ class _Settings:
 
 def _prune_block(block: nn.Module, activations: list[BlockInputs], settings: _Settings) -> PruneReport:
     pruner = Pruner(
-        block, sensitivity=settings.sensitivity, probes=settings.probes, layers=settings.layers, seed=settings.seed,
+        block,
+        sensitivity=settings.sensitivity,
+        probes=settings.probes,
+        layers=settings.layers,
+        seed=settings.seed,
         progress=False,
     )
     with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
         pruner.calibrate(activations)
-    if settings.synchronize:
+    if settings.synchronize and pruner.calibration is not None:
         pruner.calibration = synchronize_calibration(pruner.calibration)
-    return pruner.prune(
-        sparsity=settings.sparsity, method=settings.method, scope=settings.scope, steps=settings.steps,
-        reconstruct=settings.reconstruct, allocation=settings.allocation, divergence="mse",
+    report = pruner.prune(
+        sparsity=settings.sparsity,
+        method=settings.method,
+        scope=settings.scope,
+        steps=settings.steps,
+        reconstruct=settings.reconstruct,
+        allocation=settings.allocation,
+        divergence="mse",
     )
+    assert isinstance(report, PruneReport)  # scope="neuron" was refused by _check_arguments
+    return report
 
 
 # ---- the entry point -------------------------------------------------------------------------------
@@ -330,12 +342,16 @@ def prune_sequential(
     block_list, activations = _first_block_inputs(blocks, inputs, path, storage_device)
     for block in block_list:  # fail before any change
         resolve_layers(block, layers)
-    settings = _Settings(sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, seed, reconstruct,
-                         allocation)
+    settings = _Settings(
+        sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, seed, reconstruct, allocation
+    )
     report = SequentialReport(
-        method=method, sensitivity=sensitivity, scope=scope,
+        method=method,
+        sensitivity=sensitivity,
+        scope=scope,
         target_sparsity=float("nan") if sparsity is None else float(sparsity),
-        samples=sum(count_samples(batch) for batch in activations), batches=len(activations),
+        samples=sum(count_samples(batch) for batch in activations),
+        batches=len(activations),
     )
     homes = [module_device(block) for block in block_list]
     with contextlib.ExitStack() as stack:
@@ -344,21 +360,29 @@ def prune_sequential(
         try:
             _run_blocks(block_list, activations, settings, compute, storage_device, report, progress)
         except BaseException:
-            for block, home in zip(block_list, homes):
+            for block, home in zip(block_list, homes, strict=True):
                 block.to(home)
             logger.warning(
-                "sequential pruning failed; %s", "every block was restored" if atomic else
-                "the blocks pruned before the failure stay pruned (atomic=False)",
+                "sequential pruning failed; %s",
+                "every block was restored"
+                if atomic
+                else "the blocks pruned before the failure stay pruned (atomic=False)",
             )
             raise
-    logger.info("sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity,
-                report.seconds)
+    logger.info(
+        "sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity, report.seconds
+    )
     return report
 
 
 def _run_blocks(
-    block_list: list[nn.Module], activations: list[BlockInputs], settings: _Settings, compute: torch.device | None,
-    storage_device: torch.device | None, report: SequentialReport, progress: bool,
+    block_list: list[nn.Module],
+    activations: list[BlockInputs],
+    settings: _Settings,
+    compute: torch.device | None,
+    storage_device: torch.device | None,
+    report: SequentialReport,
+    progress: bool,
 ) -> None:
     for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
         started = time.perf_counter()

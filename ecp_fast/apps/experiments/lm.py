@@ -467,6 +467,7 @@ def prune_copy(
             **_sensitivity_kwargs(method, args.sensitivity),
         )
         seconds = time.perf_counter() - started
+    assert isinstance(report, ecp_fast.PruneReport)  # a weight scope, not scope="neuron"
     return model, {
         "sparsity": report.sparsity,
         "seconds": seconds,
