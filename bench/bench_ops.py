@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ops_cases import CPU_CASES, GRAM_CASES, make_gram_inputs, make_layer_inputs, one_matmul, two_matmuls
 
 import ecp_fast
-from ecp_fast.ops import reference
-
 from ecp_fast import ops
-from ops_cases import CPU_CASES, GRAM_CASES, make_gram_inputs, make_layer_inputs, one_matmul, two_matmuls
+from ecp_fast.ops import reference
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: c.id)
@@ -73,5 +72,5 @@ def test_gram_benchmark_inputs_agree():
 def test_benchmark_inputs_agree():
     """The benchmarked calls compute the same thing (a cheap guard that runs with the benchmarks)."""
     x, g, weight = make_layer_inputs(CPU_CASES[0]._replace(n=64))
-    for a, b in zip(ecp_fast.score(x, g, weight), reference.score(x, g, weight)):
+    for a, b in zip(ecp_fast.score(x, g, weight), reference.score(x, g, weight), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

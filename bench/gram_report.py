@@ -13,12 +13,12 @@ import argparse
 import platform
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+from ops_cases import GRAM_CASES, GramCase, make_gram_inputs, one_matmul
 
 import ecp_fast.ops as ops
-from ops_cases import GRAM_CASES, GramCase, make_gram_inputs, one_matmul
 
 
 def best_times(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     args = parser.parse_args(argv)
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"native CPU kernels: {ops.NATIVE_CPU}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"native CPU kernels: {ops.NATIVE_CPU}\n"
+    )
     print("| threads | case | ecp::gram | torch.mm(a.T, b) | gram / mm |")
     print("|---|---|---|---|---|")
     previous = torch.get_num_threads()
@@ -57,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(threads)
             for case in GRAM_CASES:
                 row = gram_row(case, args.repeats)
-                print(f"| {threads} | {case.id} | {row['gram_ms']:.1f} ms | {row['mm_ms']:.1f} ms | "
-                      f"{row['ratio']:.3f} |", flush=True)
+                print(
+                    f"| {threads} | {case.id} | {row['gram_ms']:.1f} ms | {row['mm_ms']:.1f} ms | {row['ratio']:.3f} |",
+                    flush=True,
+                )
     finally:
         torch.set_num_threads(previous)
     return 0

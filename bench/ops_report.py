@@ -16,11 +16,10 @@ import sys
 import time
 
 import torch
+from ops_cases import CPU_CASES, OpCase, make_layer_inputs, two_matmuls
 
 import ecp_fast
 from ecp_fast.ops import reference
-
-from ops_cases import CPU_CASES, OpCase, make_layer_inputs, two_matmuls
 
 MEMORY_CHILD = """
 import json, sys, torch
@@ -61,9 +60,7 @@ def best_times(calls: dict, repeats: int) -> dict[str, float]:
 
 def speed_row(case: OpCase, repeats: int) -> dict:
     x, g, weight = make_layer_inputs(case)
-    fast = best_times(
-        {"score": lambda: ecp_fast.score(x, g, weight), "two_mm": lambda: two_matmuls(x, g)}, repeats
-    )
+    fast = best_times({"score": lambda: ecp_fast.score(x, g, weight), "two_mm": lambda: two_matmuls(x, g)}, repeats)
     slow = best_times({"reference": lambda: reference.score(x, g, weight)}, max(1, repeats // 4))
     return {"case": case.id, **fast, **slow, "gflops": case.gemm_flops / fast["score"] / 1e9}
 
@@ -71,7 +68,9 @@ def speed_row(case: OpCase, repeats: int) -> dict:
 def memory_row(n: int, fan_in: int, fan_out: int, which: str) -> dict:
     output = subprocess.run(
         [sys.executable, "-c", MEMORY_CHILD, json.dumps([n, fan_in, fan_out, which])],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -80,21 +79,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=8)
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}\n"
+    )
     print("| shape | ecp::score | 2 x torch.mm | score / 2 mm | reference | reference / score | score GFLOP/s |")
     print("|---|---|---|---|---|---|---|")
     for case in CPU_CASES:
         row = speed_row(case, args.repeats)
-        print(f"| {row['case']} | {row['score'] * 1e3:.1f} ms | {row['two_mm'] * 1e3:.1f} ms | "
-              f"{row['score'] / row['two_mm']:.2f} | {row['reference'] * 1e3:.0f} ms | "
-              f"{row['reference'] / row['score']:.1f} | {row['gflops']:.0f} |")
+        print(
+            f"| {row['case']} | {row['score'] * 1e3:.1f} ms | {row['two_mm'] * 1e3:.1f} ms | "
+            f"{row['score'] / row['two_mm']:.2f} | {row['reference'] * 1e3:.0f} ms | "
+            f"{row['reference'] / row['score']:.1f} | {row['gflops']:.0f} |"
+        )
     print("\n| N=65536, in=out=1024, fp32 | peak extra memory | of which outputs |")
     print("|---|---|---|")
     for which in ("native", "reference"):
         row = memory_row(65536, 1024, 1024, which)
-        print(f"| {which} ecp.score (inputs {row['inputs_mib']:.0f} MiB) | {row['extra_mib']:.1f} MiB | "
-              f"{row['outputs_mib']:.0f} MiB |")
+        print(
+            f"| {which} ecp.score (inputs {row['inputs_mib']:.0f} MiB) | {row['extra_mib']:.1f} MiB | "
+            f"{row['outputs_mib']:.0f} MiB |"
+        )
     return 0
 
 

@@ -86,7 +86,6 @@ def measure(dtype: torch.dtype, n: int, fan_in: int, fan_out: int, with_f64: boo
         torch.mm(c_t, x_sq, out=second)
 
     results["cuBLAS 2 x mm"] = time_ms(cublas)
-    del c_t, x_sq, first, second
 
     for name, fn, enabled in (
         ("torch formula", lambda: unfused_score(x, g, weight), True),

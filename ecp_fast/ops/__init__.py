@@ -61,7 +61,7 @@ def _refuse_grad_inputs(name: str):
     arguments = [argument.name for argument in getattr(torch.ops.ecp, name).default._schema.arguments]
 
     def setup_context(ctx, inputs: tuple, output) -> None:
-        for argument, value in zip(arguments, inputs):
+        for argument, value in zip(arguments, inputs, strict=True):
             if isinstance(value, torch.Tensor) and value.requires_grad:
                 raise RuntimeError(
                     f"ecp.{name}: argument '{argument}' requires grad, but the ecp ops have no derivative; "
@@ -75,7 +75,7 @@ def _no_backward(ctx, *grads):  # never reached: setup_context refuses first
     raise RuntimeError("the ecp ops have no derivative")
 
 
-def _declare_missing_ops() -> "torch.library.Library":
+def _declare_missing_ops() -> torch.library.Library:
     """Define from :data:`SCHEMAS` every op the native library did not, with the reference kernels.
 
     Also covers a stale native build that predates an op: its kernels keep serving the ops it has.

@@ -50,10 +50,7 @@ def check_floating(op: str, name: str, t: torch.Tensor) -> None:
     """Raise ``TypeError`` unless ``t`` is a tensor of one of the supported floating dtypes."""
     check_tensor(op, name, t)
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{op}: argument '{name}' must have dtype float32, float64, bfloat16 or float16, "
-            f"got {t.dtype}"
-        )
+        raise TypeError(f"{op}: argument '{name}' must have dtype float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
 def check_same_device(op: str, reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
@@ -95,9 +92,7 @@ def check_layer_inputs(op: str, x: torch.Tensor, g: torch.Tensor, weight: torch.
     fan_in = x.shape[-1]
     n = sample_count(x)
     if g.dim() not in (2, 3):
-        raise ValueError(
-            f"{op}: argument 'g' must have shape (N, out) or (P, N, out), got shape {_shape(g)}"
-        )
+        raise ValueError(f"{op}: argument 'g' must have shape (N, out) or (P, N, out), got shape {_shape(g)}")
     p = 1 if g.dim() == 2 else g.shape[0]
     if g.shape[-2] != n:
         raise ValueError(
@@ -134,8 +129,7 @@ def check_finalize_inputs(
     fan_out, fan_in = weight.shape
     if s0.dim() != 1 or s0.shape[0] != fan_out:
         raise ValueError(
-            f"{op}: argument 's0' must have shape (out,) = ({fan_out},) to match 'weight', "
-            f"got shape {_shape(s0)}"
+            f"{op}: argument 's0' must have shape (out,) = ({fan_out},) to match 'weight', got shape {_shape(s0)}"
         )
     for name, t in (("mean", mean), ("m2", m2)):
         if t.shape != weight.shape:
@@ -145,9 +139,7 @@ def check_finalize_inputs(
             )
 
 
-def check_gram_inputs(
-    op: str, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None
-) -> GramShape:
+def check_gram_inputs(op: str, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None) -> GramShape:
     """Validate ``a`` ``(..., in_a)``, optional ``b`` with the same ``N`` samples and ``weight`` ``(N,)``.
 
     The C++ kernel (csrc/gram_cpu.cpp) runs the same checks in the same order, with the same words.

@@ -32,15 +32,13 @@ def _check_part(name: str, part: object) -> Moments:
             f"{type(part).__name__} of length {len(part)}"
         )
     triple = Moments(*part)
-    for field, t in zip(Moments._fields, triple):
+    for field, t in zip(Moments._fields, triple, strict=True):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
                 f"merge_moments: '{field}' of argument '{name}' must be a torch.Tensor, got {type(t).__name__}"
             )
         if not t.is_floating_point():
-            raise TypeError(
-                f"merge_moments: '{field}' of argument '{name}' must have a floating dtype, got {t.dtype}"
-            )
+            raise TypeError(f"merge_moments: '{field}' of argument '{name}' must have a floating dtype, got {t.dtype}")
         if t.device != triple.s0.device:
             raise ValueError(
                 f"merge_moments: '{field}' of argument '{name}' must be on the same device as its 's0' "

@@ -15,7 +15,8 @@ and sample, ``c = sum_p g_p^2`` the per-sample sensitivity of each output neuron
 
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -169,14 +170,12 @@ def sensitivities(
     per_output = []
     for k in range(y.shape[1]):
         grads = torch.autograd.grad(y[:, k].sum(), zs, retain_graph=True, allow_unused=True)
-        per_output.append([torch.zeros_like(z) if gz is None else gz for gz, z in zip(grads, zs)])
+        per_output.append([torch.zeros_like(z) if gz is None else gz for gz, z in zip(grads, zs, strict=True)])
     result = {}
     for index, name in enumerate(captured):
         x = captured[name]["x"]
         g = torch.stack([grads[index] for grads in per_output])
-        result[name] = LayerGradients(
-            x=x.reshape(-1, x.shape[-1]), g=g.reshape(g.shape[0], -1, g.shape[-1]).detach()
-        )
+        result[name] = LayerGradients(x=x.reshape(-1, x.shape[-1]), g=g.reshape(g.shape[0], -1, g.shape[-1]).detach())
     return result
 
 
@@ -188,9 +187,7 @@ class ExactError(NamedTuple):
     error_uncompensated: torch.Tensor  # the same error at delta = 0, (out, in)
 
 
-def exact_compensated_error(
-    model: nn.Module, inputs: torch.Tensor, layer: str, newton_steps: int = 8
-) -> ExactError:
+def exact_compensated_error(model: nn.Module, inputs: torch.Tensor, layer: str, newton_steps: int = 8) -> ExactError:
     """The non-linear per-weight quantity of METHOD.md, by Newton's method on the bias shift.
 
     For every weight ``(i, j)`` of the ``nn.Linear`` named ``layer``: zero it, then minimise the
@@ -202,7 +199,9 @@ def exact_compensated_error(
 
     modules = dict(model.named_modules())
     if layer not in modules or not isinstance(modules[layer], nn.Linear):
-        raise ValueError(f"exact_compensated_error: argument 'layer' must name an nn.Linear of the model, got {layer!r}")
+        raise ValueError(
+            f"exact_compensated_error: argument 'layer' must name an nn.Linear of the model, got {layer!r}"
+        )
     target = modules[layer]
     if target.bias is None:
         raise ValueError(f"exact_compensated_error: layer {layer!r} has no bias to compensate with")

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -43,7 +44,12 @@ def valid_arguments(op: str, n: int, fan_in: int, fan_out: int, probes: int) -> 
     if op == "score":
         return {"x": x, "g": g, "weight": weight}
     if op == "finalize":
-        return {"s0": torch.rand(fan_out), "mean": torch.randn(fan_out, fan_in), "m2": torch.rand(fan_out, fan_in), "weight": weight}
+        return {
+            "s0": torch.rand(fan_out),
+            "mean": torch.randn(fan_out, fan_in),
+            "m2": torch.rand(fan_out, fan_in),
+            "weight": weight,
+        }
     return {"a": x, "b": torch.randn(n, fan_out), "weight": torch.rand(n)}
 
 
@@ -94,7 +100,12 @@ NOT_TENSORS = [None, 3, 2.5, "x", [1.0, 2.0]]
 
 def mutated_call(op: str, data: st.DataObject) -> tuple[dict, type, str]:
     """A call of ``op`` with one argument made bad, the exception type and the argument it must name."""
-    sizes = (data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 3)))
+    sizes = (
+        data.draw(st.integers(1, 9)),
+        data.draw(st.integers(1, 9)),
+        data.draw(st.integers(1, 9)),
+        data.draw(st.integers(1, 3)),
+    )
     arguments = valid_arguments(op, *sizes)
     kind = data.draw(st.sampled_from(["not_tensor", "dtype", "device", "shape"]))
     if kind == "shape":
@@ -134,10 +145,16 @@ def test_malformed_arguments_are_named(op, data):
 @pytest.mark.parametrize(
     "call, pattern",
     [
-        (lambda x, g, w: ops.score(x, g, w, compensate=None), r"ecp.score: argument 'compensate' must be a bool, got NoneType"),
+        (
+            lambda x, g, w: ops.score(x, g, w, compensate=None),
+            r"ecp.score: argument 'compensate' must be a bool, got NoneType",
+        ),
         (lambda x, g, w: ops.score(x, g, w, compensate=1), r"argument 'compensate' must be a bool, got int"),
         (lambda x, g, w: ops.gram(x, float64=None), r"ecp.gram: argument 'float64' must be a bool, got NoneType"),
-        (lambda x, g, w: ops.finalize(None, x, x, w), r"ecp.finalize: argument 's0' must be a torch.Tensor, got NoneType"),
+        (
+            lambda x, g, w: ops.finalize(None, x, x, w),
+            r"ecp.finalize: argument 's0' must be a torch.Tensor, got NoneType",
+        ),
         (lambda x, g, w: ops.moments(x, None), r"ecp.moments: argument 'g' must be a torch.Tensor, got NoneType"),
     ],
 )
@@ -153,7 +170,11 @@ def malformed_part(data: st.DataObject, triple: tuple) -> tuple[object, type, st
     """A malformed (s0, mean, m2) part, the exception type and a pattern its message must match."""
     kind = data.draw(st.sampled_from(["type", "length", "field_type", "field_dtype", "field_shape", "field_device"]))
     if kind == "type":
-        return data.draw(st.sampled_from([None, 3, "moments", triple[0]])), TypeError, "must be an \\(s0, mean, m2\\) triple"
+        return (
+            data.draw(st.sampled_from([None, 3, "moments", triple[0]])),
+            TypeError,
+            "must be an \\(s0, mean, m2\\) triple",
+        )
     if kind == "length":
         part = data.draw(st.sampled_from([(), triple[:2], (*triple, triple[0])]))
         return part, ValueError, f"triple, got a tuple of length {len(part)}"
@@ -237,13 +258,17 @@ WELL_CONDITIONED = {
 
 def assert_agrees(op: str, got: tuple, expected: tuple) -> None:
     """NaN exactly where the reference has NaN; well-conditioned outputs equal to rounding, infinities included."""
-    for index, (a, e) in enumerate(zip(got, expected)):
+    for index, (a, e) in enumerate(zip(got, expected, strict=True)):
         assert a.dtype == e.dtype and a.shape == e.shape
-        assert torch.equal(a.isnan(), e.isnan()), f"output {index}: NaN at {(a.isnan() ^ e.isnan()).nonzero()[:3].tolist()}"
+        assert torch.equal(a.isnan(), e.isnan()), (
+            f"output {index}: NaN at {(a.isnan() ^ e.isnan()).nonzero()[:3].tolist()}"
+        )
         if index not in WELL_CONDITIONED[op]:
             assert not (a < 0).any(), f"output {index} is negative"
             continue
-        assert torch.equal(a.isinf(), e.isinf()) and torch.equal(a[a.isinf()], e[e.isinf()]), f"output {index}: inf differs"
+        assert torch.equal(a.isinf(), e.isinf()) and torch.equal(a[a.isinf()], e[e.isinf()]), (
+            f"output {index}: inf differs"
+        )
         finite = e.isfinite()
         if finite.any():
             scale = e[finite].abs().max().double()
@@ -289,7 +314,7 @@ def test_huge_values_never_give_nan_where_the_reference_is_finite(op, dtype, whe
         target = {"x": x, "g": g[0], "weight": weight}[where]
         target[seed % target.shape[0], seed % target.shape[1]] = huge
     got, expected = outputs(op, x, g, weight, 0), outputs(op, x, g, weight, 1)
-    for a, e in zip(got, expected):
+    for a, e in zip(got, expected, strict=True):
         assert not (a.isnan() & e.isfinite()).any(), "NaN where the reference is finite"
     assert_agrees(op, got, expected)
 
@@ -324,7 +349,10 @@ def test_inputs_that_require_grad_are_refused(op, argument):
     """No derivative: refused while grad mode is on; under no_grad or detached, outputs are plain."""
     tensors = valid_arguments(op, 7, 3, 2, 1)
     tensors[argument].requires_grad_(True)
-    pattern = rf"ecp.{op}: argument '{argument}' requires grad, but the ecp ops have no derivative; pass {argument}.detach\(\)"
+    pattern = (
+        rf"ecp.{op}: argument '{argument}' requires grad, but the ecp ops have no derivative; "
+        rf"pass {argument}.detach\(\)"
+    )
     with pytest.raises(RuntimeError, match=pattern):
         CALLS[op](tensors)
     with torch.no_grad():

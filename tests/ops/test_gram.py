@@ -243,7 +243,12 @@ BACKENDS = {"op": ops.gram, "reference": reference.gram}
     [
         ((5,), None, None, r"ecp.gram: argument 'a' must have at least 2 dimensions .*got shape \(5,\)"),
         ((17, 5), (3,), None, r"argument 'b' must have at least 2 dimensions .*got shape \(3,\)"),
-        ((17, 5), (16, 3), None, r"argument 'b' must have N = 17 samples .*'a' of shape \(17, 5\), got shape \(16, 3\)"),
+        (
+            (17, 5),
+            (16, 3),
+            None,
+            r"argument 'b' must have N = 17 samples .*'a' of shape \(17, 5\), got shape \(16, 3\)",
+        ),
         ((17, 5), None, (16,), r"ecp.gram: argument 'weight' must have shape \(N,\) = \(17,\) .*got shape \(16,\)"),
         ((17, 5), None, (17, 1), r"argument 'weight' must have shape \(N,\) = \(17,\) .*got shape \(17, 1\)"),
         ((2, 3, 5), (5, 3), (6,), r"argument 'b' must have N = 6 samples .*got shape \(5, 3\)"),
@@ -265,7 +270,9 @@ def test_integer_dtype_and_other_device_are_named(backend, argument):
         BACKENDS[backend](**tensors)
     if argument != "a":
         tensors[argument] = torch.randn(tensors[argument].shape, device="meta")
-        with pytest.raises(ValueError, match=rf"argument '{argument}' must be on the same device as 'a' \(cpu\), got meta"):
+        with pytest.raises(
+            ValueError, match=rf"argument '{argument}' must be on the same device as 'a' \(cpu\), got meta"
+        ):
             BACKENDS[backend](**tensors)
 
 

@@ -16,7 +16,7 @@ def _parts(n: int, cuts: list[int], seed: int):
     x = torch.randn(n, 5, generator=generator, dtype=torch.float64) * 3 + 7
     g = torch.randn(2, n, 4, generator=generator, dtype=torch.float64)
     bounds = [0, *sorted(cuts), n]
-    return x, g, [(x[a:b], g[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+    return x, g, [(x[a:b], g[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 @settings(max_examples=30, deadline=None)
@@ -28,7 +28,7 @@ def test_streaming_merge_equals_one_pass(n, data):
     for part_x, part_g in parts:
         moments = reference.moments(part_x, part_g)
         merged = moments if merged is None else ecp_fast.merge_moments(merged, moments)
-    for m, e in zip(merged, reference.moments(x, g)):
+    for m, e in zip(merged, reference.moments(x, g), strict=True):
         torch.testing.assert_close(m, e, rtol=1e-10, atol=1e-9)
 
 
@@ -37,7 +37,7 @@ def test_merge_is_associative():
     a, b, c = (reference.moments(px, pg) for px, pg in parts)
     left = ecp_fast.merge_moments(ecp_fast.merge_moments(a, b), c)
     right = ecp_fast.merge_moments(a, ecp_fast.merge_moments(b, c))
-    for l_, r_ in zip(left, right):
+    for l_, r_ in zip(left, right, strict=True):
         torch.testing.assert_close(l_, r_, rtol=1e-12, atol=1e-10)
 
 

@@ -32,7 +32,9 @@ def declared_schemas() -> dict[str, str]:
 
 def python_schemas() -> dict[str, str]:
     """:data:`SCHEMAS`, normalised by torch's schema parser the same way."""
-    return {name: str(torch._C.parse_schema(f"ecp::{schema}")).removeprefix("ecp::") for name, schema in SCHEMAS.items()}
+    return {
+        name: str(torch._C.parse_schema(f"ecp::{schema}")).removeprefix("ecp::") for name, schema in SCHEMAS.items()
+    }
 
 
 @native
@@ -59,7 +61,9 @@ def clang_format() -> str | None:
 def test_csrc_is_clang_format_clean():
     """The style is .clang-format at the repository root; `clang-format -i csrc/*` fixes a failure."""
     sources = sorted(os.path.join(ROOT, "csrc", name) for name in os.listdir(os.path.join(ROOT, "csrc")))
-    finished = subprocess.run([clang_format(), "--dry-run", "--Werror", *sources], capture_output=True, text=True, cwd=ROOT)
+    finished = subprocess.run(
+        [clang_format(), "--dry-run", "--Werror", *sources], capture_output=True, text=True, cwd=ROOT
+    )
     assert finished.returncode == 0, finished.stderr[-3000:]
 
 
@@ -107,7 +111,8 @@ try:
     results["error"] = ""
 except RuntimeError as error:
     results["error"] = str(error).splitlines()[0]
-results["schemas"] = {name: str(getattr(torch.ops.ecp, name).default._schema) for name in ("moments", "score", "finalize", "gram")}
+OPS = ("moments", "score", "finalize", "gram")
+results["schemas"] = {name: str(getattr(torch.ops.ecp, name).default._schema) for name in OPS}
 torch.save(results, output)
 """
 
@@ -119,7 +124,9 @@ def test_cmake_builds_a_self_describing_library(tmp_path):
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     subprocess.run(
         ["cmake", "-S", ROOT, "-B", str(build), *generator, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     subprocess.run(["cmake", "--build", str(build), "--parallel", "2"], check=True, capture_output=True, text=True)
     library = build / "libecp_fast_cpu.so"
@@ -132,8 +139,14 @@ def test_cmake_builds_a_self_describing_library(tmp_path):
     sample_weight = torch.rand(70, generator=generator_)
     torch.save((x, g, weight, sample_weight), tmp_path / "inputs.pt")
     arguments = json.dumps([str(library), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")])
-    subprocess.run([sys.executable, "-c", CMAKE_CHILD, arguments], check=True, capture_output=True, text=True,
-                   env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    subprocess.run(
+        [sys.executable, "-c", CMAKE_CHILD, arguments],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+        cwd=tmp_path,
+    )
     results = torch.load(tmp_path / "out.pt")
     assert {name: schema.removeprefix("ecp::") for name, schema in results["schemas"].items()} == python_schemas()
     assert results["error"].startswith("ecp.score: argument 'weight' requires grad")

@@ -68,7 +68,7 @@ def test_moments_matches_reference(shape, dtype):
     x, g, _ = make_inputs(*shape, dtype=dtype)
     actual = ecp_fast.moments(x, g)
     expected = reference.moments(x, g)
-    for name, a, e in zip(("s0", "mean", "m2"), actual, expected):
+    for name, a, e in zip(("s0", "mean", "m2"), actual, expected, strict=True):
         assert_close_to_reference(a, e, tolerance(dtype), name)
 
 
@@ -93,7 +93,7 @@ def test_finalize_matches_reference(dtype):
     args = [t.to(dtype) for t in (s0, mean, m2, weight)]
     actual = ecp_fast.finalize(*args)
     expected = reference.finalize(*args)
-    for name, a, e in zip(("importance", "bias_delta"), actual, expected):
+    for name, a, e in zip(("importance", "bias_delta"), actual, expected, strict=True):
         assert_close_to_reference(a, e, tolerance(dtype), name)
     assert actual[0][3].abs().max() == 0 and actual[1][3].abs().max() == 0
 
@@ -102,7 +102,7 @@ def test_score_equals_finalize_of_moments():
     x, g, weight = make_inputs(300, 29, 13, 3, dtype=torch.float32)
     fused = ecp_fast.score(x, g, weight)
     staged = ecp_fast.finalize(*ecp_fast.moments(x, g), weight)
-    for a, b in zip(fused, staged):
+    for a, b in zip(fused, staged, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
 
 
@@ -111,9 +111,7 @@ def permuted(t: torch.Tensor) -> torch.Tensor:
     return t.permute(*reversed(range(t.dim()))).contiguous().permute(*reversed(range(t.dim())))
 
 
-@pytest.mark.parametrize(
-    "layout", ["permuted", "sliced", "expanded", "leading_dims"], ids=str
-)
+@pytest.mark.parametrize("layout", ["permuted", "sliced", "expanded", "leading_dims"], ids=str)
 def test_any_strides_and_leading_dimensions(layout):
     x, g, weight = make_inputs(60, 21, 9, 3, dtype=torch.float32, seed=3)
     if layout == "permuted":
@@ -133,7 +131,7 @@ def test_any_strides_and_leading_dimensions(layout):
     actual = ecp_fast.score(x, g, weight)
     # Identical samples have zero spread: the natural scale is then the uncompensated importance.
     scale = reference.score(x, g, weight, compensate=False)[0].abs().max()
-    for name, a, e in zip(("importance", "bias_delta"), actual, expected):
+    for name, a, e in zip(("importance", "bias_delta"), actual, expected, strict=True):
         assert_close_to_reference(a, e, 2e-5, name, scale=scale if layout == "expanded" else None)
 
 
@@ -151,7 +149,7 @@ def test_score_property_matches_reference(n, fan_in, fan_out, probes, mean, comp
     x = x + mean
     actual = ecp_fast.score(x, g, weight, compensate=compensate)
     expected = reference.score(x, g, weight, compensate=compensate)
-    for name, a, e in zip(("importance", "bias_delta"), actual, expected):
+    for name, a, e in zip(("importance", "bias_delta"), actual, expected, strict=True):
         assert_close_to_reference(a, e, 1e-9, name)
     assert (actual[0] >= 0).all()
 
@@ -227,7 +225,7 @@ def test_merge_of_halves_equals_one_pass():
     second = ecp_fast.moments(x[400:], g[:, 400:])
     merged = ecp_fast.merge_moments(first, second)
     expected = reference.moments(x, g)
-    for name, m, w, e in zip(("s0", "mean", "m2"), merged, whole, expected):
+    for name, m, w, e in zip(("s0", "mean", "m2"), merged, whole, expected, strict=True):
         assert_close_to_reference(m, e, 2e-5, f"merged {name}")
         assert_close_to_reference(m, w, 2e-5, f"merged vs one pass {name}")
 
@@ -283,7 +281,7 @@ def test_torch_compile_fullgraph():
     x, g, weight = make_inputs(50, 12, 6, 2, dtype=torch.float32)
     bias = torch.randn(6)
     compiled = torch.compile(importance_and_new_bias, fullgraph=True, backend="aot_eager")
-    for a, b in zip(compiled(x, g, weight, bias), importance_and_new_bias(x, g, weight, bias)):
+    for a, b in zip(compiled(x, g, weight, bias), importance_and_new_bias(x, g, weight, bias), strict=True):
         torch.testing.assert_close(a, b)
 
 

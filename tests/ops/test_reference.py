@@ -14,9 +14,7 @@ from ecp_fast.ops import reference
 def small_tanh_mlp(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A 6-12-10-3 tanh MLP with random weights and a calibration batch, in float64."""
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)
-    ).double()
+    model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3)).double()
     inputs = torch.randn(64, 6, dtype=torch.float64)
     return model, inputs
 

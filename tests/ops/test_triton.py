@@ -94,7 +94,7 @@ def make_layer(
 def check_moments(x: torch.Tensor, g: torch.Tensor, tol: float) -> None:
     got = ecp_triton.moments(x, g)
     expected = reference.moments(x, g)
-    for name, got_t, expected_t in zip(("s0", "mean", "m2"), got, expected):
+    for name, got_t, expected_t in zip(("s0", "mean", "m2"), got, expected, strict=True):
         assert got_t.dtype == expected_t.dtype, f"{name}: dtype {got_t.dtype} != {expected_t.dtype}"
         assert_matches(got_t, expected_t, tol, name)
 
@@ -102,7 +102,7 @@ def check_moments(x: torch.Tensor, g: torch.Tensor, tol: float) -> None:
 def check_score(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool, tol: float) -> None:
     got = ecp_triton.score(x, g, weight, compensate)
     expected = reference.score(x, g, weight, compensate)
-    for name, got_t, expected_t in zip(("importance", "bias_delta"), got, expected):
+    for name, got_t, expected_t in zip(("importance", "bias_delta"), got, expected, strict=True):
         assert got_t.dtype == expected_t.dtype, f"{name}: dtype {got_t.dtype} != {expected_t.dtype}"
         assert_matches(got_t, expected_t, tol, name)
 
@@ -301,7 +301,7 @@ def test_nan_gradients_are_not_dead_neurons(launch: None) -> None:
     """A NaN gradient makes its neuron's statistics NaN, as in the reference, not zero."""
     x, g, weight = make_layer(29, 6, 5, 3, torch.float32, seed=14)
     g[1, 4, 2] = float("nan")
-    for got, expected in zip(ecp_triton.moments(x, g), reference.moments(x, g)):
+    for got, expected in zip(ecp_triton.moments(x, g), reference.moments(x, g), strict=True):
         assert torch.equal(got.isnan(), expected.isnan())
     for compensate in (True, False):
         importance, _ = ecp_triton.score(x, g, weight, compensate)
@@ -309,13 +309,15 @@ def test_nan_gradients_are_not_dead_neurons(launch: None) -> None:
 
 
 @kernel_test
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
 def test_float32_overflow_gives_the_reference_result(launch: None) -> None:
     """Inputs near 1e20 overflow float32 sums (inf - inf = NaN); the reference is finite there."""
     x, g, weight = make_layer(40, 4, 3, None, torch.float32, seed=15)
     x[:, 1] = 1e20
     g = g * 1e18
-    for got, expected in zip(ecp_triton.score(x, g, weight), reference.score(x, g, weight)):
+    for got, expected in zip(ecp_triton.score(x, g, weight), reference.score(x, g, weight), strict=True):
         assert torch.equal(got.isnan(), expected.isnan()) and not bool(expected.isnan().any())
         assert torch.equal(got.isinf(), expected.isinf())
     a = torch.tensor([[1e20], [1e20]], device=DEVICE)
@@ -393,11 +395,13 @@ def test_cuda_ops_dispatch_to_triton(compiled: None, dtype: torch.dtype, probes:
     torch.backends.cuda.matmul.allow_tf32 = False
     tol = TOLERANCE[dtype]
     got_moments = ecp_fast.moments(x, g)
-    for name, got_t, expected_t in zip(("s0", "mean", "m2"), got_moments, reference.moments(x, g)):
+    for name, got_t, expected_t in zip(("s0", "mean", "m2"), got_moments, reference.moments(x, g), strict=True):
         assert got_t.is_cuda
         assert_matches(got_t, expected_t, tol, name)
     got_score = ecp_fast.score(x, g, weight)
-    for name, got_t, expected_t in zip(("importance", "bias_delta"), got_score, reference.score(x, g, weight)):
+    for name, got_t, expected_t in zip(
+        ("importance", "bias_delta"), got_score, reference.score(x, g, weight), strict=True
+    ):
         assert_matches(got_t, expected_t, tol, name)
     importance, bias_delta = ecp_fast.finalize(*got_moments, weight)
     assert_matches(importance, got_score[0], tol, "finalize importance")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import triton
@@ -251,7 +252,9 @@ def gram(
     return _with_float64_rescue(h, lambda: reference.gram(a, b, weight))
 
 
-def _launch_gram(shape: GramShape, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None, h: torch.Tensor) -> None:
+def _launch_gram(
+    shape: GramShape, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None, h: torch.Tensor
+) -> None:
     """Launch the Gram kernel into ``h`` (the kernel's offsets are 64-bit, so any strides are fine)."""
     interpret = is_interpreted()
     _check_device("ecp.gram", a, interpret)
@@ -263,12 +266,26 @@ def _launch_gram(shape: GramShape, a: torch.Tensor, b: torch.Tensor | None, weig
     input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     w = weight if weight is not None else h  # not read without weights
     arguments = (
-        left, right, w, h, shape.n, shape.in_a, shape.in_b,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        w.stride(0) if weight is not None else 0, _n_bucket(shape.n),
+        left,
+        right,
+        w,
+        h,
+        shape.n,
+        shape.in_a,
+        shape.in_b,
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        w.stride(0) if weight is not None else 0,
+        _n_bucket(shape.n),
     )
-    flags = {"HAS_WEIGHT": weight is not None, "DOT_NATIVE": native, "UPCAST_DOT": interpret,
-             "INPUT_PRECISION": input_precision}
+    flags = {
+        "HAS_WEIGHT": weight is not None,
+        "DOT_NATIVE": native,
+        "UPCAST_DOT": interpret,
+        "INPUT_PRECISION": input_precision,
+    }
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(shape.in_a + 1, meta["BLOCK_A"]) * triton.cdiv(shape.in_b + 1, meta["BLOCK_B"]),)
