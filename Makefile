@@ -22,7 +22,7 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ecp-fast demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
 
 # Style, types and C++ formatting of the whole package (configured in pyproject.toml and .clang-format).
@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check ecp_fast tests bench examples
 	$(VENV)/bin/ruff format --check ecp_fast tests bench examples
 	$(VENV)/bin/mypy ecp_fast
-	$(VENV)/bin/clang-format --dry-run -Werror csrc/*.cpp csrc/*.h
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
