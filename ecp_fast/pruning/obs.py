@@ -305,6 +305,7 @@ def obs_sweep(
     bias: torch.Tensor | None,
     gram: torch.Tensor,
     sparsity: float = 0.0,
+    *,
     pattern: Pattern = "unstructured",
     mask: torch.Tensor | None = None,
     block_size: int = 128,
@@ -324,11 +325,9 @@ def obs_sweep(
         mask: (out, in) bool, True = keep; if given, only the OBS error propagation runs.
         block_size: columns per block; damp: fraction of mean(diag H) added to the diagonal.
         dtype: computation dtype; results come back in the weight's (and bias's) dtype.
-        budget: for "unstructured", how many entries each block removes: "block" (the same
-            fraction of every block, as SparseGPT does) or "layer" (each block's share of one
-            ranking of the whole layer's saliencies before the sweep, so blocks of inputs that
-            matter little, such as image borders, give up more; the entries within a block are
-            still chosen from the updated weights).
+        budget: for "unstructured", each block removes the same fraction ("block", as SparseGPT
+            does) or its share of one ranking of the whole layer before the sweep ("layer": blocks
+            of inputs that matter little give up more; entries are still chosen from the updated weights).
 
     Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
     and are pruned before anything else. Raises ValueError if H is singular after dampening.
@@ -351,15 +350,7 @@ def obs_sweep(
         keep[:, :n_in] = mask.to(weight.device)
     _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
     error = _quadratic(w - original, gram)
-    logger.debug(
-        "obs_sweep %dx%d pattern=%s: kept %d of %d weights, error %.6g",
-        out,
-        n_in,
-        mode,
-        int(keep[:, :n_in].sum()),
-        out * n_in,
-        error,
-    )
+    logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return ObsResult(
         weight=w[:, :n_in].to(weight.dtype), bias=w[:, n_in].to(bias_dtype), mask=keep[:, :n_in].clone(), error=error
@@ -414,11 +405,44 @@ def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, r
     return solution
 
 
+def _check_refit(
+    weight: object,
+    bias: object,
+    mask: object,
+    gram: object,
+    *,
+    cross: object,
+    dense_weight: object,
+    dense_bias: object,
+    ridge: object,
+    dtype: object,
+) -> tuple[int, int]:
+    """Every check of :func:`refit`'s arguments; returns ``(out, in)``."""
+    out, n_in = _check_layer(weight, bias)
+    _check_mask(mask, out, n_in)
+    _check_square(gram, "gram", n_in)
+    if cross is not None:
+        _check_square(cross, "cross", n_in)
+    if dense_weight is not None:
+        _check_layer(dense_weight, dense_bias, "dense_weight", "dense_bias")
+        if dense_weight.shape != weight.shape:  # type: ignore[attr-defined]  # tensors, checked above
+            raise ValueError(
+                f"argument 'dense_weight' must have the shape of 'weight' {tuple(weight.shape)}, "  # type: ignore[attr-defined]
+                f"got {tuple(dense_weight.shape)}"  # type: ignore[attr-defined]
+            )
+    elif dense_bias is not None:
+        raise ValueError("argument 'dense_bias' was given without 'dense_weight'; pass both or neither")
+    _check_real(ridge, "ridge", 0.0)
+    _check_dtype(dtype)
+    return out, n_in
+
+
 def refit(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     mask: torch.Tensor,
     gram: torch.Tensor,
+    *,
     cross: torch.Tensor | None = None,
     dense_weight: torch.Tensor | None = None,
     dense_bias: torch.Tensor | None = None,
@@ -442,22 +466,17 @@ def refit(
         ridge: lam = ridge * mean(diag H_pp) (default 0.01): keeps the solve well posed for dead or
             collinear inputs and shrinks towards the current weights.
     """
-    out, n_in = _check_layer(weight, bias)
-    _check_mask(mask, out, n_in)
-    _check_square(gram, "gram", n_in)
-    if cross is not None:
-        _check_square(cross, "cross", n_in)
-    if dense_weight is not None:
-        _check_layer(dense_weight, dense_bias, "dense_weight", "dense_bias")
-        if dense_weight.shape != weight.shape:
-            raise ValueError(
-                f"argument 'dense_weight' must have the shape of 'weight' {tuple(weight.shape)}, "
-                f"got {tuple(dense_weight.shape)}"
-            )
-    elif dense_bias is not None:
-        raise ValueError("argument 'dense_bias' was given without 'dense_weight'; pass both or neither")
-    _check_real(ridge, "ridge", 0.0)
-    _check_dtype(dtype)
+    out, n_in = _check_refit(
+        weight,
+        bias,
+        mask,
+        gram,
+        cross=cross,
+        dense_weight=dense_weight,
+        dense_bias=dense_bias,
+        ridge=ridge,
+        dtype=dtype,
+    )
     system = gram.to(device=weight.device, dtype=dtype)
     current = _augment(weight, bias, dtype)
     target = current if dense_weight is None else _augment(dense_weight, dense_bias, dtype)

@@ -56,6 +56,7 @@ from ecp_fast.pruning.masks import check_maskable, install_mask
 from ecp_fast.pruning.reconstruction import (
     RECONSTRUCTIVE_METHODS,
     REFIT_ONLY,
+    ReconstructionRun,
     apply_outcomes,
     reconstruct_best,
     sensitivity_weights,
@@ -407,19 +408,17 @@ class Pruner:
                 name: importance.score for name, importance in self.importances(config.alternative).items()
             }
             alternative = self._keep_for(method_scores, parsed_scope)
+        run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias)
         outcomes, chosen, divergences = reconstruct_best(
             self.model,
             self.layers,
             candidates,
             pattern,
-            config,
-            batches,
-            keep_fn,
-            weights,
-            resolve_divergence(divergence, batches),
-            self.output_fn,
-            alternative,
-            self.add_bias,
+            run,
+            keep_fn=keep_fn,
+            divergence=resolve_divergence(divergence, batches),
+            output_fn=self.output_fn,
+            alternative=alternative,
         )
         before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}
         with model_transaction(self.model):
@@ -587,6 +586,7 @@ def prune(
     batches: Iterable[Any] | None,
     sparsity: float | None = None,
     method: str = "ecp",
+    *,
     scope: str = "global",
     steps: int = 1,
     sensitivity: str | None = None,
@@ -595,7 +595,6 @@ def prune(
     loss_fn: LossFn | None = None,
     seed: int = 0,
     progress: bool = True,
-    *,
     reconstruct: bool = False,
     allocation: str | None = None,
     divergence: str = "auto",

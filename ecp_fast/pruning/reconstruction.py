@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -219,81 +219,94 @@ def _without_bias(matrix: torch.Tensor, columns: bool = True) -> torch.Tensor:
     return matrix
 
 
+@dataclass
+class ReconstructionRun:
+    """What every layer of one reconstruction shares.
+
+    ``sample_weights`` per layer and batch (None: 1, or the attention mask); ``dense`` the shared
+    dense reference (made on first use when the config refits); ``exact=False`` keeps the sweep's own
+    update instead of the final refit (the cheap proxy that compares allocation candidates);
+    ``add_bias=False`` keeps layers without a bias without one.
+    """
+
+    config: ReconstructionConfig
+    batches: Sequence[Any]
+    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None
+    dense: DenseReference | None = None
+    exact: bool = True
+    add_bias: bool = True
+
+
+def _layer_quadratic(
+    work: nn.Module, spec: LayerSpec, run: ReconstructionRun, first: bool, bias_free: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``H`` and the cross term ``C`` of a layer; the first layer's are computed once per dense reference."""
+    dense = run.dense
+    if dense is not None and first and spec.name in dense.first_grams:
+        hessian, cross = dense.first_grams[spec.name]
+    else:
+        weights = None if run.sample_weights is None else run.sample_weights[spec.name]
+        hessian, cross = layer_grams(work, dense if run.config.refit else None, spec, run.batches, weights)
+        if dense is not None and first:
+            dense.first_grams[spec.name] = (hessian, cross)
+    if bias_free:
+        hessian, cross = _without_bias(hessian), None if cross is None else _without_bias(cross, columns=False)
+    return hessian, cross
+
+
+def _refit(
+    weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, quadratic: tuple, dense: tuple, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    hessian, cross = quadratic
+    dense_weight, dense_bias = dense
+    return obs.refit(
+        weight, bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias, ridge=ridge
+    )
+
+
 def solve_layer(
     work: nn.Module,
-    dense: DenseReference | None,
     spec: LayerSpec,
     plan: LayerPlan,
-    config: ReconstructionConfig,
-    batches: Sequence[Any],
-    sample_weights: Sequence[torch.Tensor] | None,
-    exact: bool = True,
+    run: ReconstructionRun,
     first: bool = False,
     bias_free: bool = False,
 ) -> LayerOutcome:
     """Choose the layer's mask and compensation from its Gram matrices (the model is not changed).
 
-    With ``exact=False`` an OBS-chosen mask keeps the sweep's own update instead of the final
-    least-squares refit (a cheaper proxy, used to compare allocation candidates). ``first`` marks
-    the first layer pruned, whose Gram matrices ``dense`` may cache. ``bias_free`` keeps a layer
-    without a bias without one: the bias column is taken out of the quadratic, so it stays 0.
+    ``first`` marks the first layer pruned (its inputs are the dense ones); ``bias_free`` keeps a
+    layer without a bias without one: the bias column is taken out of the quadratic, so it stays 0.
     """
-    if dense is not None and first and spec.name in dense.first_grams:
-        hessian, cross = dense.first_grams[spec.name]
-    else:
-        hessian, cross = layer_grams(work, dense if config.refit else None, spec, batches, sample_weights)
-        if dense is not None and first:
-            dense.first_grams[spec.name] = (hessian, cross)
-    if bias_free:
-        hessian, cross = _without_bias(hessian), None if cross is None else _without_bias(cross, columns=False)
+    config = run.config
+    quadratic = _layer_quadratic(work, spec, run, first, bias_free)
     weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
-    dense_weight = dense_bias = None
-    if config.refit:
-        dense_weight, dense_bias = _augmented(dense.modules[spec.name], spec)  # type: ignore[union-attr]
-        if plan.keep is None and not first:
-            # The quadratic towards the dense pre-activations is minimised, before any pruning, by the
-            # unmasked least-squares fit; the OBS sweep must start from that minimiser to rank and
-            # compensate removals of *this* objective (starting from the dense weights would measure
-            # the error towards the layer's own output on the already pruned inputs instead). The
-            # first layer sees the dense inputs, so its own weights are that minimiser already.
-            everything = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
-            weight, bias = obs.refit(
-                weight,
-                bias,
-                everything,
-                hessian,
-                cross=cross,
-                dense_weight=dense_weight,
-                dense_bias=dense_bias,
-                ridge=config.damp,
-            )
+    dense = _augmented(run.dense.modules[spec.name], spec) if config.refit and run.dense else (None, None)
+    if config.refit and plan.keep is None and not first:
+        # The quadratic towards the dense pre-activations is minimised, before any pruning, by the
+        # unmasked least-squares fit; the OBS sweep must start from that minimiser to rank and
+        # compensate removals of *this* objective (starting from the dense weights would measure the
+        # error towards the layer's own output on the already pruned inputs instead). The first
+        # layer sees the dense inputs, so its own weights are that minimiser already.
+        everything = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
+        weight, bias = _refit(weight, bias, everything, quadratic, dense, config.damp)
     if plan.keep is None:
         result = obs.obs_sweep(
             weight,
             bias,
-            hessian,
+            quadratic[0],
             plan.sparsity,
-            plan.pattern,
+            pattern=plan.pattern,
             block_size=config.block_size,
             damp=config.damp,
             budget=config.budget,
         )
-        keep, new_weight, new_bias = result.mask, result.weight, result.bias
+        keep, weight, bias = result.mask, result.weight, result.bias
     else:
         keep = plan.keep.to(device=weight.device, dtype=torch.bool)
-        new_weight, new_bias = weight * keep, bias
-    if config.refit and (exact or plan.keep is not None):
-        new_weight, new_bias = obs.refit(
-            new_weight,
-            new_bias,
-            keep,
-            hessian,
-            cross=cross,
-            dense_weight=dense_weight,
-            dense_bias=dense_bias,
-            ridge=config.damp,
-        )
-    return LayerOutcome(weight=new_weight * keep, bias=new_bias, keep=keep)
+        weight = weight * keep
+    if config.refit and (run.exact or plan.keep is not None):
+        weight, bias = _refit(weight, bias, keep, quadratic, dense, config.damp)
+    return LayerOutcome(weight=weight * keep, bias=bias, keep=keep)
 
 
 def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: bool) -> bool:
@@ -327,37 +340,26 @@ def _plain_copy(model: nn.Module) -> nn.Module:
 
 
 def reconstruct(
-    model: nn.Module,
-    specs: Mapping[str, LayerSpec],
-    plans: Mapping[str, LayerPlan],
-    config: ReconstructionConfig,
-    batches: Sequence[Any],
-    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
-    dense: DenseReference | None = None,
-    exact: bool = True,
-    add_bias: bool = True,
+    model: nn.Module, specs: Mapping[str, LayerSpec], plans: Mapping[str, LayerPlan], run: ReconstructionRun
 ) -> tuple[dict[str, LayerOutcome], nn.Module]:
     """Prune every layer of ``plans`` in forward order on a working copy of ``model``.
 
     Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
-    is not changed (:func:`apply_outcomes` does that). ``dense`` may be shared between calls.
+    is not changed (:func:`apply_outcomes` does that).
     """
     work = _plain_copy(model)
-    if config.refit and dense is None:
-        dense = DenseReference(model)
+    if run.config.refit and run.dense is None:
+        run.dense = DenseReference(model)
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
-    first_inputs = to_device(split_batch(batches[0])[0], module_device(work))
+    first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
     work.eval()  # a copy: its mode needs no restoring
     outcomes: dict[str, LayerOutcome] = {}
     for position, name in enumerate(order):
         spec = work_specs[name]
-        weights = None if sample_weights is None else sample_weights[name]
-        bias_free = not add_bias and spec.module.bias is None
-        outcome = solve_layer(
-            work, dense, spec, plans[name], config, batches, weights, exact, first=position == 0, bias_free=bias_free
-        )
-        _write(spec.module, spec, outcome, add_bias=add_bias)
+        bias_free = not run.add_bias and getattr(spec.module, "bias", None) is None
+        outcome = solve_layer(work, spec, plans[name], run, first=position == 0, bias_free=bias_free)
+        _write(spec.module, spec, outcome, add_bias=run.add_bias)
         outcomes[name] = outcome
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
     return outcomes, work
@@ -431,56 +433,66 @@ def reconstruct_best(
     specs: Mapping[str, LayerSpec],
     candidates: Mapping[str, Mapping[str, float]],
     pattern: Pattern,
-    config: ReconstructionConfig,
-    batches: Sequence[Any],
+    run: ReconstructionRun,
+    *,
     keep_fn: KeepFn | None = None,
-    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None,
     divergence: str = "mse",
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     alternative: KeepFn | None = None,
-    add_bias: bool = True,
 ) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
     """Reconstruct once per candidate split and keep the one whose outputs stay closest to the dense model.
 
     Candidates whose masks the OBS sweep chooses are compared through the sweep's own update (no
-    final refit, the expensive step), and only the chosen one is then reconstructed exactly; with
+    final refit, the expensive step), and only the chosen one is reconstructed exactly; with
     ``alternative`` (masks of an importance at given per-layer sparsities) the chosen split is also
     reconstructed with those masks, and the closer of the two is kept. Returns the outcomes, the
-    chosen label, and the divergence of everything tried (proxies under their split's label; empty
-    when there was only one candidate, which is then not evaluated).
+    chosen label, and the divergence of everything tried (empty for a single candidate).
     """
-    from ecp_fast.pruning.allocation import model_outputs, output_divergence
-
-    dense = DenseReference(model) if config.refit else None
+    if run.config.refit and run.dense is None:
+        run.dense = DenseReference(model)
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
-        plans = _plans(split, pattern, keep_fn)
-        return reconstruct(model, specs, plans, config, batches, sample_weights, dense, add_bias=add_bias)[0], label, {}
-    proxy = config.refit and keep_fn is None
-    reference = model_outputs(model, batches, output_fn)
-    divergences: dict[str, float] = {}
-    best: dict[str, LayerOutcome] = {}
+        return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
+    proxy = run.config.refit and keep_fn is None
+    compare = _Comparison(model, run.batches, divergence, output_fn)
     for label, split in candidates.items():
-        plans = _plans(split, pattern, keep_fn)
-        outcomes, work = reconstruct(
-            model, specs, plans, config, batches, sample_weights, dense, exact=not proxy, add_bias=add_bias
-        )
-        value = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
-        if not divergences or value < min(divergences.values()):
-            best = outcomes
-        divergences[label] = value
-        logger.info("allocation candidate %s: divergence %.6g", label, value)
-        del work
-    chosen = min(divergences, key=divergences.__getitem__)
+        compare.add(label, *reconstruct(model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy)))
+    chosen = compare.best_label
     if not proxy:
-        return best, chosen, divergences
-    finalists = {f"{chosen}, refit": _plans(candidates[chosen], pattern, None)}
-    if alternative is not None:
-        finalists[f"{chosen}, refit, importance masks"] = _plans(candidates[chosen], pattern, alternative)
-    for label, plans in finalists.items():
-        outcomes, work = reconstruct(model, specs, plans, config, batches, sample_weights, dense, add_bias=add_bias)
-        divergences[label] = output_divergence(reference, model_outputs(work, batches, output_fn), divergence)
-        if label.endswith(", refit") or divergences[label] < divergences[f"{chosen}, refit"]:
-            best, final = outcomes, label
-        del work
-    return best, final, divergences
+        return compare.best, chosen, compare.divergences
+    finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
+    final = _Comparison(model, run.batches, divergence, output_fn, compare.reference)
+    for label, masks in finalists.items():
+        if label.endswith(", refit") or masks is not None:
+            final.add(label, *reconstruct(model, specs, _plans(candidates[chosen], pattern, masks), run))
+    return final.best, final.best_label, {**compare.divergences, **final.divergences}
+
+
+class _Comparison:
+    """Divergences of pruned working copies from the dense outputs; keeps the closest outcome."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        divergence: str,
+        output_fn: Callable[[Any], torch.Tensor] | None,
+        reference: list[torch.Tensor] | None = None,
+    ) -> None:
+        from ecp_fast.pruning.allocation import model_outputs
+
+        self.batches, self.kind, self.output_fn = batches, divergence, output_fn
+        self.reference = reference if reference is not None else model_outputs(model, batches, output_fn)
+        self.divergences: dict[str, float] = {}
+        self.best: dict[str, LayerOutcome] = {}
+        self.best_label = ""
+
+    def add(self, label: str, outcomes: dict[str, LayerOutcome], work: nn.Module) -> None:
+        """Measure ``work`` and keep ``outcomes`` when it is the closest so far (ties: the first)."""
+        from ecp_fast.pruning.allocation import model_outputs, output_divergence
+
+        value = output_divergence(self.reference, model_outputs(work, self.batches, self.output_fn), self.kind)
+        if not self.divergences or value < min(self.divergences.values()):
+            self.best, self.best_label = outcomes, label
+        self.divergences[label] = value
+        logger.info("allocation candidate %s: divergence %.6g", label, value)

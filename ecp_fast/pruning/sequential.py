@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,6 +276,7 @@ def prune_sequential(
     blocks: Sequence[nn.Module] | nn.Sequential | nn.ModuleList | nn.Module,
     inputs: Iterable[Any],
     sparsity: float | None = 0.5,
+    *,
     method: str = "ecp",
     sensitivity: str = "local",
     scope: str = "layer",
@@ -288,53 +289,26 @@ def prune_sequential(
     synchronize: bool = True,
     seed: int = 0,
     progress: bool = True,
-    *,
     reconstruct: bool = False,
     allocation: str | None = None,
     path: str | None = None,
 ) -> SequentialReport:
     """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
 
-    Args:
-        blocks: the model's blocks in execution order (each maps hidden states to hidden states, the
-            first element of a returned tuple counts), pruned in place; or the whole model, whose
-            blocks are found at ``path`` (``"model.layers"``, ``"transformer.h"``, ...; None tries the
-            common ones) and whose first block's arguments (attention mask, position embeddings or
-            ids, cache disabled) are captured from a forward pass on ``inputs`` and given to every block.
-        inputs: calibration batches: for a block list, the first block's inputs (tensors such as
-            token embeddings ``(B, T, d)``); for a whole model, what the model takes (tensors or
-            tokenizer dicts; attention masks keep padding out of the statistics). Read once.
-        sparsity: target sparsity per block, in ``[0, 1)`` (None with an ``"N:M"`` scope).
-        method: a registered importance method that needs no loss (``ecp``, ``obd``, ``wanda``,
-            ``magnitude``, ``random``, ...) or a reconstructive one (``sparsegpt``, ``ecp-obs``).
-        sensitivity: ``"local"`` (no backward pass) or ``"output"`` (block output as the reference).
-        scope: ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (across the layers of one block).
-        steps: iterative pruning steps within each block (see :meth:`Pruner.prune`); in a distributed
-            job the recalibrations between steps are merged across ranks only when
-            ``Pruner.calibrate`` itself synchronises, so use ``steps=1`` there otherwise.
-        probes: Rademacher probes for ``sensitivity="output"`` (None: the pruner's default).
-        layers: names of the layers to prune inside every block (relative to the block); None
-            prunes every supported layer.
-        device: where each block is calibrated and run; the block is moved there and back to where
-            it was afterwards. None computes each block where it already is.
-        offload_activations: hold the calibration activations on the CPU between blocks.
-        atomic: snapshot the blocks (one copy of their tensors) so that any failure leaves every
-            block exactly as it was (see the module docstring for the cost).
-        synchronize: in a ``torch.distributed`` job, merge each block's statistics across ranks.
-        seed: seeds the probes (offset per rank in a distributed job) and the ``random`` method.
-        progress: show a progress bar over the blocks.
-        reconstruct: refit each block's layers, in forward order, towards the dense block's outputs
-            on the block's (already pruned upstream) inputs; implied by ``sparsegpt`` and ``ecp-obs``.
-        allocation: how a block's total is split across its layers when reconstructing (see
-            :meth:`Pruner.prune`); the search compares the block's outputs (mean squared error).
-        path: with a whole model, the attribute path of its blocks.
-
-    Returns:
-        A :class:`SequentialReport` with one :class:`~ecp_fast.pruning.report.PruneReport` per block.
-
-    Raises:
-        ValueError, TypeError: on bad arguments or inputs, before or during the pass; with
-            ``atomic=True`` the blocks are then restored to their state before the call.
+    ``blocks`` is the model's block list (each maps hidden states to hidden states; the first
+    element of a returned tuple counts), pruned in place, with ``inputs`` the first block's batches
+    (tensors); or the whole model, whose blocks are found at ``path`` (None tries the common ones)
+    and whose first block's arguments (attention mask, position embeddings or ids, cache off) are
+    captured from a forward pass on ``inputs`` (what the model takes; attention masks keep padding
+    out) and given to every block. ``sparsity`` is per block; ``method`` any method that needs no
+    loss, the reconstructive ones included (``reconstruct`` and ``allocation`` as in
+    :meth:`~ecp_fast.pruning.pruner.Pruner.prune`, the search comparing block outputs);
+    ``sensitivity`` ``"local"`` or ``"output"`` (the block's output); ``scope`` ``"layer"``, ``"row"``,
+    ``"N:M"`` or ``"global"`` (within a block); ``steps``, ``probes``, ``layers`` (names within each
+    block), ``seed`` as for the Pruner. ``device`` computes each block there; ``offload_activations``
+    keeps activations on the CPU; ``atomic`` restores every block on any failure (one CPU copy of
+    their tensors); ``synchronize`` merges statistics across ``torch.distributed`` ranks. Returns a
+    :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError`` before any change.
     """
     _check_arguments(sparsity, method, sensitivity, scope, steps)
     compute = None if device is None else torch.device(device)
@@ -345,34 +319,34 @@ def prune_sequential(
     settings = _Settings(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, seed, reconstruct, allocation
     )
-    report = SequentialReport(
-        method=method,
-        sensitivity=sensitivity,
-        scope=scope,
-        target_sparsity=float("nan") if sparsity is None else float(sparsity),
-        samples=sum(count_samples(batch) for batch in activations),
-        batches=len(activations),
+    target = float("nan") if sparsity is None else float(sparsity)
+    samples = sum(count_samples(batch) for batch in activations)
+    report = SequentialReport(method, sensitivity, scope, target, samples, batches=len(activations))
+    with _atomic(block_list, atomic):
+        _run_blocks(block_list, activations, settings, compute, storage_device, report, progress)
+    logger.info(
+        "sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity, report.seconds
     )
+    return report
+
+
+@contextlib.contextmanager
+def _atomic(block_list: list[nn.Module], atomic: bool) -> Iterator[None]:
+    """On failure: every block back on its device and, with ``atomic``, exactly as it was."""
     homes = [module_device(block) for block in block_list]
     with contextlib.ExitStack() as stack:
         if atomic:
             stack.enter_context(model_transaction(*block_list, storage=torch.device("cpu")))
         try:
-            _run_blocks(block_list, activations, settings, compute, storage_device, report, progress)
+            yield
         except BaseException:
             for block, home in zip(block_list, homes, strict=True):
                 block.to(home)
-            logger.warning(
-                "sequential pruning failed; %s",
-                "every block was restored"
-                if atomic
-                else "the blocks pruned before the failure stay pruned (atomic=False)",
+            restored = (
+                "every block was restored" if atomic else "the blocks pruned before it stay pruned (atomic=False)"
             )
+            logger.warning("sequential pruning failed; %s", restored)
             raise
-    logger.info(
-        "sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity, report.seconds
-    )
-    return report
 
 
 def _run_blocks(
