@@ -242,7 +242,9 @@ def test_refit_matches_weighted_least_squares(monkeypatch, path, with_cross):
         dense_weight = weight + 0.2 * torch.randn(out, n_in, generator=g, dtype=F64)
         dense_bias = bias + 0.2 * torch.randn(out, generator=g, dtype=F64)
         cross = (_augment(xp) * sample_weights[:, None]).T @ _augment(xd)
-        new_weight, new_bias = obs.refit(weight, bias, mask, gram, cross, dense_weight, dense_bias, ridge=0.05)
+        new_weight, new_bias = obs.refit(
+            weight, bias, mask, gram, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias, ridge=0.05
+        )
     else:
         xd, dense_weight, dense_bias = xp, weight, bias
         new_weight, new_bias = obs.refit(weight, bias, mask, gram, ridge=0.05)
