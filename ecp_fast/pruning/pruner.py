@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.distributed import synchronize_calibration
+from ecp_fast.distributed import is_distributed, synchronize_calibration
 from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
     candidate_splits,
@@ -104,6 +104,11 @@ class Pruner:
             parameter (as Wanda and SparseGPT do).
         exclude: names or glob patterns of layers to leave out (a parent's pattern covers its children).
         include_output_head: also prune the output head (``lm_head``) when it is not tied.
+        process_group: the ``torch.distributed`` group whose ranks' statistics :meth:`calibrate`
+            merges (None: the default group, when one is initialised).
+        keep_inputs: keep up to 1,024 calibration inputs for the ``nonlinear`` baseline (the only
+            method that replays them). None keeps them in a single process and not in a
+            distributed run, where they would be gathered from every rank for nothing.
         add_bias: let compensation add a bias to layers that have none; False prunes those layers
             without compensation (for architectures that cannot hold the bias, see
             :func:`ecp_fast.pruning.hf.prepare_for_save_pretrained`).
@@ -129,6 +134,8 @@ class Pruner:
         exclude: Sequence[str] | str | None = None,
         include_output_head: bool = False,
         add_bias: bool = True,
+        process_group: Any = None,
+        keep_inputs: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,6 +150,8 @@ class Pruner:
             model, layers, exclude, include_output_head=include_output_head
         )
         self.add_bias = bool(add_bias)
+        self.process_group = process_group
+        self.keep_inputs = not is_distributed(process_group) if keep_inputs is None else bool(keep_inputs)
         self.output_fn = output_fn
         self.seed = seed
         self.progress = progress
@@ -171,7 +180,7 @@ class Pruner:
         calibrator = self._calibrator(loss_fn, loss_reduction)
         # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
         # and so the scores, masks and biases, identical on all ranks (a no-op in one process).
-        result = synchronize_calibration(calibrator.run(batches, progress=self.progress))
+        result = synchronize_calibration(calibrator.run(batches, progress=self.progress), group=self.process_group)
         self.calibration = result
         self._batches = batches
         self._loss_fn = loss_fn
@@ -188,6 +197,7 @@ class Pruner:
             loss_reduction=loss_reduction if loss_reduction is not None else self._loss_reduction,
             output_fn=self.output_fn,
             seed=self.seed,
+            keep_inputs=self.keep_inputs,
         )
 
     # ---- scoring --------------------------------------------------------------------------------
@@ -215,6 +225,11 @@ class Pruner:
         return result
 
     def _check_ready(self, chosen: Method) -> None:
+        if chosen.name == "nonlinear" and not self.keep_inputs:
+            raise RuntimeError(
+                "method 'nonlinear' replays the calibration inputs: create the Pruner with keep_inputs=True "
+                "(they are not kept by default in a distributed run)"
+            )
         if chosen.needs_calibration and self.calibration is None:
             raise RuntimeError(
                 f"method {chosen.name!r} needs calibration statistics: call Pruner.calibrate(batches) before prune()"

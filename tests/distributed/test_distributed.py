@@ -92,7 +92,8 @@ def run_scenario(
     strategy: str = "allreduce",
 ) -> dict[str, Any]:
     model = make_model(dtype)
-    pruner = Pruner(model, sensitivity=sensitivity, probes=probes, seed=7, progress=False)
+    # keep_inputs: the replay inputs are gathered across ranks only when asked for.
+    pruner = Pruner(model, sensitivity=sensitivity, probes=probes, seed=7, progress=False, keep_inputs=True)
     loss_fn = nn.MSELoss() if sensitivity == "loss" or method == "gradient" else None
     if distributed and probes is not None:
         with per_rank_probe_seed(pruner):
@@ -294,3 +295,22 @@ def test_rank_seed_without_process_group() -> None:
     with per_rank_probe_seed(holder) as seed:
         assert seed == 5 and holder.seed == 5
     assert holder.seed == 5
+
+
+def test_pruner_keeps_inputs_only_when_asked_in_a_process_group(monkeypatch) -> None:
+    """In a distributed run the calibration inputs are not kept (nor gathered) unless asked."""
+    from ecp_fast.pruning import pruner as pruner_module
+    from ecp_fast.pruning.importance import get_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    batches = [torch.randn(8, 4, dtype=torch.float64)]
+    single = Pruner(model, sensitivity="local", progress=False)
+    single.calibrate(batches)
+    assert single.keep_inputs and single.calibration.inputs is not None
+    monkeypatch.setattr(pruner_module, "is_distributed", lambda group=None: True)
+    distributed = Pruner(model, sensitivity="local", progress=False, process_group="group")
+    assert distributed.process_group == "group" and not distributed.keep_inputs
+    with pytest.raises(RuntimeError, match="keep_inputs=True"):
+        distributed._check_ready(get_method("nonlinear"))
+    assert Pruner(model, sensitivity="local", progress=False, keep_inputs=True).keep_inputs
