@@ -478,19 +478,23 @@ class Pruner:
     def _allocation_candidates(
         self, allocation: str, target: float, scope: Scope, scores: Mapping[str, torch.Tensor] | None
     ) -> dict[str, dict[str, float]]:
+        """Candidate per-layer sparsities; a layer never goes below the sparsity its mask already has."""
         sizes = {name: spec.fan_out * spec.fan_in for name, spec in self.layers.items()}
+        keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
         global_split = None
         if scores is not None and scope.kind in ("global", "layer"):
-            keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
             removed = select_weights(scores, keep, target, Scope("global"))
             global_split = split_from_keep({name: keep[name] & ~removed[name] for name in keep})
         if allocation == "uniform":
-            return {"uniform": uniform_split(sizes, target)}
-        if allocation == "global":
+            candidates = {"uniform": uniform_split(sizes, target)}
+        elif allocation == "global":
             if global_split is None:
                 raise RuntimeError("allocation='global' ranks ECP importances: call Pruner.calibrate(batches) first")
-            return {"global": global_split}
-        return candidate_splits(sizes, target, global_split)
+            candidates = {"global": global_split}
+        else:
+            candidates = candidate_splits(sizes, target, global_split)
+        floor = split_from_keep(keep)  # removed weights stay removed (they count toward the target)
+        return {label: {name: max(s, floor[name]) for name, s in split.items()} for label, split in candidates.items()}
 
     def _keep_for(self, scores: Mapping[str, torch.Tensor], scope: Scope) -> Callable[[Mapping[str, float]], dict]:
         """Keep masks from ``scores`` at given per-layer sparsities (within a row or N:M group per scope)."""

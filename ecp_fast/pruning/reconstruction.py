@@ -74,6 +74,7 @@ class LayerPlan:
     sparsity: float = 0.0
     pattern: Pattern = "unstructured"
     keep: torch.Tensor | None = None
+    present: torch.Tensor | None = None  # weights not removed before this call (they may not return)
 
 
 @dataclass
@@ -287,8 +288,10 @@ def solve_layer(
         # compensate removals of *this* objective (starting from the dense weights would measure the
         # error towards the layer's own output on the already pruned inputs instead). The first
         # layer sees the dense inputs, so its own weights are that minimiser already.
-        everything = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
-        weight, bias = _refit(weight, bias, everything, quadratic, dense, config.damp)
+        present = torch.ones(spec.fan_out, spec.fan_in, dtype=torch.bool, device=weight.device)
+        if plan.present is not None:
+            present = plan.present.to(present.device)
+        weight, bias = _refit(weight, bias, present, quadratic, dense, config.damp)
     if plan.keep is None:
         result = obs.obs_sweep(
             weight,
@@ -301,6 +304,8 @@ def solve_layer(
             budget=config.budget,
         )
         keep, weight, bias = result.mask, result.weight, result.bias
+        if plan.present is not None:  # removed weights stay removed, even where the sweep would keep them
+            keep = keep & plan.present.to(keep.device)
     else:
         keep = plan.keep.to(device=weight.device, dtype=torch.bool)
         weight = weight * keep
@@ -358,7 +363,9 @@ def reconstruct(
     for position, name in enumerate(order):
         spec = work_specs[name]
         bias_free = not run.add_bias and getattr(spec.module, "bias", None) is None
-        outcome = solve_layer(work, spec, plans[name], run, first=position == 0, bias_free=bias_free)
+        present = specs[name].mask_2d()
+        plan = plans[name] if present is None else replace(plans[name], present=present != 0)
+        outcome = solve_layer(work, spec, plan, run, first=position == 0, bias_free=bias_free)
         _write(spec.module, spec, outcome, add_bias=run.add_bias)
         outcomes[name] = outcome
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))

@@ -237,3 +237,18 @@ def test_sequential_blocks_accept_reconstructive_methods() -> None:
     report = ecp_fast.prune_sequential(blocks, inputs, sparsity=0.5, method="sparsegpt", progress=False)
     assert report.sparsity == pytest.approx(0.5, abs=0.02)
     assert all(hasattr(block[0], "weight_mask") for block in blocks)
+
+
+@pytest.mark.parametrize("method", ["ecp-obs", "sparsegpt"])
+def test_an_already_pruned_model_keeps_its_zeros_and_meets_the_new_target(method: str) -> None:
+    model = _relu_mlp()
+    batches = _batches()
+    ecp_fast.prune(model, batches, sparsity=0.5, method="magnitude", scope="layer", progress=False)
+    before = {
+        name: module.weight_mask.clone() for name, module in model.named_modules() if hasattr(module, "weight_mask")
+    }
+    report = ecp_fast.prune(model, batches, sparsity=0.8, method=method, progress=False)
+    assert report.sparsity == pytest.approx(0.8, abs=0.02)
+    for name, mask in before.items():
+        after = dict(model.named_modules())[name].weight_mask
+        assert bool((after[mask == 0] == 0).all()), f"{name}: a removed weight came back"
