@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import triton
@@ -98,6 +98,45 @@ def _n_bucket(n: int) -> int:
     return triton.next_power_of_2(max(n, 1))
 
 
+def _launch_gradients(g: torch.Tensor, shape: LayerShape) -> tuple[torch.Tensor, int, bool]:
+    """``g`` as ``(P, N, out)`` with 32-bit offsets; many Jacobian rows are reduced to ``c`` first."""
+    gradients = g if g.dim() == 3 else g.unsqueeze(0)
+    n_probes, g_is_sensitivity = shape.p, False
+    if n_probes > kernels.MAX_UNROLLED_PROBES:
+        # Many Jacobian rows: reduce them once (an (N, out) float32 tensor, P times smaller than g).
+        gradients = gradients.float().square().sum(dim=0, keepdim=True)
+        n_probes, g_is_sensitivity = 1, True
+    return _int32_offsets(gradients, _MAX_BLOCK_N, shape.fan_out), n_probes, g_is_sensitivity
+
+
+def _precision(x: torch.Tensor, g: torch.Tensor) -> tuple[bool, str]:
+    """Whether the dots run on bf16 operands, and Triton's input precision for float32 ones.
+
+    Half-precision layers run the dots on bf16 operands (tensor cores); anything with a float32
+    input keeps float32 operands, on TF32 tensor cores only where torch allows TF32 for matmuls.
+    """
+    both_half = x.dtype in HALF_DTYPES and g.dtype in HALF_DTYPES
+    if both_half:
+        return True, "tf32"  # Triton's default; only float32 operands read it
+    return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _column_shift(built: Any, samples: torch.Tensor, shape: LayerShape, interpret: bool) -> torch.Tensor:
+    """The per-column shift (mean of the first rows) that keeps ``m2`` precise, from the pre-pass kernel."""
+    shift = torch.empty(shape.fan_in, device=samples.device, dtype=torch.float32)
+    shift_blocks = kernels.INTERPRETER_SHIFT_BLOCKS if interpret else kernels.SHIFT_BLOCKS
+    built.column_shift[(triton.cdiv(shape.fan_in, shift_blocks["BLOCK_IN"]),)](
+        samples,
+        shift,
+        min(shape.n, kernels.SHIFT_ROWS),
+        shape.fan_in,
+        samples.stride(0),
+        samples.stride(1),
+        **shift_blocks,
+    )
+    return shift
+
+
 def _launch(
     op: str,
     shape: LayerShape,
@@ -114,70 +153,27 @@ def _launch(
     s0, first, second = outputs
     samples = x.reshape(shape.n, shape.fan_in)  # a view whenever the leading dims allow one
     samples = _int32_offsets(samples, _MAX_BLOCK_N, shape.fan_in)
-    gradients = g if g.dim() == 3 else g.unsqueeze(0)
-    n_probes = shape.p
-    g_is_sensitivity = False
-    if n_probes > kernels.MAX_UNROLLED_PROBES:
-        # Many Jacobian rows: reduce them once (an (N, out) float32 tensor, P times smaller than g).
-        gradients = gradients.float().square().sum(dim=0, keepdim=True)
-        n_probes, g_is_sensitivity = 1, True
-    gradients = _int32_offsets(gradients, _MAX_BLOCK_N, shape.fan_out)
+    gradients, n_probes, g_is_sensitivity = _launch_gradients(g, shape)
     if weight is not None:
         weight = _int32_offsets(weight, shape.fan_out, shape.fan_in)
-
-    # Half-precision layers run the dots on bf16 operands (tensor cores); anything with a float32
-    # input keeps float32 operands, on TF32 tensor cores only where torch allows TF32 for matmuls.
-    both_half = x.dtype in HALF_DTYPES and g.dtype in HALF_DTYPES
-    if both_half:
-        input_precision = "tf32"  # Triton's default; only float32 operands read it
-    else:
-        input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    both_half, input_precision = _precision(x, g)
 
     with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
-        if compensate:
-            shift = torch.empty(shape.fan_in, device=x.device, dtype=torch.float32)
-            shift_blocks = kernels.INTERPRETER_SHIFT_BLOCKS if interpret else kernels.SHIFT_BLOCKS
-            built.column_shift[(triton.cdiv(shape.fan_in, shift_blocks["BLOCK_IN"]),)](
-                samples,
-                shift,
-                min(shape.n, kernels.SHIFT_ROWS),
-                shape.fan_in,
-                samples.stride(0),
-                samples.stride(1),
-                **shift_blocks,
-            )
-        else:
-            shift = s0  # not read without compensation
+        shift = _column_shift(built, samples, shape, interpret) if compensate else s0  # s0: not read
         w = weight if weight is not None else first  # not read by the moments kernel
-        arguments = (
-            samples,
-            gradients,
-            w,
-            shift,
-            s0,
-            first,
-            second,
-            shape.n,
-            shape.fan_in,
-            shape.fan_out,
-            samples.stride(0),
-            samples.stride(1),
-            gradients.stride(0),
-            gradients.stride(1),
-            gradients.stride(2),
-            w.stride(0),
-            w.stride(1),
-            _n_bucket(shape.n),
+        tensors = (samples, gradients, w, shift, s0, first, second)
+        sizes = (shape.n, shape.fan_in, shape.fan_out)
+        strides = (*samples.stride(), *gradients.stride(), *w.stride())
+        arguments = (*tensors, *sizes, *strides, _n_bucket(shape.n))
+        flags = dict(
+            N_PROBES=n_probes,
+            G_IS_SENSITIVITY=g_is_sensitivity,
+            SCORE=weight is not None,
+            COMPENSATE=compensate,
+            DOT_BF16=both_half,
+            UPCAST_DOT=interpret,
+            INPUT_PRECISION=input_precision,
         )
-        flags = {
-            "N_PROBES": n_probes,
-            "G_IS_SENSITIVITY": g_is_sensitivity,
-            "SCORE": weight is not None,
-            "COMPENSATE": compensate,
-            "DOT_BF16": both_half,
-            "UPCAST_DOT": interpret,
-            "INPUT_PRECISION": input_precision,
-        }
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(shape.fan_out, meta["BLOCK_OUT"]) * triton.cdiv(shape.fan_in, meta["BLOCK_IN"]),)
