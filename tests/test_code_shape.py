@@ -11,18 +11,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "ecp_fast"
 MAX_LINES = 60
 MAX_POSITIONAL = 8
 
 #: Files of Triton kernels (``@triton.jit`` is applied when they are built).
 KERNEL_FILES = {"ops/triton/kernels.py"}
-
-#: Functions over a limit: (file, qualified name) -> (lines, positional parameters). None today; an
-#: entry may not grow and must be deleted once it fits.
-ALLOWED: dict[tuple[str, str], tuple[int, int]] = {}
 
 
 def _functions(tree: ast.AST, prefix: str = ""):
@@ -64,9 +58,7 @@ def test_the_package_is_measured() -> None:
 
 def test_no_function_is_longer_than_60_lines() -> None:
     too_long = {
-        f"ecp_fast/{path}: {name} has {lines} lines"
-        for (path, name), (lines, _) in SIZES.items()
-        if lines > MAX_LINES and lines > ALLOWED.get((path, name), (0, 0))[0]
+        f"ecp_fast/{path}: {name} has {lines} lines" for (path, name), (lines, _) in SIZES.items() if lines > MAX_LINES
     }
     assert not too_long, f"functions over {MAX_LINES} lines (split them): {sorted(too_long)}"
 
@@ -75,15 +67,6 @@ def test_no_function_has_more_than_8_positional_parameters() -> None:
     too_many = {
         f"ecp_fast/{path}: {name} takes {positional} positional parameters"
         for (path, name), (_, positional) in SIZES.items()
-        if positional > MAX_POSITIONAL and positional > ALLOWED.get((path, name), (0, 0))[1]
+        if positional > MAX_POSITIONAL
     }
     assert not too_many, f"make the parameters after the {MAX_POSITIONAL}th keyword-only: {sorted(too_many)}"
-
-
-@pytest.mark.parametrize("key", sorted(ALLOWED), ids=lambda key: f"{key[0]}:{key[1]}")
-def test_allowed_exceptions_are_still_needed(key: tuple[str, str]) -> None:
-    assert key in SIZES, f"ecp_fast/{key[0]}: {key[1]} is gone; delete its entry in ALLOWED"
-    lines, positional = SIZES[key]
-    assert lines > MAX_LINES or positional > MAX_POSITIONAL, (
-        f"ecp_fast/{key[0]}: {key[1]} now fits ({lines} lines, {positional} positional); delete its entry in ALLOWED"
-    )
