@@ -144,20 +144,31 @@ class LayerGradients(NamedTuple):
     loss_g: torch.Tensor | None
 
 
+def _check_statistics(name: str, stats: LayerStatistics) -> None:
+    """``ValueError`` when finite inputs and gradients still overflowed a layer's float32 sums.
+
+    Checked once on the merged statistics: a non-finite part makes its merge non-finite too.
+    """
+    sums = [stats.moments.s0, stats.moments.mean, stats.moments.m2, stats.activation_sq_sum]
+    if stats.loss_grad_sum is not None:
+        sums.append(stats.loss_grad_sum)
+    if not all(_finite(t) for t in sums):
+        raise ValueError(
+            f"calibration: the statistics of layer {name!r} overflowed to NaN or Inf "
+            "(expected finite sums; the activations or gradients are too large)"
+        )
+
+
 def _check_finite(t: torch.Tensor, what: str, expected: str) -> None:
     # A float64 sum is NaN or Inf exactly when an element is (float32 data cannot overflow it), and
     # it reads the tensor once without allocating a mask.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    if not _finite(t):
         raise ValueError(f"{what} contain NaN or Inf (expected finite {expected})")
 
 
-def _check_layer_gradients(grads: LayerGradients, name: str, batch_index: int) -> None:
-    where = f"calibration batch {batch_index}:"
-    _check_finite(grads.x, f"{where} the inputs of layer {name!r}", "activations")
-    if grads.g is not None:
-        _check_finite(grads.g, f"{where} the output gradients of layer {name!r}", "gradients")
-    if grads.loss_g is not None:
-        _check_finite(grads.loss_g, f"{where} the loss gradients of layer {name!r}", "gradients")
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite; one float64 reduction, no mask allocated."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
 
 
 # ---- one batch ----------------------------------------------------------------------------------------
@@ -279,9 +290,12 @@ class _RunTotals:
         logger.info(
             "calibrated %d layers on %d samples in %d batches", len(self.statistics), self.samples, self.batch_count
         )
+        statistics = {name: stats for name, stats in self.statistics.items() if stats is not None}
+        for name, stats in statistics.items():
+            _check_statistics(name, stats)
         kept = self.kept_inputs
         return CalibrationResult(
-            statistics={name: stats for name, stats in self.statistics.items() if stats is not None},
+            statistics=statistics,
             samples=self.samples,
             batches=self.batch_count,
             inputs=torch.cat(kept) if self.inputs_complete and kept else None,
@@ -360,14 +374,20 @@ class _PassHooks:
         samples = spec.inputs_2d(x)
         state.rows = _row_selection(self.weights, samples.shape[0], self._row_cache)
         samples = _select(samples, state.rows)
-        if self.check_finite:
-            _check_finite(samples, f"{self.where} the inputs of layer {name!r}", "activations")
         state.samples = int(samples.shape[0])
         scale = state.rows.scale
         squares = (
             samples.square() if scale is None else samples.square() * scale.square().to(samples.dtype).unsqueeze(1)
         )
         state.activation_sq_sum = squares.sum(dim=0)
+        # The sums of squares are finite exactly when the inputs are and do not overflow: checking the
+        # (in,) sums instead of the (N, in) inputs costs nothing; the inputs are read only to say which.
+        if self.check_finite and not _finite(state.activation_sq_sum):
+            _check_finite(samples, f"{self.where} the inputs of layer {name!r}", "activations")
+            raise ValueError(
+                f"{self.where} the squared inputs of layer {name!r} overflowed to Inf "
+                "(expected finite sums; the activations are too large)"
+            )
         if self.sensitivity == "local":
             g = samples.new_ones(samples.shape[0], spec.fan_out)
             if scale is not None:
@@ -383,7 +403,8 @@ class _PassHooks:
         state = self.passes[name]
         spec = state.spec
         g = spec.grads_3d(grad.detach().unsqueeze(0))[0]  # (N, out)
-        if self.check_finite:
+        # Output gradients that are reduced are checked once, reduced (check_sensitivities).
+        if self.check_finite and (self.mode == _GRADIENTS or self.phase == "loss"):
             what = "loss gradients" if self.phase == "loss" else "output gradients"
             _check_finite(g, f"{self.where} the {what} of layer {name!r}", "gradients")
         if self.mode == _GRADIENTS:
@@ -411,6 +432,42 @@ class _PassHooks:
         if scale is not None:
             squares = squares * scale.square().to(squares.dtype).unsqueeze(1)
         state.sensitivity = squares if state.sensitivity is None else state.sensitivity.add_(squares)
+
+    def on_gradients(self, name: str, grads: torch.Tensor) -> None:
+        """Reduce a batched pass's ``(P, *z.shape)`` gradients of one layer, as :meth:`on_gradient` would one by one."""
+        state = self.passes[name]
+        if self.mode != _STATISTICS:
+            for row in grads:
+                self.on_gradient(name, row)
+            return
+        g = state.spec.grads_3d(grads.detach())  # (P, N, out), the pass's own tensor: free to overwrite
+        if state.rows.kept is not None:
+            g = g.index_select(1, state.rows.kept)
+        g = g.to(_accumulation_dtype(g.dtype))
+        # Squared in place: a second (P, N, out) buffer costs more in fresh pages than the squaring.
+        squares = g.square_() if g.is_contiguous() else g.square()
+        if state.rows.scale is not None:
+            squares = squares * state.rows.scale.square().to(squares.dtype).unsqueeze(1)
+        # Added in direction order, like one pass per direction (a reduction over P may round differently).
+        total = squares[0].clone() if state.sensitivity is None else state.sensitivity.add_(squares[0])
+        for square in squares[1:]:
+            total.add_(square)
+        state.sensitivity = total
+
+    def check_sensitivities(self) -> None:
+        """``ValueError`` naming the first layer whose reduced output gradients are not finite.
+
+        A sum of squares is finite exactly when every gradient is finite and small enough to square,
+        so one check of the ``(N, out)`` sums replaces one check of every direction's gradient.
+        """
+        if not self.check_finite or self.mode == _GRADIENTS:
+            return
+        for name, state in self.passes.items():
+            if state.sensitivity is not None and not _finite(state.sensitivity):
+                raise ValueError(
+                    f"{self.where} the output gradients of layer {name!r} contain NaN or Inf, or values too "
+                    "large to square (expected finite gradients)"
+                )
 
 
 class Calibrator:
@@ -589,7 +646,7 @@ class Calibrator:
                 c = state.sensitivity
                 if c is None:
                     c = x.new_zeros(x.shape[0], spec.fan_out)
-                state.moments = fused_moments(x, c.sqrt().to(x.dtype).unsqueeze(0))
+                state.moments = fused_moments(x, c.sqrt_().to(x.dtype).unsqueeze(0))  # c is this pass's own
                 state.sensitivity = None
             activation_sq_sum = state.activation_sq_sum
             assert activation_sq_sum is not None  # on_input sets it in statistics mode
@@ -605,15 +662,6 @@ class Calibrator:
                 loss_grad_sum=loss_grad_sum,
                 samples=state.samples,
             )
-            sums = [stats.moments.s0, stats.moments.mean, stats.moments.m2, stats.activation_sq_sum]
-            if loss_grad_sum is not None:
-                sums.append(loss_grad_sum)
-            # Finite inputs can still overflow the float32 sums of huge activations.
-            if not all(bool(torch.isfinite(t.sum(dtype=torch.float64))) for t in sums):
-                raise ValueError(
-                    f"calibration batch {batch_index}: the statistics of layer {name!r} overflowed to NaN or Inf "
-                    "(expected finite sums; the activations or gradients are too large)"
-                )
             result[name] = stats
         return result
 
@@ -652,6 +700,7 @@ class Calibrator:
             output = self._forward(hooks, inputs)  # the model's raw return value is not kept past this call
             if output is not None:
                 self._backward_passes(hooks, output, targets, weights, generator)
+                hooks.check_sensitivities()
         finally:
             for parameter in trainable:
                 parameter.requires_grad_(True)
@@ -727,10 +776,8 @@ class Calibrator:
             return
         hooks.phase = "output"
         for name, grad in zip(names, grads, strict=True):
-            if grad is None:
-                continue
-            for row in grad:
-                hooks.on_gradient(name, row)
+            if grad is not None:
+                hooks.on_gradients(name, grad)
 
     @staticmethod
     def _backward(

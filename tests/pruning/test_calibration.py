@@ -16,6 +16,7 @@ from nets import tanh_mlp
 
 from ecp_fast.ops import reference
 from ecp_fast.ops.merge import Moments
+from ecp_fast.pruning import calibration
 from ecp_fast.pruning.calibration import (
     MAX_STORED_SAMPLES,
     Calibrator,
@@ -382,3 +383,68 @@ def test_calibration_restores_which_parameters_require_grad():
     pruner = ecp_fast.Pruner(model, progress=False)
     pruner.calibrate([torch.randn(5, 7, dtype=torch.float64)])
     assert [p.requires_grad for p in model.parameters()] == [False] + [True] * 5
+
+
+def _statistics(model: nn.Module, batches: list, probes: int | None = None) -> dict[str, LayerStatistics]:
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity="output", probes=probes)
+    return calibrator.run(batches, progress=False).statistics
+
+
+@pytest.mark.parametrize("probes", [None, 3])
+def test_one_batched_backward_pass_equals_one_pass_per_direction(monkeypatch, probes):
+    conv = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4))
+    token = TokenMLP()
+    padded, _ = padded_and_real_tokens()
+    cases = [(conv, [torch.randn(6, 2, 5, 5), torch.randn(3, 2, 5, 5)]), (token, [padded, padded])]
+    for model, batches in cases:
+        batched = _statistics(model, batches, probes)
+        monkeypatch.setattr(calibration, "BATCHED_BACKWARD_BYTES", 0)
+        streamed = _statistics(model, batches, probes)
+        monkeypatch.undo()
+        for name, stats in batched.items():  # a batched backward pass may round its products differently
+            assert_moments_close(stats.moments, streamed[name].moments, rtol=1e-5, atol=1e-7)
+
+
+class Scaled(nn.Module):
+    """An MLP whose output is multiplied by ``scale``: huge gradients from ordinary inputs."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.scale = nn.Linear(4, 5), nn.Linear(5, 2), scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize(
+    ("scale", "value", "message", "sensitivities"),
+    [
+        (1.0, float("inf"), "inputs of layer 'fc1' contain NaN or Inf", ("output", "local")),
+        (1.0, float("nan"), "inputs of layer 'fc1' contain NaN or Inf", ("output", "local")),
+        (1.0, 1e30, "squared inputs of layer 'fc1' overflowed", ("output", "local")),
+        (1e30, 1.0, "output gradients of layer 'fc1' contain NaN or Inf, or values too large to square", ("output",)),
+    ],
+)
+def test_non_finite_or_overflowing_calibration_values_are_named(scale, value, message, sensitivities):
+    model = Scaled(scale)
+    x = torch.randn(8, 4)
+    x[3, 1] = value
+    for sensitivity in sensitivities:
+        calibrator = Calibrator(model, resolve_layers(model), sensitivity=sensitivity)
+        with pytest.raises(ValueError, match=message):
+            calibrator.run([torch.randn(8, 4) / scale, x], progress=False)
+
+
+def test_nan_gradients_are_named_by_the_row_sensitivities_too():
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(self.fc(x) - 100.0)  # NaN outputs and gradients
+
+    model = Root()
+    with pytest.raises(ValueError, match="output gradients of layer 'fc' contain NaN or Inf"):
+        Calibrator(model, resolve_layers(model), sensitivity="output").row_sensitivities(torch.randn(5, 4))
