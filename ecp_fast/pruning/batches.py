@@ -241,6 +241,35 @@ def count_samples(inputs: Any) -> int:
     return 1
 
 
+def batch_rows(inputs: Any, targets: Any = None) -> int | None:
+    """How many samples a batch holds along its first dimension, when it can be split there; else None.
+
+    Tensors and mappings of tensors (their ``input_ids``, or their first tensor) can be split, with
+    targets that are None or a tensor of as many rows. :class:`BlockInputs` and other inputs cannot:
+    their arguments need not be batch-major.
+    """
+    rows: int | None = None
+    if isinstance(inputs, torch.Tensor):
+        rows = int(inputs.shape[0]) if inputs.dim() > 0 else None
+    elif isinstance(inputs, Mapping):
+        tensors = [inputs["input_ids"]] if isinstance(inputs.get("input_ids"), torch.Tensor) else []
+        tensors += [value for value in inputs.values() if isinstance(value, torch.Tensor)]
+        rows = int(tensors[0].shape[0]) if tensors and tensors[0].dim() > 0 else None
+    if rows is None or not (targets is None or (isinstance(targets, torch.Tensor) and targets.dim() > 0)):
+        return None
+    return rows if targets is None or targets.shape[0] == rows else None
+
+
+def slice_rows(value: Any, start: int, stop: int, rows: int) -> Any:
+    """Samples ``start:stop`` of a batch split by :func:`batch_rows`: every tensor whose first dimension
+    is ``rows`` is sliced there (inside a mapping too); anything else is passed as it is."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop] if value.dim() > 0 and value.shape[0] == rows else value
+    if isinstance(value, Mapping):
+        return {key: slice_rows(item, start, stop, rows) for key, item in value.items()}
+    return value
+
+
 # ---- block-by-block capture ---------------------------------------------------------------------------------
 
 

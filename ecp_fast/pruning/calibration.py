@@ -26,7 +26,7 @@ re-exported here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -38,11 +38,13 @@ from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops import moments as fused_moments
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning.batches import (
+    batch_rows,
     call_model,
     count_samples,
     model_output,
     module_device,
     sample_weights,
+    slice_rows,
     split_batch,
     to_device,
 )
@@ -202,6 +204,12 @@ def _select(t: torch.Tensor, rows: _Rows) -> torch.Tensor:
     return t if rows.kept is None else t.index_select(0, rows.kept)
 
 
+def _sample_signature(inputs: Any) -> tuple:
+    """What one sample's layer outputs depend on: the shapes (batch dimension dropped) and dtypes of its tensors."""
+    values = inputs.items() if isinstance(inputs, Mapping) else [("", inputs)]
+    return tuple((key, tuple(value.shape[1:]), value.dtype) for key, value in values if isinstance(value, torch.Tensor))
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -309,6 +317,19 @@ class _RunTotals:
 #: much faster for few exact rows, while large models keep streaming one direction at a time.
 BATCHED_BACKWARD_BYTES = 64 << 20
 _BATCHED = "batched"
+#: A batch whose sensitivities ``c`` (every scored layer's outputs, in the accumulation dtype) would
+#: exceed this many bytes is calibrated in slices of whole samples that stay within it, so the graph
+#: of a backward pass and the sensitivities grow with the slice, not the batch (for the ``output``
+#: and ``loss`` sensitivities; see :meth:`Calibrator.run`).
+SLICE_BYTES = 32 << 20
+
+
+class _Slice(NamedTuple):
+    """Samples ``start:stop`` of a batch of ``total`` samples."""
+
+    start: int
+    stop: int
+    total: int
 
 
 class _PassHooks:
@@ -491,7 +512,11 @@ class Calibrator:
 
     Each output or loss backward pass delivers one layer's gradient at a time to a hook that reduces
     it (to ``c`` or to the moments) and frees it, so the extra memory of ``"output"`` is the
-    forward graph plus one ``(N, out)`` sensitivity per layer, whatever the number of probes.
+    forward graph plus one ``(N, out)`` sensitivity per layer, whatever the number of probes. Both
+    grow with the samples of a pass, so a batch whose sensitivities would exceed :data:`SLICE_BYTES`
+    is calibrated in slices of whole samples (tensor and mapping inputs, split along their first
+    dimension; a one-sample pass without a graph measures the size once per shape of sample). The
+    slices replay the batch's probe draws, so the statistics are the whole batch's up to rounding.
     """
 
     @renamed_keyword("criterion", "sensitivity")
@@ -527,6 +552,7 @@ class Calibrator:
         self.output_fn = output_fn
         self.seed = seed
         self.keep_inputs = keep_inputs
+        self._row_bytes_seen: dict[tuple, int] = {}  # sensitivity bytes of one sample, by its shapes
 
     # The public entry point -------------------------------------------------------------------------
 
@@ -541,6 +567,7 @@ class Calibrator:
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed)
         totals = _RunTotals({name: None for name in self.layers}, self.keep_inputs)
+        self._row_bytes_seen = {}
         total = len(batches) if isinstance(batches, Sized) else None
         was_training = {name: module.training for name, module in self.model.named_modules()}
         self.model.eval()  # dropout off and batch norm frozen: samples stay independent
@@ -564,8 +591,52 @@ class Calibrator:
                 "has no targets"
             )
         totals.check_targets(use_loss)
-        batch_statistics = self._batch_statistics(inputs, targets if use_loss else None, generator, totals.batch_count)
-        totals.add(batch_statistics, inputs)
+        targets = targets if use_loss else None
+        index = totals.batch_count
+        slices = self._slices(inputs, targets, use_loss)
+        if slices is None:
+            totals.add(self._batch_statistics(inputs, targets, generator, index), inputs)
+            return
+        # Every slice replays the batch's probe draws and keeps its own rows of them, so the probes
+        # (and so the statistics, up to rounding) are those of the whole batch.
+        start_state = generator.get_state()
+        merged: dict[str, LayerStatistics] = {}
+        for rows in slices:
+            generator.set_state(start_state)
+            part_inputs, part_targets = (slice_rows(value, *rows) for value in (inputs, targets))
+            for name, stats in self._batch_statistics(part_inputs, part_targets, generator, index, rows).items():
+                merged[name] = merge_statistics(merged.get(name), stats)
+        totals.add(merged, inputs)
+
+    def _slices(self, inputs: Any, targets: Any, use_loss: bool) -> list[_Slice] | None:
+        """The slices of a batch whose backward passes would hold more than :data:`SLICE_BYTES`; None: whole."""
+        rows = batch_rows(inputs, targets)
+        if rows is None or rows < 2 or not (self.sensitivity != "local" or use_loss):
+            return None
+        signature = _sample_signature(inputs)
+        if signature not in self._row_bytes_seen:  # one sizing pass per shape of sample, not per batch
+            self._row_bytes_seen[signature] = self._row_bytes(slice_rows(inputs, 0, 1, rows))
+        row_bytes = self._row_bytes_seen[signature]
+        per_slice = max(1, SLICE_BYTES // max(row_bytes, 1))
+        if per_slice >= rows:
+            return None
+        return [_Slice(start, min(start + per_slice, rows), rows) for start in range(0, rows, per_slice)]
+
+    def _row_bytes(self, one_sample: Any) -> int:
+        """Bytes of every scored layer's sensitivities for one sample, from a forward pass without a graph."""
+        sizes: list[int] = []
+
+        def measure(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            sizes.append(output.numel() * torch.empty((), dtype=_accumulation_dtype(output.dtype)).element_size())
+
+        handles = [spec.module.register_forward_hook(measure) for spec in self.layers.values()]
+        try:
+            with torch.no_grad():
+                call_model(self.model, one_sample)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return sum(sizes)
 
     # One batch, three ways of reducing it ------------------------------------------------------------
 
@@ -635,9 +706,9 @@ class Calibrator:
         return result
 
     def _batch_statistics(
-        self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int
+        self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int, rows: _Slice | None = None
     ) -> dict[str, LayerStatistics]:
-        passes = self._pass(inputs, targets, generator, batch_index, _STATISTICS, True)
+        passes = self._pass(inputs, targets, generator, batch_index, _STATISTICS, True, rows=rows)
         result = {}
         for name, state in passes.items():
             spec = state.spec
@@ -675,6 +746,8 @@ class Calibrator:
         batch_index: int,
         mode: str,
         check_finite: bool,
+        *,
+        rows: _Slice | None = None,
     ) -> dict[str, _LayerPass]:
         """Forward with hooks, then the loss and output backward passes, reducing as gradients arrive."""
         if generator is None:
@@ -699,11 +772,15 @@ class Calibrator:
                 parameter.requires_grad_(False)
             output = self._forward(hooks, inputs)  # the model's raw return value is not kept past this call
             if output is not None:
-                self._backward_passes(hooks, output, targets, weights, generator)
+                self._backward_passes(hooks, output, targets, weights, generator, rows)
                 hooks.check_sensitivities()
         finally:
             for parameter in trainable:
                 parameter.requires_grad_(True)
+            # Each tapped output holds a hook that holds these hooks: a cycle through the whole graph
+            # that only the cyclic garbage collector would free. Broken here, the graph goes now.
+            hooks.tapped.clear()
+            hooks.anchors.clear()
         return hooks.passes
 
     def _forward(self, hooks: _PassHooks, inputs: Any) -> torch.Tensor | None:
@@ -729,6 +806,7 @@ class Calibrator:
         targets: Any,
         weights: torch.Tensor | None,
         generator: torch.Generator,
+        rows: _Slice | None,
     ) -> None:
         """The loss backward pass (with targets), then one output backward pass per probe direction."""
         if hooks.use_loss:
@@ -737,7 +815,7 @@ class Calibrator:
             self._backward(total, hooks.anchors, None, retain=self.sensitivity == "output")
             del total
         if self.sensitivity == "output":
-            directions = self._directions(output, weights, generator)
+            directions = self._directions(output, weights, generator, rows)
             self._pass_count = len(directions)
             if self._fits_batched(hooks, len(directions)):
                 self._batched_output_pass(hooks, output, directions)
@@ -805,11 +883,15 @@ class Calibrator:
         return total
 
     def _directions(
-        self, output: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator
+        self, output: torch.Tensor, weights: torch.Tensor | None, generator: torch.Generator, rows: _Slice | None
     ) -> list[Callable[[], torch.Tensor]]:
         """One ``grad_outputs`` per backward pass, made when it runs: exact Jacobian rows (output ``k``
-        of every sample) or Rademacher probes scaled by ``1/sqrt(P)``; outputs at padding positions get 0."""
+        of every sample) or Rademacher probes scaled by ``1/sqrt(P)``; outputs at padding positions get 0.
+
+        For a slice of a batch (``rows``) the probes are drawn for the whole batch and sliced.
+        """
         batch = output.shape[0] if output.dim() > 1 else 1
+        drawn = (0, batch, batch) if rows is None or rows.stop - rows.start != batch else rows
         outputs = output.numel() // batch if batch else 0
         token_mask = None
         if weights is not None and output.dim() >= 2 and output.shape[0] * output.shape[1] == weights.numel():
@@ -836,7 +918,8 @@ class Calibrator:
 
         def probe() -> torch.Tensor:
             # Drawn in order, one probe per pass: the same stream as drawing (P, batch, outputs) at once.
-            signs = torch.randint(0, 2, (batch, outputs), generator=generator, device=output.device)
+            signs = torch.randint(0, 2, (drawn[2], outputs), generator=generator, device=output.device)
+            signs = signs[drawn[0] : drawn[1]]
             # Scaled by 1/sqrt(P) so that sum_p g_p^2 is the unbiased estimate (1/P) sum_p (v_p^T J)^2.
             return masked((signs.to(output.dtype) * 2 - 1) / probes**0.5)
 

@@ -448,3 +448,48 @@ def test_nan_gradients_are_named_by_the_row_sensitivities_too():
     model = Root()
     with pytest.raises(ValueError, match="output gradients of layer 'fc' contain NaN or Inf"):
         Calibrator(model, resolve_layers(model), sensitivity="output").row_sensitivities(torch.randn(5, 4))
+
+
+@pytest.mark.parametrize("sensitivity", ["output", "loss"])
+def test_batches_split_into_slices_give_the_statistics_of_the_whole(monkeypatch, sensitivity):
+    model = TokenMLP()
+    torch.manual_seed(5)
+    x = torch.randn(7, 4, 5, dtype=torch.float64)
+    mask = (torch.rand(7, 4) > 0.3).long()
+    targets = torch.randn(7, 4, 2, dtype=torch.float64)
+    batches = [({"x": x, "attention_mask": mask}, targets), ({"x": x[:3] * 2, "attention_mask": mask[:3]}, targets[:3])]
+
+    def loss_fn(y, t):
+        return (y - t).square().sum()
+
+    def calibrate() -> tuple[dict[str, LayerStatistics], list[int]]:
+        seen: list[int] = []
+        handle = model.first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+        pruner = ecp_fast.Pruner(model, sensitivity=sensitivity, probes=3, progress=False)  # probes of 8 outputs
+        pruner.calibrate(batches, loss_fn=loss_fn, loss_reduction="sum")
+        handle.remove()
+        return pruner.statistics, seen
+
+    whole, seen_whole = calibrate()
+    # Two samples' sensitivities fit: (4 tokens x (6 + 2) outputs x 8 bytes) per sample.
+    monkeypatch.setattr(calibration, "SLICE_BYTES", 2 * 4 * 8 * 8)
+    sliced, seen_sliced = calibrate()
+    assert seen_whole == [1, 7, 3]  # a one-sample sizing pass per shape of sample, then the batches
+    assert seen_sliced == [1, 2, 2, 2, 1, 2, 1]
+    for name, stats in whole.items():
+        assert sliced[name].samples == stats.samples
+        assert_moments_close(sliced[name].moments, stats.moments, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(sliced[name].activation_sq_sum, stats.activation_sq_sum)
+        torch.testing.assert_close(sliced[name].loss_grad_sum, stats.loss_grad_sum)
+
+
+def test_inputs_that_cannot_be_split_are_calibrated_whole(monkeypatch):
+    model = TokenMLP()
+    monkeypatch.setattr(calibration, "SLICE_BYTES", 1)
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    seen: list[int] = []
+    model.first.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity="loss", loss_fn=lambda y, t: y.square().sum())
+    calibrator.run([(x, list(x))], progress=False)  # targets that are not one tensor: kept whole
+    calibrator.run([(x, torch.randn(3, 3, 2))], progress=False)  # targets of another length: kept whole
+    assert seen == [4, 4]
