@@ -493,3 +493,19 @@ def test_inputs_that_cannot_be_split_are_calibrated_whole(monkeypatch):
     calibrator.run([(x, list(x))], progress=False)  # targets that are not one tensor: kept whole
     calibrator.run([(x, torch.randn(3, 3, 2))], progress=False)  # targets of another length: kept whole
     assert seen == [4, 4]
+
+
+def test_no_graph_outlives_its_pass_without_the_garbage_collector():
+    import gc
+
+    model = TokenMLP()
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity="output", probes=2)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    gc.collect()
+    gc.disable()
+    try:
+        calibrator.run([x, x], progress=False)
+        in_graphs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+    finally:
+        gc.enable()
+    assert in_graphs == []  # a reference cycle would hold every pass's graph until a collection
