@@ -33,6 +33,9 @@ Pattern = Union[str, tuple[int, int]]  # noqa: UP007 - a runtime alias, valid on
 # Padded per-row systems in refit are built in chunks of at most this many matrix entries
 # (32 MiB in float64), so low-sparsity layers with all-different supports stay within memory.
 _MAX_BATCH_ENTRIES = 1 << 22
+# On the CPU the padded systems of a chunk are solved in pieces of about this many entries (2 MiB in
+# float64): small pieces reuse the same memory instead of touching fresh pages for every chunk.
+_MAX_PIECE_ENTRIES = 1 << 18
 # Up to this many distinct row supports, one factorisation per support with many right-hand
 # sides is cheaper than padding every row to its own system.
 _MAX_GROUPED_SUPPORTS = 16
@@ -177,13 +180,24 @@ def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram) * delta).sum())
 
 
+def _finite_factor(factor: torch.Tensor) -> bool:
+    """Whether a Cholesky factor the factorisation accepted (info 0) is finite, from its diagonal alone.
+
+    Every off-diagonal entry of row j of L enters pivot j (``L_jj^2 = A_jj - sum_k L_jk^2``; likewise
+    column j of an upper factor), so an infinite or NaN entry makes that pivot NaN or not positive
+    (reported through info, or NaN on the diagonal), and an infinite pivot is on the diagonal. The
+    diagonal is a small read next to the whole batch of factors.
+    """
+    return bool(torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all())
+
+
 def _inverse_upper_cholesky(damped: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled, is the OBS update
     direction for column i in the problem restricted to columns i, i+1, ..."""
     factor, info = torch.linalg.cholesky_ex(damped)
     if int(info) == 0:
         factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
-    if int(info) != 0 or not torch.isfinite(factor).all():
+    if int(info) != 0 or not _finite_factor(factor):
         raise ValueError(
             f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
             f"failed at order {int(info)}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}"
@@ -193,7 +207,7 @@ def _inverse_upper_cholesky(damped: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _cholesky_or_raise(systems: torch.Tensor, ridge: float) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(systems)
-    if bool((info != 0).any()) or not torch.isfinite(factor).all():
+    if bool((info != 0).any()) or not _finite_factor(factor):
         raise ValueError(
             f"the Gram matrix restricted to a row's kept inputs is singular with ridge={ridge}; "
             f"use a larger ridge, e.g. ridge={max(10 * ridge, 0.01):g}"
@@ -220,6 +234,18 @@ def dampen(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return damped
 
 
+def inverse_factor(gram: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of the inverse of the dampened ``gram`` (``H^-1 = U^T U``) that
+    :func:`obs_sweep` works from: computed once, it serves every sweep of that Gram matrix.
+
+    Raises ValueError if H is singular after dampening.
+    """
+    _check_square(gram, "gram")
+    _check_real(damp, "damp", 0.0)
+    _check_dtype(dtype)
+    return _inverse_upper_cholesky(dampen(gram.to(dtype), damp), damp)
+
+
 # --------------------------------------------------------------------------- the sweep
 
 
@@ -227,6 +253,15 @@ def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) ->
     """OBS saliency w^2 / [U]_ii^2; dead inputs score -inf so they are always pruned first."""
     scores = block**2 / hinv_diag**2
     return scores.masked_fill(dead, -math.inf)
+
+
+def _smallest(scores: torch.Tensor, count: int, dim: int = -1) -> torch.Tensor:
+    """Indices of the ``count`` smallest scores along ``dim``, in no particular order.
+
+    ``sorted=False`` only skips ordering the selection: which entries are selected (ties included)
+    is the same as with ``sorted=True``, and every caller uses the indices as a set.
+    """
+    return torch.topk(scores, count, dim=dim, largest=False, sorted=False).indices
 
 
 def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | None = None) -> torch.Tensor:
@@ -239,11 +274,11 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | N
     if mode == "unstructured":
         count = round(sparsity * out * width) if count is None else count
         if count:
-            keep.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = False
+            keep.view(-1)[_smallest(scores.flatten(), count)] = False
     else:
         count = round(sparsity * width)
         if count:
-            keep.scatter_(1, torch.topk(scores, count, dim=1, largest=False).indices, False)
+            keep.scatter_(1, _smallest(scores, count, dim=1), False)
     return keep
 
 
@@ -255,9 +290,55 @@ def _layer_budgets(
     count = round(sparsity * scores.numel())
     removed = torch.zeros_like(scores, dtype=torch.bool)
     if count:
-        removed.view(-1)[torch.topk(scores.flatten(), count, largest=False).indices] = True
+        removed.view(-1)[_smallest(scores.flatten(), count)] = True
     per_column = removed.sum(0)
     return [int(per_column[i1 : i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
+
+
+def _choose_group(
+    rows: torch.Tensor,
+    keep1: torch.Tensor,
+    keep_rows: torch.Tensor,
+    d: torch.Tensor,
+    dead1: torch.Tensor,
+    i: int,
+    mode: tuple[int, int],
+) -> None:
+    """N:M: keep the n best of the group of m columns starting at ``i``, from their current weights."""
+    n, m = mode
+    scores = _scores(rows[i : i + m].T, d[i : i + m], dead1[i : i + m])
+    keep1[:, i : i + m] = True
+    keep1[:, i : i + m].scatter_(1, _smallest(scores, m - n, dim=1), False)
+    keep_rows[i : i + m] = keep1[:, i : i + m].T
+
+
+def _sweep_block(
+    w: torch.Tensor, u1: torch.Tensor, keep1: torch.Tensor, mode: Pattern, dead1: torch.Tensor, i1: int, width: int
+) -> torch.Tensor:
+    """OBS over the columns ``i1 .. i1 + len(u1)`` of ``w`` (in place); returns the block's errors ``(out, B)``.
+
+    Column ``i`` is pruned where ``keep1`` says so and its error ``(w_i - kept_i) / U_ii`` is pushed
+    onto the block's columns to its right through row ``i`` of ``U``. The block is worked on
+    transposed (one contiguous row per column), with the same arithmetic, entry by entry.
+    """
+    size = u1.shape[0]
+    rows = w[:, i1 : i1 + size].T.contiguous()
+    keep_rows = keep1.T.contiguous()
+    errors = torch.empty_like(rows)
+    d = u1.diagonal()
+    pivots = d.tolist()
+    columns, kept_columns, error_columns = rows.unbind(0), keep_rows.unbind(0), errors.unbind(0)
+    for i in range(size):
+        if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
+            _choose_group(rows, keep1, keep_rows, d, dead1, i, mode)
+        column, error = columns[i], error_columns[i]
+        kept = column * kept_columns[i]
+        torch.sub(column, kept, out=error).div_(pivots[i])
+        column.copy_(kept)  # exact zeros rather than rounding residue
+        if i + 1 < size:
+            rows[i + 1 :].sub_(u1[i, i + 1 :, None] * error)
+    w[:, i1 : i1 + size] = rows.T
+    return errors.T.contiguous()
 
 
 def _sweep(
@@ -277,27 +358,21 @@ def _sweep(
     )
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        d, keep1 = u1.diagonal(), keep[:, i1:i2]
+        u1, keep1 = u[i1:i2, i1:i2], keep[:, i1:i2]
         width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
         if mode in ("unstructured", "row") and width:
-            scores = _scores(w1[:, :width], d[:width], dead[i1 : i1 + width])
+            scores = _scores(w[:, i1 : i1 + width], u1.diagonal()[:width], dead[i1 : i1 + width])
             count = None if budgets is None else budgets[i1 // block_size]
             keep1[:, :width] = _block_keep(scores, mode, sparsity, count)
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
-                n, m = mode
-                scores = _scores(w1[:, i : i + m], d[i : i + m], dead[i1 + i : i1 + i + m])
-                keep1[:, i : i + m] = True
-                keep1[:, i : i + m].scatter_(1, torch.topk(scores, m - n, dim=1, largest=False).indices, False)
-            kept = w1[:, i] * keep1[:, i]
-            err = (w1[:, i] - kept) / d[i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            w1[:, i] = kept  # exact zeros rather than rounding residue
-            err1[:, i] = err
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+        errors = _sweep_block(w, u1, keep1, mode, dead[i1:i2], i1, width)
+        w[:, i2:] -= errors @ u[i1:i2, i2:]
+
+
+def _check_sweep_extras(budget: object, factor: object, n_in: int) -> None:
+    if budget not in ("block", "layer"):
+        raise ValueError(f"argument 'budget' must be 'block' or 'layer', got {budget!r}")
+    if factor is not None:
+        _check_square(factor, "factor", n_in)
 
 
 def obs_sweep(
@@ -312,6 +387,8 @@ def obs_sweep(
     damp: float = 0.01,
     dtype: torch.dtype = torch.float64,
     budget: str = "block",
+    factor: torch.Tensor | None = None,
+    measure_error: bool = True,
 ) -> ObsResult:
     """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
 
@@ -328,6 +405,9 @@ def obs_sweep(
         budget: for "unstructured", each block removes the same fraction ("block", as SparseGPT
             does) or its share of one ranking of the whole layer before the sweep ("layer": blocks
             of inputs that matter little give up more; entries are still chosen from the updated weights).
+        factor: :func:`inverse_factor` of this ``gram``, ``damp`` and ``dtype``, when several sweeps
+            share one Gram matrix (computed here otherwise).
+        measure_error: compute ``error`` (a product with H); False leaves it NaN.
 
     Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
     and are pruned before anything else. Raises ValueError if H is singular after dampening.
@@ -337,10 +417,9 @@ def obs_sweep(
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
     mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
-    if budget not in ("block", "layer"):
-        raise ValueError(f"argument 'budget' must be 'block' or 'layer', got {budget!r}")
+    _check_sweep_extras(budget, factor, n_in)
     gram = gram.to(device=weight.device, dtype=dtype)
-    u = _inverse_upper_cholesky(dampen(gram, damp), damp)
+    u = _inverse_upper_cholesky(dampen(gram, damp), damp) if factor is None else factor.to(gram)
     dead = gram.diagonal() == 0
     dead[n_in] = False
     original = _augment(weight, bias, dtype)
@@ -349,7 +428,7 @@ def obs_sweep(
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)
     _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
-    error = _quadratic(w - original, gram)
+    error = _quadratic(w - original, gram) if measure_error else math.nan
     logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return ObsResult(
@@ -382,27 +461,57 @@ def _solve_grouped(
 
 def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
     """Batched per-row solves, each padded to its chunk's largest support with identity rows."""
-    solution = torch.zeros_like(rhs)
+    n = system.shape[0]
+    solution = rhs.new_zeros(rhs.shape[0], n + 1)  # the last column takes the padding slots' writes
+    # A zero row and column at index n: padding slots index them, so their entries read as 0.
+    system, rhs = torch.nn.functional.pad(system, (0, 1, 0, 1)), torch.nn.functional.pad(rhs, (0, 1))
     sizes = keep.sum(dim=1)
     order = torch.argsort(sizes, stable=True)
     sorted_sizes = sizes[order].tolist()
-    # Kept columns first (ascending), then the others, which serve as distinct padding slots.
+    # Kept columns first (ascending), then the others (the padding slots).
     columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    piece_entries = _MAX_PIECE_ENTRIES if system.device.type == "cpu" else _MAX_BATCH_ENTRIES
     start = 0
     while start < len(sorted_sizes):
         stop = _chunk_stop(sorted_sizes, start)
-        rows, width = order[start:stop], sorted_sizes[stop - 1]
-        idx = columns[rows, :width]
-        valid = torch.arange(width, device=keep.device)[None, :] < sizes[rows][:, None]
-        blocks = system[idx[:, :, None], idx[:, None, :]]
-        blocks = torch.where(valid[:, :, None] & valid[:, None, :], blocks, 0)
-        blocks.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)
-        factor = _cholesky_or_raise(blocks, ridge)
-        b = torch.where(valid, rhs[rows[:, None], idx], 0)
-        solved = torch.cholesky_solve(b[:, :, None], factor)[:, :, 0]
-        solution[rows[:, None], idx] = torch.where(valid, solved, 0)
+        width = sorted_sizes[stop - 1]
+        step = _piece_rows(piece_entries, width, system.element_size())
+        for first in range(start, stop, step):
+            _solve_rows(system, rhs, solution, order[first : min(first + step, stop)], columns, sizes, width, ridge)
         start = stop
-    return solution
+    return solution[:, :n]
+
+
+def _piece_rows(entries: int, width: int, element_size: int) -> int:
+    """Rows per piece of a chunk padded to ``width``: about ``entries`` matrix entries, and a multiple
+    of the rows that fill whole 64-byte lines with their right-hand sides, so every system and vector
+    of a piece sits at the same offset modulo 64 bytes as in one batch of the whole chunk (LAPACK's
+    rounding can depend on that alignment; with it the pieces give the chunk's results bit for bit)."""
+    line = 64 // math.gcd(64, width * element_size)
+    return max(line, entries // width**2 // line * line)
+
+
+def _solve_rows(
+    system: torch.Tensor,
+    rhs: torch.Tensor,
+    solution: torch.Tensor,
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    sizes: torch.Tensor,
+    width: int,
+    ridge: float,
+) -> None:
+    """Solve ``rows`` (their systems padded to ``width``) into ``solution``; index n of the padded
+    ``system`` and ``rhs`` holds zeros, and padding slots write to column n of ``solution``."""
+    n = system.shape[0] - 1
+    valid = torch.arange(width, device=rows.device)[None, :] < sizes[rows][:, None]
+    idx = columns[rows, :width].masked_fill(~valid, n)
+    # blocks[r, i, j] = system[idx[r, i], idx[r, j]], gathered through flat indices (faster than 2-D indexing)
+    flat = (idx * (n + 1))[:, :, None] + idx[:, None, :]
+    blocks = system.view(-1).index_select(0, flat.view(-1)).view(len(rows), width, width)
+    blocks.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)
+    factor = _cholesky_or_raise(blocks, ridge)
+    solution[rows[:, None], idx] = torch.cholesky_solve(rhs[rows[:, None], idx][:, :, None], factor)[:, :, 0]
 
 
 def _check_refit(

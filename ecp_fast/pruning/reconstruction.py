@@ -22,6 +22,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from ecp_fast.pruning import obs
 from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, to_device
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
 from ecp_fast.pruning.masks import install_mask
+from ecp_fast.pruning.replay import OutputReplay
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +150,9 @@ DENSE_CACHE_BYTES = 256 << 20
 
 
 class DenseReference:
-    """The dense model whose pre-activations a refit aims at, with a bounded cache of its layer inputs."""
+    """The dense model whose pre-activations a refit aims at, with a bounded cache of its layer inputs,
+    and what every allocation candidate shares about the first layer pruned (its quadratic, its
+    sweep's inverse factor and its sweeps)."""
 
     def __init__(self, model: nn.Module, budget: int = DENSE_CACHE_BYTES) -> None:
         self.model = copy.deepcopy(model).eval()
@@ -159,6 +163,13 @@ class DenseReference:
         #: Gram matrices of the first layer pruned, whose inputs no pruning has touched yet: the
         #: same for every allocation candidate (prefix caching).
         self.first_grams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        #: The first layer's inverse factor for the sweep (see obs.inverse_factor), per (name, bias_free, damp).
+        self.first_factors: dict[tuple, torch.Tensor] = {}
+        #: The first layer's sweeps by settings, with the weight and bias they started from: a
+        #: candidate's proxy and its exact reconstruction sweep the first layer alike. Kept while
+        #: they fit ``budget`` bytes.
+        self.first_sweeps: dict[tuple, tuple[torch.Tensor, torch.Tensor, obs.ObsResult]] = {}
+        self.sweep_bytes = 0
 
     def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor:
         """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``)."""
@@ -171,6 +182,25 @@ class DenseReference:
             self.cache[key] = dense_inputs
             self.cached_bytes += size
         return dense_inputs
+
+    def first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor) -> obs.ObsResult | None:
+        """A copy of the first layer's sweep kept under ``key``, if it started from this ``weight`` and ``bias``."""
+        stored = self.first_sweeps.get(key)
+        if stored is None or not (torch.equal(stored[0], weight) and torch.equal(stored[1], bias)):
+            return None
+        return _copy_result(stored[2])
+
+    def keep_first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor, result: obs.ObsResult) -> None:
+        """Keep a copy of a first-layer sweep for :meth:`first_sweep`, while the kept sweeps fit the budget."""
+        tensors = (weight, bias, result.weight, result.bias, result.mask)
+        size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+        if key not in self.first_sweeps and self.sweep_bytes + size <= self.budget:
+            self.first_sweeps[key] = (weight.clone(), bias.clone(), _copy_result(result))
+            self.sweep_bytes += size
+
+
+def _copy_result(result: obs.ObsResult) -> obs.ObsResult:
+    return replace(result, weight=result.weight.clone(), bias=result.bias.clone(), mask=result.mask.clone())
 
 
 def layer_grams(
@@ -192,10 +222,10 @@ def layer_grams(
             weight = token_weights(inputs, pruned_inputs.shape[0]) if sample_weights is None else sample_weights[index]
             weight = None if weight is None else weight.to(device=pruned_inputs.device, dtype=pruned_inputs.dtype)
             part = gram(pruned_inputs, None, weight, float64=True)
-            hessian = part if hessian is None else hessian + part
+            hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
             if dense is not None:
                 part = gram(pruned_inputs, dense.layer_inputs(spec, index, inputs), weight, float64=True)
-                cross = part if cross is None else cross + part
+                cross = part if cross is None else cross.add_(part)
     assert hessian is not None
     return hessian, cross
 
@@ -265,6 +295,44 @@ def _refit(
     )
 
 
+def _sweep_layer(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    hessian: torch.Tensor,
+    plan: LayerPlan,
+    run: ReconstructionRun,
+    first: tuple[str, bool] | None,
+) -> obs.ObsResult:
+    """The OBS sweep of a layer. ``first`` ``(name, bias_free)`` marks the first layer pruned: its inputs
+    are the same for every allocation candidate, so the dense reference keeps its inverse factor and
+    its sweeps (a candidate's proxy and its exact reconstruction sweep it alike) for reuse."""
+    config, dense = run.config, run.dense
+    sweep = partial(
+        obs.obs_sweep,
+        weight,
+        bias,
+        hessian,
+        plan.sparsity,
+        pattern=plan.pattern,
+        block_size=config.block_size,
+        damp=config.damp,
+        budget=config.budget,
+        measure_error=False,
+    )
+    if first is None or dense is None:
+        return sweep()
+    pattern = tuple(plan.pattern) if isinstance(plan.pattern, list) else plan.pattern
+    key = (*first, float(plan.sparsity), pattern, config.block_size, config.damp, config.budget)
+    result = dense.first_sweep(key, weight, bias)
+    if result is None:
+        factor = dense.first_factors.get((*first, config.damp))
+        if factor is None:
+            factor = dense.first_factors[(*first, config.damp)] = obs.inverse_factor(hessian, config.damp)
+        result = sweep(factor=factor)
+        dense.keep_first_sweep(key, weight, bias, result)
+    return result
+
+
 def solve_layer(
     work: nn.Module,
     spec: LayerSpec,
@@ -293,16 +361,7 @@ def solve_layer(
             present = plan.present.to(present.device)
         weight, bias = _refit(weight, bias, present, quadratic, dense, config.damp)
     if plan.keep is None:
-        result = obs.obs_sweep(
-            weight,
-            bias,
-            quadratic[0],
-            plan.sparsity,
-            pattern=plan.pattern,
-            block_size=config.block_size,
-            damp=config.damp,
-            budget=config.budget,
-        )
+        result = _sweep_layer(weight, bias, quadratic[0], plan, run, (spec.name, bias_free) if first else None)
         keep, weight, bias = result.mask, result.weight, result.bias
         if plan.present is not None:  # removed weights stay removed, even where the sweep would keep them
             keep = keep & plan.present.to(keep.device)
@@ -352,6 +411,22 @@ def reconstruct(
     Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
     is not changed (:func:`apply_outcomes` does that).
     """
+    replay = OutputReplay()
+    try:
+        return _reconstruct(model, specs, plans, run, replay)
+    finally:
+        replay.remove()
+
+
+def _reconstruct(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    plans: Mapping[str, LayerPlan],
+    run: ReconstructionRun,
+    replay: OutputReplay,
+) -> tuple[dict[str, LayerOutcome], nn.Module]:
+    """:func:`reconstruct`, with the working copy's layers installed in ``replay``: each pass over the
+    batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
     if run.config.refit and run.dense is None:
         run.dense = DenseReference(model)
@@ -359,6 +434,7 @@ def reconstruct(
     first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
     work.eval()  # a copy: its mode needs no restoring
+    replay.install(work_specs[name].module for name in order)
     outcomes: dict[str, LayerOutcome] = {}
     for position, name in enumerate(order):
         spec = work_specs[name]
@@ -463,7 +539,7 @@ def reconstruct_best(
     proxy = run.config.refit and keep_fn is None
     compare = _Comparison(model, run.batches, divergence, output_fn)
     for label, split in candidates.items():
-        compare.add(label, *reconstruct(model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy)))
+        compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
     chosen = compare.best_label
     if not proxy:
         return compare.best, chosen, compare.divergences
@@ -471,7 +547,7 @@ def reconstruct_best(
     final = _Comparison(model, run.batches, divergence, output_fn, compare.reference)
     for label, masks in finalists.items():
         if label.endswith(", refit") or masks is not None:
-            final.add(label, *reconstruct(model, specs, _plans(candidates[chosen], pattern, masks), run))
+            final.reconstruct(label, model, specs, _plans(candidates[chosen], pattern, masks), run)
     return final.best, final.best_label, {**compare.divergences, **final.divergences}
 
 
@@ -493,6 +569,22 @@ class _Comparison:
         self.divergences: dict[str, float] = {}
         self.best: dict[str, LayerOutcome] = {}
         self.best_label = ""
+
+    def reconstruct(
+        self,
+        label: str,
+        model: nn.Module,
+        specs: Mapping[str, LayerSpec],
+        plans: Mapping[str, LayerPlan],
+        run: ReconstructionRun,
+    ) -> None:
+        """:func:`reconstruct` and :meth:`add`, the outputs measured while the working copy still replays
+        its pruned layers' outputs (only the last layer runs again)."""
+        replay = OutputReplay()
+        try:
+            self.add(label, *_reconstruct(model, specs, plans, run, replay))
+        finally:
+            replay.remove()
 
     def add(self, label: str, outcomes: dict[str, LayerOutcome], work: nn.Module) -> None:
         """Measure ``work`` and keep ``outcomes`` when it is the closest so far (ties: the first)."""

@@ -434,3 +434,44 @@ def test_float32_in_float32_out_and_no_bias_means_zero_bias():
     zero_bias = obs.obs_sweep(w32, torch.zeros(5), g32, sparsity=0.5)
     torch.testing.assert_close(no_bias.weight, zero_bias.weight)
     assert no_bias.bias.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ 9. a shared factor
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_precomputed_factor_and_a_skipped_error_change_nothing_else(dtype):
+    """Sweeps of one Gram matrix may share its inverse factor: the results are the same, bit for bit."""
+    weight, bias, _, _, gram = _problem(6, 16, seed=23, dead=(3,))
+    factor = obs.inverse_factor(gram, damp=0.05, dtype=dtype)
+    for kwargs in ({"sparsity": 0.5, "budget": "layer"}, {"pattern": (2, 4)}, {"sparsity": 0.25, "pattern": "row"}):
+        plain = obs.obs_sweep(weight, bias, gram, damp=0.05, dtype=dtype, block_size=8, **kwargs)
+        shared = obs.obs_sweep(
+            weight, bias, gram, damp=0.05, dtype=dtype, block_size=8, factor=factor, measure_error=False, **kwargs
+        )
+        assert torch.equal(shared.mask, plain.mask)
+        assert torch.equal(shared.weight, plain.weight) and torch.equal(shared.bias, plain.bias)
+        assert math.isnan(shared.error) and plain.error >= 0
+    with pytest.raises(ValueError, match=r"argument 'factor' must have shape \(17, 17\)"):
+        obs.obs_sweep(weight, bias, gram, 0.5, factor=factor[:16, :16])
+    with pytest.raises(ValueError, match=r"singular after dampening with damp=0"):
+        obs.inverse_factor(torch.zeros(4, 4, dtype=F64), damp=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch, dtype):
+    """Pieces keep each system at its offset modulo 64 bytes in the chunk's batch, so LAPACK rounds alike."""
+    g = torch.Generator().manual_seed(29)
+    out, n_in = 90, 40
+    x = torch.randn(120, n_in, generator=g, dtype=F64)
+    gram = _gram(x)
+    weight, bias = torch.randn(out, n_in, generator=g, dtype=F64), torch.randn(out, generator=g, dtype=F64)
+    mask = torch.rand(out, n_in, generator=g, dtype=F64) < torch.rand(out, 1, generator=g, dtype=F64)  # uneven rows
+    monkeypatch.setattr(obs, "_MAX_PIECE_ENTRIES", 1 << 30)
+    whole = obs.refit(weight, bias, mask, gram, dtype=dtype)
+    for entries in (1, 700, 5000):
+        monkeypatch.setattr(obs, "_MAX_PIECE_ENTRIES", entries)
+        pieces = obs.refit(weight, bias, mask, gram, dtype=dtype)
+        assert torch.equal(pieces[0], whole[0]) and torch.equal(pieces[1], whole[1])
+    assert obs._piece_rows(1 << 18, 41, 8) % 8 == 0 and obs._piece_rows(1 << 18, 41, 4) % 16 == 0
+    assert obs._piece_rows(1, 64, 8) == 1 and obs._piece_rows(1 << 18, 64, 8) == 64
