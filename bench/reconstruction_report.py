@@ -72,9 +72,10 @@ def batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def prune(model: nn.Module, data: list, method: str) -> ecp_fast.PruneReport:
-    """Calibrate and prune ``model`` to 90% with ``method`` (exact Jacobian rows; local for sparsegpt)."""
+    """Calibrate and prune ``model`` to 90% with ``method`` (exact Jacobian rows; local for sparsegpt), as
+    ``ecp_fast.prune`` does: for ``ecp-obs`` the calibration keeps the row sensitivities it weights by."""
     pruner = ecp_fast.Pruner(model, sensitivity="local" if method == "sparsegpt" else "output", progress=False)
-    pruner.calibrate(data, loss_fn=nn.CrossEntropyLoss())
+    pruner.calibrate(data, loss_fn=nn.CrossEntropyLoss(), row_sensitivities=method == "ecp-obs")
     return pruner.prune(SPARSITY, method=method)
 
 

@@ -135,6 +135,9 @@ class CalibrationResult:
     inputs_complete: bool = False
     has_loss: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Per batch, each layer's ``(N,)`` row sensitivities (:meth:`Calibrator.row_sensitivities`), when
+    #: :meth:`Calibrator.run` was asked to keep them; None otherwise.
+    row_sensitivities: list[dict[str, torch.Tensor]] | None = None
 
 
 class LayerGradients(NamedTuple):
@@ -210,6 +213,22 @@ def _sample_signature(inputs: Any) -> tuple:
     return tuple((key, tuple(value.shape[1:]), value.dtype) for key, value in values if isinstance(value, torch.Tensor))
 
 
+def _row_weights(state: _LayerPass, sensitivity: str, weights: torch.Tensor | None) -> torch.Tensor:
+    """``c-bar`` of one layer's rows, ``(N,)`` float64 (``sum_i c_i / out``; ones for ``local``), times
+    the rows' sample weights where the layer's rows are the batch's tokens."""
+    rows, spec = state.row_count, state.spec
+    device = spec.module.weight.device if isinstance(spec.module.weight, torch.Tensor) else None
+    if sensitivity == "local":
+        row = torch.ones(rows, dtype=torch.float64, device=device)
+    elif state.row_sum is None:
+        row = torch.zeros(rows, dtype=torch.float64, device=device)
+    else:
+        row = state.row_sum / spec.fan_out
+    if weights is not None and weights.numel() == rows:
+        row = row * weights.to(device=row.device, dtype=torch.float64)
+    return row
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -225,7 +244,9 @@ class _LayerPass:
         self.moments: Moments | None = None
         self.activation_sq_sum: torch.Tensor | None = None
         self.loss_grad_sum: torch.Tensor | None = None
-        self.sensitivity: torch.Tensor | None = None  # (rows, out): sum_p g_p^2 (output), or (N,) row sums
+        self.sensitivity: torch.Tensor | None = None  # (rows, out): sum_p g_p^2 (output)
+        self.row_sum: torch.Tensor | None = None  # (N,) float64: sum_i c_i per row, padding included
+        self.row_count = 0  # N, padding included
         self.gradients: list[torch.Tensor] = []  # every pass's (N, out) gradient (``gradients()`` only)
         self.loss_g: torch.Tensor | None = None
 
@@ -261,6 +282,7 @@ class _RunTotals:
     samples: int = 0
     batch_count: int = 0
     has_loss: bool | None = None
+    row_sensitivities: list[dict[str, torch.Tensor]] | None = None
 
     def check_targets(self, use_loss: bool) -> None:
         """Every batch has targets, or none has."""
@@ -272,10 +294,14 @@ class _RunTotals:
                 "unlike the first batch; give targets for every batch or for none"
             )
 
-    def add(self, batch_statistics: dict[str, LayerStatistics], inputs: Any) -> None:
-        """Merge one batch's statistics; keep its inputs while they fit."""
+    def add(
+        self, batch_statistics: dict[str, LayerStatistics], inputs: Any, rows: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Merge one batch's statistics (and keep its row sensitivities); keep its inputs while they fit."""
         for name, stats in batch_statistics.items():
             self.statistics[name] = merge_statistics(self.statistics[name], stats)
+        if self.row_sensitivities is not None and rows is not None:
+            self.row_sensitivities.append(rows)
         batch_samples = count_samples(inputs)
         self.samples += batch_samples
         self.batch_count += 1
@@ -309,6 +335,7 @@ class _RunTotals:
             inputs=torch.cat(kept) if self.inputs_complete and kept else None,
             inputs_complete=self.inputs_complete and bool(kept),
             has_loss=bool(self.has_loss),
+            row_sensitivities=self.row_sensitivities,
         )
 
 
@@ -356,6 +383,7 @@ class _PassHooks:
         self.use_loss = use_loss
         self.weights = weights
         self.needs_graph = sensitivity != "local" or use_loss
+        self.keep_rows = mode == _ROW_SENSITIVITIES  # statistics mode may ask for them too
         self.where = f"calibration batch {batch_index}:"
         self.passes: dict[str, _LayerPass] = {}
         self.anchors: list[torch.Tensor] = []
@@ -389,10 +417,13 @@ class _PassHooks:
         """Capture the layer's input; in statistics mode, its counted rows and their squares (and moments for local)."""
         state = self.passes[name] = _LayerPass(self.layers[name])
         state.raw_x = x
+        if self.mode == _ROW_SENSITIVITIES:
+            state.row_count = int(state.spec.inputs_2d(x).shape[0])
         if self.mode != _STATISTICS:
             return
         spec = state.spec
         samples = spec.inputs_2d(x)
+        state.row_count = int(samples.shape[0])
         state.rows = _row_selection(self.weights, samples.shape[0], self._row_cache)
         samples = _select(samples, state.rows)
         state.samples = int(samples.shape[0])
@@ -434,11 +465,8 @@ class _PassHooks:
             else:
                 state.gradients.append(g)
             return
+        self._add_row(state, g)
         if self.mode == _ROW_SENSITIVITIES:
-            if self.phase == "loss" and self.sensitivity != "loss":
-                return
-            row = g.to(torch.float64).square().sum(dim=-1)
-            state.sensitivity = row if state.sensitivity is None else state.sensitivity.add_(row)
             return
         g = _select(g, state.rows)
         scale = state.rows.scale
@@ -454,6 +482,13 @@ class _PassHooks:
             squares = squares * scale.square().to(squares.dtype).unsqueeze(1)
         state.sensitivity = squares if state.sensitivity is None else state.sensitivity.add_(squares)
 
+    def _add_row(self, state: _LayerPass, g: torch.Tensor) -> None:
+        """Add one pass's ``sum_i g_i^2`` per row (float64) to the layer's row sums, when they are kept."""
+        if not self.keep_rows or (self.phase == "loss" and self.sensitivity != "loss"):
+            return
+        row = g.to(torch.float64).square().sum(dim=-1)
+        state.row_sum = row if state.row_sum is None else state.row_sum.add_(row)
+
     def on_gradients(self, name: str, grads: torch.Tensor) -> None:
         """Reduce a batched pass's ``(P, *z.shape)`` gradients of one layer, as :meth:`on_gradient` would one by one."""
         state = self.passes[name]
@@ -462,6 +497,8 @@ class _PassHooks:
                 self.on_gradient(name, row)
             return
         g = state.spec.grads_3d(grads.detach())  # (P, N, out), the pass's own tensor: free to overwrite
+        for direction in g if self.keep_rows else ():  # before the squaring in place below
+            self._add_row(state, direction)
         if state.rows.kept is not None:
             g = g.index_select(1, state.rows.kept)
         g = g.to(_accumulation_dtype(g.dtype))
@@ -484,7 +521,8 @@ class _PassHooks:
         if not self.check_finite or self.mode == _GRADIENTS:
             return
         for name, state in self.passes.items():
-            if state.sensitivity is not None and not _finite(state.sensitivity):
+            sums = [t for t in (state.sensitivity, state.row_sum) if t is not None]
+            if not all(_finite(t) for t in sums):
                 raise ValueError(
                     f"{self.where} the output gradients of layer {name!r} contain NaN or Inf, or values too "
                     "large to square (expected finite gradients)"
@@ -553,11 +591,18 @@ class Calibrator:
         self.seed = seed
         self.keep_inputs = keep_inputs
         self._row_bytes_seen: dict[tuple, int] = {}  # sensitivity bytes of one sample, by its shapes
+        self._keep_rows = False  # whether run() keeps each batch's row sensitivities
 
     # The public entry point -------------------------------------------------------------------------
 
-    def run(self, batches: Iterable[Any], progress: bool = True) -> CalibrationResult:
+    def run(
+        self, batches: Iterable[Any], progress: bool = True, *, row_sensitivities: bool = False
+    ) -> CalibrationResult:
         """Stream every batch once; raise ``ValueError`` on empty data or non-finite values.
+
+        With ``row_sensitivities`` the result also keeps, per batch, what :meth:`row_sensitivities`
+        returns for it (bit for bit, from the same passes): what ``ecp-obs`` weights its Gram
+        matrices by, without a second pass over the batches.
 
         ``samples`` counts what the statistics count: rows of tensor inputs, real (non-padding)
         tokens of inputs with an attention mask (see :func:`~ecp_fast.pruning.batches.count_samples`).
@@ -568,6 +613,8 @@ class Calibrator:
         generator.manual_seed(self.seed)
         totals = _RunTotals({name: None for name in self.layers}, self.keep_inputs)
         self._row_bytes_seen = {}
+        self._keep_rows = row_sensitivities
+        totals.row_sensitivities = [] if row_sensitivities else None
         total = len(batches) if isinstance(batches, Sized) else None
         was_training = {name: module.training for name, module in self.model.named_modules()}
         self.model.eval()  # dropout off and batch norm frozen: samples stay independent
@@ -592,21 +639,31 @@ class Calibrator:
             )
         totals.check_targets(use_loss)
         targets = targets if use_loss else None
-        index = totals.batch_count
         slices = self._slices(inputs, targets, use_loss)
         if slices is None:
-            totals.add(self._batch_statistics(inputs, targets, generator, index), inputs)
-            return
-        # Every slice replays the batch's probe draws and keeps its own rows of them, so the probes
-        # (and so the statistics, up to rounding) are those of the whole batch.
+            statistics, rows = self._batch_statistics(inputs, targets, generator, totals.batch_count)
+        else:
+            statistics, rows = self._sliced_statistics(inputs, targets, generator, totals.batch_count, slices)
+        totals.add(statistics, inputs, rows)
+
+    def _sliced_statistics(
+        self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int, slices: list[_Slice]
+    ) -> tuple[dict[str, LayerStatistics], dict[str, torch.Tensor] | None]:
+        """:meth:`_batch_statistics` of a batch, one slice at a time; the slices' statistics merged and
+        their row sensitivities joined in order. Every slice replays the batch's probe draws and keeps
+        its own rows of them, so the probes (and so the statistics, up to rounding) are the batch's."""
         start_state = generator.get_state()
         merged: dict[str, LayerStatistics] = {}
+        parts: dict[str, list[torch.Tensor]] = {}
         for rows in slices:
             generator.set_state(start_state)
             part_inputs, part_targets = (slice_rows(value, *rows) for value in (inputs, targets))
-            for name, stats in self._batch_statistics(part_inputs, part_targets, generator, index, rows).items():
+            statistics, row_weights = self._batch_statistics(part_inputs, part_targets, generator, batch_index, rows)
+            for name, stats in statistics.items():
                 merged[name] = merge_statistics(merged.get(name), stats)
-        totals.add(merged, inputs)
+            for name, row in (row_weights or {}).items():
+                parts.setdefault(name, []).append(row)
+        return merged, {name: torch.cat(rows) for name, rows in parts.items()} if self._keep_rows else None
 
     def _slices(self, inputs: Any, targets: Any, use_loss: bool) -> list[_Slice] | None:
         """The slices of a batch whose backward passes would hold more than :data:`SLICE_BYTES`; None: whole."""
@@ -689,26 +746,17 @@ class Calibrator:
         """
         passes = self._pass(inputs, targets, generator, batch_index, _ROW_SENSITIVITIES, True)
         weights = sample_weights(inputs)
-        result = {}
-        for name, state in passes.items():
-            spec = state.spec
-            x = state.inputs()  # every row: row_sensitivities() selects none
-            rows = x.shape[0]
-            if self.sensitivity == "local":
-                row = torch.ones(rows, dtype=torch.float64, device=x.device)
-            elif state.sensitivity is None:
-                row = torch.zeros(rows, dtype=torch.float64, device=x.device)
-            else:
-                row = state.sensitivity / spec.fan_out
-            if weights is not None and weights.numel() == rows:
-                row = row * weights.to(device=row.device, dtype=torch.float64)
-            result[name] = row
-        return result
+        return {name: _row_weights(state, self.sensitivity, weights) for name, state in passes.items()}
 
     def _batch_statistics(
         self, inputs: Any, targets: Any, generator: torch.Generator, batch_index: int, rows: _Slice | None = None
-    ) -> dict[str, LayerStatistics]:
-        passes = self._pass(inputs, targets, generator, batch_index, _STATISTICS, True, rows=rows)
+    ) -> tuple[dict[str, LayerStatistics], dict[str, torch.Tensor] | None]:
+        """One batch's (or slice's) statistics per layer, and its row sensitivities when :meth:`run` keeps them."""
+        passes = self._pass(
+            inputs, targets, generator, batch_index, _STATISTICS, True, rows=rows, keep_rows=self._keep_rows
+        )
+        weights = sample_weights(inputs) if self._keep_rows else None
+        row_weights = {name: _row_weights(state, self.sensitivity, weights) for name, state in passes.items()}
         result = {}
         for name, state in passes.items():
             spec = state.spec
@@ -734,7 +782,7 @@ class Calibrator:
                 samples=state.samples,
             )
             result[name] = stats
-        return result
+        return result, row_weights if self._keep_rows else None
 
     # The pass itself ---------------------------------------------------------------------------------
 
@@ -748,6 +796,7 @@ class Calibrator:
         check_finite: bool,
         *,
         rows: _Slice | None = None,
+        keep_rows: bool = False,
     ) -> dict[str, _LayerPass]:
         """Forward with hooks, then the loss and output backward passes, reducing as gradients arrive."""
         if generator is None:
@@ -760,6 +809,7 @@ class Calibrator:
         if weights is not None:
             weights = weights.to(module_device(self.model))
         hooks = _PassHooks(self.layers, self.sensitivity, mode, check_finite, use_loss, weights, batch_index)
+        hooks.keep_rows = hooks.keep_rows or keep_rows
         # No parameter gradient is ever needed (dL/dW is streamed from dL/dz and a): with the
         # parameters frozen, the graph saves only what the gradients with respect to z need
         # (about a third less on a transformer block).

@@ -156,6 +156,7 @@ class Pruner:
         self.seed = seed
         self.progress = progress
         self.calibration: CalibrationResult | None = None
+        self._calibrated_state: tuple = ()  # _model_state when calibrated
         self._batches: Iterable[Any] | None = None
         self._loss_fn: LossFn | None = None
         self._loss_reduction: str | None = None
@@ -168,19 +169,28 @@ class Pruner:
     # ---- calibration ----------------------------------------------------------------------------
 
     def calibrate(
-        self, batches: Iterable[Any], loss_fn: LossFn | None = None, loss_reduction: str | None = None
+        self,
+        batches: Iterable[Any],
+        loss_fn: LossFn | None = None,
+        loss_reduction: str | None = None,
+        *,
+        row_sensitivities: bool = False,
     ) -> CalibrationResult:
         """Stream the calibration batches (inputs, or ``(inputs, targets)``) through the model.
 
         ``loss_fn(outputs, targets)`` enables the ``loss`` sensitivity and the ``gradient`` and
         ``taylor`` baselines; a mean-reduced loss is rescaled to a per-sample sum (see
-        :class:`~ecp_fast.pruning.calibration.Calibrator`). The model's weights are not modified; on error the
-        previous statistics stay in place.
+        :class:`~ecp_fast.pruning.calibration.Calibrator`). ``row_sensitivities`` also keeps each
+        batch's per-row sensitivities (``N`` float64 values per layer and batch), which
+        ``method="ecp-obs"`` would otherwise compute in a second pass over the batches. The model's
+        weights are not modified; on error the previous statistics stay in place.
         """
         calibrator = self._calibrator(loss_fn, loss_reduction)
         # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
         # and so the scores, masks and biases, identical on all ranks (a no-op in one process).
-        result = synchronize_calibration(calibrator.run(batches, progress=self.progress), group=self.process_group)
+        run = calibrator.run(batches, progress=self.progress, row_sensitivities=row_sensitivities)
+        result = synchronize_calibration(run, group=self.process_group)
+        self._calibrated_state = _model_state(self.model)
         self.calibration = result
         self._batches = batches
         self._loss_fn = loss_fn
@@ -414,9 +424,7 @@ class Pruner:
             scores = {name: importance.score for name, importance in self.importances("ecp").items()}
         candidates = self._allocation_candidates(allocation, target, parsed_scope, scores)
         keep_fn = None if scores is None or method in RECONSTRUCTIVE_METHODS else self._keep_for(scores, parsed_scope)
-        weights = None
-        if config.weighting == "sensitivity":
-            weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+        weights = self._sensitivity_weights(batches) if config.weighting == "sensitivity" else None
         alternative = None
         if config.alternative is not None and allocation == "search" and self.calibration is not None:
             method_scores = {
@@ -463,6 +471,14 @@ class Pruner:
             default = {"ecp-obs": "search", "sparsegpt": "uniform"}
             return default.get(method, "global" if scope.kind == "global" else "uniform")
         return allocation
+
+    def _sensitivity_weights(self, batches: list[Any]) -> dict[str, list[torch.Tensor]]:
+        """Each layer's row sensitivities per batch: those calibration kept, while the model is as it
+        was calibrated (the same passes would give the same values), else a pass over the batches."""
+        kept = None if self.calibration is None else self.calibration.row_sensitivities
+        if kept is not None and len(kept) == len(batches) and self._calibrated_state == _model_state(self.model):
+            return {name: [rows[name] for rows in kept] for name in self.layers}
+        return sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
 
     def _reconstruction_batches(self) -> list[Any]:
         batches = self._batches
@@ -577,6 +593,13 @@ class Pruner:
         return report
 
 
+def _model_state(model: nn.Module) -> tuple:
+    """Which tensors the model computes with, and how often each was changed in place: equal states
+    mean equal outputs (a new tensor, a renamed one or an in-place change all differ)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return tuple((name, id(tensor), tensor._version) for name, tensor in tensors)
+
+
 def _bias_of(module: nn.Module) -> torch.Tensor | None:
     """The module's bias tensor, or None (typed: ``nn.Module`` attributes are not)."""
     bias = getattr(module, "bias", None)
@@ -642,7 +665,8 @@ def prune(
         add_bias=add_bias,
     )
     if batches is not None:
-        pruner.calibrate(batches, loss_fn=loss_fn)
+        weighting = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY).weighting
+        pruner.calibrate(batches, loss_fn=loss_fn, row_sensitivities=weighting == "sensitivity")
     return pruner.prune(
         sparsity=sparsity,
         method=method,

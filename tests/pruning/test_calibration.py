@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -505,7 +506,70 @@ def test_no_graph_outlives_its_pass_without_the_garbage_collector():
     gc.disable()
     try:
         calibrator.run([x, x], progress=False)
-        in_graphs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None]
+        in_graphs = [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.grad_fn is not None]
     finally:
         gc.enable()
     assert in_graphs == []  # a reference cycle would hold every pass's graph until a collection
+
+
+@pytest.mark.parametrize("case", ["exact", "probes", "conv", "padded", "loss", "local", "sliced"])
+def test_row_sensitivities_kept_by_calibration_are_those_of_a_separate_pass(monkeypatch, case):
+    torch.manual_seed(6)
+    model: nn.Module = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+    batches: list = [torch.randn(11, 6), torch.randn(5, 6)]
+    sensitivity, loss_fn = "output", None
+    if case == "probes":
+        model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 40))
+    elif case == "conv":
+        model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 3 * 3, 4))
+        batches = [torch.randn(4, 2, 5, 5), torch.randn(2, 2, 5, 5)]
+    elif case in ("padded", "sliced"):
+        model = TokenMLP()
+        padded, _ = padded_and_real_tokens()
+        batches = [padded, {"x": padded["x"][:1] * 3, "attention_mask": padded["attention_mask"][:1]}]
+    elif case == "loss":
+        sensitivity, loss_fn = "loss", nn.CrossEntropyLoss()
+        batches = [(x, torch.randint(0, 3, (x.shape[0],))) for x in batches]
+    elif case == "local":
+        sensitivity = "local"
+    if case == "sliced":
+        monkeypatch.setattr(calibration, "SLICE_BYTES", 1)  # one sequence per slice
+    calibrator = Calibrator(model, resolve_layers(model), sensitivity=sensitivity, loss_fn=loss_fn, probes=None)
+    kept = calibrator.run(batches, progress=False, row_sensitivities=True).row_sensitivities
+    assert kept is not None and len(kept) == len(batches)
+    generator = torch.Generator().manual_seed(0)  # run() seeds its own generator the same way
+    for index, batch in enumerate(batches):
+        inputs, targets = batch if isinstance(batch, tuple) else (batch, None)
+        separate = calibrator.row_sensitivities(inputs, targets, generator, index)
+        for name, row in separate.items():
+            assert torch.equal(kept[index][name], row), (case, index, name)
+    assert Calibrator(model, resolve_layers(model)).run(batches[:1], progress=False).row_sensitivities is None
+
+
+def test_ecp_obs_reuses_the_kept_row_sensitivities_only_for_the_model_it_calibrated(monkeypatch):
+    model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 3))
+    batches = [torch.randn(20, 6) for _ in range(2)]
+    separate_passes: list[int] = []
+    original = Calibrator.row_sensitivities
+
+    def counted(self, *args, **kwargs):
+        separate_passes.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Calibrator, "row_sensitivities", counted)
+    one_call = copy.deepcopy(model)
+    ecp_fast.prune(one_call, batches, sparsity=0.5, method="ecp-obs", progress=False)
+    assert separate_passes == []
+    pruner = ecp_fast.Pruner(copy.deepcopy(model), progress=False)
+    pruner.calibrate(batches)  # rows not kept: ecp-obs takes its own pass
+    pruner.prune(0.5, method="ecp-obs")
+    assert len(separate_passes) == len(batches)
+    for name, parameter in one_call.named_parameters():  # and both give the same model
+        torch.testing.assert_close(parameter, dict(pruner.model.named_parameters())[name], rtol=0, atol=0)
+    changed = ecp_fast.Pruner(copy.deepcopy(model), progress=False)
+    changed.calibrate(batches, row_sensitivities=True)
+    with torch.no_grad():
+        changed.model[0].weight.mul_(2)  # the calibrated rows no longer describe this model
+    separate_passes.clear()
+    changed.prune(0.5, method="ecp-obs")
+    assert len(separate_passes) == len(batches)
