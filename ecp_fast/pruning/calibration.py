@@ -207,6 +207,17 @@ def _select(t: torch.Tensor, rows: _Rows) -> torch.Tensor:
     return t if rows.kept is None else t.index_select(0, rows.kept)
 
 
+def _same_sample(pair: Any, alone: Any) -> bool:
+    """Whether the second half of a two-sample output is the one-sample output (up to rounding)."""
+    if not (isinstance(pair, torch.Tensor) and isinstance(alone, torch.Tensor)) or alone.dim() == 0:
+        return False
+    if pair.shape[0] != 2 * alone.shape[0] or pair.shape[1:] != alone.shape[1:]:
+        return False
+    second = pair[alone.shape[0] :].double()
+    scale = float(alone.double().abs().max()) if alone.numel() else 0.0
+    return bool(torch.allclose(second, alone.double(), rtol=1e-4, atol=1e-5 * scale, equal_nan=True))
+
+
 def _sample_signature(inputs: Any) -> tuple:
     """What one sample's layer outputs depend on: the shapes (batch dimension dropped) and dtypes of its tensors."""
     values = inputs.items() if isinstance(inputs, Mapping) else [("", inputs)]
@@ -590,7 +601,7 @@ class Calibrator:
         self.output_fn = output_fn
         self.seed = seed
         self.keep_inputs = keep_inputs
-        self._row_bytes_seen: dict[tuple, int] = {}  # sensitivity bytes of one sample, by its shapes
+        self._row_bytes_seen: dict[tuple, int | None] = {}  # sensitivity bytes of one sample, by its shapes
         self._keep_rows = False  # whether run() keeps each batch's row sensitivities
 
     # The public entry point -------------------------------------------------------------------------
@@ -663,6 +674,7 @@ class Calibrator:
                 merged[name] = merge_statistics(merged.get(name), stats)
             for name, row in (row_weights or {}).items():
                 parts.setdefault(name, []).append(row)
+            del statistics, row_weights  # merged: not to be held through the next slice's passes
         return merged, {name: torch.cat(rows) for name, rows in parts.items()} if self._keep_rows else None
 
     def _slices(self, inputs: Any, targets: Any, use_loss: bool) -> list[_Slice] | None:
@@ -671,29 +683,34 @@ class Calibrator:
         if rows is None or rows < 2 or not (self.sensitivity != "local" or use_loss):
             return None
         signature = _sample_signature(inputs)
-        if signature not in self._row_bytes_seen:  # one sizing pass per shape of sample, not per batch
-            self._row_bytes_seen[signature] = self._row_bytes(slice_rows(inputs, 0, 1, rows))
+        if signature not in self._row_bytes_seen:  # one probe per shape of sample, not per batch
+            self._row_bytes_seen[signature] = self._sample_bytes(inputs, rows)
         row_bytes = self._row_bytes_seen[signature]
-        per_slice = max(1, SLICE_BYTES // max(row_bytes, 1))
+        per_slice = rows if row_bytes is None else max(1, SLICE_BYTES // max(row_bytes, 1))
         if per_slice >= rows:
             return None
         return [_Slice(start, min(start + per_slice, rows), rows) for start in range(0, rows, per_slice)]
 
-    def _row_bytes(self, one_sample: Any) -> int:
-        """Bytes of every scored layer's sensitivities for one sample, from a forward pass without a graph."""
+    def _sample_bytes(self, inputs: Any, rows: int) -> int | None:
+        """Bytes of every scored layer's sensitivities per sample, from passes without a graph on samples
+        ``0:2`` and ``1:2``; None when sample 1's output depends on sample 0, so that the first dimension
+        does not hold independent samples (a sequence-first model, say) and slicing would change it."""
         sizes: list[int] = []
 
         def measure(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             sizes.append(output.numel() * torch.empty((), dtype=_accumulation_dtype(output.dtype)).element_size())
 
+        output_fn = self.output_fn or model_output
         handles = [spec.module.register_forward_hook(measure) for spec in self.layers.values()]
         try:
             with torch.no_grad():
-                call_model(self.model, one_sample)
+                pair = output_fn(call_model(self.model, slice_rows(inputs, 0, 2, rows)))
         finally:
             for handle in handles:
                 handle.remove()
-        return sum(sizes)
+        with torch.no_grad():
+            alone = output_fn(call_model(self.model, slice_rows(inputs, 1, 2, rows)))
+        return sum(sizes) // 2 if _same_sample(pair, alone) else None
 
     # One batch, three ways of reducing it ------------------------------------------------------------
 
@@ -756,7 +773,9 @@ class Calibrator:
             inputs, targets, generator, batch_index, _STATISTICS, True, rows=rows, keep_rows=self._keep_rows
         )
         weights = sample_weights(inputs) if self._keep_rows else None
-        row_weights = {name: _row_weights(state, self.sensitivity, weights) for name, state in passes.items()}
+        row_weights = None
+        if self._keep_rows:
+            row_weights = {name: _row_weights(state, self.sensitivity, weights) for name, state in passes.items()}
         result = {}
         for name, state in passes.items():
             spec = state.spec
@@ -782,7 +801,7 @@ class Calibrator:
                 samples=state.samples,
             )
             result[name] = stats
-        return result, row_weights if self._keep_rows else None
+        return result, row_weights
 
     # The pass itself ---------------------------------------------------------------------------------
 

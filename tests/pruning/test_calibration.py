@@ -475,8 +475,8 @@ def test_batches_split_into_slices_give_the_statistics_of_the_whole(monkeypatch,
     # Two samples' sensitivities fit: (4 tokens x (6 + 2) outputs x 8 bytes) per sample.
     monkeypatch.setattr(calibration, "SLICE_BYTES", 2 * 4 * 8 * 8)
     sliced, seen_sliced = calibrate()
-    assert seen_whole == [1, 7, 3]  # a one-sample sizing pass per shape of sample, then the batches
-    assert seen_sliced == [1, 2, 2, 2, 1, 2, 1]
+    assert seen_whole == [2, 1, 7, 3]  # a probe on samples 0:2 and 1:2 per shape of sample, then the batches
+    assert seen_sliced == [2, 1, 2, 2, 2, 1, 2, 1]
     for name, stats in whole.items():
         assert sliced[name].samples == stats.samples
         assert_moments_close(sliced[name].moments, stats.moments, rtol=1e-10, atol=1e-12)
@@ -573,3 +573,32 @@ def test_ecp_obs_reuses_the_kept_row_sensitivities_only_for_the_model_it_calibra
     separate_passes.clear()
     changed.prune(0.5, method="ecp-obs")
     assert len(separate_passes) == len(batches)
+
+
+class SequenceFirst(nn.Module):
+    """Causal self-attention over ``(tokens, batch, d)`` inputs: the first dimension is not one of samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.attention = nn.MultiheadAttention(4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = torch.triu(torch.ones(x.shape[0], x.shape[0], dtype=torch.bool), diagonal=1)
+        mixed, _ = self.attention(x, x, x, attn_mask=causal, need_weights=False)
+        return self.head(torch.relu(mixed))
+
+
+def test_a_first_dimension_that_is_not_one_of_samples_is_never_sliced(monkeypatch):
+    model = SequenceFirst()
+    x = torch.randn(6, 2, 4)  # 6 tokens of 2 sequences
+    whole = _statistics(model, [x])
+    monkeypatch.setattr(calibration, "SLICE_BYTES", 1)
+    seen: list[int] = []
+    model.head.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    kept = _statistics(model, [x])
+    assert seen == [2, 1, 6]  # the probe tells that token 1 depends on token 0: calibrated whole
+    for name, stats in whole.items():
+        for actual, expected in zip(kept[name].moments, stats.moments, strict=True):
+            assert torch.equal(actual, expected)
