@@ -567,8 +567,10 @@ class Calibrator:
     forward graph plus one ``(N, out)`` sensitivity per layer, whatever the number of probes. Both
     grow with the samples of a pass, so a batch whose sensitivities would exceed :data:`SLICE_BYTES`
     is calibrated in slices of whole samples (tensor and mapping inputs, split along their first
-    dimension; a one-sample pass without a graph measures the size once per shape of sample). The
-    slices replay the batch's probe draws, so the statistics are the whole batch's up to rounding.
+    dimension). Once per shape of sample, passes without a graph on samples ``0:2`` and ``1:2`` measure
+    the size and check that the first dimension holds independent samples (sample 1's output the same
+    alone); where it does not (a sequence-first model), batches stay whole. The slices replay the
+    batch's probe draws, so the statistics are the whole batch's up to rounding.
     """
 
     @renamed_keyword("criterion", "sensitivity")
