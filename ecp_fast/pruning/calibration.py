@@ -570,7 +570,10 @@ class Calibrator:
     dimension). Once per shape of sample, passes without a graph on samples ``0:2`` and ``1:2`` measure
     the size and check that the first dimension holds independent samples (sample 1's output the same
     alone); where it does not (a sequence-first model), batches stay whole. The slices replay the
-    batch's probe draws, so the statistics are the whole batch's up to rounding.
+    batch's probe draws, so the statistics are the whole batch's up to rounding. A mean-reduced loss
+    is rescaled per slice as it is per batch (by the slice's samples), which is exact for a mean over
+    samples or over equally many tokens per sample; a token mean over padded sequences of unequal
+    length weights each slice as a separate batch would.
     """
 
     @renamed_keyword("criterion", "sensitivity")
