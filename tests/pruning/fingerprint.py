@@ -10,6 +10,9 @@
         prune_something(model, bad_argument)
     assert_unchanged(before, model)        # lists every difference when it fails
 
+``failing_after(calls, original, error)`` wraps a function to raise ``error`` after ``calls`` calls,
+to inject a failure at a chosen stage of such a call.
+
 The fingerprint holds, for every submodule (by qualified name, shared ones under every name): its
 class and that class's properties (``parametrize`` swaps in a generated class and adds a property
 per parametrized tensor), its identity, the ``training`` flag, every parameter and buffer
@@ -23,6 +26,7 @@ Tensors compare bit for bit (NaNs included, ``-0.0`` differs from ``0.0``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,3 +149,16 @@ def assert_unchanged(before: dict[str, Any], model: nn.Module, *extra_modules: n
     """Assert that ``model`` (and ``extra_modules``) still match the fingerprint ``before``."""
     differences = diff_fingerprints(before, fingerprint(model, *extra_modules, grads=grads))
     assert not differences, f"{len(differences)} differences:\n" + "\n".join(sorted(differences)[:30])
+
+
+def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
+    """``original`` for ``calls`` calls, then ``error``."""
+    count = {"n": 0}
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if count["n"] >= calls:
+            raise error
+        count["n"] += 1
+        return original(*args, **kwargs)
+
+    return wrapper

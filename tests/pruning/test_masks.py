@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from fingerprint import assert_unchanged, fingerprint
+from fingerprint import assert_unchanged, failing_after, fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -39,19 +38,6 @@ def pruned_state(seed: int = 0) -> dict[str, torch.Tensor]:
         install_mask(layer, (torch.rand(layer.weight.shape, generator=generator) > 0.4).float())
         layer.bias = nn.Parameter(torch.randn(layer.out_features, generator=generator))
     return {key: value.clone() for key, value in model.state_dict().items()}
-
-
-def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
-    """``original`` for ``calls`` calls, then ``error``."""
-    count = {"n": 0}
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if count["n"] >= calls:
-            raise error
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    return wrapper
 
 
 # ---- loading ---------------------------------------------------------------------------------------

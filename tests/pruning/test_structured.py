@@ -8,13 +8,12 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from fingerprint import assert_unchanged, fingerprint
+from fingerprint import assert_unchanged, failing_after, fingerprint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -415,19 +414,6 @@ def test_bad_arguments_never_change_the_model(arguments: dict[str, Any], use_pru
     assert_unchanged(before, model)
     if pruner is not None:
         assert pruner.layers is layers and pruner.calibration is calibration
-
-
-def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
-    """``original`` for ``calls`` calls, then ``error``."""
-    count = {"n": 0}
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if count["n"] >= calls:
-            raise error
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    return wrapper
 
 
 def rich_model() -> nn.Sequential:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pruning.fingerprint import assert_unchanged, fingerprint
+from pruning.fingerprint import assert_unchanged, failing_after, fingerprint
 from torch import nn
 
 from ecp_fast.pruning.masks import install_mask
@@ -86,19 +86,6 @@ def test_a_model_without_trainable_parameters_is_refused() -> None:
         finetune(net, BATCHES, nn.CrossEntropyLoss(), progress=False)
     with pytest.raises(TypeError, match="argument 'model' must be an nn.Module, got str"):
         finetune("model", BATCHES, nn.CrossEntropyLoss())  # type: ignore[arg-type]
-
-
-def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
-    """``original`` for ``calls`` calls, then ``error``."""
-    count = {"n": 0}
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if count["n"] >= calls:
-            raise error
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    return wrapper
 
 
 @pytest.mark.parametrize("error", [Boom("injected"), KeyboardInterrupt()], ids=["exception", "interrupt"])

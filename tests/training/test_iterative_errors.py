@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pruning.fingerprint import Bits, assert_unchanged, fingerprint
+from pruning.fingerprint import Bits, assert_unchanged, failing_after, fingerprint
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -227,19 +227,6 @@ def test_ecp_prune_step_checks_its_arguments(arguments: dict[str, Any], match: s
     values = {"batches": BATCHES, "loss_fn": nn.CrossEntropyLoss(), **arguments}
     with pytest.raises((TypeError, ValueError), match=match):
         ECPPruneStep(**values)
-
-
-def failing_after(calls: int, original: Callable[..., Any], error: BaseException) -> Callable[..., Any]:
-    """``original`` for ``calls`` calls, then ``error``."""
-    count = {"n": 0}
-
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if count["n"] >= calls:
-            raise error
-        count["n"] += 1
-        return original(*args, **kwargs)
-
-    return wrapper
 
 
 def half_prune_then_fail(error: BaseException) -> Callable[..., None]:
