@@ -389,6 +389,8 @@ class _PassHooks:
         use_loss: bool,
         weights: torch.Tensor | None,
         batch_index: int,
+        *,
+        keep_rows: bool = False,
     ) -> None:
         self.layers = layers
         self.sensitivity = sensitivity
@@ -397,7 +399,7 @@ class _PassHooks:
         self.use_loss = use_loss
         self.weights = weights
         self.needs_graph = sensitivity != "local" or use_loss
-        self.keep_rows = mode == _ROW_SENSITIVITIES  # statistics mode may ask for them too
+        self.keep_rows = keep_rows or mode == _ROW_SENSITIVITIES
         self.where = f"calibration batch {batch_index}:"
         self.passes: dict[str, _LayerPass] = {}
         self.anchors: list[torch.Tensor] = []
@@ -411,7 +413,7 @@ class _PassHooks:
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if name in self.passes:
                 raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
-            self.on_input(name, args[0].detach())
+            self.on_input(name, args[0].detach(), output)
             if not self.needs_graph:
                 return None
             # A zero leaf added to z: differentiating with respect to the anchors drives the
@@ -427,12 +429,13 @@ class _PassHooks:
 
         return forward_hook
 
-    def on_input(self, name: str, x: torch.Tensor) -> None:
+    def on_input(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
         """Capture the layer's input; in statistics mode, its counted rows and their squares (and moments for local)."""
         state = self.passes[name] = _LayerPass(self.layers[name])
+        if self.mode == _ROW_SENSITIVITIES:  # only the row count: no input held, no patches unfolded
+            state.row_count = output.numel() // state.spec.fan_out
+            return
         state.raw_x = x
-        if self.mode == _ROW_SENSITIVITIES:
-            state.row_count = int(state.spec.inputs_2d(x).shape[0])
         if self.mode != _STATISTICS:
             return
         spec = state.spec
@@ -511,8 +514,9 @@ class _PassHooks:
                 self.on_gradient(name, row)
             return
         g = state.spec.grads_3d(grads.detach())  # (P, N, out), the pass's own tensor: free to overwrite
-        for direction in g if self.keep_rows else ():  # before the squaring in place below
-            self._add_row(state, direction)
+        if self.keep_rows:  # before the squaring in place below
+            for direction in g:
+                self._add_row(state, direction)
         if state.rows.kept is not None:
             g = g.index_select(1, state.rows.kept)
         g = g.to(_accumulation_dtype(g.dtype))
@@ -835,8 +839,9 @@ class Calibrator:
         weights = sample_weights(inputs)
         if weights is not None:
             weights = weights.to(module_device(self.model))
-        hooks = _PassHooks(self.layers, self.sensitivity, mode, check_finite, use_loss, weights, batch_index)
-        hooks.keep_rows = hooks.keep_rows or keep_rows
+        hooks = _PassHooks(
+            self.layers, self.sensitivity, mode, check_finite, use_loss, weights, batch_index, keep_rows=keep_rows
+        )
         # No parameter gradient is ever needed (dL/dW is streamed from dL/dz and a): with the
         # parameters frozen, the graph saves only what the gradients with respect to z need
         # (about a third less on a transformer block).
