@@ -446,25 +446,31 @@ def _chunk_stop(sizes: list[int], start: int) -> int:
 
 
 def _solve_grouped(
-    system: torch.Tensor, rhs: torch.Tensor, supports: torch.Tensor, inverse: torch.Tensor, ridge: float
+    system: torch.Tensor,
+    rhs: torch.Tensor,
+    supports: torch.Tensor,
+    inverse: torch.Tensor,
+    ridge: tuple[float, torch.Tensor],
 ) -> torch.Tensor:
     """One factorisation per distinct support, shared by all rows with that support."""
     solution = torch.zeros_like(rhs)
     for group in range(supports.shape[0]):
         cols = torch.nonzero(supports[group]).flatten()
         rows = torch.nonzero(inverse == group).flatten()
-        factor = _cholesky_or_raise(system[cols[:, None], cols[None, :]], ridge)
+        block = system[cols[:, None], cols[None, :]]
+        block.diagonal().add_(ridge[1])
+        factor = _cholesky_or_raise(block, ridge[0])
         solved = torch.cholesky_solve(rhs[rows[:, None], cols[None, :]].T, factor).T
         solution[rows[:, None], cols[None, :]] = solved
     return solution
 
 
-def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+def _solve_padded(
+    system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, ridge: tuple[float, torch.Tensor]
+) -> torch.Tensor:
     """Batched per-row solves, each padded to its chunk's largest support with identity rows."""
     n = system.shape[0]
     solution = rhs.new_zeros(rhs.shape[0], n + 1)  # the last column takes the padding slots' writes
-    # A zero row and column at index n: padding slots index them, so their entries read as 0.
-    system, rhs = torch.nn.functional.pad(system, (0, 1, 0, 1)), torch.nn.functional.pad(rhs, (0, 1))
     sizes = keep.sum(dim=1)
     order = torch.argsort(sizes, stable=True)
     sorted_sizes = sizes[order].tolist()
@@ -477,7 +483,8 @@ def _solve_padded(system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, r
         width = sorted_sizes[stop - 1]
         step = _piece_rows(piece_entries, width, system.element_size())
         for first in range(start, stop, step):
-            _solve_rows(system, rhs, solution, order[first : min(first + step, stop)], columns, sizes, width, ridge)
+            rows = order[first : min(first + step, stop)]
+            _solve_rows(system, rhs, solution, _Rows(rows, columns, sizes, width), ridge)
         start = stop
     return solution[:, :n]
 
@@ -491,27 +498,37 @@ def _piece_rows(entries: int, width: int, element_size: int) -> int:
     return max(line, entries // width**2 // line * line)
 
 
+@dataclass
+class _Rows:
+    """Rows of a refit solved together: their kept columns first in ``columns``, ``sizes`` kept per
+    row, every system padded to ``width``."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    sizes: torch.Tensor
+    width: int
+
+
 def _solve_rows(
-    system: torch.Tensor,
-    rhs: torch.Tensor,
-    solution: torch.Tensor,
-    rows: torch.Tensor,
-    columns: torch.Tensor,
-    sizes: torch.Tensor,
-    width: int,
-    ridge: float,
+    system: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor, part: _Rows, ridge: tuple[float, torch.Tensor]
 ) -> None:
-    """Solve ``rows`` (their systems padded to ``width``) into ``solution``; index n of the padded
-    ``system`` and ``rhs`` holds zeros, and padding slots write to column n of ``solution``."""
-    n = system.shape[0] - 1
-    valid = torch.arange(width, device=rows.device)[None, :] < sizes[rows][:, None]
-    idx = columns[rows, :width].masked_fill(~valid, n)
-    # blocks[r, i, j] = system[idx[r, i], idx[r, j]], gathered through flat indices (faster than 2-D indexing)
-    flat = (idx * (n + 1))[:, :, None] + idx[:, None, :]
+    """Solve ``part``'s rows into ``solution``: their systems are gathered from the undamped ``system``
+    with the ridge ``ridge[1]`` added to the kept diagonal; padding slots hold the identity and a zero
+    right-hand side, and write to the spare last column of ``solution``."""
+    n, rows, width = system.shape[0], part.rows, part.width
+    valid = torch.arange(width, device=rows.device)[None, :] < part.sizes[rows][:, None]
+    idx = part.columns[rows, :width]
+    # blocks[r, i, j] = system[idx[r, i], idx[r, j]], gathered through flat indices (faster than 2-D
+    # indexing), 32-bit where they fit: half the memory of a piece's indices
+    narrow = idx.to(torch.int32) if n * n < 2**31 else idx
+    flat = (narrow * n)[:, :, None] + narrow[:, None, :]
     blocks = system.view(-1).index_select(0, flat.view(-1)).view(len(rows), width, width)
-    blocks.diagonal(dim1=1, dim2=2).masked_fill_(~valid, 1)
-    factor = _cholesky_or_raise(blocks, ridge)
-    solution[rows[:, None], idx] = torch.cholesky_solve(rhs[rows[:, None], idx][:, :, None], factor)[:, :, 0]
+    blocks.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
+    diagonal = blocks.diagonal(dim1=1, dim2=2)
+    diagonal.add_(ridge[1]).masked_fill_(~valid, 1)
+    factor = _cholesky_or_raise(blocks, ridge[0])
+    values = rhs[rows[:, None], idx].masked_fill_(~valid, 0)
+    solution[rows[:, None], idx.masked_fill(~valid, n)] = torch.cholesky_solve(values[:, :, None], factor)[:, :, 0]
 
 
 def _check_refit(
@@ -544,6 +561,19 @@ def _check_refit(
     _check_real(ridge, "ridge", 0.0)
     _check_dtype(dtype)
     return out, n_in
+
+
+def _right_hand_side(
+    current: tuple[torch.Tensor, torch.Tensor | None],
+    target: tuple[torch.Tensor, torch.Tensor | None] | None,
+    coupling: torch.Tensor,
+    lam: torch.Tensor,
+) -> torch.Tensor:
+    """``W~target C^T + lam W~current`` in ``coupling``'s dtype (the augmented layers live only here)."""
+    augmented = _augment(*current, coupling.dtype)
+    rhs = (augmented if target is None else _augment(*target, coupling.dtype)) @ coupling.T
+    rhs += lam * augmented
+    return rhs
 
 
 def refit(
@@ -587,19 +617,18 @@ def refit(
         dtype=dtype,
     )
     system = gram.to(device=weight.device, dtype=dtype)
-    current = _augment(weight, bias, dtype)
-    target = current if dense_weight is None else _augment(dense_weight, dense_bias, dtype)
     coupling = system if cross is None else cross.to(device=weight.device, dtype=dtype)
     lam = ridge * system.diagonal().mean()
-    rhs = target @ coupling.T + lam * current
-    system = system + lam * torch.eye(n_in + 1, dtype=dtype, device=weight.device)
+    target = None if dense_weight is None else (dense_weight, dense_bias)
+    rhs = _right_hand_side((weight, bias), target, coupling, lam)
+    # The ridge lam * I is added to each row's gathered system, not to a copy of the whole matrix.
     bias_kept = torch.ones(out, 1, dtype=torch.bool, device=weight.device)
     keep = torch.cat([mask.to(weight.device), bias_kept], dim=1)
     supports, inverse = torch.unique(keep, dim=0, return_inverse=True)
     if supports.shape[0] <= _MAX_GROUPED_SUPPORTS:
-        solution = _solve_grouped(system, rhs, supports, inverse, ridge)
+        solution = _solve_grouped(system, rhs, supports, inverse, (ridge, lam))
     else:
-        solution = _solve_padded(system, rhs, keep, ridge)
+        solution = _solve_padded(system, rhs, keep, (ridge, lam))
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return solution[:, :n_in].to(weight.dtype), solution[:, n_in].to(bias_dtype)
 
