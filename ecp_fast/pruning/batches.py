@@ -135,6 +135,17 @@ def detach(value: Any) -> Any:
     return value
 
 
+def storages(value: Any) -> set[int]:
+    """Addresses of the storages of every tensor in ``value`` (through mappings, tuples, lists and
+    :class:`BlockInputs`): a tensor whose storage is among them holds no memory of its own."""
+    if isinstance(value, torch.Tensor):
+        return {value.untyped_storage().data_ptr()}
+    if isinstance(value, BlockInputs):
+        return storages([value.hidden, value.args, value.kwargs])
+    items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return set().union(*(storages(item) for item in items))
+
+
 def module_device(module: nn.Module) -> torch.device:
     """Where a module computes: the device of its first parameter (or buffer); CPU for an empty one."""
     for tensor in module.parameters():

@@ -427,9 +427,12 @@ class Pruner:
         weights = self._sensitivity_weights(batches) if config.weighting == "sensitivity" else None
         alternative = None
         if config.alternative is not None and allocation == "search" and self.calibration is not None:
-            method_scores = {
-                name: importance.score for name, importance in self.importances(config.alternative).items()
-            }
+            if config.alternative == "ecp" and scores is not None:
+                method_scores = scores  # a reconstructive method's scores above are ECP's
+            else:
+                method_scores = {
+                    name: importance.score for name, importance in self.importances(config.alternative).items()
+                }
             alternative = self._keep_for(method_scores, parsed_scope)
         run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias)
         outcomes, chosen, divergences = reconstruct_best(

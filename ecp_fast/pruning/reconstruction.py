@@ -31,7 +31,7 @@ from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.ops import gram
 from ecp_fast.pruning import obs
-from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, to_device
+from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, storages, to_device
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
 from ecp_fast.pruning.masks import install_mask
 from ecp_fast.pruning.replay import OutputReplay
@@ -144,9 +144,21 @@ def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
     return weights if weights is not None and weights.numel() == rows else None
 
 
-#: The dense model's layer inputs are the same for every allocation candidate; they are kept for
-#: reuse while they fit this many bytes, and recomputed otherwise.
-DENSE_CACHE_BYTES = 256 << 20
+#: The activations a reconstruction keeps for reuse (the dense model's layer inputs, the same for every
+#: allocation candidate; the working copy's replayed outputs) fit, each, this many times the largest
+#: Gram matrix of the layers reconstructed. Memory then stays the model and one layer's ``H`` (times a
+#: constant) however many calibration samples there are; what does not fit is recomputed.
+CACHE_GRAMS = 1
+
+
+def cache_budget(specs: Mapping[str, LayerSpec]) -> int:
+    """Bytes each activation cache of a reconstruction of ``specs`` may hold (see :data:`CACHE_GRAMS`)."""
+    return CACHE_GRAMS * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8
+
+
+def _replay(specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> OutputReplay:
+    """An output replay within :func:`cache_budget`, in which the calibration inputs cost nothing."""
+    return OutputReplay(cache_budget(specs), storages([split_batch(batch)[0] for batch in batches]))
 
 
 class DenseReference:
@@ -154,7 +166,7 @@ class DenseReference:
     and what every allocation candidate shares about the first layer pruned (its quadratic, its
     sweep's inverse factor and its sweeps)."""
 
-    def __init__(self, model: nn.Module, budget: int = DENSE_CACHE_BYTES) -> None:
+    def __init__(self, model: nn.Module, budget: int) -> None:
         self.model = copy.deepcopy(model).eval()
         self.modules = dict(self.model.named_modules())
         self.budget = budget
@@ -166,10 +178,11 @@ class DenseReference:
         #: The first layer's inverse factor for the sweep (see obs.inverse_factor), per (name, bias_free, damp).
         self.first_factors: dict[tuple, torch.Tensor] = {}
         #: The first layer's sweeps by settings, with the weight and bias they started from: a
-        #: candidate's proxy and its exact reconstruction sweep the first layer alike. Kept while
-        #: they fit ``budget`` bytes.
+        #: candidate's proxy and its exact reconstruction sweep the first layer alike. An allocation
+        #: search keeps only the closest candidate's (:meth:`retain_first_sweeps`): a layer's weights.
         self.first_sweeps: dict[tuple, tuple[torch.Tensor, torch.Tensor, obs.ObsResult]] = {}
-        self.sweep_bytes = 0
+        #: Keys of the first-layer sweeps the latest reconstruction used (see :meth:`retain_first_sweeps`).
+        self.sweeps_used: set[tuple] = set()
 
     def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor:
         """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``)."""
@@ -177,7 +190,8 @@ class DenseReference:
         if key in self.cache:
             return self.cache[key]
         dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
-        size = dense_inputs.numel() * dense_inputs.element_size()
+        resident = dense_inputs.untyped_storage().data_ptr() in storages(inputs)  # a view of the batch: free
+        size = 0 if resident else dense_inputs.numel() * dense_inputs.element_size()
         if self.cached_bytes + size <= self.budget:
             self.cache[key] = dense_inputs
             self.cached_bytes += size
@@ -188,15 +202,23 @@ class DenseReference:
         stored = self.first_sweeps.get(key)
         if stored is None or not (torch.equal(stored[0], weight) and torch.equal(stored[1], bias)):
             return None
+        self.sweeps_used.add(key)
         return _copy_result(stored[2])
 
     def keep_first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor, result: obs.ObsResult) -> None:
-        """Keep a copy of a first-layer sweep for :meth:`first_sweep`, while the kept sweeps fit the budget."""
-        tensors = (weight, bias, result.weight, result.bias, result.mask)
-        size = sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-        if key not in self.first_sweeps and self.sweep_bytes + size <= self.budget:
+        """Keep a copy of a first-layer sweep for :meth:`first_sweep`."""
+        if key not in self.first_sweeps:
             self.first_sweeps[key] = (weight.clone(), bias.clone(), _copy_result(result))
-            self.sweep_bytes += size
+        self.sweeps_used.add(key)
+
+    def retain_first_sweeps(self, keys: set[tuple]) -> None:
+        """Drop every kept first-layer sweep but those under ``keys`` (the closest candidate's so far)."""
+        for key in [key for key in self.first_sweeps if key not in keys]:
+            del self.first_sweeps[key]
+
+    def release_first_factors(self) -> None:
+        """Drop the first layer's inverse factors once no more sweeps of it are expected."""
+        self.first_factors.clear()
 
 
 def _copy_result(result: obs.ObsResult) -> obs.ObsResult:
@@ -210,11 +232,15 @@ def layer_grams(
     batches: Sequence[Any],
     sample_weights: Sequence[torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``H`` of the layer's inputs in ``work`` and, with a ``dense`` reference, the cross term ``C``."""
+    """``H`` of the layer's inputs in ``work`` and, with a ``dense`` reference, the cross term ``C``.
+
+    Where the layer's inputs in ``work`` are still the dense ones (nothing before it was pruned), ``C``
+    is ``H``: it is then the same tensor, neither computed nor stored a second time.
+    """
     work_module = dict(work.named_modules())[spec.name]
     device = module_device(work)
     hessian: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
+    cross: torch.Tensor | None = None  # None while every batch's dense inputs were the pruned ones
     with torch.no_grad():
         for index, batch in enumerate(batches):
             inputs = to_device(split_batch(batch)[0], device)
@@ -222,12 +248,16 @@ def layer_grams(
             weight = token_weights(inputs, pruned_inputs.shape[0]) if sample_weights is None else sample_weights[index]
             weight = None if weight is None else weight.to(device=pruned_inputs.device, dtype=pruned_inputs.dtype)
             part = gram(pruned_inputs, None, weight, float64=True)
-            hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
             if dense is not None:
-                part = gram(pruned_inputs, dense.layer_inputs(spec, index, inputs), weight, float64=True)
-                cross = part if cross is None else cross.add_(part)
+                dense_inputs = dense.layer_inputs(spec, index, inputs)
+                same = dense_inputs is pruned_inputs or torch.equal(dense_inputs, pruned_inputs)
+                if cross is None and not same:
+                    cross = torch.zeros_like(part) if hessian is None else hessian.clone()
+                if cross is not None:
+                    cross.add_(part if same else gram(pruned_inputs, dense_inputs, weight, float64=True))
+            hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
     assert hessian is not None
-    return hessian, cross
+    return hessian, hessian if cross is None and dense is not None else cross
 
 
 # ---- one layer -----------------------------------------------------------------------------------
@@ -411,7 +441,7 @@ def reconstruct(
     Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
     is not changed (:func:`apply_outcomes` does that).
     """
-    replay = OutputReplay()
+    replay = _replay(specs, run.batches)
     try:
         return _reconstruct(model, specs, plans, run, replay)
     finally:
@@ -429,7 +459,7 @@ def _reconstruct(
     batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
     if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model)
+        run.dense = DenseReference(model, cache_budget(specs))
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
@@ -532,7 +562,7 @@ def reconstruct_best(
     chosen label, and the divergence of everything tried (empty for a single candidate).
     """
     if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model)
+        run.dense = DenseReference(model, cache_budget(specs))
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
@@ -543,6 +573,9 @@ def reconstruct_best(
     chosen = compare.best_label
     if not proxy:
         return compare.best, chosen, compare.divergences
+    compare.best = {}  # the proxies' outcomes: the finalists are reconstructed again
+    if run.dense is not None:  # the chosen split's first-layer sweep is kept: no new sweep of the layer
+        run.dense.release_first_factors()
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
     final = _Comparison(model, run.batches, divergence, output_fn, compare.reference)
     for label, masks in finalists.items():
@@ -569,6 +602,7 @@ class _Comparison:
         self.divergences: dict[str, float] = {}
         self.best: dict[str, LayerOutcome] = {}
         self.best_label = ""
+        self.best_sweeps: set[tuple] = set()  # the first-layer sweeps the closest candidate used
 
     def reconstruct(
         self,
@@ -579,12 +613,20 @@ class _Comparison:
         run: ReconstructionRun,
     ) -> None:
         """:func:`reconstruct` and :meth:`add`, the outputs measured while the working copy still replays
-        its pruned layers' outputs (only the last layer runs again)."""
-        replay = OutputReplay()
+        its pruned layers' outputs (only the last layer runs again). Of the first-layer sweeps the dense
+        reference keeps, only the closest candidate's stay: only the chosen split is reconstructed again."""
+        replay = _replay(specs, run.batches)
+        dense = run.dense
+        if dense is not None:
+            dense.sweeps_used.clear()
         try:
             self.add(label, *_reconstruct(model, specs, plans, run, replay))
         finally:
             replay.remove()
+        if dense is not None:
+            if self.best_label == label:
+                self.best_sweeps = set(dense.sweeps_used)
+            dense.retain_first_sweeps(self.best_sweeps)
 
     def add(self, label: str, outcomes: dict[str, LayerOutcome], work: nn.Module) -> None:
         """Measure ``work`` and keep ``outcomes`` when it is the closest so far (ties: the first)."""

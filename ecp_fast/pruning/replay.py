@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-#: Outputs are kept while they and their inputs fit this many bytes.
+#: Outputs are kept while they and their inputs fit this many bytes (the reconstruction gives its own budget).
 REPLAY_BYTES = 256 << 20
 
 
@@ -59,6 +59,7 @@ class _Entry:
     version: int
     parameters: tuple[Any, ...]
     output: torch.Tensor
+    size: int  # bytes it holds: the output, and the inputs unless they are resident anyway
 
 
 class OutputReplay:
@@ -68,8 +69,10 @@ class OutputReplay:
     own forward back (always call it, for example in a ``finally``).
     """
 
-    def __init__(self, budget: int = REPLAY_BYTES) -> None:
+    def __init__(self, budget: int = REPLAY_BYTES, resident: set[int] | None = None) -> None:
         self.budget, self.used = budget, 0
+        #: Storages held anyway (the calibration batches): kept inputs there cost no budget.
+        self.resident = resident or set()
         self.entries: dict[nn.Module, list[_Entry]] = {}
         self.cursor: dict[nn.Module, int] = {}
 
@@ -109,11 +112,11 @@ class OutputReplay:
         entries = self.entries[module]
         stale = [entry for entry in entries if not _same_parameters(entry.parameters, parameters)]
         if stale:
-            self.used -= sum(_size(entry) for entry in stale)
+            self.used -= sum(entry.size for entry in stale)
             entries[:] = [entry for entry in entries if _same_parameters(entry.parameters, parameters)]
-        size = _bytes(inputs) + _bytes(output)
+        size = _bytes(output) + (0 if inputs.untyped_storage().data_ptr() in self.resident else _bytes(inputs))
         if self.used + size <= self.budget:
-            entries.append(_Entry(inputs, inputs._version, parameters, output.detach().clone()))
+            entries.append(_Entry(inputs, inputs._version, parameters, output.detach().clone(), size))
             self.cursor[module] = len(entries) - 1
             self.used += size
 
@@ -134,7 +137,3 @@ class OutputReplay:
 
 def _bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
-
-
-def _size(entry: _Entry) -> int:
-    return _bytes(entry.inputs) + _bytes(entry.output)

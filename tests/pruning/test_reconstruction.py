@@ -252,3 +252,80 @@ def test_an_already_pruned_model_keeps_its_zeros_and_meets_the_new_target(method
     for name, mask in before.items():
         after = dict(model.named_modules())[name].weight_mask
         assert bool((after[mask == 0] == 0).all()), f"{name}: a removed weight came back"
+
+
+# ---- what a reconstruction holds in memory ------------------------------------------------------
+
+
+def _specs(model: nn.Module) -> dict[str, LayerSpec]:
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    return {name: LayerSpec(name, module, "linear") for name, module in linear.items()}
+
+
+def test_the_cross_term_is_the_gram_matrix_itself_until_a_layer_before_is_pruned() -> None:
+    """Where the layer's inputs are still the dense ones, ``C`` is ``H`` (one tensor, not two); after
+    an earlier layer is pruned it is the Gram matrix of the pruned and the dense inputs."""
+    model, batches = _relu_mlp(), _batches()
+    specs = _specs(model)
+    dense = reconstruction.DenseReference(model, reconstruction.cache_budget(specs))
+    hessian, cross = reconstruction.layer_grams(model, dense, specs["2"], batches, None)
+    assert cross is hessian
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0  # prune layer 0: layer 2's inputs change
+    hessian, cross = reconstruction.layer_grams(model, dense, specs["2"], batches, None)
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        pruned = _augmented_inputs(model[1](model[0](x)))
+        original = _augmented_inputs(dense.model[1](dense.model[0](x)))
+    torch.testing.assert_close(hessian, pruned.T @ pruned)
+    torch.testing.assert_close(cross, pruned.T @ original)
+
+
+def test_the_dense_inputs_kept_never_pass_the_budget_and_views_of_the_batches_cost_nothing() -> None:
+    model, batches = _relu_mlp(), _batches(count=4)
+    specs = _specs(model)
+    one_batch = 40 * 16 * 8  # layer 2's dense inputs for one batch, float64
+    dense = reconstruction.DenseReference(model, budget=2 * one_batch + 1)
+    for index, (inputs, _) in enumerate(batches):
+        assert torch.equal(dense.layer_inputs(specs["0"], index, inputs), inputs)
+        dense.layer_inputs(specs["2"], index, inputs)
+    assert dense.cached_bytes == 2 * one_batch  # layer 0's inputs are the batches themselves
+    assert len([key for key in dense.cache if key[0] == "2"]) == 2
+    assert len([key for key in dense.cache if key[0] == "0"]) == 4
+
+
+def test_the_search_keeps_only_the_closest_candidates_first_layer_sweep_and_drops_the_factor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between allocation candidates the dense reference keeps one layer's quadratic, its inverse
+    factor and the first-layer sweep of the closest candidate so far; the factor goes before the finals."""
+    kept: list[int] = []
+    made: list[reconstruction.DenseReference] = []
+    original = reconstruction.DenseReference.retain_first_sweeps
+
+    def spy(self, keys):
+        original(self, keys)
+        kept.append(len(self.first_sweeps))
+        if self not in made:
+            made.append(self)
+
+    monkeypatch.setattr(reconstruction.DenseReference, "retain_first_sweeps", spy)
+    report = ecp_fast.prune(_relu_mlp(), _batches(), sparsity=0.8, method="ecp-obs", progress=False)
+    assert len(report.divergences) > 2 and kept and max(kept) <= 1
+    # the finalist reused the kept sweep: no factor was made again after the search dropped it
+    assert len(made) == 1 and made[0].first_factors == {}
+
+
+def test_the_replay_budget_leaves_out_the_batches_themselves() -> None:
+    from ecp_fast.pruning.replay import OutputReplay
+
+    layer = nn.Linear(6, 4).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    used = []
+    for replay in (OutputReplay(resident={x.untyped_storage().data_ptr()}), OutputReplay()):
+        replay.install([layer])
+        with torch.no_grad():
+            layer(x)
+        used.append(replay.used)
+        replay.remove()
+    assert used == [5 * 4 * 8, 5 * 4 * 8 + 5 * 6 * 8]  # the output alone; the output and the inputs

@@ -125,7 +125,7 @@ def test_reconstruction_gives_the_same_bits_without_replay_and_kept_sweeps(metho
     computed = _calls(monkeypatch)
     cached = _pruned(_mlp(), method)
     with_replay = len(computed)
-    monkeypatch.setattr(reconstruction, "OutputReplay", lambda: OutputReplay(budget=0))
+    monkeypatch.setattr(reconstruction, "OutputReplay", lambda *args: OutputReplay(budget=0))
     monkeypatch.setattr(reconstruction, "_sweep_layer", _plain_sweep)
     computed.clear()
     plain = _pruned(_mlp(), method)
