@@ -195,8 +195,12 @@ def _inverse_upper_cholesky(damped: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled, is the OBS update
     direction for column i in the problem restricted to columns i, i+1, ..."""
     factor, info = torch.linalg.cholesky_ex(damped)
+    del damped  # each step frees the matrix before it: two (in + 1)^2 matrices at a time, not four
     if int(info) == 0:
-        factor, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
     if int(info) != 0 or not _finite_factor(factor):
         raise ValueError(
             f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
@@ -490,12 +494,17 @@ def _solve_padded(
 
 
 def _piece_rows(entries: int, width: int, element_size: int) -> int:
-    """Rows per piece of a chunk padded to ``width``: about ``entries`` matrix entries, and a multiple
-    of the rows that fill whole 64-byte lines with their right-hand sides, so every system and vector
-    of a piece sits at the same offset modulo 64 bytes as in one batch of the whole chunk (LAPACK's
-    rounding can depend on that alignment; with it the pieces give the chunk's results bit for bit)."""
+    """Rows per piece of a chunk padded to ``width``: about ``entries`` matrix entries (at least one row).
+
+    Where whole lines fit, the count is a multiple of the rows that fill whole 64-byte lines with their
+    right-hand sides, so every system and vector of a piece sits at the same offset modulo 64 bytes as
+    in one batch of the whole chunk (LAPACK's rounding can depend on that alignment; the pieces then
+    give the chunk's results bit for bit). Wide systems are solved a few at a time instead: memory
+    stays within ``entries`` or one system, and the results agree with the chunk's to rounding.
+    """
     line = 64 // math.gcd(64, width * element_size)
-    return max(line, entries // width**2 // line * line)
+    fit = entries // width**2
+    return fit // line * line if fit >= line else max(1, fit)
 
 
 @dataclass

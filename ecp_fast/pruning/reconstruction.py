@@ -198,17 +198,18 @@ class DenseReference:
         return dense_inputs
 
     def first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor) -> obs.ObsResult | None:
-        """A copy of the first layer's sweep kept under ``key``, if it started from this ``weight`` and ``bias``."""
+        """The first layer's sweep kept under ``key``, if it started from this ``weight`` and ``bias``
+        (shared, not copied: a sweep's result is only read)."""
         stored = self.first_sweeps.get(key)
         if stored is None or not (torch.equal(stored[0], weight) and torch.equal(stored[1], bias)):
             return None
         self.sweeps_used.add(key)
-        return _copy_result(stored[2])
+        return stored[2]
 
     def keep_first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor, result: obs.ObsResult) -> None:
-        """Keep a copy of a first-layer sweep for :meth:`first_sweep`."""
+        """Keep a first-layer sweep (and a copy of the weight and bias it started from) for :meth:`first_sweep`."""
         if key not in self.first_sweeps:
-            self.first_sweeps[key] = (weight.clone(), bias.clone(), _copy_result(result))
+            self.first_sweeps[key] = (weight.clone(), bias.clone(), result)
         self.sweeps_used.add(key)
 
     def retain_first_sweeps(self, keys: set[tuple]) -> None:
@@ -219,10 +220,6 @@ class DenseReference:
     def release_first_factors(self) -> None:
         """Drop the first layer's inverse factors once no more sweeps of it are expected."""
         self.first_factors.clear()
-
-
-def _copy_result(result: obs.ObsResult) -> obs.ObsResult:
-    return replace(result, weight=result.weight.clone(), bias=result.bias.clone(), mask=result.mask.clone())
 
 
 def layer_grams(
@@ -256,6 +253,7 @@ def layer_grams(
                 if cross is not None:
                     cross.add_(part if same else gram(pruned_inputs, dense_inputs, weight, float64=True))
             hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
+            del part  # not alive while the next batch's part is made
     assert hessian is not None
     return hessian, hessian if cross is None and dense is not None else cross
 
@@ -567,13 +565,12 @@ def reconstruct_best(
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
     proxy = run.config.refit and keep_fn is None
-    compare = _Comparison(model, run.batches, divergence, output_fn)
+    compare = _Comparison(model, run.batches, divergence, output_fn, keep_outcomes=not proxy)
     for label, split in candidates.items():
         compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
     chosen = compare.best_label
     if not proxy:
         return compare.best, chosen, compare.divergences
-    compare.best = {}  # the proxies' outcomes: the finalists are reconstructed again
     if run.dense is not None:  # the chosen split's first-layer sweep is kept: no new sweep of the layer
         run.dense.release_first_factors()
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
@@ -594,10 +591,12 @@ class _Comparison:
         divergence: str,
         output_fn: Callable[[Any], torch.Tensor] | None,
         reference: list[torch.Tensor] | None = None,
+        keep_outcomes: bool = True,
     ) -> None:
         from ecp_fast.pruning.allocation import model_outputs
 
         self.batches, self.kind, self.output_fn = batches, divergence, output_fn
+        self.keep_outcomes = keep_outcomes  # False: only the label is wanted (the proxies of a search)
         self.reference = reference if reference is not None else model_outputs(model, batches, output_fn)
         self.divergences: dict[str, float] = {}
         self.best: dict[str, LayerOutcome] = {}
@@ -634,6 +633,6 @@ class _Comparison:
 
         value = output_divergence(self.reference, model_outputs(work, self.batches, self.output_fn), self.kind)
         if not self.divergences or value < min(self.divergences.values()):
-            self.best, self.best_label = outcomes, label
+            self.best, self.best_label = outcomes if self.keep_outcomes else {}, label
         self.divergences[label] = value
         logger.info("allocation candidate %s: divergence %.6g", label, value)

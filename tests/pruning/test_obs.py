@@ -460,7 +460,8 @@ def test_a_precomputed_factor_and_a_skipped_error_change_nothing_else(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch, dtype):
-    """Pieces keep each system at its offset modulo 64 bytes in the chunk's batch, so LAPACK rounds alike."""
+    """Pieces of whole lines keep each system at its offset modulo 64 bytes in the chunk's batch, so LAPACK
+    rounds alike; pieces too small for a line are solved alike up to rounding."""
     g = torch.Generator().manual_seed(29)
     out, n_in = 90, 40
     x = torch.randn(120, n_in, generator=g, dtype=F64)
@@ -469,9 +470,15 @@ def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch,
     mask = torch.rand(out, n_in, generator=g, dtype=F64) < torch.rand(out, 1, generator=g, dtype=F64)  # uneven rows
     monkeypatch.setattr(obs, "_MAX_PIECE_ENTRIES", 1 << 30)
     whole = obs.refit(weight, bias, mask, gram, dtype=dtype)
-    for entries in (1, 700, 5000):
+    widest = int(mask.sum(dim=1).max()) + 1  # the bias is always kept
+    for entries in (16 * widest**2, 32 * widest**2):  # whole lines of rows fit in a piece: the same bits
         monkeypatch.setattr(obs, "_MAX_PIECE_ENTRIES", entries)
         pieces = obs.refit(weight, bias, mask, gram, dtype=dtype)
         assert torch.equal(pieces[0], whole[0]) and torch.equal(pieces[1], whole[1])
+    monkeypatch.setattr(obs, "_MAX_PIECE_ENTRIES", 1)  # one system at a time: the same to rounding
+    pieces = obs.refit(weight, bias, mask, gram, dtype=dtype)
+    torch.testing.assert_close(pieces, whole, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)
     assert obs._piece_rows(1 << 18, 41, 8) % 8 == 0 and obs._piece_rows(1 << 18, 41, 4) % 16 == 0
     assert obs._piece_rows(1, 64, 8) == 1 and obs._piece_rows(1 << 18, 64, 8) == 64
+    assert obs._piece_rows(3 * 41**2, 41, 8) == 3  # fewer than a line of 8 rows: memory first
+    assert obs._piece_rows(1 << 18, 785, 8) == 1  # one system of 785 is above the budget: one at a time
