@@ -329,3 +329,36 @@ def test_the_replay_budget_leaves_out_the_batches_themselves() -> None:
         used.append(replay.used)
         replay.remove()
     assert used == [5 * 4 * 8, 5 * 4 * 8 + 5 * 6 * 8]  # the output alone; the output and the inputs
+
+
+def test_a_search_keeps_its_activation_caches_within_one_largest_gram_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many samples: the replayed outputs and the dense inputs kept stay within the largest ``H``."""
+    from ecp_fast.pruning.replay import OutputReplay
+
+    replays: list[OutputReplay] = []
+    peaks: list[int] = []
+    keep = OutputReplay._keep
+
+    def spy(self, *args):
+        keep(self, *args)
+        peaks.append(self.used)
+        if self not in replays:
+            replays.append(self)
+
+    monkeypatch.setattr(OutputReplay, "_keep", spy)
+    model = _relu_mlp()
+    largest = (16 + 1) ** 2 * 8  # layer 2 has 16 inputs
+    assert reconstruction.cache_budget(_specs(model)) == largest
+    dense_bytes: list[int] = []
+    layer_inputs = reconstruction.DenseReference.layer_inputs
+
+    def dense_spy(self, *args):
+        result = layer_inputs(self, *args)
+        dense_bytes.append(self.cached_bytes)
+        return result
+
+    monkeypatch.setattr(reconstruction.DenseReference, "layer_inputs", dense_spy)
+    batches = _batches(count=12, size=8)  # layer 2's dense inputs alone: 12 x 8 x 16 x 8 bytes = 5.3 x largest
+    ecp_fast.prune(model, batches, sparsity=0.8, method="ecp-obs", progress=False)
+    assert len(replays) > 2 and all(replay.budget == largest for replay in replays)
+    assert 0 < max(peaks) <= largest and 0 < max(dense_bytes) <= largest
