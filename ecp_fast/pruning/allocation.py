@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,30 +92,37 @@ def resolve_divergence(divergence: str, batches: Sequence[Any]) -> str:
     return "kl" if is_class else "mse"
 
 
-def model_outputs(
-    model: nn.Module, batches: Sequence[Any], output_fn: Callable[[Any], torch.Tensor] | None = None
-) -> list[torch.Tensor]:
-    """The model's outputs on every batch, in eval mode, without a graph."""
+def iter_outputs(
+    model: nn.Module, batches: Iterable[Any], output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> Iterator[torch.Tensor]:
+    """The model's output on each batch in turn, in eval mode (restored after), without a graph;
+    padding positions are left out."""
     device = module_device(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            outputs = []
             for batch in batches:
                 inputs = to_device(split_batch(batch)[0], device)
                 output = (output_fn or model_output)(call_model(model, inputs)).detach()
                 weights = sample_weights(inputs)  # padding positions are left out of the comparison
                 if weights is not None and output.dim() >= 2 and output.shape[:2].numel() == weights.numel():
                     output = output.flatten(0, 1)[weights.to(output.device) != 0]
-                outputs.append(output)
-            return outputs
+                yield output
     finally:
         model.train(was_training)
 
 
-def output_divergence(reference: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor], kind: str) -> float:
-    """Mean KL(reference || outputs) over samples of softmax outputs, or the mean squared error."""
+def model_outputs(
+    model: nn.Module, batches: Sequence[Any], output_fn: Callable[[Any], torch.Tensor] | None = None
+) -> list[torch.Tensor]:
+    """The model's outputs on every batch (see :func:`iter_outputs`)."""
+    return list(iter_outputs(model, batches, output_fn))
+
+
+def output_divergence(reference: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor], kind: str) -> float:
+    """Mean KL(reference || outputs) over samples of softmax outputs, or the mean squared error; the
+    two are read batch by batch, side by side."""
     total, count = 0.0, 0
     for expected, actual in zip(reference, outputs, strict=True):
         expected, actual = expected.double(), actual.double()

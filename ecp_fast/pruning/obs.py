@@ -625,7 +625,7 @@ def refit(
         ridge=ridge,
         dtype=dtype,
     )
-    system = gram.to(device=weight.device, dtype=dtype)
+    system = gram.to(device=weight.device, dtype=dtype).contiguous()  # systems are gathered from its flat view
     coupling = system if cross is None else cross.to(device=weight.device, dtype=dtype)
     lam = ridge * system.diagonal().mean()
     target = None if dense_weight is None else (dense_weight, dense_bias)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -156,9 +156,19 @@ def cache_budget(specs: Mapping[str, LayerSpec]) -> int:
     return CACHE_GRAMS * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8
 
 
+def _resident(batches: Sequence[Any]) -> set[int]:
+    """Storages of the calibration inputs as the caller holds them: views of them cost a cache nothing."""
+    return storages([split_batch(batch)[0] for batch in batches])
+
+
 def _replay(specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> OutputReplay:
     """An output replay within :func:`cache_budget`, in which the calibration inputs cost nothing."""
-    return OutputReplay(cache_budget(specs), storages([split_batch(batch)[0] for batch in batches]))
+    return OutputReplay(cache_budget(specs), _resident(batches))
+
+
+def _dense_reference(model: nn.Module, specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> DenseReference:
+    """The dense reference of a reconstruction of ``specs``, its cache within :func:`cache_budget`."""
+    return DenseReference(model, cache_budget(specs), _resident(batches))
 
 
 class DenseReference:
@@ -166,10 +176,12 @@ class DenseReference:
     and what every allocation candidate shares about the first layer pruned (its quadratic, its
     sweep's inverse factor and its sweeps)."""
 
-    def __init__(self, model: nn.Module, budget: int) -> None:
+    def __init__(self, model: nn.Module, budget: int, resident: set[int] | None = None) -> None:
         self.model = copy.deepcopy(model).eval()
         self.modules = dict(self.model.named_modules())
         self.budget = budget
+        #: Storages held anyway (the caller's calibration inputs): kept views of them cost no budget.
+        self.resident = resident or set()
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
         self.cached_bytes = 0
         #: Gram matrices of the first layer pruned, whose inputs no pruning has touched yet: the
@@ -190,7 +202,7 @@ class DenseReference:
         if key in self.cache:
             return self.cache[key]
         dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
-        resident = dense_inputs.untyped_storage().data_ptr() in storages(inputs)  # a view of the batch: free
+        resident = dense_inputs.untyped_storage().data_ptr() in self.resident  # a view of a batch: free
         size = 0 if resident else dense_inputs.numel() * dense_inputs.element_size()
         if self.cached_bytes + size <= self.budget:
             self.cache[key] = dense_inputs
@@ -457,7 +469,7 @@ def _reconstruct(
     batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
     if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model, cache_budget(specs))
+        run.dense = _dense_reference(model, specs, run.batches)
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
@@ -560,12 +572,13 @@ def reconstruct_best(
     chosen label, and the divergence of everything tried (empty for a single candidate).
     """
     if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model, cache_budget(specs))
+        run.dense = _dense_reference(model, specs, run.batches)
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
     proxy = run.config.refit and keep_fn is None
-    compare = _Comparison(model, run.batches, divergence, output_fn, keep_outcomes=not proxy)
+    reference = ReferenceOutputs(model, run.batches, output_fn, cache_budget(specs))
+    compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
     for label, split in candidates.items():
         compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
     chosen = compare.best_label
@@ -574,30 +587,47 @@ def reconstruct_best(
     if run.dense is not None:  # the chosen split's first-layer sweep is kept: no new sweep of the layer
         run.dense.release_first_factors()
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
-    final = _Comparison(model, run.batches, divergence, output_fn, compare.reference)
+    final = _Comparison(reference, divergence)
     for label, masks in finalists.items():
         if label.endswith(", refit") or masks is not None:
             final.reconstruct(label, model, specs, _plans(candidates[chosen], pattern, masks), run)
     return final.best, final.best_label, {**compare.divergences, **final.divergences}
 
 
-class _Comparison:
-    """Divergences of pruned working copies from the dense outputs; keeps the closest outcome."""
+class ReferenceOutputs:
+    """The unpruned model's outputs on the calibration batches, which allocation candidates are compared
+    with: kept while they fit ``budget`` bytes, recomputed from ``model`` (unchanged until the outcomes
+    are applied) otherwise. Iterating gives them batch by batch."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        batches: Sequence[Any],
-        divergence: str,
-        output_fn: Callable[[Any], torch.Tensor] | None,
-        reference: list[torch.Tensor] | None = None,
-        keep_outcomes: bool = True,
+        self, model: nn.Module, batches: Sequence[Any], output_fn: Callable[[Any], torch.Tensor] | None, budget: int
     ) -> None:
+        self.model, self.batches, self.output_fn, self.budget = model, batches, output_fn, budget
+        self.kept: dict[int, torch.Tensor] = {}
+        self.used = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
         from ecp_fast.pruning.allocation import model_outputs
 
-        self.batches, self.kind, self.output_fn = batches, divergence, output_fn
+        for index, batch in enumerate(self.batches):
+            output = self.kept.get(index)
+            if output is None:
+                output = model_outputs(self.model, [batch], self.output_fn)[0]
+                size = output.numel() * output.element_size()
+                if self.used + size <= self.budget:
+                    self.kept[index], self.used = output, self.used + size
+            yield output
+
+
+class _Comparison:
+    """Divergences of pruned working copies from the dense outputs; keeps the closest outcome.
+
+    Each candidate's outputs are compared batch by batch as they are computed, never all held.
+    """
+
+    def __init__(self, reference: ReferenceOutputs, divergence: str, keep_outcomes: bool = True) -> None:
+        self.reference, self.kind = reference, divergence
         self.keep_outcomes = keep_outcomes  # False: only the label is wanted (the proxies of a search)
-        self.reference = reference if reference is not None else model_outputs(model, batches, output_fn)
         self.divergences: dict[str, float] = {}
         self.best: dict[str, LayerOutcome] = {}
         self.best_label = ""
@@ -629,9 +659,10 @@ class _Comparison:
 
     def add(self, label: str, outcomes: dict[str, LayerOutcome], work: nn.Module) -> None:
         """Measure ``work`` and keep ``outcomes`` when it is the closest so far (ties: the first)."""
-        from ecp_fast.pruning.allocation import model_outputs, output_divergence
+        from ecp_fast.pruning.allocation import iter_outputs, output_divergence
 
-        value = output_divergence(self.reference, model_outputs(work, self.batches, self.output_fn), self.kind)
+        reference = self.reference
+        value = output_divergence(reference, iter_outputs(work, reference.batches, reference.output_fn), self.kind)
         if not self.divergences or value < min(self.divergences.values()):
             self.best, self.best_label = outcomes if self.keep_outcomes else {}, label
         self.divergences[label] = value

@@ -285,13 +285,45 @@ def test_the_dense_inputs_kept_never_pass_the_budget_and_views_of_the_batches_co
     model, batches = _relu_mlp(), _batches(count=4)
     specs = _specs(model)
     one_batch = 40 * 16 * 8  # layer 2's dense inputs for one batch, float64
-    dense = reconstruction.DenseReference(model, budget=2 * one_batch + 1)
+    resident = {inputs.untyped_storage().data_ptr() for inputs, _ in batches}
+    dense = reconstruction.DenseReference(model, budget=3 * one_batch + 1, resident=resident)
     for index, (inputs, _) in enumerate(batches):
         assert torch.equal(dense.layer_inputs(specs["0"], index, inputs), inputs)
         dense.layer_inputs(specs["2"], index, inputs)
-    assert dense.cached_bytes == 2 * one_batch  # layer 0's inputs are the batches themselves
-    assert len([key for key in dense.cache if key[0] == "2"]) == 2
+    assert dense.cached_bytes == 3 * one_batch  # layer 0's inputs are the caller's batches themselves
+    assert len([key for key in dense.cache if key[0] == "2"]) == 3
     assert len([key for key in dense.cache if key[0] == "0"]) == 4
+    # a copy of a batch (one moved to the model's device) is not the caller's: it costs its bytes
+    copied = reconstruction.DenseReference(model, budget=40 * 12 * 8 + 1, resident=resident)
+    for index, (inputs, _) in enumerate(batches):
+        copied.layer_inputs(specs["0"], index, inputs.clone())
+    assert copied.cached_bytes == 40 * 12 * 8 and len(copied.cache) == 1
+
+
+def test_reference_outputs_beyond_the_budget_are_recomputed_alike() -> None:
+    model, batches = _relu_mlp(), _batches(count=5)
+    expected = allocation.model_outputs(model, batches)
+    one_batch = 40 * 3 * 8
+    reference = reconstruction.ReferenceOutputs(model, batches, None, budget=2 * one_batch)
+    for _ in range(2):
+        outputs = list(reference)
+        assert len(outputs) == 5 and all(torch.equal(a, b) for a, b in zip(outputs, expected, strict=True))
+    assert sorted(reference.kept) == [0, 1] and reference.used == 2 * one_batch
+
+
+def test_refit_takes_a_gram_matrix_that_is_not_contiguous() -> None:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 30, generator=generator, dtype=torch.float64)
+    design = _augmented_inputs(x)
+    hessian = design.T @ design
+    hessian = (hessian + hessian.T) / 2  # symmetric bit for bit
+    weight, bias = torch.randn(40, 30, generator=generator, dtype=torch.float64), torch.zeros(40, dtype=torch.float64)
+    mask = torch.rand(40, 30, generator=generator) < 0.5  # more distinct rows than are grouped: padded solves
+    transposed = hessian.T  # the same symmetric matrix, not contiguous
+    assert not transposed.is_contiguous()
+    expected = obs.refit(weight, bias, mask, hessian.contiguous())
+    actual = obs.refit(weight, bias, mask, transposed)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
 def test_the_search_keeps_only_the_closest_candidates_first_layer_sweep_and_drops_the_factor(
