@@ -5,14 +5,14 @@ calibration inputs uniform in [0, 1) (like pixel intensities) in batches of 256,
 of the 10 outputs, 90% sparsity. ``ecp`` is ``Pruner.calibrate`` + ``prune(0.9, method="ecp")``;
 ``ecp-obs`` and ``sparsegpt`` are the same calls with those methods (the allocation search included
 for ``ecp-obs``). Times are minima over interleaved rounds, so a busy machine slows every contender
-alike; the target is ``ecp-obs`` at most 10x ``ecp``. Peak memory is the growth of the resident set's
-high-water mark (VmHWM, reset through /proc/self/clear_refs) of a fresh process during one call (blocks
-of 64 KiB and more mapped on their own, ``MALLOC_MMAP_THRESHOLD_``, so freed memory leaves the count), with
-the model and the inputs already resident: in a fresh process (torch's first-use memory included), after
-a warm-up call on a copy of the model (``warm``: what the pruning itself holds), and warm with four
-times the calibration samples (memory that grows with the samples shows here). The size of the model
-and of its largest layer's Gram matrix (float64) are printed beside it, and the warm difference
-between ``ecp-obs`` and ``ecp`` in units of the two.
+alike; the target is ``ecp-obs`` at most 10x ``ecp``. Peak memory is the growth of the resident
+set's high-water mark (VmHWM, reset through /proc/self/clear_refs) during one call, with the model
+and the inputs already resident, and blocks of 64 KiB and more mapped on their own
+(``MALLOC_MMAP_THRESHOLD_``) so that freed memory leaves the count: in a fresh process (torch's
+first-use memory included), after a warm-up call on a copy of the model (``warm``: what the pruning
+itself holds), and warm with four and eight times the calibration samples (memory that grows with
+the samples shows there). The size of the model and of its largest layer's Gram matrix (float64)
+are printed beside it, and the warm difference between ``ecp-obs`` and ``ecp`` in units of the two.
 
 Timing, the machine line and the ``--csv`` rows come from ``bench/harness.py``.
 
@@ -45,6 +45,8 @@ METHODS = ("ecp", "sparsegpt", "ecp-obs")
 #: Blocks from this size up are mapped on their own and given back when freed, so the resident set
 #: follows what is live (otherwise the allocator keeps freed memory, and a warm process reuses it).
 MMAP_THRESHOLD = 64 << 10
+#: Calibration sets this many times larger are measured too: memory that grows with the samples shows.
+SAMPLE_FACTORS = (4, 8)
 
 MEMORY_CHILD = """
 import copy, json, sys, warnings, torch
@@ -142,17 +144,21 @@ def main() -> int:
     times = method_times(args.rounds)
     rows = [timing_row("reconstruction", case, method, times[method], "s", threads=args.threads) for method in METHODS]
     print(
-        f"| method | seconds (min) | x ecp | peak memory, fresh process (MiB) | peak, warm (MiB) "
-        f"| peak, warm, {4 * SAMPLES} samples (MiB) |"
+        "| method | seconds (min) | x ecp | peak memory, fresh process (MiB) | peak, warm (MiB) "
+        + "".join(f"| peak, warm, {factor * SAMPLES} samples (MiB) " for factor in SAMPLE_FACTORS)
+        + "|"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|" + "---|" * len(SAMPLE_FACTORS))
     warm: dict[str, float] = {}
     for method in METHODS:
         memory = {
             "peak_memory": peak_memory_mib(method, args.threads),
             "peak_memory_warm": peak_memory_mib(method, args.threads, warm=True),
-            "peak_memory_warm_4x_samples": peak_memory_mib(method, args.threads, warm=True, samples=4 * SAMPLES),
         }
+        for factor in SAMPLE_FACTORS:
+            memory[f"peak_memory_warm_{factor}x_samples"] = peak_memory_mib(
+                method, args.threads, warm=True, samples=factor * SAMPLES
+            )
         warm[method] = memory["peak_memory_warm"]
         for metric, value in memory.items():
             rows.append(value_row("reconstruction", case, method, metric, "MiB", value, threads=args.threads))
