@@ -135,11 +135,17 @@ def detach(value: Any) -> Any:
     return value
 
 
+def storage_address(tensor: torch.Tensor) -> int | None:
+    """The address of a strided tensor's storage (views share it); None for other layouts (sparse)."""
+    return tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided else None
+
+
 def storages(value: Any) -> set[int]:
-    """Addresses of the storages of every tensor in ``value`` (through mappings, tuples, lists and
-    :class:`BlockInputs`): a tensor whose storage is among them holds no memory of its own."""
+    """Addresses of the storages of every strided tensor in ``value`` (through mappings, tuples, lists
+    and :class:`BlockInputs`): a tensor whose storage is among them holds no memory of its own."""
     if isinstance(value, torch.Tensor):
-        return {value.untyped_storage().data_ptr()}
+        address = storage_address(value)
+        return set() if address is None else {address}
     if isinstance(value, BlockInputs):
         return storages([value.hidden, value.args, value.kwargs])
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()

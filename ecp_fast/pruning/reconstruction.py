@@ -31,7 +31,15 @@ from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.ops import gram
 from ecp_fast.pruning import obs
-from ecp_fast.pruning.batches import call_model, module_device, sample_weights, split_batch, storages, to_device
+from ecp_fast.pruning.batches import (
+    call_model,
+    module_device,
+    sample_weights,
+    split_batch,
+    storage_address,
+    storages,
+    to_device,
+)
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
 from ecp_fast.pruning.masks import install_mask
 from ecp_fast.pruning.replay import OutputReplay
@@ -202,7 +210,7 @@ class DenseReference:
         if key in self.cache:
             return self.cache[key]
         dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
-        resident = dense_inputs.untyped_storage().data_ptr() in self.resident  # a view of a batch: free
+        resident = storage_address(dense_inputs) in self.resident  # a view of a batch: free
         size = 0 if resident else dense_inputs.numel() * dense_inputs.element_size()
         if self.cached_bytes + size <= self.budget:
             self.cache[key] = dense_inputs

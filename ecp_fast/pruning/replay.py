@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecp_fast.pruning.batches import storage_address
+
 #: Outputs are kept while they and their inputs fit this many bytes (the reconstruction gives its own budget).
 REPLAY_BYTES = 256 << 20
 
@@ -65,7 +67,7 @@ class _Entry:
 class OutputReplay:
     """Keeps the outputs of the modules it is installed on and replays them for identical calls.
 
-    Only calls with one tensor argument, outside autograd, are served; ``remove`` puts the modules'
+    Only calls with one strided tensor argument, outside autograd, are served; ``remove`` puts the modules'
     own forward back (always call it, for example in a ``finally``).
     """
 
@@ -114,7 +116,7 @@ class OutputReplay:
         if stale:
             self.used -= sum(entry.size for entry in stale)
             entries[:] = [entry for entry in entries if _same_parameters(entry.parameters, parameters)]
-        size = _bytes(output) + (0 if inputs.untyped_storage().data_ptr() in self.resident else _bytes(inputs))
+        size = _bytes(output) + (0 if storage_address(inputs) in self.resident else _bytes(inputs))
         if self.used + size <= self.budget:
             entries.append(_Entry(inputs, inputs._version, parameters, output.detach().clone(), size))
             self.cursor[module] = len(entries) - 1
@@ -124,7 +126,13 @@ class OutputReplay:
         """The module's forward, served from the kept outputs where the call is identical to a kept one."""
         inputs = args[0] if len(args) == 1 and not kwargs else None
         parameters = _parameters(module)
-        if not isinstance(inputs, torch.Tensor) or inputs.is_inference() or torch.is_grad_enabled() or not parameters:
+        if (
+            not isinstance(inputs, torch.Tensor)
+            or inputs.layout != torch.strided  # sparse inputs are compared and kept by no one here
+            or inputs.is_inference()
+            or torch.is_grad_enabled()
+            or not parameters
+        ):
             return forward(*args, **kwargs)
         entry = self._find(module, inputs, parameters)
         if entry is not None:

@@ -67,6 +67,10 @@ def test_calls_with_autograd_are_not_served_and_remove_restores_the_forward() ->
     with torch.inference_mode():  # inference tensors have no version to check: computed
         ones = torch.ones(2, 5, dtype=torch.float64)
         assert torch.equal(layer(ones), torch.nn.functional.linear(ones, layer.weight, layer.bias))
+    with torch.no_grad():  # a sparse input: computed, never kept
+        sparse = x.to_sparse()
+        assert torch.equal(layer(sparse), torch.nn.functional.linear(sparse, layer.weight, layer.bias))
+    assert len(replay.entries[layer]) == 1  # only the strided call of the start
     assert "forward" in layer.__dict__
     replay.remove()
     assert "forward" not in layer.__dict__ and not replay.entries
