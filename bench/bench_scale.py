@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import os
 import resource
+from functools import partial
 
 import pytest
 
 if os.environ.get("ECP_FAST_BENCH_SCALE") != "1":
     pytest.skip("set ECP_FAST_BENCH_SCALE=1 to run the 100M-parameter scale benchmark", allow_module_level=True)
 
-from scale_report import Config, make_batches, make_stack
-
-from ecp_fast import Pruner
-from ecp_fast.pruning.sequential import prune_sequential
+from scale_report import Config, make_batches, make_stack, prune_mode
 
 CONFIG = Config(
     width=int(os.environ.get("ECP_FAST_BENCH_SCALE_WIDTH", Config.width)),
@@ -37,31 +35,12 @@ def _setup() -> tuple[tuple, dict]:
     return (model, batches), {}
 
 
-def _whole(model, batches) -> float:
-    pruner = Pruner(model, sensitivity="local", progress=False)
-    pruner.calibrate(batches)
-    return pruner.prune(sparsity=CONFIG.sparsity, method=CONFIG.method, scope=CONFIG.scope).sparsity
-
-
-def _sequential(model, batches) -> float:
-    return prune_sequential(
-        model,
-        batches,
-        sparsity=CONFIG.sparsity,
-        method=CONFIG.method,
-        sensitivity="local",
-        scope=CONFIG.scope,
-        progress=False,
-    ).sparsity
-
-
 @pytest.mark.parametrize("mode", ["sequential", "whole"])
 def bench_prune_100m_local(benchmark, mode: str) -> None:
     benchmark.group = "scale-100M-local"
     benchmark.extra_info.update(
         width=CONFIG.width, blocks=CONFIG.blocks, tokens=CONFIG.tokens, sparsity=CONFIG.sparsity, scope=CONFIG.scope
     )
-    function = _whole if mode == "whole" else _sequential
-    sparsity = benchmark.pedantic(function, setup=_setup, rounds=1, iterations=1)
+    sparsity = benchmark.pedantic(partial(prune_mode, mode=mode, config=CONFIG), setup=_setup, rounds=1, iterations=1)
     benchmark.extra_info["process_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     assert sparsity == pytest.approx(CONFIG.sparsity, abs=1e-3)

@@ -75,25 +75,17 @@ class Config:
     method: str = "ecp"
 
 
-def run_mode(mode: str, config: Config) -> dict[str, float]:
-    """Build the stack and prune it in ``mode``; return seconds and the parameter count."""
+def prune_mode(model: nn.Module, batches: list, mode: str, config: Config) -> float:
+    """Calibrate and prune ``model`` whole or block by block (``mode``), as ``config`` says; the sparsity reached."""
     from ecp_fast import Pruner
     from ecp_fast.pruning.sequential import prune_sequential
 
-    started = time.perf_counter()
-    model = make_stack(config.width, config.blocks)
-    batches = make_batches(config.width, config.tokens, config.batch_size, config.sequence)
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    build_seconds = time.perf_counter() - started
-    build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
     if mode == "whole":
         pruner = Pruner(model, sensitivity="local", progress=False)
         pruner.calibrate(batches)
-        report = pruner.prune(sparsity=config.sparsity, method=config.method, scope=config.scope)
-        sparsity = report.sparsity
-    elif mode == "sequential":
-        sequential = prune_sequential(
+        return pruner.prune(sparsity=config.sparsity, method=config.method, scope=config.scope).sparsity
+    if mode == "sequential":
+        return prune_sequential(
             model,
             batches,
             sparsity=config.sparsity,
@@ -101,10 +93,20 @@ def run_mode(mode: str, config: Config) -> dict[str, float]:
             sensitivity="local",
             scope=config.scope,
             progress=False,
-        )
-        sparsity = sequential.sparsity
-    else:
-        raise ValueError(f"argument 'mode' must be one of {MODES}, got {mode!r}")
+        ).sparsity
+    raise ValueError(f"argument 'mode' must be one of {MODES}, got {mode!r}")
+
+
+def run_mode(mode: str, config: Config) -> dict[str, float]:
+    """Build the stack and prune it in ``mode``; return seconds and the parameter count."""
+    started = time.perf_counter()
+    model = make_stack(config.width, config.blocks)
+    batches = make_batches(config.width, config.tokens, config.batch_size, config.sequence)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    build_seconds = time.perf_counter() - started
+    build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    sparsity = prune_mode(model, batches, mode, config)
     prune_seconds = time.perf_counter() - started
     return {
         "parameters": parameters,
