@@ -20,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ecp_fast.pruning.batches import call_model, model_output, module_device, sample_weights, split_batch, to_device
+from ecp_fast.pruning.batches import (
+    call_model,
+    eval_mode,
+    model_output,
+    module_device,
+    sample_weights,
+    split_batch,
+    to_device,
+)
 
 ALLOCATIONS = ("global", "uniform", "search")
 DIVERGENCES = ("auto", "kl", "mse")
@@ -98,19 +106,14 @@ def iter_outputs(
     """The model's output on each batch in turn, in eval mode (restored after), without a graph;
     padding positions are left out."""
     device = module_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs = to_device(split_batch(batch)[0], device)
-                output = (output_fn or model_output)(call_model(model, inputs)).detach()
-                weights = sample_weights(inputs)  # padding positions are left out of the comparison
-                if weights is not None and output.dim() >= 2 and output.shape[:2].numel() == weights.numel():
-                    output = output.flatten(0, 1)[weights.to(output.device) != 0]
-                yield output
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for batch in batches:
+            inputs = to_device(split_batch(batch)[0], device)
+            output = (output_fn or model_output)(call_model(model, inputs)).detach()
+            weights = sample_weights(inputs)  # padding positions are left out of the comparison
+            if weights is not None and output.dim() >= 2 and output.shape[:2].numel() == weights.numel():
+                output = output.flatten(0, 1)[weights.to(output.device) != 0]
+            yield output
 
 
 def model_outputs(

@@ -15,9 +15,10 @@ key/value cache is never needed for calibration and would hold every layer's key
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -150,6 +151,19 @@ def storages(value: Any) -> set[int]:
         return storages([value.hidden, value.args, value.kwargs])
     items = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
     return set().union(*(storages(item) for item in items))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (dropout off, batch norm frozen) for the block; every submodule's own
+    mode is restored after, so a model that mixes modes gets exactly its modes back."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:  # parents first: a parent's train() reaches its children again
+            module.train(training)
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -42,6 +42,7 @@ from ecp_fast.pruning.batches import (
     batch_rows,
     call_model,
     count_samples,
+    eval_mode,
     model_output,
     module_device,
     sample_weights,
@@ -639,14 +640,9 @@ class Calibrator:
         self._keep_rows = row_sensitivities
         totals.row_sensitivities = [] if row_sensitivities else None
         total = len(batches) if isinstance(batches, Sized) else None
-        was_training = {name: module.training for name, module in self.model.named_modules()}
-        self.model.eval()  # dropout off and batch norm frozen: samples stay independent
-        try:
+        with eval_mode(self.model):  # dropout off and batch norm frozen: samples stay independent
             for batch in tqdm(iterator, total=total, desc="calibrate", disable=not progress, leave=False):
                 self._run_batch(batch, device, generator, totals)
-        finally:
-            for name, module in self.model.named_modules():
-                module.train(was_training.get(name, module.training))
         return totals.result()
 
     def _run_batch(self, batch: Any, device: torch.device, generator: torch.Generator, totals: _RunTotals) -> None:

@@ -33,9 +33,9 @@ Pattern = Union[str, tuple[int, int]]  # noqa: UP007 - a runtime alias, valid on
 # Padded per-row systems in refit are built in chunks of at most this many matrix entries
 # (32 MiB in float64), so low-sparsity layers with all-different supports stay within memory.
 _MAX_BATCH_ENTRIES = 1 << 22
-# On the CPU the padded systems of a chunk are solved in pieces of about this many entries (2 MiB in
+# On the CPU the padded systems of a chunk are solved in pieces of about this many entries (1 MiB in
 # float64): small pieces reuse the same memory instead of touching fresh pages for every chunk.
-_MAX_PIECE_ENTRIES = 1 << 18
+_MAX_PIECE_ENTRIES = 1 << 17
 # Up to this many distinct row supports, one factorisation per support with many right-hand
 # sides is cheaper than padding every row to its own system.
 _MAX_GROUPED_SUPPORTS = 16
@@ -56,6 +56,21 @@ class ObsResult:
     bias: torch.Tensor
     mask: torch.Tensor
     error: float
+
+
+@dataclass(frozen=True)
+class InverseFactor:
+    """What an OBS sweep needs of a Gram matrix, made once by :func:`inverse_factor` for all its sweeps.
+
+    Attributes:
+        upper: (in+1, in+1) upper Cholesky factor ``U`` of the dampened inverse (``H^-1 = U^T U``).
+        dead: (in+1,) bool, the inputs whose diagonal in ``H`` is 0 (never the bias).
+        damp: the dampening it was made with.
+    """
+
+    upper: torch.Tensor
+    dead: torch.Tensor
+    damp: float
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -191,11 +206,13 @@ def _finite_factor(factor: torch.Tensor) -> bool:
     return bool(torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all())
 
 
-def _inverse_upper_cholesky(damped: torch.Tensor, damp: float) -> torch.Tensor:
+def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled, is the OBS update
-    direction for column i in the problem restricted to columns i, i+1, ..."""
-    factor, info = torch.linalg.cholesky_ex(damped)
-    del damped  # each step frees the matrix before it: two (in + 1)^2 matrices at a time, not four
+    direction for column i in the problem restricted to columns i, i+1, ...
+
+    ``damped`` holds the dampened matrix and is emptied: each step frees the matrix before it, so
+    two (in + 1)^2 matrices are alive at a time, not four."""
+    factor, info = torch.linalg.cholesky_ex(damped.pop())
     if int(info) == 0:
         inverse = torch.cholesky_inverse(factor)
         del factor
@@ -228,7 +245,18 @@ def dampen(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """
     _check_square(gram, "gram")
     _check_real(damp, "damp", 0.0)
-    damped = gram.clone()
+    return _dampen_in_place(gram.clone(), damp)
+
+
+def _dead_inputs(gram: torch.Tensor) -> torch.Tensor:
+    """(in+1,) bool: the inputs whose diagonal is 0 (the bias, last, never counts as dead)."""
+    dead = gram.diagonal() == 0
+    dead[-1] = False
+    return dead
+
+
+def _dampen_in_place(damped: torch.Tensor, damp: float) -> torch.Tensor:
+    """:func:`dampen` without the copy: ``damped`` is changed and returned."""
     dead = torch.nonzero(damped.diagonal()[:-1] == 0).flatten()
     damped[dead, :] = 0  # a true Gram matrix already has zeros here; this keeps it so for any input
     damped[:, dead] = 0
@@ -238,16 +266,32 @@ def dampen(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     return damped
 
 
-def inverse_factor(gram: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The upper Cholesky factor ``U`` of the inverse of the dampened ``gram`` (``H^-1 = U^T U``) that
-    :func:`obs_sweep` works from: computed once, it serves every sweep of that Gram matrix.
+def inverse_factor(
+    gram: torch.Tensor | list[torch.Tensor],
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float64,
+) -> InverseFactor:
+    """What :func:`obs_sweep` works from in place of ``gram``: computed once, it serves every sweep of
+    that Gram matrix, and the matrix itself need not be kept.
 
-    Raises ValueError if H is singular after dampening.
+    ``gram`` given as a one-element list is taken over: the list is emptied and the matrix (when it
+    has ``dtype`` already) is dampened in place and freed as the factor is made, so no copy of it
+    is ever held beside it. Raises ValueError if H is singular after dampening.
     """
-    _check_square(gram, "gram")
+    owned = isinstance(gram, list)
+    if owned and len(gram) != 1:
+        raise ValueError(f"argument 'gram' given as a list must hold exactly one matrix, got {len(gram)} items")
+    matrix = gram.pop() if isinstance(gram, list) else gram
+    _check_square(matrix, "gram")
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
-    return _inverse_upper_cholesky(dampen(gram.to(dtype), damp), damp)
+    converted = matrix.to(dtype)
+    dead = _dead_inputs(converted)  # as the sweep sees them: in the dtype it computes in
+    ours = owned or converted is not matrix  # a matrix no one else sees may be dampened in place
+    del matrix
+    damped = [_dampen_in_place(converted, damp) if ours else dampen(converted, damp)]
+    del converted
+    return InverseFactor(_inverse_upper_cholesky(damped, damp), dead, float(damp))
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -372,17 +416,37 @@ def _sweep(
         w[:, i2:] -= errors @ u[i1:i2, i2:]
 
 
-def _check_sweep_extras(budget: object, factor: object, n_in: int) -> None:
+def _check_sweep_extras(gram: object, budget: object, factor: object, damp: float, n_in: int) -> None:
     if budget not in ("block", "layer"):
         raise ValueError(f"argument 'budget' must be 'block' or 'layer', got {budget!r}")
-    if factor is not None:
-        _check_square(factor, "factor", n_in)
+    if gram is not None:
+        _check_square(gram, "gram", n_in)
+    if factor is None:
+        if gram is None:
+            raise ValueError("argument 'gram' must be a Gram matrix when no 'factor' is given, got None")
+        return
+    if not isinstance(factor, InverseFactor):
+        raise TypeError(f"argument 'factor' must be an InverseFactor (see inverse_factor), got {_describe(factor)}")
+    _check_square(factor.upper, "factor", n_in)
+    if factor.damp != damp:
+        raise ValueError(f"argument 'factor' was made with damp={factor.damp:g}, but the sweep asks for damp={damp:g}")
+
+
+def _factor_in(
+    gram: torch.Tensor | None, factor: InverseFactor | None, damp: float, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U`` and the dead inputs, from ``factor`` or made from ``gram`` (already on ``like``'s device
+    and in its dtype), as ``like``'s device and dtype."""
+    if factor is None:
+        assert gram is not None  # checked by the caller
+        return _inverse_upper_cholesky([dampen(gram, damp)], damp), _dead_inputs(gram)
+    return factor.upper.to(like), factor.dead.to(like.device)
 
 
 def obs_sweep(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    gram: torch.Tensor,
+    gram: torch.Tensor | None,
     sparsity: float = 0.0,
     *,
     pattern: Pattern = "unstructured",
@@ -391,14 +455,14 @@ def obs_sweep(
     damp: float = 0.01,
     dtype: torch.dtype = torch.float64,
     budget: str = "block",
-    factor: torch.Tensor | None = None,
+    factor: InverseFactor | None = None,
     measure_error: bool = True,
 ) -> ObsResult:
     """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
 
     Args:
         weight: (out, in) weights. bias: (out,) or None (treated as zeros).
-        gram: (in+1, in+1) augmented Gram matrix, bias last.
+        gram: (in+1, in+1) augmented Gram matrix, bias last; None when ``factor`` is given.
         sparsity: fraction in [0, 1) removed; ignored for N:M patterns; must be 0 with ``mask``.
         pattern: "unstructured" (fraction of each block's out x width entries, count by round()),
             "row" (per row within each block) or (n, m): keep n of every m aligned inputs, chosen
@@ -409,30 +473,28 @@ def obs_sweep(
         budget: for "unstructured", each block removes the same fraction ("block", as SparseGPT
             does) or its share of one ranking of the whole layer before the sweep ("layer": blocks
             of inputs that matter little give up more; entries are still chosen from the updated weights).
-        factor: :func:`inverse_factor` of this ``gram``, ``damp`` and ``dtype``, when several sweeps
-            share one Gram matrix (computed here otherwise).
-        measure_error: compute ``error`` (a product with H); False leaves it NaN.
+        factor: :func:`inverse_factor` of the Gram matrix (made with this ``damp``), when several
+            sweeps share one (computed here otherwise); ``gram`` may then be None.
+        measure_error: compute ``error`` (a product with H); False, or no ``gram``, leaves it NaN.
 
     Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
     and are pruned before anything else. Raises ValueError if H is singular after dampening.
     """
     out, n_in = _check_layer(weight, bias)
-    _check_square(gram, "gram", n_in)
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
     mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
-    _check_sweep_extras(budget, factor, n_in)
-    gram = gram.to(device=weight.device, dtype=dtype)
-    u = _inverse_upper_cholesky(dampen(gram, damp), damp) if factor is None else factor.to(gram)
-    dead = gram.diagonal() == 0
-    dead[n_in] = False
+    _check_sweep_extras(gram, budget, factor, damp, n_in)
+    if gram is not None:
+        gram = gram.to(device=weight.device, dtype=dtype)
     original = _augment(weight, bias, dtype)
+    u, dead = _factor_in(gram, factor, damp, original)
     w = original.masked_fill(dead[None, :], 0)
     keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)
     _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
-    error = _quadratic(w - original, gram) if measure_error else math.nan
+    error = _quadratic(w - original, gram) if measure_error and gram is not None else math.nan
     logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return ObsResult(
@@ -478,8 +540,6 @@ def _solve_padded(
     sizes = keep.sum(dim=1)
     order = torch.argsort(sizes, stable=True)
     sorted_sizes = sizes[order].tolist()
-    # Kept columns first (ascending), then the others (the padding slots).
-    columns = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
     piece_entries = _MAX_PIECE_ENTRIES if system.device.type == "cpu" else _MAX_BATCH_ENTRIES
     start = 0
     while start < len(sorted_sizes):
@@ -488,7 +548,7 @@ def _solve_padded(
         step = _piece_rows(piece_entries, width, system.element_size())
         for first in range(start, stop, step):
             rows = order[first : min(first + step, stop)]
-            _solve_rows(system, rhs, solution, _Rows(rows, columns, sizes, width), ridge)
+            _solve_rows(system, rhs, solution, _Rows(rows, keep, sizes, width), ridge)
         start = stop
     return solution[:, :n]
 
@@ -509,11 +569,11 @@ def _piece_rows(entries: int, width: int, element_size: int) -> int:
 
 @dataclass
 class _Rows:
-    """Rows of a refit solved together: their kept columns first in ``columns``, ``sizes`` kept per
-    row, every system padded to ``width``."""
+    """Rows of a refit solved together: ``keep`` and ``sizes`` (kept per row) of every row of the
+    layer, every system padded to ``width``."""
 
     rows: torch.Tensor
-    columns: torch.Tensor
+    keep: torch.Tensor
     sizes: torch.Tensor
     width: int
 
@@ -526,7 +586,9 @@ def _solve_rows(
     right-hand side, and write to the spare last column of ``solution``."""
     n, rows, width = system.shape[0], part.rows, part.width
     valid = torch.arange(width, device=rows.device)[None, :] < part.sizes[rows][:, None]
-    idx = part.columns[rows, :width]
+    # each row's kept columns first (ascending), then the others (the padding slots); sorted here,
+    # for these rows only: the whole layer's order would be another (out, in) index matrix
+    idx = torch.argsort((~part.keep[rows]).to(torch.int8), dim=1, stable=True)[:, :width]
     # blocks[r, i, j] = system[idx[r, i], idx[r, j]], gathered through flat indices (faster than 2-D
     # indexing), 32-bit where they fit: half the memory of a piece's indices
     narrow = idx.to(torch.int32) if n * n < 2**31 else idx

@@ -19,10 +19,10 @@ layer is done (:func:`apply_outcomes`), so a failure never leaves a half-pruned 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Any
 
 import torch
@@ -33,16 +33,16 @@ from ecp_fast.ops import gram
 from ecp_fast.pruning import obs
 from ecp_fast.pruning.batches import (
     call_model,
+    eval_mode,
     module_device,
     sample_weights,
     split_batch,
-    storage_address,
     storages,
     to_device,
 )
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
 from ecp_fast.pruning.masks import install_mask
-from ecp_fast.pruning.replay import OutputReplay
+from ecp_fast.pruning.replay import CacheBudget, OutputReplay
 
 logger = logging.getLogger(__name__)
 
@@ -153,56 +153,40 @@ def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
 
 
 #: The activations a reconstruction keeps for reuse (the dense model's layer inputs, the same for every
-#: allocation candidate; the working copy's replayed outputs) fit, each, this many times the largest
-#: Gram matrix of the layers reconstructed. Memory then stays the model and one layer's ``H`` (times a
-#: constant) however many calibration samples there are; what does not fit is recomputed.
+#: allocation candidate; the working copy's replayed outputs; the dense outputs candidates are compared
+#: with) fit, all together, this many times the largest Gram matrix of the layers reconstructed. Memory
+#: then stays the model and one layer's ``H`` (times a constant) however many calibration samples
+#: there are; what does not fit is recomputed.
 CACHE_GRAMS = 1
 
 
 def cache_budget(specs: Mapping[str, LayerSpec]) -> int:
-    """Bytes each activation cache of a reconstruction of ``specs`` may hold (see :data:`CACHE_GRAMS`)."""
+    """Bytes the activation caches of a reconstruction of ``specs`` share (see :data:`CACHE_GRAMS`)."""
     return CACHE_GRAMS * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8
 
 
-def _resident(batches: Sequence[Any]) -> set[int]:
-    """Storages of the calibration inputs as the caller holds them: views of them cost a cache nothing."""
-    return storages([split_batch(batch)[0] for batch in batches])
-
-
-def _replay(specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> OutputReplay:
-    """An output replay within :func:`cache_budget`, in which the calibration inputs cost nothing."""
-    return OutputReplay(cache_budget(specs), _resident(batches))
-
-
-def _dense_reference(model: nn.Module, specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> DenseReference:
-    """The dense reference of a reconstruction of ``specs``, its cache within :func:`cache_budget`."""
-    return DenseReference(model, cache_budget(specs), _resident(batches))
+def _cache(specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> CacheBudget:
+    """The budget of a reconstruction's caches, in which the calibration inputs as the caller holds
+    them (and views of them) cost nothing."""
+    return CacheBudget(cache_budget(specs), storages([split_batch(batch)[0] for batch in batches]))
 
 
 class DenseReference:
-    """The dense model whose pre-activations a refit aims at, with a bounded cache of its layer inputs,
-    and what every allocation candidate shares about the first layer pruned (its quadratic, its
-    sweep's inverse factor and its sweeps)."""
+    """The dense model whose pre-activations a refit aims at, with a cache of its layer inputs.
 
-    def __init__(self, model: nn.Module, budget: int, resident: set[int] | None = None) -> None:
-        self.model = copy.deepcopy(model).eval()
-        self.modules = dict(self.model.named_modules())
-        self.budget = budget
-        #: Storages held anyway (the caller's calibration inputs): kept views of them cost no budget.
-        self.resident = resident or set()
+    It is the caller's model itself, which nothing changes until the outcomes are applied (no copy is
+    made; a reconstruction holds it in eval mode while it runs). Its layer inputs are kept within
+    ``budget`` (a :class:`CacheBudget` other caches may share); ``first`` holds what allocation
+    candidates share about the first layer pruned (see :class:`FirstLayer`), when a search runs.
+    """
+
+    def __init__(self, model: nn.Module, budget: int | CacheBudget, resident: set[int] | None = None) -> None:
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget, resident)
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
         self.cached_bytes = 0
-        #: Gram matrices of the first layer pruned, whose inputs no pruning has touched yet: the
-        #: same for every allocation candidate (prefix caching).
-        self.first_grams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        #: The first layer's inverse factor for the sweep (see obs.inverse_factor), per (name, bias_free, damp).
-        self.first_factors: dict[tuple, torch.Tensor] = {}
-        #: The first layer's sweeps by settings, with the weight and bias they started from: a
-        #: candidate's proxy and its exact reconstruction sweep the first layer alike. An allocation
-        #: search keeps only the closest candidate's (:meth:`retain_first_sweeps`): a layer's weights.
-        self.first_sweeps: dict[tuple, tuple[torch.Tensor, torch.Tensor, obs.ObsResult]] = {}
-        #: Keys of the first-layer sweeps the latest reconstruction used (see :meth:`retain_first_sweeps`).
-        self.sweeps_used: set[tuple] = set()
+        self.first: FirstLayer | None = None
 
     def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor:
         """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``)."""
@@ -210,36 +194,52 @@ class DenseReference:
         if key in self.cache:
             return self.cache[key]
         dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
-        resident = storage_address(dense_inputs) in self.resident  # a view of a batch: free
-        size = 0 if resident else dense_inputs.numel() * dense_inputs.element_size()
-        if self.cached_bytes + size <= self.budget:
+        size = self.budget.cost(dense_inputs)  # a view of a batch: free
+        # every candidate reads these again (a replayed output serves one candidate): they come first
+        if self.budget.take(size, evict=True):
             self.cache[key] = dense_inputs
             self.cached_bytes += size
         return dense_inputs
 
-    def first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor) -> obs.ObsResult | None:
-        """The first layer's sweep kept under ``key``, if it started from this ``weight`` and ``bias``
-        (shared, not copied: a sweep's result is only read)."""
-        stored = self.first_sweeps.get(key)
-        if stored is None or not (torch.equal(stored[0], weight) and torch.equal(stored[1], bias)):
-            return None
-        self.sweeps_used.add(key)
-        return stored[2]
 
-    def keep_first_sweep(self, key: tuple, weight: torch.Tensor, bias: torch.Tensor, result: obs.ObsResult) -> None:
-        """Keep a first-layer sweep (and a copy of the weight and bias it started from) for :meth:`first_sweep`."""
-        if key not in self.first_sweeps:
-            self.first_sweeps[key] = (weight.clone(), bias.clone(), result)
-        self.sweeps_used.add(key)
+class FirstLayer:
+    """What every allocation candidate shares about the first layer pruned, whose inputs no pruning has
+    touched yet (prefix caching).
 
-    def retain_first_sweeps(self, keys: set[tuple]) -> None:
-        """Drop every kept first-layer sweep but those under ``keys`` (the closest candidate's so far)."""
-        for key in [key for key in self.first_sweeps if key not in keys]:
-            del self.first_sweeps[key]
+    Its quadratic ``(H, C)`` is kept once an exact reconstruction computes it (the next candidate
+    refits the layer from it again); while candidates are compared through their sweeps alone, only
+    the sweep's inverse factor is kept instead (it serves every sweep; ``H`` is made for it and let
+    go), and of the sweeps only the closest candidate's (:meth:`retain_sweeps`): its exact
+    reconstruction sweeps the layer alike. Sweeps are shared only from the dense weights.
+    """
 
-    def release_first_factors(self) -> None:
-        """Drop the first layer's inverse factors once no more sweeps of it are expected."""
-        self.first_factors.clear()
+    def __init__(self) -> None:
+        self.grams: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.factors: dict[tuple, obs.InverseFactor] = {}
+        self.sweeps: dict[tuple, obs.ObsResult] = {}
+        #: Keys of the sweeps the latest reconstruction used (see :meth:`retain_sweeps`).
+        self.used: set[tuple] = set()
+
+    def sweep(self, key: tuple) -> obs.ObsResult | None:
+        """The sweep kept under ``key`` (shared, not copied: a sweep's result is only read), or None."""
+        result = self.sweeps.get(key)
+        if result is not None:
+            self.used.add(key)
+        return result
+
+    def keep_sweep(self, key: tuple, result: obs.ObsResult) -> None:
+        """Keep a sweep of the layer from its dense weights for :meth:`sweep`."""
+        self.sweeps.setdefault(key, result)
+        self.used.add(key)
+
+    def retain_sweeps(self, keys: set[tuple]) -> None:
+        """Drop every kept sweep but those under ``keys`` (the closest candidate's so far)."""
+        for key in [key for key in self.sweeps if key not in keys]:
+            del self.sweeps[key]
+
+    def release_factors(self) -> None:
+        """Drop the inverse factors once no more sweeps of the layer are expected."""
+        self.factors.clear()
 
 
 def layer_grams(
@@ -305,7 +305,8 @@ class ReconstructionRun:
     ``sample_weights`` per layer and batch (None: 1, or the attention mask); ``dense`` the shared
     dense reference (made on first use when the config refits); ``exact=False`` keeps the sweep's own
     update instead of the final refit (the cheap proxy that compares allocation candidates);
-    ``add_bias=False`` keeps layers without a bias without one.
+    ``add_bias=False`` keeps layers without a bias without one; ``cache`` the budget the run's
+    activation caches share (made on first use, see :func:`cache_budget`).
     """
 
     config: ReconstructionConfig
@@ -314,29 +315,34 @@ class ReconstructionRun:
     dense: DenseReference | None = None
     exact: bool = True
     add_bias: bool = True
+    cache: CacheBudget | None = None
 
 
 def _layer_quadratic(
     work: nn.Module, spec: LayerSpec, run: ReconstructionRun, first: bool, bias_free: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``H`` and the cross term ``C`` of a layer; the first layer's are computed once per dense reference."""
-    dense = run.dense
-    if dense is not None and first and spec.name in dense.first_grams:
-        hessian, cross = dense.first_grams[spec.name]
+    """``H`` and the cross term ``C`` of a layer; an exact reconstruction keeps the first layer's for
+    the next allocation candidate (see :class:`FirstLayer`)."""
+    shared = run.dense.first if run.dense is not None and first else None
+    if shared is not None and spec.name in shared.grams:
+        hessian, cross = shared.grams[spec.name]
     else:
         weights = None if run.sample_weights is None else run.sample_weights[spec.name]
-        hessian, cross = layer_grams(work, dense if run.config.refit else None, spec, run.batches, weights)
-        if dense is not None and first:
-            dense.first_grams[spec.name] = (hessian, cross)
+        hessian, cross = layer_grams(work, run.dense if run.config.refit else None, spec, run.batches, weights)
+        if shared is not None and run.exact:
+            shared.grams[spec.name] = (hessian, cross)
     if bias_free:
         hessian, cross = _without_bias(hessian), None if cross is None else _without_bias(cross, columns=False)
     return hessian, cross
 
 
+Quadratic = Callable[[], tuple[torch.Tensor, torch.Tensor | None]]
+
+
 def _refit(
-    weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, quadratic: tuple, dense: tuple, ridge: float
+    weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, quadratic: Quadratic, dense: tuple, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    hessian, cross = quadratic
+    hessian, cross = quadratic()
     dense_weight, dense_bias = dense
     return obs.refit(
         weight, bias, keep, hessian, cross=cross, dense_weight=dense_weight, dense_bias=dense_bias, ridge=ridge
@@ -346,39 +352,48 @@ def _refit(
 def _sweep_layer(
     weight: torch.Tensor,
     bias: torch.Tensor,
-    hessian: torch.Tensor,
+    quadratic: Quadratic,
     plan: LayerPlan,
     run: ReconstructionRun,
-    first: tuple[str, bool] | None,
+    shared: tuple[str, bool] | None,
 ) -> obs.ObsResult:
-    """The OBS sweep of a layer. ``first`` ``(name, bias_free)`` marks the first layer pruned: its inputs
-    are the same for every allocation candidate, so the dense reference keeps its inverse factor and
-    its sweeps (a candidate's proxy and its exact reconstruction sweep it alike) for reuse."""
-    config, dense = run.config, run.dense
-    sweep = partial(
+    """The OBS sweep of a layer. ``shared`` ``(name, bias_free)`` marks the first layer pruned, swept from
+    its dense weights during an allocation search: its inverse factor and sweeps are then shared with
+    the other candidates (:class:`FirstLayer`)."""
+    config = run.config
+    sweep = functools.partial(
         obs.obs_sweep,
         weight,
         bias,
-        hessian,
-        plan.sparsity,
+        sparsity=plan.sparsity,
         pattern=plan.pattern,
         block_size=config.block_size,
         damp=config.damp,
         budget=config.budget,
         measure_error=False,
     )
-    if first is None or dense is None:
-        return sweep()
+    first = None if shared is None or run.dense is None else run.dense.first
+    if first is None or shared is None:
+        return sweep(quadratic()[0])
     pattern = tuple(plan.pattern) if isinstance(plan.pattern, list) else plan.pattern
-    key = (*first, float(plan.sparsity), pattern, config.block_size, config.damp, config.budget)
-    result = dense.first_sweep(key, weight, bias)
+    key = (*shared, float(plan.sparsity), pattern, config.block_size, config.damp, config.budget)
+    result = first.sweep(key)
     if result is None:
-        factor = dense.first_factors.get((*first, config.damp))
-        if factor is None:
-            factor = dense.first_factors[(*first, config.damp)] = obs.inverse_factor(hessian, config.damp)
-        result = sweep(factor=factor)
-        dense.keep_first_sweep(key, weight, bias, result)
+        if run.exact:  # the refit needs H as well: it is kept, and the factor made from it is not
+            result = sweep(quadratic()[0])
+        else:
+            result = sweep(None, factor=_first_factor(first, (*shared, config.damp), quadratic))
+        first.keep_sweep(key, result)
     return result
+
+
+def _first_factor(first: FirstLayer, key: tuple, quadratic: Quadratic) -> obs.InverseFactor:
+    """The first layer's inverse factor while candidates are swept: made once, from an ``H`` made for
+    it alone and handed over (a candidate compared through its sweep never refits the first layer)."""
+    factor = first.factors.get(key)
+    if factor is None:
+        factor = first.factors[key] = obs.inverse_factor([quadratic()[0]], key[-1])
+    return factor
 
 
 def solve_layer(
@@ -393,9 +408,10 @@ def solve_layer(
 
     ``first`` marks the first layer pruned (its inputs are the dense ones); ``bias_free`` keeps a
     layer without a bias without one: the bias column is taken out of the quadratic, so it stays 0.
+    The Gram matrices are computed when first needed, and only if needed.
     """
     config = run.config
-    quadratic = _layer_quadratic(work, spec, run, first, bias_free)
+    quadratic: Quadratic = functools.cache(lambda: _layer_quadratic(work, spec, run, first, bias_free))
     weight, bias = _augmented(dict(work.named_modules())[spec.name], spec)
     dense = _augmented(run.dense.modules[spec.name], spec) if config.refit and run.dense else (None, None)
     if config.refit and plan.keep is None and not first:
@@ -409,7 +425,11 @@ def solve_layer(
             present = plan.present.to(present.device)
         weight, bias = _refit(weight, bias, present, quadratic, dense, config.damp)
     if plan.keep is None:
-        result = _sweep_layer(weight, bias, quadratic[0], plan, run, (spec.name, bias_free) if first else None)
+        from_dense = first and dense[0] is not None and torch.equal(weight, dense[0]) and torch.equal(bias, dense[1])
+        shared = (spec.name, bias_free) if from_dense else None
+        if not run.exact and shared is not None:  # a proxy needs H only for the factor: it must not hold it
+            quadratic = functools.partial(_layer_quadratic, work, spec, run, first, bias_free)
+        result = _sweep_layer(weight, bias, quadratic, plan, run, shared)
         keep, weight, bias = result.mask, result.weight, result.bias
         if plan.present is not None:  # removed weights stay removed, even where the sweep would keep them
             keep = keep & plan.present.to(keep.device)
@@ -459,11 +479,14 @@ def reconstruct(
     Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
     is not changed (:func:`apply_outcomes` does that).
     """
-    replay = _replay(specs, run.batches)
-    try:
-        return _reconstruct(model, specs, plans, run, replay)
-    finally:
-        replay.remove()
+    if run.cache is None:
+        run.cache = _cache(specs, run.batches)
+    with eval_mode(model):  # the dense reference: its outputs as in evaluation
+        replay = OutputReplay(run.cache)
+        try:
+            return _reconstruct(model, specs, plans, run, replay)
+        finally:
+            replay.remove()
 
 
 def _reconstruct(
@@ -477,7 +500,7 @@ def _reconstruct(
     batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
     if run.config.refit and run.dense is None:
-        run.dense = _dense_reference(model, specs, run.batches)
+        run.dense = DenseReference(model, run.cache if run.cache is not None else _cache(specs, run.batches))
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
@@ -491,7 +514,8 @@ def _reconstruct(
         plan = plans[name] if present is None else replace(plans[name], present=present != 0)
         outcome = solve_layer(work, spec, plan, run, first=position == 0, bias_free=bias_free)
         _write(spec.module, spec, outcome, add_bias=run.add_bias)
-        outcomes[name] = outcome
+        # the outcome's weight is the working copy's own from now on (written once, never changed): no second copy
+        outcomes[name] = replace(outcome, weight=spec.as_2d(weight_parameter(spec.module).detach()))
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
     return outcomes, work
 
@@ -525,9 +549,7 @@ def sensitivity_weights(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     weights: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    was_training = calibrator.model.training
-    calibrator.model.eval()
-    try:
+    with eval_mode(calibrator.model):
         for index, batch in enumerate(batches):
             inputs, targets = split_batch(batch)
             inputs, targets = to_device(inputs, device), to_device(targets, device)
@@ -535,8 +557,6 @@ def sensitivity_weights(
             for name, row in calibrator.row_sensitivities(inputs, use_targets, generator, index).items():
                 if name in weights:
                     weights[name].append(row)
-    finally:
-        calibrator.model.train(was_training)
     return weights
 
 
@@ -578,22 +598,62 @@ def reconstruct_best(
     ``alternative`` (masks of an importance at given per-layer sparsities) the chosen split is also
     reconstructed with those masks, and the closer of the two is kept. Returns the outcomes, the
     chosen label, and the divergence of everything tried (empty for a single candidate).
+
+    ``model`` itself is the dense reference (never copied, held in eval mode while the candidates
+    run, its modes restored after) and is not changed; the caches of all candidates share one
+    budget (:func:`cache_budget`).
     """
+    if run.cache is None:
+        run.cache = _cache(specs, run.batches)
     if run.config.refit and run.dense is None:
-        run.dense = _dense_reference(model, specs, run.batches)
+        run.dense = DenseReference(model, run.cache)
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
+    if run.dense is not None:
+        run.dense.first = FirstLayer()
+    try:
+        with eval_mode(model):
+            return _search(
+                model,
+                specs,
+                candidates,
+                pattern,
+                run,
+                keep_fn=keep_fn,
+                divergence=divergence,
+                output_fn=output_fn,
+                alternative=alternative,
+            )
+    finally:
+        if run.dense is not None:
+            run.dense.first = None
+
+
+def _search(
+    model: nn.Module,
+    specs: Mapping[str, LayerSpec],
+    candidates: Mapping[str, Mapping[str, float]],
+    pattern: Pattern,
+    run: ReconstructionRun,
+    *,
+    keep_fn: KeepFn | None,
+    divergence: str,
+    output_fn: Callable[[Any], torch.Tensor] | None,
+    alternative: KeepFn | None,
+) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
+    """:func:`reconstruct_best` over several candidates."""
+    assert run.cache is not None
     proxy = run.config.refit and keep_fn is None
-    reference = ReferenceOutputs(model, run.batches, output_fn, cache_budget(specs))
+    reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
     compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
     for label, split in candidates.items():
         compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
     chosen = compare.best_label
     if not proxy:
         return compare.best, chosen, compare.divergences
-    if run.dense is not None:  # the chosen split's first-layer sweep is kept: no new sweep of the layer
-        run.dense.release_first_factors()
+    if run.dense is not None and run.dense.first is not None:  # the chosen split's sweep is kept: no new sweep
+        run.dense.first.release_factors()
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
     final = _Comparison(reference, divergence)
     for label, masks in finalists.items():
@@ -608,9 +668,14 @@ class ReferenceOutputs:
     are applied) otherwise. Iterating gives them batch by batch."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[Any], output_fn: Callable[[Any], torch.Tensor] | None, budget: int
+        self,
+        model: nn.Module,
+        batches: Sequence[Any],
+        output_fn: Callable[[Any], torch.Tensor] | None,
+        budget: int | CacheBudget,
     ) -> None:
-        self.model, self.batches, self.output_fn, self.budget = model, batches, output_fn, budget
+        self.model, self.batches, self.output_fn = model, batches, output_fn
+        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget)
         self.kept: dict[int, torch.Tensor] = {}
         self.used = 0
 
@@ -622,7 +687,7 @@ class ReferenceOutputs:
             if output is None:
                 output = model_outputs(self.model, [batch], self.output_fn)[0]
                 size = output.numel() * output.element_size()
-                if self.used + size <= self.budget:
+                if self.budget.take(size, evict=True):  # read for every candidate, as the dense inputs
                     self.kept[index], self.used = output, self.used + size
             yield output
 
@@ -652,18 +717,19 @@ class _Comparison:
         """:func:`reconstruct` and :meth:`add`, the outputs measured while the working copy still replays
         its pruned layers' outputs (only the last layer runs again). Of the first-layer sweeps the dense
         reference keeps, only the closest candidate's stay: only the chosen split is reconstructed again."""
-        replay = _replay(specs, run.batches)
-        dense = run.dense
-        if dense is not None:
-            dense.sweeps_used.clear()
+        assert run.cache is not None
+        replay = OutputReplay(run.cache)
+        first = None if run.dense is None else run.dense.first
+        if first is not None:
+            first.used.clear()
         try:
             self.add(label, *_reconstruct(model, specs, plans, run, replay))
         finally:
             replay.remove()
-        if dense is not None:
+        if first is not None:
             if self.best_label == label:
-                self.best_sweeps = set(dense.sweeps_used)
-            dense.retain_first_sweeps(self.best_sweeps)
+                self.best_sweeps = set(first.used)
+            first.retain_sweeps(self.best_sweeps)
 
     def add(self, label: str, outcomes: dict[str, LayerOutcome], work: nn.Module) -> None:
         """Measure ``work`` and keep ``outcomes`` when it is the closest so far (ties: the first)."""

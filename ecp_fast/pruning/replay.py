@@ -13,7 +13,7 @@ values are the ones the layer computes, bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -25,6 +25,42 @@ from ecp_fast.pruning.batches import storage_address
 
 #: Outputs are kept while they and their inputs fit this many bytes (the reconstruction gives its own budget).
 REPLAY_BYTES = 256 << 20
+
+
+class CacheBudget:
+    """Bytes that one or more activation caches share (a reconstruction's replay, its dense layer inputs
+    and its reference outputs: together within one budget).
+
+    A kept tensor costs its bytes unless its storage is ``resident``, held anyway (the caller's
+    calibration inputs: a view of them costs nothing); a cache gives back what it drops.
+    """
+
+    def __init__(self, limit: int, resident: set[int] | None = None) -> None:
+        self.limit, self.used = limit, 0
+        self.resident = resident or set()
+        #: Caches that give way to a :meth:`take` with ``evict``: each is called with the bytes wanted
+        #: and drops what it holds (up to about that much) through :meth:`give`.
+        self.yielding: list[Callable[[int], None]] = []
+
+    def cost(self, tensor: torch.Tensor) -> int:
+        """What keeping ``tensor`` (not a copy of it) costs: 0 for a view of a resident storage."""
+        return 0 if storage_address(tensor) in self.resident else _bytes(tensor)
+
+    def take(self, size: int, evict: bool = False) -> bool:
+        """Reserve ``size`` bytes if they fit, with ``evict`` after the yielding caches have made room;
+        False (nothing reserved) otherwise."""
+        for release in self.yielding if evict and size <= self.limit else ():
+            if self.used + size <= self.limit:
+                break
+            release(self.used + size - self.limit)
+        if self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        """Return ``size`` bytes a cache no longer holds."""
+        self.used -= size
 
 
 def _parameters(module: nn.Module) -> tuple[Any, ...] | None:
@@ -71,15 +107,18 @@ class OutputReplay:
     own forward back (always call it, for example in a ``finally``).
     """
 
-    def __init__(self, budget: int = REPLAY_BYTES, resident: set[int] | None = None) -> None:
-        self.budget, self.used = budget, 0
-        #: Storages held anyway (the calibration batches): kept inputs there cost no budget.
-        self.resident = resident or set()
+    def __init__(self, budget: int | CacheBudget = REPLAY_BYTES, resident: set[int] | None = None) -> None:
+        #: Shared with other caches when given as a :class:`CacheBudget`; storages ``resident`` there
+        #: (the calibration batches) cost nothing.
+        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget, resident)
+        self.used = 0  # bytes this replay holds of the budget
         self.entries: dict[nn.Module, list[_Entry]] = {}
         self.cursor: dict[nn.Module, int] = {}
 
     def install(self, modules: Iterable[nn.Module]) -> None:
         """Serve the calls of every replayable module of ``modules``."""
+        if self._release not in self.budget.yielding:
+            self.budget.yielding.append(self._release)
         for module in modules:
             if module not in self.entries and replayable(module):
                 self.entries[module], self.cursor[module] = [], -1
@@ -89,7 +128,20 @@ class OutputReplay:
         """Restore the modules' forward and drop what was kept."""
         for module in self.entries:
             del module.forward
+        self.budget.give(self.used)
+        if self._release in self.budget.yielding:
+            self.budget.yielding.remove(self._release)
         self.entries, self.cursor, self.used = {}, {}, 0
+
+    def _release(self, wanted: int) -> None:
+        """Give way to a cache that counts for more (see :meth:`CacheBudget.take`): drop kept outputs,
+        the deepest layers' and the latest first, until ``wanted`` bytes are free or none are left."""
+        freed = 0
+        for entries in reversed(self.entries.values()):
+            while entries and freed < wanted:
+                freed += entries.pop().size
+        self.budget.give(freed)
+        self.used -= freed
 
     def _find(self, module: nn.Module, inputs: torch.Tensor, parameters: tuple[Any, ...]) -> _Entry | None:
         """The entry of exactly this input and these parameters, looked for from the one after the last found."""
@@ -114,10 +166,12 @@ class OutputReplay:
         entries = self.entries[module]
         stale = [entry for entry in entries if not _same_parameters(entry.parameters, parameters)]
         if stale:
-            self.used -= sum(entry.size for entry in stale)
+            freed = sum(entry.size for entry in stale)
+            self.budget.give(freed)
+            self.used -= freed
             entries[:] = [entry for entry in entries if _same_parameters(entry.parameters, parameters)]
-        size = _bytes(output) + (0 if storage_address(inputs) in self.resident else _bytes(inputs))
-        if self.used + size <= self.budget:
+        size = _bytes(output) + self.budget.cost(inputs)
+        if self.budget.take(size):
             entries.append(_Entry(inputs, inputs._version, parameters, output.detach().clone(), size))
             self.cursor[module] = len(entries) - 1
             self.used += size

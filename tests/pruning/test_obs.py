@@ -1,6 +1,7 @@
 """Optimal Brain Surgeon sweep and least-squares refit checked against the linear algebra they solve."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -452,10 +453,34 @@ def test_a_precomputed_factor_and_a_skipped_error_change_nothing_else(dtype):
         assert torch.equal(shared.mask, plain.mask)
         assert torch.equal(shared.weight, plain.weight) and torch.equal(shared.bias, plain.bias)
         assert math.isnan(shared.error) and plain.error >= 0
+        without_gram = obs.obs_sweep(weight, bias, None, damp=0.05, dtype=dtype, block_size=8, factor=factor, **kwargs)
+        assert torch.equal(without_gram.weight, plain.weight) and math.isnan(without_gram.error)
+    cut = obs.InverseFactor(factor.upper[:16, :16], factor.dead[:16], 0.05)
     with pytest.raises(ValueError, match=r"argument 'factor' must have shape \(17, 17\)"):
-        obs.obs_sweep(weight, bias, gram, 0.5, factor=factor[:16, :16])
+        obs.obs_sweep(weight, bias, gram, 0.5, damp=0.05, factor=cut)
+    with pytest.raises(ValueError, match=r"made with damp=0.05, but the sweep asks for damp=0.01"):
+        obs.obs_sweep(weight, bias, gram, 0.5, factor=factor)
+    with pytest.raises(TypeError, match=r"argument 'factor' must be an InverseFactor"):
+        obs.obs_sweep(weight, bias, gram, 0.5, damp=0.05, factor=factor.upper)
+    with pytest.raises(ValueError, match=r"argument 'gram' must be a Gram matrix when no 'factor' is given"):
+        obs.obs_sweep(weight, bias, None, 0.5)
     with pytest.raises(ValueError, match=r"singular after dampening with damp=0"):
         obs.inverse_factor(torch.zeros(4, 4, dtype=F64), damp=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_factor_made_from_a_matrix_handed_over_is_the_same_and_frees_it(dtype):
+    """A Gram matrix handed over in a list is dampened in place and let go: the factor is the same."""
+    *_, gram = _problem(6, 16, seed=31, dead=(2, 5))
+    expected = obs.inverse_factor(gram, damp=0.05, dtype=dtype)
+    holder = [gram.clone()]
+    watch = weakref.ref(holder[0])
+    factor = obs.inverse_factor(holder, damp=0.05, dtype=dtype)
+    assert holder == [] and watch() is None
+    assert torch.equal(factor.upper, expected.upper) and torch.equal(factor.dead, expected.dead)
+    assert factor.dead.tolist() == [i in (2, 5) for i in range(17)]
+    with pytest.raises(ValueError, match=r"argument 'gram' given as a list must hold exactly one matrix, got 2"):
+        obs.inverse_factor([gram, gram])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

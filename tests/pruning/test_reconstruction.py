@@ -329,23 +329,31 @@ def test_refit_takes_a_gram_matrix_that_is_not_contiguous() -> None:
 def test_the_search_keeps_only_the_closest_candidates_first_layer_sweep_and_drops_the_factor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Between allocation candidates the dense reference keeps one layer's quadratic, its inverse
-    factor and the first-layer sweep of the closest candidate so far; the factor goes before the finals."""
-    kept: list[int] = []
-    made: list[reconstruction.DenseReference] = []
-    original = reconstruction.DenseReference.retain_first_sweeps
+    """Between allocation candidates compared through their sweeps, the first layer's inverse factor is
+    kept in place of its ``H`` (made once, for every candidate), and only the closest candidate's sweep;
+    the finals drop the factor, reuse that sweep and keep ``H`` for their refits."""
+    seen: list[tuple[int, int, int]] = []  # (sweeps, factors, grams) after each candidate
+    original = reconstruction.FirstLayer.retain_sweeps
 
     def spy(self, keys):
         original(self, keys)
-        kept.append(len(self.first_sweeps))
-        if self not in made:
-            made.append(self)
+        seen.append((len(self.sweeps), len(self.factors), len(self.grams)))
 
-    monkeypatch.setattr(reconstruction.DenseReference, "retain_first_sweeps", spy)
+    factors = []
+    make_factor = obs.inverse_factor
+
+    def factor_spy(*args, **kwargs):
+        factors.append(1)
+        return make_factor(*args, **kwargs)
+
+    monkeypatch.setattr(reconstruction.FirstLayer, "retain_sweeps", spy)
+    monkeypatch.setattr(obs, "inverse_factor", factor_spy)
     report = ecp_fast.prune(_relu_mlp(), _batches(), sparsity=0.8, method="ecp-obs", progress=False)
-    assert len(report.divergences) > 2 and kept and max(kept) <= 1
-    # the finalist reused the kept sweep: no factor was made again after the search dropped it
-    assert len(made) == 1 and made[0].first_factors == {}
+    proxies = len(report.divergences) - 2  # the two finalists come last
+    assert proxies > 2 and len(seen) == len(report.divergences)
+    assert all(sweeps <= 1 and factors == 1 and grams == 0 for sweeps, factors, grams in seen[:proxies])
+    assert all(sweeps <= 1 and factors == 0 and grams == 1 for sweeps, factors, grams in seen[proxies:])
+    assert len(factors) == 1  # no factor made again: the finalist reused the kept sweep
 
 
 def test_the_replay_budget_leaves_out_the_batches_themselves() -> None:
@@ -364,33 +372,47 @@ def test_the_replay_budget_leaves_out_the_batches_themselves() -> None:
 
 
 def test_a_search_keeps_its_activation_caches_within_one_largest_gram_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """However many samples: the replayed outputs and the dense inputs kept stay within the largest ``H``."""
-    from ecp_fast.pruning.replay import OutputReplay
+    """However many samples: the replayed outputs, the dense inputs and the reference outputs kept share
+    one budget, the largest ``H``, and stay within it together."""
+    from ecp_fast.pruning.replay import CacheBudget
 
-    replays: list[OutputReplay] = []
+    budgets: list[CacheBudget] = []
     peaks: list[int] = []
-    keep = OutputReplay._keep
+    take = CacheBudget.take
 
-    def spy(self, *args):
-        keep(self, *args)
+    def spy(self, size, evict=False):
+        taken = take(self, size, evict)
         peaks.append(self.used)
-        if self not in replays:
-            replays.append(self)
+        if self not in budgets:
+            budgets.append(self)
+        return taken
 
-    monkeypatch.setattr(OutputReplay, "_keep", spy)
+    monkeypatch.setattr(CacheBudget, "take", spy)
     model = _relu_mlp()
     largest = (16 + 1) ** 2 * 8  # layer 2 has 16 inputs
     assert reconstruction.cache_budget(_specs(model)) == largest
-    dense_bytes: list[int] = []
-    layer_inputs = reconstruction.DenseReference.layer_inputs
-
-    def dense_spy(self, *args):
-        result = layer_inputs(self, *args)
-        dense_bytes.append(self.cached_bytes)
-        return result
-
-    monkeypatch.setattr(reconstruction.DenseReference, "layer_inputs", dense_spy)
     batches = _batches(count=12, size=8)  # layer 2's dense inputs alone: 12 x 8 x 16 x 8 bytes = 5.3 x largest
     ecp_fast.prune(model, batches, sparsity=0.8, method="ecp-obs", progress=False)
-    assert len(replays) > 2 and all(replay.budget == largest for replay in replays)
-    assert 0 < max(peaks) <= largest and 0 < max(dense_bytes) <= largest
+    assert len(budgets) == 1 and budgets[0].limit == largest
+    assert 0 < max(peaks) <= largest
+
+
+def test_outcomes_are_the_working_copys_weights_and_the_dense_reference_is_the_callers_model() -> None:
+    """No second copy of the weights: each outcome's weight is the pruned working copy's own tensor,
+    and the refit aims at the caller's model itself (unchanged, its modes as they were, mixed ones too)."""
+    model, batches = _relu_mlp(), _batches()
+    model.train()
+    model[2].eval()  # a model that mixes modes gets exactly its modes back
+    modes = [module.training for module in model.modules()]
+    before = copy.deepcopy(model.state_dict())
+    specs = _specs(model)
+    plans = {name: reconstruction.LayerPlan(sparsity=0.5) for name in specs}
+    run = reconstruction.ReconstructionRun(reconstruction.RECONSTRUCTIVE_METHODS["ecp-obs"], batches)
+    outcomes, work = reconstruction.reconstruct(model, specs, plans, run)
+    assert run.dense is not None and run.dense.model is model
+    for name, outcome in outcomes.items():
+        stored = dict(work.named_modules())[name].weight
+        assert outcome.weight.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
+        assert torch.equal(outcome.weight, stored) and bool((outcome.weight[~outcome.keep] == 0).all())
+    assert [module.training for module in model.modules()] == modes and False in modes
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())

@@ -8,7 +8,7 @@ from torch import nn
 
 import ecp_fast
 from ecp_fast.pruning import obs, reconstruction
-from ecp_fast.pruning.replay import OutputReplay, replayable
+from ecp_fast.pruning.replay import CacheBudget, OutputReplay, replayable
 
 
 class _Subclass(nn.Linear):
@@ -108,13 +108,13 @@ def _pruned(model: nn.Module, method: str) -> tuple[dict[str, torch.Tensor], dic
     return {key: value.clone() for key, value in model.state_dict().items()}, report.divergences
 
 
-def _plain_sweep(weight, bias, hessian, plan, run, first):
+def _plain_sweep(weight, bias, quadratic, plan, run, shared):
     """The sweep of a layer with nothing kept between allocation candidates."""
     config = run.config
     return obs.obs_sweep(
         weight,
         bias,
-        hessian,
+        quadratic()[0],
         plan.sparsity,
         pattern=plan.pattern,
         block_size=config.block_size,
@@ -139,3 +139,26 @@ def test_reconstruction_gives_the_same_bits_without_replay_and_kept_sweeps(metho
     assert cached[1] == plain[1]
     for key, value in cached[0].items():
         assert torch.equal(value, plain[0][key]), key
+
+
+def test_a_shared_budget_counts_every_cache_and_the_replay_gives_way_to_a_cache_that_evicts() -> None:
+    """Caches sharing one :class:`CacheBudget` stay within it together; a ``take`` with ``evict`` makes the
+    replay drop its latest outputs for room, and what a cache drops or releases is given back."""
+    layer = _linear(5, 4)
+    x = [torch.randn(3, 5, dtype=torch.float64) for _ in range(3)]
+    one = 3 * 4 * 8  # one output; the inputs are resident
+    budget = CacheBudget(3 * one, resident={tensor.untyped_storage().data_ptr() for tensor in x})
+    replay = OutputReplay(budget)
+    replay.install([layer])
+    with torch.no_grad():
+        for tensor in x:
+            layer(tensor)
+    assert replay.used == budget.used == 3 * one and len(replay.entries[layer]) == 3
+    assert not budget.take(one)  # full: nothing reserved
+    assert budget.take(one + 1, evict=True) and budget.used == one + 1 + one  # two outputs dropped for it
+    kept = replay.entries[layer]
+    assert len(kept) == 1 and torch.equal(kept[0].inputs, x[0])  # the latest went first
+    assert not budget.take(4 * one, evict=True)  # more than the whole budget: nothing dropped for it
+    assert len(replay.entries[layer]) == 1
+    replay.remove()
+    assert budget.used == one + 1 and budget.yielding == []
