@@ -518,8 +518,8 @@ def _solve_grouped(
     inverse: torch.Tensor,
     ridge: tuple[float, torch.Tensor],
 ) -> torch.Tensor:
-    """One factorisation per distinct support, shared by all rows with that support."""
-    solution = torch.zeros_like(rhs)
+    """One factorisation per distinct support, shared by all rows with that support; each row of
+    ``rhs`` is overwritten by its solution (rows are solved once: no second matrix of their size)."""
     for group in range(supports.shape[0]):
         cols = torch.nonzero(supports[group]).flatten()
         rows = torch.nonzero(inverse == group).flatten()
@@ -527,16 +527,16 @@ def _solve_grouped(
         block.diagonal().add_(ridge[1])
         factor = _cholesky_or_raise(block, ridge[0])
         solved = torch.cholesky_solve(rhs[rows[:, None], cols[None, :]].T, factor).T
-        solution[rows[:, None], cols[None, :]] = solved
-    return solution
+        rhs[rows] = 0
+        rhs[rows[:, None], cols[None, :]] = solved
+    return rhs
 
 
 def _solve_padded(
     system: torch.Tensor, rhs: torch.Tensor, keep: torch.Tensor, ridge: tuple[float, torch.Tensor]
 ) -> torch.Tensor:
-    """Batched per-row solves, each padded to its chunk's largest support with identity rows."""
-    n = system.shape[0]
-    solution = rhs.new_zeros(rhs.shape[0], n + 1)  # the last column takes the padding slots' writes
+    """Batched per-row solves, each padded to its chunk's largest support with identity rows; each row
+    of ``rhs`` is overwritten by its solution."""
     sizes = keep.sum(dim=1)
     order = torch.argsort(sizes, stable=True)
     sorted_sizes = sizes[order].tolist()
@@ -548,9 +548,9 @@ def _solve_padded(
         step = _piece_rows(piece_entries, width, system.element_size())
         for first in range(start, stop, step):
             rows = order[first : min(first + step, stop)]
-            _solve_rows(system, rhs, solution, _Rows(rows, keep, sizes, width), ridge)
+            _solve_rows(system, rhs, _Rows(rows, keep, sizes, width), ridge)
         start = stop
-    return solution[:, :n]
+    return rhs
 
 
 def _piece_rows(entries: int, width: int, element_size: int) -> int:
@@ -578,12 +578,10 @@ class _Rows:
     width: int
 
 
-def _solve_rows(
-    system: torch.Tensor, rhs: torch.Tensor, solution: torch.Tensor, part: _Rows, ridge: tuple[float, torch.Tensor]
-) -> None:
-    """Solve ``part``'s rows into ``solution``: their systems are gathered from the undamped ``system``
-    with the ridge ``ridge[1]`` added to the kept diagonal; padding slots hold the identity and a zero
-    right-hand side, and write to the spare last column of ``solution``."""
+def _solve_rows(system: torch.Tensor, rhs: torch.Tensor, part: _Rows, ridge: tuple[float, torch.Tensor]) -> None:
+    """Solve ``part``'s rows, overwriting their rows of ``rhs`` with the solutions: their systems are
+    gathered from the undamped ``system`` with the ridge ``ridge[1]`` added to the kept diagonal;
+    padding slots hold the identity and a zero right-hand side, and their results are dropped."""
     n, rows, width = system.shape[0], part.rows, part.width
     valid = torch.arange(width, device=rows.device)[None, :] < part.sizes[rows][:, None]
     # each row's kept columns first (ascending), then the others (the padding slots); sorted here,
@@ -599,7 +597,9 @@ def _solve_rows(
     diagonal.add_(ridge[1]).masked_fill_(~valid, 1)
     factor = _cholesky_or_raise(blocks, ridge[0])
     values = rhs[rows[:, None], idx].masked_fill_(~valid, 0)
-    solution[rows[:, None], idx.masked_fill(~valid, n)] = torch.cholesky_solve(values[:, :, None], factor)[:, :, 0]
+    solved = torch.cholesky_solve(values[:, :, None], factor)[:, :, 0]
+    rhs[rows] = 0
+    rhs[rows[:, None].expand_as(idx)[valid], idx[valid]] = solved[valid]
 
 
 def _check_refit(
