@@ -715,8 +715,8 @@ class _Comparison:
         run: ReconstructionRun,
     ) -> None:
         """:func:`reconstruct` and :meth:`add`, the outputs measured while the working copy still replays
-        its pruned layers' outputs (only the last layer runs again). Of the first-layer sweeps the dense
-        reference keeps, only the closest candidate's stay: only the chosen split is reconstructed again."""
+        its pruned layers' outputs (only the last layer runs again). Of the first-layer sweeps kept
+        (:class:`FirstLayer`), only the closest candidate's stay: only the chosen split is reconstructed again."""
         assert run.cache is not None
         replay = OutputReplay(run.cache)
         first = None if run.dense is None else run.dense.first

@@ -416,3 +416,15 @@ def test_outcomes_are_the_working_copys_weights_and_the_dense_reference_is_the_c
         assert torch.equal(outcome.weight, stored) and bool((outcome.weight[~outcome.keep] == 0).all())
     assert [module.training for module in model.modules()] == modes and False in modes
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+def test_a_search_gives_a_model_that_mixes_modes_exactly_its_modes_back() -> None:
+    """The candidates are compared with the caller's model in eval mode; a submodule kept in eval
+    inside a model in training (a frozen part) stays so."""
+    model = _relu_mlp()
+    model.train()
+    model[1].eval()
+    modes = [module.training for module in model.modules()]
+    report = ecp_fast.prune(model, _batches(), sparsity=0.8, method="ecp-obs", progress=False)
+    assert len(report.divergences) > 2
+    assert [module.training for module in model.modules()] == modes
