@@ -487,14 +487,16 @@ def obs_sweep(
     _check_sweep_extras(gram, budget, factor, damp, n_in)
     if gram is not None:
         gram = gram.to(device=weight.device, dtype=dtype)
-    original = _augment(weight, bias, dtype)
-    u, dead = _factor_in(gram, factor, damp, original)
-    w = original.masked_fill(dead[None, :], 0)
+    w = _augment(weight, bias, dtype)
+    u, dead = _factor_in(gram, factor, damp, w)
+    # kept only to measure the error: one layer-sized matrix less otherwise
+    original = w.clone() if measure_error and gram is not None else None
+    w.masked_fill_(dead[None, :], 0)
     keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)
     _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
-    error = _quadratic(w - original, gram) if measure_error and gram is not None else math.nan
+    error = _quadratic(w - original, gram) if original is not None and gram is not None else math.nan
     logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return ObsResult(
@@ -640,10 +642,15 @@ def _right_hand_side(
     coupling: torch.Tensor,
     lam: torch.Tensor,
 ) -> torch.Tensor:
-    """``W~target C^T + lam W~current`` in ``coupling``'s dtype (the augmented layers live only here)."""
-    augmented = _augment(*current, coupling.dtype)
-    rhs = (augmented if target is None else _augment(*target, coupling.dtype)) @ coupling.T
-    rhs += lam * augmented
+    """``W~target C^T + lam W~current`` in ``coupling``'s dtype. The augmented layers live only here,
+    one at a time beside the result where there is a target: (out, in + 1) float64 matrices add up."""
+    if target is None:
+        augmented = _augment(*current, coupling.dtype)
+        rhs = augmented @ coupling.T
+    else:
+        rhs = _augment(*target, coupling.dtype) @ coupling.T
+        augmented = _augment(*current, coupling.dtype)
+    rhs += augmented.mul_(lam)  # in place: lam * W~current is not a third matrix
     return rhs
 
 

@@ -659,6 +659,8 @@ def _search(
     for label, masks in finalists.items():
         if label.endswith(", refit") or masks is not None:
             final.reconstruct(label, model, specs, _plans(candidates[chosen], pattern, masks), run)
+        if run.dense is not None and run.dense.first is not None:  # the next finalist's masks are given
+            run.dense.first.sweeps.clear()
     return final.best, final.best_label, {**compare.divergences, **final.divergences}
 
 

@@ -331,7 +331,7 @@ def test_the_search_keeps_only_the_closest_candidates_first_layer_sweep_and_drop
 ) -> None:
     """Between allocation candidates compared through their sweeps, the first layer's inverse factor is
     kept in place of its ``H`` (made once, for every candidate), and only the closest candidate's sweep;
-    the finals drop the factor, reuse that sweep and keep ``H`` for their refits."""
+    the finals drop the factor, reuse that sweep (then drop it) and keep ``H`` for their refits."""
     seen: list[tuple[int, int, int]] = []  # (sweeps, factors, grams) after each candidate
     original = reconstruction.FirstLayer.retain_sweeps
 
@@ -353,6 +353,7 @@ def test_the_search_keeps_only_the_closest_candidates_first_layer_sweep_and_drop
     assert proxies > 2 and len(seen) == len(report.divergences)
     assert all(sweeps <= 1 and factors == 1 and grams == 0 for sweeps, factors, grams in seen[:proxies])
     assert all(sweeps <= 1 and factors == 0 and grams == 1 for sweeps, factors, grams in seen[proxies:])
+    assert seen[-1][0] == 0  # the last finalist's masks were given: the kept sweep went before it
     assert len(factors) == 1  # no factor made again: the finalist reused the kept sweep
 
 
