@@ -18,6 +18,7 @@ layer is done (:func:`apply_outcomes`), so a failure never leaves a half-pruned 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -610,58 +611,53 @@ def reconstruct_best(
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
+    with eval_mode(model), _first_layer_shared(run):
+        proxy = run.config.refit and keep_fn is None
+        reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
+        compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
+        for label, split in candidates.items():
+            compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
+        if not proxy:
+            return compare.best, compare.best_label, compare.divergences
+        final = _finals(compare, model, specs, candidates[compare.best_label], pattern, run, alternative)
+        return final.best, final.best_label, {**compare.divergences, **final.divergences}
+
+
+@contextlib.contextmanager
+def _first_layer_shared(run: ReconstructionRun) -> Iterator[None]:
+    """While the candidates of a search run, the dense reference keeps what they share about the
+    first layer (:class:`FirstLayer`); it is let go after."""
     if run.dense is not None:
         run.dense.first = FirstLayer()
     try:
-        with eval_mode(model):
-            return _search(
-                model,
-                specs,
-                candidates,
-                pattern,
-                run,
-                keep_fn=keep_fn,
-                divergence=divergence,
-                output_fn=output_fn,
-                alternative=alternative,
-            )
+        yield
     finally:
         if run.dense is not None:
             run.dense.first = None
 
 
-def _search(
+def _finals(
+    compare: _Comparison,
     model: nn.Module,
     specs: Mapping[str, LayerSpec],
-    candidates: Mapping[str, Mapping[str, float]],
+    split: Mapping[str, float],
     pattern: Pattern,
     run: ReconstructionRun,
-    *,
-    keep_fn: KeepFn | None,
-    divergence: str,
-    output_fn: Callable[[Any], torch.Tensor] | None,
     alternative: KeepFn | None,
-) -> tuple[dict[str, LayerOutcome], str, dict[str, float]]:
-    """:func:`reconstruct_best` over several candidates."""
-    assert run.cache is not None
-    proxy = run.config.refit and keep_fn is None
-    reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
-    compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
-    for label, split in candidates.items():
-        compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
+) -> _Comparison:
+    """The chosen split reconstructed exactly, with the sweep's masks and with ``alternative``'s."""
+    first = None if run.dense is None else run.dense.first
+    if first is not None:  # the chosen split's sweep is kept: no new sweep of the first layer
+        first.release_factors()
     chosen = compare.best_label
-    if not proxy:
-        return compare.best, chosen, compare.divergences
-    if run.dense is not None and run.dense.first is not None:  # the chosen split's sweep is kept: no new sweep
-        run.dense.first.release_factors()
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
-    final = _Comparison(reference, divergence)
+    final = _Comparison(compare.reference, compare.kind)
     for label, masks in finalists.items():
         if label.endswith(", refit") or masks is not None:
-            final.reconstruct(label, model, specs, _plans(candidates[chosen], pattern, masks), run)
-        if run.dense is not None and run.dense.first is not None:  # the next finalist's masks are given
-            run.dense.first.sweeps.clear()
-    return final.best, final.best_label, {**compare.divergences, **final.divergences}
+            final.reconstruct(label, model, specs, _plans(split, pattern, masks), run)
+        if first is not None:  # the next finalist's masks are given: no sweep
+            first.sweeps.clear()
+    return final
 
 
 class ReferenceOutputs:
