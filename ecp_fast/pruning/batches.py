@@ -164,6 +164,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:  # parents first: a parent's train() reaches its children again
             module.train(training)
+        for module, training in modes:  # a child shared by two parents was reached again after its own turn
+            module.training = training
 
 
 def module_device(module: nn.Module) -> torch.device:

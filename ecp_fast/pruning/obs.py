@@ -33,9 +33,9 @@ Pattern = Union[str, tuple[int, int]]  # noqa: UP007 - a runtime alias, valid on
 # Padded per-row systems in refit are built in chunks of at most this many matrix entries
 # (32 MiB in float64), so low-sparsity layers with all-different supports stay within memory.
 _MAX_BATCH_ENTRIES = 1 << 22
-# On the CPU the padded systems of a chunk are solved in pieces of about this many entries (1 MiB in
+# On the CPU the padded systems of a chunk are solved in pieces of about this many entries (2 MiB in
 # float64): small pieces reuse the same memory instead of touching fresh pages for every chunk.
-_MAX_PIECE_ENTRIES = 1 << 17
+_MAX_PIECE_ENTRIES = 1 << 18
 # Up to this many distinct row supports, one factorisation per support with many right-hand
 # sides is cheaper than padding every row to its own system.
 _MAX_GROUPED_SUPPORTS = 16
@@ -281,10 +281,10 @@ def inverse_factor(
     owned = isinstance(gram, list)
     if owned and len(gram) != 1:
         raise ValueError(f"argument 'gram' given as a list must hold exactly one matrix, got {len(gram)} items")
-    matrix = gram.pop() if isinstance(gram, list) else gram
-    _check_square(matrix, "gram")
+    _check_square(gram[0] if isinstance(gram, list) else gram, "gram")
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
+    matrix = gram.pop() if isinstance(gram, list) else gram  # checked first: a refused matrix stays the caller's
     converted = matrix.to(dtype)
     dead = _dead_inputs(converted)  # as the sweep sees them: in the dtype it computes in
     ours = owned or converted is not matrix  # a matrix no one else sees may be dampened in place

@@ -184,7 +184,7 @@ class DenseReference:
     def __init__(self, model: nn.Module, budget: int | CacheBudget, resident: set[int] | None = None) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
-        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget, resident)
+        self.budget = CacheBudget.of(budget, resident)
         self.cache: dict[tuple[str, int], torch.Tensor] = {}
         self.cached_bytes = 0
         self.first: FirstLayer | None = None
@@ -477,17 +477,35 @@ def reconstruct(
 ) -> tuple[dict[str, LayerOutcome], nn.Module]:
     """Prune every layer of ``plans`` in forward order on a working copy of ``model``.
 
-    Returns the outcome per layer and the pruned working copy (for evaluation); ``model`` itself
-    is not changed (:func:`apply_outcomes` does that).
+    Returns the outcome per layer and the pruned working copy (for evaluation); each outcome's weight
+    is the working copy's own tensor (no second copy), so change the copy only after the outcomes are
+    applied. ``model`` itself is not changed (:func:`apply_outcomes` does that).
     """
-    if run.cache is None:
-        run.cache = _cache(specs, run.batches)
-    with eval_mode(model):  # the dense reference: its outputs as in evaluation
+    with _call(model, specs, run), eval_mode(model):  # the dense reference: its outputs as in evaluation
+        assert run.cache is not None
         replay = OutputReplay(run.cache)
         try:
             return _reconstruct(model, specs, plans, run, replay)
         finally:
             replay.remove()
+
+
+@contextlib.contextmanager
+def _call(model: nn.Module, specs: Mapping[str, LayerSpec], run: ReconstructionRun) -> Iterator[None]:
+    """The caches' budget and the dense reference of one call, made where the run has none and let go
+    after: a run used again (after its outcomes were applied, or on other layers) starts afresh."""
+    made_cache, made_dense = run.cache is None, run.dense is None
+    if run.cache is None:
+        run.cache = _cache(specs, run.batches)
+    if run.config.refit and run.dense is None:
+        run.dense = DenseReference(model, run.cache)
+    try:
+        yield
+    finally:
+        if made_cache:
+            run.cache = None
+        if made_dense:
+            run.dense = None
 
 
 def _reconstruct(
@@ -500,8 +518,6 @@ def _reconstruct(
     """:func:`reconstruct`, with the working copy's layers installed in ``replay``: each pass over the
     batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
-    if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model, run.cache if run.cache is not None else _cache(specs, run.batches))
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
     order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
@@ -515,10 +531,18 @@ def _reconstruct(
         plan = plans[name] if present is None else replace(plans[name], present=present != 0)
         outcome = solve_layer(work, spec, plan, run, first=position == 0, bias_free=bias_free)
         _write(spec.module, spec, outcome, add_bias=run.add_bias)
-        # the outcome's weight is the working copy's own from now on (written once, never changed): no second copy
-        outcomes[name] = replace(outcome, weight=spec.as_2d(weight_parameter(spec.module).detach()))
+        outcomes[name] = _shared_weight(spec, outcome)
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
     return outcomes, work
+
+
+def _shared_weight(spec: LayerSpec, outcome: LayerOutcome) -> LayerOutcome:
+    """``outcome`` with the working copy's own weight (written once, never changed) as its weight: no
+    second copy. A weight that has no ``(out, in)`` view (a ``channels_last`` convolution) keeps its own."""
+    stored = weight_parameter(spec.module).detach()
+    if spec.kind != "conv1d" and not stored.is_contiguous():
+        return outcome
+    return replace(outcome, weight=spec.as_2d(stored))
 
 
 def apply_outcomes(
@@ -604,14 +628,11 @@ def reconstruct_best(
     run, its modes restored after) and is not changed; the caches of all candidates share one
     budget (:func:`cache_budget`).
     """
-    if run.cache is None:
-        run.cache = _cache(specs, run.batches)
-    if run.config.refit and run.dense is None:
-        run.dense = DenseReference(model, run.cache)
     if len(candidates) == 1:
         label, split = next(iter(candidates.items()))
         return reconstruct(model, specs, _plans(split, pattern, keep_fn), run)[0], label, {}
-    with eval_mode(model), _first_layer_shared(run):
+    with _call(model, specs, run), eval_mode(model), _first_layer_shared(run):
+        assert run.cache is not None
         proxy = run.config.refit and keep_fn is None
         reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
         compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
@@ -673,7 +694,7 @@ class ReferenceOutputs:
         budget: int | CacheBudget,
     ) -> None:
         self.model, self.batches, self.output_fn = model, batches, output_fn
-        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget)
+        self.budget = CacheBudget.of(budget)
         self.kept: dict[int, torch.Tensor] = {}
         self.used = 0
 

@@ -42,6 +42,15 @@ class CacheBudget:
         #: and drops what it holds (up to about that much) through :meth:`give`.
         self.yielding: list[Callable[[int], None]] = []
 
+    @classmethod
+    def of(cls, budget: int | CacheBudget, resident: set[int] | None = None) -> CacheBudget:
+        """``budget`` itself when shared, else a budget of its own of that many bytes."""
+        if not isinstance(budget, CacheBudget):
+            return cls(budget, resident)
+        if resident is not None:
+            raise ValueError("argument 'resident' belongs to the shared CacheBudget given as 'budget'; pass it there")
+        return budget
+
     def cost(self, tensor: torch.Tensor) -> int:
         """What keeping ``tensor`` (not a copy of it) costs: 0 for a view of a resident storage."""
         return 0 if storage_address(tensor) in self.resident else _bytes(tensor)
@@ -110,7 +119,7 @@ class OutputReplay:
     def __init__(self, budget: int | CacheBudget = REPLAY_BYTES, resident: set[int] | None = None) -> None:
         #: Shared with other caches when given as a :class:`CacheBudget`; storages ``resident`` there
         #: (the calibration batches) cost nothing.
-        self.budget = budget if isinstance(budget, CacheBudget) else CacheBudget(budget, resident)
+        self.budget = CacheBudget.of(budget, resident)
         self.used = 0  # bytes this replay holds of the budget
         self.entries: dict[nn.Module, list[_Entry]] = {}
         self.cursor: dict[nn.Module, int] = {}

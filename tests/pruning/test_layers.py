@@ -242,3 +242,18 @@ def test_layer_spec_keeps_its_constructor():
     spec = LayerSpec("x", linear, "linear")
     assert (spec.fan_out, spec.fan_in) == (2, 3)
     assert spec.weight_view().data_ptr() == linear.weight.data_ptr()
+
+
+def test_eval_mode_gives_every_submodule_its_own_mode_back_shared_ones_too() -> None:
+    from ecp_fast.pruning.batches import eval_mode
+
+    frozen = nn.Dropout(0.5).eval()  # shared by two parents, in eval inside a model in training
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), frozen), nn.Sequential(frozen, nn.Linear(2, 2))).train()
+    frozen.eval()
+    modes = [module.training for module in model.modules()]
+    with eval_mode(model):
+        assert not any(module.training for module in model.modules())
+    assert [module.training for module in model.modules()] == modes and not frozen.training
+    with pytest.raises(RuntimeError, match="inside"), eval_mode(model):
+        raise RuntimeError("inside")
+    assert [module.training for module in model.modules()] == modes

@@ -472,7 +472,9 @@ def test_a_precomputed_factor_and_a_skipped_error_change_nothing_else(dtype):
 def test_a_factor_made_from_a_matrix_handed_over_is_the_same_and_frees_it(dtype):
     """A Gram matrix handed over in a list is dampened in place and let go: the factor is the same."""
     *_, gram = _problem(6, 16, seed=31, dead=(2, 5))
+    expected_gram = gram.clone()
     expected = obs.inverse_factor(gram, damp=0.05, dtype=dtype)
+    assert torch.equal(gram, expected_gram)  # a matrix not handed over is left as it was
     holder = [gram.clone()]
     watch = weakref.ref(holder[0])
     factor = obs.inverse_factor(holder, damp=0.05, dtype=dtype)
@@ -481,6 +483,10 @@ def test_a_factor_made_from_a_matrix_handed_over_is_the_same_and_frees_it(dtype)
     assert factor.dead.tolist() == [i in (2, 5) for i in range(17)]
     with pytest.raises(ValueError, match=r"argument 'gram' given as a list must hold exactly one matrix, got 2"):
         obs.inverse_factor([gram, gram])
+    refused = [gram]
+    with pytest.raises(ValueError, match=r"argument 'damp'"):
+        obs.inverse_factor(refused, damp=-1.0)
+    assert refused == [gram] and torch.equal(refused[0], expected_gram)  # refused: still the caller's, unchanged
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

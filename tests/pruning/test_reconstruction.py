@@ -409,8 +409,18 @@ def test_outcomes_are_the_working_copys_weights_and_the_dense_reference_is_the_c
     specs = _specs(model)
     plans = {name: reconstruction.LayerPlan(sparsity=0.5) for name in specs}
     run = reconstruction.ReconstructionRun(reconstruction.RECONSTRUCTIVE_METHODS["ecp-obs"], batches)
-    outcomes, work = reconstruction.reconstruct(model, specs, plans, run)
-    assert run.dense is not None and run.dense.model is model
+    references = []
+    original = reconstruction.DenseReference.layer_inputs
+
+    def spy(self, *args):
+        references.append(self.model)
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reconstruction.DenseReference, "layer_inputs", spy)
+        outcomes, work = reconstruction.reconstruct(model, specs, plans, run)
+    assert references and all(reference is model for reference in references)
+    assert run.dense is None and run.cache is None  # made for the call and let go: a run used again starts afresh
     for name, outcome in outcomes.items():
         stored = dict(work.named_modules())[name].weight
         assert outcome.weight.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr()
@@ -429,3 +439,17 @@ def test_a_search_gives_a_model_that_mixes_modes_exactly_its_modes_back() -> Non
     report = ecp_fast.prune(model, _batches(), sparsity=0.8, method="ecp-obs", progress=False)
     assert len(report.divergences) > 2
     assert [module.training for module in model.modules()] == modes
+
+
+def test_a_channels_last_convolution_is_reconstructed_as_a_contiguous_one() -> None:
+    """A weight with no ``(out, in)`` view keeps its outcome's own copy; the results are the same."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    generator = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(10, 3, 6, 6, generator=generator), torch.randint(0, 5, (10,), generator=generator))]
+    strided = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert not strided[0].weight.is_contiguous()
+    ecp_fast.prune(model, batches, sparsity=0.5, method="ecp-obs", progress=False)
+    ecp_fast.prune(strided, batches, sparsity=0.5, method="ecp-obs", progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, strided.state_dict()[key]), key

@@ -162,3 +162,10 @@ def test_a_shared_budget_counts_every_cache_and_the_replay_gives_way_to_a_cache_
     assert len(replay.entries[layer]) == 1
     replay.remove()
     assert budget.used == one + 1 and budget.yielding == []
+
+
+def test_a_shared_budget_takes_no_second_list_of_resident_storages() -> None:
+    budget = CacheBudget(100)
+    assert OutputReplay(budget).budget is budget and CacheBudget.of(7).limit == 7
+    with pytest.raises(ValueError, match=r"argument 'resident' belongs to the shared CacheBudget"):
+        OutputReplay(budget, resident={1})
