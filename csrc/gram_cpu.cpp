@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -272,10 +273,11 @@ void run_worker(Worker<acc_t>& worker, std::atomic<int64_t>& next, const GramPla
   }
 }
 
-// H = the sum of the workers' sums, last column = their column sums, lower triangle mirrored.
+// H = the sum of the workers' sums, last column = their column sums, lower triangle mirrored. The
+// first worker's sums become H itself: its padded rows are closed up in place (each row moves to
+// an address at or before its own), so no second matrix of H's size is ever held.
 template <typename acc_t>
-void combine(std::vector<Worker<acc_t>>& workers, const GramPlan& plan, const GramShape& shape,
-             at::Tensor& h) {
+at::Tensor combine(std::vector<Worker<acc_t>>& workers, const GramPlan& plan, const GramShape& shape) {
   Worker<acc_t>* total = nullptr;
   for (auto& worker : workers) {
     if (!worker.used) continue;
@@ -290,11 +292,13 @@ void combine(std::vector<Worker<acc_t>>& workers, const GramPlan& plan, const Gr
   acc_t* acc_data = total->acc.template mutable_data_ptr<acc_t>();
   for (int64_t i = 0; i < plan.cols_a; ++i) acc_data[i * plan.ld_acc + shape.in_b] = total->column_sums[i];
   if (plan.symmetric) mirror_upper<acc_t>(acc_data, plan.cols_a, plan.ld_acc);
-  // A serial row copy: H is small next to the GEMMs, and a parallel region is not free.
-  acc_t* h_data = h.mutable_data_ptr<acc_t>();
-  for (int64_t i = 0; i < plan.cols_a; ++i)
-    std::copy(acc_data + i * plan.ld_acc, acc_data + i * plan.ld_acc + shape.in_b + 1,
-              h_data + i * (shape.in_b + 1));
+  // A serial row move: H is small next to the GEMMs, and a parallel region is not free. Row i goes
+  // from i * ld_acc to i * (in_b + 1) <= i * ld_acc, rows in order, so no row is overwritten before
+  // it has moved; memmove, since a row may overlap its own new place.
+  const int64_t columns = shape.in_b + 1;
+  for (int64_t i = 1; i < plan.cols_a; ++i)
+    std::memmove(acc_data + i * columns, acc_data + i * plan.ld_acc, columns * sizeof(acc_t));
+  return total->acc.view({-1}).narrow(0, 0, plan.cols_a * columns).view({plan.cols_a, columns});
 }
 
 // One pass over the samples. With several workers, each thread runs its own chunks (serial fills,
@@ -303,9 +307,9 @@ void combine(std::vector<Worker<acc_t>>& workers, const GramPlan& plan, const Gr
 // more per chunk. With one worker (one thread, or private sums too large), fills and GEMMs are
 // parallel themselves.
 template <typename acc_t>
-void gram_pass(const at::Tensor& a, const std::optional<at::Tensor>& b,
-               const std::optional<at::Tensor>& weight, const GramShape& shape, at::Tensor& h) {
-  const auto acc_type = h.scalar_type();
+at::Tensor gram_pass(const at::Tensor& a, const std::optional<at::Tensor>& b,
+                     const std::optional<at::Tensor>& weight, const GramShape& shape,
+                     at::ScalarType acc_type) {
   const auto options = a.options().dtype(acc_type);
   const GramPlan plan = make_plan(a, b, shape, acc_type);
   // (N,) weights in the accumulation type: small next to the inputs, and read once per row.
@@ -323,15 +327,15 @@ void gram_pass(const at::Tensor& a, const std::optional<at::Tensor>& b,
       run_worker<acc_t>(workers[at::get_thread_num()], next, plan, a, right_source, w_data, shape);
     });
   }
-  combine<acc_t>(workers, plan, shape, h);
+  return combine<acc_t>(workers, plan, shape);
 }
 
 at::Tensor gram_in(const at::Tensor& a, const std::optional<at::Tensor>& b,
                    const std::optional<at::Tensor>& weight, const GramShape& shape, at::ScalarType type) {
   const auto options = a.options().dtype(type);
   if (shape.n == 0) return at::zeros({shape.in_a + 1, shape.in_b + 1}, options);  // an empty sum
-  at::Tensor h = at::empty({shape.in_a + 1, shape.in_b + 1}, options);
-  AT_DISPATCH_FLOATING_TYPES(type, "ecp_gram", [&] { gram_pass<scalar_t>(a, b, weight, shape, h); });
+  at::Tensor h;
+  AT_DISPATCH_FLOATING_TYPES(type, "ecp_gram", [&] { h = gram_pass<scalar_t>(a, b, weight, shape, type); });
   return h;
 }
 

@@ -111,6 +111,25 @@ def test_any_thread_count(threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_result_is_the_kernels_own_sums_closed_up_in_place(threads):
+    """H is returned in the buffer it was summed in (its padded rows closed up, no copy): contiguous,
+    writable, and holding at most H and one row padding per row, for any number of workers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for in_a, in_b, use_b in ((37, 37, False), (300, 41, True), (5, 1, True)):
+            a, b, weight = make_inputs(1000, in_a, in_b, torch.float64, seed=in_a)
+            h = ops.gram(a, b if use_b else None, weight)
+            rows, columns = in_a + 1, (in_b if use_b else in_a) + 1
+            assert h.shape == (rows, columns) and h.is_contiguous() and h.storage_offset() == 0
+            assert h.untyped_storage().nbytes() <= rows * (columns + 64) * h.element_size()
+            torch.testing.assert_close(h, reference.gram(a, b if use_b else None, weight), rtol=1e-12, atol=1e-9)
+            h.add_(1.0)  # the caller's to change, as layer_grams does
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_augmented_entries():
     """The last row and column hold the weighted column sums, the corner the total weight."""
     a, b, weight = make_inputs(50, 4, 3, torch.float64, seed=3)
