@@ -513,3 +513,19 @@ def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch,
     assert obs._piece_rows(1, 64, 8) == 1 and obs._piece_rows(1 << 18, 64, 8) == 64
     assert obs._piece_rows(3 * 41**2, 41, 8) == 3  # fewer than a line of 8 rows: memory first
     assert obs._piece_rows(1 << 18, 785, 8) == 1  # one system of 785 is above the budget: one at a time
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_smallest_entries_are_those_topk_selects_ties_included(seed):
+    """The layer budget's ranking asks for the entries that stay where most go: the same set as
+    ``topk`` of the smallest, with ties across the boundary left to ``topk`` itself."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(30, 40, generator=g, dtype=F64)
+    if seed % 2:
+        scores = scores.round(decimals=0)  # few distinct values: ties at every boundary
+    scores[0, :5] = -math.inf  # dead inputs
+    for count in (0, 1, 600, 1000, 1080, 1199, 1200):
+        expected = torch.zeros(scores.numel(), dtype=torch.bool)
+        if count:
+            expected[torch.topk(scores.flatten(), count, largest=False, sorted=False).indices] = True
+        assert torch.equal(obs._smallest_mask(scores, count), expected.view_as(scores)), count
