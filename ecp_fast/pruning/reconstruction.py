@@ -481,13 +481,20 @@ def reconstruct(
     is the working copy's own tensor (no second copy), so change the copy only after the outcomes are
     applied. ``model`` itself is not changed (:func:`apply_outcomes` does that).
     """
-    with _call(model, specs, run), eval_mode(model):  # the dense reference: its outputs as in evaluation
-        assert run.cache is not None
-        replay = OutputReplay(run.cache)
-        try:
-            return _reconstruct(model, specs, plans, run, replay)
-        finally:
-            replay.remove()
+    # the dense reference computes as in evaluation
+    with _call(model, specs, run), eval_mode(model), _replaying(run) as replay:
+        return _reconstruct(model, specs, plans, run, replay)
+
+
+@contextlib.contextmanager
+def _replaying(run: ReconstructionRun) -> Iterator[OutputReplay]:
+    """An output replay within the run's cache budget, removed after (its modules' forward restored)."""
+    assert run.cache is not None
+    replay = OutputReplay(run.cache)
+    try:
+        yield replay
+    finally:
+        replay.remove()
 
 
 @contextlib.contextmanager
@@ -736,15 +743,11 @@ class _Comparison:
         """:func:`reconstruct` and :meth:`add`, the outputs measured while the working copy still replays
         its pruned layers' outputs (only the last layer runs again). Of the first-layer sweeps kept
         (:class:`FirstLayer`), only the closest candidate's stay: only the chosen split is reconstructed again."""
-        assert run.cache is not None
-        replay = OutputReplay(run.cache)
         first = None if run.dense is None else run.dense.first
         if first is not None:
             first.used.clear()
-        try:
+        with _replaying(run) as replay:
             self.add(label, *_reconstruct(model, specs, plans, run, replay))
-        finally:
-            replay.remove()
         if first is not None:
             if self.best_label == label:
                 self.best_sweeps = set(first.used)
