@@ -712,7 +712,7 @@ class ReferenceOutputs:
             output = self.kept.get(index)
             if output is None:
                 output = model_outputs(self.model, [batch], self.output_fn)[0]
-                size = output.numel() * output.element_size()
+                size = self.budget.cost(output)
                 if self.budget.take(size, evict=True):  # read for every candidate, as the dense inputs
                     self.kept[index], self.used = output, self.used + size
             yield output
