@@ -496,8 +496,10 @@ def obs_sweep(
             sweeps share one (computed here otherwise); ``gram`` may then be None.
         measure_error: compute ``error`` (a product with H); False, or no ``gram``, leaves it NaN.
 
-    Dead inputs (zero diagonal) have their weights set to 0 (free: they never affect the output)
-    and are pruned before anything else. Raises ValueError if H is singular after dampening.
+    Dead inputs (zero diagonal: 0 on every calibration sample) are pruned before anything else (free:
+    they never affect the output there); where the sparsity leaves some of them kept, they keep their
+    weights, which the calibration data says nothing against. Raises ValueError if H is singular after
+    dampening.
     """
     out, n_in = _check_layer(weight, bias)
     _check_real(damp, "damp", 0.0)
@@ -510,7 +512,6 @@ def obs_sweep(
     u, dead = _factor_in(gram, factor, damp, w)
     # kept only to measure the error: one layer-sized matrix less otherwise
     original = w.clone() if measure_error and gram is not None else None
-    w.masked_fill_(dead[None, :], 0)
     keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)

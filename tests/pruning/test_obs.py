@@ -350,6 +350,24 @@ def test_dead_inputs_are_pruned_first_and_do_not_break_the_solve(damp, pattern):
     assert torch.all(torch.isfinite(refitted[0])) and torch.all(refitted[0][:, list(dead)] == 0)
 
 
+@pytest.mark.parametrize("budget", ["block", "layer"])
+def test_dead_inputs_the_sparsity_leaves_kept_keep_their_weights_and_move_nothing_else(budget):
+    """Fewer removals than dead entries: the kept dead weights stay as they were (no calibration
+    sample says otherwise), and what they are changes no other weight of the sweep, bit for bit."""
+    dead = (1, 3, 4, 6, 9)
+    weight, bias, _, _, gram = _problem(4, 12, samples=60, seed=17, dead=dead)
+    result = obs.obs_sweep(weight, bias, gram, sparsity=0.25, block_size=8, budget=budget)  # 12 of 20 dead
+    removed_dead = ~result.mask[:, list(dead)]
+    assert int((~result.mask).sum()) == 12 and not bool(removed_dead.all())
+    assert torch.equal(result.weight[:, list(dead)], torch.where(removed_dead, 0.0, weight[:, list(dead)]))
+    zeroed = weight.clone()
+    zeroed[:, list(dead)] = 0
+    other = obs.obs_sweep(zeroed, bias, gram, sparsity=0.25, block_size=8, budget=budget)
+    live = [i for i in range(12) if i not in dead]
+    assert torch.equal(other.mask, result.mask)
+    assert torch.equal(other.weight[:, live], result.weight[:, live]) and torch.equal(other.bias, result.bias)
+
+
 def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal():
     gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]], dtype=F64)
     damped = obs.dampen(gram, 0.5)
