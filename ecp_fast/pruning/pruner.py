@@ -182,9 +182,13 @@ class Pruner:
         ``taylor`` baselines; a mean-reduced loss is rescaled to a per-sample sum (see
         :class:`~ecp_fast.pruning.calibration.Calibrator`). ``row_sensitivities`` also keeps each
         batch's per-row sensitivities (``N`` float64 values per layer and batch), which
-        ``method="ecp-obs"`` would otherwise compute in a second pass over the batches. The model's
-        weights are not modified; on error the previous statistics stay in place.
+        ``method="ecp-obs"`` would otherwise compute in a second pass over the batches; the batches
+        are then kept as they came (a list), since they must be paired with the very samples they
+        were computed on (a shuffling ``DataLoader`` would bring others). The model's weights are
+        not modified; on error the previous statistics stay in place.
         """
+        if row_sensitivities and not isinstance(batches, (list, tuple)):
+            batches = list(batches)
         calibrator = self._calibrator(loss_fn, loss_reduction)
         # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
         # and so the scores, masks and biases, identical on all ranks (a no-op in one process).

@@ -453,3 +453,26 @@ def test_a_channels_last_convolution_is_reconstructed_as_a_contiguous_one() -> N
     ecp_fast.prune(strided, batches, sparsity=0.5, method="ecp-obs", progress=False)
     for key, value in model.state_dict().items():
         assert torch.equal(value, strided.state_dict()[key]), key
+
+
+def test_a_shuffling_loader_prunes_as_the_batches_its_calibration_pass_brought() -> None:
+    """ecp-obs pairs each batch's kept row sensitivities with that batch's samples: with a shuffling
+    ``DataLoader`` the reconstruction runs on the batches calibration saw, not on a new draw."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    generator = torch.Generator().manual_seed(6)
+    inputs = torch.randn(96, 12, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (96,), generator=generator)
+
+    def loader() -> DataLoader:
+        order = torch.Generator().manual_seed(7)
+        return DataLoader(TensorDataset(inputs, targets), batch_size=32, shuffle=True, generator=order)
+
+    shuffling = loader()
+    first_draw, second_draw = list(shuffling), list(shuffling)  # a loader made alike brings first_draw first
+    assert not torch.equal(first_draw[0][0], second_draw[0][0])
+    model, expected = _relu_mlp(), _relu_mlp()
+    ecp_fast.prune(model, loader(), sparsity=0.6, method="ecp-obs", progress=False)
+    ecp_fast.prune(expected, first_draw, sparsity=0.6, method="ecp-obs", progress=False)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
