@@ -69,6 +69,18 @@ def blend(first: Split, second: Split, beta: float) -> Split:
     return {name: (1.0 - beta) * first[name] + beta * second[name] for name in first}
 
 
+def floored_split(split: Split, floor: Split, sizes: Mapping[str, int], sparsity: float) -> Split:
+    """``split`` with every layer at least at its ``floor`` (the sparsity it has already), the total
+    still ``sparsity`` where the floors allow: what the floors add is taken back from the layers above
+    theirs, each giving up the same fraction of its sparsity above its floor."""
+    total = sum(sizes.values())
+    base = sum(floor[name] * size for name, size in sizes.items())
+    above = {name: split[name] - floor[name] for name in sizes if split[name] > floor[name]}
+    room = sum(margin * sizes[name] for name, margin in above.items())
+    scale = 0.0 if room <= 0 else min(1.0, max(0.0, (sparsity * total - base) / room))
+    return {name: floor[name] + scale * above.get(name, 0.0) for name in sizes}
+
+
 def split_from_keep(keep: Mapping[str, torch.Tensor]) -> Split:
     """Per-layer sparsity of keep masks (for example the result of a global selection)."""
     return {name: 1.0 - float(mask.double().mean()) for name, mask in keep.items()}

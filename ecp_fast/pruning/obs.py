@@ -128,12 +128,13 @@ def _check_real(value: object, name: str, low: float, high: float = math.inf, hi
         raise ValueError(f"argument '{name}' must be a real number in [{low:g}, {high:g}{bracket}, got {value!r}")
 
 
-def _check_mask(mask: object, out: int, n_in: int) -> None:
+def _check_mask(mask: object, out: int, n_in: int, name: str = "mask") -> None:
+    meaning = "True = keep" if name == "mask" else "True = removed"
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"argument 'mask' must be a bool tensor (True = keep), got {_describe(mask)}")
+        raise TypeError(f"argument '{name}' must be a bool tensor ({meaning}), got {_describe(mask)}")
     if tuple(mask.shape) != (out, n_in):
         raise ValueError(
-            f"argument 'mask' must have shape {(out, n_in)} to match the weight, got shape {tuple(mask.shape)}"
+            f"argument '{name}' must have shape {(out, n_in)} to match the weight, got shape {tuple(mask.shape)}"
         )
 
 
@@ -298,7 +299,10 @@ def inverse_factor(
 
 
 def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """OBS saliency w^2 / [U]_ii^2; dead inputs score -inf so they are always pruned first."""
+    """OBS saliency w^2 / [U]_ii^2; dead inputs score -inf so they are always pruned first.
+
+    ``dead`` marks columns ``(width,)``, or entries ``(out, width)`` where weights removed before
+    the sweep are marked too (they then take their share of the removals first)."""
     scores = block**2 / hinv_diag**2
     return scores.masked_fill(dead, -math.inf)
 
@@ -356,7 +360,7 @@ def _layer_budgets(
     w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsity: float, block_size: int, n_in: int
 ) -> list[int]:
     """Removals per block from one ranking of the whole layer's saliencies before the sweep."""
-    scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[:n_in])
+    scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[..., :n_in])
     removed = _smallest_mask(scores, round(sparsity * scores.numel()))
     per_column = removed.sum(0)
     return [int(per_column[i1 : i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
@@ -370,17 +374,28 @@ def _choose_group(
     dead1: torch.Tensor,
     i: int,
     mode: tuple[int, int],
+    removed1: torch.Tensor | None,
 ) -> None:
-    """N:M: keep the n best of the group of m columns starting at ``i``, from their current weights."""
+    """N:M: keep the n best of the group of m columns starting at ``i``, from their current weights;
+    weights ``removed1`` before the sweep stay removed (and count among the group's m - n first)."""
     n, m = mode
-    scores = _scores(rows[i : i + m].T, d[i : i + m], dead1[i : i + m])
+    scores = _scores(rows[i : i + m].T, d[i : i + m], dead1[..., i : i + m])
     keep1[:, i : i + m] = True
     keep1[:, i : i + m].scatter_(1, _smallest(scores, m - n, dim=1), False)
+    if removed1 is not None:
+        keep1[:, i : i + m] &= ~removed1[:, i : i + m]
     keep_rows[i : i + m] = keep1[:, i : i + m].T
 
 
 def _sweep_block(
-    w: torch.Tensor, u1: torch.Tensor, keep1: torch.Tensor, mode: Pattern, dead1: torch.Tensor, i1: int, width: int
+    w: torch.Tensor,
+    u1: torch.Tensor,
+    keep1: torch.Tensor,
+    mode: Pattern,
+    dead1: torch.Tensor,
+    i1: int,
+    width: int,
+    removed1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """OBS over the columns ``i1 .. i1 + len(u1)`` of ``w`` (in place); returns the block's errors ``(out, B)``.
 
@@ -397,7 +412,7 @@ def _sweep_block(
     columns, kept_columns, error_columns = rows.unbind(0), keep_rows.unbind(0), errors.unbind(0)
     for i in range(size):
         if isinstance(mode, tuple) and i < width and i % mode[1] == 0:
-            _choose_group(rows, keep1, keep_rows, d, dead1, i, mode)
+            _choose_group(rows, keep1, keep_rows, d, dead1, i, mode, removed1)
         column, error = columns[i], error_columns[i]
         kept = column * kept_columns[i]
         torch.sub(column, kept, out=error).div_(pivots[i])
@@ -417,21 +432,29 @@ def _sweep(
     block_size: int,
     dead: torch.Tensor,
     budget: str = "block",
+    removed: torch.Tensor | None = None,
 ) -> None:
-    """Column-sequential OBS over the augmented weight ``w`` (in place); fills ``keep`` unless fixed."""
+    """Column-sequential OBS over the augmented weight ``w`` (in place); fills ``keep`` unless fixed.
+
+    ``removed`` ``(out, in + 1)``: weights removed before the sweep, pruned first and never kept."""
     n_in = keep.shape[1] - 1
+    if removed is not None:  # entry by entry: they score -inf as dead inputs do
+        dead = dead[None, :] | removed
     budgets = (
         _layer_budgets(w, u, dead, sparsity, block_size, n_in) if mode == "unstructured" and budget == "layer" else None
     )
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
         u1, keep1 = u[i1:i2, i1:i2], keep[:, i1:i2]
+        removed1 = None if removed is None else removed[:, i1:i2]
         width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
         if mode in ("unstructured", "row") and width:
-            scores = _scores(w[:, i1 : i1 + width], u1.diagonal()[:width], dead[i1 : i1 + width])
+            scores = _scores(w[:, i1 : i1 + width], u1.diagonal()[:width], dead[..., i1 : i1 + width])
             count = None if budgets is None else budgets[i1 // block_size]
             keep1[:, :width] = _block_keep(scores, mode, sparsity, count)
-        errors = _sweep_block(w, u1, keep1, mode, dead[i1:i2], i1, width)
+        if removed1 is not None:
+            keep1 &= ~removed1
+        errors = _sweep_block(w, u1, keep1, mode, dead[..., i1:i2], i1, width, removed1)
         w[:, i2:] -= errors @ u[i1:i2, i2:]
 
 
@@ -476,6 +499,7 @@ def obs_sweep(
     budget: str = "block",
     factor: InverseFactor | None = None,
     measure_error: bool = True,
+    removed: torch.Tensor | None = None,
 ) -> ObsResult:
     """Prune a layer by a blocked column-sequential Optimal Brain Surgeon sweep.
 
@@ -495,6 +519,8 @@ def obs_sweep(
         factor: :func:`inverse_factor` of the Gram matrix (made with this ``damp``), when several
             sweeps share one (computed here otherwise); ``gram`` may then be None.
         measure_error: compute ``error`` (a product with H); False, or no ``gram``, leaves it NaN.
+        removed: (out, in) bool, True where a weight was removed before this sweep: it is pruned
+            first (counting toward the sparsity of its block, row or group) and is never kept.
 
     Dead inputs (zero diagonal: 0 on every calibration sample) are pruned before anything else (free:
     they never affect the output there); where the sparsity leaves some of them kept, they keep their
@@ -506,6 +532,8 @@ def obs_sweep(
     _check_dtype(dtype)
     mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
     _check_sweep_extras(gram, budget, factor, damp, n_in)
+    if removed is not None:
+        _check_mask(removed, out, n_in, "removed")
     if gram is not None:
         gram = gram.to(device=weight.device, dtype=dtype)
     w = _augment(weight, bias, dtype)
@@ -515,7 +543,8 @@ def obs_sweep(
     keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
     if mask is not None:
         keep[:, :n_in] = mask.to(weight.device)
-    _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget)
+    gone = None if removed is None else torch.cat([removed.to(keep.device), keep.new_zeros(out, 1)], dim=1)
+    _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget, gone)
     error = _quadratic(w - original, gram) if original is not None and gram is not None else math.nan
     logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype

@@ -27,6 +27,7 @@ from ecp_fast.distributed import is_distributed, synchronize_calibration
 from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
     candidate_splits,
+    floored_split,
     resolve_divergence,
     split_from_keep,
     uniform_split,
@@ -501,7 +502,8 @@ class Pruner:
     def _allocation_candidates(
         self, allocation: str, target: float, scope: Scope, scores: Mapping[str, torch.Tensor] | None
     ) -> dict[str, dict[str, float]]:
-        """Candidate per-layer sparsities; a layer never goes below the sparsity its mask already has."""
+        """Candidate per-layer sparsities; a layer never goes below the sparsity its mask already has
+        (the search's candidates still meet the total where they can, see :func:`floored_split`)."""
         sizes = {name: spec.fan_out * spec.fan_in for name, spec in self.layers.items()}
         keep = {name: self._keep_mask(spec) for name, spec in self.layers.items()}
         global_split = None
@@ -517,6 +519,10 @@ class Pruner:
         else:
             candidates = candidate_splits(sizes, target, global_split)
         floor = split_from_keep(keep)  # removed weights stay removed (they count toward the target)
+        if scope.kind in ("row", "n:m") or not any(floor.values()):
+            return candidates  # a row or group counts its removed weights toward its own target
+        if allocation == "search":  # the candidates are splits of the total: they keep meeting it
+            return {label: floored_split(split, floor, sizes, target) for label, split in candidates.items()}
         return {label: {name: max(s, floor[name]) for name, s in split.items()} for label, split in candidates.items()}
 
     def _keep_for(self, scores: Mapping[str, torch.Tensor], scope: Scope) -> Callable[[Mapping[str, float]], dict]:

@@ -372,6 +372,7 @@ def _sweep_layer(
         damp=config.damp,
         budget=config.budget,
         measure_error=False,
+        removed=None if plan.present is None else ~plan.present.to(weight.device),
     )
     first = None if shared is None or run.dense is None else run.dense.first
     if first is None or shared is None:
@@ -432,8 +433,6 @@ def solve_layer(
             quadratic = functools.partial(_layer_quadratic, work, spec, run, first, bias_free)
         result = _sweep_layer(weight, bias, quadratic, plan, run, shared)
         keep, weight, bias = result.mask, result.weight, result.bias
-        if plan.present is not None:  # removed weights stay removed, even where the sweep would keep them
-            keep = keep & plan.present.to(keep.device)
     else:
         keep = plan.keep.to(device=weight.device, dtype=torch.bool)
         weight = weight * keep

@@ -368,6 +368,32 @@ def test_dead_inputs_the_sparsity_leaves_kept_keep_their_weights_and_move_nothin
     assert torch.equal(other.weight[:, live], result.weight[:, live]) and torch.equal(other.bias, result.bias)
 
 
+@pytest.mark.parametrize("pattern", ["unstructured", "row", (2, 4)])
+def test_weights_removed_before_a_sweep_go_first_count_toward_its_target_and_never_return(pattern):
+    weight, bias, _, _, gram = _problem(6, 16, samples=60, seed=18)
+    removed = torch.rand(6, 16, generator=torch.Generator().manual_seed(19)) < 0.4
+    weight = weight * ~removed  # as a pruned model holds them
+    sparsity = 0.0 if isinstance(pattern, tuple) else 0.5
+    result = obs.obs_sweep(weight, bias, gram, sparsity, pattern=pattern, block_size=16, removed=removed)
+    assert not result.mask[removed].any() and torch.all(result.weight[removed] == 0)
+    pruned = ~result.mask
+    if pattern == "unstructured":  # one block: the target is the layer's
+        assert int(pruned.sum()) == max(round(0.5 * 96), int(removed.sum()))
+    elif pattern == "row":
+        assert torch.equal(pruned.sum(1), removed.sum(1).clamp(min=8))
+    else:
+        groups = lambda mask: mask.view(6, 4, 4).sum(2)  # noqa: E731
+        assert torch.equal(groups(pruned), groups(removed).clamp(min=2))
+
+
+def test_a_removed_mask_of_the_wrong_kind_is_named():
+    weight, bias, _, _, gram = _problem(3, 8, seed=20)
+    with pytest.raises(TypeError, match="argument 'removed' must be a bool tensor"):
+        obs.obs_sweep(weight, bias, gram, 0.5, removed=torch.zeros(3, 8))
+    with pytest.raises(ValueError, match=r"argument 'removed' must have shape \(3, 8\)"):
+        obs.obs_sweep(weight, bias, gram, 0.5, removed=torch.zeros(3, 7, dtype=torch.bool))
+
+
 def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal():
     gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]], dtype=F64)
     damped = obs.dampen(gram, 0.5)

@@ -206,6 +206,21 @@ def test_size_split_meets_the_total_and_prunes_larger_layers_harder() -> None:
     assert allocation.size_split(sizes, 0.9, 0.0) == pytest.approx(allocation.uniform_split(sizes, 0.9))
 
 
+def test_a_floored_split_meets_the_total_with_every_layer_at_least_at_its_floor() -> None:
+    sizes = {"a": 100, "b": 300, "c": 600}
+    split = {"a": 0.2, "b": 0.5, "c": 0.8}  # 0.65 in all
+    floored = allocation.floored_split(split, {"a": 0.9, "b": 0.0, "c": 0.1}, sizes, 0.65)
+    assert floored["a"] == pytest.approx(0.9)
+    assert sum(floored[name] * size for name, size in sizes.items()) == pytest.approx(0.65 * 1000)
+    # b and c give up the same fraction of what they had above their floors
+    assert (floored["b"] - 0.0) / 0.5 == pytest.approx((floored["c"] - 0.1) / 0.7)
+    # floors past the total: every layer stays at its floor (nothing can be given back)
+    assert allocation.floored_split(split, {"a": 0.9, "b": 0.9, "c": 0.9}, sizes, 0.65) == pytest.approx(
+        {"a": 0.9, "b": 0.9, "c": 0.9}
+    )
+    assert allocation.floored_split(split, dict.fromkeys(sizes, 0.0), sizes, 0.65) == pytest.approx(split)
+
+
 def test_divergence_is_zero_for_identical_outputs_and_positive_otherwise() -> None:
     logits = [torch.randn(5, 3, dtype=torch.float64)]
     assert allocation.output_divergence(logits, logits, "kl") == pytest.approx(0.0, abs=1e-12)
@@ -252,6 +267,41 @@ def test_an_already_pruned_model_keeps_its_zeros_and_meets_the_new_target(method
     for name, mask in before.items():
         after = dict(model.named_modules())[name].weight_mask
         assert bool((after[mask == 0] == 0).all()), f"{name}: a removed weight came back"
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "ecp-obs"])
+def test_a_row_target_counts_each_rows_removed_weights_as_the_mask_methods_do(method: str) -> None:
+    """An unevenly pre-pruned layer: a row already past the target loses nothing more, the others
+    are brought to it (the layer's overall sparsity is no per-row quota)."""
+    from torch.nn.utils import prune as torch_prune
+
+    model = _relu_mlp(sizes=(12, 24, 16, 3))
+    torch_prune.l1_unstructured(model[2], "weight", amount=0.7)
+    before = model[2].weight_mask.clone()
+    report = ecp_fast.prune(model, _batches(), sparsity=0.5, method=method, scope="row", progress=False)
+    quota = round(0.5 * 24)
+    expected = torch.clamp((before == 0).sum(dim=1), min=quota)
+    assert torch.equal((model[2].weight_mask == 0).sum(dim=1), expected)
+    assert bool((model[2].weight_mask[before == 0] == 0).all())
+    assert report.sparsity == pytest.approx(_zeros(model))
+
+
+def test_the_search_meets_the_total_over_a_layer_pruned_past_its_share() -> None:
+    """Every candidate split is raised to the layers' present sparsity and gives the excess back
+    elsewhere: the total is the one asked for (it was over it when a floored candidate won)."""
+    from torch.nn.utils import prune as torch_prune
+
+    model = _relu_mlp(sizes=(12, 24, 16, 3))
+    torch_prune.l1_unstructured(model[2], "weight", amount=0.9)
+    report = ecp_fast.prune(model, _batches(), sparsity=0.6, method="ecp-obs", progress=False)
+    assert report.allocation == "search"
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+    assert 1 - float(model[2].weight_mask.mean()) >= 0.9
+
+
+def _zeros(model: nn.Module) -> float:
+    weights = [module.weight for module in model.modules() if isinstance(module, nn.Linear)]
+    return sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
 
 
 # ---- what a reconstruction holds in memory ------------------------------------------------------
