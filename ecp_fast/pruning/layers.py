@@ -9,7 +9,7 @@ Three kinds of layer are scored (METHOD.md, "Other layer types"):
   whose weight is stored transposed, ``(in, out)``. It is recognised by its class name and module,
   so ``transformers`` is never imported here.
 
-Every consumer reads and writes weights through :class:`LayerSpec` (``weight_view``, ``as_2d``,
+Every consumer reads and writes weights through :class:`LayerSpec` (``weight_view``, ``zero_weights``, ``as_2d``,
 ``mask_to_weight_shape``) or :func:`weight_2d`, never through ``weight.view(out, in)``, which is
 wrong for the transposed kind.
 
@@ -115,10 +115,11 @@ class LayerSpec:
     # ---- weights as (out, in) ----------------------------------------------------------------------
 
     def as_2d(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A tensor of the weight's stored shape (weight, mask, gradient) as an ``(out, in)`` view.
+        """A tensor of the weight's stored shape (weight, mask, gradient) as ``(out, in)``.
 
         The result shares storage with ``tensor`` (a transpose for ``Conv1D``, a reshape of a
-        contiguous tensor otherwise), so writing into it writes ``tensor``.
+        contiguous tensor otherwise), so writing into it writes ``tensor``; a tensor with no such
+        view (a ``channels_last`` convolution's) comes back as a copy (see :meth:`zero_weights`).
         """
         stored = weight_parameter(self.module)
         if tuple(tensor.shape) != tuple(stored.shape):
@@ -128,14 +129,17 @@ class LayerSpec:
             )
         if self.kind == "conv1d":
             return tensor.t()
-        return tensor.view(self.fan_out, self.fan_in)
+        return tensor.reshape(self.fan_out, self.fan_in)
 
     def weight_view(self) -> torch.Tensor:
-        """The stored weight parameter (``weight_orig`` when masked) as an ``(out, in)`` view that writes through.
-
-        Use it to zero removed weights: ``spec.weight_view()[removed] = 0`` under ``torch.no_grad()``.
-        """
+        """The stored weight parameter (``weight_orig`` when masked) as ``(out, in)``: a view that
+        writes through, except for a weight in another memory format (see :meth:`as_2d`)."""
         return self.as_2d(weight_parameter(self.module))
+
+    def zero_weights(self, removed: torch.Tensor) -> None:
+        """Zero the stored weights (``weight_orig`` when masked) where the ``(out, in)`` bool
+        ``removed`` is True, in place, in any memory format (call it under ``torch.no_grad()``)."""
+        weight_parameter(self.module).masked_fill_(self.mask_to_weight_shape(removed), 0)
 
     def mask_to_weight_shape(self, mask_2d: torch.Tensor) -> torch.Tensor:
         """An ``(out, in)`` tensor (mask, scores) in the weight's stored shape, contiguous."""

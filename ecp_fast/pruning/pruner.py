@@ -554,7 +554,7 @@ class Pruner:
         weight = weight_parameter(module)
         added = False
         with torch.no_grad():
-            spec.weight_view()[removed] = 0
+            spec.zero_weights(removed)
             if module.bias is None and not self.add_bias:
                 bias_delta = None
             if bias_delta is not None and bool(removed.any()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 
@@ -11,7 +12,7 @@ from torch import nn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    import ecp_fast  # noqa: F401
+    import ecp_fast
 from ecp_fast.ops import reference
 from ecp_fast.pruning.calibration import Calibrator
 from ecp_fast.pruning.layers import (
@@ -257,3 +258,28 @@ def test_eval_mode_gives_every_submodule_its_own_mode_back_shared_ones_too() -> 
     with pytest.raises(RuntimeError, match="inside"), eval_mode(model):
         raise RuntimeError("inside")
     assert [module.training for module in model.modules()] == modes
+
+
+def test_zero_weights_writes_a_channels_last_weight_in_place() -> None:
+    conv = nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    spec = LayerSpec("conv", conv, "conv2d")
+    removed = torch.rand(4, 27, generator=torch.Generator().manual_seed(0)) < 0.5
+    expected = conv.weight.detach().reshape(4, 27).masked_fill(removed, 0)
+    pointer = conv.weight.data_ptr()
+    with torch.no_grad():
+        spec.zero_weights(removed)
+    assert conv.weight.data_ptr() == pointer and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(spec.weight_view(), expected)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "ecp"])
+def test_a_channels_last_model_prunes_as_a_contiguous_one(method: str) -> None:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 4))
+    generator = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 3, 5, 5, generator=generator), torch.randint(0, 4, (8,), generator=generator))]
+    strided = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ecp_fast.prune(model, batches, sparsity=0.6, method=method, progress=False)
+    ecp_fast.prune(strided, batches, sparsity=0.6, method=method, progress=False)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(strided.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
