@@ -196,6 +196,10 @@ def _quadratic(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram) * delta).sum())
 
 
+class SingularError(ValueError):
+    """A Gram matrix (or a row's part of it) is singular after dampening (or with the ridge)."""
+
+
 def _finite_factor(factor: torch.Tensor) -> bool:
     """Whether a Cholesky factor the factorisation accepted (info 0) is finite, from its diagonal alone.
 
@@ -220,7 +224,7 @@ def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Te
         factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
         del inverse
     if int(info) != 0 or not _finite_factor(factor):
-        raise ValueError(
+        raise SingularError(
             f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
             f"failed at order {int(info)}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}"
         )
@@ -230,7 +234,7 @@ def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Te
 def _cholesky_or_raise(systems: torch.Tensor, ridge: float) -> torch.Tensor:
     factor, info = torch.linalg.cholesky_ex(systems)
     if bool((info != 0).any()) or not _finite_factor(factor):
-        raise ValueError(
+        raise SingularError(
             f"the Gram matrix restricted to a row's kept inputs is singular with ridge={ridge}; "
             f"use a larger ridge, e.g. ridge={max(10 * ridge, 0.01):g}"
         )
@@ -277,7 +281,7 @@ def inverse_factor(
 
     ``gram`` given as a one-element list is taken over: the list is emptied and the matrix (when it
     has ``dtype`` already) is dampened in place and freed as the factor is made, so no copy of it
-    is ever held beside it. Raises ValueError if H is singular after dampening.
+    is ever held beside it. Raises SingularError (a ValueError) if H is singular after dampening.
     """
     owned = isinstance(gram, list)
     if owned and len(gram) != 1:
@@ -524,8 +528,8 @@ def obs_sweep(
 
     Dead inputs (zero diagonal: 0 on every calibration sample) are pruned before anything else (free:
     they never affect the output there); where the sparsity leaves some of them kept, they keep their
-    weights, which the calibration data says nothing against. Raises ValueError if H is singular after
-    dampening.
+    weights, which the calibration data says nothing against. Raises :class:`SingularError` (a
+    ValueError) if H is singular after dampening.
     """
     out, n_in = _check_layer(weight, bias)
     _check_real(damp, "damp", 0.0)

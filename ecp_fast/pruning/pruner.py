@@ -485,8 +485,10 @@ class Pruner:
         was calibrated (the same passes would give the same values), else a pass over the batches."""
         kept = None if self.calibration is None else self.calibration.row_sensitivities
         if kept is not None and len(kept) == len(batches) and self._calibrated_state == _model_state(self.model):
-            return {name: [rows[name] for rows in kept] for name in self.layers}
-        return sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+            weights = {name: [rows[name] for rows in kept] for name in self.layers}
+        else:
+            weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+        return _reaching_the_output(weights)
 
     def _reconstruction_batches(self) -> list[Any]:
         batches = self._batches
@@ -617,6 +619,18 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     """The module's bias tensor, or None (typed: ``nn.Module`` attributes are not)."""
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _reaching_the_output(weights: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+    """The layers' row sensitivities, without the layers whose sensitivities are 0 on every sample:
+    their output never reaches the output the sensitivities measure (an auxiliary head), so every
+    sample would weigh 0; such a layer is reconstructed with every sample weighing 1 instead."""
+    unreached = [name for name, rows in weights.items() if not any(bool(row.any()) for row in rows)]
+    if unreached:
+        logger.warning(
+            "layers %s do not affect the output the sensitivities measure (all 0): their samples weigh 1", unreached
+        )
+    return {name: rows for name, rows in weights.items() if name not in unreached}
 
 
 def _bias_copy(module: nn.Module) -> torch.Tensor | None:

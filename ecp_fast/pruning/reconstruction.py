@@ -303,7 +303,7 @@ def _without_bias(matrix: torch.Tensor, columns: bool = True) -> torch.Tensor:
 class ReconstructionRun:
     """What every layer of one reconstruction shares.
 
-    ``sample_weights`` per layer and batch (None: 1, or the attention mask); ``dense`` the shared
+    ``sample_weights`` per layer and batch (None, or a layer left out: 1, or the attention mask); ``dense`` the shared
     dense reference (made on first use when the config refits); ``exact=False`` keeps the sweep's own
     update instead of the final refit (the cheap proxy that compares allocation candidates);
     ``add_bias=False`` keeps layers without a bias without one; ``cache`` the budget the run's
@@ -328,7 +328,7 @@ def _layer_quadratic(
     if shared is not None and spec.name in shared.grams:
         hessian, cross = shared.grams[spec.name]
     else:
-        weights = None if run.sample_weights is None else run.sample_weights[spec.name]
+        weights = None if run.sample_weights is None else run.sample_weights.get(spec.name)
         hessian, cross = layer_grams(work, run.dense if run.config.refit else None, spec, run.batches, weights)
         if shared is not None and run.exact:
             shared.grams[spec.name] = (hessian, cross)
@@ -535,7 +535,14 @@ def _reconstruct(
         bias_free = not run.add_bias and getattr(spec.module, "bias", None) is None
         present = specs[name].mask_2d()
         plan = plans[name] if present is None else replace(plans[name], present=present != 0)
-        outcome = solve_layer(work, spec, plan, run, first=position == 0, bias_free=bias_free)
+        try:
+            outcome = solve_layer(work, spec, plan, run, first=position == 0, bias_free=bias_free)
+        except obs.SingularError as error:
+            raise ValueError(
+                f"layer {name!r} cannot be reconstructed: its calibration inputs leave its least-squares problem "
+                f"singular even after dampening; calibrate on more (or more varied) samples, or leave the layer "
+                f"out (exclude=[{name!r}])"
+            ) from error
         _write(spec.module, spec, outcome, add_bias=run.add_bias)
         outcomes[name] = _shared_weight(spec, outcome)
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))

@@ -175,6 +175,49 @@ def test_a_failure_inside_the_reconstruction_leaves_the_model_untouched(monkeypa
     assert not any(hasattr(module, "weight_mask") for module in model.modules())
 
 
+def test_a_singular_layer_is_named_with_what_to_do_and_the_model_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _relu_mlp()
+    before = _state(model)
+    original = obs.refit
+
+    def singular_for_the_second_layer(weight, *args, **kwargs):
+        if weight.shape == (8, 16):
+            raise obs.SingularError("the Gram matrix restricted to a row's kept inputs is singular with ridge=0.01")
+        return original(weight, *args, **kwargs)
+
+    monkeypatch.setattr(obs, "refit", singular_for_the_second_layer)
+    with pytest.raises(ValueError, match=r"layer '2' cannot be reconstructed: .*exclude=\['2'\]") as caught:
+        ecp_fast.prune(model, _batches(), sparsity=0.5, method="ecp-obs", allocation="uniform", progress=False)
+    assert isinstance(caught.value.__cause__, obs.SingularError) and "ridge" not in str(caught.value)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
+
+
+def test_a_layer_the_output_never_sees_is_reconstructed_with_every_sample_weighing_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An auxiliary head has sensitivity 0 on every sample: ecp-obs weighs its samples 1 (a sum of 0
+    weights left it nothing to solve), as sparsegpt does."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(12, 16), nn.Linear(16, 3), nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = torch.relu(self.body(x))
+            return self.head(hidden), self.aux(hidden)
+
+    torch.manual_seed(8)
+    model = TwoHeads().double()
+    with caplog.at_level("WARNING", logger="ecp_fast.pruning.pruner"):
+        report = ecp_fast.prune(model, _batches(), sparsity=0.5, method="ecp-obs", allocation="uniform", progress=False)
+    assert "['aux'] do not affect the output" in caplog.text
+    assert {layer.name: layer.sparsity for layer in report.layers} == pytest.approx(
+        {"body": 0.5, "head": 0.5, "aux": 0.5}, abs=0.02
+    )
+    assert bool(torch.isfinite(model.aux.weight).all()) and int((model.aux.weight != 0).sum()) == 16
+
+
 def test_bad_arguments_are_refused_before_any_change() -> None:
     model = _relu_mlp()
     before = _state(model)
