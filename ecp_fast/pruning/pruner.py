@@ -480,12 +480,12 @@ class Pruner:
             return default.get(method, "global" if scope.kind == "global" else "uniform")
         return allocation
 
-    def _sensitivity_weights(self, batches: list[Any]) -> dict[str, list[torch.Tensor]]:
+    def _sensitivity_weights(self, batches: list[Any]) -> dict[str, list[torch.Tensor | None]]:
         """Each layer's row sensitivities per batch: those calibration kept, while the model is as it
         was calibrated (the same passes would give the same values), else a pass over the batches."""
         kept = None if self.calibration is None else self.calibration.row_sensitivities
         if kept is not None and len(kept) == len(batches) and self._calibrated_state == _model_state(self.model):
-            weights = {name: [rows[name] for rows in kept] for name in self.layers}
+            weights = {name: [rows.get(name) for rows in kept] for name in self.layers}  # None: did not run
         else:
             weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
         return _reaching_the_output(weights)
@@ -621,11 +621,11 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _reaching_the_output(weights: dict[str, list[torch.Tensor]]) -> dict[str, list[torch.Tensor]]:
+def _reaching_the_output(weights: dict[str, list[torch.Tensor | None]]) -> dict[str, list[torch.Tensor | None]]:
     """The layers' row sensitivities, without the layers whose sensitivities are 0 on every sample:
     their output never reaches the output the sensitivities measure (an auxiliary head), so every
     sample would weigh 0; such a layer is reconstructed with every sample weighing 1 instead."""
-    unreached = [name for name, rows in weights.items() if not any(bool(row.any()) for row in rows)]
+    unreached = [name for name, rows in weights.items() if not any(row is not None and bool(row.any()) for row in rows)]
     if unreached:
         logger.warning(
             "layers %s do not affect the output the sensitivities measure (all 0): their samples weigh 1", unreached

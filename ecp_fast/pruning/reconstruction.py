@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -104,8 +105,9 @@ class _StopForward(Exception):
 # ---- capturing a layer's inputs ----------------------------------------------------------------
 
 
-def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: Any) -> torch.Tensor:
-    """``(N, in)`` inputs of ``module`` for one batch, stopping the forward pass right after it."""
+def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: Any) -> torch.Tensor | None:
+    """``(N, in)`` inputs of ``module`` for one batch, stopping the forward pass right after it; None
+    when the module does not run on this batch (a branch the batch does not take)."""
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple) -> None:
@@ -119,32 +121,65 @@ def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: 
         pass
     finally:
         handle.remove()
-    if not captured:
-        raise ValueError(f"argument 'layers': layer {spec.name!r} never ran during the model's forward pass")
-    return captured[0]
+    return captured[0] if captured else None
 
 
-def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any) -> list[str]:
-    """Names of ``specs`` in the order their modules first run on ``inputs``."""
-    order: list[str] = []
+def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any | Iterable[Any]) -> list[str]:
+    """Names of ``specs`` in the order their modules run on ``inputs``, or on each batch's inputs of an
+    iterator, taken until every module has run (a layer in a branch the first batch does not take
+    runs on a later one); the orders of those batches are merged (:func:`_merged_order`)."""
+    batches = inputs if isinstance(inputs, Iterator) else iter([inputs])
+    runs: list[list[str]] = []  # the layers each batch ran, in their order
     handles = []
     for name, spec in specs.items():
 
         def hook(_module: nn.Module, _args: tuple, name: str = name) -> None:
-            if name not in order:
-                order.append(name)
+            if name not in runs[-1]:
+                runs[-1].append(name)
 
         handles.append(spec.module.register_forward_pre_hook(hook))
+    seen: dict[str, None] = {}  # in order of first appearance
     try:
         with torch.no_grad():
-            call_model(model, inputs)
+            for batch_inputs in batches:
+                runs.append([])
+                call_model(model, batch_inputs)
+                seen.update(dict.fromkeys(runs[-1]))
+                if len(seen) == len(specs):
+                    break
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in specs if name not in order]
+    missing = [name for name in specs if name not in seen]
     if missing:
-        raise ValueError(f"argument 'layers': layers {missing} never ran during the model's forward pass")
-    return order
+        raise ValueError(
+            f"argument 'layers': layers {missing} ran on none of the calibration batches; leave them out "
+            f"(exclude={missing!r}) or calibrate on batches that reach them"
+        )
+    return _merged_order(runs, list(seen))
+
+
+def _merged_order(runs: Sequence[Sequence[str]], seen: list[str]) -> list[str]:
+    """One order of the layers that keeps every batch's order (each layer after those it followed in
+    some batch), ties going to the first seen; ``seen`` itself where batches contradict each other."""
+    after: dict[str, set[str]] = {name: set() for name in seen}
+    waiting = dict.fromkeys(seen, 0)  # layers each one still waits for
+    for run in runs:
+        for before, later in itertools.pairwise(run):
+            if later not in after[before]:
+                after[before].add(later)
+                waiting[later] += 1
+    order: list[str] = []
+    ready = [name for name in seen if waiting[name] == 0]
+    while ready:
+        name = min(ready, key=seen.index)
+        ready.remove(name)
+        order.append(name)
+        for later in after[name]:
+            waiting[later] -= 1
+            if waiting[later] == 0:
+                ready.append(later)
+    return order if len(order) == len(seen) else seen
 
 
 def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
@@ -189,12 +224,15 @@ class DenseReference:
         self.cached_bytes = 0
         self.first: FirstLayer | None = None
 
-    def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor:
-        """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``)."""
+    def layer_inputs(self, spec: LayerSpec, index: int, inputs: Any) -> torch.Tensor | None:
+        """The dense ``(N, in)`` inputs of layer ``spec`` on batch ``index`` (whose inputs are ``inputs``),
+        None when the layer does not run on that batch."""
         key = (spec.name, index)
         if key in self.cache:
             return self.cache[key]
         dense_inputs = _layer_inputs(self.model, self.modules[spec.name], spec, inputs)
+        if dense_inputs is None:
+            return None
         size = self.budget.cost(dense_inputs)  # a view of a batch: free
         # every candidate reads these again (a replayed output serves one candidate): they come first
         if self.budget.take(size, evict=True):
@@ -248,12 +286,13 @@ def layer_grams(
     dense: DenseReference | None,
     spec: LayerSpec,
     batches: Sequence[Any],
-    sample_weights: Sequence[torch.Tensor] | None,
+    sample_weights: Sequence[torch.Tensor | None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``H`` of the layer's inputs in ``work`` and, with a ``dense`` reference, the cross term ``C``.
 
     Where the layer's inputs in ``work`` are still the dense ones (nothing before it was pruned), ``C``
-    is ``H``: it is then the same tensor, neither computed nor stored a second time.
+    is ``H``: it is then the same tensor, neither computed nor stored a second time. A batch on which
+    the layer does not run (in ``work``, or in the dense model) adds nothing.
     """
     work_module = dict(work.named_modules())[spec.name]
     device = module_device(work)
@@ -263,11 +302,14 @@ def layer_grams(
         for index, batch in enumerate(batches):
             inputs = to_device(split_batch(batch)[0], device)
             pruned_inputs = _layer_inputs(work, work_module, spec, inputs)
-            weight = token_weights(inputs, pruned_inputs.shape[0]) if sample_weights is None else sample_weights[index]
+            dense_inputs = None if dense is None or pruned_inputs is None else dense.layer_inputs(spec, index, inputs)
+            if pruned_inputs is None or (dense is not None and dense_inputs is None):
+                continue  # a branch this batch does not take: the layer's samples have no part of it
+            weight = None if sample_weights is None else sample_weights[index]
+            weight = token_weights(inputs, pruned_inputs.shape[0]) if weight is None else weight
             weight = None if weight is None else weight.to(device=pruned_inputs.device, dtype=pruned_inputs.dtype)
             part = gram(pruned_inputs, None, weight, float64=True)
-            if dense is not None:
-                dense_inputs = dense.layer_inputs(spec, index, inputs)
+            if dense_inputs is not None:
                 same = dense_inputs is pruned_inputs or torch.equal(dense_inputs, pruned_inputs)
                 if cross is None and not same:
                     cross = torch.zeros_like(part) if hessian is None else hessian.clone()
@@ -275,7 +317,10 @@ def layer_grams(
                     cross.add_(part if same else gram(pruned_inputs, dense_inputs, weight, float64=True))
             hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
             del part  # not alive while the next batch's part is made
-    assert hessian is not None
+    if hessian is None:
+        raise ValueError(
+            f"argument 'batches': layer {spec.name!r} runs on none of them (in the pruned and the dense model alike)"
+        )
     return hessian, hessian if cross is None and dense is not None else cross
 
 
@@ -312,7 +357,7 @@ class ReconstructionRun:
 
     config: ReconstructionConfig
     batches: Sequence[Any]
-    sample_weights: Mapping[str, Sequence[torch.Tensor]] | None = None
+    sample_weights: Mapping[str, Sequence[torch.Tensor | None]] | None = None
     dense: DenseReference | None = None
     exact: bool = True
     add_bias: bool = True
@@ -525,8 +570,9 @@ def _reconstruct(
     batches then recomputes only the layers pruned since the pass before (the caller removes it)."""
     work = _plain_copy(model)
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
-    first_inputs = to_device(split_batch(run.batches[0])[0], module_device(work))
-    order = [name for name in forward_order(work, work_specs, first_inputs) if name in plans]
+    device = module_device(work)
+    inputs = (to_device(split_batch(batch)[0], device) for batch in run.batches)
+    order = [name for name in forward_order(work, work_specs, inputs) if name in plans]
     work.eval()  # a copy: its mode needs no restoring
     replay.install(work_specs[name].module for name in order)
     outcomes: dict[str, LayerOutcome] = {}
@@ -577,8 +623,9 @@ def apply_outcomes(
 
 def sensitivity_weights(
     calibrator: Any, batches: Sequence[Any], names: Iterable[str], seed: int = 0
-) -> dict[str, list[torch.Tensor]]:
-    """``c-bar_s``, the row-mean of each layer's ECP sensitivities, per layer and batch (dense model).
+) -> dict[str, list[torch.Tensor | None]]:
+    """``c-bar_s``, the row-mean of each layer's ECP sensitivities, per layer and batch (dense model;
+    None for a batch on which the layer does not run).
 
     ``calibrator`` is a :class:`~ecp_fast.pruning.calibration.Calibrator` of the dense model; its
     sensitivity decides ``c`` (``local`` gives ones); padding tokens get 0.
@@ -586,15 +633,15 @@ def sensitivity_weights(
     device = module_device(calibrator.model)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    weights: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    weights: dict[str, list[torch.Tensor | None]] = {name: [] for name in names}
     with eval_mode(calibrator.model):
         for index, batch in enumerate(batches):
             inputs, targets = split_batch(batch)
             inputs, targets = to_device(inputs, device), to_device(targets, device)
             use_targets = targets if calibrator.loss_fn is not None else None
-            for name, row in calibrator.row_sensitivities(inputs, use_targets, generator, index).items():
-                if name in weights:
-                    weights[name].append(row)
+            rows = calibrator.row_sensitivities(inputs, use_targets, generator, index)
+            for name, per_batch in weights.items():
+                per_batch.append(rows.get(name))  # None where the layer does not run on this batch
     return weights
 
 

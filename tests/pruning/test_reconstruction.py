@@ -288,6 +288,59 @@ def test_forward_order_follows_execution_not_registration() -> None:
     assert reconstruction.forward_order(model, specs, torch.randn(2, 3)) == ["first", "second"]
 
 
+class _Branching(nn.Module):
+    """``branch`` runs only on batches whose first input is positive (a data-dependent path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.branch, self.head = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.relu(self.body(x))
+        if bool(x[0, 0] > 0):
+            hidden = torch.relu(self.branch(hidden))
+        return self.head(hidden)
+
+
+def _branching_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = _batches(count=4)
+    for index, (inputs, _) in enumerate(batches):
+        inputs[0, 0] = 1.0 if index % 2 else -1.0  # the branch runs on batches 1 and 3 only
+    return batches
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"), [("sparsegpt", {}), ("ecp-obs", {}), ("magnitude", {"reconstruct": True})]
+)
+def test_a_layer_that_skips_the_first_batch_is_reconstructed_from_the_batches_it_runs_on(
+    method: str, extra: dict
+) -> None:
+    torch.manual_seed(9)
+    model = _Branching().double()
+    batches = _branching_batches()
+    specs = {name: LayerSpec(name, module, "linear") for name, module in model.named_children()}
+    order = reconstruction.forward_order(model, specs, iter(split[0] for split in batches))
+    assert order == ["body", "branch", "head"]
+    report = ecp_fast.prune(model, batches, sparsity=0.5, method=method, progress=False, **extra)
+    assert {layer.name for layer in report.layers} == {"body", "branch", "head"}
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    assert 0 < 1 - float(model.branch.weight_mask.mean()) < 1
+    hessian, _ = reconstruction.layer_grams(model, None, specs["branch"], batches, None)
+    ran = [inputs for index, (inputs, _) in enumerate(batches) if index % 2]
+    hidden = torch.cat([torch.relu(model.body(inputs)) for inputs in ran]).detach()
+    torch.testing.assert_close(hessian, _augmented_inputs(hidden).T @ _augmented_inputs(hidden))
+
+
+def test_a_layer_no_batch_reaches_is_named_with_what_to_do() -> None:
+    model = _Branching().double()
+    batches = _batches(count=2)
+    for inputs, _ in batches:
+        inputs[0, 0] = -1.0
+    specs = {name: LayerSpec(name, module, "linear") for name, module in model.named_children()}
+    with pytest.raises(ValueError, match=r"layers \['branch'\] ran on none of the calibration batches.*exclude="):
+        reconstruction.forward_order(model, specs, iter(split[0] for split in batches))
+
+
 def test_sequential_blocks_accept_reconstructive_methods() -> None:
     torch.manual_seed(0)
     blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)]).double()
