@@ -435,6 +435,7 @@ def _sweep(
     sparsity: float,
     block_size: int,
     dead: torch.Tensor,
+    *,
     budget: str = "block",
     removed: torch.Tensor | None = None,
 ) -> None:
@@ -462,7 +463,12 @@ def _sweep(
         w[:, i2:] -= errors @ u[i1:i2, i2:]
 
 
-def _check_sweep_extras(gram: object, budget: object, factor: object, damp: float, n_in: int) -> None:
+def _check_sweep_extras(
+    gram: object, budget: object, factor: object, damp: float, shape: tuple[int, int], removed: object
+) -> None:
+    out, n_in = shape
+    if removed is not None:
+        _check_mask(removed, out, n_in, "removed")
     if budget not in ("block", "layer"):
         raise ValueError(f"argument 'budget' must be 'block' or 'layer', got {budget!r}")
     if gram is not None:
@@ -476,6 +482,17 @@ def _check_sweep_extras(gram: object, budget: object, factor: object, damp: floa
     _check_square(factor.upper, "factor", n_in)
     if factor.damp != damp:
         raise ValueError(f"argument 'factor' was made with damp={factor.damp:g}, but the sweep asks for damp={damp:g}")
+
+
+def _starting_masks(
+    mask: torch.Tensor | None, removed: torch.Tensor | None, out: int, n_in: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The augmented keep mask a sweep starts from (``mask``, or all kept) and ``removed`` augmented
+    with the bias column (never removed), or None."""
+    keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=device)
+    if mask is not None:
+        keep[:, :n_in] = mask.to(device)
+    return keep, None if removed is None else torch.cat([removed.to(device), keep.new_zeros(out, 1)], dim=1)
 
 
 def _factor_in(
@@ -527,28 +544,22 @@ def obs_sweep(
             first (counting toward the sparsity of its block, row or group) and is never kept.
 
     Dead inputs (zero diagonal: 0 on every calibration sample) are pruned before anything else (free:
-    they never affect the output there); where the sparsity leaves some of them kept, they keep their
-    weights, which the calibration data says nothing against. Raises :class:`SingularError` (a
-    ValueError) if H is singular after dampening.
+    they never affect the output there); those the sparsity leaves kept keep their weights, which the
+    data says nothing against. Raises :class:`SingularError` (a ValueError) if H is singular after damping.
     """
     out, n_in = _check_layer(weight, bias)
     _check_real(damp, "damp", 0.0)
     _check_dtype(dtype)
     mode = _check_selection(sparsity, pattern, mask, out, n_in, block_size)
-    _check_sweep_extras(gram, budget, factor, damp, n_in)
-    if removed is not None:
-        _check_mask(removed, out, n_in, "removed")
+    _check_sweep_extras(gram, budget, factor, damp, (out, n_in), removed)
     if gram is not None:
         gram = gram.to(device=weight.device, dtype=dtype)
     w = _augment(weight, bias, dtype)
     u, dead = _factor_in(gram, factor, damp, w)
     # kept only to measure the error: one layer-sized matrix less otherwise
     original = w.clone() if measure_error and gram is not None else None
-    keep = torch.ones(out, n_in + 1, dtype=torch.bool, device=weight.device)
-    if mask is not None:
-        keep[:, :n_in] = mask.to(weight.device)
-    gone = None if removed is None else torch.cat([removed.to(keep.device), keep.new_zeros(out, 1)], dim=1)
-    _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget, gone)
+    keep, gone = _starting_masks(mask, removed, out, n_in, weight.device)
+    _sweep(w, u, keep, mode, float(sparsity), block_size, dead, budget=budget, removed=gone)
     error = _quadratic(w - original, gram) if original is not None and gram is not None else math.nan
     logger.debug("obs_sweep %dx%d %s: kept %d, error %.6g", out, n_in, mode, int(keep[:, :n_in].sum()), error)
     bias_dtype = weight.dtype if bias is None else bias.dtype

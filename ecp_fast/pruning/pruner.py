@@ -290,9 +290,9 @@ class Pruner:
             reconstruct: after the masks are chosen, refit every layer in forward order towards the
                 dense network's pre-activations (:mod:`ecp_fast.pruning.reconstruction`). Implied by
                 the reconstructive methods ``sparsegpt`` and ``ecp-obs``.
-            allocation: how the total is split across layers when reconstructing: ``"global"``,
-                ``"uniform"`` or ``"search"`` (:mod:`ecp_fast.pruning.allocation`). Default: search
-                for ``ecp-obs``, uniform for ``sparsegpt``, and what ``scope`` implies otherwise.
+            allocation: the split of a global scope's total across layers when reconstructing:
+                ``"global"``, ``"uniform"`` or ``"search"`` (:mod:`ecp_fast.pruning.allocation`); by
+                default search for ``ecp-obs``, uniform for ``sparsegpt``, else global (others: uniform).
             divergence: the search's measure between dense and pruned outputs on the calibration
                 batches: ``"kl"``, ``"mse"`` or ``"auto"`` (KL when the targets are class indices).
 
@@ -473,11 +473,17 @@ class Pruner:
             raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
         for name, spec in self.layers.items():
             check_maskable(spec.module, name)
-        if scope.kind == "n:m" or scope.kind == "row":
-            return "uniform"  # the pattern fixes every layer's sparsity
+        if scope.kind in ("layer", "row", "n:m"):  # the scope gives every layer the same sparsity
+            if allocation not in (None, "uniform"):
+                shown = f"{scope.n}:{scope.m}" if scope.kind == "n:m" else scope.kind
+                raise ValueError(
+                    f"argument 'allocation': scope={shown!r} prunes every layer to the same sparsity "
+                    f"(allocation='uniform'), got allocation={allocation!r}; scope='global' lets layers differ"
+                )
+            return "uniform"
         if allocation is None:
             default = {"ecp-obs": "search", "sparsegpt": "uniform"}
-            return default.get(method, "global" if scope.kind == "global" else "uniform")
+            return default.get(method, "global")
         return allocation
 
     def _sensitivity_weights(self, batches: list[Any]) -> dict[str, list[torch.Tensor | None]]:

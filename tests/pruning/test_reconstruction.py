@@ -233,11 +233,22 @@ def test_bad_arguments_are_refused_before_any_change() -> None:
         pruner.prune(0.5, method="nope", reconstruct=True)
     with pytest.raises(ValueError, match="argument 'sparsity'"):
         pruner.prune(1.5, method="sparsegpt")
+    for scope in ("layer", "row", "2:4"):
+        with pytest.raises(ValueError, match=rf"argument 'allocation': scope='{scope}' prunes every layer"):
+            pruner.prune(0.5, method="ecp-obs", scope=scope, allocation="search")
     one_shot = ecp_fast.Pruner(model, sensitivity="local", progress=False)
     one_shot.calibrate(iter(_batches()))
     with pytest.raises(ValueError, match="re-iterable"):
         one_shot.prune(0.5, method="sparsegpt")
     assert all(torch.equal(model.state_dict()[key], before[key]) for key in before)
+
+
+@pytest.mark.parametrize("method", ["ecp-obs", "sparsegpt"])
+def test_a_layer_scope_gives_every_layer_the_same_sparsity(method: str) -> None:
+    model = _relu_mlp(sizes=(12, 24, 16, 3))
+    report = ecp_fast.prune(model, _batches(), sparsity=0.6, method=method, scope="layer", progress=False)
+    assert report.allocation == "uniform"
+    assert [layer.sparsity for layer in report.layers] == pytest.approx([0.6] * 3, abs=0.02)
 
 
 def test_size_split_meets_the_total_and_prunes_larger_layers_harder() -> None:
