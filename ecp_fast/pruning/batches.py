@@ -11,6 +11,9 @@ A batch is ``inputs`` or ``(inputs, targets)``. ``inputs`` is
 
 Hugging Face models (a ``config`` with ``use_cache``) are called with ``use_cache=False``: a
 key/value cache is never needed for calibration and would hold every layer's keys and values.
+
+A model that fails on a calibration batch raises a ``ValueError`` naming argument ``batches``, the
+batch, its inputs and what to check, chained to the model's own error (:func:`model_errors`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -204,6 +207,89 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs, **extra)
 
 
+# ---- errors while running the model on a batch ---------------------------------------------------------
+
+#: How a batch is laid out, said by every error a calibration batch causes in the model.
+BATCHES_HINT = (
+    "batches is an iterable of batches, each (inputs, targets) or inputs alone, so a single batch goes in a "
+    "list: [(inputs, targets)]"
+)
+_MESSAGE_CHARS = 400  # the original message, cut: the whole of it stays in the chained error
+
+
+def describe(value: Any) -> str:
+    """A short description of a batch's inputs, targets or outputs, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}, {value.dtype}"
+    if isinstance(value, BlockInputs):
+        return f"block inputs with hidden states of shape {tuple(value.hidden.shape)}"
+    if isinstance(value, Mapping):
+        return f"a mapping with keys {list(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return f"a {type(value).__name__}"
+
+
+def inputs_hint(model: nn.Module, inputs: Any) -> str:
+    """What to check when ``model`` failed on ``inputs``: how several inputs are passed for a tuple or
+    list (given to the model as one argument), how batches are laid out otherwise."""
+    if not isinstance(inputs, (tuple, list)):
+        return f"check the batch against the model ({BATCHES_HINT})"
+    names = [f"x{index}" for index in range(len(inputs))]
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+        named = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(named) >= len(inputs):
+            names = named[: len(inputs)]
+    except (TypeError, ValueError):  # a forward without a signature: generic names
+        pass
+    example = "{" + ", ".join(f"{name!r}: {name}" for name in names) + "}"
+    return (
+        f"inputs that are a {type(inputs).__name__} are passed to the model as one argument, model(inputs); "
+        f"pass several inputs as a mapping of keyword arguments, such as {example}, called as model(**inputs)"
+    )
+
+
+def passes_through(error: BaseException) -> bool:
+    """Whether an error while running a batch is re-raised as it is: memory exhaustion (callers catch
+    it to retry with smaller batches) and the library's own errors that already name their argument."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or str(error).startswith("argument '")
+
+
+def batch_error(what: str, index: int, details: str, error: Exception, hint: str) -> ValueError:
+    """``ValueError("argument 'batches': {what} on batch {index} ({details}) raised ...; {hint}")`` for
+    ``error``, which the caller chains (``raise batch_error(...) from error``)."""
+    message = str(error).strip().rstrip(".")  # a full stop would end the sentence before the hint
+    if len(message) > _MESSAGE_CHARS:
+        message = message[:_MESSAGE_CHARS] + "..."
+    return ValueError(
+        f"argument 'batches': {what} on batch {index} ({details}) raised {type(error).__name__}: {message}; {hint}"
+    )
+
+
+@contextlib.contextmanager
+def model_errors(
+    model: nn.Module, inputs: Any, index: int, *, own: Callable[[Exception], bool] | None = None, note: str = ""
+) -> Iterator[None]:
+    """Run the model on batch ``index`` inside the block: an ``Exception`` it raises becomes a
+    ``ValueError`` that names argument ``batches``, the batch, its inputs and what to check, chained
+    to the original.
+
+    ``KeyboardInterrupt`` and other ``BaseException`` pass through, as do the errors of
+    :func:`passes_through`, those ``own`` recognises (the caller's hooks raise their own, clear
+    errors) and those on :class:`BlockInputs` (a block of the model failing on the hidden states
+    the library fed it, which no batch of the user's explains). A ``note`` (what the caller knows of
+    the whole of ``batches``) replaces the hint on tensor and mapping inputs.
+    """
+    try:
+        yield
+    except Exception as error:
+        if passes_through(error) or (own is not None and own(error)) or isinstance(inputs, BlockInputs):
+            raise
+        hint = note if note and not isinstance(inputs, (tuple, list)) else inputs_hint(model, inputs)
+        raise batch_error("running the model", index, f"inputs: {describe(inputs)}", error, hint) from error
+
+
 def model_output(raw_output: Any) -> torch.Tensor:
     """The output tensor ``y`` of what a model returned (the default ``output_fn``).
 
@@ -328,7 +414,8 @@ def _capture_one(
 ) -> BlockInputs:
     """Run ``model`` on one batch until the hook that fills ``recorded`` stops it; the first block's inputs."""
     recorded.clear()
-    with torch.no_grad():
+    # The hook's _StopForward is caught inside, so only the model's own failures are reworded.
+    with torch.no_grad(), model_errors(model, inputs, index):
         try:
             call_model(model, inputs)
         except _StopForward:

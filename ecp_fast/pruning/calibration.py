@@ -25,6 +25,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
@@ -39,12 +40,17 @@ from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops import moments as fused_moments
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning.batches import (
+    BATCHES_HINT,
+    batch_error,
     batch_rows,
     call_model,
     count_samples,
+    describe,
     eval_mode,
+    model_errors,
     model_output,
     module_device,
+    passes_through,
     sample_weights,
     slice_rows,
     split_batch,
@@ -274,6 +280,22 @@ class _LayerPass:
 _STATISTICS, _GRADIENTS, _ROW_SENSITIVITIES = "statistics", "gradients", "row_sensitivities"
 
 
+def _batches_note(batches: Any) -> str:
+    """What a batch's error says instead of the general layout of batches when ``batches`` looks like
+    one batch given alone (each of its items was taken as a batch); empty otherwise."""
+    if isinstance(batches, torch.Tensor):
+        return (
+            "batches here is a tensor, whose rows were each taken as a batch; batches is an iterable of batches, "
+            "so pass [inputs] for one batch"
+        )
+    if isinstance(batches, tuple) and len(batches) == 2:
+        return (
+            "batches here is a tuple of 2 items, each taken as a batch; batches is an iterable of batches, "
+            "so if it is one (inputs, targets) batch, pass [(inputs, targets)]"
+        )
+    return ""
+
+
 def _batch_iterator(batches: Iterable[Any]) -> Iterator[Any]:
     if batches is None:
         raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
@@ -335,7 +357,13 @@ class _RunTotals:
             raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
         missing = [name for name, stats in self.statistics.items() if stats is None]
         if missing:
-            raise ValueError(f"argument 'layers': layers {missing} never ran during the model's forward pass")
+            # Usually a layer the forward pass never calls (an auxiliary head), found by the default
+            # discovery rather than named by the user: say how to leave it out.
+            raise ValueError(
+                f"argument 'layers': layers {missing} never ran: the model's forward pass called them on none of "
+                f"the calibration batches ({self.batch_count} seen; an auxiliary or unused head, say), so they have no "
+                f"statistics; leave them out with exclude={missing!r}, or name the layers to prune with layers=[...]"
+            )
         logger.info(
             "calibrated %d layers on %d samples in %d batches", len(self.statistics), self.samples, self.batch_count
         )
@@ -401,7 +429,9 @@ class _PassHooks:
         self.weights = weights
         self.needs_graph = sensitivity != "local" or use_loss
         self.keep_rows = keep_rows or mode == _ROW_SENSITIVITIES
+        self.batch_index = batch_index
         self.where = f"calibration batch {batch_index}:"
+        self.error: Exception | None = None  # what a hook raised: already clear, passed on unchanged
         self.passes: dict[str, _LayerPass] = {}
         self.anchors: list[torch.Tensor] = []
         self.tapped: dict[str, torch.Tensor] = {}  # each layer's output, for the batched backward pass
@@ -412,23 +442,31 @@ class _PassHooks:
         """The forward hook of layer ``name``."""
 
         def forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if name in self.passes:
-                raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
-            self.on_input(name, args[0].detach(), output)
-            if not self.needs_graph:
-                return None
-            # A zero leaf added to z: differentiating with respect to the anchors drives the
-            # backward pass through every z without capturing (and holding) their gradients,
-            # and works when the layer's own parameters are frozen. The hook on the sum sees
-            # dy/dz as soon as the backward pass reaches this layer.
-            anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-            tapped = output + anchor
-            tapped.register_hook(lambda grad: self.on_gradient(name, grad))
-            self.anchors.append(anchor)
-            self.tapped[name] = tapped
-            return tapped
+            try:
+                return self._on_forward(name, args, output)
+            except Exception as error:
+                self.error = error  # the model call's error wrapper passes it on as it is
+                raise
 
         return forward_hook
+
+    def _on_forward(self, name: str, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        """Capture layer ``name``'s input and, when backward passes follow, tap its output."""
+        if name in self.passes:
+            raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
+        self.on_input(name, args[0].detach(), output)
+        if not self.needs_graph:
+            return None
+        # A zero leaf added to z: differentiating with respect to the anchors drives the
+        # backward pass through every z without capturing (and holding) their gradients,
+        # and works when the layer's own parameters are frozen. The hook on the sum sees
+        # dy/dz as soon as the backward pass reaches this layer.
+        anchor = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+        tapped = output + anchor
+        tapped.register_hook(lambda grad: self.on_gradient(name, grad))
+        self.anchors.append(anchor)
+        self.tapped[name] = tapped
+        return tapped
 
     def on_input(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
         """Capture the layer's input; in statistics mode, its counted rows and their squares (and moments for local)."""
@@ -616,6 +654,7 @@ class Calibrator:
         self.keep_inputs = keep_inputs
         self._row_bytes_seen: dict[tuple, int | None] = {}  # sensitivity bytes of one sample, by its shapes
         self._keep_rows = False  # whether run() keeps each batch's row sensitivities
+        self._batches_note = ""  # during run(): what a batch's error adds about the whole of its batches
 
     # The public entry point -------------------------------------------------------------------------
 
@@ -640,9 +679,13 @@ class Calibrator:
         self._keep_rows = row_sensitivities
         totals.row_sensitivities = [] if row_sensitivities else None
         total = len(batches) if isinstance(batches, Sized) else None
-        with eval_mode(self.model):  # dropout off and batch norm frozen: samples stay independent
-            for batch in tqdm(iterator, total=total, desc="calibrate", disable=not progress, leave=False):
-                self._run_batch(batch, device, generator, totals)
+        self._batches_note = _batches_note(batches)
+        try:
+            with eval_mode(self.model):  # dropout off and batch norm frozen: samples stay independent
+                for batch in tqdm(iterator, total=total, desc="calibrate", disable=not progress, leave=False):
+                    self._run_batch(batch, device, generator, totals)
+        finally:
+            self._batches_note = ""
         return totals.result()
 
     def _run_batch(self, batch: Any, device: torch.device, generator: torch.Generator, totals: _RunTotals) -> None:
@@ -654,11 +697,11 @@ class Calibrator:
         if self.sensitivity == "loss" and targets is None:
             raise ValueError(
                 f"argument 'batches': sensitivity='loss' needs (inputs, targets) batches, batch {totals.batch_count} "
-                "has no targets"
+                f"has no targets{'; ' + self._batches_note if self._batches_note else ''}"
             )
         totals.check_targets(use_loss)
         targets = targets if use_loss else None
-        slices = self._slices(inputs, targets, use_loss)
+        slices = self._slices(inputs, targets, use_loss, totals.batch_count)
         if slices is None:
             statistics, rows = self._batch_statistics(inputs, targets, generator, totals.batch_count)
         else:
@@ -685,21 +728,21 @@ class Calibrator:
             del statistics, row_weights  # merged: not to be held through the next slice's passes
         return merged, {name: torch.cat(rows) for name, rows in parts.items()} if self._keep_rows else None
 
-    def _slices(self, inputs: Any, targets: Any, use_loss: bool) -> list[_Slice] | None:
+    def _slices(self, inputs: Any, targets: Any, use_loss: bool, batch_index: int) -> list[_Slice] | None:
         """The slices of a batch whose backward passes would hold more than :data:`SLICE_BYTES`; None: whole."""
         rows = batch_rows(inputs, targets)
         if rows is None or rows < 2 or not (self.sensitivity != "local" or use_loss):
             return None
         signature = _sample_signature(inputs)
         if signature not in self._row_bytes_seen:  # one probe per shape of sample, not per batch
-            self._row_bytes_seen[signature] = self._sample_bytes(inputs, rows)
+            self._row_bytes_seen[signature] = self._sample_bytes(inputs, rows, batch_index)
         row_bytes = self._row_bytes_seen[signature]
         per_slice = rows if row_bytes is None else max(1, SLICE_BYTES // max(row_bytes, 1))
         if per_slice >= rows:
             return None
         return [_Slice(start, min(start + per_slice, rows), rows) for start in range(0, rows, per_slice)]
 
-    def _sample_bytes(self, inputs: Any, rows: int) -> int | None:
+    def _sample_bytes(self, inputs: Any, rows: int, batch_index: int) -> int | None:
         """Bytes of every scored layer's sensitivities per sample, from passes without a graph on samples
         ``0:2`` and ``1:2``; None when sample 1's output depends on sample 0, so that the first dimension
         does not hold independent samples (a sequence-first model, say) and slicing would change it."""
@@ -708,17 +751,43 @@ class Calibrator:
         def measure(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             sizes.append(output.numel() * torch.empty((), dtype=_accumulation_dtype(output.dtype)).element_size())
 
-        output_fn = self.output_fn or model_output
+        # The first model call of a batch may be this one: its failures name the batch (and the whole
+        # batch's inputs, which are what the user gave).
         handles = [spec.module.register_forward_hook(measure) for spec in self.layers.values()]
         try:
             with torch.no_grad():
-                pair = output_fn(call_model(self.model, slice_rows(inputs, 0, 2, rows)))
+                with self._model_errors(inputs, batch_index):
+                    raw_pair = call_model(self.model, slice_rows(inputs, 0, 2, rows))
+                pair = self._output(raw_pair, batch_index)
         finally:
             for handle in handles:
                 handle.remove()
         with torch.no_grad():
-            alone = output_fn(call_model(self.model, slice_rows(inputs, 1, 2, rows)))
+            with self._model_errors(inputs, batch_index):
+                raw_alone = call_model(self.model, slice_rows(inputs, 1, 2, rows))
+            alone = self._output(raw_alone, batch_index)
         return sum(sizes) // 2 if _same_sample(pair, alone) else None
+
+    def _model_errors(
+        self, inputs: Any, batch_index: int, own: Callable[[Exception], bool] | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """:func:`~ecp_fast.pruning.batches.model_errors` for this model, with what :meth:`run` knows of its batches."""
+        return model_errors(self.model, inputs, batch_index, own=own, note=self._batches_note)
+
+    def _output(self, raw_output: Any, batch_index: int) -> Any:
+        """The output tensor of what the model returned, through ``output_fn``; a user's ``output_fn``
+        that fails is named (the default one's own errors say what to do)."""
+        if self.output_fn is None:
+            return model_output(raw_output)
+        try:
+            return self.output_fn(raw_output)
+        except Exception as error:
+            if passes_through(error):
+                raise
+            raise ValueError(
+                f"argument 'output_fn': it raised {type(error).__name__} on what the model returned for batch "
+                f"{batch_index} ({describe(raw_output)}): {error}"
+            ) from error
 
     # One batch, three ways of reducing it ------------------------------------------------------------
 
@@ -838,6 +907,16 @@ class Calibrator:
         hooks = _PassHooks(
             self.layers, self.sensitivity, mode, check_finite, use_loss, weights, batch_index, keep_rows=keep_rows
         )
+        if hooks.needs_graph and torch.is_inference_mode_enabled():
+            # Inference mode cannot be left from inside (set_grad_enabled does not), and no tensor made
+            # under it records a graph: say so before the first hook fails with autograd's own words.
+            needs = f"sensitivity={self.sensitivity!r}" if self.sensitivity != "local" else "loss_fn with targets"
+            raise RuntimeError(
+                f"calibration with {needs} needs autograd (output and loss sensitivities are gradients) and cannot "
+                "run under torch.inference_mode(); call it outside inference mode (inside torch.no_grad() is "
+                "fine: calibration enables gradients where it needs them), or use sensitivity='local' without "
+                "loss_fn"
+            )
         # No parameter gradient is ever needed (dL/dW is streamed from dL/dz and a): with the
         # parameters frozen, the graph saves only what the gradients with respect to z need
         # (about a third less on a transformer block).
@@ -859,20 +938,26 @@ class Calibrator:
             # that only the cyclic garbage collector would free. Broken here, the graph goes now.
             hooks.tapped.clear()
             hooks.anchors.clear()
+            # A hook's error reaches these hooks through its traceback's frames: another cycle through
+            # the graph, which even a collection was seen not to free (it passes through autograd's hooks).
+            hooks.error = None
         return hooks.passes
 
     def _forward(self, hooks: _PassHooks, inputs: Any) -> torch.Tensor | None:
         """The forward pass with the hooks in place; the output tensor when backward passes follow."""
         handles = [spec.module.register_forward_hook(hooks.hook(name)) for name, spec in self.layers.items()]
         try:
-            with torch.set_grad_enabled(hooks.needs_graph):
+            with (
+                torch.set_grad_enabled(hooks.needs_graph),
+                self._model_errors(inputs, hooks.batch_index, own=lambda error: error is hooks.error),
+            ):
                 raw_output = call_model(self.model, inputs)
         finally:
             for handle in handles:
                 handle.remove()
         if not hooks.needs_graph:
             return None
-        output = (self.output_fn or model_output)(raw_output)
+        output = self._output(raw_output, hooks.batch_index)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"argument 'output_fn' must return a tensor, got {type(output).__name__}")
         return output
@@ -889,7 +974,7 @@ class Calibrator:
         """The loss backward pass (with targets), then one output backward pass per probe direction."""
         if hooks.use_loss:
             hooks.phase = "loss"
-            total = self._loss_total(output, targets)
+            total = self._loss_total(output, targets, hooks.batch_index)
             self._backward(total, hooks.anchors, None, retain=self.sensitivity == "output")
             del total
         if self.sensitivity == "output":
@@ -943,10 +1028,19 @@ class Calibrator:
             return  # nothing scored reaches the output: every gradient is zero
         torch.autograd.grad(target, anchors, grad_outputs=grad_outputs, retain_graph=retain, allow_unused=True)
 
-    def _loss_total(self, output: torch.Tensor, targets: Any) -> torch.Tensor:
+    def _loss_total(self, output: torch.Tensor, targets: Any, batch_index: int) -> torch.Tensor:
         """The batch loss rescaled to a sum of per-sample losses."""
         assert self.loss_fn is not None
-        loss = self.loss_fn(output, targets)
+        try:
+            loss = self.loss_fn(output, targets)
+        except Exception as error:
+            if passes_through(error):
+                raise
+            # Most often targets that do not fit the outputs (another batch size, another shape).
+            details = f"outputs: {describe(output)}; targets: {describe(targets)}"
+            layout = self._batches_note or BATCHES_HINT
+            hint = f"each batch's targets must fit the model's outputs as loss_fn expects ({layout})"
+            raise batch_error("loss_fn(outputs, targets)", batch_index, details, error, hint) from error
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"argument 'loss_fn' must return a tensor, got {type(loss).__name__}")
         if loss.dim() > 0:
