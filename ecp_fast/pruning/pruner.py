@@ -344,17 +344,19 @@ class Pruner:
                     f"argument 'steps': steps={steps} recalibrates between steps and needs re-iterable batches "
                     "(a list or DataLoader), but calibrate() was given a one-shot iterator"
                 )
-        if parsed_scope.kind == "n:m":
-            for name, spec in self.layers.items():
-                if spec.fan_in % parsed_scope.m:
-                    raise ValueError(
-                        f"argument 'scope': pattern {scope} needs the input size of layer {name!r} to be a multiple "
-                        f"of {parsed_scope.m}, got {spec.fan_in}"
-                    )
-        for name, spec in self.layers.items():
-            check_maskable(spec.module, name)
+        self._check_layers_fit(parsed_scope)
         self._warn_if_sparser(target)
         return _Request(chosen, parsed_scope, target, steps, importances)
+
+    def _check_layers_fit(self, scope: Scope) -> None:
+        """Every layer can take a mask, and an N:M pattern's groups tile its inputs."""
+        for name, spec in self.layers.items():
+            check_maskable(spec.module, name)
+            if scope.kind == "n:m" and spec.fan_in % scope.m:
+                raise ValueError(
+                    f"argument 'scope': pattern {scope.n}:{scope.m} needs the input size of layer {name!r} to be a "
+                    f"multiple of {scope.m}, got {spec.fan_in}"
+                )
 
     def _warn_if_sparser(self, target: float) -> None:
         keep = [self._keep_mask(spec) for spec in self.layers.values()]
@@ -471,8 +473,7 @@ class Pruner:
             )
         if allocation is not None and allocation not in ALLOCATIONS:
             raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
-        for name, spec in self.layers.items():
-            check_maskable(spec.module, name)
+        self._check_layers_fit(scope)
         if scope.kind in ("layer", "row", "n:m"):  # the scope gives every layer the same sparsity
             if allocation not in (None, "uniform"):
                 shown = f"{scope.n}:{scope.m}" if scope.kind == "n:m" else scope.kind
@@ -609,6 +610,14 @@ class Pruner:
                     bias_change_l1=change,
                     bias_added=name in added_bias,
                 )
+            )
+        emptied = [layer.name for layer in report.layers if layer.weights and layer.pruned == layer.weights]
+        if emptied:
+            warnings.warn(
+                f"layers {emptied} lost every weight (their outputs are now their biases alone, whatever the "
+                "input); scope='layer' or 'row' keeps part of every layer, exclude= leaves a layer out",
+                UserWarning,
+                stacklevel=3,
             )
         logger.info("pruned with %s/%s to sparsity %.4f", method, scope, report.sparsity)
         return report

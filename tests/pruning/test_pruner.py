@@ -437,3 +437,28 @@ def test_neuron_scope_refuses_steps_and_leaves_the_model_unchanged():
         pruner.prune(0.5, method="ecp", scope="neuron", steps=3)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_layer_that_loses_every_weight_is_warned_about_and_a_partial_one_is_not():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[2].weight.mul_(1e-3)  # far below every first-layer weight: a global ranking takes it all
+    with pytest.warns(UserWarning, match=r"layers \['2'\] lost every weight"):
+        report = ecp_fast.prune(copy.deepcopy(model), None, sparsity=0.5, method="magnitude", progress=False)
+    assert {layer.name: layer.sparsity for layer in report.layers}["2"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ecp_fast.prune(model, None, sparsity=0.5, method="magnitude", scope="layer", progress=False)
+
+
+@pytest.mark.parametrize("method", ["ecp", "sparsegpt", "ecp-obs"])
+def test_an_n_m_pattern_that_does_not_tile_a_layer_is_refused_by_scope_for_every_method(method):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))  # the conv: 27 inputs
+    batches = [(torch.randn(6, 3, 6, 6), torch.randint(0, 2, (6,)))]
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"argument 'scope': pattern 2:4 needs the input size of layer '0'"):
+        ecp_fast.prune(model, batches, method=method, scope="2:4", progress=False)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    assert not has_pruning_hooks(model)
