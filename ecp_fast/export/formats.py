@@ -14,7 +14,6 @@ The model given is never changed: the export works on a deep copy.
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Any
 
@@ -30,26 +29,12 @@ from ecp_fast.export.csr import (
     replaceable_linears,
 )
 from ecp_fast.export.semi_structured import NMPatternError, check_n_m, export_semi_structured, semi_structured_available
+from ecp_fast.pruning.masks import copy_model
 
 logger = logging.getLogger(__name__)
 
 #: The formats :func:`export` knows.
 FORMATS = ("dense", "csr", "2:4")
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, also for models pruned with ``torch.nn.utils.prune``.
-
-    Pruning stores the masked weight as a computed (non-leaf) tensor attribute, which
-    ``copy.deepcopy`` refuses; the copy gets a detached clone instead (the pruning hook recomputes it
-    at the next forward pass, so nothing is lost).
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, torch.Tensor) and not value.is_leaf:
-                memo[id(value)] = value.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def fold_masks(model: nn.Module) -> list[str]:

@@ -9,7 +9,6 @@ pruner and the command line.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.ops import finalize, reference
 from ecp_fast.pruning.calibration import CalibrationResult, LayerSpec, LayerStatistics
+from ecp_fast.pruning.masks import copy_model
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def check_nonlinear_size(layers: dict[str, LayerSpec], calibration: CalibrationR
 
 def _plain_copy(model: nn.Module, layer: LayerSpec) -> nn.Module:
     """A copy of the model without pruning re-parametrisations and with a bias on ``layer``."""
-    plain = copy.deepcopy(model)
+    plain = copy_model(model)
     for module in plain.modules():
         if hasattr(module, "weight_mask") and hasattr(module, "weight_orig"):
             torch_prune.remove(module, "weight")

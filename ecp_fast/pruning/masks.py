@@ -11,6 +11,7 @@ the model exactly as it was.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,21 @@ logger = logging.getLogger(__name__)
 
 #: Layers that can receive a compensated bias when a saved model has one and the layer has none.
 BIAS_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for models pruned with ``torch.nn.utils.prune``.
+
+    Pruning stores the masked weight as a computed (non-leaf) tensor attribute, which
+    ``copy.deepcopy`` refuses; the copy gets a detached clone instead (the pruning hook recomputes it
+    at the next forward pass, so nothing is lost).
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def weight_reparametrization(module: nn.Module, name: str = "weight") -> str | None:

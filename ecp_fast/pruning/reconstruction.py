@@ -19,7 +19,6 @@ layer is done (:func:`apply_outcomes`), so a failure never leaves a half-pruned 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import itertools
 import logging
@@ -43,7 +42,7 @@ from ecp_fast.pruning.batches import (
     to_device,
 )
 from ecp_fast.pruning.layers import LayerSpec, weight_parameter
-from ecp_fast.pruning.masks import install_mask
+from ecp_fast.pruning.masks import copy_model, install_mask
 from ecp_fast.pruning.replay import CacheBudget, OutputReplay
 
 logger = logging.getLogger(__name__)
@@ -509,7 +508,7 @@ def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A copy whose masked weights are folded in, so weights can be written directly."""
-    work = copy.deepcopy(model)
+    work = copy_model(model)  # a pruned layer's computed weight is no leaf: deepcopy alone refuses it
     for module in work.modules():
         if hasattr(module, "weight_mask") and hasattr(module, "weight_orig"):
             torch_prune.remove(module, "weight")

@@ -31,7 +31,6 @@ leaves the model exactly as it was. The result holds only plain ``torch.nn`` mod
 
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,6 +53,7 @@ from ecp_fast.pruning.calibration import (
     weight_2d,
     weight_parameter,
 )
+from ecp_fast.pruning.masks import copy_model
 from ecp_fast.pruning.pruner import Pruner, register_neuron_pruning
 from ecp_fast.pruning.transaction import model_transaction
 
@@ -539,7 +539,7 @@ def _build_linear(
 
 def _build_per_feature(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """A copy of a BatchNorm1d / LayerNorm / PReLU keeping the features ``index``."""
-    new = copy.deepcopy(module)
+    new = copy_model(module)
     count = int(index.numel())
     with torch.no_grad():
         for attribute in ("weight", "bias"):
@@ -952,7 +952,7 @@ def _remove_neurons(
         counts = (count_parameters(model), linear_flops(model))
         modules = dict(model.named_modules())
         hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else copy_model(model)
         shrink_model(target, plan)
         if inplace and pruner is not None:
             pruner.layers = resolve_layers(model, list(pruner.layers))

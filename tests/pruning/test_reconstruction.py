@@ -633,3 +633,18 @@ def test_a_shuffling_loader_prunes_as_the_batches_its_calibration_pass_brought()
     ecp_fast.prune(expected, first_draw, sparsity=0.6, method="ecp-obs", progress=False)
     for key, value in expected.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(("method", "extra"), [("sparsegpt", {}), ("wanda", {"reconstruct": True})])
+def test_a_model_pruned_and_run_since_is_reconstructed_again(method: str, extra: dict) -> None:
+    """After a prune and a forward pass with autograd, a masked layer's weight is a computed tensor
+    that ``copy.deepcopy`` refuses; the working copy is made all the same."""
+    model = _relu_mlp()
+    batches = _batches()
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate(batches, loss_fn=nn.CrossEntropyLoss())
+    pruner.prune(0.5, method="magnitude", scope="layer")
+    model(batches[0][0]).sum().backward()
+    assert not model[0].weight.is_leaf
+    report = pruner.prune(0.8, method=method, scope="layer", **extra)
+    assert report.sparsity == pytest.approx(0.8, abs=0.02)
