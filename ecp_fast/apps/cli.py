@@ -3,7 +3,7 @@
 ::
 
     ecp-fast demo --out runs/demo --seeds 3
-    ecp-fast experiment --help            # lists the experiments found in ecp_fast/experiments/
+    ecp-fast experiment --help            # lists the experiments found in ecp_fast/apps/experiments/
     python -m ecp_fast demo --quick
 
 User errors (a malformed option, a missing, truncated or corrupt data file, an ``--out`` that is a
@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     experiment_parser = commands.add_parser(
-        "experiment", help="run a registered experiment", description="Experiments found in ecp_fast/experiments/."
+        "experiment", help="run a registered experiment", description="Experiments found in ecp_fast/apps/experiments/."
     )
     experiment_commands = experiment_parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     experiment_commands.required = True

@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settings",
         default=DEFAULT_SETTINGS,
-        help=f"SPARSITY:SCOPE entries and N:M patterns (default {DEFAULT_SETTINGS})",
+        # argparse %-formats help strings: a literal % is written %%
+        help=f"SPARSITY:SCOPE entries and N:M patterns (default {DEFAULT_SETTINGS.replace('%', '%%')})",
     )
     parser.add_argument(
         "--sensitivity",
