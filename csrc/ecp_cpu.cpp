@@ -1,4 +1,4 @@
-// Fused CPU kernels of the ecp ops (schemas in register.cpp, mathematics in METHOD.md).
+// Fused CPU kernels of the ecp ops (schemas in register.cpp, mathematics in docs/method.md).
 //
 // One pass over the samples, in bounded chunks. For each chunk the kernel writes, into two small
 // reusable buffers,
@@ -174,7 +174,7 @@ void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t r
       const acc_t* s2 = s1 + fan_in;
       const acc_t s0 = s2[fan_in];
       if (s0 <= acc_t(0)) {
-        // METHOD.md: a neuron that never affects the output has zero importance and no shift.
+        // docs/method.md: a neuron that never affects the output has zero importance and no shift.
         // A NaN s0 (NaN gradients) is not "never affects": it falls through and stays NaN.
         for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
         continue;

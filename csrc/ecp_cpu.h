@@ -2,7 +2,7 @@
 //
 // The same library registers them as the CPU kernels of torch.ops.ecp.{moments,score,finalize,gram}
 // and declares those ops' schemas (register.cpp), so loading it is enough to call the ops from C++,
-// TorchScript or Python. See METHOD.md for the mathematics: all results are sums over samples,
+// TorchScript or Python. See docs/method.md for the mathematics: all results are sums over samples,
 // float32 (float64 when an input is float64).
 #pragma once
 

@@ -1,4 +1,4 @@
-// CPU kernel of ecp::gram: H = sum_s w_s [a_s; 1] [b_s; 1]^T, the constant 1 last (METHOD.md,
+// CPU kernel of ecp::gram: H = sum_s w_s [a_s; 1] [b_s; 1]^T, the constant 1 last (docs/method.md,
 // "compensation by reconstruction").
 //
 // One pass over the samples in bounded chunks. For each chunk

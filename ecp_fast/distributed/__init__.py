@@ -1,6 +1,6 @@
 """Distributed calibration: every rank streams its own shard, the statistics are merged across ranks.
 
-Everything ECP needs from the data is a mergeable sum (METHOD.md, "Streaming and merging"), so a
+Everything ECP needs from the data is a mergeable sum (docs/method.md, "Streaming and merging"), so a
 data-parallel job calibrates like this::
 
     torch.distributed.init_process_group("gloo")        # or "nccl" on GPUs, e.g. under torchrun
@@ -321,7 +321,7 @@ def _allreduce_moments(moments: Moments, group: Any, device: torch.device) -> Mo
     safe = torch.where(total_s0 > 0, total_s0, torch.ones_like(total_s0)).unsqueeze(-1)
     mean_offset = weighted_offset / safe
     merged_mean = torch.where(positive, shift + mean_offset, torch.zeros_like(shift))
-    # M2 = T2 - T1^2 / T0; a negative value is rounding (METHOD.md) and is clamped like the kernels do.
+    # M2 = T2 - T1^2 / T0; a negative value is rounding (docs/method.md) and is clamped like the kernels do.
     merged_m2 = torch.where(positive, (second - weighted_offset * mean_offset).clamp_min(0), torch.zeros_like(second))
     return Moments(
         total_s0.to(device=home, dtype=s0.dtype),

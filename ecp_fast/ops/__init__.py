@@ -10,7 +10,7 @@ without Python. Backends:
 * CUDA tensors: the Triton kernels in :mod:`ecp_fast.ops.triton` (registered when CUDA and Triton exist).
 * Meta / FakeTensor: the fake kernels below, so ``torch.compile`` and shape propagation work.
 
-All ops return sums over samples (METHOD.md), in float32, or float64 for float64 inputs. A NaN input
+All ops return sums over samples (docs/method.md), in float32, or float64 for float64 inputs. A NaN input
 makes NaN every statistic it enters (a neuron is dead only when its ``s0`` is exactly zero); inputs
 so large that float32 sums overflow (about 1e19 and above) are summed again in float64 and rounded,
 so the result is the reference's (an infinity only where the value exceeds float32's range).
@@ -219,7 +219,7 @@ def gram(
     """Sample-weighted Gram matrix of bias-augmented inputs, one streaming pass over the samples.
 
     ``H = sum_s w_s [a_s; 1] [b_s; 1]^T`` of shape ``(in_a + 1, in_b + 1)``, the constant 1 last: the
-    quadratic of layer-wise reconstruction (Optimal Brain Surgeon, SparseGPT; METHOD.md,
+    quadratic of layer-wise reconstruction (Optimal Brain Surgeon, SparseGPT; docs/method.md,
     "compensation by reconstruction").
 
     Args:

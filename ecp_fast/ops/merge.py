@@ -8,7 +8,7 @@ import torch
 
 
 class Moments(NamedTuple):
-    """``s0`` ``(out,)``, ``mean`` and ``m2`` ``(out, in)`` as METHOD.md defines them (sums, not means)."""
+    """``s0`` ``(out,)``, ``mean`` and ``m2`` ``(out, in)`` as docs/method.md defines them (sums, not means)."""
 
     s0: torch.Tensor
     mean: torch.Tensor

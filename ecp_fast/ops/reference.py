@@ -1,12 +1,12 @@
 """Plain-PyTorch implementation of the ecp ops: the oracle for tests and benchmarks.
 
-Everything here follows ``METHOD.md`` line by line and computes in float64, so it is slow and
+Everything here follows docs/method.md line by line and computes in float64, so it is slow and
 memory-hungry (it materialises the ``(N, in)`` and ``(N, out)`` intermediates) but easy to read and
 trust. The fused kernels in ``csrc/`` and ``ecp_fast/triton/`` must agree with it.
 
 Non-finite values follow IEEE arithmetic in float64, then the rounding to the output dtype: a NaN
 input makes NaN every statistic it enters, and a float64 value beyond float32's range becomes an
-infinity in a float32 output. A neuron is "dead" (zero statistics, METHOD.md) only when its ``s0`` is
+infinity in a float32 output. A neuron is "dead" (zero statistics, docs/method.md) only when its ``s0`` is
 exactly zero, never because its gradients are NaN.
 
 Notation: ``x`` is a layer's input ``a`` per sample, ``g`` its output gradients ``dy/dz`` per probe
@@ -58,7 +58,7 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     c = _sensitivity(g)
     s0 = c.sum(dim=0)
     dead = _dead(s0).unsqueeze(1)
-    # METHOD.md, Numerics: moments of inputs shifted by their column mean leave m2 unchanged and keep
+    # docs/method.md, Numerics: moments of inputs shifted by their column mean leave m2 unchanged and keep
     # the subtraction s2 - s1^2 / s0 small; float64 does the rest.
     shift = a.mean(dim=0) if shape.n > 0 else a.new_zeros(shape.fan_in)
     centred = a - shift
@@ -188,7 +188,7 @@ class ExactError(NamedTuple):
 
 
 def exact_compensated_error(model: nn.Module, inputs: torch.Tensor, layer: str, newton_steps: int = 8) -> ExactError:
-    """The non-linear per-weight quantity of METHOD.md, by Newton's method on the bias shift.
+    """The non-linear per-weight quantity of docs/method.md, by Newton's method on the bias shift.
 
     For every weight ``(i, j)`` of the ``nn.Linear`` named ``layer``: zero it, then minimise the
     squared change of the network output over ``delta`` added to ``b_i``, starting from 0. All

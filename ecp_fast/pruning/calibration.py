@@ -3,7 +3,7 @@
 For every scored layer and every calibration batch, a forward hook sees the layer's input ``a``
 and taps its pre-activation ``z``; backward passes then deliver the output gradients
 ``g = dy/dz`` (exact Jacobian rows, Rademacher probes, per-sample loss gradients, or ``c = 1``,
-METHOD.md) to a hook on each ``z``, which reduces them at once: each layer's gradient of one pass is
+docs/method.md) to a hook on each ``z``, which reduces them at once: each layer's gradient of one pass is
 folded into that layer's sensitivities ``c = sum_p g_p^2`` (``(N, out)``) and freed while the
 backward pass moves on to the earlier layers, so no pass ever holds every layer's gradients, and
 never ``P`` of them. ``ecp_fast.moments`` then turns ``(a, c)`` into the sensitivity-weighted
@@ -103,7 +103,7 @@ LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 class LayerStatistics:
     """What calibration accumulated for one layer; every field is a sum over samples.
 
-    ``moments`` are the sensitivity-weighted moments ``(s0, mean, m2)`` (METHOD.md);
+    ``moments`` are the sensitivity-weighted moments ``(s0, mean, m2)`` (docs/method.md);
     ``activation_sq_sum`` ``(in,)`` is ``sum_s a_j^2``; ``loss_grad_sum`` ``(out, in)`` is the
     gradient of the summed per-sample loss (None when no loss was given); ``samples`` counts the rows that
     count (padding tokens excluded).

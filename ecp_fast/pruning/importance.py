@@ -108,7 +108,7 @@ def _loss_gradient(context: ScoringContext, method: str) -> torch.Tensor:
 
 @register_importance("ecp", compensates=True, needs_calibration=True, description="w^2 M2, bias += w mu")
 def ecp_importance(context: ScoringContext) -> Importance:
-    """Elimination-compensation: ``I = w^2 M2``, ``bias_delta = w mu`` (METHOD.md)."""
+    """Elimination-compensation: ``I = w^2 M2``, ``bias_delta = w mu`` (docs/method.md)."""
     s0, mean, m2 = _statistics(context, "ecp").moments
     importance, bias_delta = finalize(s0, mean, m2, context.weight.to(mean.dtype))
     return Importance(importance, bias_delta)

@@ -1,6 +1,6 @@
 """Which modules are pruned, and how each one's weight reads and writes as an ``(out, in)`` matrix.
 
-Three kinds of layer are scored (METHOD.md, "Other layer types"):
+Three kinds of layer are scored, each read as a linear map of its (unfolded) inputs (docs/method.md, "The ops"):
 
 * ``"linear"``: :class:`torch.nn.Linear` (and subclasses), weight ``(out, in)``;
 * ``"conv2d"``: :class:`torch.nn.Conv2d` with ``groups=1`` and zero padding, weight

@@ -6,7 +6,7 @@ sample-weighted Gram matrix ``H = sum_s w_s x~p x~p^T`` (op ``ecp.gram``). The m
 Optimal Brain Surgeon sweep on ``[W | b]`` (the bias column is never pruned) or taken from a
 registered importance, and with ``refit`` the kept weights and bias are then solved exactly towards
 the *dense* network's pre-activations, through the cross term ``C = sum_s w_s x~p x~d^T``
-(METHOD.md, "compensation by reconstruction"; derivation in docs/method.md).
+(docs/method.md, "Compensation by reconstruction").
 
 Sample weights ``w_s`` are 1 (SparseGPT) or the row-mean ``c-bar_s`` of the layer's ECP
 sensitivities: weighting by each neuron's own ``c_i^s`` would be zero wherever a ReLU unit is off,

@@ -8,7 +8,7 @@ row of the consumer compensated, ``b_i += w_ij mu_ij``, costs to first order (do
 
     S_j = sum_i w_ij^2 M2_ij
 
-with the consumer's calibrated moments ``(s0, mean, m2)`` (METHOD.md); it is the sum over the rows
+with the consumer's calibrated moments ``(s0, mean, m2)`` (docs/method.md); it is the sum over the rows
 of the unstructured ECP importance of column ``j``. The methods:
 
 * ``"ecp"``: ``S_j`` from the pruner's statistics (output sensitivities ``c``), compensated.
@@ -295,7 +295,7 @@ def _fill_silent_rows(
     """Compensate rows with ``S0_i = 0`` with the pooled mean of the other rows instead of 0.
 
     Such a row never reached the output on the calibration data, so any shift costs nothing to
-    first order and METHOD.md's convention leaves it unshifted. A removed neuron then still moves
+    first order and docs/method.md's convention leaves it unshifted. A removed neuron then still moves
     the row's pre-activation by ``-w_ij a_j``, which can wake a dead ReLU unit on new data; shifting
     by ``w_ij`` times the input's pooled mean ``sum_i S0_i mu_ij / sum_i S0_i`` avoids that (exactly for
     a constant input) at no first-order cost.

@@ -89,7 +89,7 @@ def test_score_matches_reference(shape, dtype, compensate):
 def test_finalize_matches_reference(dtype):
     x, g, weight = make_inputs(41, 23, 19, 2, dtype=torch.float64)
     s0, mean, m2 = reference.moments(x, g)
-    s0[3] = 0.0  # a dead neuron: METHOD.md says zero importance and zero shift
+    s0[3] = 0.0  # a dead neuron: docs/method.md says zero importance and zero shift
     args = [t.to(dtype) for t in (s0, mean, m2, weight)]
     actual = ecp_fast.finalize(*args)
     expected = reference.finalize(*args)
@@ -163,7 +163,7 @@ def test_empty_calibration_gives_zeros():
     assert importance.abs().sum() == 0 and bias_delta.abs().sum() == 0
 
 
-# ---- numerics (METHOD.md) -------------------------------------------------------------------------
+# ---- numerics (docs/method.md) -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

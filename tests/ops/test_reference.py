@@ -1,4 +1,4 @@
-"""The reference against the mathematics of METHOD.md: sensitivities, and the exact non-linear check."""
+"""The reference against the mathematics of docs/method.md: sensitivities, and the exact non-linear check."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_sensitivities_rejects_unknown_layers():
 
 @pytest.mark.parametrize("layer", ["0", "2"])
 def test_first_order_importance_ranks_like_exact_error(layer):
-    """METHOD.md: on a small tanh MLP, I ranks weights like the exact compensated error."""
+    """docs/method.md: on a small tanh MLP, I ranks weights like the exact compensated error."""
     model, inputs = small_tanh_mlp(seed=1)
     grads = reference.sensitivities(model, inputs, layers=[layer])[layer]
     weight = dict(model.named_modules())[layer].weight.detach()

@@ -1,4 +1,4 @@
-"""Every sensitivity against its definition (METHOD.md) and the reference implementation."""
+"""Every sensitivity against its definition (docs/method.md) and the reference implementation."""
 
 from __future__ import annotations
 

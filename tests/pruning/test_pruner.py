@@ -148,7 +148,7 @@ def test_compensation_keeps_the_mean_output_of_a_linear_layer():
     importance = pruner.importances("ecp")[""]
     report = pruner.prune(0.6, method="ecp", scope="row")
     torch.testing.assert_close(layer(x).mean(dim=0).detach(), dense_mean)
-    # The remaining error is exactly the quadratic of METHOD.md, with the interactions of a row.
+    # The remaining error is exactly the quadratic of docs/method.md, with the interactions of a row.
     mask = layer.weight_mask.bool()
     removed_weight = torch.where(mask, 0.0, dense.weight.detach())
     change = layer(x).detach() - dense(x).detach()

@@ -155,7 +155,7 @@ def _weighted_moments(
         if COMPENSATE:
             sum_first = tl.dot(c_op, a_op, sum_first, input_precision=INPUT_PRECISION)
 
-    # Epilogue, in registers: METHOD.md's closed forms with the shift undone. A row is dead only when
+    # Epilogue, in registers: docs/method.md's closed forms with the shift undone. A row is dead only when
     # s0 <= 0; a NaN s0 (NaN gradients) is not, and its NaN reaches every output of the row.
     dead = (s0 <= 0.0)[:, None]
     safe_s0 = tl.where(s0 <= 0.0, 1.0, s0)
