@@ -23,7 +23,7 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any
@@ -309,9 +309,9 @@ class _IterativeRun:
         """Back to the checkpoint with a smaller prune fraction; returns the sparsity there."""
         s = self.settings
         assert self.checkpoint is not None
-        self.model.load_state_dict(self.checkpoint)
+        load_checkpoint(self.model, self.checkpoint)
         if self.optimizer_checkpoint is not None:
-            s.optimizer.load_state_dict(self.optimizer_checkpoint)
+            load_optimizer_state(s.optimizer, self.optimizer_checkpoint)
         self.fraction *= s.backoff  # type: ignore[operator]
         self.rollbacks += 1
         self.below = 0
@@ -358,8 +358,10 @@ class _IterativeRun:
         if _prune_count(self.weights, target) == 0:
             self.stop_reason = "max_sparsity"  # nothing left to prune below max_sparsity
             return False
+        before = {id(parameter) for parameter in self.model.parameters()}
         s.prune_fn(self.model, self.weights, target)
         zero_pruned(self.weights)
+        _train_new_parameters(self.model, s.optimizer, before)
         logger.info(
             "%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
             s.description,
@@ -392,7 +394,8 @@ class _IterativeRun:
         """Load the last checkpoint that met the bound (if any) and describe the run."""
         s = self.settings
         if self.checkpoint is not None:
-            self.model.load_state_dict(self.checkpoint)
+            load_checkpoint(self.model, self.checkpoint)
+            _drop_orphan_groups(self.model, s.optimizer)
             state = self.checkpoint
             final_sparsity, final_metric, final_step = self.best
         else:
@@ -511,9 +514,46 @@ def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: flo
         )
 
 
+def load_checkpoint(model: nn.Module, state: Mapping[str, Any]) -> None:
+    """Load a state dict taken earlier in the run: a bias a compensating prune step has added since
+    (a layer that had none) is removed first, so the model is as it was when ``state`` was taken."""
+    for prefix, module in model.named_modules():
+        key = f"{prefix}.bias" if prefix else "bias"
+        if isinstance(getattr(module, "bias", None), nn.Parameter) and key not in state:
+            module.bias = None
+    model.load_state_dict(state)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an optimizer state taken earlier in the run, dropping the parameter groups added since (the
+    biases a compensating prune step added, see :func:`_train_new_parameters`)."""
+    del optimizer.param_groups[len(state["param_groups"]) :]
+    optimizer.load_state_dict(state)
+
+
+def _train_new_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, before: set[int]) -> None:
+    """Give the optimizer the parameters a prune step created (a compensating step adds a bias to a
+    layer that had none): one new group with the optimizer's defaults, so they are trained too."""
+    new = [p for p in model.parameters() if id(p) not in before and p.requires_grad]
+    if new:
+        optimizer.add_param_group({"params": new})
+        logger.info("iterative pruning: %d parameters the prune step added now train with the optimizer", len(new))
+
+
+def _drop_orphan_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Drop the optimizer's parameter groups none of whose parameters the model holds any more (the
+    biases of :func:`_train_new_parameters` when the checkpoint loaded predates them)."""
+    held = {id(parameter) for parameter in model.parameters()}
+    optimizer.param_groups[:] = [
+        group for group in optimizer.param_groups if any(id(p) in held for p in group["params"])
+    ]
+
+
 def _register_rollbacks(transaction: Any, settings: _Settings) -> None:
     """Undo actions for what the run changes outside the model: optimizer, scheduler, regulariser, prune step."""
-    transaction.on_rollback(partial(settings.optimizer.load_state_dict, copy.deepcopy(settings.optimizer.state_dict())))
+    transaction.on_rollback(
+        partial(load_optimizer_state, settings.optimizer, copy.deepcopy(settings.optimizer.state_dict()))
+    )
     scheduler = settings.scheduler
     if scheduler is not None and callable(getattr(scheduler, "state_dict", None)):
         transaction.on_rollback(partial(scheduler.load_state_dict, copy.deepcopy(scheduler.state_dict())))

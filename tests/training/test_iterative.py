@@ -389,3 +389,48 @@ def test_backoff_rolls_back_and_prunes_less(digits) -> None:
     assert any(entry.event == "rollback" for entry in result.history)
     with pytest.raises(ValueError, match="backoff"):
         iterative_prune(model, batches, nn.CrossEntropyLoss(), optimizer, sparsity_metric, 0.0, interval=1, backoff=1.5)
+
+
+def _bias_free_task(seed: int = 0):
+    torch.manual_seed(seed)
+    mixing = torch.randn(20, 4)
+    inputs = torch.randn(576, 20)
+    labels = (inputs @ mixing).argmax(1)
+    batches = [(inputs[i : i + 64], labels[i : i + 64]) for i in range(0, 512, 64)]
+    model = nn.Sequential(nn.Linear(20, 32, bias=False), nn.ReLU(), nn.Linear(32, 4, bias=False))
+
+    def metric(net: nn.Module) -> float:
+        return float((net(inputs[512:]).argmax(1) == labels[512:]).float().mean())
+
+    return model, batches, metric
+
+
+@pytest.mark.parametrize("backoff", [None, 0.5])
+def test_ecp_steps_on_bias_free_layers_train_the_biases_they_add_and_go_back_before_them(backoff) -> None:
+    """A compensating step adds biases to bias-free layers: the optimizer trains them, and a checkpoint
+    taken before them (the dense model, when the first step breaks the bound) loads without them."""
+    model, batches, metric = _bias_free_task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    step = ECPPruneStep(batches[:2], nn.functional.cross_entropy)
+    result = iterative_prune(
+        model, batches, nn.functional.cross_entropy, optimizer, metric, 0.0, interval=10, prune_step=step,
+        prune_fraction=0.5, backoff=backoff, recovery_intervals=0, max_steps=30, progress=False,
+    )  # fmt: skip
+    assert result.met_bound and result.sparsity > 0
+    assert model[0].bias is not None and any(model[0].bias is p for g in optimizer.param_groups for p in g["params"])
+    trained = model[0].bias.detach().clone()
+    model(batches[0][0]).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].bias.detach(), trained)
+
+    model, batches, metric = _bias_free_task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    result = iterative_prune(
+        model, batches, nn.functional.cross_entropy, optimizer, metric, 0.85, interval=20,
+        prune_step=ECPPruneStep(batches[:2], nn.functional.cross_entropy), prune_fraction=0.99, backoff=backoff,
+        min_prune_fraction=0.9, recovery_intervals=0, max_steps=200, progress=False,
+    )  # fmt: skip
+    # the dense model met the bound, the first (99%) step broke it: back to a checkpoint without biases
+    assert result.met_bound and result.sparsity == 0.0 and result.stop_reason == "bound"
+    assert model[0].bias is None and model[2].bias is None and set(result.state_dict) == set(model.state_dict())
+    assert all(any(p is q for q in model.parameters()) for g in optimizer.param_groups for p in g["params"])
