@@ -300,18 +300,10 @@ class Pruner:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
+        if scope == "neuron":
+            return self._prune_neurons(sparsity, method, steps, importances, reconstruct)
         if method in RECONSTRUCTIVE_METHODS or reconstruct:
             return self._prune_reconstructive(sparsity, method, scope, steps, importances, allocation, divergence)
-        if scope == "neuron":
-            if steps != 1 or importances is not None:
-                raise ValueError(
-                    "argument 'scope': scope='neuron' prunes in one step from the calibrated statistics "
-                    f"(steps=1, importances=None), got steps={steps!r} and "
-                    f"importances={'given' if importances else None}"
-                )
-            if _NEURON_PRUNING is None:
-                raise RuntimeError("scope='neuron' needs ecp_fast.pruning.structured, which was not imported")
-            return _NEURON_PRUNING(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
         request = self._validate(sparsity, method, scope, steps, importances)
         calibration = self.calibration
         with model_transaction(self.model) as transaction:
@@ -319,6 +311,26 @@ class Pruner:
             before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}
             added = self._run_steps(request)
         return self._report(method, scope, request.target, steps, before, added)
+
+    def _prune_neurons(
+        self,
+        sparsity: float | None,
+        method: str,
+        steps: int,
+        importances: Mapping[str, Importance] | None,
+        reconstruct: bool,
+    ) -> StructuredReport:
+        """``scope="neuron"``: whole hidden units removed (see :meth:`prune`)."""
+        _check_neuron_request(sparsity, method, reconstruct)
+        if steps != 1 or importances is not None:
+            raise ValueError(
+                "argument 'scope': scope='neuron' prunes in one step from the calibrated statistics "
+                f"(steps=1, importances=None), got steps={steps!r} and "
+                f"importances={'given' if importances else None}"
+            )
+        if _NEURON_PRUNING is None:
+            raise RuntimeError("scope='neuron' needs ecp_fast.pruning.structured, which was not imported")
+        return _NEURON_PRUNING(self, 0.5 if sparsity is None else sparsity, method=method, scope="global")
 
     def _validate(
         self, sparsity: float | None, method: str, scope: str, steps: int, importances: Mapping[str, Importance] | None
@@ -634,6 +646,23 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     """The module's bias tensor, or None (typed: ``nn.Module`` attributes are not)."""
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _check_neuron_request(sparsity: object, method: str, reconstruct: bool) -> None:
+    """``scope="neuron"`` removes whole hidden units: a fraction of them, and no reconstruction."""
+    if method in RECONSTRUCTIVE_METHODS or reconstruct:
+        name, value = ("reconstruct", reconstruct) if reconstruct else ("method", method)
+        raise ValueError(
+            f"argument '{name}': scope='neuron' removes whole hidden units and refits nothing, so it does not "
+            f"take {name}={value!r}; use a mask method (e.g. method='ecp') with it, or another scope"
+        )
+    if sparsity is not None and (
+        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1
+    ):
+        raise ValueError(
+            f"argument 'sparsity' (with scope='neuron': the fraction of hidden units removed) must be a number in "
+            f"[0, 1), got {sparsity!r}"
+        )
 
 
 def _reaching_the_output(weights: dict[str, list[torch.Tensor | None]]) -> dict[str, list[torch.Tensor | None]]:

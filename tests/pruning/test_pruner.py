@@ -462,3 +462,21 @@ def test_an_n_m_pattern_that_does_not_tile_a_layer_is_refused_by_scope_for_every
         ecp_fast.prune(model, batches, method=method, scope="2:4", progress=False)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
     assert not has_pruning_hooks(model)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        ({"method": "ecp", "reconstruct": True}, "argument 'reconstruct': scope='neuron'"),
+        ({"method": "ecp-obs"}, "argument 'method': scope='neuron'"),
+        ({"method": "ecp", "sparsity": 1.0}, r"argument 'sparsity' \(with scope='neuron'"),
+    ],
+)
+def test_a_neuron_scope_request_it_cannot_serve_names_the_argument(arguments, named):
+    model = tanh_mlp()
+    before = copy.deepcopy(model.state_dict())
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate([(torch.randn(32, 7, dtype=torch.float64), torch.randint(0, 3, (32,)))])
+    with pytest.raises(ValueError, match=named):
+        pruner.prune(scope="neuron", **arguments)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
