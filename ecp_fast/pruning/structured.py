@@ -26,12 +26,15 @@ of the unstructured ECP importance of column ``j``. The methods:
     print(report)
 
 Nothing touches the model until every score, selection and new module is computed; a failure
-leaves the model exactly as it was. The result holds only plain ``torch.nn`` modules.
+leaves the model exactly as it was. The result holds only plain ``torch.nn`` modules (and Hugging
+Face ``Conv1D`` where GPT-2-style layers were shrunk). Gated MLPs (SwiGLU) are refused.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ from ecp_fast.pruning.calibration import (
     weight_2d,
     weight_parameter,
 )
+from ecp_fast.pruning.layers import is_transposed_linear, tied_weights
 from ecp_fast.pruning.masks import copy_model
 from ecp_fast.pruning.pruner import Pruner, register_neuron_pruning
 from ecp_fast.pruning.transaction import model_transaction
@@ -131,67 +135,132 @@ def _feature_count(module: nn.Module) -> int | None:
     return None
 
 
-def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
-    """Hidden layers whose neurons can be removed, in module order.
+def _is_dense(module: nn.Module) -> bool:
+    """True for an ``nn.Linear`` or a Hugging Face ``Conv1D`` (a Linear with its weight stored ``(in, out)``)."""
+    return isinstance(module, nn.Linear) or is_transposed_linear(module)
 
-    Detected: inside every ``nn.Sequential`` (at any depth), a Linear followed by element-wise
-    activations, dropout and per-feature ``BatchNorm1d`` / ``LayerNorm`` / ``PReLU`` of the right size,
-    then a Linear; and in any other module, child Linears named as in :data:`BLOCK_NAME_PAIRS`
-    (``fc1``/``fc2``, ``linear1``/``linear2``, ...) with matching sizes, assumed to compute
-    ``second(activation(first(x)))`` as transformer MLP blocks do. Anything else: pass ``pairs``.
-    """
+
+def _dense_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` features of an ``nn.Linear`` or a ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    weight = weight_parameter(module)
+    return int(weight.shape[1]), int(weight.shape[0])
+
+
+def _sequential_pairs(prefix: str, children: list[tuple[str, nn.Module]]) -> list[NeuronPair]:
+    """Dense -> element-wise / per-feature modules -> dense chains among the children of an ``nn.Sequential``."""
+    pairs: list[NeuronPair] = []
+    for index, (name, module) in enumerate(children):
+        if not _is_dense(module):
+            continue
+        hidden = _dense_shape(module)[0]
+        norms: list[str] = []
+        for next_name, next_module in children[index + 1 :]:
+            if _is_dense(next_module):
+                if _dense_shape(next_module)[1] == hidden:
+                    pairs.append(NeuronPair(prefix + name, prefix + next_name, tuple(norms)))
+                break
+            if isinstance(next_module, PER_FEATURE):
+                features = _feature_count(next_module)
+                if features is None:
+                    continue
+                if features != hidden:
+                    break
+                norms.append(prefix + next_name)
+                continue
+            if not isinstance(next_module, ELEMENTWISE):
+                break
+    return pairs
+
+
+def _detect_pairs(model: nn.Module) -> list[NeuronPair]:
+    """Every pair :func:`find_neuron_pairs` would detect, gated MLPs' included."""
     pairs: list[NeuronPair] = []
     for parent_name, parent in model.named_modules():
         prefix = f"{parent_name}." if parent_name else ""
         children = list(parent.named_children())
         if isinstance(parent, nn.Sequential):
-            for index, (name, module) in enumerate(children):
-                if not isinstance(module, nn.Linear):
-                    continue
-                norms: list[str] = []
-                for next_name, next_module in children[index + 1 :]:
-                    if isinstance(next_module, nn.Linear):
-                        if next_module.in_features == module.out_features:
-                            pairs.append(NeuronPair(prefix + name, prefix + next_name, tuple(norms)))
-                        break
-                    if isinstance(next_module, PER_FEATURE):
-                        features = _feature_count(next_module)
-                        if features is None:
-                            continue
-                        if features != module.out_features:
-                            break
-                        norms.append(prefix + next_name)
-                        continue
-                    if not isinstance(next_module, ELEMENTWISE):
-                        break
+            pairs.extend(_sequential_pairs(prefix, children))
             continue
         named = dict(children)
         for first, second in BLOCK_NAME_PAIRS:
             producer, consumer = named.get(first), named.get(second)
             if (
-                isinstance(producer, nn.Linear)
-                and isinstance(consumer, nn.Linear)
-                and producer.out_features == consumer.in_features
+                producer is not None
+                and consumer is not None
+                and _is_dense(producer)
+                and _is_dense(consumer)
+                and _dense_shape(producer)[0] == _dense_shape(consumer)[1]
             ):
                 pairs.append(NeuronPair(prefix + first, prefix + second))
     return pairs
+
+
+def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
+    """Hidden layers whose neurons can be removed, in module order.
+
+    Detected: inside every ``nn.Sequential`` (at any depth), a Linear followed by element-wise
+    activations, dropout and per-feature ``BatchNorm1d`` / ``LayerNorm`` / ``PReLU`` of the right size,
+    then a Linear; and in any other module, child Linears (or Hugging Face ``Conv1D``, as in GPT-2)
+    named as in :data:`BLOCK_NAME_PAIRS` (``fc1``/``fc2``, ``linear1``/``linear2``, ``c_fc``/``c_proj``,
+    ...) with matching sizes, assumed to compute ``second(activation(first(x)))`` as transformer MLP
+    blocks do. Gated MLPs (a sibling gate projection, see :func:`gate_of`) are left out; anything
+    else: pass ``pairs``.
+    """
+    modules = dict(model.named_modules())
+    return [pair for pair in _detect_pairs(model) if gate_of(modules, pair) is None]
+
+
+def gate_of(modules: Mapping[str, nn.Module], pair: NeuronPair) -> str | None:
+    """The name of a sibling of ``pair.producer`` that looks like the gate of a gated MLP, or None.
+
+    In SwiGLU / GeGLU blocks (Llama, Mistral, Qwen, Mixtral, T5 v1.1) the consumer reads
+    ``act(gate(x)) * up(x)``: a third projection multiplies the hidden units, so removing a unit
+    would need the gate's row removed too. ``forward`` cannot be read, so a gate is recognised by
+    shape: a dense sibling (same parent, not an ``nn.Sequential``) with the producer's input and
+    output sizes that is named like a gate (``gate_proj``, ...), or the only other dense sibling.
+    """
+    parent_name, _, _ = pair.producer.rpartition(".")
+    parent = modules.get(parent_name)
+    producer = modules.get(pair.producer)
+    if parent is None or producer is None or isinstance(parent, nn.Sequential) or not _is_dense(producer):
+        return None
+    prefix = f"{parent_name}." if parent_name else ""
+    shape = _dense_shape(producer)
+    others = [
+        name
+        for name, module in parent.named_children()
+        if _is_dense(module) and prefix + name not in (pair.producer, pair.consumer)
+    ]
+    twins = [name for name in others if _dense_shape(parent.get_submodule(name)) == shape]
+    named = [name for name in twins if "gate" in name.lower()]
+    if named:
+        return prefix + named[0]
+    # A block of exactly three projections, two of them alike (Mixtral's w1/w3/w2, T5's wi_0/wi_1/wo).
+    if len(others) == 1 and twins:
+        return prefix + twins[0]
+    return None
 
 
 def _check_pair(modules: Mapping[str, nn.Module], pair: NeuronPair) -> None:
     """Raise ``ValueError`` naming the pair unless its modules exist with matching sizes."""
     for role, name in (("producer", pair.producer), ("consumer", pair.consumer)):
         if name not in modules or name == "":
-            linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-            raise ValueError(f"argument 'pairs': no module named {name!r} ({role}); Linear layers are {linears}")
-        if not isinstance(modules[name], nn.Linear):
+            linears = [n for n, m in modules.items() if n and _is_dense(m)]
             raise ValueError(
-                f"argument 'pairs': {role} {name!r} must be an nn.Linear, got {type(modules[name]).__name__}"
+                f"argument 'pairs': no module named {name!r} ({role}); Linear and Conv1D layers are {linears}"
             )
-    producer, consumer = modules[pair.producer], modules[pair.consumer]
-    if producer.out_features != consumer.in_features:
+        if not _is_dense(modules[name]):
+            raise ValueError(
+                f"argument 'pairs': {role} {name!r} must be an nn.Linear or a transformers Conv1D, got "
+                f"{type(modules[name]).__name__}"
+            )
+    hidden, inputs = _dense_shape(modules[pair.producer])[0], _dense_shape(modules[pair.consumer])[1]
+    if hidden != inputs:
         raise ValueError(
-            f"argument 'pairs': producer {pair.producer!r} has {producer.out_features} outputs but consumer "
-            f"{pair.consumer!r} has {consumer.in_features} inputs; they must be equal"
+            f"argument 'pairs': producer {pair.producer!r} has {hidden} outputs but consumer "
+            f"{pair.consumer!r} has {inputs} inputs; they must be equal"
         )
     for norm in pair.norms:
         module = modules.get(norm)
@@ -201,47 +270,86 @@ def _check_pair(modules: Mapping[str, nn.Module], pair: NeuronPair) -> None:
                 f"must be a BatchNorm1d, LayerNorm or PReLU, got {type(module).__name__ if module else None}"
             )
         features = _feature_count(module)
-        if features is not None and features != producer.out_features:
+        if features is not None and features != hidden:
             raise ValueError(
-                f"argument 'pairs': {norm!r} has {features} features, expected {producer.out_features} "
+                f"argument 'pairs': {norm!r} has {features} features, expected {hidden} "
                 f"(the outputs of {pair.producer!r})"
             )
+
+
+def _parse_pair(entry: NeuronPair | Sequence[Any]) -> NeuronPair:
+    """One entry of ``pairs`` as a :class:`NeuronPair` (names not checked yet)."""
+    if isinstance(entry, NeuronPair):
+        return entry
+    items = tuple(entry) if hasattr(entry, "__iter__") and not isinstance(entry, str) else ()
+    if len(items) not in (2, 3) or not all(isinstance(item, str) for item in items[:2]):
+        raise ValueError(
+            f"argument 'pairs': each entry must be (producer, consumer) or (producer, consumer, norms), got {entry!r}"
+        )
+    norm_names = items[2] if len(items) == 3 else ()
+    iterable = hasattr(norm_names, "__iter__") and not isinstance(norm_names, str)
+    norms = tuple(norm_names) if iterable else (norm_names,)
+    if not all(isinstance(norm, str) for norm in norms):
+        raise ValueError(f"argument 'pairs': the norms of {entry!r} must be module names (strings)")
+    return NeuronPair(items[0], items[1], norms)
+
+
+def _refuse_unsupported(model: nn.Module, pairs: Sequence[NeuronPair], detected: bool) -> None:
+    """Raise ``ValueError`` for a gated MLP or a layer shared with another name (module used twice, tied weight).
+
+    Either would leave the smaller model inconsistent: the gate keeps the old width, and the other
+    user of a shared weight keeps the old module or its tie is silently broken.
+    """
+    source = "argument 'pairs' is None and the detected pair" if detected else "argument 'pairs': pair"
+    modules = dict(model.named_modules())
+    checked = {
+        pair: [pair.producer, pair.consumer, *(n for n in pair.norms if _feature_count(modules[n]))] for pair in pairs
+    }
+    shared = tied_weights(model, sorted({name for names in checked.values() for name in names}))
+    for pair, names in checked.items():
+        gate = gate_of(modules, pair)
+        if gate is not None:
+            others = detected and any(gate_of(modules, other) is None for other in pairs)
+            hint = "pass pairs=find_neuron_pairs(model) to prune only the other hidden layers" if others else ""
+            raise ValueError(
+                f"{source} ({pair.producer!r}, {pair.consumer!r}) belongs to a gated MLP: {gate!r} has the "
+                f"producer's shape and its output multiplies the hidden units (act(gate(x)) * up(x)), so removing "
+                f"a unit would need the gate's row removed too; gated MLPs (SwiGLU, GeGLU) are not supported"
+                + (f"; {hint}" if hint else "")
+            )
+        for name in names:
+            if name in shared:
+                raise ValueError(
+                    f"{source} ({pair.producer!r}, {pair.consumer!r}): layer {name!r} shares its weight with "
+                    f"{', '.join(shared[name])} (a module used twice, or a tied weight); shrinking it would leave "
+                    "the other user at the old size or silently untie them. Give each use its own module (or "
+                    "untie the weight), or leave the pair out"
+                )
 
 
 def resolve_pairs(model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None) -> list[NeuronPair]:
     """Validate ``pairs`` (``(producer, consumer)`` or ``(producer, consumer, norms)``) or detect them.
 
     Raises ``ValueError`` naming the pair when a name is missing, a module is not an ``nn.Linear``
-    (or a supported per-feature module), sizes do not match, or a layer appears twice in one role.
+    or ``Conv1D`` (or a supported per-feature module), sizes do not match, a layer appears twice in
+    one role, a layer is shared with another name (module used twice, tied weight), or the pair is
+    part of a gated MLP (detected ones included: then nothing is pruned).
     """
     if pairs is None:
-        found = find_neuron_pairs(model)
-        if not found:
+        detected = _detect_pairs(model)
+        _refuse_unsupported(model, detected, detected=True)
+        if not detected:
             raise ValueError(
                 "argument 'pairs': no Linear -> activation -> Linear chain found in the model; "
                 "pass pairs=[(producer_name, consumer_name), ...]"
             )
-        return found
+        return detected
     if isinstance(pairs, (str, NeuronPair)) or not hasattr(pairs, "__iter__"):
         raise TypeError(f"argument 'pairs' must be a sequence of (producer, consumer) pairs, got {pairs!r}")
     modules = dict(model.named_modules())
     resolved: list[NeuronPair] = []
     for entry in pairs:
-        if isinstance(entry, NeuronPair):
-            pair = entry
-        else:
-            items = tuple(entry) if hasattr(entry, "__iter__") and not isinstance(entry, str) else ()
-            if len(items) not in (2, 3) or not all(isinstance(item, str) for item in items[:2]):
-                raise ValueError(
-                    f"argument 'pairs': each entry must be (producer, consumer) or (producer, consumer, norms), "
-                    f"got {entry!r}"
-                )
-            norm_names = items[2] if len(items) == 3 else ()
-            iterable = hasattr(norm_names, "__iter__") and not isinstance(norm_names, str)
-            norms = tuple(norm_names) if iterable else (norm_names,)
-            if not all(isinstance(norm, str) for norm in norms):
-                raise ValueError(f"argument 'pairs': the norms of {entry!r} must be module names (strings)")
-            pair = NeuronPair(items[0], items[1], norms)
+        pair = _parse_pair(entry)
         _check_pair(modules, pair)
         resolved.append(pair)
     for role in ("producer", "consumer"):
@@ -251,6 +359,7 @@ def resolve_pairs(model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] 
             raise ValueError(f"argument 'pairs': layers {duplicates} appear more than once as {role}")
     if not resolved:
         raise ValueError("argument 'pairs' must name at least one (producer, consumer) pair, got an empty sequence")
+    _refuse_unsupported(model, resolved, detected=False)
     return resolved
 
 
@@ -506,32 +615,62 @@ def _parent_and_attribute(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def _parameter_like(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """A parameter holding ``value`` with the ``requires_grad`` of ``like`` (the parameter, never a detached copy)."""
     return nn.Parameter(value.detach().clone().contiguous(), requires_grad=like.requires_grad)
 
 
+def _select(tensor: torch.Tensor, transposed: bool, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The kept ``rows`` (outputs) and ``columns`` (inputs) of a weight-shaped tensor, in its stored layout."""
+    matrix = tensor.t() if transposed else tensor
+    kept = matrix.index_select(0, rows).index_select(1, columns)
+    return (kept.t() if transposed else kept).contiguous()
+
+
+def _empty_dense(module: nn.Module, shape: tuple[int, int], bias: bool, like: torch.Tensor) -> nn.Module:
+    """An uninitialised ``nn.Linear`` of ``shape`` ``(out, in)``, or a module of ``module``'s Conv1D class."""
+    if not is_transposed_linear(module):
+        return nn.Linear(shape[1], shape[0], bias=bias, device=like.device, dtype=like.dtype)
+    # On the meta device: no random initialisation of weights that are replaced at once.
+    with torch.device("meta"):
+        try:
+            new = type(module)(shape[0], shape[1])  # Conv1D(nf=out, nx=in)
+        except TypeError as error:
+            raise TypeError(
+                f"cannot build a smaller {type(module).__name__} as {type(module).__name__}(nf, nx): {error}"
+            ) from error
+    if not bias:
+        new.register_parameter("bias", None)
+    return new
+
+
 def _build_linear(
-    module: nn.Linear, rows: torch.Tensor | None, columns: torch.Tensor | None, bias_shift: torch.Tensor | None
-) -> nn.Linear:
-    """A new Linear with the kept ``rows`` (outputs) and ``columns`` (inputs) and the shifted bias."""
-    weight = weight_parameter(module).detach()
+    module: nn.Module, rows: torch.Tensor | None, columns: torch.Tensor | None, bias_shift: torch.Tensor | None
+) -> nn.Module:
+    """A new Linear (or Conv1D) with the kept ``rows`` (outputs) and ``columns`` (inputs) and the shifted bias.
+
+    Every new parameter takes the ``requires_grad`` of the one it replaces (a new bias: the weight's).
+    """
+    stored = weight_parameter(module)
+    weight, transposed = stored.detach(), is_transposed_linear(module)
+    out_features, in_features = _dense_shape(module)
     mask = existing_mask(module)
-    bias = None if module.bias is None else module.bias.detach()
+    old_bias: torch.Tensor | None = getattr(module, "bias", None)
+    bias = None if old_bias is None else old_bias.detach()
     if bias_shift is not None:
-        base = bias if bias is not None else weight.new_zeros(weight.shape[0])
+        base = bias if bias is not None else weight.new_zeros(out_features)
         bias = (base.to(torch.float64) + bias_shift.to(device=base.device)).to(weight.dtype)
-    row_index = torch.arange(weight.shape[0], device=weight.device) if rows is None else rows.to(weight.device)
-    column_index = torch.arange(weight.shape[1], device=weight.device) if columns is None else columns.to(weight.device)
-    new_weight = weight.index_select(0, row_index).index_select(1, column_index)
-    new = nn.Linear(
-        new_weight.shape[1], new_weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    new.weight = _parameter_like(new_weight, weight)
+    row_index = torch.arange(out_features, device=weight.device) if rows is None else rows.to(weight.device)
+    column_index = torch.arange(in_features, device=weight.device) if columns is None else columns.to(weight.device)
+    new_weight = _select(weight, transposed, row_index, column_index)
+    new = _empty_dense(module, (row_index.numel(), column_index.numel()), bias is not None, weight)
+    new.weight = _parameter_like(new_weight, stored)
     if bias is not None:
-        like = module.bias if module.bias is not None else weight
-        new.bias = _parameter_like(bias.index_select(0, row_index), like)
+        new.bias = _parameter_like(bias.index_select(0, row_index), stored if old_bias is None else old_bias)
+    if any(tensor.is_meta for tensor in itertools.chain(new.parameters(), new.buffers())):
+        raise TypeError(f"cannot shrink a {type(module).__name__}: it holds tensors besides weight and bias")
     new.train(module.training)
     if mask is not None:
-        torch_prune.custom_from_mask(new, "weight", mask.index_select(0, row_index).index_select(1, column_index))
+        torch_prune.custom_from_mask(new, "weight", _select(mask, transposed, row_index, column_index))
     if module._forward_hooks or module._backward_hooks or (module._forward_pre_hooks and mask is None):
         logger.warning("layer hooks of a replaced Linear are not carried over to its smaller copy")
     return new
@@ -611,20 +750,21 @@ def _check_plan(model: nn.Module, plan: NeuronPlan) -> None:
     for pair in plan.pairs:
         producer, consumer = modules.get(pair.producer), modules.get(pair.consumer)
         keep = plan.keep.get(pair.consumer)
-        if not isinstance(producer, nn.Linear) or not isinstance(consumer, nn.Linear) or keep is None:
+        if producer is None or consumer is None or not _is_dense(producer) or not _is_dense(consumer) or keep is None:
             raise ValueError(
                 f"argument 'plan': pair ({pair.producer!r}, {pair.consumer!r}) is not a pair of Linear layers of "
                 "this model with a keep-mask; plan and model disagree"
             )
-        if keep.numel() != consumer.in_features or producer.out_features != consumer.in_features:
+        (outputs, inputs), hidden = _dense_shape(consumer), _dense_shape(producer)[0]
+        if keep.numel() != inputs or hidden != inputs:
             raise ValueError(
                 f"argument 'plan': the plan for ({pair.producer!r}, {pair.consumer!r}) has {keep.numel()} hidden "
-                f"units, the model {consumer.in_features}; plan and model disagree"
+                f"units, the model {inputs}; plan and model disagree"
             )
         shift = plan.bias_shift.get(pair.consumer)
-        if shift is not None and tuple(shift.shape) != (consumer.out_features,):
+        if shift is not None and tuple(shift.shape) != (outputs,):
             raise ValueError(
-                f"argument 'plan': the bias shift of {pair.consumer!r} must have shape ({consumer.out_features},), "
+                f"argument 'plan': the bias shift of {pair.consumer!r} must have shape ({outputs},), "
                 f"got {tuple(shift.shape)}"
             )
 
@@ -644,11 +784,14 @@ def mask_neurons(model: nn.Module, plan: NeuronPlan) -> None:
             consumer = modules[pair.consumer]
             weight = weight_parameter(consumer)
             removed = ~plan.keep[pair.consumer].to(weight.device)
-            weight.view(weight.shape[0], -1)[:, removed] = 0
+            # (out, in) view that writes through: Conv1D stores its weight (in, out).
+            matrix = weight.t() if is_transposed_linear(consumer) else weight.view(weight.shape[0], -1)
+            matrix[:, removed] = 0
             shift = plan.bias_shift.get(pair.consumer)
             if shift is not None:
                 if consumer.bias is None:
-                    consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                    zeros = torch.zeros(matrix.shape[0], dtype=weight.dtype, device=weight.device)
+                    consumer.bias = nn.Parameter(zeros, requires_grad=weight.requires_grad)
                 consumer.bias.copy_((consumer.bias.to(torch.float64) + shift.to(weight.device)).to(weight.dtype))
 
 
@@ -661,16 +804,17 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def linear_flops(model: nn.Module) -> int:
-    """FLOPs of all ``nn.Linear`` layers for one input row (a sample, or a token): ``2 * in * out`` each.
+    """FLOPs of all ``nn.Linear`` and ``Conv1D`` layers for one input row (a sample, a token): ``2 * in * out`` each.
 
     A multiply-add counts as two FLOPs; bias additions, activations and norms are not counted.
     """
-    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    return sum(2 * math.prod(_dense_shape(m)) for m in model.modules() if _is_dense(m))
 
 
 @dataclass
 class PairReport:
-    """One hidden layer after neuron removal."""
+    """One hidden layer after neuron removal; ``bias_change_l1`` is ``sum |db|`` over the consumer bias
+    entries the returned model keeps (rows a later pair removes are not counted)."""
 
     producer: str
     consumer: str
@@ -845,9 +989,14 @@ def _build_report(
     target: nn.Module, plan: NeuronPlan, hidden_before: Mapping[str, int], counts: tuple[int, int]
 ) -> StructuredReport:
     """The :class:`StructuredReport` of a finished removal (``counts``: parameters and FLOPs before)."""
+    # A consumer that is also the producer of a later pair loses the rows that pair removes: the
+    # report counts the shift of the rows the returned model keeps.
+    kept_rows = {pair.producer: plan.keep[pair.consumer] for pair in plan.pairs}
     pair_reports = []
     for pair in plan.pairs:
         shift = plan.bias_shift[pair.consumer]
+        if shift is not None and pair.consumer in kept_rows:
+            shift = shift[kept_rows[pair.consumer].to(shift.device)]
         pair_reports.append(
             PairReport(
                 producer=pair.producer,
@@ -951,7 +1100,7 @@ def _remove_neurons(
         )
         counts = (count_parameters(model), linear_flops(model))
         modules = dict(model.named_modules())
-        hidden_before = {pair.consumer: modules[pair.producer].out_features for pair in resolved}
+        hidden_before = {pair.consumer: _dense_shape(modules[pair.producer])[0] for pair in resolved}
         target = model if inplace else copy_model(model)
         shrink_model(target, plan)
         if inplace and pruner is not None:
@@ -995,8 +1144,9 @@ def prune_neurons(
         ratio: fraction of the hidden units to remove, in ``[0, 1)``.
         method: ``"ecp"``, ``"local"``, ``"obd"``, ``"norm"`` (alias ``"magnitude"``) or ``"norm_io"``.
         scope: ``"global"`` (one ranking over all hidden layers) or ``"layer"`` (``ratio`` of every one).
-        pairs: ``(producer, consumer)`` or ``(producer, consumer, norms)`` names; None detects them
-            (:func:`find_neuron_pairs`).
+        pairs: ``(producer, consumer)`` or ``(producer, consumer, norms)`` names (Linear or GPT-2's
+            ``Conv1D``); None detects them (:func:`find_neuron_pairs`). Gated MLPs and layers used twice
+            or with tied weights are refused, detected or named.
         batches: calibration data for a bare model, or for ``"local"`` with a pruner calibrated
             with another sensitivity (default: the batches that pruner was calibrated on).
         sensitivity: how a bare model is calibrated (``"output"``, ``"loss"``, ``"local"``).
@@ -1013,10 +1163,11 @@ def prune_neurons(
         cleared (the statistics describe the old shapes).
 
     Raises:
-        ValueError / TypeError: bad ratio, method, scope, pairs or options, missing statistics;
-        checked before anything is calibrated or changed. Any later failure (KeyboardInterrupt too)
-        restores model and pruner exactly. A UserWarning says when the model already has more
-        all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the removal below it.
+        ValueError / TypeError: bad ratio, method, scope, pairs (a gated MLP, a shared layer) or
+        options, missing statistics; checked before anything is calibrated or changed. Any later
+        failure (KeyboardInterrupt too) restores model and pruner exactly. A UserWarning says when the
+        model already has more all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the
+        removal below it.
     """
     method, ratio = _canonical_method(method), _check_ratio(ratio)
     options = _NeuronOptions(scope, batches, sensitivity, normalize, min_keep, compensate, inplace)
