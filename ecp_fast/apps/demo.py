@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS, add_methods_option, write_csv
+from ecp_fast.apps.experiments._common import RECONSTRUCTIVE_RUNS, add_methods_option, check_counts, write_csv
 from ecp_fast.pruning.importance import IMPORTANCES
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.training.finetune import fit_classifier
@@ -266,6 +266,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny run in seconds (1 seed, 2 sparsities, 8 hidden)")
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Check the counts before the run (the command line calls it); ``UsageError`` naming the option.
+
+    Checked under ``--quick`` too, which replaces them: a bad value is a mistake either way.
+    """
+    check_counts(args, {"seeds": 1, "hidden": 1, "epochs": 0, "nonlinear_samples": 1})
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo; print the tables and write CSV and PNG to ``args.out``."""
     # The network is tiny: one thread avoids the OpenMP spin-wait that dominates small kernels.
@@ -283,8 +291,7 @@ def _run(args: argparse.Namespace) -> int:
     hidden = 8 if args.quick else args.hidden
     epochs = 10 if args.quick else args.epochs
     nonlinear_samples = 64 if args.quick else args.nonlinear_samples
-    if seeds < 1:
-        raise SystemExit(f"ecp-fast demo: --seeds must be at least 1, got {seeds}")
+    validate(args)  # again here: run() may be called without the command line's checks
     requested = tuple(args.methods) if args.methods else (*RECONSTRUCTIVE_RUNS, *IMPORTANCES)
     order = (*RECONSTRUCTIVE_RUNS, *METHOD_ORDER)
     methods = tuple(m for m in order if m in requested) + tuple(m for m in requested if m not in order)

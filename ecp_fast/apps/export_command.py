@@ -22,8 +22,10 @@ import importlib
 import io
 import itertools
 import logging
+import re
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +115,28 @@ def build_arch(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             layers += [nn.Linear(fan_in, fan_out)] + ([ACTIVATIONS[activation]()] if index < len(sizes) - 2 else [])
         return nn.Sequential(*layers), (sizes[0],)
     if kind == "import":
-        module_name, _, function_name = rest.rpartition(":")
-        try:
-            model = getattr(importlib.import_module(module_name), function_name)()
-        except (ImportError, AttributeError, ValueError, TypeError) as error:
-            raise UsageError(f"--arch {spec!r}: cannot build the model ({error})") from None
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"--arch {spec!r}: {function_name}() returned {type(model).__name__}, not an nn.Module")
-        return model, None
+        return _import_arch(spec, rest), None
     raise UsageError(f"--arch {spec!r}: expected mlp:SIZES[:ACTIVATION] or import:package.module:function")
+
+
+def _import_arch(spec: str, target: str) -> nn.Module:
+    """The model ``function()`` of ``import:package.module:function`` returns; ``UsageError`` naming --arch."""
+    module_name, _, function_name = target.rpartition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), function_name)
+    except Exception as error:  # importing runs the user's module, which may raise anything
+        raise UsageError(f"--arch {spec!r}: cannot build the model ({type(error).__name__}: {error})") from error
+    if not callable(builder):
+        raise UsageError(f"--arch {spec!r}: {function_name} is a {type(builder).__name__}, not a function")
+    try:
+        model = builder()
+    except Exception as error:  # the user's builder may raise anything; name the option that called it
+        raise UsageError(
+            f"--arch {spec!r}: cannot build the model: {function_name}() raised {type(error).__name__}: {error}"
+        ) from error
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--arch {spec!r}: {function_name}() returned {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -135,6 +150,40 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+#: What ``export`` reads, for the messages about a checkpoint it cannot use.
+EXPECTED_CHECKPOINT = "a state dict saved with torch.save(model.state_dict()) or a save_compact file"
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """What the checkpoint ``torch.load(weights_only=True)`` refused holds, in plain words.
+
+    torch's own message is long, multi-line and carries terminal escape codes; only the class it
+    refused to unpickle is taken from it.
+    """
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    if unsafe:
+        return (
+            f"a torch.save file that holds a {unsafe.group(1)} object, not only tensors (a whole model? save "
+            "model.state_dict() instead); it is not unpickled because that could run code"
+        )
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(8)
+    except OSError as os_error:
+        return f"a file that cannot be read ({os_error.strerror or os_error})"
+    if start.startswith(b"PK\x03\x04"):
+        return f"a zip archive that torch.load(weights_only=True) cannot read ({type(error).__name__})"
+    return f"a file that is not a torch.save file (its first bytes: {start!r})" if start else "an empty file"
+
+
+def _found(state: Any) -> str:
+    """``state`` (a loaded checkpoint that is not a state dict) described for a message."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}"
+    key, value = next((key, value) for key, value in state.items() if not isinstance(value, torch.Tensor))
+    return f"a dict whose entry {key!r} is a {type(value).__name__}, not a tensor"
+
+
 def load_checkpoint(path: Path, model: nn.Module) -> nn.Module:
     """``model`` with the checkpoint's weights and masks (a state dict), or the dense model of a compact file."""
     if not path.is_file():
@@ -143,9 +192,8 @@ def load_checkpoint(path: Path, model: nn.Module) -> nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types for files it cannot read
         raise UsageError(
-            f"checkpoint {str(path)!r} is not a state dict saved with torch.save "
-            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error) else ''})"
-        ) from None
+            f"checkpoint {str(path)!r}: expected {EXPECTED_CHECKPOINT}, found {_unreadable(path, error)}"
+        ) from error
     if isinstance(state, dict) and state.get("format") == COMPACT_FORMAT:
         try:
             return load_compact(path, model, "dense")
@@ -154,7 +202,7 @@ def load_checkpoint(path: Path, model: nn.Module) -> nn.Module:
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise UsageError(f"checkpoint {str(path)!r}: expected a state dict (torch.save(model.state_dict()))")
+        raise UsageError(f"checkpoint {str(path)!r}: expected {EXPECTED_CHECKPOINT}, found {_found(state)}")
     try:
         apply_masks_from_state_dict(model, state)
         model.load_state_dict(state)
@@ -213,10 +261,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-density must be in [0, 1], got {args.max_density}")
     if args.max_density is not None and args.measure:
         raise UsageError("--max-density and --measure exclude each other")
+    _check_device(args.device)
+
+
+def _check_device(text: str) -> None:
+    """``UsageError`` naming --device unless ``text`` is a device this torch can use now."""
     try:
-        torch.empty(0, device=args.device)
+        device = torch.device(text)
     except (RuntimeError, ValueError) as error:
-        raise UsageError(f"--device {args.device!r}: {str(error).splitlines()[0]}") from None
+        raise UsageError(f"--device {text!r}: {str(error).splitlines()[0]}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UsageError(f"--device {text!r}: expected an available device, but {why}; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {text!r}: expected a CUDA index below {torch.cuda.device_count()}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as error:  # torch asserts for backends it was built without
+        raise UsageError(f"--device {text!r}: the device is not usable ({type(error).__name__}: {error})") from None
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...]]:
@@ -225,8 +287,66 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, ...]]:
     input_shape = parse_shape(args.input_shape) if args.input_shape else mlp_shape
     if input_shape is None:
         raise UsageError(f"--input-shape is needed with --arch {args.arch!r}")
-    model = load_checkpoint(args.checkpoint, model)
-    return model.to(device=args.device, dtype=DTYPES[args.dtype]).eval(), input_shape
+    model = load_checkpoint(args.checkpoint, model).eval()
+    _check_input(model, input_shape, args.input_shape)
+    return model.to(device=args.device, dtype=DTYPES[args.dtype]), input_shape
+
+
+#: Layers whose expected input :func:`_expects` can name.
+KNOWN_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _expects(name: str, module: nn.Module) -> str:
+    """What layer ``name`` takes, for the message of a failed probe."""
+    if isinstance(module, nn.Linear):
+        return f"layer {name!r} (Linear) expects a last size of {module.in_features}"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return (
+            f"layer {name!r} ({type(module).__name__}) expects {module.in_channels} channels "
+            f"then {len(module.kernel_size)} spatial sizes"
+        )
+    return f"layer {name!r} ({type(module).__name__}) fails on what it receives"
+
+
+def _failing_layer(model: nn.Module, probe: torch.Tensor) -> str | None:
+    """Run ``model`` on ``probe``; None if it runs, else which layer failed and what it expects."""
+    running: list[tuple[str, nn.Module]] = []  # the modules entered and not yet left: the last one failed
+
+    def enter(module: nn.Module, _: Any, name: str = "") -> None:
+        running.append((name, module))
+
+    def leave(*_: Any) -> None:
+        running.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles += [
+                module.register_forward_pre_hook(partial(enter, name=name)),
+                module.register_forward_hook(leave),
+            ]
+    try:
+        with torch.no_grad():
+            model(probe)
+    except (RuntimeError, ValueError, IndexError) as error:
+        # Outside every submodule (the model's own forward code), the first Linear / convolution hints at the input.
+        first = next((item for item in model.named_modules() if isinstance(item[1], KNOWN_LAYERS)), None)
+        where = f"{_expects(*running[-1])}; " if running else (f"its first {_expects(*first)}; " if first else "")
+        return f"{where}{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None
+
+
+def _check_input(model: nn.Module, shape: tuple[int, ...], option: str | None) -> None:
+    """Run ``model`` (in eval mode, on CPU) once on a batch of 1: a wrong shape is the user's --input-shape."""
+    # Checked here, before the export and the timing, so that the failure names the option, not torch's matmul.
+    weight = next((tensor for tensor in model.parameters() if tensor.is_floating_point()), torch.zeros(0))
+    failure = _failing_layer(model, torch.zeros((1, *shape), dtype=weight.dtype, device=weight.device))
+    if failure is not None:
+        given = f"--input-shape {option}" if option else f"the input size {shape[0]} of the mlp --arch"
+        raise UsageError(f"{given}: the model does not run on an input of shape {(1, *shape)} (batch of 1): {failure}")
 
 
 def _table(args: argparse.Namespace) -> list[str]:
@@ -282,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         lines = _table(args)
     except UsageError as error:
-        print(f"ecp-fast export: error: {error}", file=sys.stderr)
+        print(f"ecp-fast export: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
     finally:
         torch.set_num_threads(threads)

@@ -216,23 +216,60 @@ def replaceable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
+def check_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
+    """``example_inputs`` as the tuple of positional arguments for the model; ``TypeError`` unless a tensor or tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    raise TypeError(
+        "argument 'example_inputs' must be a tensor or a tuple of positional arguments for the model, "
+        f"got {type(example_inputs).__name__}"
+        + (" (pass the tensor, or a tuple)" if isinstance(example_inputs, list) else "")
+    )
+
+
+def _shapes(arguments: tuple[Any, ...]) -> str:
+    described = [
+        str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__ for value in arguments
+    ]
+    return f"shape {described[0]}" if len(described) == 1 else f"shapes ({', '.join(described)})"
+
+
 def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: Any) -> dict[str, torch.Tensor]:
-    """The first input each layer sees when ``model`` runs on ``example_inputs``."""
+    """The first input each layer sees when ``model`` runs on ``example_inputs``.
+
+    Raises ``TypeError`` for ``example_inputs`` that are not a tensor or tuple, ``ValueError`` naming
+    them and their shapes when the model does not run on them.
+    """
+    arguments = check_example_inputs(example_inputs)
     captured: dict[str, torch.Tensor] = {}
+    misfits: list[str] = []  # the layers that received an input of the wrong last size, in call order
     handles = []
     for name, module in layers.items():
 
-        def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+        def hook(layer: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                return  # the layer's own forward reports it
             captured.setdefault(name, args[0].detach())
+            expected = getattr(layer, "in_features", None)
+            if expected is not None and tuple(args[0].shape[-1:]) != (expected,):
+                misfits.append(f"layer {name!r} expects a last size of {expected}, got {tuple(args[0].shape)}")
 
         handles.append(module.register_forward_pre_hook(hook))
-    arguments = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     # Evaluation mode, so that the run neither drops units nor updates batch-norm statistics.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             model(*arguments)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        where = f"{misfits[0]}; " if misfits else ""
+        message = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"argument 'example_inputs': the model does not run on inputs of {_shapes(arguments)}: "
+            f"{where}{type(error).__name__}: {message}"
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -301,7 +338,8 @@ def choose_csr_layers(
     Args:
         model: a model whose masks are folded (plain weights with zeros).
         max_density: if given, CSR exactly for the layers of density at most this (0..1).
-        example_inputs: if given (and ``max_density`` is None), a tensor or tuple of positional
+        example_inputs: if given (and ``max_density`` is None; ``max_density`` takes precedence
+            here, :func:`~ecp_fast.export.export` refuses both), a tensor or tuple of positional
             arguments for ``model``: each layer is timed dense and CSR on the input it receives
             (``rounds`` interleaved rounds, minimum); CSR wins when at least
             :data:`MEASURE_MARGIN` (10%) faster.
@@ -311,6 +349,10 @@ def choose_csr_layers(
     layers on another device then stay dense). The model was fitted to batches of 16 and more: at
     batch 1 small layers (under about 1M weights) can be slower as CSR, which ``example_inputs`` of
     batch 1 would detect.
+
+    Raises:
+        TypeError: ``example_inputs`` (when measuring) is not a tensor or tuple.
+        ValueError: ``max_density`` outside [0, 1]; the model does not run on ``example_inputs``.
     """
     if max_density is not None and not (isinstance(max_density, (int, float)) and 0.0 <= max_density <= 1.0):
         raise ValueError(f"argument 'max_density' must be a number in [0, 1] or None, got {max_density!r}")

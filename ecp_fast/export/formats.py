@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast.export.csr import (
+    check_example_inputs,
     choose_csr_layers,
     is_csr_linear,
     replace_csr_with_dense,
@@ -75,6 +76,14 @@ def _check_arguments(model: Any, format: Any, max_density: Any, example_inputs: 
         )
     if max_density is not None and (isinstance(max_density, bool) or not isinstance(max_density, (int, float))):
         raise TypeError(f"argument 'max_density' must be a float in [0, 1] or None, got {type(max_density).__name__}")
+    if max_density is not None and example_inputs is not None:
+        # One or the other decides which layers become CSR; silently preferring one would hide the other.
+        raise ValueError(
+            "arguments 'max_density' and 'example_inputs' exclude each other: max_density converts the layers of "
+            "at most that density, example_inputs times each layer; got both"
+        )
+    if example_inputs is not None:
+        check_example_inputs(example_inputs)
 
 
 def _to_two_four(model: nn.Module) -> None:
@@ -115,19 +124,21 @@ def export(
             layers of an earlier export are accepted too (``format="dense"`` turns them back).
         format: ``"dense"``, ``"csr"`` or ``"2:4"`` (see the module docstring).
         max_density: ``"csr"`` only: convert exactly the Linear layers of at most this weight density.
-        example_inputs: ``"csr"`` only: a tensor (or tuple of positional arguments) for ``model``;
-            each Linear is timed dense and CSR on the input it receives and CSR wins when 10% faster.
-            Without ``max_density`` and ``example_inputs``, the modelled crossover
-            (:func:`ecp_fast.export.csr.modelled_max_density`) decides.
+        example_inputs: ``"csr"`` only, not with ``max_density``: a tensor (or a tuple of positional
+            arguments) for ``model``; each Linear is timed dense and CSR on the input it receives
+            and CSR wins when 10% faster. Without ``max_density`` and ``example_inputs``, the
+            modelled crossover (:func:`ecp_fast.export.csr.modelled_max_density`) decides.
 
     Returns:
         A plain torch model: torch modules only (CSR layers are ``torch.fx.GraphModule``), so
         ``torch.save(exported)`` loads with ``torch.load(path, weights_only=False)`` without ecp_fast.
 
     Raises:
-        TypeError: ``model`` is not a module, or an argument of the wrong type.
+        TypeError: ``model`` is not a module, or an argument of the wrong type (``example_inputs``
+            must be a tensor or a tuple).
         ValueError: an unknown ``format``; ``"2:4"`` without a suitable CUDA GPU; arguments that do not
-            apply to the format.
+            apply to the format; both ``max_density`` and ``example_inputs``; a model that does not
+            run on ``example_inputs`` (the message gives their shapes).
     """
     _check_arguments(model, format, max_density, example_inputs)
     exported = copy_model(model)

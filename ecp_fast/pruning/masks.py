@@ -109,7 +109,12 @@ def install_mask(module: nn.Module, mask: torch.Tensor, name: str | None = None)
 
 
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{module name: weight_mask}`` for every module pruned through ``torch.nn.utils.prune``."""
+    """``{module name: weight_mask}`` for every module whose weight is pruned through ``torch.nn.utils.prune``.
+
+    Weight masks only, keyed by the layer's name (callers read each value as the mask of that
+    layer's weight): a mask on another tensor, such as ``bias_mask``, is not returned. Read it as
+    ``model.get_submodule(name).bias_mask``; :func:`remove_masks` makes every mask permanent.
+    """
     return {
         name: module.weight_mask.detach().clone()
         for name, module in model.named_modules()
@@ -133,29 +138,55 @@ def _has_pruning_hook(module: nn.Module, name: str = "weight") -> bool:
     )
 
 
-def remove_masks(model: nn.Module) -> list[str]:
-    """Make every mask permanent (``prune.remove``): plain ``weight`` parameters with zeros remain.
+def _pruned_tensors(module: nn.Module) -> list[str]:
+    """Names of the tensors of ``module`` that carry a pruning mask: by ``<name>_orig`` + ``<name>_mask`` or a hook."""
+    names = [
+        name[: -len("_orig")]
+        for name in module._parameters
+        if name.endswith("_orig") and hasattr(module, name[: -len("_orig")] + "_mask")
+    ]
+    for hook in module._forward_pre_hooks.values():
+        hooked = getattr(hook, "_tensor_name", None) if isinstance(hook, torch_prune.BasePruningMethod) else None
+        if isinstance(hooked, str) and hooked not in names:
+            names.append(hooked)
+    return names
 
-    Returns the names of the layers whose masks were removed. Raises ``ValueError`` (model
-    unchanged) when a layer holds ``weight_orig`` / ``weight_mask`` without the pruning hook.
+
+def _check_removable(name: str, module: nn.Module, tensor: str) -> None:
+    """``ValueError`` unless ``tensor`` of layer ``name`` is pruned in full: ``_orig``, ``_mask`` and the hook."""
+    has_parts = hasattr(module, f"{tensor}_orig") and hasattr(module, f"{tensor}_mask")
+    if has_parts and not _has_pruning_hook(module, tensor):
+        raise ValueError(
+            f"remove_masks: layer {name!r} has {tensor}_orig and {tensor}_mask but no torch.nn.utils.prune hook; "
+            "expected a layer pruned with torch.nn.utils.prune"
+        )
+    if not has_parts:
+        raise ValueError(
+            f"remove_masks: layer {name!r} has a torch.nn.utils.prune hook for {tensor!r} but no {tensor}_orig and "
+            f"{tensor}_mask; expected both, as torch.nn.utils.prune installs them"
+        )
+
+
+def remove_masks(model: nn.Module) -> list[str]:
+    """Make every mask permanent (``prune.remove``): plain parameters with zeros remain.
+
+    Every tensor that ``torch.nn.utils.prune`` masks is folded (``weight``, ``bias`` or any other
+    name). Returns the names of the layers with at least one mask removed, in module order. Raises
+    ``ValueError`` (model unchanged) when a layer holds ``<name>_orig`` / ``<name>_mask`` without the
+    pruning hook, or a hook without them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_masks: argument 'model' must be an nn.Module, got {type(model).__name__}")
-    masked = [
-        (name, module)
-        for name, module in model.named_modules()
-        if hasattr(module, "weight_mask") and hasattr(module, "weight_orig")
-    ]
-    for name, module in masked:
-        if not _has_pruning_hook(module):
-            raise ValueError(
-                f"remove_masks: layer {name!r} has weight_orig and weight_mask but no torch.nn.utils.prune hook; "
-                "expected a layer pruned with torch.nn.utils.prune"
-            )
+    masked = [(name, module, _pruned_tensors(module)) for name, module in model.named_modules()]
+    masked = [(name, module, tensors) for name, module, tensors in masked if tensors]
+    for name, module, tensors in masked:
+        for tensor in tensors:
+            _check_removable(name, module, tensor)
     with model_transaction(model):
-        for _, module in masked:
-            torch_prune.remove(module, "weight")
-    return [name for name, _ in masked]
+        for _, module, tensors in masked:
+            for tensor in tensors:
+                torch_prune.remove(module, tensor)
+    return [name for name, _, _ in masked]
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -169,6 +169,8 @@ def main_error(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
         ),
         (["demo", "--quick", "--out", "{blocker}/deeper/still"], "cannot be created"),
         (["demo", "--quick", "--seeds", "many"], "invalid int value: 'many'"),
+        (["demo", "--seeds", "0"], "ecp-fast demo: error: --seeds must be an integer >= 1, got 0"),
+        (["demo", "--hidden", "0"], "--hidden must be an integer >= 1, got 0"),
         (["experiment", "mnist", "--quick", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
     ],
 )
@@ -187,6 +189,15 @@ def test_every_option_is_checked_before_the_run(
         arguments += ["--out", str(tmp_path / "out")]
     line = main_error(capsys, *arguments)
     assert fragment in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_run_checks_its_counts_without_the_command_line(tmp_path: Path) -> None:
+    from ecp_fast.apps import demo
+
+    args = cli.build_parser().parse_args(["demo", "--seeds", "0", "--out", str(tmp_path / "out")])
+    with pytest.raises(cli.UsageError, match="--seeds must be an integer >= 1, got 0"):
+        demo.run(args)
     assert not (tmp_path / "out").exists()
 
 

@@ -299,6 +299,26 @@ def test_export_argument_errors() -> None:
         csr_linear(nn.Linear(4, 4).half())
 
 
+def test_example_inputs_as_the_docstring_says(one_thread: None) -> None:
+    """A tensor or a tuple of positional arguments; anything else, or a wrong shape, is refused by name."""
+    model = pruned(nn.Sequential(nn.Linear(300, 400), nn.ReLU(), nn.Linear(400, 10)), 0.95)
+    before = state_of(model)
+    x = torch.randn(4, 300)
+    for inputs in (x, (x,)):
+        exported = export(model, "csr", example_inputs=inputs)
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="argument 'example_inputs' must be a tensor or a tuple .*got list"):
+        export(model, "csr", example_inputs=[x])
+    with pytest.raises(TypeError, match="argument 'example_inputs' must be a tensor or a tuple .*got dict"):
+        choose_csr_layers(export(model, "dense"), example_inputs={"input": x})
+    with pytest.raises(ValueError, match=r"'example_inputs'.*shape \(4, 30\).*layer '0' expects a last size of 300"):
+        export(model, "csr", example_inputs=torch.randn(4, 30))
+    with pytest.raises(ValueError, match="'max_density' and 'example_inputs' exclude each other"):
+        export(model, "csr", max_density=0.5, example_inputs=x)
+    assert state_of(model).keys() == before.keys()
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+
 @pytest.mark.skipif(semi_structured_available(), reason="the CPU error path runs only without a 2:4-capable GPU")
 def test_two_four_on_cpu_is_a_clear_error() -> None:
     model = pruned(nn.Sequential(nn.Linear(64, 64)), 0.5)

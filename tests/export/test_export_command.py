@@ -67,7 +67,12 @@ def test_measured_choice_and_compact_checkpoint(
     ("argv", "message"),
     [
         (["{missing}", *FAST], "no such file"),
-        (["{garbage}", *FAST], "is not a state dict saved with torch.save"),
+        (["{garbage}", *FAST], "found a file that is not a torch.save file (its first bytes: b'not a ch')"),
+        (["{whole}", *FAST], "found a torch.save file that holds a torch.nn.modules.container.Sequential object"),
+        (["{listed}", *FAST], "expected a state dict saved with torch.save(model.state_dict()) or a save_compact"),
+        (["{listed}", *FAST], "found a list"),
+        (["{checkpoint}", *FAST, "--input-shape", "3,3"], "--input-shape 3,3: the model does not run"),
+        (["{checkpoint}", *FAST, "--input-shape", "3,3"], "layer '0' (Linear) expects a last size of 150"),
         (["{checkpoint}", "--arch", "mlp:150,99,10"], "does not fit --arch"),
         (["{checkpoint}", "--arch", "mlp:150,x,10"], "mlp sizes must be integers"),
         (["{checkpoint}", "--arch", "mlp:150"], "at least two positive sizes"),
@@ -87,12 +92,41 @@ def test_user_errors_are_one_line_and_exit_2(
     argv: list[str], message: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    torch.save(nn.Sequential(nn.Linear(150, 120), nn.ReLU(), nn.Linear(120, 10)), tmp_path / "whole.pt")
+    torch.save([1, 2], tmp_path / "listed.pt")
     paths = {"missing": tmp_path / "missing.pt", "garbage": tmp_path / "garbage.pt", "checkpoint": checkpoint}
+    paths |= {"whole": tmp_path / "whole.pt", "listed": tmp_path / "listed.pt"}
+    assert_one_line_error(argv, paths, message, capsys)
+
+
+def assert_one_line_error(
+    argv: list[str], paths: dict[str, Path], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ecp-fast export ARGV`` exits 2 with one plain ``error:`` line that holds ``message``."""
     assert run_command([arg.format(**paths) for arg in argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ecp-fast export: error: ") and message in lines[0], captured.err
+    assert "\x1b" not in captured.err  # no terminal escape codes copied from torch's messages
+
+
+def test_unavailable_cuda_names_device(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["{checkpoint}", *FAST, "--device", "cuda"]
+    assert_one_line_error(argv, {"checkpoint": checkpoint}, "--device 'cuda': expected an available device", capsys)
+
+
+def test_failing_model_builder_names_arch(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "user_models_xyz.py").write_text("def boom():\n    raise RuntimeError('no weights for you')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["{checkpoint}", "--arch", "import:user_models_xyz:boom", "--input-shape", "150"]
+    message = "--arch 'import:user_models_xyz:boom': cannot build the model: boom() raised RuntimeError: no weights"
+    assert_one_line_error(argv, {"checkpoint": checkpoint}, message, capsys)
 
 
 @pytest.mark.skipif(semi_structured_available(), reason="the CPU error path runs only without a 2:4-capable GPU")

@@ -255,6 +255,32 @@ def test_remove_masks_failure_restores(monkeypatch: pytest.MonkeyPatch, calls: i
     assert_unchanged(before, model)
 
 
+def test_remove_masks_folds_bias_masks_and_names_what_it_changed() -> None:
+    model = net(bias=True)
+    torch_prune.l1_unstructured(model[0], "weight", 0.5)
+    torch_prune.l1_unstructured(model[0], "bias", 0.5)
+    torch_prune.random_unstructured(model[2], "bias", 0.5)  # a bias mask alone: the layer is changed too
+    assert set(masks.get_masks(model)) == {"0"}  # weight masks by layer name, as its callers read them
+    x = torch.randn(3, 5)
+    expected = model(x)
+    assert remove_masks(model) == ["0", "2"]
+    assert [name for name, _ in model.named_parameters()] == [f"{i}.{t}" for i in (0, 2, 4) for t in ("weight", "bias")]
+    assert not list(model.buffers()) and not masks.has_pruning_hooks(model)
+    assert int((model[0].bias == 0).sum()) == 2 and int((model[2].bias == 0).sum()) >= 1
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_remove_masks_refuses_a_bias_mask_without_its_hook() -> None:
+    model = net(bias=True)
+    torch_prune.l1_unstructured(model[0], "weight", 0.5)
+    torch_prune.l1_unstructured(model[2], "bias", 0.5)
+    model[2]._forward_pre_hooks.clear()
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="layer '2' has bias_orig and bias_mask but no torch.nn.utils.prune hook"):
+        remove_masks(model)
+    assert_unchanged(before, model)
+
+
 def test_remove_masks_refuses_a_mask_without_its_hook() -> None:
     model = net()
     install_mask(model[0], torch.ones(4, 5))
