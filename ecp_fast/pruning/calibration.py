@@ -355,6 +355,11 @@ class _RunTotals:
         """The result; ``ValueError`` when there was no batch or a layer never ran."""
         if self.batch_count == 0:
             raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
+        if self.samples == 0:  # every importance would be 0: which weights go would be arbitrary
+            raise ValueError(
+                f"argument 'batches': the calibration data holds no sample to measure ({self.batch_count} batches of "
+                "0 samples, or every position masked out by its attention mask); expected at least one"
+            )
         missing = [name for name, stats in self.statistics.items() if stats is None]
         if missing:
             # Usually a layer the forward pass never calls (an auxiliary head), found by the default

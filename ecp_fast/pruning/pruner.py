@@ -300,6 +300,7 @@ class Pruner:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
+        _check_reconstruction_request(method, reconstruct, allocation)
         if scope == "neuron":
             return self._prune_neurons(sparsity, method, steps, importances, reconstruct)
         if method in RECONSTRUCTIVE_METHODS or reconstruct:
@@ -648,6 +649,18 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def _check_reconstruction_request(method: str, reconstruct: object, allocation: object) -> None:
+    """``reconstruct`` is a bool, and ``allocation`` is given only where layers are reconstructed."""
+    if not isinstance(reconstruct, bool):
+        raise TypeError(f"argument 'reconstruct' must be True or False, got {reconstruct!r}")
+    if allocation is not None and method not in RECONSTRUCTIVE_METHODS and not reconstruct:
+        raise ValueError(
+            f"argument 'allocation' splits the total across reconstructed layers (method='ecp-obs' or "
+            f"'sparsegpt', or reconstruct=True); got allocation={allocation!r} with method={method!r}, which "
+            "reconstructs nothing (its scope alone decides the split)"
+        )
+
+
 def _check_neuron_request(sparsity: object, method: str, reconstruct: bool) -> None:
     """``scope="neuron"`` removes whole hidden units: a fraction of them, and no reconstruction."""
     if method in RECONSTRUCTIVE_METHODS or reconstruct:
@@ -735,6 +748,7 @@ def prune(
         exclude=exclude,
         add_bias=add_bias,
     )
+    _check_reconstruction_request(method, reconstruct, allocation)  # before the calibration pass
     if batches is not None:
         weighting = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY).weighting
         pruner.calibrate(batches, loss_fn=loss_fn, row_sensitivities=weighting == "sensitivity")

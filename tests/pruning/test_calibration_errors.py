@@ -285,3 +285,32 @@ def test_a_layer_that_never_runs_says_so_and_suggests_exclude(method: str) -> No
     assert_unchanged(before, model)
     report = ecp_fast.prune(model, [(x, y)], 0.5, method=method, exclude=["aux"], progress=False)
     assert {layer.name for layer in report.layers} == {"a", "head"}
+
+
+class _Tokens(nn.Module):
+    """Token ids and an attention mask in, per-token logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 6)
+        self.body = nn.Linear(6, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(self.embed(input_ids))))
+
+
+@pytest.mark.parametrize("method", ["ecp", "ecp-obs", "wanda"])
+def test_calibration_with_every_position_masked_out_is_refused_as_empty(method: str) -> None:
+    """No real token: every importance would be 0 and the choice of weights arbitrary."""
+    model = _Tokens()
+    before = fingerprint(model)
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "attention_mask": torch.zeros(2, 5, dtype=torch.long)}]
+    with pytest.raises(ValueError, match=r"argument 'batches': the calibration data holds no sample"):
+        ecp_fast.prune(model, batches, sparsity=0.5, method=method, progress=False)
+    assert_unchanged(before, model)
+    batches[0]["attention_mask"][0, :2] = 1  # two real tokens are enough
+    report = ecp_fast.prune(model, batches, sparsity=0.5, method=method, progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=0.05)

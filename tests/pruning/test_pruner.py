@@ -480,3 +480,21 @@ def test_a_neuron_scope_request_it_cannot_serve_names_the_argument(arguments, na
     with pytest.raises(ValueError, match=named):
         pruner.prune(scope="neuron", **arguments)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+
+
+def test_reconstruct_must_be_a_bool_and_allocation_needs_a_reconstruction():
+    model = tanh_mlp()
+    before = copy.deepcopy(model.state_dict())
+    batches = [(torch.randn(16, 7, dtype=torch.float64), torch.randint(0, 3, (16,)))]
+    with pytest.raises(TypeError, match=r"argument 'reconstruct' must be True or False, got 'no'"):
+        ecp_fast.prune(model, batches, sparsity=0.5, method="ecp", reconstruct="no", progress=False)
+    for allocation in ("search", "nope"):
+        with pytest.raises(
+            ValueError, match=rf"argument 'allocation' .* got allocation='{allocation}' with method='ecp'"
+        ):
+            ecp_fast.prune(model, batches, sparsity=0.5, method="ecp", allocation=allocation, progress=False)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in before.items())
+    report = ecp_fast.prune(
+        model, batches, sparsity=0.5, method="ecp", reconstruct=True, allocation="uniform", progress=False
+    )
+    assert report.allocation == "uniform"
