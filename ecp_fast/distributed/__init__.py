@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
@@ -75,7 +76,13 @@ def rank_and_world_size(group: Any = None) -> tuple[int, int]:
 
 
 def communication_device(group: Any = None) -> torch.device:
-    """Where tensors must live for a collective: the current CUDA device for nccl, else the CPU."""
+    """Where tensors must live for a collective: the current CUDA device for nccl, else the CPU.
+
+    Without an initialised process group (a single process, like :func:`rank_and_world_size`'s
+    ``(0, 1)``) there is no backend and no collective to run: the CPU.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
     backend = str(dist.get_backend(group)).lower()
     if "nccl" in backend:
         return torch.device("cuda", torch.cuda.current_device())
@@ -104,6 +111,8 @@ class Shard(Generic[T]):
                 yield item
 
     def __len__(self) -> int:
+        if not hasattr(self.items, "__len__"):
+            raise TypeError(f"this Shard has no length: its items ({type(self.items).__name__}) have none")
         total = len(self.items)  # type: ignore[arg-type]
         return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
 
@@ -116,29 +125,58 @@ def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = 
     rank with no data cannot calibrate; when ``items`` has a length this is checked here. For a
     map-style dataset, ``torch.utils.data.DistributedSampler(dataset, shuffle=False)`` in a
     ``DataLoader`` does the same job at the sample level (see docs/scale.md).
+
+    Raises:
+        TypeError: ``items`` is not iterable (None, say).
+        ValueError: ``rank`` / ``world_size`` are not integers in range (integral numbers such as
+            ``numpy.int64`` are taken, ``bool`` is not), or ``items`` has fewer batches than ranks.
     """
+    if items is None or not (isinstance(items, Iterable) or hasattr(items, "__getitem__")):
+        raise TypeError(f"argument 'items' must be an iterable of batches, got {type(items).__name__}")
     default_rank, default_world = rank_and_world_size(group)
-    rank = default_rank if rank is None else rank
-    world_size = default_world if world_size is None else world_size
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"argument 'world_size' must be a positive integer, got {world_size!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"argument 'rank' must be an integer in [0, {world_size}), got {rank!r}")
-    if hasattr(items, "__len__") and len(items) < world_size:  # type: ignore[arg-type]
+    given_world = default_world if world_size is None else world_size
+    world = _integer(given_world)
+    if world is None or world < 1:
+        raise ValueError(f"argument 'world_size' must be a positive integer, got {given_world!r}")
+    given_rank = default_rank if rank is None else rank
+    index = _integer(given_rank)
+    if index is None or not 0 <= index < world:
+        raise ValueError(f"argument 'rank' must be an integer in [0, {world}), got {given_rank!r}")
+    if hasattr(items, "__len__") and len(items) < world:  # type: ignore[arg-type]
         raise ValueError(
-            f"argument 'items': {len(items)} batches cannot give each of {world_size} ranks at least one; "  # type: ignore[arg-type]
+            f"argument 'items': {len(items)} batches cannot give each of {world} ranks at least one; "  # type: ignore[arg-type]
             "use smaller batches or fewer ranks"
         )
-    return Shard(items, rank, world_size)
+    return Shard(items, index, world)
+
+
+def _integer(value: object) -> int | None:
+    """``value`` as a Python int when it is an integral number (``numpy.int64`` too), else None.
+
+    ``bool`` is refused although it is an ``int``: ``rank=True`` is a mistake, not rank 1.
+    """
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 # ---- seeds and weights ---------------------------------------------------------------------------------
 
 
 def rank_seed(seed: int, group: Any = None) -> int:
-    """A seed for this rank's Rademacher probes: ``seed`` on rank 0, distinct on every other rank."""
+    """A seed for this rank's Rademacher probes: ``seed`` on rank 0, distinct on every other rank.
+
+    Raises:
+        TypeError: ``seed`` is not an integer (``bool`` and ``1.5`` are refused, ``numpy.int64`` taken).
+    """
+    value = _integer(seed)
+    if value is None:
+        raise TypeError(f"argument 'seed' must be an integer, got {type(seed).__name__} {seed!r}")
     rank, _ = rank_and_world_size(group)
-    return seed + RANK_SEED_STRIDE * rank
+    return value + RANK_SEED_STRIDE * rank
 
 
 @contextmanager
@@ -148,6 +186,8 @@ def per_rank_probe_seed(pruner: Any, group: Any = None) -> Iterator[int]:
     Use it around ``pruner.calibrate(...)`` only, so each rank draws independent probes while the
     ``random`` method (seeded at ``prune`` time) still sees the same seed on every rank.
     """
+    if not hasattr(pruner, "seed"):
+        raise TypeError(f"argument 'pruner' must have a 'seed' attribute (a Pruner), got {type(pruner).__name__}")
     original = pruner.seed
     pruner.seed = rank_seed(original, group)
     try:
@@ -161,6 +201,8 @@ def broadcast_module(module: nn.Module, src: int = 0, group: Any = None) -> None
 
     Every rank must hold a module of the same structure (same state_dict keys and shapes).
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"argument 'module' must be an nn.Module, got {type(module).__name__}")
     if not is_distributed(group):
         return
     device = communication_device(group)

@@ -12,6 +12,8 @@ conventions (a ``config`` attribute, ``save_pretrained``), so the library does n
   biases added to bias-free layers are carried through the architecture's config switch where it
   has one (Llama's ``attention_bias`` / ``mlp_bias``), else refused with the layers named (they
   would be dropped as unexpected keys).
+  :func:`save_pretrained` does this and saves, checking the path first and restoring the model if
+  saving fails.
 * :func:`masks_from_zeros` re-installs masks on a loaded model, to fine-tune it with the zeros kept.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +31,7 @@ from torch import nn
 
 from ecp_fast.pruning.layers import layer_kind, resolve_layers, weight_parameter
 from ecp_fast.pruning.masks import install_mask, remove_masks
+from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -242,16 +246,58 @@ def _add_zero_biases(model: nn.Module, keys: list[str]) -> list[str]:
     return names
 
 
-def save_pretrained(model: nn.Module, path: str, **kwargs: Any) -> SavePreparation:
-    """:func:`prepare_for_save_pretrained`, then ``model.save_pretrained(path, **kwargs)``."""
+def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: Any) -> SavePreparation:
+    """:func:`prepare_for_save_pretrained`, then ``model.save_pretrained(path, **kwargs)``.
+
+    ``path`` is checked before the model is touched. Preparing changes the model in place (masks
+    folded, config switches set, zero biases added); if preparing or saving fails, the model and its
+    config are restored as they were (this holds one CPU copy of the model's tensors while saving).
+
+    Raises:
+        TypeError: ``model`` has no ``save_pretrained``, or ``path`` is not a ``str`` / ``os.PathLike``.
+        ValueError: ``path`` is empty, an existing file, or below a file (cannot be a directory).
+    """
     save = getattr(model, "save_pretrained", None)
     if not callable(save):
         raise TypeError(
             f"argument 'model' must be a Hugging Face model with save_pretrained, got {type(model).__name__}"
         )
-    preparation = prepare_for_save_pretrained(model)
-    save(path, **kwargs)
+    directory = _check_save_path(path)
+    config = getattr(model, "config", None)
+    # The config is no module, so the transaction does not cover it: its switches are put back here.
+    config_attributes = dict(vars(config)) if hasattr(config, "__dict__") else None
+    with model_transaction(model, storage=torch.device("cpu")) as transaction:
+        if config_attributes is not None:
+            transaction.on_rollback(lambda: _restore_attributes(config, config_attributes))
+        preparation = prepare_for_save_pretrained(model)
+        save(path, **kwargs)
+    logger.info("saved to %s (masks of %d layers folded)", directory, len(preparation.folded))
     return preparation
+
+
+def _check_save_path(path: object) -> str:
+    """``path`` as a string once it names a directory that exists or can be created; else an error naming it."""
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str):  # None, bytes, a number, or a PathLike giving bytes
+        raise TypeError(f"argument 'path' must be a directory path (str or os.PathLike), got {type(path).__name__}")
+    if not text:
+        raise ValueError("argument 'path' must be a directory path, got an empty string")
+    if os.path.exists(text) and not os.path.isdir(text):
+        # transformers would log an error and save nothing
+        raise ValueError(f"argument 'path': {text!r} is an existing file, expected a directory (existing or new)")
+    ancestor = os.path.dirname(os.path.abspath(text))
+    while not os.path.exists(ancestor) and os.path.dirname(ancestor) != ancestor:  # the root stops it
+        ancestor = os.path.dirname(ancestor)
+    if os.path.exists(ancestor) and not os.path.isdir(ancestor):
+        raise ValueError(f"argument 'path': {text!r} cannot be a directory, since {ancestor!r} is a file")
+    return text
+
+
+def _restore_attributes(target: Any, saved: dict[str, Any]) -> None:
+    """Put ``target``'s instance attributes back to ``saved`` (bypassing any ``__setattr__`` logic)."""
+    attributes = vars(target)
+    attributes.clear()
+    attributes.update(saved)
 
 
 def masks_from_zeros(

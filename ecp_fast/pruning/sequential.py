@@ -29,7 +29,9 @@ are unless ``device`` is given):
 * with ``atomic=True`` (the default), a CPU snapshot of the blocks (one transaction, taken before the
   first block is touched) so that a failure in block ``k`` restores blocks ``0 .. k-1``; this is
   one extra copy of the model's weights in host memory. ``atomic=False`` drops it: a failure then
-  leaves the blocks before the failing one pruned, and the error says which.
+  leaves the blocks before the failing one pruned (and the failing one, when only its forward pass
+  failed). Either way a note added to the error (its type and message unchanged) and a log line
+  say in which block it failed and what was restored or stays pruned.
 
 In a ``torch.distributed`` job, give each rank its shard of the inputs: every block's statistics are
 merged across ranks (:func:`~ecp_fast.distributed.synchronize_calibration`) before it is pruned, so
@@ -40,8 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,14 +54,15 @@ from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
+from ecp_fast.pruning.allocation import ALLOCATIONS
 from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, module_device
 from ecp_fast.pruning.calibration import resolve_layers
-from ecp_fast.pruning.importance import get_method
+from ecp_fast.pruning.importance import IMPORTANCES, get_method
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.report import PruneReport
 from ecp_fast.pruning.selection import parse_scope, resolve_sparsity
-from ecp_fast.pruning.transaction import model_transaction
+from ecp_fast.pruning.transaction import ModelTransaction, model_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +136,118 @@ class SequentialReport:
 # ---- arguments ----------------------------------------------------------------------------------
 
 
-def _check_arguments(sparsity: float | None, method: str, sensitivity: str, scope: str, steps: int) -> None:
-    if sensitivity not in SEQUENTIAL_SENSITIVITIES:
+def _check_arguments(settings: _Settings) -> None:
+    """Every per-block setting, checked before anything is captured or changed."""
+    if settings.sensitivity not in SEQUENTIAL_SENSITIVITIES:
         raise ValueError(
             f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has "
-            f"no loss of its own), got {sensitivity!r}"
+            f"no loss of its own), got {settings.sensitivity!r}"
         )
-    if method not in RECONSTRUCTIVE_METHODS and get_method(method).needs_loss:
-        raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
-    resolve_sparsity(sparsity if sparsity is not None else None, parse_scope(scope))
+    _check_method(settings.method)
+    resolve_sparsity(settings.sparsity, parse_scope(settings.scope))
+    steps, probes = settings.steps, settings.probes
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"argument 'steps' must be a positive integer, got {steps!r}")
+    if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+        raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
+    _check_allocation(settings.method, settings.scope, settings.reconstruct, settings.allocation)
+
+
+def _check_method(method: object) -> None:
+    """A method that needs no loss: a registered importance or a reconstructive method."""
+    known = sorted({*IMPORTANCES, *RECONSTRUCTIVE_METHODS})
+    if not isinstance(method, str) or method not in known:
+        raise ValueError(f"argument 'method' must be one of {known}, got {method!r}")
+    if method not in RECONSTRUCTIVE_METHODS and get_method(method).needs_loss:
+        raise ValueError(f"argument 'method': {method!r} needs loss gradients, which a single block does not have")
+
+
+def _check_allocation(method: str, scope: str, reconstruct: object, allocation: object) -> None:
+    """``reconstruct`` a bool; ``allocation`` None, or a known one where it has an effect."""
+    if not isinstance(reconstruct, bool):  # reconstruct="no" would otherwise count as true
+        raise TypeError(f"argument 'reconstruct' must be a bool, got {type(reconstruct).__name__} {reconstruct!r}")
+    if allocation is None:
+        return
+    if not isinstance(allocation, str) or allocation not in ALLOCATIONS:
+        raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
+    if not reconstruct and method not in RECONSTRUCTIVE_METHODS:
+        raise ValueError(
+            f"argument 'allocation' splits the sparsity only when pruning reconstructs (reconstruct=True, or a "
+            f"method in {sorted(RECONSTRUCTIVE_METHODS)}); got allocation={allocation!r} with method={method!r} "
+            "and reconstruct=False, which would ignore it"
+        )
+    if parse_scope(scope).kind != "global" and allocation != "uniform":
+        raise ValueError(
+            f"argument 'allocation': scope={scope!r} prunes every layer of a block to the same sparsity "
+            f"(allocation='uniform'), got allocation={allocation!r}; scope='global' lets layers differ"
+        )
+
+
+def _check_flags(**flags: object) -> None:
+    """Switches must be bools: a string such as "no" would count as true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"argument {name!r} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _seed(seed: object) -> int:
+    """``seed`` as an int (integral numbers such as ``numpy.int64`` too; not ``bool``)."""
+    if not isinstance(seed, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(seed)  # type: ignore[arg-type]
+    raise TypeError(f"argument 'seed' must be an integer, got {type(seed).__name__} {seed!r}")
+
+
+def _compute_device(device: object) -> torch.device | None:
+    """``device`` as a ``torch.device`` this process can compute on; None leaves each block where it is."""
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(
+            f"argument 'device' must be a torch.device, a string such as 'cuda:0', or None, got {type(device).__name__}"
+        )
+    try:
+        compute = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(
+            f"argument 'device' must name a device such as 'cpu' or 'cuda:0', got {device!r} ({error})"
+        ) from None
+    if compute.type == "meta":
+        raise ValueError("argument 'device': blocks cannot compute on 'meta' (it holds no values), got 'meta'")
+    try:
+        torch.empty(0, device=compute)  # the cheapest question the device can answer
+    except (RuntimeError, AssertionError) as error:  # no CUDA build raises AssertionError
+        raise ValueError(f"argument 'device': {device!r} is not available in this process ({error})") from None
+    return compute
+
+
+def _check_inputs(inputs: object) -> None:
+    """An iterable of batches: a lone tensor or mapping is one batch, and would be iterated row by row."""
+    if isinstance(inputs, torch.Tensor):
+        single = "a single tensor"
+    elif isinstance(inputs, Mapping):
+        single = f"a single mapping ({type(inputs).__name__}, one batch)"
+    elif isinstance(inputs, (str, bytes)) or not (isinstance(inputs, Iterable) or hasattr(inputs, "__getitem__")):
+        raise TypeError(
+            f"argument 'inputs' must be an iterable of batches (a list, a DataLoader), got {type(inputs).__name__}"
+        )
+    else:
+        if _length(inputs) == 0:
+            raise ValueError("argument 'inputs': the calibration data is empty (expected at least one batch, got 0)")
+        return
+    raise TypeError(
+        f"argument 'inputs' must be an iterable of batches (a list, a DataLoader), got {single}; wrap it in a list"
+    )
+
+
+def _length(items: object) -> int | None:
+    """``len(items)``, or None when it has none (a DataLoader over an IterableDataset raises TypeError)."""
+    if not isinstance(items, Sized):
+        return None
+    try:
+        return len(items)
+    except TypeError:
+        return None
 
 
 def _block_list(blocks: Any) -> list[nn.Module]:
@@ -165,16 +270,8 @@ def _block_list(blocks: Any) -> list[nn.Module]:
 
 def _tensor_inputs(inputs: Iterable[Any], storage: torch.device | None) -> list[BlockInputs]:
     """Calibration batches for the first block given directly: tensors (or captured BlockInputs)."""
-    if isinstance(inputs, torch.Tensor):
-        raise TypeError(
-            "argument 'inputs' must be an iterable of batches (tensors), got a single tensor; wrap it in a list"
-        )
-    try:
-        iterator = iter(inputs)
-    except TypeError:
-        raise TypeError(f"argument 'inputs' must be an iterable of tensors, got {type(inputs).__name__}") from None
     batches = []
-    for index, batch in enumerate(iterator):
+    for index, batch in enumerate(inputs):  # _check_inputs made sure it is an iterable of batches
         if isinstance(batch, torch.Tensor):
             batch = BlockInputs(batch.detach())
         if not isinstance(batch, BlockInputs):
@@ -185,27 +282,38 @@ def _tensor_inputs(inputs: Iterable[Any], storage: torch.device | None) -> list[
     return batches
 
 
-def _first_block_inputs(
-    model_or_blocks: Any, inputs: Iterable[Any], blocks: str | None, storage: torch.device | None
-) -> tuple[list[nn.Module], list[BlockInputs]]:
-    """The blocks and their first inputs: captured from a whole model, or given with a block list."""
+def _resolve_blocks(model_or_blocks: Any, path: str | None) -> tuple[list[nn.Module], list[str], nn.Module | None]:
+    """The blocks, a label for each (for the errors and logs), and the whole model when one was given."""
     if isinstance(model_or_blocks, nn.Module) and not isinstance(model_or_blocks, (nn.Sequential, nn.ModuleList)):
         from ecp_fast.pruning.hf import resolve_blocks
 
         try:
-            block_container = resolve_blocks(model_or_blocks, blocks)
+            block_container = resolve_blocks(model_or_blocks, path)
         except ValueError as error:
-            if blocks is not None:
+            if path is not None:
                 raise
             raise TypeError(
                 f"argument 'blocks' must be a sequence of modules, an nn.Sequential/nn.ModuleList, or a model whose "
                 f"blocks are found with path=...; got {type(model_or_blocks).__name__} ({error})"
             ) from None
         block_list = _block_list(block_container)
-        return block_list, capture_block_inputs(model_or_blocks, block_container, inputs, storage=storage)
-    if blocks is not None:
-        raise ValueError("argument 'blocks' (an attribute path) needs the whole model as the first argument")
-    return _block_list(model_or_blocks), _tensor_inputs(inputs, storage)
+        names = {id(module): name for name, module in model_or_blocks.named_modules()}
+        return block_list, [f"{names[id(block)]}, {type(block).__name__}" for block in block_list], model_or_blocks
+    if path is not None:
+        raise ValueError(
+            "argument 'path' (the attribute path of the blocks) needs the whole model as the first argument"
+        )
+    block_list = _block_list(model_or_blocks)
+    return block_list, [type(block).__name__ for block in block_list], None
+
+
+def _first_inputs(
+    model: nn.Module | None, block_list: list[nn.Module], inputs: Iterable[Any], storage: torch.device | None
+) -> list[BlockInputs]:
+    """The first block's inputs: captured from a forward pass of the whole model, or given as tensors."""
+    if model is None:
+        return _tensor_inputs(inputs, storage)
+    return capture_block_inputs(model, block_list, inputs, storage=storage)
 
 
 def _forward(
@@ -300,71 +408,122 @@ def prune_sequential(
     (tensors); or the whole model, whose blocks are found at ``path`` (None tries the common ones)
     and whose first block's arguments (attention mask, position embeddings or ids, cache off) are
     captured from a forward pass on ``inputs`` (what the model takes; attention masks keep padding
-    out) and given to every block. ``sparsity`` is per block; ``method`` any method that needs no
-    loss, the reconstructive ones included (``reconstruct`` and ``allocation`` as in
-    :meth:`~ecp_fast.pruning.pruner.Pruner.prune`, the search comparing block outputs);
-    ``sensitivity`` ``"local"`` or ``"output"`` (the block's output); ``scope`` ``"layer"``, ``"row"``,
-    ``"N:M"`` or ``"global"`` (within a block); ``steps``, ``probes``, ``layers`` (names within each
-    block), ``seed`` as for the Pruner. ``device`` computes each block there; ``offload_activations``
-    keeps activations on the CPU; ``atomic`` restores every block on any failure (one CPU copy of
-    their tensors); ``synchronize`` merges statistics across ``torch.distributed`` ranks. Returns a
-    :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError`` before any change.
+    out) and given to every block. Either way ``inputs`` is an iterable of batches: a lone tensor or
+    mapping is refused (wrap it in a list). ``sparsity`` is per block; ``method`` any method that
+    needs no loss, the reconstructive ones included (``reconstruct`` and ``allocation`` as in
+    :meth:`~ecp_fast.pruning.pruner.Pruner.prune`, the search comparing block outputs; an
+    ``allocation`` without reconstruction is refused); ``sensitivity`` ``"local"`` or ``"output"``;
+    ``scope`` ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (within a block); ``steps``,
+    ``probes``, ``layers`` (names within each block), ``seed`` as for the Pruner. ``device``
+    computes each block there; ``offload_activations`` keeps activations on the CPU; ``atomic``
+    restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges
+    statistics across ``torch.distributed`` ranks. A failure's error gets a note saying in which
+    block it happened and what was restored or stays pruned. Returns a :class:`SequentialReport`;
+    bad arguments raise ``ValueError`` / ``TypeError`` naming them before anything changes.
     """
-    _check_arguments(sparsity, method, sensitivity, scope, steps)
-    compute = None if device is None else torch.device(device)
-    storage_device = torch.device("cpu") if offload_activations else compute
-    block_list, activations = _first_block_inputs(blocks, inputs, path, storage_device)
+    settings = _Settings(
+        sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, _seed(seed), reconstruct, allocation
+    )
+    _check_arguments(settings)
+    _check_flags(offload_activations=offload_activations, atomic=atomic, synchronize=synchronize, progress=progress)
+    compute = _compute_device(device)
+    _check_inputs(inputs)
+    block_list, labels, model = _resolve_blocks(blocks, path)
     for block in block_list:  # fail before any change
         resolve_layers(block, layers)
-    settings = _Settings(
-        sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, seed, reconstruct, allocation
-    )
-    target = float("nan") if sparsity is None else float(sparsity)
-    samples = sum(count_samples(batch) for batch in activations)
-    report = SequentialReport(method, sensitivity, scope, target, samples, batches=len(activations))
-    with _atomic(block_list, atomic):
-        _run_blocks(block_list, activations, settings, compute, storage_device, report, progress)
+    storage_device = torch.device("cpu") if offload_activations else compute
+    activations = _first_inputs(model, block_list, inputs, storage_device)
+    report = _empty_report(settings, activations)
+    with _guarded(block_list, labels, atomic) as state:
+        _run_blocks(block_list, activations, settings, state, compute, storage_device, report, progress)
     logger.info(
         "sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity, report.seconds
     )
     return report
 
 
+def _empty_report(settings: _Settings, activations: list[BlockInputs]) -> SequentialReport:
+    """The report before any block: the settings and the size of the calibration data."""
+    target = float("nan") if settings.sparsity is None else float(settings.sparsity)
+    samples = sum(count_samples(batch) for batch in activations)
+    return SequentialReport(
+        settings.method, settings.sensitivity, settings.scope, target, samples, batches=len(activations)
+    )
+
+
+@dataclass
+class _Progress:
+    """How far a run got: the block being worked on, and how many blocks have their masks installed."""
+
+    current: int | None = None
+    pruned: int = 0
+
+
 @contextlib.contextmanager
-def _atomic(block_list: list[nn.Module], atomic: bool) -> Iterator[None]:
-    """On failure: every block back on its device and, with ``atomic``, exactly as it was."""
+def _guarded(block_list: list[nn.Module], labels: list[str], atomic: bool) -> Iterator[_Progress]:
+    """On failure: every block back on its device and, with ``atomic``, exactly as it was. The error
+    gets a note, and the log a line, saying in which block it failed and what was done about it."""
     homes = [module_device(block) for block in block_list]
-    with contextlib.ExitStack() as stack:
-        if atomic:
-            stack.enter_context(model_transaction(*block_list, storage=torch.device("cpu")))
+    transaction = model_transaction(*block_list, storage=torch.device("cpu")) if atomic else None
+    state = _Progress()
+    try:
+        yield state
+    except BaseException as error:
+        outcome = _undo(block_list, homes, transaction, state.pruned)
+        where = "before its first block"
+        if state.current is not None:
+            where = f"in block {state.current} of {len(block_list)} ({labels[state.current]})"
+        message = f"prune_sequential failed {where}; {outcome}"
+        logger.warning("%s", message)
+        if hasattr(error, "add_note"):  # Python 3.11+; the user's exception keeps its type and message
+            error.add_note(message)
+        raise
+
+
+def _undo(
+    block_list: list[nn.Module], homes: list[torch.device], transaction: ModelTransaction | None, pruned: int
+) -> str:
+    """Roll the blocks back (with a ``transaction``) and move them home; returns what was done."""
+    problems: list[str] = []
+    if transaction is not None:
         try:
-            yield
-        except BaseException:
-            for block, home in zip(block_list, homes, strict=True):
-                block.to(home)
-            restored = (
-                "every block was restored" if atomic else "the blocks pruned before it stay pruned (atomic=False)"
-            )
-            logger.warning("sequential pruning failed; %s", restored)
-            raise
+            transaction.rollback()
+        except RuntimeError as failure:
+            problems.append(str(failure))
+    for index, (block, home) in enumerate(zip(block_list, homes, strict=True)):
+        try:
+            block.to(home)
+        except Exception as failure:  # keep going: the other blocks still go home
+            problems.append(f"block {index} could not be moved back to {home}: {failure!r}")
+    if transaction is not None:
+        done = "every block was restored" if not problems else "the blocks could not all be restored"
+    elif pruned == 0:
+        done = "no block was pruned (atomic=False)"
+    else:
+        stay = "block 0 stays" if pruned == 1 else f"blocks 0-{pruned - 1} stay"
+        done = f"{stay} pruned (atomic=False)"
+    return done + "".join(f"; {problem}" for problem in problems)
 
 
 def _run_blocks(
     block_list: list[nn.Module],
     activations: list[BlockInputs],
     settings: _Settings,
+    state: _Progress,
     compute: torch.device | None,
     storage_device: torch.device | None,
     report: SequentialReport,
     progress: bool,
 ) -> None:
     for index, block in enumerate(tqdm(block_list, desc="prune blocks", disable=not progress, leave=False)):
+        state.current = index
         started = time.perf_counter()
         home = module_device(block)
         if compute is not None:
             block.to(compute)
         run_device = module_device(block)
         block_report = _prune_block(block, [batch.to(run_device) for batch in activations], settings)
+        state.pruned = index + 1
         storage = storage_device if storage_device is not None else run_device
         report.activation_bytes = max(report.activation_bytes, sum(batch.nbytes for batch in activations))
         activations = _forward(block, activations, run_device, storage)
@@ -373,3 +532,4 @@ def _run_blocks(
         seconds = time.perf_counter() - started
         report.blocks.append(BlockReport(index=index, report=block_report, seconds=seconds))
         logger.info("block %d/%d: sparsity %.4f in %.2f s", index + 1, len(block_list), block_report.sparsity, seconds)
+    state.current = None

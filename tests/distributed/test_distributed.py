@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,6 +22,8 @@ from ecp_fast.distributed import (
     RANK_SEED_STRIDE,
     SYNCHRONIZED_KEY,
     Shard,
+    broadcast_module,
+    communication_device,
     per_rank_probe_seed,
     rank_seed,
     shard,
@@ -295,6 +298,46 @@ def test_rank_seed_without_process_group() -> None:
     with per_rank_probe_seed(holder) as seed:
         assert seed == 5 and holder.seed == 5
     assert holder.seed == 5
+
+
+def test_helpers_fall_back_to_one_process_without_a_process_group() -> None:
+    """Like rank_and_world_size's (0, 1): no backend, so collectives would stage on the CPU."""
+    assert not dist.is_initialized()
+    assert communication_device() == torch.device("cpu")
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, True, None])
+def test_rank_seed_refuses_what_is_not_an_integer(seed: object) -> None:
+    with pytest.raises(TypeError, match=r"argument 'seed' must be an integer, got " + type(seed).__name__):
+        rank_seed(seed)  # type: ignore[arg-type]
+
+
+def test_rank_seed_takes_integral_numbers_and_returns_an_int() -> None:
+    seed = rank_seed(np.int64(7))
+    assert seed == 7 and type(seed) is int
+
+
+def test_shard_takes_integral_numbers_but_not_bools() -> None:
+    items = list(range(5))
+    part = shard(items, rank=np.int64(1), world_size=np.int32(2))
+    assert list(part) == [1, 3] and len(part) == 2
+    assert type(part.rank) is int and type(part.world_size) is int
+    with pytest.raises(ValueError, match=r"argument 'rank' must be an integer in \[0, 2\), got True"):
+        shard(items, rank=True, world_size=2)
+    with pytest.raises(ValueError, match=r"argument 'world_size' must be a positive integer, got 2.0"):
+        shard(items, rank=0, world_size=2.0)  # type: ignore[arg-type]
+
+
+def test_missing_arguments_are_refused_with_their_names() -> None:
+    with pytest.raises(TypeError, match="argument 'items' must be an iterable of batches, got NoneType"):
+        shard(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'module' must be an nn.Module, got NoneType"):
+        broadcast_module(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'pruner' must have a 'seed' attribute"):
+        with per_rank_probe_seed(None):
+            pass
+    with pytest.raises(TypeError, match=r"this Shard has no length: its items \(generator\) have none"):
+        len(shard(x for x in range(3)))
 
 
 def test_pruner_keeps_inputs_only_when_asked_in_a_process_group(monkeypatch) -> None:

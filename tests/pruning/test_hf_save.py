@@ -1,0 +1,90 @@
+"""``ecp_fast.pruning.hf.save_pretrained``: a bad path is refused before the model is touched, and a
+failure while saving leaves the model (and its config) exactly as it was."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import ecp_fast
+from fingerprint import assert_unchanged, fingerprint  # noqa: E402
+from test_transformers import logits, quiet_transformers, tiny_llama, token_batch  # noqa: E402, F401
+
+from ecp_fast.pruning.hf import save_pretrained  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+@pytest.fixture
+def pruned_llama():
+    """A Llama with masks on every layer and compensation biases, which saving folds and switches on."""
+    model = tiny_llama()
+    batch = token_batch([10, 6])
+    pruner = ecp_fast.Pruner(model, sensitivity="output", probes=2, progress=False)
+    pruner.calibrate([batch])
+    report = pruner.prune(0.5, method="ecp", scope="row")
+    assert report.added_biases and not model.config.attention_bias and not model.config.mlp_bias
+    return model, batch
+
+
+def bad_paths(tmp_path: Path) -> dict[str, tuple[object, type[Exception], str]]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    return {
+        "none": (None, TypeError, r"argument 'path' must be a directory path \(str or os.PathLike\), got NoneType"),
+        "bytes": (b"out", TypeError, "argument 'path' must be a directory path.*got bytes"),
+        "empty": ("", ValueError, "argument 'path' must be a directory path, got an empty string"),
+        "a file": (a_file, ValueError, "argument 'path': '.*a_file' is an existing file, expected a directory"),
+        "below a file": (
+            str(a_file / "sub" / "dir"),
+            ValueError,
+            "argument 'path': '.*a_file/sub/dir' cannot be a directory, since '.*a_file' is a file",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["none", "bytes", "empty", "a file", "below a file"])
+def test_a_bad_path_is_refused_before_the_model_is_touched(pruned_llama, tmp_path, case) -> None:
+    model, _ = pruned_llama
+    path, error, match = bad_paths(tmp_path)[case]
+    before, config = fingerprint(model), model.config.to_dict()
+    with pytest.raises(error, match=match):
+        save_pretrained(model, path)  # type: ignore[arg-type]
+    assert_unchanged(before, model)
+    assert model.config.to_dict() == config
+
+
+def test_a_failure_while_saving_restores_the_model_and_a_retry_saves_it(pruned_llama, tmp_path) -> None:
+    model, batch = pruned_llama
+    before, config = fingerprint(model), model.config.to_dict()
+    expected = logits(model, batch)
+    with pytest.raises(ValueError, match="nonsense"):  # transformers fails after the model was prepared
+        save_pretrained(model, tmp_path / "first", max_shard_size="nonsense")
+    assert_unchanged(before, model)
+    assert model.config.to_dict() == config  # attention_bias / mlp_bias switched back off
+
+    preparation = save_pretrained(model, tmp_path / "new" / "dir")  # parents are created
+    assert preparation.config_switches == ["attention_bias", "mlp_bias"] and len(preparation.folded) == 14
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "new" / "dir").eval()
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+
+
+def test_an_interrupted_save_restores_the_model(pruned_llama, tmp_path, monkeypatch) -> None:
+    model, _ = pruned_llama
+    before, config = fingerprint(model), model.config.to_dict()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(model, tmp_path / "out")
+    assert_unchanged(before, model)
+    assert model.config.to_dict() == config
