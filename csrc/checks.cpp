@@ -47,6 +47,9 @@ bool finite_elements(const at::Tensor& t) {
 }  // namespace
 
 void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  // None passed for a `Tensor` of the schema reaches the kernel as an undefined tensor, whose
+  // scalar_type() would throw "Unimplemented scalar type" without naming the op or the argument.
+  TORCH_CHECK_TYPE(t.defined(), op, ": argument '", name, "' must be a torch.Tensor, got NoneType");
   const auto type = t.scalar_type();
   TORCH_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16,
                    op, ": argument '", name, "' must have dtype float32, float64, bfloat16 or float16, got ",

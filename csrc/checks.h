@@ -18,7 +18,7 @@ namespace detail {
 // "(5,)", "(3, 4)": Python's tuple notation, as the Python checks print shapes.
 std::string shape_string(at::IntArrayRef sizes);
 
-// TypeError unless t has one of the supported floating dtypes.
+// TypeError unless t is defined (not None) and has one of the supported floating dtypes.
 void check_floating(const char* op, const char* name, const at::Tensor& t);
 
 // ValueError when t lives on another device than ref.

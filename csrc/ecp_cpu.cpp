@@ -15,7 +15,9 @@
 // Non-finite results: float32 sums overflow for inputs near 1e19 and above, where the float64
 // reference is still finite. When a float32 result holds a NaN or an infinity, the op recomputes in
 // float64 and rounds to float32, which is exactly what the reference returns (an infinity where the
-// float64 value exceeds float32's range). NaN inputs stay NaN through both passes: a neuron is "dead"
+// float64 value exceeds float32's range). The uncompensated score sums c a^2 again without the shift
+// (for float64 results too): an infinite input gives inf there, as in the reference, where the shifted
+// form would give inf - inf = NaN. NaN inputs stay NaN through both passes: a neuron is "dead"
 // (zero statistics) only when its s0 is exactly zero, never because its gradients are NaN.
 #include "ecp_cpu.h"
 #include "checks.h"
@@ -60,13 +62,13 @@ struct LayerShape {
 
 LayerShape check_layer_inputs(const char* op, const at::Tensor& x, const at::Tensor& g,
                               const at::Tensor* weight) {
+  // Every argument's type before any device, in the order of ecp_fast/ops/_checks.py, so that two
+  // bad arguments give the same error from both.
   check_floating(op, "x", x);
   check_floating(op, "g", g);
+  if (weight != nullptr) check_floating(op, "weight", *weight);
   check_same_device(op, "x", x, "g", g);
-  if (weight != nullptr) {
-    check_floating(op, "weight", *weight);
-    check_same_device(op, "x", x, "weight", *weight);
-  }
+  if (weight != nullptr) check_same_device(op, "x", x, "weight", *weight);
   check_samples_matrix(op, "x", x);
   LayerShape shape{};
   shape.fan_in = x.size(-1);
@@ -162,8 +164,8 @@ void column_shift(const at::Tensor& x, const SampleOffsets& offsets, int64_t sam
 // ---- the fused pass ------------------------------------------------------------------------------
 
 // Turns the shifted sums of output rows [row_begin, row_end) into moments: calls
-// f(i, j, s0, mean, m2) for every weight of those rows, in parallel over rows. Row r of `acc` holds
-// [S1 (in) | S2 (in) | S0] of output row row_begin + r.
+// f(i, j, s0, mean, m2, s2) for every weight of those rows, in parallel over rows. Row r of `acc` holds
+// [S1 (in) | S2 (in) | S0] of output row row_begin + r; s2 is S2 itself, sum_s c (a - shift)^2.
 template <typename acc_t, typename F>
 void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t row_begin, int64_t row_end,
                      int64_t fan_in, const F& f) {
@@ -176,26 +178,28 @@ void for_each_moment(const acc_t* acc, int64_t ld, const acc_t* shift, int64_t r
       if (s0 <= acc_t(0)) {
         // docs/method.md: a neuron that never affects the output has zero importance and no shift.
         // A NaN s0 (NaN gradients) is not "never affects": it falls through and stays NaN.
-        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
+        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
         continue;
       }
       for (int64_t j = 0; j < fan_in; ++j) {
         const acc_t shifted_mean = s1[j] / s0;
         const acc_t m2 = std::max(s2[j] - s1[j] * shifted_mean, acc_t(0));
-        f(i, j, s0, shift[j] + shifted_mean, m2);
+        f(i, j, s0, shift[j] + shifted_mean, m2, s2[j]);
       }
     }
   });
 }
 
-// One pass over the samples of a layer; calls f(i, j, s0, mean, m2) once for every weight.
+// One pass over the samples of a layer; calls f(i, j, s0, mean, m2, s2) once for every weight.
+// shift_inputs = false sums the inputs unshifted (shift 0), so that s2 is the raw sum_s c a^2.
 //
 // When all samples fit one chunk (few samples, wide layers), the buffers are filled once and the
 // GEMM and the epilogue run block by block over output rows, so the accumulator of a block stays in
 // cache and the op never holds an (out, 2 in) accumulator. Otherwise the chunks stream through one
 // full accumulator, and the epilogue runs once at the end.
 template <typename acc_t, typename F>
-void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape, const F& f) {
+void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& shape, bool shift_inputs,
+                  const F& f) {
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const auto options = x.options().dtype(acc_type);
   const int64_t fan_in = shape.fan_in, fan_out = shape.fan_out, n = shape.n;
@@ -207,13 +211,13 @@ void shifted_pass(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
   at::Tensor shift_tensor = at::empty({fan_in}, options);
   acc_t* shift = shift_tensor.mutable_data_ptr<acc_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ecp_column_shift", [&] {
-    column_shift<scalar_t, acc_t>(x, offsets, std::min(n, kShiftSamples), fan_in, shift);
+    column_shift<scalar_t, acc_t>(x, offsets, shift_inputs ? std::min(n, kShiftSamples) : 0, fan_in, shift);
   });
   if (n == 0) {
     // No samples: every neuron has s0 = 0, so every weight gets the dead-neuron zeros.
     at::parallel_for(0, fan_out, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0));
+        for (int64_t j = 0; j < fan_in; ++j) f(i, j, acc_t(0), acc_t(0), acc_t(0), acc_t(0));
     });
     return;
   }
@@ -287,11 +291,12 @@ Triple moments_in(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
     acc_t* m2_out = m2.mutable_data_ptr<acc_t>();
     acc_t* s0_out = s0.mutable_data_ptr<acc_t>();
     const int64_t fan_in = shape.fan_in;
-    shifted_pass<acc_t>(x, g3, shape, [&](int64_t i, int64_t j, acc_t row_s0, acc_t row_mean, acc_t row_m2) {
-      if (j == 0) s0_out[i] = row_s0;
-      mean_out[i * fan_in + j] = row_mean;
-      m2_out[i * fan_in + j] = row_m2;
-    });
+    shifted_pass<acc_t>(x, g3, shape, /*shift_inputs=*/true,
+                        [&](int64_t i, int64_t j, acc_t row_s0, acc_t row_mean, acc_t row_m2, acc_t /*s2*/) {
+                          if (j == 0) s0_out[i] = row_s0;
+                          mean_out[i * fan_in + j] = row_mean;
+                          m2_out[i * fan_in + j] = row_m2;
+                        });
   });
   if (shape.fan_in == 0) {
     // No weight to visit: s0 is still the sensitivity sum of each neuron.
@@ -300,7 +305,16 @@ Triple moments_in(const at::Tensor& x, const at::Tensor& g3, const LayerShape& s
   return {s0, mean, m2};
 }
 
-Pair score_in(const at::Tensor& x, const at::Tensor& g3, const at::Tensor& weight, bool compensate,
+// What score_in computes for each weight.
+enum class Importance {
+  kCompensated,    // w^2 m2 and w mean (ECP)
+  kUncompensated,  // w^2 (m2 + s0 mean^2) of the shifted sums, and zeros
+  // w^2 sum_s c a^2 summed without a shift, and zeros: an infinite input then gives inf, where the
+  // shifted form gives inf - inf = NaN (m2 of an infinite column is NaN, its raw sum is not).
+  kUncompensatedRaw,
+};
+
+Pair score_in(const at::Tensor& x, const at::Tensor& g3, const at::Tensor& weight, Importance kind,
               const LayerShape& shape, at::ScalarType type) {
   const auto options = x.options().dtype(type);
   at::Tensor importance = at::empty({shape.fan_out, shape.fan_in}, options);
@@ -313,22 +327,28 @@ Pair score_in(const at::Tensor& x, const at::Tensor& g3, const at::Tensor& weigh
     acc_t* importance_out = importance.mutable_data_ptr<acc_t>();
     acc_t* delta_out = bias_delta.mutable_data_ptr<acc_t>();
     const int64_t fan_in = shape.fan_in;
-    shifted_pass<acc_t>(x, g3, shape, [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2) {
-      const int64_t k = i * fan_in + j;
-      const acc_t w_ij = w_data[k];
-      if (s0 <= acc_t(0)) {
-        // A dead neuron's zeros must not become NaN through a NaN or infinite weight (0 * inf).
-        importance_out[k] = acc_t(0);
-        delta_out[k] = acc_t(0);
-      } else if (compensate) {
-        importance_out[k] = w_ij * w_ij * m2;
-        delta_out[k] = w_ij * mean;
-      } else {
-        // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
-        importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
-        delta_out[k] = acc_t(0);
-      }
-    });
+    const bool shift_inputs = kind != Importance::kUncompensatedRaw;
+    shifted_pass<acc_t>(x, g3, shape, shift_inputs,
+                        [&](int64_t i, int64_t j, acc_t s0, acc_t mean, acc_t m2, acc_t s2) {
+                          const int64_t k = i * fan_in + j;
+                          const acc_t w_ij = w_data[k];
+                          if (s0 <= acc_t(0)) {
+                            // A dead neuron's zeros must not become NaN through a NaN or infinite weight (0 *
+                            // inf).
+                            importance_out[k] = acc_t(0);
+                            delta_out[k] = acc_t(0);
+                          } else if (kind == Importance::kCompensated) {
+                            importance_out[k] = w_ij * w_ij * m2;
+                            delta_out[k] = w_ij * mean;
+                          } else if (kind == Importance::kUncompensated) {
+                            // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
+                            importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
+                            delta_out[k] = acc_t(0);
+                          } else {
+                            importance_out[k] = w_ij * w_ij * s2;  // unshifted: s2 = sum_s c a^2
+                            delta_out[k] = acc_t(0);
+                          }
+                        });
   });
   return {importance, bias_delta};
 }
@@ -403,9 +423,18 @@ std::tuple<at::Tensor, at::Tensor> score_cpu(const at::Tensor& x, const at::Tens
                                              const at::Tensor& weight, bool compensate) {
   const auto shape = check_layer_inputs("ecp.score", x, g, &weight);
   const at::Tensor g3 = g.dim() == 2 ? g.unsqueeze(0) : g;
-  return with_float64_rescue<Pair>(
-      result_type({x, g, weight}),
-      [&](at::ScalarType type) { return score_in(x, g3, weight, compensate, shape, type); }, finite_pair);
+  const auto type = result_type({x, g, weight});
+  if (compensate) {
+    return with_float64_rescue<Pair>(
+        type, [&](at::ScalarType t) { return score_in(x, g3, weight, Importance::kCompensated, shape, t); },
+        finite_pair);
+  }
+  Pair result = score_in(x, g3, weight, Importance::kUncompensated, shape, type);
+  if (finite_pair(result)) return result;
+  // Overflow or an infinite input: sum c a^2 again in float64 without the shift, as the reference
+  // does, and round once (float32 sums overflow near 1e19; inf - inf of the shifted form is NaN).
+  Pair wide = score_in(x, g3, weight, Importance::kUncompensatedRaw, shape, at::kDouble);
+  return {std::get<0>(wide).to(type), std::get<1>(wide).to(type)};
 }
 
 std::tuple<at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& s0, const at::Tensor& mean,

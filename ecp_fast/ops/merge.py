@@ -44,7 +44,12 @@ def _check_part(name: str, part: object) -> Moments:
                 f"merge_moments: '{field}' of argument '{name}' must be on the same device as its 's0' "
                 f"({triple.s0.device}), got {t.device}"
             )
-    if triple.mean.dim() < 1 or triple.s0.shape != triple.mean.shape[:-1]:
+    if triple.mean.dim() < 1:
+        raise ValueError(
+            f"merge_moments: 'mean' of argument '{name}' must have at least 1 dimension, (..., in), "
+            f"got shape {_shape(triple.mean)}"
+        )
+    if triple.s0.shape != triple.mean.shape[:-1]:
         raise ValueError(
             f"merge_moments: 's0' of argument '{name}' must have the shape of 'mean' without its last "
             f"dimension, {_shape(triple.mean)[:-1]}, got {_shape(triple.s0)}"
@@ -61,7 +66,8 @@ def merge_moments(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> M
     """Merge the moments of two disjoint sets of samples exactly (Chan et al.'s pairwise form).
 
     ``S0 = S0a + S0b``, ``d = mean_b - mean_a``, ``mean = mean_a + d S0b / S0`` and
-    ``M2 = M2a + M2b + d^2 S0a S0b / S0``. Rows where both parts have ``S0 = 0`` stay zero. Works on
+    ``M2 = M2a + M2b + d^2 S0a S0b / S0``. Rows where both parts have ``S0 = 0`` stay zero; rows whose
+    ``S0`` overflows to inf are merged without dividing by it (see :func:`_merge_overflowed`). Works on
     any device and floating dtype; ``a`` and ``b`` are ``(s0, mean, m2)`` triples (``Moments`` or
     tuples) of matching shapes on one device. Malformed arguments raise ``TypeError``/``ValueError``
     naming the argument and the field.
@@ -83,4 +89,29 @@ def merge_moments(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> M
     delta = mean_b - mean_a
     mean = mean_a + delta * weight_b
     m2 = m2_a + m2_b + delta.square() * s0_a.unsqueeze(-1) * weight_b
-    return Moments(s0, mean, m2)
+    # Rows whose S0 overflowed (inf) would get inf / inf = NaN: merge them by the overflow-safe form.
+    overflow = s0.isposinf().unsqueeze(-1)
+    mean_wide, m2_wide = _merge_overflowed(s0_a, s0_b, mean_a, m2_a, m2_b, delta)
+    return Moments(s0, torch.where(overflow, mean_wide, mean), torch.where(overflow, m2_wide, m2))
+
+
+def _merge_overflowed(
+    s0_a: torch.Tensor,
+    s0_b: torch.Tensor,
+    mean_a: torch.Tensor,
+    m2_a: torch.Tensor,
+    m2_b: torch.Tensor,
+    delta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chan's ``mean`` and ``M2`` written without ``S0``, for the rows where ``S0a + S0b`` overflowed.
+
+    ``S0b / S0 = 1 / (1 + S0a / S0b)`` and ``S0a S0b / S0`` stay finite for finite parts. A part whose
+    own ``S0`` is inf outweighs a finite one entirely; two infinite parts, whose sizes are lost beyond
+    the dtype's range, count equally. Between-part spread is zero where the means agree (no 0 * inf).
+    """
+    a, b = s0_a.unsqueeze(-1), s0_b.unsqueeze(-1)
+    both_infinite = a.isinf() & b.isinf()
+    weight_b = torch.where(both_infinite, 0.5, 1 / (1 + a / b))
+    between = torch.where(a.isinf(), b, a * weight_b)  # S0a S0b / S0, its limit where S0a is inf
+    spread = torch.where(delta == 0, 0.0, delta.square() * between)
+    return mean_a + delta * weight_b, m2_a + m2_b + spread

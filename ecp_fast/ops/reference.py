@@ -27,6 +27,7 @@ from ecp_fast.ops._checks import (
     check_layer_inputs,
     check_score_inputs,
     result_dtype,
+    sample_count,
 )
 
 
@@ -46,28 +47,45 @@ def _dead(s0: torch.Tensor) -> torch.Tensor:
     return s0 <= 0
 
 
-def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sensitivity-weighted moments of every input as seen by every neuron.
-
-    Returns ``s0`` ``(out,)`` = ``sum_s c_i^s``, ``mean`` ``(out, in)`` = ``mu_ij`` and ``m2``
-    ``(out, in)`` = ``sum_s c_i^s (a_j^s - mu_ij)^2``. Rows with ``s0 = 0`` have mean and m2 zero.
-    """
-    shape = check_layer_inputs("ecp.moments", x, g)
-    out_dtype = result_dtype(x, g)
-    a = x.reshape(shape.n, shape.fan_in).to(torch.float64)
+def _moments_wide(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moments` in float64, before the rounding to the output dtype (inputs already checked)."""
+    n, fan_in = sample_count(x), x.shape[-1]
+    a = x.reshape(n, fan_in).to(torch.float64)
     c = _sensitivity(g)
     s0 = c.sum(dim=0)
     dead = _dead(s0).unsqueeze(1)
     # docs/method.md, Numerics: moments of inputs shifted by their column mean leave m2 unchanged and keep
     # the subtraction s2 - s1^2 / s0 small; float64 does the rest.
-    shift = a.mean(dim=0) if shape.n > 0 else a.new_zeros(shape.fan_in)
+    shift = a.mean(dim=0) if n > 0 else a.new_zeros(fan_in)
     centred = a - shift
     s1 = c.T @ centred
     s2 = c.T @ centred.square()
     safe_s0 = torch.where(dead, 1.0, s0.unsqueeze(1))
     mean = torch.where(dead, 0.0, shift + s1 / safe_s0)
     m2 = torch.where(dead, 0.0, (s2 - s1.square() / safe_s0).clamp_min(0.0))
+    return s0, mean, m2
+
+
+def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sensitivity-weighted moments of every input as seen by every neuron.
+
+    Returns ``s0`` ``(out,)`` = ``sum_s c_i^s``, ``mean`` ``(out, in)`` = ``mu_ij`` and ``m2``
+    ``(out, in)`` = ``sum_s c_i^s (a_j^s - mu_ij)^2``. Rows with ``s0 = 0`` have mean and m2 zero.
+    """
+    check_layer_inputs("ecp.moments", x, g)
+    out_dtype = result_dtype(x, g)
+    s0, mean, m2 = _moments_wide(x, g)
     return _out(s0, out_dtype), _out(mean, out_dtype), _out(m2, out_dtype)
+
+
+def _finalize_wide(
+    dead: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`finalize` in float64, before the rounding; ``dead`` marks the rows ``(out, 1)`` to zero."""
+    w = weight.to(torch.float64)
+    importance = torch.where(dead, 0.0, w.square() * m2.to(torch.float64)).clamp_min(0.0)
+    bias_delta = torch.where(dead, 0.0, w * mean.to(torch.float64))
+    return importance, bias_delta
 
 
 def finalize(
@@ -76,10 +94,27 @@ def finalize(
     """Importance ``I = w^2 m2`` (clamped at 0) and optimal bias shift ``delta* = w mean`` per weight."""
     check_finalize_inputs("ecp.finalize", s0, mean, m2, weight)
     out_dtype = result_dtype(s0, mean, m2, weight)
-    w = weight.to(torch.float64)
-    dead = _dead(s0).unsqueeze(1)
-    importance = torch.where(dead, 0.0, w.square() * m2.to(torch.float64)).clamp_min(0.0)
-    bias_delta = torch.where(dead, 0.0, w * mean.to(torch.float64))
+    importance, bias_delta = _finalize_wide(_dead(s0).unsqueeze(1), mean, m2, weight)
+    return _out(importance, out_dtype), _out(bias_delta, out_dtype)
+
+
+def _compensated_score(
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``finalize(moments(x, g), weight)``, except where rounding a moment overflows.
+
+    The moments are rounded to ``out_dtype`` as ``ecp.moments`` returns them, then multiplied by the
+    weight in float64. A moment beyond ``out_dtype``'s range would round to inf even where its product
+    with the weight is in range (``m2 = 1e40``, ``w = 1e-2``): there the float64 moment is used, and
+    the product is rounded once, as the fused kernels' float64 recomputation does.
+    """
+    wide = _moments_wide(x, g)
+    s0, mean, m2 = (t.to(out_dtype) for t in wide)
+    dead = _dead(s0).unsqueeze(1)  # as ecp.finalize sees the s0 that ecp.moments returns
+    importance, bias_delta = _finalize_wide(dead, mean, m2, weight)
+    importance_once, bias_delta_once = _finalize_wide(dead, wide[1], wide[2], weight)
+    importance = torch.where(m2.isinf() & wide[2].isfinite(), importance_once, importance)
+    bias_delta = torch.where(mean.isinf() & wide[1].isfinite(), bias_delta_once, bias_delta)
     return _out(importance, out_dtype), _out(bias_delta, out_dtype)
 
 
@@ -94,8 +129,7 @@ def score(
     shape = check_score_inputs("ecp.score", x, g, weight)
     out_dtype = result_dtype(x, g, weight)
     if compensate:
-        s0, mean, m2 = moments(x, g)
-        return finalize(s0, mean, m2, weight.to(out_dtype))
+        return _compensated_score(x, g, weight, out_dtype)
     a = x.reshape(shape.n, shape.fan_in).to(torch.float64)
     c = _sensitivity(g)
     raw_second_moment = c.T @ a.square()

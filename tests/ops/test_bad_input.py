@@ -163,6 +163,30 @@ def test_flags_and_none_in_wrappers(call, pattern):
         call(torch.randn(5, 3), torch.randn(5, 2), torch.randn(2, 3))
 
 
+# Every Tensor argument of the schemas but gram's optional b and weight.
+REQUIRED_TENSORS = [
+    (op, argument)
+    for op in sorted(OPS)
+    for argument in valid_arguments(op, 3, 2, 2, 1)
+    if op != "gram" or argument == "a"
+]
+
+
+@pytest.mark.parametrize("op, argument", REQUIRED_TENSORS)
+def test_none_for_a_required_tensor_of_the_registered_op_is_named(op, argument):
+    """torch.ops.ecp.* called directly (C++, TorchScript, compiled graphs) with None: the kernel gets an
+    undefined tensor and must name the op and the argument, like the fake kernel and the wrappers."""
+    arguments: dict = valid_arguments(op, 5, 3, 2, 1)
+    arguments[argument] = None
+    pattern = rf"^ecp\.{op}: argument '{argument}' must be a torch\.Tensor, got NoneType$"
+    registered = getattr(torch.ops.ecp, op)
+    with pytest.raises(TypeError, match=pattern):
+        registered(**arguments)
+    meta = {name: None if t is None else t.to("meta") for name, t in arguments.items()}
+    with pytest.raises(TypeError, match=pattern):
+        registered(**meta)
+
+
 # ---- merge_moments ------------------------------------------------------------------------------
 
 
@@ -213,6 +237,13 @@ def test_merge_of_parts_with_different_shapes_or_devices():
         ecp_fast.merge_moments(a, reference.moments(torch.randn(5, 3), torch.randn(5, 3)))
     with pytest.raises(ValueError, match=r"both parts must be on the same device, got cpu and meta"):
         ecp_fast.merge_moments(a, tuple(t.to("meta") for t in a))
+
+
+def test_zero_dimensional_merge_parts_say_what_is_expected():
+    scalar = torch.ones(())
+    pattern = r"^merge_moments: 'mean' of argument 'a' must have at least 1 dimension, \(\.\.\., in\), got shape \(\)$"
+    with pytest.raises(ValueError, match=pattern):
+        ecp_fast.merge_moments((scalar, scalar, scalar), (scalar, scalar, scalar))
 
 
 # ---- NaN and extreme values ---------------------------------------------------------------------
@@ -317,6 +348,41 @@ def test_huge_values_never_give_nan_where_the_reference_is_finite(op, dtype, whe
     for a, e in zip(got, expected, strict=True):
         assert not (a.isnan() & e.isfinite()).any(), "NaN where the reference is finite"
     assert_agrees(op, got, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+    signs=st.lists(st.sampled_from([1.0, -1.0]), min_size=1, max_size=3),
+    rows=st.lists(st.integers(0, 300), min_size=3, max_size=3),
+    column=st.integers(0, 5),
+    seed=st.integers(0, 100),
+)
+def test_infinite_input_gives_the_uncompensated_importance_inf(dtype, signs, rows, column, seed):
+    """w^2 sum_s c a^2 is inf where an activation is +-inf (NaN only where c or w is 0 there, as in the
+    reference), inside or after the samples the kernel's shift is taken from."""
+    x, g, weight = layer(301, 6, 4, dtype, seed)
+    for sign, row in zip(signs, rows, strict=False):
+        x[row, column] = sign * float("inf")
+    got, expected = outputs("score-uncompensated", x, g, weight, 0), outputs("score-uncompensated", x, g, weight, 1)
+    assert bool(expected[0][1:, column].isposinf().any()), "the reference has an infinite importance"
+    assert_agrees("score-uncompensated", got, expected)
+
+
+def test_importance_in_range_is_finite_where_m2_overflows_float32():
+    """m2 = 2e40 is beyond float32, w^2 m2 = 2e36 (or 0 for w = 0) is not: the op and the reference give
+    the float64 value rounded once, and elsewhere the reference is still finalize(moments), bit for bit."""
+    x = torch.tensor([[0.0, 1.0, 5.0], [2.0, 3.0, 5.0]])
+    g = torch.tensor([[1e20, 1.0], [1e20, 2.0]])  # row 0: c = 1e40 per sample, row 1: ordinary
+    weight = torch.tensor([[1e-2, 0.0, 3.0], [0.5, -2.0, 1e-3]])
+    wide = reference.score(x.double(), g.double(), weight.double())
+    for score in (ops.score, reference.score):
+        importance, bias_delta = score(x, g, weight)
+        assert torch.equal(importance[0], wide[0][0].float()), importance[0]  # [2e36, 0, 0]: no inf, no NaN
+        torch.testing.assert_close(bias_delta, wide[1].float(), rtol=1e-6, atol=0)
+    importance, bias_delta = reference.score(x, g, weight)
+    finalized = reference.finalize(*reference.moments(x, g), weight)
+    assert torch.equal(importance[1], finalized[0][1]) and torch.equal(bias_delta, finalized[1])
 
 
 @pytest.mark.parametrize("op", ["moments", "score", "score-uncompensated", "finalize"])

@@ -57,3 +57,30 @@ def test_merge_rejects_mismatched_parts():
     b = reference.moments(torch.randn(5, 4), torch.randn(5, 2))
     with pytest.raises(ValueError, match="'mean' of both parts must have the same shape"):
         ecp_fast.merge_moments(a, b)
+
+
+@pytest.mark.parametrize(
+    "scale, cut, later",
+    [(1e20, 3, 1e20), (1e19, 3, 1e19), (1e20, 5, 1e10)],
+    ids=["both-parts-overflow", "only-the-sum-overflows", "one-part-overflows"],
+)
+def test_merge_where_s0_overflows_float32_agrees_with_one_pass(scale, cut, later):
+    """S0 beyond float32 (inf) must not make the merged mean and m2 NaN where one pass's are finite (or
+    inf); rows whose S0 is finite merge with the unchanged arithmetic, bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3, generator=generator)
+    x[:, 2] = 4.0  # constant: m2 = 0 in one pass, and no NaN from 0 * inf in the merge
+    g = torch.randn(6, 2, generator=generator)
+    g[:cut, 0], g[cut:, 0] = scale, later  # row 0: c = scale^2, then later^2, per sample
+    one_pass = ecp_fast.ops.moments(x, g)
+    parts = ecp_fast.ops.moments(x[:cut], g[:cut]), ecp_fast.ops.moments(x[cut:], g[cut:])
+    merged = ecp_fast.merge_moments(*parts)
+    assert merged.s0[0].isposinf() and one_pass.s0[0].isposinf()
+    torch.testing.assert_close(merged.mean, one_pass.mean, rtol=1e-5, atol=0)
+    torch.testing.assert_close(merged.m2[0], one_pass.m2[0], rtol=1e-5, atol=0)  # inf where one pass is
+    s0_a, s0_b = parts[0].s0[1:], parts[1].s0[1:]
+    weight_b = (s0_b / (s0_a + s0_b)).unsqueeze(-1)
+    delta = parts[1].mean[1:] - parts[0].mean[1:]
+    assert torch.equal(merged.mean[1:], parts[0].mean[1:] + delta * weight_b)
+    m2 = parts[0].m2[1:] + parts[1].m2[1:] + delta.square() * s0_a.unsqueeze(-1) * weight_b
+    assert torch.equal(merged.m2[1:], m2)

@@ -325,6 +325,20 @@ def test_float32_overflow_gives_the_reference_result(launch: None) -> None:
     assert torch.equal(ecp_triton.gram(a, b), reference.gram(a, b))
 
 
+@kernel_test
+@pytest.mark.filterwarnings(
+    "ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning"
+)
+def test_importance_in_range_is_finite_where_m2_overflows_float32(launch: None) -> None:
+    """m2 = 2e40 overflows the kernel's float32 sums; w^2 m2 = 2e36 does not, nor does it in the reference."""
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]], device=DEVICE)
+    g = torch.full((2, 1), 1e20, device=DEVICE)
+    weight = torch.tensor([[1e-2, 0.0]], device=DEVICE)
+    expected = reference.score(x.double(), g.double(), weight.double())[0].float()
+    importance, _ = ecp_triton.score(x, g, weight)
+    assert torch.equal(importance.cpu(), expected.cpu()), importance  # [[2e36, 0]]
+
+
 @pytest.mark.parametrize(
     "bad_call",
     [
