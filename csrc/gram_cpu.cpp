@@ -13,8 +13,11 @@
 // GEMM per block row) and the lower triangle is mirrored at the end: about 5/8 of the
 // multiplications of a full GEMM for in = 1024.
 //
-// Threads: each takes chunks from a shared counter and accumulates them into its own H (serial fill,
-// single-threaded GEMMs), all inside one parallel region, and the private H are added at the end.
+// Threads: each takes every workers-th chunk and accumulates them into its own H (serial fill,
+// single-threaded GEMMs), all inside one parallel region, and the private H are added at the end in
+// worker order. The schedule is fixed, never taken from a shared counter, so H is the same bits on
+// every run with the same thread count (a counter balanced a busy machine better, but made the sums
+// depend on which thread got which chunk).
 // On a busy machine each parallel region waits for its slowest thread, so this keeps the op within a
 // few percent of one torch.mm where a parallel fill and parallel GEMMs per chunk lost 20-50%. When
 // the private H would not fit kPrivateSumsBytes (wide layers, many threads) or there are too few
@@ -24,7 +27,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -160,19 +162,21 @@ void accumulate(at::Tensor& h, const at::Tensor& left, const at::Tensor& right, 
   }
 }
 
-// Calls fill(begin, end) over [0, rows) in blocks of `grain` rows that the threads take in turn from
-// a shared counter: on a busy machine a thread that loses its core leaves its blocks to the others,
-// where a static split would hold the region until the slow thread had done its half.
+// Calls fill(begin, end, slot) over [0, rows) in blocks of `grain` rows, block k going to slot
+// k mod slots (slots = the thread count): a fixed schedule, so each slot's partial sums, and their
+// total in slot order, are the same bits on every run whichever thread runs which slot. (A shared
+// counter balanced a busy machine better, but made the sums depend on the timing.)
 template <typename F>
 void parallel_rows(int64_t rows, int64_t grain, const F& fill) {
-  if (rows <= grain || at::get_num_threads() == 1 || at::in_parallel_region()) {
-    fill(0, rows);
+  const int64_t slots = at::get_num_threads();
+  if (rows <= grain || slots == 1 || at::in_parallel_region()) {
+    fill(0, rows, 0);
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t begin = next.fetch_add(grain); begin < rows; begin = next.fetch_add(grain))
-      fill(begin, std::min(rows, begin + grain));
+  at::parallel_for(0, slots, 1, [&](int64_t first, int64_t last) {
+    for (int64_t slot = first; slot < last; ++slot)
+      for (int64_t begin = slot * grain; begin < rows; begin += slots * grain)
+        fill(begin, std::min(rows, begin + grain), slot);
   });
 }
 
@@ -230,8 +234,8 @@ GramPlan make_plan(const at::Tensor& a, const std::optional<at::Tensor>& b, cons
   return plan;
 }
 
-// One worker's buffers and sums: it takes chunks of samples from a shared counter and accumulates
-// them into its own H, so the threads of a worker pool never wait for each other until the end.
+// One worker's buffers and sums: it accumulates its chunks of samples into its own H, so the threads
+// of a worker pool never wait for each other until the end.
 template <typename acc_t>
 struct Worker {
   at::Tensor left, right, acc;  // [w a | w] and b rows (chunk x ld), sums (in_a + 1 x ld_acc)
@@ -247,19 +251,20 @@ struct Worker {
         column_sums(plan.cols_a, acc_t(0)) {}
 };
 
-// Accumulates every chunk the shared counter `next` still hands out into `worker`.
+// Accumulates chunks index, index + workers, ... into `worker` (a fixed schedule: the same sums on
+// every run).
 template <typename acc_t>
-void run_worker(Worker<acc_t>& worker, std::atomic<int64_t>& next, const GramPlan& plan, const at::Tensor& a,
+void run_worker(Worker<acc_t>& worker, int64_t index, const GramPlan& plan, const at::Tensor& a,
                 const at::Tensor& right_source, const acc_t* w_data, const GramShape& shape) {
   const SampleOffsets offsets_a(a), offsets_b(right_source);
   acc_t* left_data = worker.left.template mutable_data_ptr<acc_t>();
   acc_t* right_data = worker.right.defined() ? worker.right.template mutable_data_ptr<acc_t>() : nullptr;
   acc_t* thread_sums = worker.thread_sums.template mutable_data_ptr<acc_t>();
-  for (int64_t start = next.fetch_add(plan.chunk); start < shape.n; start = next.fetch_add(plan.chunk)) {
+  for (int64_t start = index * plan.chunk; start < shape.n; start += plan.workers * plan.chunk) {
     const int64_t rows = std::min(plan.chunk, shape.n - start);
     std::fill(thread_sums, thread_sums + worker.thread_sums.numel(), acc_t(0));
-    parallel_rows(rows, plan.grain, [&](int64_t begin, int64_t end) {
-      acc_t* sums = thread_sums + at::get_thread_num() * plan.cols_a;
+    parallel_rows(rows, plan.grain, [&](int64_t begin, int64_t end, int64_t slot) {
+      acc_t* sums = thread_sums + slot * plan.cols_a;
       fill_rows<acc_t>(a, offsets_a, w_data, sums, start, begin, end, left_data, plan.ld_a);
       if (right_data != nullptr)
         fill_rows<acc_t>(right_source, offsets_b, nullptr, nullptr, start, begin, end, right_data, plan.ld_b);
@@ -319,12 +324,12 @@ at::Tensor gram_pass(const at::Tensor& a, const std::optional<at::Tensor>& b,
   std::vector<Worker<acc_t>> workers;
   workers.reserve(plan.workers);
   for (int64_t i = 0; i < plan.workers; ++i) workers.emplace_back(plan, options);
-  std::atomic<int64_t> next{0};
   if (plan.workers == 1) {
-    run_worker<acc_t>(workers[0], next, plan, a, right_source, w_data, shape);
+    run_worker<acc_t>(workers[0], 0, plan, a, right_source, w_data, shape);
   } else {
-    at::parallel_for(0, plan.workers, 1, [&](int64_t, int64_t) {
-      run_worker<acc_t>(workers[at::get_thread_num()], next, plan, a, right_source, w_data, shape);
+    at::parallel_for(0, plan.workers, 1, [&](int64_t first, int64_t last) {
+      for (int64_t index = first; index < last; ++index)
+        run_worker<acc_t>(workers[index], index, plan, a, right_source, w_data, shape);
     });
   }
   return combine<acc_t>(workers, plan, shape);

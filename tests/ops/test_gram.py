@@ -111,6 +111,25 @@ def test_any_thread_count(threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_the_same_inputs_give_the_same_bits_on_every_call(threads):
+    """A fixed schedule: the column sums of a parallel fill (one shared H) and the private sums of
+    the workers (many samples) are added in the same order whichever thread runs which part."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(3)
+        for n, fan_in, float64 in ((256, 784, True), (4096, 300, True), (3000, 64, False)):
+            a = torch.relu(torch.randn(n, fan_in, generator=generator))
+            weight = torch.rand(n, generator=generator)
+            for b in (None, a[:, :40]):
+                first = ops.gram(a, b, weight, float64=float64)
+                for _ in range(12):
+                    assert torch.equal(ops.gram(a, b, weight, float64=float64), first), (n, fan_in, b is None)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_the_result_is_the_kernels_own_sums_closed_up_in_place(threads):
     """H is returned in the buffer it was summed in (its padded rows closed up, no copy): contiguous,
