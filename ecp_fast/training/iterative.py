@@ -266,6 +266,7 @@ class _IterativeRun:
         self.best = (0.0, -math.inf, 0)  # sparsity, metric, step of the checkpoint
         self.step = self.intervals_done = self.below = self.prune_steps = self.rollbacks = 0
         self.stop_reason = "max_steps"
+        self.added: list[nn.Parameter] = []  # parameters a prune step created, given to the optimizer
 
     def train_interval(self, bar: Any) -> None:
         """``interval`` optimizer steps (fewer at the end of ``max_steps``), then the interval scheduler."""
@@ -361,7 +362,7 @@ class _IterativeRun:
         before = {id(parameter) for parameter in self.model.parameters()}
         s.prune_fn(self.model, self.weights, target)
         zero_pruned(self.weights)
-        _train_new_parameters(self.model, s.optimizer, before)
+        self.added += _train_new_parameters(self.model, s.optimizer, before)
         logger.info(
             "%s: step %d, metric %.4f at sparsity %.4f; pruned to %.4f",
             s.description,
@@ -395,7 +396,7 @@ class _IterativeRun:
         s = self.settings
         if self.checkpoint is not None:
             load_checkpoint(self.model, self.checkpoint)
-            _drop_orphan_groups(self.model, s.optimizer)
+            _drop_orphan_parameters(self.model, s.optimizer, self.added)
             state = self.checkpoint
             final_sparsity, final_metric, final_step = self.best
         else:
@@ -525,28 +526,36 @@ def load_checkpoint(model: nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Load an optimizer state taken earlier in the run, dropping the parameter groups added since (the
-    biases a compensating prune step added, see :func:`_train_new_parameters`)."""
-    del optimizer.param_groups[len(state["param_groups"]) :]
+    """Load an optimizer state taken earlier in the run, first dropping from each group the parameters
+    added to it since (the biases a compensating prune step added, see :func:`_train_new_parameters`)."""
+    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        for parameter in group["params"][len(saved["params"]) :]:
+            optimizer.state.pop(parameter, None)
+        del group["params"][len(saved["params"]) :]
     optimizer.load_state_dict(state)
 
 
-def _train_new_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, before: set[int]) -> None:
+def _train_new_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, before: set[int]) -> list[nn.Parameter]:
     """Give the optimizer the parameters a prune step created (a compensating step adds a bias to a
-    layer that had none): one new group with the optimizer's defaults, so they are trained too."""
+    layer that had none), so they are trained too. They join the last parameter group: a new group
+    would not be known to a learning-rate scheduler (OneCycleLR, ReduceLROnPlateau keep per-group
+    state), and the group's own hyperparameters apply to them."""
     new = [p for p in model.parameters() if id(p) not in before and p.requires_grad]
     if new:
-        optimizer.add_param_group({"params": new})
+        optimizer.param_groups[-1]["params"].extend(new)
         logger.info("iterative pruning: %d parameters the prune step added now train with the optimizer", len(new))
+    return new
 
 
-def _drop_orphan_groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Drop the optimizer's parameter groups none of whose parameters the model holds any more (the
-    biases of :func:`_train_new_parameters` when the checkpoint loaded predates them)."""
+def _drop_orphan_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, added: list[nn.Parameter]) -> None:
+    """Drop from the optimizer, with their state, the parameters of ``added`` (see
+    :func:`_train_new_parameters`) the model no longer holds: the checkpoint loaded predates them."""
     held = {id(parameter) for parameter in model.parameters()}
-    optimizer.param_groups[:] = [
-        group for group in optimizer.param_groups if any(id(p) in held for p in group["params"])
-    ]
+    gone = {id(p) for p in added if id(p) not in held}
+    for group in optimizer.param_groups:
+        for parameter in [p for p in group["params"] if id(p) in gone]:
+            optimizer.state.pop(parameter, None)
+        group["params"][:] = [p for p in group["params"] if id(p) not in gone]
 
 
 def _register_rollbacks(transaction: Any, settings: _Settings) -> None:

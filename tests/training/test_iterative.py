@@ -434,3 +434,22 @@ def test_ecp_steps_on_bias_free_layers_train_the_biases_they_add_and_go_back_bef
     assert result.met_bound and result.sparsity == 0.0 and result.stop_reason == "bound"
     assert model[0].bias is None and model[2].bias is None and set(result.state_dict) == set(model.state_dict())
     assert all(any(p is q for q in model.parameters()) for g in optimizer.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("kind", ["one-cycle", "step"])
+def test_biases_a_step_adds_train_under_a_learning_rate_scheduler(kind) -> None:
+    """The added biases join the optimizer's last group: schedulers that keep per-group state see no
+    new group, and the biases follow the group's rate."""
+    model, batches, metric = _bias_free_task()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    if kind == "one-cycle":
+        scheduler, where = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=40), "step"
+    else:
+        scheduler, where = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9), "interval"
+    result = iterative_prune(
+        model, batches, nn.functional.cross_entropy, optimizer, metric, 0.0, interval=10,
+        prune_step=ECPPruneStep(batches[:2], nn.functional.cross_entropy), prune_fraction=0.5,
+        scheduler=scheduler, scheduler_step=where, max_steps=40, progress=False,
+    )  # fmt: skip
+    assert result.met_bound and result.sparsity > 0 and len(optimizer.param_groups) == 1
+    assert any(model[0].bias is p for p in optimizer.param_groups[0]["params"])
