@@ -172,11 +172,16 @@ def rank_seed(seed: int, group: Any = None) -> int:
     Raises:
         TypeError: ``seed`` is not an integer (``bool`` and ``1.5`` are refused, ``numpy.int64`` taken).
     """
+    rank, _ = rank_and_world_size(group)
+    return checked_seed(seed) + RANK_SEED_STRIDE * rank
+
+
+def checked_seed(seed: object) -> int:
+    """``seed`` as a Python int; ``TypeError`` naming it unless it is an integral number (not ``bool``)."""
     value = _integer(seed)
     if value is None:
         raise TypeError(f"argument 'seed' must be an integer, got {type(seed).__name__} {seed!r}")
-    rank, _ = rank_and_world_size(group)
-    return value + RANK_SEED_STRIDE * rank
+    return value
 
 
 @contextmanager

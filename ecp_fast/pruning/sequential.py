@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import operator
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.distributed import per_rank_probe_seed, synchronize_calibration
+from ecp_fast.distributed import checked_seed, per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.allocation import ALLOCATIONS
 from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, module_device
 from ecp_fast.pruning.calibration import resolve_layers
@@ -188,14 +187,6 @@ def _check_flags(**flags: object) -> None:
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"argument {name!r} must be a bool, got {type(value).__name__} {value!r}")
-
-
-def _seed(seed: object) -> int:
-    """``seed`` as an int (integral numbers such as ``numpy.int64`` too; not ``bool``)."""
-    if not isinstance(seed, bool):
-        with contextlib.suppress(TypeError):
-            return operator.index(seed)  # type: ignore[arg-type]
-    raise TypeError(f"argument 'seed' must be an integer, got {type(seed).__name__} {seed!r}")
 
 
 def _compute_device(device: object) -> torch.device | None:
@@ -422,7 +413,17 @@ def prune_sequential(
     bad arguments raise ``ValueError`` / ``TypeError`` naming them before anything changes.
     """
     settings = _Settings(
-        sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, _seed(seed), reconstruct, allocation
+        sparsity,
+        method,
+        sensitivity,
+        scope,
+        steps,
+        probes,
+        layers,
+        synchronize,
+        checked_seed(seed),
+        reconstruct,
+        allocation,
     )
     _check_arguments(settings)
     _check_flags(offload_activations=offload_activations, atomic=atomic, synchronize=synchronize, progress=progress)
