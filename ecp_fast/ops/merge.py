@@ -89,9 +89,13 @@ def merge_moments(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> M
     delta = mean_b - mean_a
     mean = mean_a + delta * weight_b
     m2 = m2_a + m2_b + delta.square() * s0_a.unsqueeze(-1) * weight_b
-    # Rows whose S0 overflowed (inf) would get inf / inf = NaN: merge them by the overflow-safe form.
-    overflow = s0.isposinf().unsqueeze(-1)
+    # Rows whose S0 overflowed (inf) would get inf / inf = NaN: merge them by the overflow-safe form,
+    # made only when there is such a row (merges run once per batch and layer during calibration).
+    overflow = s0.isposinf()
+    if not bool(overflow.any()):
+        return Moments(s0, mean, m2)
     mean_wide, m2_wide = _merge_overflowed(s0_a, s0_b, mean_a, m2_a, m2_b, delta)
+    overflow = overflow.unsqueeze(-1)
     return Moments(s0, torch.where(overflow, mean_wide, mean), torch.where(overflow, m2_wide, m2))
 
 
