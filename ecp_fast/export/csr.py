@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from ecp_fast.export.timing import interleaved_times
+from ecp_fast.pruning.batches import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +258,9 @@ def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_i
                 misfits.append(f"layer {name!r} expects a last size of {expected}, got {tuple(args[0].shape)}")
 
         handles.append(module.register_forward_pre_hook(hook))
-    # Evaluation mode, so that the run neither drops units nor updates batch-norm statistics.
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        with torch.no_grad():
+        # Evaluation mode, so that the run neither drops units nor updates batch-norm statistics.
+        with eval_mode(model), torch.no_grad():
             model(*arguments)
     except (RuntimeError, ValueError, TypeError, IndexError) as error:
         where = f"{misfits[0]}; " if misfits else ""
@@ -273,8 +272,6 @@ def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_i
     finally:
         for handle in handles:
             handle.remove()
-        for module, training in modes:
-            module.training = training
     return captured
 
 

@@ -486,18 +486,15 @@ def capture_block_inputs(
         raise _StopForward
 
     captured: list[BlockInputs] = []
-    modes = {module: module.training for module in model.modules()}
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    model.eval()
     try:
-        for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
-            inputs, _ = split_batch(batch)
-            inputs = to_device(inputs, device)
-            captured.append(_capture_one(model, inputs, recorded, index).to(store))
+        with eval_mode(model):
+            for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
+                inputs, _ = split_batch(batch)
+                inputs = to_device(inputs, device)
+                captured.append(_capture_one(model, inputs, recorded, index).to(store))
     finally:
         handle.remove()
-        for module, mode in modes.items():
-            module.train(mode)
     if not captured:
         raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
     logger.info("captured the first block's inputs for %d batches", len(captured))

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.distributed import checked_seed, per_rank_probe_seed, synchronize_calibration
 from ecp_fast.pruning.allocation import ALLOCATIONS
-from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, module_device
+from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, eval_mode, module_device
 from ecp_fast.pruning.calibration import resolve_layers
 from ecp_fast.pruning.importance import IMPORTANCES, get_method
 from ecp_fast.pruning.pruner import Pruner
@@ -311,14 +311,8 @@ def _forward(
     block: nn.Module, batches: list[BlockInputs], device: torch.device, storage: torch.device
 ) -> list[BlockInputs]:
     """The next block's inputs: this block's outputs for every batch, in eval mode and without a graph."""
-    modes = {module: module.training for module in block.modules()}
-    block.eval()
-    try:
-        with torch.no_grad():
-            return [batch.with_hidden(batch.to(device)(block).to(storage)) for batch in batches]
-    finally:
-        for module, mode in modes.items():
-            module.train(mode)
+    with eval_mode(block), torch.no_grad():
+        return [batch.with_hidden(batch.to(device)(block).to(storage)) for batch in batches]
 
 
 # ---- one block -----------------------------------------------------------------------------------
