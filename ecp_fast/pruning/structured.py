@@ -56,7 +56,7 @@ from ecp_fast.pruning.calibration import (
     weight_2d,
     weight_parameter,
 )
-from ecp_fast.pruning.layers import is_transposed_linear, tied_weights
+from ecp_fast.pruning.layers import LayerSpec, is_transposed_linear, layer_kind, tied_weights
 from ecp_fast.pruning.masks import copy_model
 from ecp_fast.pruning.pruner import Pruner, register_neuron_pruning
 from ecp_fast.pruning.transaction import model_transaction
@@ -784,8 +784,8 @@ def mask_neurons(model: nn.Module, plan: NeuronPlan) -> None:
             consumer = modules[pair.consumer]
             weight = weight_parameter(consumer)
             removed = ~plan.keep[pair.consumer].to(weight.device)
-            # (out, in) view that writes through: Conv1D stores its weight (in, out).
-            matrix = weight.t() if is_transposed_linear(consumer) else weight.view(weight.shape[0], -1)
+            # the (out, in) view that writes through (a transpose for Conv1D, which stores (in, out))
+            matrix = LayerSpec(pair.consumer, consumer, layer_kind(consumer) or "linear").weight_view()
             matrix[:, removed] = 0
             shift = plan.bias_shift.get(pair.consumer)
             if shift is not None:
