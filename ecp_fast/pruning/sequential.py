@@ -402,23 +402,13 @@ def prune_sequential(
     ``probes``, ``layers`` (names within each block), ``seed`` as for the Pruner. ``device``
     computes each block there; ``offload_activations`` keeps activations on the CPU; ``atomic``
     restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges
-    statistics across ``torch.distributed`` ranks. A failure's error gets a note saying in which
-    block it happened and what was restored or stays pruned. Returns a :class:`SequentialReport`;
-    bad arguments raise ``ValueError`` / ``TypeError`` naming them before anything changes.
+    statistics across ranks. A failure's error notes its block and what stays pruned. Returns a
+    :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError`` naming them first.
     """
     settings = _Settings(
-        sparsity,
-        method,
-        sensitivity,
-        scope,
-        steps,
-        probes,
-        layers,
-        synchronize,
-        checked_seed(seed),
-        reconstruct,
+        sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
         allocation,
-    )
+    )  # fmt: skip
     _check_arguments(settings)
     _check_flags(offload_activations=offload_activations, atomic=atomic, synchronize=synchronize, progress=progress)
     compute = _compute_device(device)
