@@ -211,18 +211,37 @@ def _finite_factor(factor: torch.Tensor) -> bool:
     return bool(torch.isfinite(factor.diagonal(dim1=-2, dim2=-1)).all())
 
 
+def _cholesky_in_place(matrix: torch.Tensor, upper: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.cholesky_ex`` of a matrix (or batch) written over the matrix where its memory
+    allows, so no second matrix of its size is held: LAPACK factors column-major matrices, and torch
+    copies any other into a fresh one first.
+
+    A column-major matrix is factored where it lies. A row-major one is, when it is exactly symmetric:
+    its transpose is then the same matrix, column-major. Either way the logical matrix LAPACK reads is
+    the one a copy would hold, so the factor is the same, bit for bit (and column-major, as a copy's
+    is). Any other matrix is factored from a copy and left as it was.
+    """
+    if matrix.mT.is_contiguous():
+        column_major = matrix
+    elif matrix.is_contiguous() and torch.equal(matrix, matrix.mT):
+        column_major = matrix.mT
+    else:
+        return torch.linalg.cholesky_ex(matrix, upper=upper)
+    info = torch.empty(matrix.shape[:-2], dtype=torch.int32, device=matrix.device)
+    return torch.linalg.cholesky_ex(column_major, upper=upper, out=(column_major, info))
+
+
 def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U): row i of U, scaled, is the OBS update
     direction for column i in the problem restricted to columns i, i+1, ...
 
-    ``damped`` holds the dampened matrix and is emptied: each step frees the matrix before it, so
-    two (in + 1)^2 matrices are alive at a time, not four."""
-    factor, info = torch.linalg.cholesky_ex(damped.pop())
+    ``damped`` holds the dampened matrix and is emptied: each step writes over the matrix before it
+    (:func:`_cholesky_in_place`; the inverse is made in place of the factor), so the dampened matrix
+    becomes U without a second (in + 1)^2 matrix (two where it is not exactly symmetric)."""
+    factor, info = _cholesky_in_place(damped.pop())
     if int(info) == 0:
-        inverse = torch.cholesky_inverse(factor)
-        del factor
-        factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
+        factor = torch.cholesky_inverse(factor, out=factor)  # column-major: LAPACK inverts it where it lies
+        factor, info = _cholesky_in_place(factor, upper=True)
     if int(info) != 0 or not _finite_factor(factor):
         raise SingularError(
             f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
@@ -232,7 +251,9 @@ def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Te
 
 
 def _cholesky_or_raise(systems: torch.Tensor, ridge: float) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(systems)
+    """The lower Cholesky factors of a batch of systems, written over ``systems`` where their memory
+    allows (:func:`_cholesky_in_place`)."""
+    factor, info = _cholesky_in_place(systems)
     if bool((info != 0).any()) or not _finite_factor(factor):
         raise SingularError(
             f"the Gram matrix restricted to a row's kept inputs is singular with ridge={ridge}; "

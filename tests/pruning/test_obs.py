@@ -533,6 +533,43 @@ def test_a_factor_made_from_a_matrix_handed_over_is_the_same_and_frees_it(dtype)
     assert refused == [gram] and torch.equal(refused[0], expected_gram)  # refused: still the caller's, unchanged
 
 
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_cholesky_in_place_is_the_copying_factorisation_bit_for_bit(batch):
+    """A symmetric row-major matrix (or batch) and a column-major one are factored where they lie, into
+    the bits and strides a copy gets; any other matrix is factored from a copy and left unchanged."""
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(*batch, 70, 23, generator=g, dtype=F64)
+    symmetric = x.mT @ x + torch.eye(23, dtype=F64)
+    symmetric = (symmetric + symmetric.mT) / 2  # exactly symmetric
+    for upper in (False, True):
+        expected, expected_info = torch.linalg.cholesky_ex(symmetric, upper=upper)
+        for matrix in (symmetric.clone(), symmetric.mT.clone().mT):  # row-major, column-major
+            factor, info = obs._cholesky_in_place(matrix, upper=upper)
+            assert factor.untyped_storage().data_ptr() == matrix.untyped_storage().data_ptr()
+            assert torch.equal(factor, expected) and factor.stride() == expected.stride()
+            assert torch.equal(info, expected_info)
+    skewed = symmetric.clone()
+    skewed[..., 0, 1] += 1e-3  # not symmetric: LAPACK reads the lower triangle, as from a copy
+    original = skewed.clone()
+    factor, _ = obs._cholesky_in_place(skewed)
+    assert factor.untyped_storage().data_ptr() != skewed.untyped_storage().data_ptr()
+    assert torch.equal(factor, torch.linalg.cholesky_ex(original)[0]) and torch.equal(skewed, original)
+
+
+def test_the_inverse_factor_is_made_in_the_memory_of_the_matrix_handed_over():
+    """No second (in + 1)^2 matrix: the handed-over Gram matrix becomes U of H^-1, equal to the chain of
+    copying factorisations."""
+    *_, gram = _problem(6, 16, seed=37, dead=(3,))
+    gram = (gram + gram.mT) / 2
+    damped = obs.dampen(gram, 0.01)
+    expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    holder = [gram.clone()]
+    storage = holder[0].untyped_storage().data_ptr()
+    factor = obs.inverse_factor(holder, damp=0.01)
+    assert factor.upper.untyped_storage().data_ptr() == storage
+    assert torch.equal(factor.upper, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch, dtype):
     """Pieces of whole lines keep each system at its offset modulo 64 bytes in the chunk's batch, so LAPACK
