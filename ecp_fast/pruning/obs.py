@@ -301,8 +301,9 @@ def inverse_factor(
     that Gram matrix, and the matrix itself need not be kept.
 
     ``gram`` given as a one-element list is taken over: the list is emptied and the matrix (when it
-    has ``dtype`` already) is dampened in place and freed as the factor is made, so no copy of it
-    is ever held beside it. Raises SingularError (a ValueError) if H is singular after dampening.
+    has ``dtype`` already) is dampened in place and becomes the factor (in its own memory where it
+    is exactly symmetric), so no copy of it is ever held beside it. Raises SingularError (a
+    ValueError) if H is singular after dampening.
     """
     owned = isinstance(gram, list)
     if owned and len(gram) != 1:
