@@ -292,6 +292,7 @@ def _dampen_in_place(damped: torch.Tensor, damp: float) -> torch.Tensor:
     return damped
 
 
+@torch.no_grad()  # every solver entry point: not differentiable; grad-tracking inputs are read as values
 def inverse_factor(
     gram: torch.Tensor | list[torch.Tensor],
     damp: float = 0.01,
@@ -528,6 +529,7 @@ def _factor_in(
     return factor.upper.to(like), factor.dead.to(like.device)
 
 
+@torch.no_grad()
 def obs_sweep(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -743,6 +745,7 @@ def _right_hand_side(
     return rhs
 
 
+@torch.no_grad()
 def refit(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -800,6 +803,7 @@ def refit(
     return solution[:, :n_in].to(weight.dtype), solution[:, n_in].to(bias_dtype)
 
 
+@torch.no_grad()
 def reconstruction_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,

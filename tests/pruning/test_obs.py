@@ -570,6 +570,29 @@ def test_the_inverse_factor_is_made_in_the_memory_of_the_matrix_handed_over():
     assert torch.equal(factor.upper, expected)
 
 
+def test_parameters_and_grad_tracking_inputs_are_solved_as_values():
+    """The solver is not differentiable: an nn.Parameter weight or a Gram matrix that requires grad gives
+    the results of their detached values (the sweep failed inside autograd, the factorisations in place
+    refused to write)."""
+    weight, bias, _, _, gram = _problem(5, 12, seed=43)
+    gram = (gram + gram.mT) / 2
+    mask = _random_mask(5, 12, seed=43)
+    tracked = dict(
+        weight=torch.nn.Parameter(weight.clone()),
+        bias=torch.nn.Parameter(bias.clone()),
+        gram=gram.clone().requires_grad_(),
+    )
+    expected_sweep = obs.obs_sweep(weight, bias, gram, 0.5)
+    sweep = obs.obs_sweep(tracked["weight"], tracked["bias"], tracked["gram"], 0.5)
+    assert torch.equal(sweep.weight, expected_sweep.weight) and torch.equal(sweep.mask, expected_sweep.mask)
+    expected_refit = obs.refit(weight, bias, mask, gram)
+    refitted = obs.refit(tracked["weight"], tracked["bias"], mask, tracked["gram"])
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(refitted, expected_refit, strict=True))
+    factor = obs.inverse_factor(tracked["gram"])
+    assert torch.equal(factor.upper, obs.inverse_factor(gram).upper) and not factor.upper.requires_grad
+    assert torch.equal(tracked["weight"], weight) and torch.equal(tracked["gram"], gram)  # inputs untouched
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_padded_systems_solved_in_pieces_give_the_whole_chunks_bits(monkeypatch, dtype):
     """Pieces of whole lines keep each system at its offset modulo 64 bytes in the chunk's batch, so LAPACK
