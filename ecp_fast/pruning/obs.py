@@ -26,6 +26,8 @@ from typing import Union
 
 import torch
 
+from ecp_fast.pruning.selection import target_count
+
 logger = logging.getLogger(__name__)
 
 Pattern = Union[str, tuple[int, int]]  # noqa: UP007 - a runtime alias, valid on Python 3.9
@@ -373,11 +375,11 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | N
     out, width = scores.shape
     keep = torch.ones(out, width, dtype=torch.bool, device=scores.device)
     if mode == "unstructured":
-        count = round(sparsity * out * width) if count is None else count
+        count = target_count(out * width, sparsity) if count is None else count
         if count:
             keep.view(-1)[_smallest(scores.flatten(), count)] = False
     else:
-        count = round(sparsity * width)
+        count = target_count(width, sparsity)
         if count:
             keep.scatter_(1, _smallest(scores, count, dim=1), False)
     return keep
@@ -388,7 +390,7 @@ def _layer_budgets(
 ) -> list[int]:
     """Removals per block from one ranking of the whole layer's saliencies before the sweep."""
     scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[..., :n_in])
-    removed = _smallest_mask(scores, round(sparsity * scores.numel()))
+    removed = _smallest_mask(scores, target_count(scores.numel(), sparsity))
     per_column = removed.sum(0)
     return [int(per_column[i1 : i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
 
@@ -552,9 +554,9 @@ def obs_sweep(
         weight: (out, in) weights. bias: (out,) or None (treated as zeros).
         gram: (in+1, in+1) augmented Gram matrix, bias last; None when ``factor`` is given.
         sparsity: fraction in [0, 1) removed; ignored for N:M patterns; must be 0 with ``mask``.
-        pattern: "unstructured" (fraction of each block's out x width entries, count by round()),
-            "row" (per row within each block) or (n, m): keep n of every m aligned inputs, chosen
-            from the scores when the sweep reaches the group; m must divide in and block_size.
+        pattern: "unstructured" (fraction of each block's out x width entries, count by round(),
+            at least one kept), "row" (per row within each block, likewise) or (n, m): keep n of every
+            m aligned inputs, chosen when the sweep reaches the group; m must divide in and block_size.
         mask: (out, in) bool, True = keep; if given, only the OBS error propagation runs.
         block_size: columns per block; damp: fraction of mean(diag H) added to the diagonal.
         dtype: computation dtype; results come back in the weight's (and bias's) dtype.

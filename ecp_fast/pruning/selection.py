@@ -148,13 +148,13 @@ def select_weights(
     for name, score in scores.items():
         available = keep[name]
         if scope.kind == "layer":
-            count = max(round(sparsity * available.numel()) - int((~available).sum()), 0)
+            count = prune_count(available.numel(), int((~available).sum()), sparsity)
             selected[name] = _pick_smallest_flat(score.reshape(-1), available.reshape(-1), count).reshape(
                 available.shape
             )
         elif scope.kind == "row":
             per_row = available.shape[1]
-            counts = (round(sparsity * per_row) - (~available).sum(dim=1)).clamp_min(0)
+            counts = (target_count(per_row, sparsity) - (~available).sum(dim=1)).clamp_min(0)
             selected[name] = _pick_smallest(score, available, counts)
         else:
             fan_out, fan_in = available.shape
@@ -173,9 +173,17 @@ def select_weights(
 # ---- schedule ---------------------------------------------------------------------------------------
 
 
+def target_count(total: int, sparsity: float) -> int:
+    """Weights of a scope of ``total`` that ``sparsity`` removes: the nearest count, but a sparsity below 1
+    leaves at least one (rounding up to all of a small row or layer would empty it, which no sparsity
+    below 1 asks for)."""
+    count = min(int(round(sparsity * total)), total)
+    return min(count, total - 1) if 0 < total and sparsity < 1 else count
+
+
 def prune_count(total: int, already: int, sparsity: float) -> int:
     """Weights still to remove so that ``sparsity`` of ``total`` are removed (``already`` are)."""
-    return max(0, min(int(round(sparsity * total)), total) - already)
+    return max(0, target_count(total, sparsity) - already)
 
 
 def step_sparsities(initial_density: float, target: float, steps: int) -> list[float]:

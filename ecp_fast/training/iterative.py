@@ -34,6 +34,7 @@ from torch.nn.utils import prune
 
 from ecp_fast._deprecation import renamed_attribute, renamed_keyword
 from ecp_fast.pruning.masks import weight_reparametrization
+from ecp_fast.pruning.selection import prune_count
 from ecp_fast.pruning.transaction import model_transaction
 from ecp_fast.training._checks import check_batches, check_bool, check_callable, check_choice, check_int, check_real
 from ecp_fast.training.regularize import RelevanceDecay, WeightRef, check_regularizer, eligible_weights, sparsity
@@ -101,7 +102,7 @@ def zero_pruned(weights: Iterable[WeightRef]) -> None:
 def _prune_count(weights: list[WeightRef], target_sparsity: float) -> int:
     total = sum(ref.numel() for ref in weights)
     already = sum(ref.count_zeros() for ref in weights)
-    return max(0, min(int(round(target_sparsity * total)), total) - already)
+    return prune_count(total, already, target_sparsity)
 
 
 def magnitude_prune(model: nn.Module, weights: list[WeightRef], target_sparsity: float) -> None:

@@ -287,9 +287,9 @@ def test_unstructured_and_row_counts_are_exact_per_block(out, n_in, block_size, 
             pruned = ~result.mask[:, i1 : i1 + block_size]
             width = pruned.shape[1]
             if pattern == "unstructured":
-                assert int(pruned.sum()) == round(sparsity * out * width)
+                assert int(pruned.sum()) == obs.target_count(out * width, sparsity)  # nearest; one kept at least
             else:
-                assert pruned.sum(dim=1).tolist() == [round(sparsity * width)] * out
+                assert pruned.sum(dim=1).tolist() == [obs.target_count(width, sparsity)] * out
         _assert_pruned_exactly(result, bias)
 
 
@@ -591,6 +591,18 @@ def test_parameters_and_grad_tracking_inputs_are_solved_as_values():
     factor = obs.inverse_factor(tracked["gram"])
     assert torch.equal(factor.upper, obs.inverse_factor(gram).upper) and not factor.upper.requires_grad
     assert torch.equal(tracked["weight"], weight) and torch.equal(tracked["gram"], gram)  # inputs untouched
+
+
+@pytest.mark.parametrize("pattern,budget", [("row", "block"), ("unstructured", "block"), ("unstructured", "layer")])
+def test_a_sparsity_below_one_never_sweeps_a_row_or_block_empty(pattern, budget):
+    """round(0.99 * 10) = 10 emptied every row of a 10-input layer, round(0.995 * 48) = 48 a whole layer."""
+    for out, n_in, sparsity in ((24, 10, 0.99), (2, 24, 0.995)):
+        weight, bias, _, _, gram = _problem(out, n_in, seed=47)
+        result = obs.obs_sweep(weight, bias, gram, sparsity, pattern=pattern, budget=budget)
+        left = result.mask.sum(dim=1) if pattern == "row" else result.mask.sum()
+        assert bool((left >= 1).all())
+        kept = out * (n_in - round(sparsity * n_in)) if pattern == "row" else out * n_in - round(sparsity * out * n_in)
+        assert int(result.mask.sum()) == max(kept, out if pattern == "row" else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

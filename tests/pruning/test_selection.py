@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ecp_fast.pruning.selection import Scope, _top, select_weights
+from ecp_fast.pruning.selection import Scope, _top, select_weights, target_count
 
 VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, 1e-300, float("inf"), float("-inf"), float("nan")])
 
@@ -62,3 +62,26 @@ def test_global_selection_removes_the_smallest_scores(sparsity):
         survivors = torch.cat([scores[name][keep[name] & ~removed[name]] for name in scores])
         assert chosen.max() < survivors.min()
     assert flat.numel() == 1793
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 400), st.floats(0.0, 1.0, exclude_max=True))
+def test_a_sparsity_below_one_keeps_at_least_one_weight_of_its_scope(total, sparsity):
+    """The nearest count, except where rounding would remove every weight of a scope that was asked to keep some."""
+    count = target_count(total, sparsity)
+    assert 0 <= count <= max(total - 1, 0)
+    assert count == round(sparsity * total) or (count == total - 1 and round(sparsity * total) == total)
+
+
+@pytest.mark.parametrize("kind", ["row", "layer"])
+def test_row_and_layer_scopes_at_high_sparsity_leave_every_row_or_layer_a_weight(kind):
+    """round(0.99 * 10) = 10 emptied every row (and a 48-weight layer): a constant model for sparsity 0.99."""
+    torch.manual_seed(2)
+    scores = {"a": torch.rand(24, 10, dtype=torch.float64), "b": torch.rand(2, 24, dtype=torch.float64)}
+    keep = {name: torch.ones_like(score, dtype=torch.bool) for name, score in scores.items()}
+    removed = select_weights(scores, keep, 0.99, Scope(kind))
+    for name, score in scores.items():
+        left = (~removed[name]).sum(dim=1) if kind == "row" else (~removed[name]).sum()
+        size = score.shape[1] if kind == "row" else score.numel()
+        assert bool((left == size - target_count(size, 0.99)).all()) and bool((left >= 1).all()), name
+    assert int((~removed["b"]).sum()) == (2 if kind == "row" else 1)  # 48 weights: round(47.52) would take all
