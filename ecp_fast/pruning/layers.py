@@ -29,6 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+
+from ecp_fast.pruning.masks import weight_reparametrization
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +209,12 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
 def unsupported_reason(module: nn.Module) -> str | None:
     """None when ``module`` can be scored, else why not (for errors and the skipped-layer warning)."""
     kind = layer_kind(module)
+    reparametrized = None if kind is None else weight_reparametrization(module)
+    if reparametrized is not None:  # found without reading ``module.weight``: that read may run the parametrization
+        return (
+            f"{type(module).__name__} with a parametrized weight ({reparametrized}) is not supported "
+            "(a mask would act on a computed tensor; remove the parametrization)"
+        )
     if kind in ("linear", "conv1d"):
         return None
     if kind == "conv2d":
@@ -303,8 +312,8 @@ def _weight_bearing_skips(model: nn.Module, candidates: set[str]) -> dict[str, s
     """Modules with a weight matrix (a parameter of 2+ dimensions) that cannot be scored, and why."""
     skipped: dict[str, str] = {}
     for name, module in model.named_modules():
-        if name in candidates or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            continue
+        if name in candidates or isinstance(module, (nn.Embedding, nn.EmbeddingBag, parametrize.ParametrizationList)):
+            continue  # a parametrization's own tensors are its layer's, which is listed
         if layer_kind(module) is not None:
             reason = unsupported_reason(module)
             if reason is not None:

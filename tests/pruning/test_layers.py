@@ -283,3 +283,29 @@ def test_a_channels_last_model_prunes_as_a_contiguous_one(method: str) -> None:
     ecp_fast.prune(strided, batches, sparsity=0.6, method=method, progress=False)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(strided.state_dict()[key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_a_parametrized_weight_is_skipped_or_refused_without_running_its_parametrization(caplog):
+    """Reading a spectral-normed weight in train mode runs a power iteration (its buffers move): layers
+    are resolved without that read, a parametrized layer is skipped with the reason, or refused by name."""
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+        nn.utils.parametrizations.spectral_norm(net[2])
+        return net
+
+    net = model()
+    before = copy.deepcopy(net.state_dict())
+    with caplog.at_level(logging.WARNING, logger="ecp_fast.pruning.layers"):
+        specs = resolve_layers(net)
+    assert list(specs) == ["0"]
+    message = " ".join(record.getMessage() for record in caplog.records if record.levelno == logging.WARNING)
+    assert "'2': ParametrizedLinear with a parametrized weight" in message and "ParametrizationList" not in message
+    with pytest.raises(ValueError, match=r"argument 'layers': layer '2' cannot be pruned: .*parametrized weight"):
+        resolve_layers(net, layers=["0", "2"])
+    inputs, targets = torch.randn(32, 10), torch.randint(0, 3, (32,))
+    report = ecp_fast.prune(net, [(inputs, targets)], sparsity=0.5, method="ecp", progress=False)
+    assert [layer.name for layer in report.layers] == ["0"]
+    after = net.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items() if key.startswith("2."))
