@@ -18,20 +18,24 @@ rounds with the speed-up against dense (ratios within one run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import io
 import itertools
 import logging
+import pickle
 import re
 import sys
+import uuid
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
 
+from ecp_fast.apps.errors import UsageError as CommandLineError
 from ecp_fast.export import FORMATS, exported_layers, interleaved_times, load_compact, save_compact
 from ecp_fast.export import export as export_model
 from ecp_fast.export.compact import COMPACT_FORMAT
@@ -51,8 +55,11 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class UsageError(Exception):
-    """A mistake in the command line or its files: reported in one line, exit status 2."""
+class UsageError(CommandLineError):
+    """A mistake in the command line or its files: reported in one line, exit status 2.
+
+    A :class:`ecp_fast.apps.errors.UsageError`, so that ``ecp-fast``'s own ``validate`` reports it too.
+    """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,12 +271,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
     _check_device(args.device)
 
 
+#: The device types ``--device`` accepts: the timing synchronizes CUDA and nothing else, and a
+#: ``meta`` tensor holds no numbers to export or time.
+DEVICE_TYPES = ("cpu", "cuda")
+ACCEPTED_DEVICES = "cpu, or cuda / cuda:N when a CUDA GPU is available"
+
+
 def _check_device(text: str) -> None:
     """``UsageError`` naming --device unless ``text`` is a device this torch can use now."""
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError) as error:
         raise UsageError(f"--device {text!r}: {str(error).splitlines()[0]}") from None
+    if device.type not in DEVICE_TYPES:
+        raise UsageError(f"--device {text!r}: expected {ACCEPTED_DEVICES}, got a {device.type} device")
     if device.type == "cuda" and not torch.cuda.is_available():
         why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
         raise UsageError(f"--device {text!r}: expected an available device, but {why}; use --device cpu")
@@ -349,9 +364,8 @@ def _check_input(model: nn.Module, shape: tuple[int, ...], option: str | None) -
         raise UsageError(f"{given}: the model does not run on an input of shape {(1, *shape)} (batch of 1): {failure}")
 
 
-def _table(args: argparse.Namespace) -> list[str]:
-    """The lines of the comparison table (runs everything; raises UsageError for user mistakes)."""
-    model, input_shape = _prepare(args)
+def _table(args: argparse.Namespace, model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """The lines of the comparison table (exports, times, writes; raises UsageError for user mistakes)."""
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     batches = {batch: torch.randn((batch, *input_shape), generator=generator).to(device, dtype) for batch in args.batch}
@@ -381,29 +395,116 @@ def _table(args: argparse.Namespace) -> list[str]:
         f"smaller than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes",
     ]
     if args.out is not None:
-        lines.append(_write_files(args.out, exported, compact.getvalue()))
+        lines.append(_write_files(args.out.expanduser(), exported, compact.getvalue()))
     return lines
 
 
+def _file_writers(exported: dict[str, nn.Module], compact: bytes) -> dict[str, Callable[[BinaryIO], object]]:
+    """``{file name: function that writes the file's content to an open binary file}`` for ``--out``."""
+    writers: dict[str, Callable[[BinaryIO], object]] = {
+        f"{name.replace(':', '-')}.pt": partial(torch.save, module) for name, module in exported.items()
+    }
+    writers["compact.ecp"] = lambda handle: handle.write(compact)
+    return writers
+
+
+def _move_into_place(folder: Path, temporaries: dict[str, Path]) -> None:
+    """Rename each temporary file onto ``folder / name``; on a failure, remove the files it added."""
+    added: list[Path] = []
+    try:
+        for name, temporary in temporaries.items():
+            target = folder / name
+            existed = target.exists() or target.is_symlink()
+            temporary.replace(target)
+            if not existed:
+                added.append(target)
+    except OSError:
+        for target in added:  # files that were there before the run stay (some may hold the new content)
+            with contextlib.suppress(OSError):
+                target.unlink()
+        raise
+
+
 def _write_files(folder: Path, exported: dict[str, nn.Module], compact: bytes) -> str:
+    """Write ``<format>.pt`` and ``compact.ecp`` to ``folder``: all of them, or none (``UsageError``).
+
+    Each file is first written to a temporary file in ``folder``; the temporaries are renamed into
+    place only once all are written, and removed when anything fails. Other files are left alone.
+    """
+    writers = _file_writers(exported, compact)
+    temporaries: dict[str, Path] = {}
+    name = ""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for name, module in exported.items():
-            torch.save(module, folder / f"{name.replace(':', '-')}.pt")
-        (folder / "compact.ecp").write_bytes(compact)
-    except OSError as error:
-        raise UsageError(f"--out {str(folder)!r}: {error}") from None
-    return f"wrote {', '.join(name.replace(':', '-') + '.pt' for name in exported)} and compact.ecp to {folder}"
+        for name in writers:
+            if (folder / name).is_dir():
+                raise UsageError(f"--out {str(folder)!r}: expected {name} to be a file or absent, found a folder")
+        for name, write in writers.items():
+            temporaries[name] = folder / f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+            with temporaries[name].open("xb") as handle:
+                write(handle)
+        name = ", ".join(writers)
+        _move_into_place(folder, temporaries)
+    except (OSError, RuntimeError, pickle.PicklingError) as error:  # torch.save raises RuntimeError too
+        raise UsageError(f"--out {str(folder)!r}: cannot write {name} ({type(error).__name__}: {error})") from None
+    finally:
+        for temporary in temporaries.values():
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+    return f"wrote {', '.join(list(writers)[:-1])} and compact.ecp to {folder}"
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders of the path ``folder`` that do not exist yet, deepest first."""
+    missing = []
+    folder = folder.expanduser().absolute()
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_new_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first, as :func:`_missing_folders` lists them) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue  # never created: look at the folder above
+        except OSError:
+            return  # not empty: keep it and every folder above it
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every check that needs no export and no timing: the options, the checkpoint, --arch, --input-shape.
+
+    ``ecp-fast`` calls it before it creates ``--out`` (and :func:`run` when the command runs on its
+    own), so that a checkpoint that is missing or does not fit leaves no folder behind. The loaded
+    model is kept in ``args`` for the run, and so are the folders of ``--out`` that do not exist
+    yet: :func:`run` removes them, if still empty, when a later step fails.
+    """
+    if getattr(args, "export_prepared", None) is not None:
+        return
+    args.export_new_folders = [] if args.out is None else _missing_folders(args.out)
+    args.export_prepared = _prepare(args)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``ecp-fast export``; 0 on success, 2 (one line on stderr) for a user error."""
+    """Run ``ecp-fast export``; 0 on success, 2 (one line on stderr) for a user error.
+
+    A failed run leaves no ``--out`` file or folder that it (or ``ecp-fast`` before it) created.
+    """
     threads = torch.get_num_threads()
     try:
-        lines = _table(args)
+        validate(args)
+        lines = _table(args, *args.export_prepared)
     except UsageError as error:
+        _remove_new_folders(getattr(args, "export_new_folders", []))
         print(f"ecp-fast export: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
+    except BaseException:
+        _remove_new_folders(getattr(args, "export_new_folders", []))
+        raise
     finally:
         torch.set_num_threads(threads)
     print("\n".join(lines))
