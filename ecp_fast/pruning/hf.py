@@ -12,8 +12,9 @@ conventions (a ``config`` attribute, ``save_pretrained``), so the library does n
   biases added to bias-free layers are carried through the architecture's config switch where it
   has one (Llama's ``attention_bias`` / ``mlp_bias``), else refused with the layers named (they
   would be dropped as unexpected keys).
-  :func:`save_pretrained` does this and saves, checking the path first and restoring the model if
-  saving fails.
+  :func:`save_pretrained` does this and saves, checking the path first; if saving fails, the model is
+  restored and the target folder is left as it was (transformers writes into a temporary folder
+  next to it, whose files are moved in only once everything is written).
 * :func:`masks_from_zeros` re-installs masks on a loaded model, to fine-tune it with the zeros kept.
 """
 
@@ -22,6 +23,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -253,6 +257,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: An
     folded, config switches set, zero biases added); if preparing or saving fails, the model and its
     config are restored as they were (this holds one CPU copy of the model's tensors while saving).
 
+    The folder is changed only when everything was written: transformers saves into a temporary
+    folder next to ``path`` (same filesystem), whose entries are then moved into ``path``, replacing
+    same-named ones, and shard files of an earlier save that the new one does not replace are
+    removed, as transformers does. If anything fails, the folder is left as it was: files it held
+    are put back, and a folder that did not exist (with any parents created for it) is removed.
+    With ``distributed_checkpoint=True`` every rank must write into the same folder, so
+    transformers writes into ``path`` directly.
+
     Raises:
         TypeError: ``model`` has no ``save_pretrained``, or ``path`` is not a ``str`` / ``os.PathLike``.
         ValueError: ``path`` is empty, an existing file, or below a file (cannot be a directory).
@@ -270,7 +282,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike[str], **kwargs: An
         if config_attributes is not None:
             transaction.on_rollback(lambda: _restore_attributes(config, config_attributes))
         preparation = prepare_for_save_pretrained(model)
-        save(path, **kwargs)
+        if kwargs.get("distributed_checkpoint"):
+            save(path, **kwargs)
+        else:
+            _save_through_staging(save, directory, kwargs)
     logger.info("saved to %s (masks of %d layers folded)", directory, len(preparation.folded))
     return preparation
 
@@ -291,6 +306,96 @@ def _check_save_path(path: object) -> str:
     if os.path.exists(ancestor) and not os.path.isdir(ancestor):
         raise ValueError(f"argument 'path': {text!r} cannot be a directory, since {ancestor!r} is a file")
     return text
+
+
+#: A shard file of a sharded save without its ``.safetensors`` / ``.bin`` suffix, as transformers matches it.
+_SHARD_STEM = re.compile(r"(.*?)-\d{5}-of-\d{5}")
+
+
+def _missing_directories(directory: str) -> list[str]:
+    """``directory`` and those of its parents that do not exist yet, outermost first."""
+    missing: list[str] = []
+    current = directory
+    while not os.path.exists(current) and os.path.dirname(current) != current:
+        missing.insert(0, current)
+        current = os.path.dirname(current)
+    return missing
+
+
+def _save_through_staging(save: Any, directory: str, kwargs: dict[str, Any]) -> None:
+    """``save(staging, **kwargs)`` into a new folder next to ``directory``, then its entries moved into
+    ``directory`` (:func:`_move_into`). On any failure ``directory`` is left as it was: the staging
+    folder is removed, and so are ``directory`` and its parents where this call created them."""
+    if kwargs.get("push_to_hub") and "repo_id" not in kwargs:
+        # transformers names the repository after the folder it saves into: the target, not the staging folder
+        kwargs = {**kwargs, "repo_id": directory.split(os.path.sep)[-1]}
+    target = os.path.realpath(directory)
+    created = _missing_directories(target)
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".ecp_fast-save-", dir=os.path.dirname(target))
+        try:
+            save(staging, **kwargs)
+            os.makedirs(target, exist_ok=True)  # transformers creates it even when it writes nothing
+            _move_into(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in reversed(created):
+            try:
+                os.rmdir(folder)
+            except FileNotFoundError:  # not created yet when saving failed
+                continue
+            except OSError:  # not empty: something else wrote there
+                break
+        raise
+
+
+def _stale_shards(target: str, written: list[str]) -> list[str]:
+    """Shard files in ``target`` that transformers removes when saving there: shards of the weights
+    it writes (``model-00001-of-00003.safetensors`` for ``model.safetensors``) that it does not write."""
+    stems = set()
+    for name in written:
+        if name.endswith((".safetensors", ".bin")):
+            stem = name.replace(".bin", "").replace(".safetensors", "")
+            shard = _SHARD_STEM.fullmatch(stem)
+            stems.add(shard.group(1) if shard else stem)
+    return sorted(
+        name
+        for name in os.listdir(target)
+        if name not in written
+        and os.path.isfile(os.path.join(target, name))
+        and any(name.startswith(stem) for stem in stems)
+        and _SHARD_STEM.fullmatch(name.replace(".bin", "").replace(".safetensors", "")) is not None
+    )
+
+
+def _move_into(staging: str, target: str) -> None:
+    """Move ``staging``'s entries into ``target``, replacing same-named ones, and remove stale shards.
+
+    Replaced and removed entries are first moved aside into ``staging``; if a move fails, the entries
+    moved in go back to ``staging`` and those moved aside are put back, so ``target`` is unchanged."""
+    written = sorted(os.listdir(staging))
+    aside = tempfile.mkdtemp(prefix=".replaced-", dir=staging)  # a name that is none of ``written``
+    stale = _stale_shards(target, written)
+    moved_aside: list[str] = []
+    moved_in: list[str] = []
+    try:
+        for name in stale:
+            os.replace(os.path.join(target, name), os.path.join(aside, name))
+            moved_aside.append(name)
+        for name in written:
+            if os.path.lexists(os.path.join(target, name)):
+                os.replace(os.path.join(target, name), os.path.join(aside, name))
+                moved_aside.append(name)
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+            moved_in.append(name)
+    except BaseException:
+        for name in reversed(moved_in):
+            os.replace(os.path.join(target, name), os.path.join(staging, name))
+        for name in reversed(moved_aside):
+            os.replace(os.path.join(aside, name), os.path.join(target, name))
+        raise
 
 
 def _restore_attributes(target: Any, saved: dict[str, Any]) -> None:

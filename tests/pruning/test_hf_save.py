@@ -1,8 +1,9 @@
 """``ecp_fast.pruning.hf.save_pretrained``: a bad path is refused before the model is touched, and a
-failure while saving leaves the model (and its config) exactly as it was."""
+failure while saving leaves the model (and its config) and the target folder exactly as they were."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -88,3 +89,73 @@ def test_an_interrupted_save_restores_the_model(pruned_llama, tmp_path, monkeypa
         save_pretrained(model, tmp_path / "out")
     assert_unchanged(before, model)
     assert model.config.to_dict() == config
+
+
+# ---- the target folder after a failure -------------------------------------------------------------
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (relative path -> bytes), to compare a folder before and after."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def earlier_save(folder: Path) -> dict[str, bytes]:
+    """A plain (unpruned, bias-free) Llama saved in shards into ``folder``, plus a file of the user's."""
+    tiny_llama(seed=5).save_pretrained(folder, max_shard_size="50KB")
+    (folder / "notes.txt").write_text("kept")
+    contents = folder_contents(folder)
+    assert "model.safetensors.index.json" in contents and len(contents) > 4
+    return contents
+
+
+def test_a_failing_save_into_a_new_folder_leaves_no_folder(pruned_llama, tmp_path) -> None:
+    model, _ = pruned_llama
+    with pytest.raises(ValueError, match="nonsense"):  # transformers has written the configs by then
+        save_pretrained(model, tmp_path / "new" / "dir", max_shard_size="nonsense")
+    assert sorted(os.listdir(tmp_path)) == []  # neither the folder, nor its parent, nor a temporary one
+
+
+def test_a_failing_save_into_an_earlier_save_leaves_its_files_as_they_were(pruned_llama, tmp_path) -> None:
+    model, _ = pruned_llama
+    before = earlier_save(tmp_path / "out")
+    with pytest.raises(ValueError, match="nonsense"):
+        save_pretrained(model, tmp_path / "out", max_shard_size="nonsense")
+    assert folder_contents(tmp_path / "out") == before  # config.json not overwritten with attention_bias=True
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_failure_while_moving_the_files_in_puts_the_earlier_save_back(pruned_llama, tmp_path, monkeypatch) -> None:
+    model, _ = pruned_llama
+    before, fingerprint_before = earlier_save(tmp_path / "out"), fingerprint(model)
+    replace, calls = os.replace, []
+
+    def failing_on_the_weights(source: str, destination: str) -> None:
+        calls.append(destination)
+        if destination == str(tmp_path / "out" / "model.safetensors"):
+            # by now the stale shards and both configs were moved aside, and the new configs moved in
+            raise OSError("disk gone")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing_on_the_weights)
+    with pytest.raises(OSError, match="disk gone"):
+        save_pretrained(model, tmp_path / "out")
+    monkeypatch.undo()
+    assert str(tmp_path / "out" / "config.json") in calls[calls.index(str(tmp_path / "out" / "model.safetensors")) :]
+    assert folder_contents(tmp_path / "out") == before
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert_unchanged(fingerprint_before, model)
+
+
+def test_a_save_over_an_earlier_one_writes_what_transformers_writes_and_reloads(pruned_llama, tmp_path) -> None:
+    model, batch = pruned_llama
+    expected = logits(model, batch)
+    earlier_save(tmp_path / "ours")
+    earlier_save(tmp_path / "plain")
+    save_pretrained(model, tmp_path / "ours")
+    model.save_pretrained(tmp_path / "plain")  # the model is prepared now: what transformers alone writes
+    ours = folder_contents(tmp_path / "ours")
+    assert ours == folder_contents(tmp_path / "plain")  # stale shards removed, index and notes.txt kept
+    assert "model.safetensors" in ours and "notes.txt" in ours and not any("-of-" in name for name in ours)
+    assert sorted(os.listdir(tmp_path)) == ["ours", "plain"]
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
