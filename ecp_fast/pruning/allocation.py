@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -101,15 +102,73 @@ def candidate_splits(sizes: Mapping[str, int], sparsity: float, global_split: Sp
 # ---- divergence ----------------------------------------------------------------------------------
 
 
-def resolve_divergence(divergence: str, batches: Sequence[Any]) -> str:
-    """``"auto"`` is KL when the calibration targets are class indices, else mean squared error."""
+OutputFn = Callable[[Any], torch.Tensor]
+
+
+def resolve_divergence(
+    divergence: str, batches: Sequence[Any], model: nn.Module, output_fn: OutputFn | None = None
+) -> tuple[str, OutputFn | None]:
+    """The measure the allocation search compares outputs with, and the output function to read them by.
+
+    KL compares class probabilities along the output's class axis, which it finds beside integer
+    class targets on the first batch (:func:`class_axis`); a class axis other than the last is moved
+    last by the returned output function. ``"auto"`` takes KL where there is such an axis, else the
+    mean squared error (a regression, or one logit per sample). ``"kl"`` with targets that are not
+    class indices reads the last axis, which must then hold two or more values.
+    """
     if divergence not in DIVERGENCES:
         raise ValueError(f"argument 'divergence' must be one of {DIVERGENCES}, got {divergence!r}")
-    if divergence != "auto":
-        return divergence
+    if divergence == "mse":
+        return "mse", output_fn
     targets = split_batch(batches[0])[1]
-    is_class = isinstance(targets, torch.Tensor) and not targets.is_floating_point() and not targets.is_complex()
-    return "kl" if is_class else "mse"
+    output = _first_output(model, batches[0], output_fn)
+    axis = class_axis(output, targets)
+    if axis is None and divergence == "kl" and not _class_indices(targets) and output.dim() and output.shape[-1] > 1:
+        axis = -1
+    if axis is None:
+        if divergence == "kl":
+            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
+            raise ValueError(
+                f"argument 'divergence': 'kl' compares class probabilities, but the model's output (shape "
+                f"{tuple(output.shape)}) has no axis of two or more classes for the targets (shape {shape}); "
+                "use divergence='mse'"
+            )
+        return "mse", output_fn
+    return "kl", output_fn if axis == -1 else functools.partial(_classes_last, output_fn)
+
+
+def _class_indices(targets: Any) -> bool:
+    return isinstance(targets, torch.Tensor) and not targets.is_floating_point() and not targets.is_complex()
+
+
+def class_axis(output: torch.Tensor, targets: Any) -> int | None:
+    """The axis of ``output`` holding the scores of the classes that integer ``targets`` index, or None.
+
+    The last (-1) where the output's shape is the targets' and one more axis (``(B, C)`` for ``(B,)``,
+    ``(B, T, V)`` for ``(B, T)``); else 1 where an axis was inserted after the first (``(B, C, H, W)``
+    for ``(B, H, W)``, as ``nn.CrossEntropyLoss`` reads them). The axis must hold two or more classes.
+    """
+    if not _class_indices(targets):
+        return None
+    shape, wanted = tuple(output.shape), tuple(targets.shape)
+    if len(shape) != len(wanted) + 1:
+        return None
+    if shape[:-1] == wanted and shape[-1] > 1:
+        return -1
+    if len(wanted) >= 2 and shape[:1] + shape[2:] == wanted and shape[1] > 1:
+        return 1
+    return None
+
+
+def _first_output(model: nn.Module, batch: Any, output_fn: OutputFn | None) -> torch.Tensor:
+    """The model's output on ``batch`` as read for the comparison, padding positions kept."""
+    with eval_mode(model), torch.no_grad():
+        inputs = to_device(split_batch(batch)[0], module_device(model))
+        return (output_fn or model_output)(call_model(model, inputs))
+
+
+def _classes_last(output_fn: OutputFn | None, output: Any) -> torch.Tensor:
+    return (output_fn or model_output)(output).movedim(1, -1)
 
 
 def iter_outputs(
@@ -136,8 +195,8 @@ def model_outputs(
 
 
 def output_divergence(reference: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor], kind: str) -> float:
-    """Mean KL(reference || outputs) over samples of softmax outputs, or the mean squared error; the
-    two are read batch by batch, side by side."""
+    """Mean KL(reference || outputs) over samples of softmax outputs (classes on the last axis: see
+    :func:`resolve_divergence`), or the mean squared error; the two are read batch by batch, side by side."""
     total, count = 0.0, 0
     for expected, actual in zip(reference, outputs, strict=True):
         expected, actual = expected.double(), actual.double()

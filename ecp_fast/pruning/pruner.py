@@ -294,7 +294,8 @@ class Pruner:
                 ``"global"``, ``"uniform"`` or ``"search"`` (:mod:`ecp_fast.pruning.allocation`); by
                 default search for ``ecp-obs``, uniform for ``sparsegpt``, else global (others: uniform).
             divergence: the search's measure between dense and pruned outputs on the calibration
-                batches: ``"kl"``, ``"mse"`` or ``"auto"`` (KL when the targets are class indices).
+                batches: ``"kl"``, ``"mse"`` or ``"auto"`` (KL when the targets are class indices and the
+                output has an axis of two or more classes beside them, else MSE).
 
         Returns:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
@@ -455,6 +456,7 @@ class Pruner:
                 }
             alternative = self._keep_for(method_scores, parsed_scope)
         run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias)
+        kind, output_fn = resolve_divergence(divergence, batches, self.model, self.output_fn)
         outcomes, chosen, divergences = reconstruct_best(
             self.model,
             self.layers,
@@ -462,8 +464,8 @@ class Pruner:
             pattern,
             run,
             keep_fn=keep_fn,
-            divergence=resolve_divergence(divergence, batches),
-            output_fn=self.output_fn,
+            divergence=kind,
+            output_fn=output_fn,
             alternative=alternative,
         )
         before = {name: _bias_copy(spec.module) for name, spec in self.layers.items()}

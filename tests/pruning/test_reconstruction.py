@@ -280,8 +280,29 @@ def test_divergence_is_zero_for_identical_outputs_and_positive_otherwise() -> No
     assert allocation.output_divergence(logits, logits, "kl") == pytest.approx(0.0, abs=1e-12)
     assert allocation.output_divergence(logits, [logits[0] + torch.randn(5, 3, dtype=torch.float64)], "kl") > 0
     assert allocation.output_divergence(logits, [logits[0] + 1], "mse") == pytest.approx(1.0)
-    assert allocation.resolve_divergence("auto", _batches()) == "kl"
-    assert allocation.resolve_divergence("auto", [(torch.randn(2, 3), torch.randn(2, 1))]) == "mse"
+
+
+def test_kl_reads_the_class_axis_beside_the_targets_and_auto_falls_back_to_mse_without_one() -> None:
+    """One logit per sample gave every candidate KL 0 (a softmax over one value), and a segmentation
+    output's KL was taken over its image columns."""
+    classifier = nn.Linear(12, 3).double()
+    assert allocation.resolve_divergence("auto", _batches(), classifier) == ("kl", None)
+    regression = [(torch.randn(2, 12, dtype=torch.float64), torch.randn(2, 1))]
+    assert allocation.resolve_divergence("auto", regression, classifier) == ("mse", None)
+    one_logit = nn.Linear(12, 1).double()
+    assert allocation.resolve_divergence("auto", _batches(), one_logit) == ("mse", None)
+    with pytest.raises(ValueError, match=r"argument 'divergence': 'kl' compares class probabilities.*\(40, 1\)"):
+        allocation.resolve_divergence("kl", _batches(), one_logit)
+    segmenter = nn.Conv2d(2, 4, 1).double()  # (B, 4 classes, H, W) for integer label maps (B, H, W)
+    images = torch.randn(3, 2, 5, 6, dtype=torch.float64)
+    kind, output_fn = allocation.resolve_divergence("auto", [(images, torch.randint(0, 4, (3, 5, 6)))], segmenter)
+    assert kind == "kl" and output_fn is not None
+    logits = segmenter(images).detach()
+    same_probabilities = logits + 5.0 * torch.randn(3, 1, 5, 6, dtype=torch.float64)  # one shift for every class
+    assert allocation.output_divergence([output_fn(logits)], [output_fn(same_probabilities)], "kl") == pytest.approx(
+        0.0, abs=1e-12
+    )
+    assert allocation.output_divergence([output_fn(logits)], [output_fn(logits.flip(1))], "kl") > 0.01
 
 
 def test_forward_order_follows_execution_not_registration() -> None:
