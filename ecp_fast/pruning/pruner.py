@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from ecp_fast.pruning.calibration import (
     weight_parameter,
 )
 from ecp_fast.pruning.importance import (
+    IMPORTANCES,
     Importance,
     Method,
     ScoringContext,
@@ -651,6 +652,18 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def _calibration_batches(batches: Iterable[Any] | None, method: str, reconstruct: bool) -> Iterable[Any] | None:
+    """``batches`` as :func:`prune` calibrates on them: a one-shot iterator is listed where the layers are
+    reconstructed (they run the batches again); None is refused where the method needs data."""
+    reconstructive = method in RECONSTRUCTIVE_METHODS or reconstruct
+    registered = IMPORTANCES.get(method)
+    if batches is None and (reconstructive or (registered is not None and registered.needs_calibration)):
+        raise ValueError(f"argument 'batches': method {method!r} needs calibration batches, got None")
+    if reconstructive and isinstance(batches, Iterator):
+        return list(batches)
+    return batches
+
+
 def _check_reconstruction_request(method: str, reconstruct: object, allocation: object) -> None:
     """``reconstruct`` is a bool, and ``allocation`` is given only where layers are reconstructed."""
     if not isinstance(reconstruct, bool):
@@ -751,6 +764,7 @@ def prune(
         add_bias=add_bias,
     )
     _check_reconstruction_request(method, reconstruct, allocation)  # before the calibration pass
+    batches = _calibration_batches(batches, method, reconstruct)
     if batches is not None:
         weighting = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY).weighting
         pruner.calibrate(batches, loss_fn=loss_fn, row_sensitivities=weighting == "sensitivity")

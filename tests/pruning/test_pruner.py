@@ -498,3 +498,27 @@ def test_reconstruct_must_be_a_bool_and_allocation_needs_a_reconstruction():
         model, batches, sparsity=0.5, method="ecp", reconstruct=True, allocation="uniform", progress=False
     )
     assert report.allocation == "uniform"
+
+
+@pytest.mark.parametrize("method,reconstruct", [("sparsegpt", False), ("magnitude", True), ("ecp-obs", False)])
+def test_one_call_reconstruction_takes_a_one_shot_iterator_as_it_takes_a_list(method, reconstruct):
+    """The layers run the batches again: prune() lists a generator for every reconstructive path (sparsegpt
+    and reconstruct=True calibrated, then refused it, naming calibrate())."""
+    from_list, from_generator = mlp(), mlp()
+    ecp_fast.prune(from_list, data(), sparsity=0.5, method=method, reconstruct=reconstruct, progress=False)
+    batches = (batch for batch in data())
+    ecp_fast.prune(from_generator, batches, sparsity=0.5, method=method, reconstruct=reconstruct, progress=False)
+    for a, b in zip(from_list.state_dict().values(), from_generator.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "method,reconstruct", [("ecp", False), ("wanda", False), ("sparsegpt", False), ("magnitude", True)]
+)
+def test_no_batches_for_a_method_that_needs_them_names_the_argument(method, reconstruct):
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"argument 'batches': method '{method}' needs calibration batches, got None"):
+        ecp_fast.prune(model, None, sparsity=0.5, method=method, reconstruct=reconstruct, progress=False)
+    assert_untouched(model, before)
+    ecp_fast.prune(model, None, sparsity=0.5, method="magnitude", progress=False)  # needs no data
