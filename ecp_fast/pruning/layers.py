@@ -190,14 +190,23 @@ class LayerSpec:
         return g.permute(0, 1, 3, 4, 2).reshape(g.shape[0], -1, g.shape[2])
 
 
+def _same_padding_total(conv: nn.Conv2d) -> list[int]:
+    """The total padding of ``padding='same'`` per spatial dimension."""
+    return [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+
+
+def _asymmetric_same(conv: nn.Conv2d) -> bool:
+    """nn.Conv2d pads 'same' asymmetrically where the total padding is odd; unfold cannot."""
+    return conv.padding == "same" and any(total % 2 for total in _same_padding_total(conv))
+
+
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
     padding = conv.padding
     if padding == "valid":
         return (0, 0)
     if padding == "same":
-        # nn.Conv2d pads 'same' asymmetrically when the total padding is odd; unfold cannot.
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if any(t % 2 for t in total):
+        total = _same_padding_total(conv)
+        if _asymmetric_same(conv):  # unsupported_reason skips such a layer; a spec made by hand gets here
             raise ValueError(
                 f"Conv2d padding='same' with kernel_size={conv.kernel_size} and dilation={conv.dilation} "
                 "pads asymmetrically, which is not supported; use an explicit integer padding"
@@ -222,6 +231,11 @@ def unsupported_reason(module: nn.Module) -> str | None:
             return f"Conv2d with groups={module.groups} is not supported (expected groups=1)"
         if module.padding_mode != "zeros":
             return f"Conv2d with padding_mode={module.padding_mode!r} is not supported (expected 'zeros')"
+        if isinstance(module, nn.Conv2d) and _asymmetric_same(module):
+            return (
+                f"Conv2d with padding='same', kernel_size={module.kernel_size} and dilation={module.dilation} pads "
+                "asymmetrically, which is not supported (expected an explicit integer padding)"
+            )
         return None
     return f"{type(module).__name__} is not supported (expected nn.Linear, nn.Conv2d or transformers' Conv1D)"
 

@@ -309,3 +309,16 @@ def test_a_parametrized_weight_is_skipped_or_refused_without_running_its_paramet
     assert [layer.name for layer in report.layers] == ["0"]
     after = net.state_dict()
     assert all(torch.equal(after[key], value) for key, value in before.items() if key.startswith("2."))
+
+
+def test_an_asymmetric_same_padding_is_skipped_up_front_with_its_reason(caplog):
+    """padding='same' with an even kernel pads one side more, which unfold cannot: the layer is skipped
+    (named when asked for) before calibration, instead of failing mid-pass without a layer name."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, 4, padding="same"))
+    with caplog.at_level(logging.WARNING, logger="ecp_fast.pruning.layers"):
+        assert list(resolve_layers(net)) == ["0"]
+    assert "'2': Conv2d with padding='same', kernel_size=(4, 4)" in caplog.text
+    with pytest.raises(ValueError, match=r"layer '2' cannot be pruned: .*pads asymmetrically"):
+        resolve_layers(net, layers=["2"])
+    odd_dilated = nn.Conv2d(4, 4, 4, padding="same", dilation=2)  # total 6 per side pair: symmetric
+    assert list(resolve_layers(nn.Sequential(odd_dilated))) == ["0"]
