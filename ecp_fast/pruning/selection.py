@@ -9,6 +9,7 @@ and :func:`~ecp_fast.training.iterative_prune` share :func:`prune_count` and :fu
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -52,7 +53,8 @@ def parse_scope(scope: str) -> Scope:
 
 def resolve_sparsity(sparsity: float | None, scope: Scope) -> float:
     """The target sparsity: checked, defaulted (0.9), or implied by an N:M scope."""
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))):
+    # numbers.Real: Python and NumPy numbers alike (np.float32 is no float subclass); bool is not a sparsity
+    if sparsity is not None and (isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real)):
         raise TypeError(f"argument 'sparsity' must be a float in [0, 1) or None, got {type(sparsity).__name__}")
     if scope.kind == "n:m":
         implied = 1 - scope.n / scope.m

@@ -85,3 +85,15 @@ def test_row_and_layer_scopes_at_high_sparsity_leave_every_row_or_layer_a_weight
         size = score.shape[1] if kind == "row" else score.numel()
         assert bool((left == size - target_count(size, 0.99)).all()) and bool((left >= 1).all()), name
     assert int((~removed["b"]).sum()) == (2 if kind == "row" else 1)  # 48 weights: round(47.52) would take all
+
+
+def test_numpy_numbers_are_sparsities_and_bools_are_not():
+    import numpy as np
+
+    from ecp_fast.pruning.selection import resolve_sparsity
+
+    for value in (np.float32(0.25), np.float64(0.25), 0.25, np.int64(0)):
+        assert resolve_sparsity(value, Scope("global")) == float(value)
+    for value in (True, np.bool_(False), "0.5", torch.tensor(0.5)):
+        with pytest.raises(TypeError, match=r"argument 'sparsity' must be a float in \[0, 1\) or None"):
+            resolve_sparsity(value, Scope("global"))
