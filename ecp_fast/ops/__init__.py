@@ -34,6 +34,7 @@ from ecp_fast.ops._checks import (
     check_layer_inputs,
     check_score_inputs,
     check_tensor,
+    grad_message,
     result_dtype,
 )
 from ecp_fast.ops.merge import Moments, merge_moments
@@ -63,10 +64,7 @@ def _refuse_grad_inputs(name: str):
     def setup_context(ctx, inputs: tuple, output) -> None:
         for argument, value in zip(arguments, inputs, strict=True):
             if isinstance(value, torch.Tensor) and value.requires_grad:
-                raise RuntimeError(
-                    f"ecp.{name}: argument '{argument}' requires grad, but the ecp ops have no derivative; "
-                    f"pass {argument}.detach() or call the op under torch.no_grad()"
-                )
+                raise RuntimeError(grad_message(f"ecp.{name}", argument))
 
     return setup_context
 

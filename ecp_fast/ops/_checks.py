@@ -46,6 +46,24 @@ def check_bool(op: str, name: str, value: object) -> None:
         raise TypeError(f"{op}: argument '{name}' must be a bool, got {type(value).__name__}")
 
 
+def refuse_grad(op: str, **tensors: object) -> None:
+    """Raise ``RuntimeError`` for the first tensor that requires grad while grad mode is on: the ops have
+    no derivative (the registered ops refuse it in their autograd step; a direct launcher call here)."""
+    if not torch.is_grad_enabled():
+        return
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            raise RuntimeError(grad_message(op, name))
+
+
+def grad_message(op: str, name: str) -> str:
+    """Why argument ``name`` of ``op`` is refused when it requires grad, and what to do."""
+    return (
+        f"{op}: argument '{name}' requires grad, but the ecp ops have no derivative; "
+        f"pass {name}.detach() or call the op under torch.no_grad()"
+    )
+
+
 def check_floating(op: str, name: str, t: torch.Tensor) -> None:
     """Raise ``TypeError`` unless ``t`` is a tensor of one of the supported floating dtypes."""
     check_tensor(op, name, t)

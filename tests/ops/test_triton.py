@@ -360,6 +360,31 @@ def test_errors_match_the_other_backends(launch: None, bad_call) -> None:
     assert str(got.value) == str(expected.value)
 
 
+@kernel_test
+def test_direct_launcher_calls_refuse_what_the_ops_refuse(launch: None) -> None:
+    """A launcher called directly skips the op's autograd step and the wrapper's argument checks: it
+    makes them itself, with the same messages (an input requiring grad; a bool flag given as an int)."""
+    import ecp_fast
+
+    x, g, weight = make_layer(4, 3, 2, None, torch.float32)
+    tracked = weight.clone().requires_grad_()
+    with pytest.raises(RuntimeError) as expected:
+        ecp_fast.score(x, g, tracked)
+    with pytest.raises(RuntimeError) as got:
+        ecp_triton.score(x, g, tracked)
+    assert str(got.value) == str(expected.value) and "argument 'weight' requires grad" in str(got.value)
+    with pytest.raises(RuntimeError, match="argument 'x' requires grad"):
+        ecp_triton.moments(x.clone().requires_grad_(), g)
+    with pytest.raises(RuntimeError, match="argument 'a' requires grad"):
+        ecp_triton.gram(x.clone().requires_grad_())
+    with torch.no_grad():  # the ops take such tensors under no_grad, and so do the launchers
+        assert torch.equal(ecp_triton.score(x, g, tracked)[0], ecp_triton.score(x, g, weight)[0])
+    with pytest.raises(TypeError, match="ecp.score: argument 'compensate' must be a bool, got int"):
+        ecp_triton.score(x, g, weight, 0)
+    with pytest.raises(TypeError, match="ecp.gram: argument 'float64' must be a bool, got int"):
+        ecp_triton.gram(x, None, None, 1)
+
+
 def test_cpu_tensors_without_interpreter_are_refused(compiled: None) -> None:
     x, g, weight = (t.cpu() for t in make_layer(4, 3, 2, None, torch.float32))
     with pytest.raises(ValueError, match="need CUDA tensors"):

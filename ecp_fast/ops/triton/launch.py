@@ -21,9 +21,11 @@ from ecp_fast.ops import reference
 from ecp_fast.ops._checks import (
     GramShape,
     LayerShape,
+    check_bool,
     check_gram_inputs,
     check_layer_inputs,
     check_score_inputs,
+    refuse_grad,
     result_dtype,
 )
 from ecp_fast.ops.triton import kernels
@@ -196,6 +198,7 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     float32 and contiguous; float64 inputs run the float64 reference instead.
     """
     shape = check_layer_inputs("ecp.moments", x, g)
+    refuse_grad("ecp.moments", x=x, g=g)  # the op's own autograd step, for a direct call
     if result_dtype(x, g) == torch.float64:
         return reference.moments(x, g)
     s0 = torch.zeros(shape.fan_out, device=x.device, dtype=torch.float32)
@@ -219,6 +222,8 @@ def score(
     float64 reference instead.
     """
     shape = check_score_inputs("ecp.score", x, g, weight)
+    check_bool("ecp.score", "compensate", compensate)
+    refuse_grad("ecp.score", x=x, g=g, weight=weight)
     if result_dtype(x, g, weight) == torch.float64:
         return reference.score(x, g, weight, compensate)
     importance = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
@@ -227,7 +232,7 @@ def score(
         return importance, bias_delta
     # s0 is kept in registers by the score kernel; this placeholder is never written.
     placeholder = importance.new_empty(1)
-    _launch("ecp.score", shape, x, g, weight, bool(compensate), (placeholder, importance, bias_delta))
+    _launch("ecp.score", shape, x, g, weight, compensate, (placeholder, importance, bias_delta))
     return _with_float64_rescue((importance, bias_delta), lambda: reference.score(x, g, weight, compensate))
 
 
@@ -239,6 +244,8 @@ def gram(
     float32 accumulation and output; float64 inputs, or ``float64=True``, run the float64 reference.
     """
     shape = check_gram_inputs("ecp.gram", a, b, weight)
+    check_bool("ecp.gram", "float64", float64)
+    refuse_grad("ecp.gram", a=a, b=b, weight=weight)
     if float64 or result_dtype(a, b, weight) == torch.float64:
         return reference.gram(a, b, weight, float64)
     h = torch.zeros(shape.in_a + 1, shape.in_b + 1, device=a.device, dtype=torch.float32)
