@@ -28,7 +28,10 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace ecp_fast {
 namespace {
@@ -43,6 +46,22 @@ using detail::sample_count;
 using detail::SampleOffsets;
 using detail::shape_string;
 using detail::with_float64_rescue;
+
+// w^2 m as the float32 epilogue computes it, except where float32 loses it to underflow (w = 1e-25
+// squares to 0 although w^2 m = 1e-13): there it is formed in double and rounded once, as the
+// reference does. A normal product keeps its float32 bits.
+template <typename T>
+T weighted_square(T w, T m) {
+  const T square = w * w;
+  const T value = square * m;
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr float smallest_normal = std::numeric_limits<float>::min();
+    if ((square < smallest_normal || std::abs(value) < smallest_normal) && w != 0.0f && m != 0.0f) {
+      return static_cast<float>(static_cast<double>(w) * static_cast<double>(w) * static_cast<double>(m));
+    }
+  }
+  return value;
+}
 
 // Samples used to estimate the per-column shift; any shift is exact, a good one keeps sums small.
 constexpr int64_t kShiftSamples = 256;
@@ -338,14 +357,14 @@ Pair score_in(const at::Tensor& x, const at::Tensor& g3, const at::Tensor& weigh
                             importance_out[k] = acc_t(0);
                             delta_out[k] = acc_t(0);
                           } else if (kind == Importance::kCompensated) {
-                            importance_out[k] = w_ij * w_ij * m2;
+                            importance_out[k] = weighted_square(w_ij, m2);
                             delta_out[k] = w_ij * mean;
                           } else if (kind == Importance::kUncompensated) {
                             // sum_s c a^2 = m2 + s0 mean^2: both terms are non-negative, so nothing cancels.
-                            importance_out[k] = w_ij * w_ij * (m2 + s0 * mean * mean);
+                            importance_out[k] = weighted_square(w_ij, m2 + s0 * mean * mean);
                             delta_out[k] = acc_t(0);
                           } else {
-                            importance_out[k] = w_ij * w_ij * s2;  // unshifted: s2 = sum_s c a^2
+                            importance_out[k] = weighted_square(w_ij, s2);  // unshifted: s2 = sum_s c a^2
                             delta_out[k] = acc_t(0);
                           }
                         });
@@ -398,7 +417,7 @@ Pair finalize_in(const at::Tensor& s0, const at::Tensor& mean, const at::Tensor&
           const int64_t k = i * fan_in + j;
           const acc_t w_ij = w_data[k];
           // std::max(value, 0) keeps a NaN value (the comparison is false, the first argument wins).
-          importance_out[k] = dead ? acc_t(0) : std::max(w_ij * w_ij * m2_data[k], acc_t(0));
+          importance_out[k] = dead ? acc_t(0) : std::max(weighted_square(w_ij, m2_data[k]), acc_t(0));
           delta_out[k] = dead ? acc_t(0) : w_ij * mean_data[k];
         }
       }

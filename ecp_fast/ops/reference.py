@@ -75,7 +75,9 @@ def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     check_layer_inputs("ecp.moments", x, g)
     out_dtype = result_dtype(x, g)
     s0, mean, m2 = _moments_wide(x, g)
-    return _out(s0, out_dtype), _out(mean, out_dtype), _out(m2, out_dtype)
+    s0 = _out(s0, out_dtype)
+    dead = _dead(s0).unsqueeze(1)  # also where s0 rounds to 0 (sensitivities below out_dtype's range)
+    return s0, _out(torch.where(dead, 0.0, mean), out_dtype), _out(torch.where(dead, 0.0, m2), out_dtype)
 
 
 def _finalize_wide(
@@ -101,21 +103,28 @@ def finalize(
 def _compensated_score(
     x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``finalize(moments(x, g), weight)``, except where rounding a moment overflows.
+    """``finalize(moments(x, g), weight)``, except where rounding a moment loses it.
 
     The moments are rounded to ``out_dtype`` as ``ecp.moments`` returns them, then multiplied by the
-    weight in float64. A moment beyond ``out_dtype``'s range would round to inf even where its product
-    with the weight is in range (``m2 = 1e40``, ``w = 1e-2``): there the float64 moment is used, and
-    the product is rounded once, as the fused kernels' float64 recomputation does.
+    weight in float64. A moment beyond ``out_dtype``'s range would round to inf, or below it to 0 or a
+    subnormal, even where its product with the weight is in range (``m2 = 1e40`` or ``1e-60`` with
+    ``w = 1e-2`` or ``1e30``): there the float64 moment is used, and the product is rounded once, as
+    the fused kernels compute it.
     """
     wide = _moments_wide(x, g)
     s0, mean, m2 = (t.to(out_dtype) for t in wide)
     dead = _dead(s0).unsqueeze(1)  # as ecp.finalize sees the s0 that ecp.moments returns
     importance, bias_delta = _finalize_wide(dead, mean, m2, weight)
     importance_once, bias_delta_once = _finalize_wide(dead, wide[1], wide[2], weight)
-    importance = torch.where(m2.isinf() & wide[2].isfinite(), importance_once, importance)
-    bias_delta = torch.where(mean.isinf() & wide[1].isfinite(), bias_delta_once, bias_delta)
+    importance = torch.where(_lost(m2, wide[2]), importance_once, importance)
+    bias_delta = torch.where(_lost(mean, wide[1]), bias_delta_once, bias_delta)
     return _out(importance, out_dtype), _out(bias_delta, out_dtype)
+
+
+def _lost(rounded: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    """Where rounding a finite float64 moment overflowed to inf or underflowed below the normal range."""
+    underflow = (rounded.abs() < torch.finfo(rounded.dtype).tiny) & (wide != 0)
+    return (rounded.isinf() & wide.isfinite()) | underflow
 
 
 def score(

@@ -385,6 +385,37 @@ def test_importance_in_range_is_finite_where_m2_overflows_float32():
     assert torch.equal(importance[1], finalized[0][1]) and torch.equal(bias_delta, finalized[1])
 
 
+def test_products_that_float32_factors_lose_to_underflow_are_rounded_once_from_float64():
+    """w = 1e-25 squares to 0 in float32 though w^2 m2 is 1e-13; m2 = 1e-60 rounds to 0 though w^2 m2 is
+    24 for w = 1e30: the op and the reference give the float64 product rounded once."""
+    g = torch.tensor([[1.0, 2.0], [3.0, 1.0], [2.0, 2.0]])
+    x = torch.tensor([[0.0, 1.0, 4.0], [2.0, 3.0, 5.0], [1.0, 7.0, 5.5]])
+    for x_scale, w_scale in ((1e18, 1e-25), (1e-30, 1e30)):
+        weight = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]]) * w_scale
+        wide = reference.score((x * x_scale).double(), g.double(), weight.double())[0].float()
+        assert bool((wide > 0).all())
+        for score in (ops.score, reference.score):
+            importance = score(x * x_scale, g, weight)[0]
+            torch.testing.assert_close(importance, wide, rtol=1e-5, atol=0)
+    s0, mean, m2 = reference.moments((x * 1e18).double(), g.double())
+    weight = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]]) * 1e-25
+    expected = reference.finalize(s0, mean, m2, weight.double())[0].float()
+    for finalize in (ops.finalize, reference.finalize):
+        torch.testing.assert_close(
+            finalize(s0.float(), mean.float(), m2.float(), weight)[0], expected, rtol=1e-6, atol=0
+        )
+
+
+@pytest.mark.parametrize("moments", [ops.moments, reference.moments])
+def test_a_row_whose_s0_rounds_to_zero_has_zero_statistics(moments):
+    """c = g^2 = 1e-60 sums to a float64 s0 that float32 rounds to 0: the row is dead, mean and m2 zero."""
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    g = torch.tensor([[1e-30, 1.0], [2e-30, 1.0]])
+    s0, mean, m2 = moments(x, g)
+    assert s0[0] == 0 and not bool(mean[0].any()) and not bool(m2[0].any())
+    assert s0[1] == 2 and torch.equal(mean[1], torch.tensor([1.0, 2.0]))
+
+
 @pytest.mark.parametrize("op", ["moments", "score", "score-uncompensated", "finalize"])
 def test_nan_gradients_do_not_make_a_dead_neuron(op):
     """The C++ kernel used to give such a neuron zero statistics; now it is NaN, like the reference."""
