@@ -91,8 +91,9 @@ def merge_moments(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> M
     m2 = m2_a + m2_b + delta.square() * s0_a.unsqueeze(-1) * weight_b
     # Rows whose S0 overflowed (inf) would get inf / inf = NaN: merge them by the overflow-safe form,
     # made only when there is such a row (merges run once per batch and layer during calibration).
+    # A graph being compiled cannot branch on the data: it always makes it, and selects alike.
     overflow = s0.isposinf()
-    if not bool(overflow.any()):
+    if not torch.compiler.is_compiling() and not bool(overflow.any()):
         return Moments(s0, mean, m2)
     mean_wide, m2_wide = _merge_overflowed(s0_a, s0_b, mean_a, m2_a, m2_b, delta)
     overflow = overflow.unsqueeze(-1)

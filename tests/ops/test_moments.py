@@ -84,3 +84,20 @@ def test_merge_where_s0_overflows_float32_agrees_with_one_pass(scale, cut, later
     assert torch.equal(merged.mean[1:], parts[0].mean[1:] + delta * weight_b)
     m2 = parts[0].m2[1:] + parts[1].m2[1:] + delta.square() * s0_a.unsqueeze(-1) * weight_b
     assert torch.equal(merged.m2[1:], m2)
+
+
+def test_merge_compiles_into_one_graph_and_merges_alike():
+    """The overflow-safe form is chosen per row by the data: a graph being compiled makes it always and
+    selects by the same rule (eager makes it only where a row overflowed), with the same results."""
+
+    def merged(x, g):
+        return ecp_fast.merge_moments(ecp_fast.moments(x[:20], g[:20]), ecp_fast.moments(x[20:], g[20:]))
+
+    x, g = torch.randn(37, 11), torch.randn(37, 7)
+    compiled = torch.compile(merged, fullgraph=True, backend="aot_eager")
+    for got, expected in zip(compiled(x, g), merged(x, g), strict=True):
+        torch.testing.assert_close(got, expected)
+    g[:, 0] = 1e25  # row 0's S0 overflows float32 in both parts: the safe form's values
+    for got, expected in zip(compiled(x, g), merged(x, g), strict=True):
+        torch.testing.assert_close(got, expected, equal_nan=True)
+    assert bool(merged(x, g).s0[0].isposinf()) and bool(merged(x, g).mean[0].isfinite().all())
