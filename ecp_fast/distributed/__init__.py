@@ -30,6 +30,12 @@ scores, selects the same weights and adds the same bias compensation. What the u
   contribution, which is merged, so they cannot make ranks disagree. With the same seed on every
   rank, however, batch ``k`` of every rank is probed with the same signs, which correlates the
   estimates; :func:`rank_seed` gives each rank its own probe stream for calibration only.
+
+Reconstructive pruning (``ecp-obs``, ``sparsegpt``, ``reconstruct=True``) runs the batches again:
+every rank reconstructs from its own shard, and the layers' Gram matrices, the forward order and the
+allocation search's divergences are summed or agreed across the ranks
+(``ReconstructionRun.group``), so every rank ends with the masks and weights of one process on all
+the batches.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -89,6 +95,35 @@ def communication_device(group: Any = None) -> torch.device:
     return torch.device("cpu")
 
 
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` in place and return it; a no-op (no communication)
+    when :func:`is_distributed` is false. A collective: every rank of ``group`` must call it with a
+    tensor of the same shape and dtype. It is staged through :func:`communication_device` (and made
+    contiguous) where it lives elsewhere."""
+    if not is_distributed(group):
+        return tensor
+    device = communication_device(group)
+    staged = tensor.detach()
+    if staged.device != device or not staged.is_contiguous():
+        staged = staged.to(device=device, memory_format=torch.contiguous_format, copy=True)
+    dist.all_reduce(staged, group=group)
+    if staged.data_ptr() != tensor.data_ptr():
+        with torch.no_grad():
+            tensor.copy_(staged)
+    return tensor
+
+
+def from_rank_zero(value: T, group: Any = None) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank of ``group``: a decision made alike
+    everywhere. ``value`` itself, without communication, when :func:`is_distributed` is false; a
+    collective otherwise."""
+    if not is_distributed(group):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=_global_rank(0, group), group=group)
+    return holder[0]
+
+
 # ---- sharding ------------------------------------------------------------------------------------------
 
 
@@ -111,10 +146,21 @@ class Shard(Generic[T]):
                 yield item
 
     def __len__(self) -> int:
-        if not hasattr(self.items, "__len__"):
+        total = _length(self.items)
+        if total is None:
             raise TypeError(f"this Shard has no length: its items ({type(self.items).__name__}) have none")
-        total = len(self.items)  # type: ignore[arg-type]
         return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
+
+
+def _length(items: object) -> int | None:
+    """``len(items)``, or None where there is none: no ``__len__``, or one that raises ``TypeError`` (a
+    ``DataLoader`` over an ``IterableDataset``: a stream of unknown length)."""
+    if not isinstance(items, Sized):
+        return None
+    try:
+        return len(items)
+    except TypeError:
+        return None
 
 
 def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = None, group: Any = None) -> Shard[T]:
@@ -142,9 +188,10 @@ def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = 
     index = _integer(given_rank)
     if index is None or not 0 <= index < world:
         raise ValueError(f"argument 'rank' must be an integer in [0, {world}), got {given_rank!r}")
-    if hasattr(items, "__len__") and len(items) < world:  # type: ignore[arg-type]
+    length = _length(items)  # None for a stream of unknown length: not checked here
+    if length is not None and length < world:
         raise ValueError(
-            f"argument 'items': {len(items)} batches cannot give each of {world} ranks at least one; "  # type: ignore[arg-type]
+            f"argument 'items': {length} batches cannot give each of {world} ranks at least one; "
             "use smaller batches or fewer ranks"
         )
     return Shard(items, index, world)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecp_fast.distributed import all_reduce_sum, from_rank_zero, is_distributed
 from ecp_fast.pruning.batches import (
     call_model,
     eval_mode,
@@ -106,7 +107,7 @@ OutputFn = Callable[[Any], torch.Tensor]
 
 
 def resolve_divergence(
-    divergence: str, batches: Sequence[Any], model: nn.Module, output_fn: OutputFn | None = None
+    divergence: str, batches: Sequence[Any], model: nn.Module, output_fn: OutputFn | None = None, *, group: Any = None
 ) -> tuple[str, OutputFn | None]:
     """The measure the allocation search compares outputs with, and the output function to read them by.
 
@@ -115,26 +116,41 @@ def resolve_divergence(
     last by the returned output function. ``"auto"`` takes KL where there is such an axis, else the
     mean squared error (a regression, or one logit per sample). ``"kl"`` with targets that are not
     class indices reads the last axis, which must then hold two or more values.
+
+    Under ``torch.distributed`` (``group``: None is the default group) all but ``"mse"`` is a
+    collective: rank 0's first batch decides for every rank (the first batch of one process on all
+    the ranks' round-robin shards), so every rank compares alike.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"argument 'divergence' must be one of {DIVERGENCES}, got {divergence!r}")
     if divergence == "mse":
         return "mse", output_fn
+    axis = from_rank_zero(_divergence_axis(divergence, batches, model, output_fn), group)
+    if isinstance(axis, str):
+        raise ValueError(axis)
+    if axis is None:
+        return "mse", output_fn
+    return "kl", output_fn if axis == -1 else functools.partial(_classes_last, output_fn)
+
+
+def _divergence_axis(
+    divergence: str, batches: Sequence[Any], model: nn.Module, output_fn: OutputFn | None
+) -> int | str | None:
+    """The class axis :func:`resolve_divergence` compares along (None: the mean squared error), or the
+    message of the error it raises (returned, so that every rank can raise it)."""
     targets = split_batch(batches[0])[1]
     output = _first_output(model, batches[0], output_fn)
     axis = class_axis(output, targets)
     if axis is None and divergence == "kl" and not _class_indices(targets) and output.dim() and output.shape[-1] > 1:
         axis = -1
-    if axis is None:
-        if divergence == "kl":
-            shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
-            raise ValueError(
-                f"argument 'divergence': 'kl' compares class probabilities, but the model's output (shape "
-                f"{tuple(output.shape)}) has no axis of two or more classes for the targets (shape {shape}); "
-                "use divergence='mse'"
-            )
-        return "mse", output_fn
-    return "kl", output_fn if axis == -1 else functools.partial(_classes_last, output_fn)
+    if axis is None and divergence == "kl":
+        shape = tuple(targets.shape) if isinstance(targets, torch.Tensor) else None
+        return (
+            f"argument 'divergence': 'kl' compares class probabilities, but the model's output (shape "
+            f"{tuple(output.shape)}) has no axis of two or more classes for the targets (shape {shape}); "
+            "use divergence='mse'"
+        )
+    return axis
 
 
 def _class_indices(targets: Any) -> bool:
@@ -194,9 +210,14 @@ def model_outputs(
     return list(iter_outputs(model, batches, output_fn))
 
 
-def output_divergence(reference: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor], kind: str) -> float:
+def output_divergence(
+    reference: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor], kind: str, *, group: Any = None
+) -> float:
     """Mean KL(reference || outputs) over samples of softmax outputs (classes on the last axis: see
-    :func:`resolve_divergence`), or the mean squared error; the two are read batch by batch, side by side."""
+    :func:`resolve_divergence`), or the mean squared error; the two are read batch by batch, side by side.
+
+    Under ``torch.distributed`` (``group``: None is the default group) it is a collective: the sum and
+    the count are added across the ranks, so every rank gets the mean over all the ranks' batches."""
     total, count = 0.0, 0
     for expected, actual in zip(reference, outputs, strict=True):
         expected, actual = expected.double(), actual.double()
@@ -212,6 +233,9 @@ def output_divergence(reference: Iterable[torch.Tensor], outputs: Iterable[torch
         else:
             total += float((expected - actual).square().sum())
             count += expected.numel()
+    if is_distributed(group):
+        sums = all_reduce_sum(torch.tensor([total, float(count)], dtype=torch.float64), group).tolist()
+        total, count = sums[0], round(sums[1])
     value = total / max(count, 1)
     return value if math.isfinite(value) else math.inf
 

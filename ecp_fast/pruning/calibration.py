@@ -296,6 +296,17 @@ def _batches_note(batches: Any) -> str:
     return ""
 
 
+def _length(batches: Any) -> int | None:
+    """``len(batches)``, or None where there is none: not ``Sized``, or its ``__len__`` raises
+    ``TypeError`` (a ``DataLoader`` over an ``IterableDataset``, a shard of a stream)."""
+    if not isinstance(batches, Sized):
+        return None
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
 def _batch_iterator(batches: Iterable[Any]) -> Iterator[Any]:
     if batches is None:
         raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
@@ -683,7 +694,7 @@ class Calibrator:
         self._row_bytes_seen = {}
         self._keep_rows = row_sensitivities
         totals.row_sensitivities = [] if row_sensitivities else None
-        total = len(batches) if isinstance(batches, Sized) else None
+        total = _length(batches)  # no progress total for a stream of unknown length
         self._batches_note = _batches_note(batches)
         try:
             with eval_mode(self.model):  # dropout off and batch norm frozen: samples stay independent

@@ -27,9 +27,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast.distributed import all_reduce_sum, is_distributed
 from ecp_fast.ops import gram
 from ecp_fast.pruning import obs
 from ecp_fast.pruning.batches import (
@@ -123,10 +125,37 @@ def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: 
     return captured[0] if captured else None
 
 
-def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any | Iterable[Any]) -> list[str]:
+def forward_order(
+    model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any | Iterable[Any], *, group: Any = None
+) -> list[str]:
     """Names of ``specs`` in the order their modules run on ``inputs``, or on each batch's inputs of an
     iterator, taken until every module has run (a layer in a branch the first batch does not take
-    runs on a later one); the orders of those batches are merged (:func:`_merged_order`)."""
+    runs on a later one); the orders of those batches are merged (:func:`_merged_order`).
+
+    Under ``torch.distributed`` (``group``: None is the default group) it is a collective: the ranks'
+    batches are taken in turn (rank 0's first, rank 1's first, ..., as :func:`~ecp_fast.distributed.shard`
+    deals them out), so every rank finds the same order, and a layer is missing only when it runs on
+    no rank's batches."""
+    runs = _batch_runs(model, specs, inputs)
+    if is_distributed(group):
+        runs = _interleaved_runs(runs, group)
+    seen: dict[str, None] = {}  # in order of first appearance
+    taken = 0
+    while taken < len(runs) and len(seen) < len(specs):
+        seen.update(dict.fromkeys(runs[taken]))
+        taken += 1
+    missing = [name for name in specs if name not in seen]
+    if missing:
+        raise ValueError(
+            f"argument 'layers': layers {missing} ran on none of the calibration batches; leave them out "
+            f"(exclude={missing!r}) or calibrate on batches that reach them"
+        )
+    return _merged_order(runs[:taken], list(seen))
+
+
+def _batch_runs(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any | Iterable[Any]) -> list[list[str]]:
+    """The layers of ``specs`` each batch of ``inputs`` (see :func:`forward_order`) runs, in their order,
+    batch after batch until every layer has run."""
     batches = inputs if isinstance(inputs, Iterator) else iter([inputs])
     runs: list[list[str]] = []  # the layers each batch ran, in their order
     handles = []
@@ -149,13 +178,16 @@ def forward_order(model: nn.Module, specs: Mapping[str, LayerSpec], inputs: Any 
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in specs if name not in seen]
-    if missing:
-        raise ValueError(
-            f"argument 'layers': layers {missing} ran on none of the calibration batches; leave them out "
-            f"(exclude={missing!r}) or calibrate on batches that reach them"
-        )
-    return _merged_order(runs, list(seen))
+    return runs
+
+
+def _interleaved_runs(runs: list[list[str]], group: Any) -> list[list[str]]:
+    """Every rank's :func:`_batch_runs` (a collective), taken in turn: rank 0's first batch, rank 1's
+    first, ..., rank 0's second, ...: the batches' order in one process for round-robin shards."""
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, runs, group=group)
+    longest = max(len(rank_runs) for rank_runs in gathered)
+    return [rank_runs[index] for index in range(longest) for rank_runs in gathered if index < len(rank_runs)]
 
 
 def _merged_order(runs: Sequence[Sequence[str]], seen: list[str]) -> list[str]:
@@ -286,12 +318,18 @@ def layer_grams(
     spec: LayerSpec,
     batches: Sequence[Any],
     sample_weights: Sequence[torch.Tensor | None] | None,
+    *,
+    group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``H`` of the layer's inputs in ``work`` and, with a ``dense`` reference, the cross term ``C``.
 
     Where the layer's inputs in ``work`` are still the dense ones (nothing before it was pruned), ``C``
     is ``H``: it is then the same tensor, neither computed nor stored a second time. A batch on which
     the layer does not run (in ``work``, or in the dense model) adds nothing.
+
+    Under ``torch.distributed`` (``group``: None is the default group) it is a collective: each rank
+    sums its own batches, and the sums are added across the ranks (:func:`_summed_over_ranks`), so
+    every rank holds the ``H`` and ``C`` of all the ranks' batches.
     """
     work_module = dict(work.named_modules())[spec.name]
     device = module_device(work)
@@ -316,11 +354,46 @@ def layer_grams(
                     cross.add_(part if same else gram(pruned_inputs, dense_inputs, weight, float64=True))
             hessian = part if hessian is None else hessian.add_(part)  # in place: no fresh (in + 1)^2 per batch
             del part  # not alive while the next batch's part is made
+    if is_distributed(group):
+        hessian, cross = _summed_over_ranks(hessian, cross, spec, device, sample_weights is not None, group)
     if hessian is None:
         raise ValueError(
             f"argument 'batches': layer {spec.name!r} runs on none of them (in the pruned and the dense model alike)"
         )
     return hessian, hessian if cross is None and dense is not None else cross
+
+
+def _summed_over_ranks(
+    hessian: torch.Tensor | None,
+    cross: torch.Tensor | None,
+    spec: LayerSpec,
+    device: torch.device,
+    weighted: bool,
+    group: Any,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """This rank's ``H`` and ``C`` (:func:`layer_grams`) summed over the ranks of ``group``; every rank
+    gets the same tensors (None, None when the layer runs on no rank's batches).
+
+    A rank on none of whose batches the layer runs adds zeros. So does a rank without sample weights
+    for the layer (``weighted`` false) while another rank has them: its own sensitivities were 0 on
+    every sample (the caller left the layer out, see ``ReconstructionRun.sample_weights``), which
+    weighs its samples 0, as one process on all the batches would. ``C`` is made on every rank (as
+    ``H``, where it was ``H``) once some rank's ``C`` differs from its ``H``.
+    """
+    flags = torch.tensor([hessian is not None, cross is not None, weighted], dtype=torch.int64)
+    ran, crossed, weighted_somewhere = (bool(flag) for flag in all_reduce_sum(flags, group).tolist())
+    if not ran:
+        return None, None
+    if weighted_somewhere and not weighted:
+        hessian = cross = None
+    if hessian is None:
+        hessian = torch.zeros(spec.fan_in + 1, spec.fan_in + 1, dtype=torch.float64, device=device)
+    if crossed and cross is None:
+        cross = hessian.clone()
+    all_reduce_sum(hessian, group)
+    if cross is not None:
+        all_reduce_sum(cross, group)
+    return hessian, cross
 
 
 # ---- one layer -----------------------------------------------------------------------------------
@@ -352,6 +425,14 @@ class ReconstructionRun:
     update instead of the final refit (the cheap proxy that compares allocation candidates);
     ``add_bias=False`` keeps layers without a bias without one; ``cache`` the budget the run's
     activation caches share (made on first use, see :func:`cache_budget`).
+
+    ``group`` is the ``torch.distributed`` process group whose ranks reconstruct together, each from
+    its own ``batches`` (None: the default group). Under ``torch.distributed`` with more than one rank
+    the Gram matrices, the forward order and the allocation search's divergences are summed or
+    agreed across its ranks (every rank must run the same reconstruction), so every rank ends with
+    the same masks and weights as one process on all the batches; otherwise nothing is communicated.
+    A layer left out of ``sample_weights`` on one rank only (its sensitivities 0 on all of that
+    rank's samples) weighs that rank's samples 0.
     """
 
     config: ReconstructionConfig
@@ -361,6 +442,7 @@ class ReconstructionRun:
     exact: bool = True
     add_bias: bool = True
     cache: CacheBudget | None = None
+    group: Any = None
 
 
 def _layer_quadratic(
@@ -373,7 +455,8 @@ def _layer_quadratic(
         hessian, cross = shared.grams[spec.name]
     else:
         weights = None if run.sample_weights is None else run.sample_weights.get(spec.name)
-        hessian, cross = layer_grams(work, run.dense if run.config.refit else None, spec, run.batches, weights)
+        dense = run.dense if run.config.refit else None
+        hessian, cross = layer_grams(work, dense, spec, run.batches, weights, group=run.group)
         if shared is not None and run.exact:
             shared.grams[spec.name] = (hessian, cross)
     if bias_free:
@@ -571,7 +654,7 @@ def _reconstruct(
     work_specs = {name: LayerSpec(name, dict(work.named_modules())[name], spec.kind) for name, spec in specs.items()}
     device = module_device(work)
     inputs = (to_device(split_batch(batch)[0], device) for batch in run.batches)
-    order = [name for name in forward_order(work, work_specs, inputs) if name in plans]
+    order = [name for name in forward_order(work, work_specs, inputs, group=run.group) if name in plans]
     work.eval()  # a copy: its mode needs no restoring
     replay.install(work_specs[name].module for name in order)
     outcomes: dict[str, LayerOutcome] = {}
@@ -694,7 +777,7 @@ def reconstruct_best(
         assert run.cache is not None
         proxy = run.config.refit and keep_fn is None
         reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
-        compare = _Comparison(reference, divergence, keep_outcomes=not proxy)
+        compare = _Comparison(reference, divergence, keep_outcomes=not proxy, group=run.group)
         for label, split in candidates.items():
             compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
         if not proxy:
@@ -731,7 +814,7 @@ def _finals(
         first.release_factors()
     chosen = compare.best_label
     finalists = {f"{chosen}, refit": None, f"{chosen}, refit, importance masks": alternative}
-    final = _Comparison(compare.reference, compare.kind)
+    final = _Comparison(compare.reference, compare.kind, group=compare.group)
     for label, masks in finalists.items():
         if label.endswith(", refit") or masks is not None:
             final.reconstruct(label, model, specs, _plans(split, pattern, masks), run)
@@ -773,11 +856,15 @@ class ReferenceOutputs:
 class _Comparison:
     """Divergences of pruned working copies from the dense outputs; keeps the closest outcome.
 
-    Each candidate's outputs are compared batch by batch as they are computed, never all held.
+    Each candidate's outputs are compared batch by batch as they are computed, never all held; under
+    ``torch.distributed`` the divergence is that of every rank's batches (``group``, see
+    :func:`~ecp_fast.pruning.allocation.output_divergence`), so every rank keeps the same candidate.
     """
 
-    def __init__(self, reference: ReferenceOutputs, divergence: str, keep_outcomes: bool = True) -> None:
-        self.reference, self.kind = reference, divergence
+    def __init__(
+        self, reference: ReferenceOutputs, divergence: str, keep_outcomes: bool = True, group: Any = None
+    ) -> None:
+        self.reference, self.kind, self.group = reference, divergence, group
         self.keep_outcomes = keep_outcomes  # False: only the label is wanted (the proxies of a search)
         self.divergences: dict[str, float] = {}
         self.best: dict[str, LayerOutcome] = {}
@@ -810,7 +897,8 @@ class _Comparison:
         from ecp_fast.pruning.allocation import iter_outputs, output_divergence
 
         reference = self.reference
-        value = output_divergence(reference, iter_outputs(work, reference.batches, reference.output_fn), self.kind)
+        outputs = iter_outputs(work, reference.batches, reference.output_fn)
+        value = output_divergence(reference, outputs, self.kind, group=self.group)
         if not self.divergences or value < min(self.divergences.values()):
             self.best, self.best_label = outcomes if self.keep_outcomes else {}, label
         self.divergences[label] = value
