@@ -13,11 +13,13 @@ the weights, biases and statistics exactly as they were: there is never a half-p
 from __future__ import annotations
 
 import logging
+import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -82,7 +84,8 @@ _NEURON_PRUNING: Callable[..., Any] | None = None
 
 
 def register_neuron_pruning(function: Callable[..., Any]) -> None:
-    """Let ``Pruner.prune(scope="neuron")`` call ``function(pruner, ratio, method=..., scope=...)``."""
+    """Let ``Pruner.prune(scope="neuron")`` call ``function(pruner, ratio, method=..., scope=...)``, which
+    removes hidden units only where the producer (the layer whose outputs go) is one of ``pruner.layers``."""
     global _NEURON_PRUNING
     _NEURON_PRUNING = function
 
@@ -204,13 +207,15 @@ class Pruner:
         return result
 
     def _calibrator(self, loss_fn: LossFn | None, loss_reduction: str | None) -> Calibrator:
+        """A calibrator for this pruner; ``loss_reduction`` None reads ``loss_fn.reduction`` (default
+        ``"mean"``) for this call alone, whatever an earlier call was given."""
         return Calibrator(
             self.model,
             self.layers,
             sensitivity=self.sensitivity,
             probes=self.probes,
             loss_fn=loss_fn,
-            loss_reduction=loss_reduction if loss_reduction is not None else self._loss_reduction,
+            loss_reduction=loss_reduction,
             output_fn=self.output_fn,
             seed=self.seed,
             keep_inputs=self.keep_inputs,
@@ -283,7 +288,8 @@ class Pruner:
                 every layer), ``"row"`` (per output neuron), ``"N:M"`` (keep N of every M
                 consecutive inputs of a neuron) or ``"neuron"`` (remove whole hidden units and
                 shrink the model; ``sparsity`` is then the fraction of hidden units removed, see
-                :func:`ecp_fast.pruning.structured.prune_neurons`).
+                :func:`ecp_fast.pruning.structured.prune_neurons`; only hidden layers whose producer
+                is one of the pruner's layers shrink, so ``layers=`` and ``exclude=`` hold).
             steps: prune iteratively on a geometric schedule of the remaining density, recalibrating
                 on the same batches between steps (they must be re-iterable, e.g. a list or DataLoader).
             importances: precomputed :meth:`importances` for the current weights (``steps=1`` only),
@@ -456,8 +462,8 @@ class Pruner:
                     name: importance.score for name, importance in self.importances(config.alternative).items()
                 }
             alternative = self._keep_for(method_scores, parsed_scope)
-        run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias)
-        kind, output_fn = resolve_divergence(divergence, batches, self.model, self.output_fn)
+        run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias, group=self.process_group)
+        kind, output_fn = resolve_divergence(divergence, batches, self.model, self.output_fn, group=self.process_group)
         outcomes, chosen, divergences = reconstruct_best(
             self.model,
             self.layers,
@@ -482,10 +488,17 @@ class Pruner:
     ) -> str:
         if method not in RECONSTRUCTIVE_METHODS:
             get_method(method)  # a clear error for an unknown name
-        if steps != 1 or importances is not None:
+        if importances is not None:
+            asked = f"method={method!r}" if method in RECONSTRUCTIVE_METHODS else "reconstruct=True"
+            raise ValueError(
+                f"argument 'importances': reconstructive pruning ({asked}) chooses the masks while it "
+                "refits each layer in turn from the calibration batches, so precomputed importances do not apply; "
+                f"expected importances=None, got a {type(importances).__name__}"
+            )
+        if steps != 1:
             raise ValueError(
                 f"argument 'steps': reconstructive pruning runs in one step from the calibration batches "
-                f"(steps=1, importances=None), got steps={steps!r}"
+                f"(steps=1), got steps={steps!r}"
             )
         if allocation is not None and allocation not in ALLOCATIONS:
             raise ValueError(f"argument 'allocation' must be one of {ALLOCATIONS} or None, got {allocation!r}")
@@ -510,7 +523,9 @@ class Pruner:
         if kept is not None and len(kept) == len(batches) and self._calibrated_state == _model_state(self.model):
             weights = {name: [rows.get(name) for rows in kept] for name in self.layers}  # None: did not run
         else:
-            weights = sensitivity_weights(self._calibrator(self._loss_fn, None), batches, self.layers, self.seed)
+            weights = sensitivity_weights(
+                self._calibrator(self._loss_fn, self._loss_reduction), batches, self.layers, self.seed
+            )
         return _reaching_the_output(weights)
 
     def _reconstruction_batches(self) -> list[Any]:
@@ -684,8 +699,9 @@ def _check_neuron_request(sparsity: object, method: str, reconstruct: bool) -> N
             f"argument '{name}': scope='neuron' removes whole hidden units and refits nothing, so it does not "
             f"take {name}={value!r}; use a mask method (e.g. method='ecp') with it, or another scope"
         )
+    # numbers.Real: Python and NumPy numbers alike, as resolve_sparsity takes them; bool is not a fraction
     if sparsity is not None and (
-        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1
+        isinstance(sparsity, (bool, np.bool_)) or not isinstance(sparsity, numbers.Real) or not 0 <= float(sparsity) < 1
     ):
         raise ValueError(
             f"argument 'sparsity' (with scope='neuron': the fraction of hidden units removed) must be a number in "

@@ -35,12 +35,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
@@ -51,6 +53,7 @@ from ecp_fast.pruning.calibration import (
     SENSITIVITIES,
     Calibrator,
     LayerStatistics,
+    LossFn,
     existing_mask,
     resolve_layers,
     weight_2d,
@@ -174,10 +177,62 @@ def _sequential_pairs(prefix: str, children: list[tuple[str, nn.Module]]) -> lis
     return pairs
 
 
+def _sibling_norms(modules: Mapping[str, nn.Module], pair: NeuronPair) -> tuple[list[str], list[str]]:
+    """Per-feature siblings of the hidden size of a pair whose producer and consumer share a parent that
+    is not an ``nn.Sequential`` (``forward`` cannot be read): ``(certain, ambiguous)``.
+
+    Such a module (``bn1`` beside ``fc1`` / ``fc2``) can only act on the hidden units, and must be
+    sliced with them, unless another tensor of the block has the hidden size too (the producer's input,
+    the consumer's output, another dense sibling's): then it is ambiguous.
+    """
+    parent_name, _, _ = pair.producer.rpartition(".")
+    parent = modules.get(parent_name)
+    if parent is None or isinstance(parent, nn.Sequential) or pair.consumer.rpartition(".")[0] != parent_name:
+        return [], []
+    hidden = _dense_shape(modules[pair.producer])[0]
+    prefix = f"{parent_name}." if parent_name else ""
+    norms: list[str] = []
+    sizes: list[int] = []
+    for name, module in parent.named_children():
+        if _is_dense(module):  # every size but the hidden units' own (producer's output, consumer's input)
+            outputs, inputs = _dense_shape(module)
+            sizes += [outputs] if prefix + name != pair.producer else []
+            sizes += [inputs] if prefix + name != pair.consumer else []
+        elif isinstance(module, PER_FEATURE) and _feature_count(module) == hidden:
+            norms.append(prefix + name)
+    norms = [name for name in norms if name not in pair.norms]
+    return ([], norms) if hidden in sizes else (norms, [])
+
+
+def _chain_norms(modules: Mapping[str, nn.Module], pair: NeuronPair) -> list[str]:
+    """Per-feature modules of the hidden size between producer and consumer, children of one ``nn.Sequential``."""
+    parent_name, _, first = pair.producer.rpartition(".")
+    parent = modules.get(parent_name)
+    if not isinstance(parent, nn.Sequential) or pair.consumer.rpartition(".")[0] != parent_name:
+        return []
+    names = [name for name, _ in parent.named_children()]
+    start, stop = names.index(first), names.index(pair.consumer.rpartition(".")[2])
+    hidden = _dense_shape(modules[pair.producer])[0]
+    prefix = f"{parent_name}." if parent_name else ""
+    between = [(prefix + name, parent.get_submodule(name)) for name in names[start + 1 : stop]]
+    return [
+        name
+        for name, module in between
+        if isinstance(module, PER_FEATURE) and _feature_count(module) == hidden and name not in pair.norms
+    ]
+
+
+def _with_norms(modules: Mapping[str, nn.Module], pair: NeuronPair) -> NeuronPair:
+    """``pair`` with the per-feature modules it certainly feeds added to its norms (they are sliced with it)."""
+    extra = [*_chain_norms(modules, pair), *_sibling_norms(modules, pair)[0]]
+    return NeuronPair(pair.producer, pair.consumer, (*pair.norms, *extra)) if extra else pair
+
+
 def _detect_pairs(model: nn.Module) -> list[NeuronPair]:
-    """Every pair :func:`find_neuron_pairs` would detect, gated MLPs' included."""
+    """Every pair :func:`find_neuron_pairs` would detect, gated MLPs' and ambiguous ones included."""
     pairs: list[NeuronPair] = []
-    for parent_name, parent in model.named_modules():
+    modules = dict(model.named_modules())
+    for parent_name, parent in modules.items():
         prefix = f"{parent_name}." if parent_name else ""
         children = list(parent.named_children())
         if isinstance(parent, nn.Sequential):
@@ -193,7 +248,7 @@ def _detect_pairs(model: nn.Module) -> list[NeuronPair]:
                 and _is_dense(consumer)
                 and _dense_shape(producer)[0] == _dense_shape(consumer)[1]
             ):
-                pairs.append(NeuronPair(prefix + first, prefix + second))
+                pairs.append(_with_norms(modules, NeuronPair(prefix + first, prefix + second)))
     return pairs
 
 
@@ -205,11 +260,14 @@ def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
     then a Linear; and in any other module, child Linears (or Hugging Face ``Conv1D``, as in GPT-2)
     named as in :data:`BLOCK_NAME_PAIRS` (``fc1``/``fc2``, ``linear1``/``linear2``, ``c_fc``/``c_proj``,
     ...) with matching sizes, assumed to compute ``second(activation(first(x)))`` as transformer MLP
-    blocks do. Gated MLPs (a sibling gate projection, see :func:`gate_of`) are left out; anything
-    else: pass ``pairs``.
+    blocks do, with their per-feature siblings of the hidden size as norms (``bn1``). Gated MLPs (a
+    sibling gate projection, see :func:`gate_of`) and blocks where such a sibling could act on another
+    tensor of the hidden size are left out; anything else: pass ``pairs``.
     """
     modules = dict(model.named_modules())
-    return [pair for pair in _detect_pairs(model) if gate_of(modules, pair) is None]
+    return [
+        pair for pair in _detect_pairs(model) if gate_of(modules, pair) is None and not _sibling_norms(modules, pair)[1]
+    ]
 
 
 def gate_of(modules: Mapping[str, nn.Module], pair: NeuronPair) -> str | None:
@@ -327,23 +385,64 @@ def _refuse_unsupported(model: nn.Module, pairs: Sequence[NeuronPair], detected:
                 )
 
 
-def resolve_pairs(model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] | None = None) -> list[NeuronPair]:
+def _refuse_ambiguous(modules: Mapping[str, nn.Module], pairs: Sequence[NeuronPair]) -> None:
+    """Raise ``ValueError`` for a detected pair with a per-feature sibling that may or may not act on its units."""
+    for pair in pairs:
+        ambiguous = _sibling_norms(modules, pair)[1]
+        if ambiguous:
+            hidden = _dense_shape(modules[pair.producer])[0]
+            raise ValueError(
+                f"argument 'pairs' is None and the detected pair ({pair.producer!r}, {pair.consumer!r}) has "
+                f"per-feature siblings {ambiguous} of its hidden size {hidden}, and another tensor of the block has "
+                "that size too: whether they act on the hidden units (and must be sliced with them) cannot be told. "
+                f"Pass pairs=[({pair.producer!r}, {pair.consumer!r}, {tuple(ambiguous)!r})] if they do, else "
+                f"pairs=[({pair.producer!r}, {pair.consumer!r})] (find_neuron_pairs(model) lists the other pairs)"
+            )
+
+
+def _resolve_detected(model: nn.Module, producers: Collection[str] | None) -> list[NeuronPair]:
+    """The detected pairs (whose producer is in ``producers``, when given), refused as :func:`resolve_pairs` says."""
+    detected = _detect_pairs(model)
+    if producers is not None:
+        kept = [pair for pair in detected if pair.producer in producers]
+        if detected and not kept:
+            raise ValueError(
+                "arguments 'layers' / 'exclude' (of the Pruner): hidden units are removed only where the producer "
+                f"is one of the pruner's layers, expected one among the detected pairs "
+                f"{[(pair.producer, pair.consumer) for pair in detected]}, got layers {sorted(producers)}"
+            )
+        detected = kept
+    _refuse_unsupported(model, detected, detected=True)
+    _refuse_ambiguous(dict(model.named_modules()), detected)
+    if not detected:
+        raise ValueError(
+            "argument 'pairs': no Linear -> activation -> Linear chain found in the model; "
+            "pass pairs=[(producer_name, consumer_name), ...]"
+        )
+    return detected
+
+
+def resolve_pairs(
+    model: nn.Module,
+    pairs: Sequence[NeuronPair | Sequence[Any]] | None = None,
+    *,
+    producers: Collection[str] | None = None,
+) -> list[NeuronPair]:
     """Validate ``pairs`` (``(producer, consumer)`` or ``(producer, consumer, norms)``) or detect them.
+
+    A given pair gets the per-feature modules it certainly feeds added to its norms, as a detected one
+    has them: those between producer and consumer in one ``nn.Sequential``, and siblings of the hidden
+    size that nothing else of the block could feed (``bn1`` beside ``fc1`` / ``fc2``). ``producers``
+    (with ``pairs=None``) keeps only the detected pairs whose producer is among them (a Pruner's layers).
 
     Raises ``ValueError`` naming the pair when a name is missing, a module is not an ``nn.Linear``
     or ``Conv1D`` (or a supported per-feature module), sizes do not match, a layer appears twice in
-    one role, a layer is shared with another name (module used twice, tied weight), or the pair is
-    part of a gated MLP (detected ones included: then nothing is pruned).
+    one role, a layer is shared with another name (module used twice, tied weight), the pair is
+    part of a gated MLP, or a detected pair has a sibling norm that may or may not act on its units
+    (detected ones included: then nothing is pruned).
     """
     if pairs is None:
-        detected = _detect_pairs(model)
-        _refuse_unsupported(model, detected, detected=True)
-        if not detected:
-            raise ValueError(
-                "argument 'pairs': no Linear -> activation -> Linear chain found in the model; "
-                "pass pairs=[(producer_name, consumer_name), ...]"
-            )
-        return detected
+        return _resolve_detected(model, producers)
     if isinstance(pairs, (str, NeuronPair)) or not hasattr(pairs, "__iter__"):
         raise TypeError(f"argument 'pairs' must be a sequence of (producer, consumer) pairs, got {pairs!r}")
     modules = dict(model.named_modules())
@@ -351,7 +450,7 @@ def resolve_pairs(model: nn.Module, pairs: Sequence[NeuronPair | Sequence[Any]] 
     for entry in pairs:
         pair = _parse_pair(entry)
         _check_pair(modules, pair)
-        resolved.append(pair)
+        resolved.append(_with_norms(modules, pair))
     for role in ("producer", "consumer"):
         names = [getattr(pair, role) for pair in resolved]
         duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -474,7 +573,8 @@ def neuron_scores(
 
 
 def _check_ratio(ratio: float) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+    # numbers.Real: Python and NumPy numbers alike (np.float32 is no float subclass); bool is not a ratio
+    if isinstance(ratio, (bool, np.bool_)) or not isinstance(ratio, numbers.Real):
         raise TypeError(f"argument 'ratio' must be a float in [0, 1), got {type(ratio).__name__}")
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"argument 'ratio' (fraction of hidden neurons to remove) must be in [0, 1), got {ratio}")
@@ -931,16 +1031,11 @@ def _check_options(
 
 
 def _statistics_for(
-    pruner: Pruner | None,
-    model: nn.Module,
-    method: str,
-    consumers: list[str],
-    batches: Iterable[Any] | None,
-    sensitivity: str,
-    wants_statistics: bool,
+    pruner: Pruner | None, model: nn.Module, method: str, consumers: list[str], options: _NeuronOptions
 ) -> tuple[Mapping[str, LayerStatistics] | None, str]:
     """The consumers' statistics (calibrating when needed) and the sensitivity they come from."""
-    if not wants_statistics:
+    batches, sensitivity = options.batches, options.sensitivity
+    if not options.wants_statistics(method):
         return None, sensitivity
     if pruner is not None:
         if method == "local" and pruner.sensitivity != "local":
@@ -957,7 +1052,7 @@ def _statistics_for(
     if batches is None:
         raise ValueError(f"method {method!r} on a bare model needs calibration batches: pass batches=...")
     calibrating = Pruner(model, sensitivity=sensitivity, layers=consumers, progress=False)
-    calibrating.calibrate(batches)
+    calibrating.calibrate(batches, loss_fn=options.loss_fn)
     return calibrating.statistics, sensitivity
 
 
@@ -1053,11 +1148,34 @@ class _NeuronOptions:
     min_keep: int
     compensate: bool | None
     inplace: bool
+    loss_fn: LossFn | None = None
 
     def __post_init__(self) -> None:
         _check_options(
             self.scope, self.sensitivity, self.normalize, self.min_keep, self.compensate, self.inplace, self.batches
         )
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise TypeError(
+                f"argument 'loss_fn' must be a callable loss_fn(outputs, targets) or None, got {self.loss_fn!r}"
+            )
+
+    def wants_statistics(self, method: str) -> bool:
+        """Whether ``method`` with these options reads calibration statistics."""
+        return method in NEEDS_STATISTICS or bool(self.compensate)
+
+    def check_loss_fn(self, pruner: Pruner | None, method: str) -> None:
+        """``loss_fn`` is what a bare model's ``sensitivity="loss"`` calibration needs, and only that."""
+        if pruner is not None and self.loss_fn is not None:
+            raise ValueError(
+                "argument 'loss_fn' calibrates a bare model; a Pruner brings its own statistics: expected "
+                "loss_fn=None with a Pruner (pass loss_fn to pruner.calibrate), got a loss_fn"
+            )
+        calibrates_loss = self.sensitivity == "loss" and method != "local" and self.wants_statistics(method)
+        if pruner is None and calibrates_loss and self.loss_fn is None:
+            raise ValueError(
+                f"argument 'loss_fn': sensitivity='loss' calibrates {method!r} on per-sample loss gradients and "
+                "needs loss_fn(outputs, targets) with (inputs, targets) batches, got loss_fn=None"
+            )
 
 
 def _pruner_and_model(pruner_or_model: Pruner | nn.Module) -> tuple[Pruner | None, nn.Module]:
@@ -1081,11 +1199,8 @@ def _remove_neurons(
         if pruner is not None:
             transaction.on_rollback(partial(_restore_pruner, pruner, pruner.layers, pruner.calibration))
         scope, inplace = options.scope, options.inplace
-        wants_statistics = method in NEEDS_STATISTICS or bool(options.compensate)
         consumers = [pair.consumer for pair in resolved]
-        statistics, used_sensitivity = _statistics_for(
-            pruner, model, method, consumers, options.batches, options.sensitivity, wants_statistics
-        )
+        statistics, used_sensitivity = _statistics_for(pruner, model, method, consumers, options)
         plan = plan_neurons(
             model,
             ratio,
@@ -1134,6 +1249,7 @@ def prune_neurons(
     min_keep: int = 1,
     compensate: bool | None = None,
     inplace: bool = True,
+    loss_fn: LossFn | None = None,
 ) -> StructuredReport:
     """Remove ``ratio`` of the hidden neurons with compensation and shrink the Linear layers.
 
@@ -1145,11 +1261,13 @@ def prune_neurons(
         method: ``"ecp"``, ``"local"``, ``"obd"``, ``"norm"`` (alias ``"magnitude"``) or ``"norm_io"``.
         scope: ``"global"`` (one ranking over all hidden layers) or ``"layer"`` (``ratio`` of every one).
         pairs: ``(producer, consumer)`` or ``(producer, consumer, norms)`` names (Linear or GPT-2's
-            ``Conv1D``); None detects them (:func:`find_neuron_pairs`). Gated MLPs and layers used twice
-            or with tied weights are refused, detected or named.
+            ``Conv1D``; norms they certainly feed are added, see :func:`resolve_pairs`); None detects
+            them (:func:`find_neuron_pairs`). Gated MLPs and layers used twice or with tied weights are
+            refused, detected or named.
         batches: calibration data for a bare model, or for ``"local"`` with a pruner calibrated
             with another sensitivity (default: the batches that pruner was calibrated on).
         sensitivity: how a bare model is calibrated (``"output"``, ``"loss"``, ``"local"``).
+        loss_fn: ``loss_fn(outputs, targets)`` of a bare model's ``"loss"`` sensitivity (not with a pruner).
         normalize: cross-layer comparison in the global scope: ``"auto"``, ``"none"``, ``"mean"``
             (see :func:`plan_neurons`).
         min_keep: hidden units every layer keeps.
@@ -1170,8 +1288,9 @@ def prune_neurons(
         removal below it.
     """
     method, ratio = _canonical_method(method), _check_ratio(ratio)
-    options = _NeuronOptions(scope, batches, sensitivity, normalize, min_keep, compensate, inplace)
+    options = _NeuronOptions(scope, batches, sensitivity, normalize, min_keep, compensate, inplace, loss_fn)
     pruner, model = _pruner_and_model(pruner_or_model)
+    options.check_loss_fn(pruner, method)
     resolved = resolve_pairs(model, pairs)
     _warn_about_sparsity(model, resolved, ratio)
     report = _remove_neurons(pruner, model, ratio, method, resolved, options)
@@ -1179,4 +1298,13 @@ def prune_neurons(
     return report
 
 
-register_neuron_pruning(prune_neurons)
+def _prune_pruner_layers(pruner: Pruner, ratio: float, *, method: str, scope: str) -> StructuredReport:
+    """``Pruner.prune(scope="neuron")``: :func:`prune_neurons` on the detected pairs whose producer (the
+    layer whose outputs go) is one of the pruner's layers, so that its ``layers=`` and ``exclude=`` hold."""
+    _canonical_method(method)  # the argument errors of prune_neurons, before the pairs are detected
+    _check_ratio(ratio)
+    pairs = resolve_pairs(pruner.model, None, producers=list(pruner.layers))
+    return prune_neurons(pruner, ratio, method, scope, pairs)
+
+
+register_neuron_pruning(_prune_pruner_layers)

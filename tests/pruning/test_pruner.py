@@ -6,6 +6,7 @@ import copy
 import io
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -522,3 +523,83 @@ def test_no_batches_for_a_method_that_needs_them_names_the_argument(method, reco
         ecp_fast.prune(model, None, sparsity=0.5, method=method, reconstruct=reconstruct, progress=False)
     assert_untouched(model, before)
     ecp_fast.prune(model, None, sparsity=0.5, method="magnitude", progress=False)  # needs no data
+
+
+def three_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5)).eval()
+
+
+def neuron_data():
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 8, generator=generator), torch.randint(0, 5, (32,), generator=generator))] * 2
+
+
+@pytest.mark.parametrize("chosen", [{"exclude": ["0"]}, {"layers": ["2", "4"]}])
+def test_neuron_scope_leaves_the_layers_the_pruner_does_not_prune(chosen):
+    """A hidden layer shrinks only where its producer (whose outputs go) is one of the pruner's layers."""
+    model = three_layers()
+    first = {key: value.clone() for key, value in model[0].state_dict().items()}
+    report = ecp_fast.prune(model, neuron_data(), sparsity=0.5, scope="neuron", progress=False, **chosen)
+    assert [(pair.producer, pair.consumer) for pair in report.pairs] == [("2", "4")]
+    assert model[0].out_features == 16 and model[2].in_features == 16 and model[2].out_features == 6
+    assert all(torch.equal(value, model[0].state_dict()[key]) for key, value in first.items())
+    assert model(torch.randn(3, 8)).shape == (3, 5)
+
+
+def test_neuron_scope_with_no_pruned_producer_names_the_pruner_layers_and_changes_nothing():
+    model = three_layers()
+    before = snapshot(model)
+    pruner = ecp_fast.Pruner(model, exclude=["0", "2"], progress=False)
+    pruner.calibrate(neuron_data())
+    with pytest.raises(ValueError, match=r"arguments 'layers' / 'exclude' \(of the Pruner\).*got layers \['4'\]"):
+        pruner.prune(0.5, scope="neuron")
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("sparsity", [np.float32(0.5), np.float64(0.5)])
+def test_neuron_scope_takes_numpy_sparsities(sparsity):
+    model, reference = three_layers(), three_layers()
+    for subject in (model, reference):
+        pruner = ecp_fast.Pruner(subject, progress=False)
+        pruner.calibrate(neuron_data())
+        report = pruner.prune(sparsity if subject is model else float(sparsity), scope="neuron")
+        assert report.ratio == 0.5
+    assert all(torch.equal(value, reference.state_dict()[key]) for key, value in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"argument 'sparsity' \(with scope='neuron'"):
+        pruner.prune(np.bool_(False), scope="neuron")
+
+
+def test_loss_reduction_of_one_calibration_does_not_carry_into_the_next():
+    """loss_reduction=None reads loss_fn.reduction (default mean) in every call."""
+    model = mlp()
+    batches = data()
+
+    def summed(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="sum")
+
+    pruner = ecp_fast.Pruner(model, sensitivity="loss", progress=False)
+    pruner.calibrate(batches, loss_fn=summed, loss_reduction="sum")
+    again = pruner.calibrate(batches, loss_fn=nn.functional.cross_entropy)
+    fresh = ecp_fast.Pruner(model, sensitivity="loss", progress=False).calibrate(
+        batches, loss_fn=nn.functional.cross_entropy
+    )
+    for name, expected in fresh.statistics.items():
+        for got, want in zip(again.statistics[name].moments, expected.moments, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("arguments", [{"method": "ecp-obs"}, {"method": "ecp", "reconstruct": True}])
+def test_importances_given_to_a_reconstructive_prune_are_named(arguments):
+    model = mlp()
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate(data())
+    importances = pruner.importances("ecp")
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError, match=r"^argument 'importances': reconstructive pruning .* expected importances=None"
+    ):
+        pruner.prune(0.5, importances=importances, **arguments)
+    with pytest.raises(ValueError, match=r"^argument 'steps': reconstructive pruning .* got steps=2"):
+        pruner.prune(0.5, steps=2, **arguments)
+    assert_untouched(model, before)

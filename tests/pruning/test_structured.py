@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from fingerprint import assert_unchanged, failing_after, fingerprint
@@ -504,4 +505,117 @@ def test_mask_neurons_checks_the_plan_and_is_atomic(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(KeyboardInterrupt):
         mask_neurons(model, report.plan)
+    assert_unchanged(before, model)
+
+
+# ---- per-feature modules of given and named pairs, loss sensitivity, NumPy ratios -----------------------
+
+
+class NamedBlock(nn.Module):
+    """fc2(relu(bn1(fc1(x)))): a BatchNorm1d beside a named fc1 / fc2 pair, outside any nn.Sequential."""
+
+    def __init__(self, width: int = 12, hidden: int = 20, out: int = 5) -> None:
+        super().__init__()
+        self.fc1, self.bn1, self.fc2 = nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.bn1(self.fc1(x))))
+
+
+def with_statistics(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = model.double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+    return model
+
+
+@pytest.mark.parametrize(
+    "build, pairs, norm",
+    [
+        (lambda: nn.Sequential(nn.Linear(12, 20), nn.BatchNorm1d(20), nn.ReLU(), nn.Linear(20, 5)), [("0", "3")], "1"),
+        (NamedBlock, None, "bn1"),
+        (NamedBlock, [("fc1", "fc2")], "bn1"),
+    ],
+    ids=["sequential-given", "named-detected", "named-given"],
+)
+@pytest.mark.parametrize("method", ["norm", "ecp"])
+def test_a_batchnorm_between_a_pair_is_sliced_with_its_units(build, pairs, norm: str, method: str) -> None:
+    model = with_statistics(build())
+    x = inputs()
+    reference = copy.deepcopy(model)
+    report = prune_neurons(model, 0.25, method=method, pairs=pairs, batches=[x])
+    assert report.plan.pairs[0].norms == (norm,)
+    mask_neurons(reference, report.plan)
+    bn = model.get_submodule(norm)
+    assert bn.num_features == 15 and bn.running_mean.shape == (15,) and bn.weight.shape == (15,)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_sibling_norm_that_may_feed_another_tensor_is_refused_when_detected() -> None:
+    """fc1: 12 -> 12 and bn1(12): bn1 could normalise the block's input as well as the hidden units."""
+    model = with_statistics(NamedBlock(width=12, hidden=12))
+    before = fingerprint(model)
+    assert find_neuron_pairs(model) == []
+    with pytest.raises(ValueError, match=r"argument 'pairs' is None and the detected pair \('fc1', 'fc2'\).*\['bn1'\]"):
+        prune_neurons(model, 0.5, method="norm")
+    assert_unchanged(before, model)
+    x = inputs()
+    prune_neurons(model, 0.5, method="norm", pairs=[("fc1", "fc2", "bn1")])  # named: taken as given
+    assert model.bn1.num_features == 6 and model(x).shape == (96, 5)
+
+
+def loss_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    x = inputs()
+    return [
+        (x[:48], torch.randint(0, 5, (48,), generator=generator)),
+        (x[48:], torch.randint(0, 5, (48,), generator=generator)),
+    ]
+
+
+def test_loss_sensitivity_of_a_bare_model_takes_loss_fn() -> None:
+    batches = loss_batches()
+    pruner = Pruner(mlp(), sensitivity="loss", progress=False)
+    pruner.calibrate(batches, loss_fn=F.cross_entropy)
+    expected = prune_neurons(pruner, 0.5, method="ecp", inplace=False)
+    model = mlp()
+    report = prune_neurons(model, 0.5, method="ecp", batches=batches, sensitivity="loss", loss_fn=F.cross_entropy)
+    assert report.plan.removed == expected.plan.removed
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs()), expected.model(inputs()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "arguments, error, match",
+    [
+        ({"sensitivity": "loss"}, ValueError, r"argument 'loss_fn': sensitivity='loss'.*got loss_fn=None"),
+        ({"sensitivity": "loss", "loss_fn": "cross_entropy"}, TypeError, "argument 'loss_fn' must be a callable"),
+        ({"use_pruner": True, "loss_fn": F.cross_entropy}, ValueError, "argument 'loss_fn'.*a Pruner"),
+    ],
+)
+def test_a_loss_fn_that_cannot_serve_names_the_argument(arguments: dict, error: type[Exception], match: str) -> None:
+    model = mlp()
+    subject = calibrated(model, inputs()) if arguments.pop("use_pruner", False) else model
+    before = fingerprint(model)
+    with pytest.raises(error, match=match):
+        prune_neurons(subject, 0.5, method="ecp", batches=loss_batches(), **arguments)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.5), np.float64(0.5), np.int64(0)])
+def test_numpy_ratios_are_taken_as_python_numbers(ratio: Any) -> None:
+    model = mlp()
+    report = prune_neurons(model, ratio, method="norm", scope="layer")
+    expected = prune_neurons(mlp(), float(ratio), method="norm", scope="layer")
+    assert type(report.ratio) is float and report.ratio == float(ratio)
+    assert report.plan.removed == expected.plan.removed
+    before = fingerprint(model)
+    with pytest.raises(TypeError, match="argument 'ratio' must be a float in"):
+        prune_neurons(model, np.bool_(False), method="norm")
     assert_unchanged(before, model)
