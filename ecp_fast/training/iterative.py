@@ -11,6 +11,13 @@ The procedure of Bonetta et al. (Applied Intelligence 2023), with the pruning st
 
 Masks live in ``torch.nn.utils.prune`` (``weight_orig`` / ``weight_mask``): every eligible weight is
 reparametrised (identity mask) before training starts, so all checkpoints have the same keys.
+A pruning step removes at least one weight, even when ``prune_fraction`` of the remaining ones rounds to
+none. A rollback (``backoff``) restores weights, masks and the optimizer's state (momentum, moments,
+through the optimizer's own ``load_state_dict``, so wrappers work), but keeps the parameter groups'
+current learning rates and other hyperparameters and does not touch the scheduler: optimizer and
+scheduler stay consistent and the schedule keeps counting optimizer steps. The per-interval scheduler
+steps after the evaluation; a ``ReduceLROnPlateau`` steps on the metric.
+
 Criteria: ``"magnitude"`` (``prune.global_unstructured`` with L1 over the remaining weights),
 ``"ecp"`` (elimination-compensation pruning: weights ranked by the output error left after the
 best shift of their neuron's bias, which is applied), or any callable with the signature of
@@ -23,6 +30,7 @@ import copy
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -33,6 +41,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ecp_fast._deprecation import renamed_attribute, renamed_keyword
+from ecp_fast.pruning.layers import tied_weights, unsupported_reason
 from ecp_fast.pruning.masks import weight_reparametrization
 from ecp_fast.pruning.selection import prune_count
 from ecp_fast.pruning.transaction import model_transaction
@@ -127,6 +136,9 @@ class ECPPruneStep:
     adds their compensation to the biases. Only ``nn.Linear`` and ``nn.Conv2d`` weights are
     supported (the Pruner's layers).
 
+    :func:`iterative_prune` refuses weights the Pruner cannot prune (an Embedding, a grouped
+    convolution, a tied weight) before it trains or masks anything.
+
     Args:
         batches: calibration batches ``(inputs, targets)`` (a list: it is iterated at every step).
         loss_fn: the training loss, for ``sensitivity="loss"`` (a mean loss is rescaled by the Pruner).
@@ -169,19 +181,29 @@ class ECPPruneStep:
         self.seed = seed
         self.last_report: Any = None
 
+    @staticmethod
+    def unsupported(model: nn.Module, weights: Sequence[WeightRef]) -> dict[str, str]:
+        """``{qualified weight name: why}`` for the ``weights`` of ``model`` the Pruner cannot prune."""
+        tied = tied_weights(model, list(dict.fromkeys(ref.module_name for ref in weights if ref.name == "weight")))
+        reasons: dict[str, str] = {}
+        for ref in weights:
+            if ref.name != "weight":
+                reasons[ref.qualified_name] = f"only a layer's 'weight' is supported, not {ref.name!r}"
+            elif (reason := unsupported_reason(ref.module)) is not None:
+                reasons[ref.qualified_name] = reason
+            elif ref.module_name in tied:
+                reasons[ref.qualified_name] = f"tied to {', '.join(tied[ref.module_name])}"
+        return reasons
+
     def __call__(self, model: nn.Module, weights: list[WeightRef], target_sparsity: float) -> None:
         """Prune ``weights`` to the global ``target_sparsity`` with bias compensation."""
         from ecp_fast.pruning.pruner import Pruner
 
-        unsupported = [
-            ref.qualified_name
-            for ref in weights
-            if ref.name != "weight" or not isinstance(ref.module, (nn.Linear, nn.Conv2d))
-        ]
+        unsupported = self.unsupported(model, weights)
         if unsupported:
             raise ValueError(
-                f"ECPPruneStep: the Pruner handles nn.Linear and nn.Conv2d weights only, got {unsupported}; "
-                "pass weights=... without them to iterative_prune"
+                "ECPPruneStep: argument 'weights' must hold nn.Linear or nn.Conv2d (groups=1) weights the Pruner "
+                f"can prune, got {unsupported}; pass weights=... without them to iterative_prune"
             )
         layers = list(dict.fromkeys(ref.module_name for ref in weights))
         was_training = model.training
@@ -262,7 +284,7 @@ class _IterativeRun:
         self.start = time.perf_counter()
         self.history: list[HistoryEntry] = []
         self.checkpoint: dict[str, Any] | None = None
-        self.optimizer_checkpoint: dict[str, Any] | None = None
+        self.optimizer_checkpoint: OptimizerCheckpoint | None = None
         self.fraction = settings.prune_fraction
         self.best = (0.0, -math.inf, 0)  # sparsity, metric, step of the checkpoint
         self.step = self.intervals_done = self.below = self.prune_steps = self.rollbacks = 0
@@ -270,7 +292,7 @@ class _IterativeRun:
         self.added: list[nn.Parameter] = []  # parameters a prune step created, given to the optimizer
 
     def train_interval(self, bar: Any) -> None:
-        """``interval`` optimizer steps (fewer at the end of ``max_steps``), then the interval scheduler."""
+        """``interval`` optimizer steps (fewer at the end of ``max_steps``), with the per-step scheduler."""
         s = self.settings
         self.model.train()
         for _ in range(min(s.interval, s.max_steps - self.step)):
@@ -287,7 +309,15 @@ class _IterativeRun:
             self.step += 1
         bar.update(s.interval)
         self.intervals_done += 1
-        if s.scheduler is not None and s.scheduler_step == "interval":
+
+    def step_scheduler(self, metric: float) -> None:
+        """The per-interval scheduler, after the evaluation; a ReduceLROnPlateau steps on the ``metric``."""
+        s = self.settings
+        if s.scheduler is None or s.scheduler_step != "interval":
+            return
+        if isinstance(s.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            s.scheduler.step(metric)
+        else:
             s.scheduler.step()
 
     def evaluate(self, bar: Any) -> tuple[float, float]:
@@ -308,12 +338,20 @@ class _IterativeRun:
         return False
 
     def _roll_back(self) -> float:
-        """Back to the checkpoint with a smaller prune fraction; returns the sparsity there."""
+        """Back to the checkpoint with a smaller prune fraction; returns the sparsity there.
+
+        Weights, masks and the optimizer's state (momentum, moments) go back; the parameter groups'
+        learning rates and other hyperparameters stay as the scheduler set them, and the scheduler
+        is not rolled back, so the two agree and the schedule keeps counting optimizer steps.
+        """
         s = self.settings
         assert self.checkpoint is not None
         load_checkpoint(self.model, self.checkpoint)
         if self.optimizer_checkpoint is not None:
+            hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in s.optimizer.param_groups]
             load_optimizer_state(s.optimizer, self.optimizer_checkpoint)
+            for group, values in zip(s.optimizer.param_groups, hyperparameters, strict=True):
+                group.update(values)
         self.fraction *= s.backoff  # type: ignore[operator]
         self.rollbacks += 1
         self.below = 0
@@ -335,7 +373,7 @@ class _IterativeRun:
         if metric >= s.bound:
             self.checkpoint = copy.deepcopy(self.model.state_dict())
             if s.backoff is not None:
-                self.optimizer_checkpoint = copy.deepcopy(s.optimizer.state_dict())
+                self.optimizer_checkpoint = optimizer_checkpoint(s.optimizer)
             self.best = (current, metric, self.step)
             self.below = 0
         else:
@@ -353,12 +391,24 @@ class _IterativeRun:
             return "train", current
         return ("stop" if self.step >= s.max_steps else "prune"), current
 
+    def _target(self, current: float) -> float | None:
+        """The sparsity the next pruning step goes to from ``current``: ``fraction`` of the remaining weights
+        or, when that rounds to none, one weight; at most ``max_sparsity``. None when no weight fits below it."""
+        target = min(1.0 - (1.0 - current) * (1.0 - self.fraction), self.settings.max_sparsity)
+        if _prune_count(self.weights, target) > 0:
+            return target
+        total = sum(ref.numel() for ref in self.weights)
+        one_more = (sum(ref.count_zeros() for ref in self.weights) + 1) / total
+        if one_more <= self.settings.max_sparsity and _prune_count(self.weights, one_more) > 0:
+            return one_more
+        return None
+
     def prune(self, metric: float, current: float) -> bool:
         """One pruning step from sparsity ``current``; False when nothing is left below ``max_sparsity``."""
         s = self.settings
-        target = min(1.0 - (1.0 - current) * (1.0 - self.fraction), s.max_sparsity)
-        if _prune_count(self.weights, target) == 0:
-            self.stop_reason = "max_sparsity"  # nothing left to prune below max_sparsity
+        target = self._target(current)
+        if target is None:
+            self.stop_reason = "max_sparsity"  # not one more weight can be pruned below max_sparsity
             return False
         before = {id(parameter) for parameter in self.model.parameters()}
         s.prune_fn(self.model, self.weights, target)
@@ -386,6 +436,7 @@ class _IterativeRun:
         while self.step < self.settings.max_steps:
             self.train_interval(bar)
             metric, current = self.evaluate(bar)
+            self.step_scheduler(metric)
             action, current = self.judge(metric, current)
             if action == "stop":
                 break
@@ -404,6 +455,7 @@ class _IterativeRun:
             logger.warning(
                 "%s: the metric never reached the bound %.4f; returning the final model", s.description, s.bound
             )
+            refresh_pruned_weights(self.model)
             state = copy.deepcopy(self.model.state_dict())
             final_sparsity = sparsity(self.weights)
             final_metric = self.history[-1].metric if self.history else math.nan
@@ -465,17 +517,8 @@ def _check_objects(model: Any, arguments: dict[str, Any]) -> None:
         raise TypeError(f"{owner}: argument 'model' must be an nn.Module, got {type(model).__name__}")
     check_callable(owner, "loss_fn", arguments["loss_fn"])
     check_callable(owner, "metric_fn", arguments["metric_fn"])
-    optimizer = arguments["optimizer"]
-    methods = ("zero_grad", "step", "state_dict", "load_state_dict")
-    if not all(callable(getattr(optimizer, name, None)) for name in methods):
-        raise TypeError(
-            f"{owner}: argument 'optimizer' must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
-        )
-    scheduler = arguments["scheduler"]
-    if scheduler is not None and not callable(getattr(scheduler, "step", None)):
-        raise TypeError(
-            f"{owner}: argument 'scheduler' must be a learning-rate scheduler or None, got {type(scheduler).__name__}"
-        )
+    _check_optimizer(arguments["optimizer"])
+    _check_scheduler(arguments["scheduler"], arguments["scheduler_step"])
     regularizer = arguments["regularizer"]
     if regularizer is not None:
         if not isinstance(regularizer, RelevanceDecay):
@@ -483,6 +526,57 @@ def _check_objects(model: Any, arguments: dict[str, Any]) -> None:
                 f"{owner}: argument 'regularizer' must be a RelevanceDecay or None, got {type(regularizer).__name__}"
             )
         check_regularizer(regularizer, model, owner)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    """``optimizer`` is an optimizer: parameter groups, a state dict (see :func:`_check_optimizer_holds`)."""
+    owner = "iterative_prune"
+    methods = ("zero_grad", "step", "state_dict", "load_state_dict")
+    groups = getattr(optimizer, "param_groups", None)
+    if (
+        not all(callable(getattr(optimizer, name, None)) for name in methods)
+        or not isinstance(groups, list)
+        or not all(isinstance(group, dict) and "params" in group for group in groups)
+    ):
+        raise TypeError(
+            f"{owner}: argument 'optimizer' must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+
+
+def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer`` trains some of ``model``'s parameters (one built for another model would train nothing)."""
+    owner = "iterative_prune"
+    held = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    if not any(id(parameter) in held for parameter in model.parameters()):
+        raise ValueError(
+            f"{owner}: argument 'optimizer' must hold the model's parameters (build it from model.parameters()), "
+            f"got a {type(optimizer).__name__} over {len(held)} parameters, none of them the model's"
+        )
+
+
+def _check_scheduler(scheduler: Any, scheduler_step: Any) -> None:
+    """``scheduler`` has ``step``; a ReduceLROnPlateau steps once per interval, on the metric."""
+    owner = "iterative_prune"
+    if scheduler is None:
+        return
+    if not callable(getattr(scheduler, "step", None)):
+        raise TypeError(
+            f"{owner}: argument 'scheduler' must be a learning-rate scheduler or None, got {type(scheduler).__name__}"
+        )
+    if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    if scheduler_step != "interval":
+        raise ValueError(
+            f"{owner}: argument 'scheduler_step' must be 'interval' for a ReduceLROnPlateau scheduler (it steps on "
+            f"the metric, evaluated once per interval), got {scheduler_step!r}"
+        )
+    if scheduler.mode != "max":
+        warnings.warn(
+            f"{owner}: argument 'scheduler' is a ReduceLROnPlateau with mode={scheduler.mode!r}, but metric_fn is "
+            "higher-is-better; build it with mode='max'",
+            UserWarning,
+            stacklevel=6,  # the caller of iterative_prune (through its keyword-renaming wrapper)
+        )
 
 
 def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: float) -> None:
@@ -493,6 +587,7 @@ def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: flo
             "eligible weights to prune"
         )
     modules = {id(module) for module in model.modules()}
+    seen: set[tuple[int, str]] = set()
     for ref in weights:
         if not isinstance(ref, WeightRef):
             raise TypeError(
@@ -502,6 +597,11 @@ def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: flo
             raise ValueError(
                 f"iterative_prune: argument 'weights': {ref.qualified_name!r} is not a weight of this model"
             )
+        if (id(ref.module), ref.name) in seen:
+            raise ValueError(
+                f"iterative_prune: argument 'weights' must name each weight once, got {ref.qualified_name!r} twice"
+            )
+        seen.add((id(ref.module), ref.name))
         kind = weight_reparametrization(ref.module, ref.name)
         if kind is not None:
             raise ValueError(
@@ -516,24 +616,54 @@ def _check_weights(model: nn.Module, weights: list[WeightRef], max_sparsity: flo
         )
 
 
+def refresh_pruned_weights(model: nn.Module) -> None:
+    """Recompute every masked weight (``weight = weight_orig * weight_mask``), as the pruning hook does
+    before the next forward pass, so that ``module.weight`` shows the loaded values right away."""
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                hook(module, ())
+
+
 def load_checkpoint(model: nn.Module, state: Mapping[str, Any]) -> None:
     """Load a state dict taken earlier in the run: a bias a compensating prune step has added since
-    (a layer that had none) is removed first, so the model is as it was when ``state`` was taken."""
+    (a layer that had none) is removed first, so the model is as it was when ``state`` was taken;
+    the masked weights are recomputed from the loaded ``weight_orig`` and ``weight_mask``."""
     for prefix, module in model.named_modules():
         key = f"{prefix}.bias" if prefix else "bias"
         if isinstance(getattr(module, "bias", None), nn.Parameter) and key not in state:
             module.bias = None
     model.load_state_dict(state)
+    refresh_pruned_weights(model)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+@dataclass
+class OptimizerCheckpoint:
+    """An optimizer's ``state_dict()`` (any layout: a wrapper's too) and the size of each parameter group."""
+
+    sizes: list[int]
+    state: dict[str, Any]
+
+
+def optimizer_checkpoint(optimizer: torch.optim.Optimizer) -> OptimizerCheckpoint:
+    """A deep copy of ``optimizer``'s state, for :func:`load_optimizer_state`."""
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    return OptimizerCheckpoint(sizes, copy.deepcopy(optimizer.state_dict()))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, checkpoint: OptimizerCheckpoint) -> None:
     """Load an optimizer state taken earlier in the run, first dropping from each group the parameters
-    added to it since (the biases a compensating prune step added, see :func:`_train_new_parameters`)."""
-    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
-        for parameter in group["params"][len(saved["params"]) :]:
-            optimizer.state.pop(parameter, None)
-        del group["params"][len(saved["params"]) :]
-    optimizer.load_state_dict(state)
+    added to it since (the biases a compensating prune step added, see :func:`_train_new_parameters`).
+
+    The optimizer's own ``load_state_dict`` reads the state, so a wrapper (``RelevanceDecayOptimizer``)
+    restores what it saved; a copy is loaded, since torch keeps the loaded tensors and updates them in
+    place, and the checkpoint may be loaded again."""
+    state = getattr(optimizer, "state", {})
+    for group, size in zip(optimizer.param_groups, checkpoint.sizes, strict=True):
+        for parameter in group["params"][size:]:
+            state.pop(parameter, None)
+        del group["params"][size:]
+    optimizer.load_state_dict(copy.deepcopy(checkpoint.state))
 
 
 def _train_new_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, before: set[int]) -> list[nn.Parameter]:
@@ -561,9 +691,7 @@ def _drop_orphan_parameters(model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def _register_rollbacks(transaction: Any, settings: _Settings) -> None:
     """Undo actions for what the run changes outside the model: optimizer, scheduler, regulariser, prune step."""
-    transaction.on_rollback(
-        partial(load_optimizer_state, settings.optimizer, copy.deepcopy(settings.optimizer.state_dict()))
-    )
+    transaction.on_rollback(partial(load_optimizer_state, settings.optimizer, optimizer_checkpoint(settings.optimizer)))
     scheduler = settings.scheduler
     if scheduler is not None and callable(getattr(scheduler, "state_dict", None)):
         transaction.on_rollback(partial(scheduler.load_state_dict, copy.deepcopy(scheduler.state_dict())))
@@ -605,32 +733,32 @@ def iterative_prune(
     Args:
         model: the network; its eligible weights (or ``weights``) get ``torch.nn.utils.prune`` masks.
         batches: training batches ``(inputs, targets)``, iterated again when exhausted (a list or a DataLoader).
-        loss_fn, metric_fn: ``loss_fn(outputs, targets)`` -> scalar; ``metric_fn(model)``, higher is better.
-        optimizer: over the model's parameters, made before or after this call (masks keep the parameter objects).
-        bound: the lowest acceptable metric.
+        loss_fn, metric_fn, bound: ``loss_fn(outputs, targets)``; ``metric_fn(model)``, higher is better, >= ``bound``.
+        optimizer: over the model's parameters (one holding none is refused), made before or after this call (masks
+            keep the parameter objects); a wrapper such as ``RelevanceDecayOptimizer`` works (its own state dict).
         interval, prune_fraction: optimizer steps between evaluations; fraction of the remaining weights cut per step.
         prune_step: the pruning callback: ``"magnitude"``, an :class:`ECPPruneStep`, or a :data:`PruneFn`.
         regularizer: relevance decay applied at every step and restarted after every pruning step.
         scheduler, scheduler_step: a learning-rate scheduler, stepped once per interval after the evaluation
-            (``"interval"``) or after every optimizer step (``"step"``).
-        weights: the weights to prune; default :func:`~ecp_fast.training.regularize.eligible_weights`.
-        recovery_intervals: intervals of training allowed below the bound before stopping.
+            (``"interval"``; a ``ReduceLROnPlateau``, ``mode="max"``, steps on the metric) or after every step.
+        weights: the weights to prune, each once; default :func:`~ecp_fast.training.regularize.eligible_weights`.
+        recovery_intervals, warmup_intervals: intervals allowed below the bound; dense ones before the first prune.
         backoff, min_prune_fraction: None (the source's procedure) stops when a pruning step fails for good; a factor
             in ``(0, 1)`` rolls model and optimizer back to the last checkpoint and prunes again with
-            ``prune_fraction`` times the factor, until the fraction falls below ``min_prune_fraction``.
-        warmup_intervals: dense training intervals before the first pruning step.
+            ``prune_fraction`` times the factor, until the fraction falls below ``min_prune_fraction``. Weights, masks
+            and optimizer state (momentum) go back; learning rates and scheduler do not (the schedule runs on).
         max_steps, time_limit_s: hard cap on optimizer steps; stop (returning the last good checkpoint) after seconds.
         max_sparsity: no pruning step beyond this global sparsity; must be above the weights' current sparsity.
         eval_after_prune: also evaluate right after each pruning step (for the history only).
         progress, description: show a tqdm bar with this label.
 
     Returns:
-        :class:`IterativeResult`; its ``model`` is at the last checkpoint that met the bound, else (``met_bound=False``)
-        at its end.
+        :class:`IterativeResult`; ``model`` at the last checkpoint that met the bound, else (not met_bound) at its end.
 
     Raises:
-        TypeError / ValueError: a bad argument, before any mask is installed. When the run fails (``KeyboardInterrupt``
-        too), model, optimizer, scheduler and regulariser are restored to their state before the call and it re-raises.
+        TypeError / ValueError: a bad argument (weights an ECPPruneStep cannot prune too), before any mask is installed.
+        When the run fails (``KeyboardInterrupt`` too), model, optimizer, scheduler and regulariser are restored to
+        their state before the call and it re-raises.
     """
     settings, weights = _prepare(model, dict(locals()))
     return _run(model, batches, weights, settings, progress)
@@ -641,9 +769,15 @@ def _prepare(model: nn.Module, arguments: dict[str, Any]) -> tuple[_Settings, li
     _check_objects(model, arguments)
     _check_numbers(arguments)
     prune_fn = _resolve_prune_step(arguments["prune_step"])
+    _check_optimizer_holds(model, arguments["optimizer"])
     check_batches("iterative_prune", arguments["batches"], reiterable=True, items=(2, None))
     weights = eligible_weights(model) if arguments["weights"] is None else list(arguments["weights"])
     _check_weights(model, weights, arguments["max_sparsity"])
+    if isinstance(prune_fn, ECPPruneStep) and (unsupported := prune_fn.unsupported(model, weights)):
+        raise ValueError(
+            "iterative_prune: argument 'weights' must hold weights the ECPPruneStep of argument 'prune_step' can "
+            f"prune (nn.Linear, nn.Conv2d with groups=1), got {unsupported}; pass weights=... without them"
+        )
     values: dict[str, Any] = {entry.name: arguments.get(entry.name) for entry in fields(_Settings)}
     values.update(
         prune_fn=prune_fn,

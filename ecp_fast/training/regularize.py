@@ -225,7 +225,11 @@ class RelevanceDecay:
         decay_steps: int | None = None,
         gamma_final: float = 0.0,
     ) -> None:
+        # checked under this class's own argument names (GammaSchedule calls gamma 'gamma0')
+        check_real("RelevanceDecay", "gamma", gamma, 0.0, open_low=False)
         check_real("RelevanceDecay", "alpha", alpha, 0.0)
+        check_int("RelevanceDecay", "decay_steps", decay_steps, 0, allow_none=True)
+        check_real("RelevanceDecay", "gamma_final", gamma_final, 0.0, open_low=False)
         schedule = GammaSchedule(gamma, decay_steps, gamma_final)
         if isinstance(model_or_weights, nn.Module):
             weights = eligible_weights(model_or_weights)
