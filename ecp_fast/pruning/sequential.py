@@ -35,7 +35,9 @@ are unless ``device`` is given):
 
 In a ``torch.distributed`` job, give each rank its shard of the inputs: every block's statistics are
 merged across ranks (:func:`~ecp_fast.distributed.synchronize_calibration`) before it is pruned, so
-all ranks prune every block identically and feed their own shard forward.
+all ranks prune every block identically and feed their own shard forward. With ``synchronize=False``
+nothing is merged: each rank prunes its blocks from its own data alone, exactly as a single process
+would (same probe seed too), and the ranks' masks may differ.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.distributed import checked_seed, per_rank_probe_seed, synchronize_calibration
+from ecp_fast.distributed import checked_seed, per_rank_probe_seed
 from ecp_fast.pruning.allocation import ALLOCATIONS
 from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, eval_mode, module_device
-from ecp_fast.pruning.calibration import resolve_layers
+from ecp_fast.pruning.calibration import CalibrationResult, resolve_layers
 from ecp_fast.pruning.importance import IMPORTANCES, get_method
 from ecp_fast.pruning.pruner import Pruner
 from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
@@ -82,7 +85,15 @@ class BlockReport:
 
 @dataclass
 class SequentialReport:
-    """What :func:`prune_sequential` did; ``str(report)`` is a table with one row per block."""
+    """What :func:`prune_sequential` did; ``str(report)`` is a table with one row per block.
+
+    ``target_sparsity`` is the resolved per-block target (implied by an N:M scope, 0.9 when
+    ``sparsity=None``), as each block's :class:`PruneReport` has it. ``samples`` and ``batches`` are
+    those the blocks' statistics were computed from, as :meth:`Pruner.calibrate
+    <ecp_fast.pruning.pruner.Pruner.calibrate>` counts them: under ``torch.distributed`` with
+    ``synchronize=True`` the totals over all ranks (the same on every rank), otherwise this
+    process's own.
+    """
 
     method: str
     sensitivity: str
@@ -335,7 +346,23 @@ class _Settings:
     allocation: str | None
 
 
-def _prune_block(block: nn.Module, activations: list[BlockInputs], settings: _Settings) -> PruneReport:
+def _own_process_group(synchronize: bool) -> Any:
+    """The Pruner's ``process_group``: None merges over the default group (when one is initialised).
+
+    Without ``synchronize`` it is a group this rank is not a member of (what ``dist.new_group``
+    returns to non-members), which has no other ranks to merge with: the Pruner then calibrates (and
+    recalibrates between steps) from this rank's data alone, as a single process would, and keeps
+    its inputs as a single process does.
+    """
+    if synchronize or not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.GroupMember.NON_GROUP_MEMBER
+
+
+def _prune_block(
+    block: nn.Module, activations: list[BlockInputs], settings: _Settings
+) -> tuple[PruneReport, CalibrationResult | None]:
+    """Calibrate and prune one block; returns its report and the calibration it was pruned from."""
     pruner = Pruner(
         block,
         sensitivity=settings.sensitivity,
@@ -343,11 +370,15 @@ def _prune_block(block: nn.Module, activations: list[BlockInputs], settings: _Se
         layers=settings.layers,
         seed=settings.seed,
         progress=False,
+        process_group=_own_process_group(settings.synchronize),
     )
-    with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
+    # Pruner.calibrate merges the statistics across ranks (unless told not to, above).
+    if settings.synchronize:
+        with per_rank_probe_seed(pruner):  # independent probes per rank; the seed itself on rank 0
+            pruner.calibrate(activations)
+    else:  # each rank on its own: the seed it would use alone
         pruner.calibrate(activations)
-    if settings.synchronize and pruner.calibration is not None:
-        pruner.calibration = synchronize_calibration(pruner.calibration)
+    calibration = pruner.calibration
     report = pruner.prune(
         sparsity=settings.sparsity,
         method=settings.method,
@@ -358,7 +389,7 @@ def _prune_block(block: nn.Module, activations: list[BlockInputs], settings: _Se
         divergence="mse",
     )
     assert isinstance(report, PruneReport)  # scope="neuron" was refused by _check_arguments
-    return report
+    return report, calibration
 
 
 # ---- the entry point -------------------------------------------------------------------------------
@@ -401,9 +432,9 @@ def prune_sequential(
     ``scope`` ``"layer"``, ``"row"``, ``"N:M"`` or ``"global"`` (within a block); ``steps``,
     ``probes``, ``layers`` (names within each block), ``seed`` as for the Pruner. ``device``
     computes each block there; ``offload_activations`` keeps activations on the CPU; ``atomic``
-    restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges
-    statistics across ranks. A failure's error notes its block and what stays pruned. Returns a
-    :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError`` naming them first.
+    restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges statistics
+    across ranks (False: each rank prunes from its own data). A failure's error notes its block and what
+    stays pruned. Returns a :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError``.
     """
     settings = _Settings(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
@@ -428,8 +459,9 @@ def prune_sequential(
 
 
 def _empty_report(settings: _Settings, activations: list[BlockInputs]) -> SequentialReport:
-    """The report before any block: the settings and the size of the calibration data."""
-    target = float("nan") if settings.sparsity is None else float(settings.sparsity)
+    """The report before any block: the settings and the size of this process's calibration data
+    (replaced by the calibrated counts, merged across ranks when they are, after the first block)."""
+    target = resolve_sparsity(settings.sparsity, parse_scope(settings.scope))  # as each PruneReport has it
     samples = sum(count_samples(batch) for batch in activations)
     return SequentialReport(
         settings.method, settings.sensitivity, settings.scope, target, samples, batches=len(activations)
@@ -507,8 +539,10 @@ def _run_blocks(
         if compute is not None:
             block.to(compute)
         run_device = module_device(block)
-        block_report = _prune_block(block, [batch.to(run_device) for batch in activations], settings)
+        block_report, calibration = _prune_block(block, [batch.to(run_device) for batch in activations], settings)
         state.pruned = index + 1
+        if index == 0 and calibration is not None:  # merged totals when merged; every block sees as many
+            report.samples, report.batches = calibration.samples, calibration.batches
         storage = storage_device if storage_device is not None else run_device
         report.activation_bytes = max(report.activation_bytes, sum(batch.nbytes for batch in activations))
         activations = _forward(block, activations, run_device, storage)

@@ -110,6 +110,18 @@ def test_matches_per_block_pruner(sensitivity: str, probes: int | None, method: 
     assert report.blocks[0].report.added_biases == (["fc1"] if method == "ecp" else [])
 
 
+@pytest.mark.parametrize(
+    "sparsity, scope, target",
+    [(None, "2:4", 0.5), (None, "layer", 0.9), (None, "row", 0.9), (0.6, "global", 0.6), (0.5, "2:4", 0.5)],
+)
+def test_report_target_is_the_resolved_sparsity(sparsity: float | None, scope: str, target: float) -> None:
+    report = prune_sequential(make_stack(2), make_inputs(2), sparsity, scope=scope, progress=False)
+    # As each block's PruneReport has it: implied by an N:M pattern, the default 0.9 for sparsity=None.
+    assert report.target_sparsity == pytest.approx(target)
+    assert all(block.report.target_sparsity == pytest.approx(target) for block in report.blocks)
+    assert f"target={target:.4g} " in str(report).splitlines()[0]
+
+
 def test_blocks_are_fed_the_pruned_outputs() -> None:
     stack = make_stack()
     dense = copy.deepcopy(stack)
