@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import operator
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ecp_fast._iterables import known_length
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning.calibration import MAX_STORED_SAMPLES, CalibrationResult, LayerStatistics
 
@@ -146,21 +147,10 @@ class Shard(Generic[T]):
                 yield item
 
     def __len__(self) -> int:
-        total = _length(self.items)
+        total = known_length(self.items)
         if total is None:
             raise TypeError(f"this Shard has no length: its items ({type(self.items).__name__}) have none")
         return max(0, (total - self.rank + self.world_size - 1) // self.world_size)
-
-
-def _length(items: object) -> int | None:
-    """``len(items)``, or None where there is none: no ``__len__``, or one that raises ``TypeError`` (a
-    ``DataLoader`` over an ``IterableDataset``: a stream of unknown length)."""
-    if not isinstance(items, Sized):
-        return None
-    try:
-        return len(items)
-    except TypeError:
-        return None
 
 
 def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = None, group: Any = None) -> Shard[T]:
@@ -188,7 +178,7 @@ def shard(items: Iterable[T], rank: int | None = None, world_size: int | None = 
     index = _integer(given_rank)
     if index is None or not 0 <= index < world:
         raise ValueError(f"argument 'rank' must be an integer in [0, {world}), got {given_rank!r}")
-    length = _length(items)  # None for a stream of unknown length: not checked here
+    length = known_length(items)  # None for a stream of unknown length: not checked here
     if length is not None and length < world:
         raise ValueError(
             f"argument 'items': {length} batches cannot give each of {world} ranks at least one; "

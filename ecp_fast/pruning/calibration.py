@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast._iterables import known_length
 from ecp_fast.ops import moments as fused_moments
 from ecp_fast.ops.merge import Moments, merge_moments
 from ecp_fast.pruning.batches import (
@@ -294,17 +295,6 @@ def _batches_note(batches: Any) -> str:
             "so if it is one (inputs, targets) batch, pass [(inputs, targets)]"
         )
     return ""
-
-
-def _length(batches: Any) -> int | None:
-    """``len(batches)``, or None where there is none: not ``Sized``, or its ``__len__`` raises
-    ``TypeError`` (a ``DataLoader`` over an ``IterableDataset``, a shard of a stream)."""
-    if not isinstance(batches, Sized):
-        return None
-    try:
-        return len(batches)
-    except TypeError:
-        return None
 
 
 def _batch_iterator(batches: Iterable[Any]) -> Iterator[Any]:
@@ -694,7 +684,7 @@ class Calibrator:
         self._row_bytes_seen = {}
         self._keep_rows = row_sensitivities
         totals.row_sensitivities = [] if row_sensitivities else None
-        total = _length(batches)  # no progress total for a stream of unknown length
+        total = known_length(batches)  # no progress total for a stream of unknown length
         self._batches_note = _batches_note(batches)
         try:
             with eval_mode(self.model):  # dropout off and batch norm frozen: samples stay independent

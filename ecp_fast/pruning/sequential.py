@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
+from ecp_fast._iterables import known_length
 from ecp_fast.distributed import checked_seed, per_rank_probe_seed
 from ecp_fast.pruning.allocation import ALLOCATIONS
 from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, eval_mode, module_device
@@ -234,22 +235,12 @@ def _check_inputs(inputs: object) -> None:
             f"argument 'inputs' must be an iterable of batches (a list, a DataLoader), got {type(inputs).__name__}"
         )
     else:
-        if _length(inputs) == 0:
+        if known_length(inputs) == 0:
             raise ValueError("argument 'inputs': the calibration data is empty (expected at least one batch, got 0)")
         return
     raise TypeError(
         f"argument 'inputs' must be an iterable of batches (a list, a DataLoader), got {single}; wrap it in a list"
     )
-
-
-def _length(items: object) -> int | None:
-    """``len(items)``, or None when it has none (a DataLoader over an IterableDataset raises TypeError)."""
-    if not isinstance(items, Sized):
-        return None
-    try:
-        return len(items)
-    except TypeError:
-        return None
 
 
 def _block_list(blocks: Any) -> list[nn.Module]:
