@@ -120,11 +120,29 @@ class SavePreparation:
     zero_biases: list[str] = field(default_factory=list)
 
 
-def _architecture_keys(model: nn.Module, config: Any) -> set[str]:
-    """The state-dict keys the model's class builds from ``config`` (on the meta device: no memory)."""
+def _architecture_shapes(model: nn.Module, config: Any) -> dict[str, tuple[int, ...]]:
+    """The state-dict entries the model's class builds from ``config`` and their shapes (on the meta
+    device: no memory)."""
     with torch.device("meta"):
         fresh = type(model)(config)
-    return set(fresh.state_dict().keys())
+    return {key: tuple(value.shape) for key, value in fresh.state_dict().items()}
+
+
+def _architecture_keys(model: nn.Module, config: Any) -> set[str]:
+    """The state-dict keys the model's class builds from ``config``."""
+    return set(_architecture_shapes(model, config))
+
+
+def _check_shapes(model_shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> None:
+    """``ValueError`` where a parameter has another shape than the config builds (neurons removed)."""
+    changed = sorted(key for key, shape in model_shapes.items() if key in expected and expected[key] != shape)
+    if changed:
+        shown = ", ".join(f"{key} {model_shapes[key]} (config: {expected[key]})" for key in changed[:4])
+        raise ValueError(
+            f"argument 'model': parameters have other shapes than its config builds ({shown}"
+            f"{', ...' if len(changed) > 4 else ''}): it was changed in a way save_pretrained cannot express "
+            "(e.g. neurons removed); save its state_dict or use ecp_fast.export.save_compact instead"
+        )
 
 
 def _bias_switches(config: Any) -> list[str]:
@@ -158,12 +176,17 @@ def prepare_for_save_pretrained(model: nn.Module) -> SavePreparation:
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError(f"argument 'model' must be a Hugging Face model with a config, got {type(model).__name__}")
-    # Compare keys with the masks folded: weight_orig/weight_mask become weight.
-    model_keys = {
-        key.replace(".weight_orig", ".weight") for key in model.state_dict() if not key.endswith(".weight_mask")
+    # Compare keys and shapes with the masks folded: weight_orig/weight_mask become weight.
+    model_shapes = {
+        key.replace(".weight_orig", ".weight"): tuple(value.shape)
+        for key, value in model.state_dict().items()
+        if not key.endswith(".weight_mask")
     }
-    expected = _architecture_keys(model, config)
+    model_keys = set(model_shapes)
+    expected_shapes = _architecture_shapes(model, config)
+    expected = set(expected_shapes)
     unexpected = _unexpected_biases(model_keys, expected)
+    _check_shapes(model_shapes, expected_shapes)
     switches: list[str] = []
     if unexpected:
         switches, expected = _bias_config_switches(model, config, model_keys, expected, unexpected)

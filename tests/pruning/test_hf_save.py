@@ -16,7 +16,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import ecp_fast
 from fingerprint import assert_unchanged, fingerprint  # noqa: E402
-from test_transformers import logits, quiet_transformers, tiny_llama, token_batch  # noqa: E402, F401
+from test_transformers import logits, quiet_transformers, tiny_gpt2, tiny_llama, token_batch  # noqa: E402, F401
 
 from ecp_fast.pruning.hf import save_pretrained  # noqa: E402
 
@@ -159,3 +159,15 @@ def test_a_save_over_an_earlier_one_writes_what_transformers_writes_and_reloads(
     assert sorted(os.listdir(tmp_path)) == ["ours", "plain"]
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
     torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+
+
+def test_a_model_with_neurons_removed_is_refused_before_anything_is_written(tmp_path) -> None:
+    """Its keys are those of the config, its shapes are not: the folder would not load (size mismatch)."""
+    model = tiny_gpt2().eval()
+    batch = token_batch([10, 6])
+    ecp_fast.prune(model, [batch], 0.5, "ecp", scope="neuron", sensitivity="local", progress=False)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=r"argument 'model': parameters have other shapes than its config builds"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert_unchanged(before, model)
