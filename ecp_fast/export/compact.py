@@ -16,6 +16,7 @@ per column index), and are widened again on loading.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -90,9 +91,12 @@ def save_compact(model: nn.Module, path: PathOrFile) -> int:
         raise TypeError(f"argument 'model' must be a torch.nn.Module, got {type(model).__name__}")
     _check_path(path, "path", "w")
     state = export(model, "dense").state_dict()
-    dense: dict[str, torch.Tensor] = {}
+    dense: dict[str, Any] = {}
     sparse: dict[str, dict[str, Any]] = {}
     for key, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):  # a module's extra state (get_extra_state): kept as it is
+            dense[key] = copy.deepcopy(tensor)
+            continue
         if tensor.layout != torch.strided or type(tensor) not in (torch.Tensor, nn.Parameter):
             tensor = tensor.to_dense()  # semi-structured (2:4) or other sparse weights
         record = _encode(tensor)
@@ -175,7 +179,8 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         owner, _, name = key.rpartition(".")
         module = modules.get(owner)
         if name == "bias" and module is not None and getattr(module, "bias", False) is None:
-            module.bias = nn.Parameter(torch.zeros_like(tensor, device=module.weight.device))
+            weight = module.weight  # the bias takes the template's dtype, as every loaded tensor does
+            module.bias = nn.Parameter(torch.zeros_like(tensor, device=weight.device, dtype=weight.dtype))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -160,10 +160,24 @@ def csr_weight(module: nn.Module) -> torch.Tensor:
     if not is_csr_linear(module):
         raise TypeError(f"argument 'module' must be a {CSR_CLASS_NAME} layer, got {type(module).__name__}")
     crow, col, values = (getattr(module, name).detach() for name in CSR_PARAMETERS)
-    # in_features is a plain int attribute; the stub of Module.__getattr__ types every attribute Tensor | Module.
-    in_features = int(module.in_features)  # type: ignore[arg-type]
+    in_features = _csr_in_features(module)
     with quiet_csr_warning():
         return torch.sparse_csr_tensor(crow, col, values, (crow.numel() - 1, in_features), check_invariants=True)
+
+
+def _csr_in_features(module: nn.Module) -> int:
+    """The input size of a CSR layer: its ``in_features``, or, where a copy lost that attribute (a layer
+    loaded by ``torch.load`` keeps it, but not its ``meta``, so a deep copy of it drops it), the size
+    its graph builds the CSR weight with."""
+    value = getattr(module, "in_features", None)
+    if isinstance(value, int):
+        return value
+    graph = module.graph
+    assert isinstance(graph, fx.Graph)  # is_csr_linear: a GraphModule
+    for node in graph.nodes:
+        if node.target is torch.ops.aten._sparse_csr_tensor_unsafe.default:
+            return int(node.args[3][1])
+    raise TypeError(f"argument 'module': a {CSR_CLASS_NAME} layer without a CSR weight in its graph")
 
 
 def dense_linear(module: nn.Module) -> nn.Linear:
@@ -348,10 +362,13 @@ def choose_csr_layers(
     batch 1 would detect.
 
     Raises:
-        TypeError: ``example_inputs`` (when measuring) is not a tensor or tuple.
+        TypeError: ``max_density`` is not a number (a bool is not); ``example_inputs`` (when measuring) is
+            not a tensor or tuple.
         ValueError: ``max_density`` outside [0, 1]; the model does not run on ``example_inputs``.
     """
-    if max_density is not None and not (isinstance(max_density, (int, float)) and 0.0 <= max_density <= 1.0):
+    if max_density is not None and (isinstance(max_density, bool) or not isinstance(max_density, (int, float))):
+        raise TypeError(f"argument 'max_density' must be a float in [0, 1] or None, got {type(max_density).__name__}")
+    if max_density is not None and not 0.0 <= max_density <= 1.0:
         raise ValueError(f"argument 'max_density' must be a number in [0, 1] or None, got {max_density!r}")
     linears = replaceable_linears(model)
     measuring = example_inputs is not None and max_density is None

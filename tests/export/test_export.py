@@ -199,6 +199,70 @@ def test_torch_save_load_and_deepcopy(tmp_path: Path) -> None:
     assert not torch.equal(loaded(x), expected)
 
 
+def test_a_loaded_csr_export_exports_and_saves_again(tmp_path: Path) -> None:
+    """torch.load keeps a CSR layer's in_features but not its meta, so a deep copy of it (each export
+    makes one) dropped in_features, and re-exporting or saving it compactly failed."""
+    model = mixed_model()
+    exported = export(model, "csr", max_density=0.5)
+    path = tmp_path / "model.pt"
+    torch.save(exported, path)
+    loaded = torch.load(path, weights_only=False)
+    x = torch.randn(4, 3, 6, 6)
+    with torch.no_grad():
+        expected = exported(x)
+        for again in (export(loaded, "dense"), export(loaded, "csr", max_density=0.5), copy.deepcopy(loaded)):
+            torch.testing.assert_close(again(x), expected, rtol=1e-6, atol=1e-6)
+        buffer = io.BytesIO()
+        save_compact(loaded, buffer)
+        buffer.seek(0)
+        torch.testing.assert_close(load_compact(buffer, mixed_model(), "dense")(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("file_dtype,template_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float32)])
+def test_a_bias_the_template_lacks_takes_the_templates_dtype(file_dtype, template_dtype) -> None:
+    """Compensation adds a bias to a bias-free layer; loading it into a template of another dtype gave
+    that bias the file's dtype, and the forward pass failed."""
+
+    def net() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(8, 8, bias=False), nn.ReLU(), nn.Linear(8, 4))
+
+    model = net().to(file_dtype)
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0
+    model[0].bias = nn.Parameter(torch.randn(8, dtype=file_dtype))
+    buffer = io.BytesIO()
+    save_compact(model, buffer)
+    buffer.seek(0)
+    loaded = load_compact(buffer, net().to(template_dtype), "dense")
+    assert loaded[0].bias.dtype == template_dtype and torch.equal(loaded[0].bias, model[0].bias.to(template_dtype))
+    assert loaded(torch.randn(2, 8, dtype=template_dtype)).dtype == template_dtype
+
+
+def test_a_modules_extra_state_is_saved_and_loaded_compactly() -> None:
+    class WithExtraState(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.extra = {"scale": 2}
+
+        def get_extra_state(self) -> dict:
+            return self.extra
+
+        def set_extra_state(self, state: dict) -> None:
+            self.extra = state
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x) * self.extra["scale"]
+
+    model = WithExtraState()
+    model.extra = {"scale": 3}
+    buffer = io.BytesIO()
+    save_compact(model, buffer)
+    buffer.seek(0)
+    loaded = load_compact(buffer, WithExtraState(), "dense")
+    assert loaded.extra == {"scale": 3} and torch.equal(loaded.linear.weight, model.linear.weight)
+
+
 def test_loads_in_a_process_that_never_imports_ecp_fast(tmp_path: Path) -> None:
     torch.manual_seed(4)
     model = pruned(nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 6, bias=False)), 0.9)
@@ -429,3 +493,13 @@ def test_interleaved_times_quantiles_and_untimed_setup() -> None:
     for timing in times.values():
         assert timing.rounds == 4
         assert 0 < timing.minimum <= timing.q20 <= timing.median <= timing.q80
+
+
+def test_choose_csr_layers_refuses_what_export_refuses() -> None:
+    model = mixed_model()
+    with pytest.raises(TypeError, match=r"argument 'max_density' must be a float in \[0, 1\] or None, got bool"):
+        choose_csr_layers(model, max_density=True)
+    with pytest.raises(TypeError, match=r"argument 'max_density' must be a float in \[0, 1\] or None, got str"):
+        choose_csr_layers(model, max_density="0.5")
+    with pytest.raises(ValueError, match=r"argument 'max_density' must be a number in \[0, 1\] or None, got 1.5"):
+        choose_csr_layers(model, max_density=1.5)
