@@ -248,8 +248,8 @@ def _bias_config_switches(
             f"layers {uncovered} received compensation biases, but {type(model).__name__} has no bias there "
             f"(no config switch adds one{'; tried ' + ', '.join(tried) if tried else ''}), "
             "so from_pretrained would drop them and change the outputs. Prune those layers without bias "
-            "compensation (Pruner(..., add_bias=False), or a method that does not compensate), leave them out "
-            "(exclude=[...]), or save the state_dict instead"
+            "compensation (add_bias=False in Pruner, prune or prune_sequential, or a method that does not "
+            "compensate), leave them out (exclude=[...]), or save the state_dict instead"
         )
     extra_missing = sorted(expected - model_keys)
     not_biases = [key for key in extra_missing if not key.endswith(".bias")]

@@ -335,6 +335,7 @@ class _Settings:
     seed: int
     reconstruct: bool
     allocation: str | None
+    add_bias: bool = True
 
 
 def _own_process_group(synchronize: bool) -> Any:
@@ -362,6 +363,7 @@ def _prune_block(
         seed=settings.seed,
         progress=False,
         process_group=_own_process_group(settings.synchronize),
+        add_bias=settings.add_bias,
     )
     # Pruner.calibrate merges the statistics across ranks (unless told not to, above).
     if settings.synchronize:
@@ -407,6 +409,7 @@ def prune_sequential(
     reconstruct: bool = False,
     allocation: str | None = None,
     path: str | None = None,
+    add_bias: bool = True,
 ) -> SequentialReport:
     """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
 
@@ -425,19 +428,18 @@ def prune_sequential(
     computes each block there; ``offload_activations`` keeps activations on the CPU; ``atomic``
     restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges statistics
     across ranks (False: each rank prunes from its own data). A failure's error notes its block and what
-    stays pruned. Returns a :class:`SequentialReport`; bad arguments raise ``ValueError`` / ``TypeError``.
+    stays pruned. ``add_bias`` as for the Pruner. Returns a :class:`SequentialReport`; bad arguments raise
+    ``ValueError`` / ``TypeError``.
     """
     settings = _Settings(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
-        allocation,
+        allocation, add_bias,
     )  # fmt: skip
     _check_arguments(settings)
-    _check_flags(offload_activations=offload_activations, atomic=atomic, synchronize=synchronize, progress=progress)
+    flags = {"offload_activations": offload_activations, "atomic": atomic, "synchronize": synchronize}
+    _check_flags(**flags, progress=progress, add_bias=add_bias)
     compute = _compute_device(device)
-    _check_inputs(inputs)
-    block_list, labels, model = _resolve_blocks(blocks, path)
-    for block in block_list:  # fail before any change
-        resolve_layers(block, layers)
+    block_list, labels, model = _checked_blocks(blocks, inputs, path, layers)
     storage_device = torch.device("cpu") if offload_activations else compute
     activations = _first_inputs(model, block_list, inputs, storage_device)
     report = _empty_report(settings, activations)
@@ -447,6 +449,17 @@ def prune_sequential(
         "sequential pruning of %d blocks: sparsity %.4f in %.1f s", len(block_list), report.sparsity, report.seconds
     )
     return report
+
+
+def _checked_blocks(
+    blocks: Any, inputs: Any, path: str | None, layers: Sequence[str] | None
+) -> tuple[list[nn.Module], list[str], nn.Module | None]:
+    """:func:`_resolve_blocks`, once ``inputs`` and every block's ``layers`` are checked (before any change)."""
+    _check_inputs(inputs)
+    block_list, labels, model = _resolve_blocks(blocks, path)
+    for block in block_list:
+        resolve_layers(block, layers)
+    return block_list, labels, model
 
 
 def _empty_report(settings: _Settings, activations: list[BlockInputs]) -> SequentialReport:

@@ -255,3 +255,18 @@ def test_bad_blocks() -> None:
         prune_sequential(MLPBlock(WIDTH), make_inputs(), progress=False)
     with pytest.raises(TypeError, match="item 1"):
         prune_sequential([MLPBlock(WIDTH), "block"], make_inputs(), progress=False)  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("method", ["ecp", "ecp-obs"])
+def test_add_bias_false_keeps_bias_free_layers_without_a_bias(method: str) -> None:
+    """As for the Pruner: needed to save architectures that have no bias switch (Mistral, Qwen2)."""
+    torch.manual_seed(3)
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 8, bias=False))])
+    inputs = make_inputs()
+    compensated = copy.deepcopy(blocks)
+    prune_sequential(compensated, inputs, 0.5, method=method, sensitivity="local", progress=False)
+    assert any(layer.bias is not None for layer in compensated[0] if isinstance(layer, nn.Linear))
+    prune_sequential(blocks, inputs, 0.5, method=method, sensitivity="local", add_bias=False, progress=False)
+    assert all(layer.bias is None for layer in blocks[0] if isinstance(layer, nn.Linear))
+    with pytest.raises(TypeError, match=r"argument 'add_bias' must be a bool, got str"):
+        prune_sequential(blocks, inputs, 0.5, add_bias="no", progress=False)
