@@ -327,13 +327,19 @@ def inverse_factor(
 # --------------------------------------------------------------------------- the sweep
 
 
-def _scores(block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+def _scores(
+    block: torch.Tensor, hinv_diag: torch.Tensor, dead: torch.Tensor, removed: torch.Tensor | None = None
+) -> torch.Tensor:
     """OBS saliency w^2 / [U]_ii^2; dead inputs score -inf so they are always pruned first.
 
     ``dead`` marks columns ``(width,)``, or entries ``(out, width)`` where weights removed before
-    the sweep are marked too (they then take their share of the removals first)."""
+    the sweep are marked too (they then take their share of the removals first). With ``removed``
+    (those entries) they come before the dead inputs: they are gone already, so the removals they
+    count for are not spent on dead inputs while they stay unchosen (and then removed anyway)."""
     scores = block**2 / hinv_diag**2
-    return scores.masked_fill(dead, -math.inf)
+    if removed is None:
+        return scores.masked_fill(dead, -math.inf)
+    return scores.masked_fill(dead, -torch.finfo(scores.dtype).max).masked_fill(removed, -math.inf)
 
 
 def _smallest(scores: torch.Tensor, count: int, dim: int = -1) -> torch.Tensor:
@@ -386,10 +392,16 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | N
 
 
 def _layer_budgets(
-    w: torch.Tensor, u: torch.Tensor, dead: torch.Tensor, sparsity: float, block_size: int, n_in: int
+    w: torch.Tensor,
+    u: torch.Tensor,
+    dead: torch.Tensor,
+    sparsity: float,
+    block_size: int,
+    n_in: int,
+    removed: torch.Tensor | None = None,
 ) -> list[int]:
     """Removals per block from one ranking of the whole layer's saliencies before the sweep."""
-    scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[..., :n_in])
+    scores = _scores(w[:, :n_in], u.diagonal()[:n_in], dead[..., :n_in], None if removed is None else removed[:, :n_in])
     removed = _smallest_mask(scores, target_count(scores.numel(), sparsity))
     per_column = removed.sum(0)
     return [int(per_column[i1 : i1 + block_size].sum()) for i1 in range(0, n_in, block_size)]
@@ -408,7 +420,9 @@ def _choose_group(
     """N:M: keep the n best of the group of m columns starting at ``i``, from their current weights;
     weights ``removed1`` before the sweep stay removed (and count among the group's m - n first)."""
     n, m = mode
-    scores = _scores(rows[i : i + m].T, d[i : i + m], dead1[..., i : i + m])
+    scores = _scores(
+        rows[i : i + m].T, d[i : i + m], dead1[..., i : i + m], None if removed1 is None else removed1[:, i : i + m]
+    )
     keep1[:, i : i + m] = True
     keep1[:, i : i + m].scatter_(1, _smallest(scores, m - n, dim=1), False)
     if removed1 is not None:
@@ -471,7 +485,9 @@ def _sweep(
     if removed is not None:  # entry by entry: they score -inf as dead inputs do
         dead = dead[None, :] | removed
     budgets = (
-        _layer_budgets(w, u, dead, sparsity, block_size, n_in) if mode == "unstructured" and budget == "layer" else None
+        _layer_budgets(w, u, dead, sparsity, block_size, n_in, removed)
+        if mode == "unstructured" and budget == "layer"
+        else None
     )
     for i1 in range(0, w.shape[1], block_size):
         i2 = min(i1 + block_size, w.shape[1])
@@ -479,7 +495,8 @@ def _sweep(
         removed1 = None if removed is None else removed[:, i1:i2]
         width = max(0, min(i2, n_in) - i1)  # prunable columns in this block (the bias is not)
         if mode in ("unstructured", "row") and width:
-            scores = _scores(w[:, i1 : i1 + width], u1.diagonal()[:width], dead[..., i1 : i1 + width])
+            block_removed = None if removed1 is None else removed1[:, :width]
+            scores = _scores(w[:, i1 : i1 + width], u1.diagonal()[:width], dead[..., i1 : i1 + width], block_removed)
             count = None if budgets is None else budgets[i1 // block_size]
             keep1[:, :width] = _block_keep(scores, mode, sparsity, count)
         if removed1 is not None:

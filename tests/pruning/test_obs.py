@@ -386,6 +386,23 @@ def test_weights_removed_before_a_sweep_go_first_count_toward_its_target_and_nev
         assert torch.equal(groups(pruned), groups(removed).clamp(min=2))
 
 
+@pytest.mark.parametrize(
+    "pattern,budget", [("unstructured", "block"), ("unstructured", "layer"), ("row", "block"), ((2, 4), "block")]
+)
+def test_weights_removed_before_a_sweep_go_before_dead_inputs(pattern, budget):
+    """Removed weights and dead inputs both scored -inf: the count was spent on whichever topk picked,
+    and the removed ones went too, so a dead column was pruned beyond the target (N:M groups emptied)."""
+    weight, bias, _, _, gram = _problem(6, 16, samples=60, seed=23, dead=(0, 5))
+    removed = torch.zeros(6, 16, dtype=torch.bool)
+    removed[:, 3] = True  # one per row and per group of 4 (a column no input kills)
+    weight = weight * ~removed
+    sparsity = 0.0 if isinstance(pattern, tuple) else 1 / 16
+    result = obs.obs_sweep(weight, bias, gram, sparsity, pattern=pattern, budget=budget, removed=removed)
+    pruned = ~result.mask
+    assert torch.equal(pruned, removed) if pattern != (2, 4) else bool((pruned.view(6, 4, 4).sum(2) == 2).all())
+    assert pruned[:, 3].all()
+
+
 def test_a_removed_mask_of_the_wrong_kind_is_named():
     weight, bias, _, _, gram = _problem(3, 8, seed=20)
     with pytest.raises(TypeError, match="argument 'removed' must be a bool tensor"):
