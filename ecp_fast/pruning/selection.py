@@ -2,8 +2,9 @@
 
 A scope compares importances within all layers (``global``), one layer (``layer``), one output
 neuron (``row``) or ``m`` consecutive inputs of a neuron (``N:M``). Already removed weights are never
-selected again and count toward the target. ``steps=k`` of :meth:`~ecp_fast.pruning.pruner.Pruner.prune`
-and :func:`~ecp_fast.training.iterative_prune` share :func:`prune_count` and :func:`step_sparsities`.
+selected again and count toward the target. :meth:`~ecp_fast.pruning.pruner.Pruner.prune` and
+:func:`~ecp_fast.training.iterative_prune` share :func:`prune_count`; ``steps=k`` of the former
+follows :func:`step_sparsities`.
 """
 
 from __future__ import annotations
@@ -191,7 +192,9 @@ def prune_count(total: int, already: int, sparsity: float) -> int:
 def step_sparsities(initial_density: float, target: float, steps: int) -> list[float]:
     """Sparsity after each of ``steps`` steps: the remaining density falls geometrically to ``1 - target``.
 
-    The last step reaches ``target`` exactly; a model already sparser than the target keeps its density.
+    The last step reaches ``target`` exactly. A model already sparser than the target takes ``target``
+    at every step: per layer or row it prunes only where ``target`` asks (its overall sparsity would
+    prune every layer and row below it to that sparsity), and globally nothing.
     """
     final_density = 1.0 - target
     sparsities = []
@@ -201,5 +204,5 @@ def step_sparsities(initial_density: float, target: float, steps: int) -> list[f
         elif initial_density > final_density:
             sparsities.append(1.0 - initial_density * (final_density / initial_density) ** (step / steps))
         else:
-            sparsities.append(1.0 - initial_density)
+            sparsities.append(target)
     return sparsities

@@ -603,3 +603,21 @@ def test_importances_given_to_a_reconstructive_prune_are_named(arguments):
     with pytest.raises(ValueError, match=r"^argument 'steps': reconstructive pruning .* got steps=2"):
         pruner.prune(0.5, steps=2, **arguments)
     assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("scope", ["layer", "row"])
+def test_steps_on_a_model_sparser_than_the_target_prune_as_one_step(scope):
+    """The intermediate steps took the model's overall sparsity as their target, which per layer or row
+    pruned every layer below it: more was removed than steps=1 removes (nothing, where every layer is
+    past the target)."""
+    models = {steps: mlp() for steps in (1, 3)}
+    for model in models.values():
+        with torch.no_grad():
+            model[-1].weight.mul_(100)  # a global ranking takes its zeros from the earlier layers
+        ecp_fast.prune(model, None, sparsity=0.5, method="magnitude", progress=False)
+    for steps, model in models.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ecp_fast.prune(model, None, sparsity=0.2, method="magnitude", scope=scope, steps=steps, progress=False)
+    for a, b in zip(models[1].state_dict().values(), models[3].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
