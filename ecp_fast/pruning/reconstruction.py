@@ -658,6 +658,7 @@ def _reconstruct(
     work.eval()  # a copy: its mode needs no restoring
     replay.install(work_specs[name].module for name in order)
     outcomes: dict[str, LayerOutcome] = {}
+    changed = False  # whether a layer before this one was changed (then every later one is refit)
     for position, name in enumerate(order):
         spec = work_specs[name]
         bias_free = not run.add_bias and getattr(spec.module, "bias", None) is None
@@ -671,10 +672,22 @@ def _reconstruct(
                 f"singular even after dampening; calibrate on more (or more varied) samples, or leave the layer "
                 f"out (exclude=[{name!r}])"
             ) from error
-        _write(spec.module, spec, outcome, add_bias=run.add_bias)
+        if not changed and _removes_nothing(outcome.keep, plan.present):
+            # Its inputs are the dense ones and it loses no weight: a refit could only add rounding
+            # (and a bias of rounding noise to a bias-free layer), so it stays as it is.
+            weight, bias = _augmented(spec.module, spec)
+            outcome = LayerOutcome(weight=weight, bias=bias, keep=outcome.keep)
+        else:
+            _write(spec.module, spec, outcome, add_bias=run.add_bias)
+            changed = True
         outcomes[name] = _shared_weight(spec, outcome)
         logger.debug("reconstructed %s: sparsity %.4f", name, 1.0 - float(outcome.keep.double().mean()))
     return outcomes, work
+
+
+def _removes_nothing(keep: torch.Tensor, present: torch.Tensor | None) -> bool:
+    """Whether ``keep`` keeps every weight still ``present`` (every weight where there is no mask)."""
+    return bool(keep.all()) if present is None else torch.equal(keep, present.to(keep.device))
 
 
 def _shared_weight(spec: LayerSpec, outcome: LayerOutcome) -> LayerOutcome:

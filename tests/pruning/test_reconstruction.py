@@ -669,3 +669,17 @@ def test_a_model_pruned_and_run_since_is_reconstructed_again(method: str, extra:
     assert not model[0].weight.is_leaf
     report = pruner.prune(0.8, method=method, scope="layer", **extra)
     assert report.sparsity == pytest.approx(0.8, abs=0.02)
+
+
+@pytest.mark.parametrize("method,reconstruct", [("magnitude", True), ("ecp-obs", False), ("wanda", True)])
+def test_a_reconstruction_that_removes_nothing_leaves_the_model_as_it_was(method, reconstruct) -> None:
+    """Sparsity 0: the refit of a layer that loses nothing, on dense inputs, only added rounding (and a
+    bias of rounding noise to a bias-free layer)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(12, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)).double()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = ecp_fast.prune(model, _batches(), 0.0, method, reconstruct=reconstruct, progress=False)
+    assert report.total_pruned == 0 and not report.added_biases
+    for name, module in (("0", model[0]), ("2", model[2])):
+        assert module.bias is None
+        assert torch.equal(module.weight_orig, before[f"{name}.weight"])
