@@ -58,6 +58,7 @@ from ecp_fast.pruning.importance import (
 )
 from ecp_fast.pruning.masks import check_maskable, install_mask
 from ecp_fast.pruning.reconstruction import (
+    MAX_LAYER_SPARSITY,
     RECONSTRUCTIVE_METHODS,
     REFIT_ONLY,
     ReconstructionRun,
@@ -443,6 +444,7 @@ class Pruner:
         parsed_scope = parse_scope(scope)
         target = resolve_sparsity(sparsity, parsed_scope)
         allocation = self._check_reconstructive(method, parsed_scope, steps, importances, allocation)
+        _warn_beyond_reconstruction(target)
         batches = self._reconstruction_batches()
         pattern: Any = {"row": "row", "n:m": (parsed_scope.n, parsed_scope.m)}.get(parsed_scope.kind, "unstructured")
         scores = None
@@ -667,6 +669,17 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
+def _warn_beyond_reconstruction(target: float) -> None:
+    """A reconstruction leaves something of every layer to refit: a target beyond that is not reached."""
+    if target > MAX_LAYER_SPARSITY:
+        warnings.warn(
+            f"reconstructive pruning leaves every layer at most {MAX_LAYER_SPARSITY:g} sparse (something to "
+            f"refit); sparsity {target:g} is not reached: the report gives what was",
+            UserWarning,
+            stacklevel=4,  # the caller of Pruner.prune
+        )
+
+
 def _calibration_batches(batches: Iterable[Any] | None, method: str, reconstruct: bool) -> Iterable[Any] | None:
     """``batches`` as :func:`prune` calibrates on them: a one-shot iterator is listed where the layers are
     reconstructed (they run the batches again); None is refused where the method needs data."""
@@ -780,6 +793,9 @@ def prune(
         add_bias=add_bias,
     )
     _check_reconstruction_request(method, reconstruct, allocation)  # before the calibration pass
+    registered = IMPORTANCES.get(method)
+    if registered is not None and registered.needs_loss and loss_fn is None:
+        raise ValueError(f"argument 'loss_fn': method {method!r} needs loss gradients, got loss_fn=None")
     batches = _calibration_batches(batches, method, reconstruct)
     if batches is not None:
         weighting = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY).weighting
