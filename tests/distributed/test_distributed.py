@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn_ranks
 from torch import nn
 
 from ecp_fast import Pruner, get_masks
@@ -158,10 +158,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    workdir = tmp_path_factory.mktemp("distributed")
-    init_file = workdir / "rendezvous"
-    mp.spawn(_rank_main, args=(WORLD_SIZE, str(init_file), str(workdir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(workdir / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
+    return spawn_ranks(_rank_main, tmp_path_factory.mktemp("distributed"), WORLD_SIZE)
 
 
 # ---- comparisons ---------------------------------------------------------------------------------------
