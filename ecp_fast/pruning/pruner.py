@@ -28,6 +28,7 @@ from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.distributed import is_distributed, synchronize_calibration
 from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
+    DIVERGENCES,
     candidate_splits,
     floored_split,
     resolve_divergence,
@@ -283,8 +284,9 @@ class Pruner:
         Args:
             sparsity: target fraction of zero weights in ``[0, 1)`` (default 0.9); for an ``"N:M"``
                 scope it is implied by the pattern (pass None or ``1 - N/M``).
-            method: a registered importance method: ``ecp``, ``obd``, ``magnitude``, ``gradient``,
-                ``taylor``, ``wanda``, ``random``, ``nonlinear``.
+            method: a registered importance method (``ecp``, ``obd``, ``magnitude``, ``gradient``,
+                ``taylor``, ``wanda``, ``random``, ``nonlinear``) or a reconstructive one (``sparsegpt``,
+                ``ecp-obs``).
             scope: ``"global"`` (one ranking over all layers), ``"layer"`` (the same sparsity in
                 every layer), ``"row"`` (per output neuron), ``"N:M"`` (keep N of every M
                 consecutive inputs of a neuron) or ``"neuron"`` (remove whole hidden units and
@@ -309,7 +311,7 @@ class Pruner:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
-        _check_reconstruction_request(method, reconstruct, allocation)
+        _check_reconstruction_request(method, reconstruct, allocation, divergence, scope)
         if scope == "neuron":
             return self._prune_neurons(sparsity, method, steps, importances, reconstruct)
         if method in RECONSTRUCTIVE_METHODS or reconstruct:
@@ -692,8 +694,16 @@ def _calibration_batches(batches: Iterable[Any] | None, method: str, reconstruct
     return batches
 
 
-def _check_reconstruction_request(method: str, reconstruct: object, allocation: object) -> None:
-    """``reconstruct`` is a bool, and ``allocation`` is given only where layers are reconstructed."""
+def _check_reconstruction_request(
+    method: str, reconstruct: object, allocation: object, divergence: object, scope: object
+) -> None:
+    """``method`` is known (the neuron scope checks its own), ``reconstruct`` a bool, ``divergence`` one
+    of the search's, and ``allocation`` given only where layers are reconstructed."""
+    known = sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_METHODS)
+    if scope != "neuron" and (not isinstance(method, str) or method not in known):
+        raise ValueError(f"argument 'method' must be one of {known}, got {method!r}")
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"argument 'divergence' must be one of {DIVERGENCES}, got {divergence!r}")
     if not isinstance(reconstruct, bool):
         raise TypeError(f"argument 'reconstruct' must be True or False, got {reconstruct!r}")
     if allocation is not None and method not in RECONSTRUCTIVE_METHODS and not reconstruct:
@@ -792,7 +802,7 @@ def prune(
         exclude=exclude,
         add_bias=add_bias,
     )
-    _check_reconstruction_request(method, reconstruct, allocation)  # before the calibration pass
+    _check_reconstruction_request(method, reconstruct, allocation, divergence, scope)  # before calibrating
     registered = IMPORTANCES.get(method)
     if registered is not None and registered.needs_loss and loss_fn is None:
         raise ValueError(f"argument 'loss_fn': method {method!r} needs loss gradients, got loss_fn=None")

@@ -629,3 +629,17 @@ def test_a_target_beyond_what_reconstruction_leaves_is_warned_about():
     with pytest.warns(UserWarning, match=r"at most 0.995 sparse .* sparsity 0.999 is not reached"):
         report = ecp_fast.prune(model, data(), sparsity=0.999, method="sparsegpt", scope="layer", progress=False)
     assert report.sparsity < 0.999
+
+
+def test_an_unknown_method_or_divergence_is_named_with_every_choice():
+    model = mlp()
+    pruner = ecp_fast.Pruner(model, progress=False)
+    pruner.calibrate(data())
+    with pytest.raises(ValueError, match=r"argument 'method' must be one of \[.*'wanda', 'ecp-obs', 'sparsegpt'\]"):
+        pruner.prune(0.5, method="nope")
+    with pytest.raises(ValueError, match=r"argument 'divergence' must be one of \('auto', 'kl', 'mse'\), got 'zzz'"):
+        pruner.prune(0.5, method="ecp", divergence="zzz")  # refused even where nothing is reconstructed
+    with pytest.raises(ValueError, match=r"argument 'divergence'"):
+        ecp_fast.prune(mlp(), data(), 0.5, method="ecp", divergence="zzz", progress=False)
+    report = pruner.prune(0.5, method="norm", scope="neuron")  # the neuron scope's own methods
+    assert report.parameters_after < report.parameters_before
