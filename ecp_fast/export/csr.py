@@ -349,8 +349,8 @@ def choose_csr_layers(
     Args:
         model: a model whose masks are folded (plain weights with zeros).
         max_density: if given, CSR exactly for the layers of density at most this (0..1).
-        example_inputs: if given (and ``max_density`` is None; ``max_density`` takes precedence
-            here, :func:`~ecp_fast.export.export` refuses both), a tensor or tuple of positional
+        example_inputs: if given (not with ``max_density``: both are refused, as
+            :func:`~ecp_fast.export.export` refuses them), a tensor or tuple of positional
             arguments for ``model``: each layer is timed dense and CSR on the input it receives
             (``rounds`` interleaved rounds, minimum); CSR wins when at least
             :data:`MEASURE_MARGIN` (10%) faster.
@@ -370,6 +370,8 @@ def choose_csr_layers(
         raise TypeError(f"argument 'max_density' must be a float in [0, 1] or None, got {type(max_density).__name__}")
     if max_density is not None and not 0.0 <= max_density <= 1.0:
         raise ValueError(f"argument 'max_density' must be a number in [0, 1] or None, got {max_density!r}")
+    if max_density is not None and example_inputs is not None:  # as export refuses it: one would be ignored
+        raise ValueError("arguments 'max_density' and 'example_inputs' exclude each other; pass one of them")
     linears = replaceable_linears(model)
     measuring = example_inputs is not None and max_density is None
     inputs = _capture_inputs(model, linears, example_inputs) if measuring else {}

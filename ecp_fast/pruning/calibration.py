@@ -118,6 +118,12 @@ class LayerStatistics:
 
 def merge_statistics(a: LayerStatistics | None, b: LayerStatistics) -> LayerStatistics:
     """Merge the statistics of two disjoint sample sets (batches, or ranks of a distributed job)."""
+    for name, part in (("a", a), ("b", b)):
+        if not isinstance(part, LayerStatistics) and (name == "b" or part is not None):
+            raise TypeError(
+                f"merge_statistics: argument {name!r} must be LayerStatistics"
+                f"{' or None' if name == 'a' else ''}, got {type(part).__name__}"
+            )
     if a is None:
         return b
     if (a.loss_grad_sum is None) != (b.loss_grad_sum is None):
@@ -645,6 +651,10 @@ class Calibrator:
             raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
         if sensitivity == "loss" and loss_fn is None:
             raise ValueError("argument 'loss_fn' is required with sensitivity='loss', got None")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"argument 'loss_fn' must be a callable (outputs, targets) -> loss, got {loss_fn!r}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"argument 'output_fn' must be a callable (outputs) -> tensor, got {output_fn!r}")
         if loss_reduction is None:
             loss_reduction = getattr(loss_fn, "reduction", "mean")
         if loss_reduction not in ("mean", "sum", "none"):

@@ -67,14 +67,34 @@ class Method:
 
 
 IMPORTANCES: dict[str, Method] = {}
+#: Names :func:`register_importance` does not take: the library's methods (filled as they register)
+#: and the reconstructive ones (``ecp_fast.pruning.reconstruction.RECONSTRUCTIVE_METHODS``).
+PROTECTED_NAMES: set[str] = {"sparsegpt", "ecp-obs"}
 
 
 def register_importance(
     name: str, *, compensates: bool, needs_calibration: bool, needs_loss: bool = False, description: str = ""
 ) -> Callable[[ImportanceFn], ImportanceFn]:
-    """Decorator that makes ``function(context) -> Importance`` available as ``method=name``."""
+    """Decorator that makes ``function(context) -> Importance`` available as ``method=name``.
+
+    ``name`` must be a new string (a method of the library or a reconstructive one is not replaced;
+    a name registered before by the caller is); the flags are bools and ``function`` a callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_importance: argument 'name' must be a non-empty string, got {name!r}")
+    if name in PROTECTED_NAMES:
+        raise ValueError(f"register_importance: argument 'name' must not be a method of the library, got {name!r}")
+    flags = {"compensates": compensates, "needs_calibration": needs_calibration, "needs_loss": needs_loss}
+    for flag, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"register_importance: argument {flag!r} must be a bool, got {type(value).__name__}")
 
     def decorate(function: ImportanceFn) -> ImportanceFn:
+        if not callable(function):
+            raise TypeError(
+                f"register_importance: the decorated object must be a function of a ScoringContext, "
+                f"got {type(function).__name__}"
+            )
         IMPORTANCES[name] = Method(name, function, compensates, needs_calibration, needs_loss, description)
         return function
 
@@ -255,3 +275,6 @@ def check_importances(importances: Any, layers: Mapping[str, LayerSpec], compens
                 raise ValueError(
                     f"argument 'importances': the {part} of layer {name!r} contains NaN or Inf (expected finite values)"
                 )
+
+
+PROTECTED_NAMES.update(IMPORTANCES)  # every method registered above is the library's

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -313,6 +313,8 @@ def _check_patterns(exclude: Sequence[str] | None) -> list[str]:
         return []
     if isinstance(exclude, str):
         return [exclude]
+    if not isinstance(exclude, Iterable):
+        raise TypeError(f"argument 'exclude' must be a layer name, a glob pattern or a list of them, got {exclude!r}")
     patterns = list(exclude)
     for pattern in patterns:
         if not isinstance(pattern, str):
@@ -437,6 +439,8 @@ def _named_layers(
     """:func:`resolve_layers` with the layers named: each must exist, be scorable and not be tied."""
     if isinstance(layers, str):
         raise TypeError(f"argument 'layers' must be a sequence of layer names, got the string {layers!r}")
+    if not isinstance(layers, Iterable):
+        raise TypeError(f"argument 'layers' must be a sequence of layer names, got {layers!r}")
     names = list(layers)
     if not names:
         raise ValueError("argument 'layers' must name at least one layer, got an empty sequence")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.distributed import is_distributed, synchronize_calibration
+from ecp_fast.distributed import checked_seed, is_distributed, synchronize_calibration
 from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
     DIVERGENCES,
@@ -150,6 +150,9 @@ class Pruner:
             raise ValueError(f"argument 'sensitivity' must be one of {SENSITIVITIES}, got {sensitivity!r}")
         if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
             raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
+        _check_switches(include_output_head=include_output_head, add_bias=add_bias)
+        if keep_inputs is not None:
+            _check_switches(keep_inputs=keep_inputs)
         self.model = model
         self.sensitivity = sensitivity
         self.probes = probes
@@ -160,7 +163,7 @@ class Pruner:
         self.process_group = process_group
         self.keep_inputs = not is_distributed(process_group) if keep_inputs is None else bool(keep_inputs)
         self.output_fn = output_fn
-        self.seed = seed
+        self.seed = checked_seed(seed)
         self.progress = progress
         self.calibration: CalibrationResult | None = None
         self._calibrated_state: tuple = ()  # _model_state when calibrated
@@ -669,6 +672,13 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     """The module's bias tensor, or None (typed: ``nn.Module`` attributes are not)."""
     bias = getattr(module, "bias", None)
     return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _check_switches(**switches: object) -> None:
+    """Switches must be bools: a string such as "False" would count as true."""
+    for name, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"argument {name!r} must be True or False, got {value!r}")
 
 
 def _warn_beyond_reconstruction(target: float) -> None:

@@ -112,7 +112,7 @@ def eligible_weights(
     sizes differ); its ``out_proj`` is an ``nn.Linear`` and is found as such. Biases are left out.
     Modules whose name is in ``exclude`` are skipped.
     """
-    excluded = set(exclude)
+    excluded = {exclude} if isinstance(exclude, str) else set(exclude)  # a lone name, not its characters
     refs: list[WeightRef] = []
     for module_name, module in model.named_modules():
         if module_name in excluded:

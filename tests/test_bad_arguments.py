@@ -1,0 +1,79 @@
+"""Bad arguments across the public API: refused naming the argument, the model untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ecp_fast
+from ecp_fast.export import choose_csr_layers
+from ecp_fast.pruning.calibration import merge_statistics
+from ecp_fast.pruning.importance import IMPORTANCES
+from ecp_fast.training import eligible_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 4, generator=generator), torch.randint(0, 3, (8,), generator=generator))]
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"loss_fn": "ce"}, TypeError, r"argument 'loss_fn' must be a callable"),
+        ({"output_fn": 3}, TypeError, r"argument 'output_fn' must be a callable"),
+        ({"add_bias": "False"}, TypeError, r"argument 'add_bias' must be True or False, got 'False'"),
+        ({"seed": "a"}, TypeError, r"argument 'seed' must be an integer"),
+        ({"layers": 3}, TypeError, r"argument 'layers' must be a sequence of layer names, got 3"),
+        ({"exclude": 3}, TypeError, r"argument 'exclude' must be a layer name, a glob pattern or a list"),
+    ],
+)
+def test_prune_names_a_bad_argument_and_leaves_the_model(kwargs, error, message) -> None:
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        ecp_fast.prune(model, _batches(), 0.5, progress=False, **kwargs)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_register_importance_checks_its_arguments_and_keeps_the_librarys_methods() -> None:
+    builtin = IMPORTANCES["ecp"]
+    with pytest.raises(TypeError, match=r"argument 'name' must be a non-empty string, got None"):
+        ecp_fast.register_importance(None, compensates=False, needs_calibration=False)  # type: ignore[arg-type]
+    for name in ("ecp", "sparsegpt", "ecp-obs"):
+        with pytest.raises(ValueError, match=rf"argument 'name' must not be a method of the library, got '{name}'"):
+            ecp_fast.register_importance(name, compensates=False, needs_calibration=False)
+    with pytest.raises(TypeError, match=r"argument 'compensates' must be a bool"):
+        ecp_fast.register_importance("mine_for_test", compensates=1, needs_calibration=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"the decorated object must be a function"):
+        ecp_fast.register_importance("mine_for_test", compensates=False, needs_calibration=False)(3)  # type: ignore[arg-type]
+    assert IMPORTANCES["ecp"] is builtin and "mine_for_test" not in IMPORTANCES
+    ecp_fast.prune(_model(), _batches(), 0.5, progress=False)  # the registry still works
+
+
+def test_eligible_weights_takes_one_excluded_name_as_a_name() -> None:
+    model = nn.Sequential()
+    model.add_module("fc1", nn.Linear(3, 3))
+    model.add_module("c", nn.Linear(3, 3))
+    assert [ref.module_name for ref in eligible_weights(model, exclude="fc1")] == ["c"]
+
+
+def test_merge_statistics_refuses_what_is_not_statistics() -> None:
+    with pytest.raises(TypeError, match=r"argument 'b' must be LayerStatistics, got str"):
+        merge_statistics(None, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'a' must be LayerStatistics or None, got str"):
+        merge_statistics("x", "y")  # type: ignore[arg-type]
+
+
+def test_choose_csr_layers_refuses_two_rules_at_once() -> None:
+    with pytest.raises(ValueError, match=r"arguments 'max_density' and 'example_inputs' exclude each other"):
+        choose_csr_layers(_model(), max_density=0.5, example_inputs=torch.randn(2, 4))
