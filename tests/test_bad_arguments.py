@@ -77,3 +77,35 @@ def test_merge_statistics_refuses_what_is_not_statistics() -> None:
 def test_choose_csr_layers_refuses_two_rules_at_once() -> None:
     with pytest.raises(ValueError, match=r"arguments 'max_density' and 'example_inputs' exclude each other"):
         choose_csr_layers(_model(), max_density=0.5, example_inputs=torch.randn(2, 4))
+
+
+def test_functions_taking_a_model_name_it_when_given_something_else() -> None:
+    from ecp_fast.export import export_semi_structured, exported_layers, fold_masks
+    from ecp_fast.pruning.masks import copy_model
+    from ecp_fast.pruning.structured import find_neuron_pairs
+
+    functions = (ecp_fast.get_masks, copy_model, fold_masks, exported_layers, choose_csr_layers)
+    for function in (*functions, find_neuron_pairs, eligible_weights, export_semi_structured):
+        with pytest.raises(TypeError, match=r"argument 'model' must be a torch.nn.Module, got Tensor"):
+            function(torch.randn(2, 2))
+
+
+def test_a_wrong_state_is_named_by_the_decay_schedules() -> None:
+    from ecp_fast.training import GammaSchedule, RelevanceDecay
+
+    decay = RelevanceDecay(_model(), gamma=1e-4)
+    with pytest.raises(
+        ValueError, match=r"RelevanceDecay.load_state_dict: argument 'state' must be .* got dict without"
+    ):
+        decay.load_state_dict({})
+    with pytest.raises(ValueError, match=r"GammaSchedule.load_state_dict: argument 'state' .* got NoneType"):
+        GammaSchedule(1e-4).load_state_dict(None)  # type: ignore[arg-type]
+
+
+def test_load_compact_names_a_bad_map_location(tmp_path) -> None:
+    from ecp_fast.export import load_compact, save_compact
+
+    path = tmp_path / "model.ecp"
+    save_compact(_model(), path)
+    with pytest.raises(ValueError, match=r"argument 'map_location' must name a device .* got 'foo'"):
+        load_compact(path, _model(), map_location="foo")

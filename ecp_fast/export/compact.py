@@ -124,6 +124,13 @@ def _describe(path_or_file: PathOrFile) -> str:
 def _read(path_or_file: PathOrFile, map_location: Any) -> dict[str, Any]:
     """The validated payload of a compact file; ``ValueError`` (not a pickle traceback) for anything else."""
     source = _describe(path_or_file)
+    if isinstance(map_location, str):  # a device name; torch.load takes devices, dicts and callables too
+        try:
+            torch.device(map_location)
+        except (RuntimeError, ValueError):
+            raise ValueError(
+                f"argument 'map_location' must name a device (or be as torch.load takes), got {map_location!r}"
+            ) from None
     try:
         payload = torch.load(path_or_file, map_location=map_location, weights_only=True)
     except OSError:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ecp_fast._arguments import check_module
 from ecp_fast.export.timing import interleaved_times
 from ecp_fast.pruning.batches import eval_mode
 
@@ -366,6 +367,7 @@ def choose_csr_layers(
             not a tensor or tuple.
         ValueError: ``max_density`` outside [0, 1]; the model does not run on ``example_inputs``.
     """
+    check_module(model)
     if max_density is not None and (isinstance(max_density, bool) or not isinstance(max_density, (int, float))):
         raise TypeError(f"argument 'max_density' must be a float in [0, 1] or None, got {type(max_density).__name__}")
     if max_density is not None and not 0.0 <= max_density <= 1.0:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast._arguments import check_module
 from ecp_fast.export.csr import (
     check_example_inputs,
     choose_csr_layers,
@@ -40,6 +41,7 @@ FORMATS = ("dense", "csr", "2:4")
 
 def fold_masks(model: nn.Module) -> list[str]:
     """Make every ``torch.nn.utils.prune`` mask of ``model`` permanent, in place; returns ``"layer.tensor"`` names."""
+    check_module(model)
     folded = []
     for module_name, module in model.named_modules():
         for name, _ in list(module.named_parameters(recurse=False)):
@@ -52,6 +54,7 @@ def fold_masks(model: nn.Module) -> list[str]:
 
 def exported_layers(model: nn.Module) -> dict[str, str]:
     """``{layer name: "csr" | "2:4" | "dense"}`` for the Linear, CSR and Conv2d layers of a model."""
+    check_module(model)
     kinds = {}
     for name, module in model.named_modules():
         if is_csr_linear(module):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast._arguments import check_module
 from ecp_fast.pruning.calibration import weight_2d, weight_parameter
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def export_semi_structured(
         NMPatternError: a selected weight is not 2:4 sparse (checked first, on every device).
         ValueError: a bad ``pattern`` or layer name, or a dtype or shape the kernels do not accept.
     """
+    check_module(model)
     parse_pattern(pattern)
     if pattern.replace(" ", "") != SUPPORTED_PATTERN:
         raise ValueError(f"argument 'pattern': semi-structured sparse tensors support only '2:4', got {pattern!r}")

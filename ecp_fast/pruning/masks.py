@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast._arguments import check_module
 from ecp_fast.pruning.transaction import model_transaction
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def copy_model(model: nn.Module) -> nn.Module:
     ``copy.deepcopy`` refuses; the copy gets a detached clone instead (the pruning hook recomputes it
     at the next forward pass, so nothing is lost).
     """
+    check_module(model)
     memo: dict[int, Any] = {}
     for module in model.modules():
         for value in vars(module).values():
@@ -115,6 +117,7 @@ def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     layer's weight): a mask on another tensor, such as ``bias_mask``, is not returned. Read it as
     ``model.get_submodule(name).bias_mask``; :func:`remove_masks` makes every mask permanent.
     """
+    check_module(model)
     return {
         name: module.weight_mask.detach().clone()
         for name, module in model.named_modules()

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from ecp_fast._arguments import check_module
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops import finalize
 from ecp_fast.pruning.calibration import (
@@ -264,6 +265,7 @@ def find_neuron_pairs(model: nn.Module) -> list[NeuronPair]:
     sibling gate projection, see :func:`gate_of`) and blocks where such a sibling could act on another
     tensor of the hidden size are left out; anything else: pass ``pairs``.
     """
+    check_module(model)
     modules = dict(model.named_modules())
     return [
         pair for pair in _detect_pairs(model) if gate_of(modules, pair) is None and not _sibling_norms(modules, pair)[1]

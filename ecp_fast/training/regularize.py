@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecp_fast._arguments import check_module
 from ecp_fast.training._checks import check_int, check_real
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def eligible_weights(
     sizes differ); its ``out_proj`` is an ``nn.Linear`` and is found as such. Biases are left out.
     Modules whose name is in ``exclude`` are skipped.
     """
+    check_module(model)
     excluded = {exclude} if isinstance(exclude, str) else set(exclude)  # a lone name, not its characters
     refs: list[WeightRef] = []
     for module_name, module in model.named_modules():
@@ -181,10 +183,21 @@ class GammaSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
+        _check_state("GammaSchedule", state, ("gamma0", "gamma_final", "decay_steps", "step_count"))
         self.gamma0 = float(state["gamma0"])
         self.gamma_final = float(state["gamma_final"])
         self.decay_steps = state["decay_steps"]
         self.step_count = int(state["step_count"])
+
+
+def _check_state(owner: str, state: object, keys: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``state`` unless it is a mapping with ``keys`` (what ``state_dict`` returns)."""
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise ValueError(
+            f"{owner}.load_state_dict: argument 'state' must be what state_dict() returns (keys {list(keys)}), "
+            f"got {type(state).__name__}{' without ' + ', '.join(missing) if isinstance(state, dict) else ''}"
+        )
 
 
 def relevance_gate(grad: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -310,6 +323,7 @@ class RelevanceDecay:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
+        _check_state("RelevanceDecay", state, ("alpha", "schedule"))
         self.alpha = float(state["alpha"])
         self.schedule.load_state_dict(state["schedule"])
 
