@@ -109,3 +109,35 @@ def test_load_compact_names_a_bad_map_location(tmp_path) -> None:
     save_compact(_model(), path)
     with pytest.raises(ValueError, match=r"argument 'map_location' must name a device .* got 'foo'"):
         load_compact(path, _model(), map_location="foo")
+
+
+def _nan_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    inputs, targets = _batches()[0]
+    inputs = inputs.clone()
+    inputs[0, 0] = float("nan")
+    return [(inputs, targets)]
+
+
+def test_finetune_stops_at_a_non_finite_loss_and_restores_the_model() -> None:
+    """A NaN input or loss made every weight NaN, silently."""
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"finetune: the loss of step 1 is NaN or Inf .* the model is restored"):
+        ecp_fast.finetune(model, _nan_batches(), nn.functional.cross_entropy, steps=3, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match=r"finetune: argument 'loss_fn' must return a tensor, got str"):
+        ecp_fast.finetune(model, _batches(), lambda outputs, targets: "loss", steps=1, progress=False)
+
+
+def test_iterative_prune_stops_at_a_non_finite_loss_and_restores_the_model() -> None:
+    from ecp_fast.training import iterative_prune
+
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"iterative_prune: the loss of an optimizer step .* is NaN or Inf"):
+        iterative_prune(
+            model, _nan_batches(), nn.functional.cross_entropy, optimizer, lambda m: 1.0, bound=0.5, interval=2,
+            max_steps=6, progress=False,
+        )  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -106,3 +106,21 @@ def check_batches(owner: str, batches: Any, reiterable: bool, items: tuple[int, 
             raise ValueError(
                 f"{owner}: argument 'batches' must hold (inputs, targets) pairs, got {got} at index {index}"
             )
+
+
+def checked_loss(owner: str, loss: Any) -> torch.Tensor:
+    """``loss`` as ``loss_fn`` returned it, which must be a scalar tensor (``TypeError`` /
+    ``ValueError`` naming ``loss_fn`` otherwise)."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{owner}: argument 'loss_fn' must return a tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(f"{owner}: argument 'loss_fn' must return a scalar loss, got shape {tuple(loss.shape)}")
+    return loss
+
+
+def non_finite_loss(owner: str, where: str) -> ValueError:
+    """The error for a NaN or infinite loss: training on it would make every weight NaN."""
+    return ValueError(
+        f"{owner}: the loss {where} is NaN or Inf (expected finite; check argument 'batches' for NaN or Inf "
+        "and argument 'loss_fn'); the model is restored"
+    )

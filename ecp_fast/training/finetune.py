@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -13,7 +14,16 @@ from tqdm.auto import tqdm
 
 from ecp_fast.pruning.batches import module_device, split_batch, to_device
 from ecp_fast.pruning.transaction import model_transaction
-from ecp_fast.training._checks import check_batches, check_bool, check_callable, check_choice, check_int, check_real
+from ecp_fast.training._checks import (
+    check_batches,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_real,
+    checked_loss,
+    non_finite_loss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +95,12 @@ def finetune(
                 if targets is None:
                     raise ValueError("finetune: argument 'batches' must hold (inputs, targets) pairs, got inputs only")
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(to_device(inputs, device)), to_device(targets, device))
+                loss = checked_loss("finetune", loss_fn(model(to_device(inputs, device)), to_device(targets, device)))
+                losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise non_finite_loss("finetune", f"of step {len(losses)}")
                 loss.backward()
                 opt.step()
-                losses.append(float(loss.detach()))
         finally:
             model.train(was_training)
         if not losses:

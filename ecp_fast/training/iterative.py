@@ -45,7 +45,16 @@ from ecp_fast.pruning.layers import tied_weights, unsupported_reason
 from ecp_fast.pruning.masks import weight_reparametrization
 from ecp_fast.pruning.selection import prune_count
 from ecp_fast.pruning.transaction import model_transaction
-from ecp_fast.training._checks import check_batches, check_bool, check_callable, check_choice, check_int, check_real
+from ecp_fast.training._checks import (
+    check_batches,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_real,
+    checked_loss,
+    non_finite_loss,
+)
 from ecp_fast.training.regularize import RelevanceDecay, WeightRef, check_regularizer, eligible_weights, sparsity
 
 logger = logging.getLogger(__name__)
@@ -295,10 +304,13 @@ class _IterativeRun:
         """``interval`` optimizer steps (fewer at the end of ``max_steps``), with the per-step scheduler."""
         s = self.settings
         self.model.train()
+        finite: torch.Tensor | None = None  # on the loss's device, checked once per interval: no sync per step
         for _ in range(min(s.interval, s.max_steps - self.step)):
             inputs, targets = next(self.stream)[:2]
             s.optimizer.zero_grad(set_to_none=True)
-            loss = s.loss_fn(self.model(inputs), targets)
+            loss = checked_loss("iterative_prune", s.loss_fn(self.model(inputs), targets))
+            step_finite = torch.isfinite(loss.detach()).reshape(())
+            finite = step_finite if finite is None else finite & step_finite
             loss.backward()
             if s.regularizer is not None:
                 s.regularizer.apply()
@@ -307,6 +319,8 @@ class _IterativeRun:
             if s.scheduler is not None and s.scheduler_step == "step":
                 s.scheduler.step()
             self.step += 1
+        if finite is not None and not bool(finite):
+            raise non_finite_loss("iterative_prune", f"of an optimizer step up to step {self.step}")
         bar.update(s.interval)
         self.intervals_done += 1
 
