@@ -141,3 +141,21 @@ def test_iterative_prune_stops_at_a_non_finite_loss_and_restores_the_model() -> 
             max_steps=6, progress=False,
         )  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_iterative_prune_names_a_metric_that_is_no_number_and_keeps_the_models_mode() -> None:
+    from ecp_fast.training import iterative_prune
+
+    def run(model: nn.Module, metric) -> None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        iterative_prune(
+            model, _batches(), nn.functional.cross_entropy, optimizer, metric, bound=0.5, interval=2,
+            max_steps=4, progress=False,
+        )  # fmt: skip
+
+    with pytest.raises(TypeError, match=r"argument 'metric_fn' must return a real number, got None"):
+        run(_model(), lambda m: None)
+    model = _model().train()
+    model[1].eval()  # a mixed model gets exactly its modes back
+    run(model, lambda m: torch.tensor(1.0))
+    assert model.training and model[0].training and not model[1].training

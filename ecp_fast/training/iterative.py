@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ecp_fast._deprecation import renamed_attribute, renamed_keyword
+from ecp_fast.pruning.batches import eval_mode
 from ecp_fast.pruning.layers import tied_weights, unsupported_reason
 from ecp_fast.pruning.masks import weight_reparametrization
 from ecp_fast.pruning.selection import prune_count
@@ -337,7 +339,7 @@ class _IterativeRun:
     def evaluate(self, bar: Any) -> tuple[float, float]:
         """The metric and the sparsity after a training interval, recorded in the history."""
         self.model.eval()
-        metric = float(self.settings.metric_fn(self.model))
+        metric = _metric(self.settings.metric_fn, self.model)
         current = sparsity(self.weights)
         self.history.append(HistoryEntry(self.step, current, metric, "train"))
         bar.set_postfix(sparsity=f"{current:.4f}", metric=f"{metric:.3f}")
@@ -441,7 +443,7 @@ class _IterativeRun:
             s.regularizer.restart()
         if s.eval_after_prune:
             self.model.eval()
-            metric_after = float(s.metric_fn(self.model))
+            metric_after = _metric(s.metric_fn, self.model)
             self.history.append(HistoryEntry(self.step, sparsity(self.weights), metric_after, "prune"))
         return True
 
@@ -802,6 +804,16 @@ def _prepare(model: nn.Module, arguments: dict[str, Any]) -> tuple[_Settings, li
     return _Settings(**values), weights
 
 
+def _metric(metric_fn: Callable[[nn.Module], Any], model: nn.Module) -> float:
+    """``metric_fn(model)`` as a float; ``TypeError`` naming ``metric_fn`` when it returns no real number."""
+    value = metric_fn(model)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"iterative_prune: argument 'metric_fn' must return a real number, got {value!r}")
+    return float(value)
+
+
 def _run(
     model: nn.Module, batches: Iterable[Batch], weights: list[WeightRef], settings: _Settings, progress: bool
 ) -> IterativeResult:
@@ -813,11 +825,12 @@ def _run(
         ensure_masks(weights)
         run = _IterativeRun(model, batches, weights, settings)
         bar = tqdm(total=settings.max_steps, desc=settings.description, disable=not progress, leave=False)
-        try:
-            run.loop(bar)
-        finally:
-            bar.close()
-        return run.result()
+        with eval_mode(model):  # every submodule's train/eval mode as it came, after the run
+            try:
+                run.loop(bar)
+            finally:
+                bar.close()
+            return run.result()
 
 
 __getattr__ = renamed_attribute(__name__, {"ECPCriterion": ("ECPPruneStep", ECPPruneStep)})
