@@ -159,3 +159,11 @@ def test_iterative_prune_names_a_metric_that_is_no_number_and_keeps_the_models_m
     model[1].eval()  # a mixed model gets exactly its modes back
     run(model, lambda m: torch.tensor(1.0))
     assert model.training and model[0].training and not model[1].training
+
+
+def test_prune_sequential_names_inputs_the_first_block_does_not_take() -> None:
+    blocks = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Sequential(nn.Linear(16, 4)))
+    before = {name: tensor.clone() for name, tensor in blocks.state_dict().items()}
+    with pytest.raises(ValueError, match=r"argument 'inputs': the first block does not run on the first batch"):
+        ecp_fast.prune_sequential(blocks, [torch.randn(4, 7)], progress=False)
+    assert all(torch.equal(before[k], v) for k, v in blocks.state_dict().items())

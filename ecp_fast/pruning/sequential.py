@@ -58,7 +58,15 @@ from ecp_fast._deprecation import renamed_keyword
 from ecp_fast._iterables import known_length
 from ecp_fast.distributed import checked_seed, per_rank_probe_seed
 from ecp_fast.pruning.allocation import ALLOCATIONS
-from ecp_fast.pruning.batches import BlockInputs, capture_block_inputs, count_samples, eval_mode, module_device
+from ecp_fast.pruning.batches import (
+    BlockInputs,
+    capture_block_inputs,
+    count_samples,
+    describe,
+    eval_mode,
+    module_device,
+    passes_through,
+)
 from ecp_fast.pruning.calibration import CalibrationResult, resolve_layers
 from ecp_fast.pruning.importance import IMPORTANCES, get_method
 from ecp_fast.pruning.pruner import Pruner
@@ -305,8 +313,29 @@ def _first_inputs(
 ) -> list[BlockInputs]:
     """The first block's inputs: captured from a forward pass of the whole model, or given as tensors."""
     if model is None:
-        return _tensor_inputs(inputs, storage)
+        activations = _tensor_inputs(inputs, storage)
+        _check_first_block(block_list[0], activations)
+        return activations
     return capture_block_inputs(model, block_list, inputs, storage=storage)
+
+
+def _check_first_block(block: nn.Module, activations: list[BlockInputs]) -> None:
+    """``ValueError`` naming ``inputs`` when the first block does not run on the first batch given (a
+    wrong width, a wrong dtype): the library feeds every later block, the caller feeds this one."""
+    if not activations:
+        return
+    with eval_mode(block), torch.no_grad():
+        try:
+            activations[0].to(module_device(block))(block)
+        except Exception as error:
+            if passes_through(error):
+                raise
+            first = describe(activations[0].hidden)
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ValueError(
+                f"argument 'inputs': the first block does not run on the first batch ({first}): "
+                f"{type(error).__name__}: {reason}"
+            ) from error
 
 
 def _forward(
