@@ -167,3 +167,21 @@ def test_prune_sequential_names_inputs_the_first_block_does_not_take() -> None:
     with pytest.raises(ValueError, match=r"argument 'inputs': the first block does not run on the first batch"):
         ecp_fast.prune_sequential(blocks, [torch.randn(4, 7)], progress=False)
     assert all(torch.equal(before[k], v) for k, v in blocks.state_dict().items())
+
+
+def test_training_and_export_helpers_refuse_what_they_cannot_use() -> None:
+    from ecp_fast.export import modelled_max_density
+    from ecp_fast.training import ECPPruneStep, RelevanceDecay, RelevanceDecayOptimizer
+
+    model = _model()
+    decay = RelevanceDecay(model, gamma=1e-4)
+    with pytest.raises(TypeError, match=r"argument 'optimizer' must be a torch.optim.Optimizer, got NoneType"):
+        RelevanceDecayOptimizer(None, decay)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'decay' must be a RelevanceDecay, got str"):
+        RelevanceDecayOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), "decay")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"method 'taylor' needs loss gradients: argument 'loss_fn' is required"):
+        ECPPruneStep(_batches(), method="taylor", sensitivity="output")
+    for bad in (-1, True, float("nan")):
+        with pytest.raises(ValueError, match=r"argument 'out_features' must be a non-negative integer"):
+            modelled_max_density(bad, 10)  # type: ignore[arg-type]
+    assert modelled_max_density(300, 784) > 0

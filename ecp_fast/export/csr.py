@@ -77,6 +77,9 @@ def modelled_max_density(out_features: int, in_features: int) -> float:
     2.0-10x at every batch; at 0.20: 0.9-2.9x). Batch-1 inference of layers under 1M weights is often
     faster dense: measure with ``example_inputs``, or override with ``max_density``.
     """
+    for name, value in (("out_features", out_features), ("in_features", in_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"argument {name!r} must be a non-negative integer, got {value!r}")
     weights = out_features * in_features
     if weights < MIN_CSR_WEIGHTS:
         return 0.0

@@ -183,7 +183,8 @@ class ECPPruneStep:
         check_int("ECPPruneStep", "seed", seed, -(2**63))
         if not isinstance(method, str):
             raise TypeError(f"ECPPruneStep: argument 'method' must be a string, got {type(method).__name__}")
-        get_method(method)
+        if get_method(method).needs_loss and loss_fn is None:
+            raise ValueError(f"ECPPruneStep: method {method!r} needs loss gradients: argument 'loss_fn' is required")
         self.batches = list(batches)
         self.loss_fn = loss_fn
         self.sensitivity = sensitivity

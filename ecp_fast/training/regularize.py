@@ -338,6 +338,17 @@ class RelevanceDecayOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, decay: RelevanceDecay) -> None:
         # Not calling Optimizer.__init__: the wrapped optimizer owns param_groups and state.
+        if not isinstance(getattr(optimizer, "param_groups", None), list) or not callable(
+            getattr(optimizer, "step", None)
+        ):
+            raise TypeError(
+                "RelevanceDecayOptimizer: argument 'optimizer' must be a torch.optim.Optimizer, "
+                f"got {type(optimizer).__name__}"
+            )
+        if not isinstance(decay, RelevanceDecay):
+            raise TypeError(
+                f"RelevanceDecayOptimizer: argument 'decay' must be a RelevanceDecay, got {type(decay).__name__}"
+            )
         self.optimizer = optimizer
         self.decay = decay
 
