@@ -185,3 +185,19 @@ def test_training_and_export_helpers_refuse_what_they_cannot_use() -> None:
         with pytest.raises(ValueError, match=r"argument 'out_features' must be a non-negative integer"):
             modelled_max_density(bad, 10)  # type: ignore[arg-type]
     assert modelled_max_density(300, 784) > 0
+
+
+def test_check_n_m_and_interleaved_times_name_bad_arguments() -> None:
+    from ecp_fast.export import check_n_m, interleaved_times
+
+    with pytest.raises(TypeError, match=r"argument 'weight' must be a tensor, got NoneType"):
+        check_n_m(None)  # type: ignore[arg-type]
+    check_n_m(torch.zeros(0, 8))  # no group: nothing to refuse
+    with pytest.raises(TypeError, match=r"argument 'calls' must map names to zero-argument callables"):
+        interleaved_times([lambda: 1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"argument 'rounds' must be an integer of at least 1, got 1.5"):
+        interleaved_times({"a": lambda: 1}, rounds=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"argument 'burst_seconds' must be a positive number of seconds, got -1"):
+        interleaved_times({"a": lambda: 1}, burst_seconds=-1)
+    with pytest.raises(ValueError, match=r"argument 'setup' names contenders that are not in 'calls': \['b'\]"):
+        interleaved_times({"a": lambda: 1}, setup={"b": lambda: 1})

@@ -67,8 +67,12 @@ def check_n_m(weight: torch.Tensor, pattern: str = SUPPORTED_PATTERN, name: str 
     The error names the layer, the first offending row and input group and how many nonzeros it holds.
     """
     parsed = parse_pattern(pattern)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"argument 'weight' must be a tensor, got {type(weight).__name__}")
     if weight.dim() < 2:
         raise NMPatternError(f"layer {name!r}: expected a weight with at least 2 dimensions, got {weight.dim()}")
+    if weight.numel() == 0:
+        return  # no group to check
     matrix = weight.detach().reshape(weight.shape[0], -1)
     fan_out, fan_in = matrix.shape
     if fan_in % parsed.m:

@@ -58,6 +58,22 @@ def _nothing() -> None:
     return None
 
 
+def _check_timing_arguments(
+    calls: object, rounds: object, warmup: object, burst_seconds: object, setup: Mapping[str, object] | None
+) -> None:
+    """``TypeError`` / ``ValueError`` naming a bad argument of :func:`interleaved_times`."""
+    if not isinstance(calls, Mapping) or not all(callable(call) for call in calls.values()):
+        raise TypeError(f"argument 'calls' must map names to zero-argument callables, got {calls!r}")
+    for name, value in (("rounds", rounds), ("warmup", warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"argument {name!r} must be an integer of at least 1, got {value!r}")
+    if isinstance(burst_seconds, bool) or not isinstance(burst_seconds, (int, float)) or not burst_seconds > 0:
+        raise ValueError(f"argument 'burst_seconds' must be a positive number of seconds, got {burst_seconds!r}")
+    unknown = sorted(set(setup or {}) - set(calls))
+    if unknown:
+        raise ValueError(f"argument 'setup' names contenders that are not in 'calls': {unknown}")
+
+
 def interleaved_times(
     calls: Mapping[str, Callable[[], object]],
     rounds: int = 20,
@@ -79,8 +95,7 @@ def interleaved_times(
         setup: name -> zero-argument callable run untimed before each warm-up call and each burst
             of that contender (e.g. a fresh copy of a model that the call changes).
     """
-    if rounds < 1 or warmup < 1:
-        raise ValueError(f"arguments 'rounds' and 'warmup' must be at least 1, got {rounds} and {warmup}")
+    _check_timing_arguments(calls, rounds, warmup, burst_seconds, setup)
     setups = {name: (setup or {}).get(name, _nothing) for name in calls}
     bursts = {name: _burst_size(call, warmup, burst_seconds, setups[name]) for name, call in calls.items()}  # warms up
     if burst is not None:
