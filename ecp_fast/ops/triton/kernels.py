@@ -212,7 +212,9 @@ def _gram(
     Column ``in_a`` of the augmented ``a`` (row ``in_a`` of ``H``) is the constant 1, and likewise for
     ``b``: the tiles that reach it load ones there, so the sums and the total weight come out of the
     same ``tl.dot``. ``DOT_NATIVE`` runs the dot on the (half) input dtype, whose products are exact
-    in float32, when there are no weights to round into it. ``n_bucket`` only keys the autotuner.
+    in float32: as is without weights, and for bf16 with weights as two dots of a hi/lo split of the
+    weighted ``a`` (the tensor cores' rate instead of float32 FMAs, 16 bits of each product kept).
+    ``n_bucket`` only keys the autotuner.
     """
     pid = tl.program_id(0)
     tiles_a = tl.cdiv(in_a + 1, BLOCK_A)
@@ -236,7 +238,19 @@ def _gram(
         a = tl.load(a_ptrs, mask=mask_n & (offs_a < in_a)[None, :], other=0.0)
         b_ptrs = b_ptr + rows64 * stride_bn + offs_b.to(tl.int64)[None, :] * stride_bi
         b = tl.load(b_ptrs, mask=mask_n & (offs_b < in_b)[None, :], other=0.0)
-        if DOT_NATIVE and not UPCAST_DOT:
+        if DOT_NATIVE and HAS_WEIGHT:
+            # bf16 operands on tensor cores: w_s a_s is split into hi + lo, two bf16 values whose sum
+            # keeps 16 of its bits (float32 keeps 24); bf16 b is exact, the products exact in float32.
+            w = tl.load(w_ptr + rows.to(tl.int64) * stride_w, mask=rows < n_samples, other=0.0)
+            scaled = tl.where(ones_a & mask_n, 1.0, a.to(tl.float32)) * w.to(tl.float32)[:, None]
+            hi = scaled.to(a.dtype)
+            lo = (scaled - hi.to(tl.float32)).to(a.dtype)
+            b = tl.where(ones_b & mask_n, 1.0, b).to(b.dtype)
+            if UPCAST_DOT:  # the interpreter's numpy dot cannot multiply bf16: the same values in float32
+                hi, lo, b = hi.to(tl.float32), lo.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(tl.trans(hi), b, acc, input_precision=INPUT_PRECISION)
+            a = lo  # the second dot below adds lo^T b
+        elif DOT_NATIVE and not UPCAST_DOT:
             a = tl.where(ones_a & mask_n, 1.0, a).to(a.dtype)
             b = tl.where(ones_b & mask_n, 1.0, b).to(b.dtype)
         else:

@@ -264,8 +264,10 @@ def _launch_gram(
     built = kernels.build_kernels(interpret, autotune_enabled())
     left = a.reshape(shape.n, shape.in_a)  # a view whenever the leading dims allow one
     right = left if b is None else b.reshape(shape.n, shape.in_b)
-    # Half inputs without weights multiply exactly in their own dtype on tensor cores (float32 sums).
-    native = weight is None and left.dtype in HALF_DTYPES and right.dtype == left.dtype
+    # Half inputs without weights multiply exactly in their own dtype on tensor cores (float32 sums);
+    # weighted bf16 inputs as a hi/lo bf16 split (weighted float16 would underflow: float32 FMAs).
+    same_half = left.dtype in HALF_DTYPES and right.dtype == left.dtype
+    native = same_half and (weight is None or left.dtype == torch.bfloat16)
     input_precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     w = weight if weight is not None else h  # not read without weights
     arguments = (
