@@ -92,13 +92,27 @@ def check_n_m(weight: torch.Tensor, pattern: str = SUPPORTED_PATTERN, name: str 
 
 
 def semi_structured_available(device: torch.device | str | None = None) -> bool:
-    """True when CUDA is present on a device of compute capability 8.0+ and torch has the sparse API."""
+    """True when ``device`` (default: the current CUDA device) can run semi-structured sparse weights.
+
+    torch has two backends: CUTLASS, whose kernels run on compute capability 8.x only (on a Hopper
+    GPU, sm_90, the first forward fails with "Supported only on GPUs with compute capability 8.x"),
+    and cuSPARSELt, the default where torch has it, for 8.0 and later. So: capability 8.x, or a later
+    one with cuSPARSELt present and not overridden by ``SparseSemiStructuredTensor._FORCE_CUTLASS``.
+    """
     if not torch.cuda.is_available() or not hasattr(torch.sparse, "to_sparse_semi_structured"):
         return False
     device = torch.device("cuda" if device is None else device)
     if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+    major = torch.cuda.get_device_capability(device)[0]
+    if major < 8:
+        return False
+    return major == 8 or (_cusparselt_available() and not torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS)
+
+
+def _cusparselt_available() -> bool:
+    backend = getattr(torch.backends, "cusparselt", None)
+    return bool(backend is not None and backend.is_available())
 
 
 def _select_linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str, nn.Linear]:

@@ -396,7 +396,7 @@ def test_two_four_on_cpu_is_a_clear_error() -> None:
 def test_two_four_on_gpu() -> None:
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).half().cuda()
-    ecp_fast.Pruner(model, progress=False).prune(sparsity=0.5, method="magnitude", scope="2:4", layers=["0"])
+    ecp_fast.Pruner(model, layers=["0"], progress=False).prune(sparsity=0.5, method="magnitude", scope="2:4")
     x = torch.randn(64, 128, dtype=torch.float16, device="cuda")
     with torch.no_grad():
         expected = model(x)

@@ -101,3 +101,32 @@ def test_cuda_export_rejects_float32() -> None:
     model = two_four_model().cuda()
     with pytest.raises(ValueError, match="float16, bfloat16 or int8"):
         export_semi_structured(model)
+
+
+@pytest.mark.parametrize(
+    ("capability", "cusparselt", "force_cutlass", "expected"),
+    [
+        ((7, 5), True, False, False),  # no sparse tensor cores
+        ((8, 0), False, False, True),  # Ampere: CUTLASS runs
+        ((8, 9), False, True, True),
+        ((9, 0), True, False, True),  # Hopper: cuSPARSELt only
+        ((9, 0), False, False, False),
+        ((9, 0), True, True, False),  # CUTLASS forced: its kernels refuse sm_90 at the first forward
+        ((10, 0), True, False, True),
+    ],
+)
+def test_availability_follows_the_backends_gpus(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], cusparselt: bool, force_cutlass: bool, expected: bool
+) -> None:
+    """CUTLASS's 2:4 kernels run on compute capability 8.x only; later GPUs need cuSPARSELt."""
+
+    class Backend:
+        @staticmethod
+        def is_available() -> bool:
+            return cusparselt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends, "cusparselt", Backend, raising=False)
+    monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", force_cutlass)
+    assert semi_structured_available("cuda:0") is expected
