@@ -35,8 +35,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
 
+# The ops against cuBLAS (bf16 and float32 without TF32), then 2:4 exports against dense layers.
 bench-gpu: $(STAMP)
 	$(PY) bench/triton_table.py
+	$(PY) bench/two_four_gpu.py
 
 clean:
 	rm -rf build ecp_fast/_C*.so *.egg-info

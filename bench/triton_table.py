@@ -1,16 +1,20 @@
-"""Throughput table of the fused Triton ``ecp::score`` against cuBLAS and two unfused references.
+"""Throughput table of the fused Triton ops ``ecp::score``, ``ecp::moments`` and ``ecp::gram`` against cuBLAS.
 
 Run on a CUDA machine: ``python bench/triton_table.py`` (``make bench-gpu``). Prints a markdown
-table of TFLOP/s, counting ``4 * N * in * out`` FLOPs per call (the two GEMMs ``(out x N) @ (N x in)``
-that the score needs: ``c^T x'`` and ``c^T x'^2``), for:
+table of TFLOP/s for each op, shape and dtype, with these contenders:
 
-* ``ecp::score``: the fused Triton kernel through ``torch.ops.ecp.score`` (autotuned first);
-* ``cuBLAS 2 x mm``: ``torch.mm`` on the same two GEMMs in the input dtype, operands prepared
-  beforehand (the ceiling for a kernel that does the GEMMs plus extra work);
+* the fused Triton kernel through ``torch.ops.ecp.<op>`` (autotuned first);
+* ``cuBLAS``: ``torch.mm`` on the GEMMs the op needs, in the input dtype, operands prepared
+  beforehand (the ceiling for a kernel that does these GEMMs plus extra work): for ``score`` and
+  ``moments`` the two GEMMs ``c^T x'`` and ``c^T x'^2`` (``4 * N * in * out`` FLOPs), for ``gram``
+  the one GEMM ``x^T x`` (``2 * N * in^2`` FLOPs);
 * ``torch formula``: the same computation written in plain PyTorch in the input dtype
-  (:func:`unfused_score`: shift, square, two ``torch.mm``, elementwise epilogue), which
-  materialises the ``(N, in)`` temporaries; the fair unfused GPU baseline;
-* ``reference f64``: ``ecp_fast.ops.reference.score`` as shipped (float64 throughout).
+  (:func:`unfused_score`, :func:`unfused_moments`, :func:`unfused_gram`), which materialises the
+  ``(N, in)`` temporaries; the fair unfused GPU baseline;
+* ``reference f64``: ``ecp_fast.ops.reference.<op>`` as shipped (float64 throughout).
+
+``rel err`` is ``||fused - exact|| / ||exact||`` of the op's main output (importance, m2, H) against
+the float64 reference on float64 copies of the same inputs.
 
 Without CUDA it says so and exits 0.
 """
@@ -19,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 import torch
 
 SHAPES = [(16384, 4096, 4096), (65536, 4096, 11008), (16384, 784, 300)]
+OPS = ("score", "moments", "gram")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -55,6 +61,26 @@ def unfused_score(
     return importance, bias_delta
 
 
+def unfused_moments(x: torch.Tensor, g: torch.Tensor, shift_rows: int = 256) -> tuple[torch.Tensor, ...]:
+    """``(s0, mean, m2)`` in plain PyTorch, GEMMs in the input dtype; the formula of :func:`unfused_score`."""
+    c = g.float().square()
+    s0 = c.sum(dim=0)
+    shift = x[:shift_rows].float().mean(dim=0)
+    centred = (x.float() - shift).to(x.dtype)
+    c_t = c.t().to(x.dtype)
+    s1 = torch.mm(c_t, centred).float()
+    s2 = torch.mm(c_t, centred.square()).float()
+    safe_s0 = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(1)
+    offset = s1 / safe_s0
+    return s0, shift + offset, (s2 - s1 * offset).clamp_min(0.0)
+
+
+def unfused_gram(x: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
+    """``sum_s w_s [x_s; 1][x_s; 1]^T`` in plain PyTorch: augment, scale, one GEMM in the input dtype."""
+    augmented = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
+    return torch.mm((augmented * sample_weight.unsqueeze(1)).t(), augmented).float()
+
+
 def time_ms(fn) -> float:
     """Median milliseconds of ``fn`` (warm-up and L2 flush by ``triton.testing.do_bench``)."""
     from triton.testing import do_bench
@@ -62,36 +88,81 @@ def time_ms(fn) -> float:
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def measure(dtype: torch.dtype, n: int, fan_in: int, fan_out: int, with_f64: bool) -> dict[str, float | None]:
-    """Milliseconds of each contender for one shape; ``None`` where it ran out of memory."""
-    import ecp_fast
-    from ecp_fast.ops import reference
-
+def make_layer(dtype: torch.dtype, n: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, ...]:
+    """ReLU-like activations, small gradients, weights and per-sample weights on the GPU (fresh each call)."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    x = (torch.randn(n, fan_in, device="cuda", generator=generator).relu_()).to(dtype)
+    x = torch.randn(n, fan_in, device="cuda", generator=generator).relu_().to(dtype)
     g = (torch.randn(n, fan_out, device="cuda", generator=generator) * 1e-2).to(dtype)
     weight = torch.randn(fan_out, fan_in, device="cuda", generator=generator).to(dtype)
-    results: dict[str, float | None] = {}
+    sample_weight = torch.rand(n, device="cuda", generator=generator).to(dtype)
+    return x, g, weight, sample_weight
 
-    ecp_fast.score(x, g, weight)  # autotune outside the timed region
-    results["ecp::score"] = time_ms(lambda: ecp_fast.score(x, g, weight))
 
-    c_t = g.float().square().t().to(dtype)
+def two_gemms(x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """cuBLAS on the two GEMMs of ``score`` / ``moments``, operands prepared outside the timing."""
+    c_t = g.float().square().t().to(x.dtype)
     x_sq = x.square()
-    first = torch.empty(fan_out, fan_in, device="cuda", dtype=dtype)
+    first = torch.empty(c_t.shape[0], x.shape[1], device="cuda", dtype=x.dtype)
     second = torch.empty_like(first)
 
     def cublas() -> None:
         torch.mm(c_t, x, out=first)
         torch.mm(c_t, x_sq, out=second)
 
-    results["cuBLAS 2 x mm"] = time_ms(cublas)
+    return cublas
 
-    for name, fn, enabled in (
-        ("torch formula", lambda: unfused_score(x, g, weight), True),
-        ("reference f64", lambda: reference.score(x, g, weight), with_f64),
-    ):
-        if not enabled:
+
+def one_gemm(x: torch.Tensor) -> Callable[[], None]:
+    """cuBLAS on the one GEMM of ``gram``, ``x^T x``, into a preallocated output."""
+    out = torch.empty(x.shape[1], x.shape[1], device="cuda", dtype=x.dtype)
+    return lambda: torch.mm(x.t(), x, out=out)
+
+
+def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Callable[[], object]], float]:
+    """The calls timed for ``op`` (fused first) and the FLOPs credited to one call."""
+    from ecp_fast import ops
+    from ecp_fast.ops import reference
+
+    x, g, weight, sample_weight = layer
+    n, fan_in, fan_out = x.shape[0], x.shape[1], g.shape[-1]
+    if op == "gram":
+        calls = {
+            "fused": lambda: ops.gram(x, None, sample_weight),
+            "cuBLAS": one_gemm(x),
+            "torch formula": lambda: unfused_gram(x, sample_weight),
+            "reference f64": lambda: reference.gram(x, None, sample_weight, True),
+        }
+        return calls, 2.0 * n * fan_in * fan_in
+    fused = (lambda: ops.score(x, g, weight)) if op == "score" else (lambda: ops.moments(x, g))
+    formula = (lambda: unfused_score(x, g, weight)) if op == "score" else (lambda: unfused_moments(x, g))
+    exact = (lambda: reference.score(x, g, weight)) if op == "score" else (lambda: reference.moments(x, g))
+    calls = {"fused": fused, "cuBLAS": two_gemms(x, g), "torch formula": formula, "reference f64": exact}
+    return calls, score_flops(n, fan_in, fan_out)
+
+
+def relative_error(op: str, layer: tuple[torch.Tensor, ...]) -> float:
+    """``||fused - exact|| / ||exact||`` of the main output, exact = float64 reference on float64 copies."""
+    from ecp_fast import ops
+    from ecp_fast.ops import reference
+
+    x, g, weight, sample_weight = layer
+    if op == "gram":
+        got, exact = ops.gram(x, None, sample_weight), reference.gram(x.double(), None, sample_weight.double())
+    elif op == "score":
+        got, exact = ops.score(x, g, weight)[0], reference.score(x.double(), g.double(), weight.double())[0]
+    else:
+        got, exact = ops.moments(x, g)[2], reference.moments(x.double(), g.double())[2]
+    return float((got.double() - exact).norm() / exact.norm())
+
+
+def measure(op: str, dtype: torch.dtype, shape: tuple[int, int, int], with_f64: bool) -> dict[str, float | None]:
+    """Milliseconds of each contender and the fused op's relative error; ``None`` where out of memory."""
+    layer = make_layer(dtype, *shape)
+    calls, flops = contenders(op, layer)
+    results: dict[str, float | None] = {"flops": flops}
+    calls["fused"]()  # autotune outside the timed region
+    for name, fn in calls.items():
+        if name == "reference f64" and not with_f64:
             results[name] = None
             continue
         try:
@@ -99,6 +170,11 @@ def measure(dtype: torch.dtype, n: int, fan_in: int, fan_out: int, with_f64: boo
         except torch.OutOfMemoryError:
             results[name] = None
         torch.cuda.empty_cache()
+    try:
+        results["rel err"] = relative_error(op, layer)
+    except torch.OutOfMemoryError:
+        results["rel err"] = None
+    torch.cuda.empty_cache()
     return results
 
 
@@ -110,43 +186,61 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
     return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the table; exit 0 without CUDA."""
+def row(op: str, label: str, shape: tuple[int, int, int], ms: dict[str, float | None]) -> str:
+    """One markdown row: TFLOP/s of each contender, the fused op's share of cuBLAS and its speed-ups."""
+    flops = float(ms["flops"] or 0.0)
+    fused, cublas = ms["fused"], ms["cuBLAS"]
+    share = "-" if fused is None or cublas is None else f"{100.0 * cublas / fused:.0f}%"
+    error = "-" if ms["rel err"] is None else f"{ms['rel err']:.1e}"
+    n, fan_in, fan_out = shape
+    return (
+        f"| {op} | {label} | {n} | {fan_in} | {'-' if op == 'gram' else fan_out} | {tflops(flops, fused)} | "
+        f"{tflops(flops, cublas)} | {share} | {tflops(flops, ms['torch formula'])} | "
+        f"{tflops(flops, ms['reference f64'])} | {ratio(ms['torch formula'], fused)} | "
+        f"{ratio(ms['reference f64'], fused)} | {error} |"
+    )
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"N,in,out"`` -> ``(N, in, out)``."""
+    try:
+        n, fan_in, fan_out = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is 'N,in,out' with three integers, got {text!r}") from None
+    return n, fan_in, fan_out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES, help="'N,in,out' each")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 (kernel and cuBLAS alike)")
     parser.add_argument("--skip-f64", action="store_true", help="do not time the float64 reference")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table; exit 0 without CUDA."""
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("triton_table: no CUDA device; the GPU benchmark needs one. Nothing measured.")
         return 0
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     fp32_mode = "tf32" if args.tf32 else "ieee"
-
-    print(f"Device: {torch.cuda.get_device_name()}; FLOPs per call = 4 * N * in * out; TFLOP/s (higher is better)")
+    print(f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; TFLOP/s (higher is better)")
     print()
     print(
-        "| dtype | N | in | out | ecp::score | cuBLAS 2 x mm | % of cuBLAS | torch formula | "
-        "reference f64 | x torch formula | x reference f64 |"
+        "| op | dtype | N | in | out | fused | cuBLAS | % of cuBLAS | torch formula | reference f64 | "
+        "x torch formula | x reference f64 | rel err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         label = dtype_name if dtype is not torch.float32 else f"fp32 ({fp32_mode})"
-        for n, fan_in, fan_out in SHAPES:
-            ms = measure(dtype, n, fan_in, fan_out, with_f64=not args.skip_f64)
-            flops = score_flops(n, fan_in, fan_out)
-            fused = ms["ecp::score"]
-            share = "-" if fused is None else f"{100.0 * ms['cuBLAS 2 x mm'] / fused:.0f}%"
-            print(
-                f"| {label} | {n} | {fan_in} | {fan_out} | {tflops(flops, fused)} | "
-                f"{tflops(flops, ms['cuBLAS 2 x mm'])} | {share} | {tflops(flops, ms['torch formula'])} | "
-                f"{tflops(flops, ms['reference f64'])} | {ratio(ms['torch formula'], fused)} | "
-                f"{ratio(ms['reference f64'], fused)} |",
-                flush=True,
-            )
-            torch.cuda.empty_cache()
+        for shape in args.shapes:
+            for op in args.ops:
+                print(row(op, label, shape, measure(op, dtype, shape, with_f64=not args.skip_f64)), flush=True)
     return 0
 
 

@@ -1,0 +1,103 @@
+"""The pruner on a CUDA model against the same prune on CPU (runs only where a CUDA GPU is present).
+
+On CUDA the calibration sums go through the Triton kernels (``ecp::moments``, ``ecp::score``,
+``ecp::gram``) and the OBS solver through cuSOLVER; on CPU through the native kernels and LAPACK.
+Both sum in float32 in different orders, so weights whose importances lie within rounding of the
+threshold may fall either way: the masks must agree almost everywhere, not bit for bit, and the
+pruned models must be equally good on the calibration data.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import ecp_fast
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+METHODS = ["magnitude", "wanda", "ecp", "sparsegpt", "ecp-obs"]
+
+
+def data(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Eight batches of a 3-class problem that a small MLP learns in a few hundred steps."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 40, generator=generator) * 2.0
+    batches = []
+    for _ in range(8):
+        y = torch.randint(0, 3, (64,), generator=generator)
+        batches.append((centres[y] + torch.randn(64, 40, generator=generator), y))
+    return batches
+
+
+def trained_mlp(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 96), nn.ReLU(), nn.Linear(96, 64), nn.ReLU(), nn.Linear(64, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        for x, y in batches:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], device: str) -> float:
+    with torch.no_grad():
+        return sum(float(nn.functional.cross_entropy(model(x.to(device)), y.to(device))) for x, y in batches)
+
+
+def masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: buffer.cpu().bool() for name, buffer in model.named_buffers() if name.endswith("weight_mask")}
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32() -> Iterator[None]:
+    """Full float32 matrix products on CUDA, as on CPU (TF32 would loosen every comparison below)."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_prune_agrees_with_cpu(method: str) -> None:
+    batches = data()
+    dense = trained_mlp(batches)
+    on_cpu, on_cuda = copy.deepcopy(dense), copy.deepcopy(dense).cuda()
+    loss_fn = nn.functional.cross_entropy
+    cpu_report = ecp_fast.prune(on_cpu, batches, sparsity=0.7, method=method, loss_fn=loss_fn, progress=False)
+    cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    cuda_report = ecp_fast.prune(on_cuda, cuda_batches, sparsity=0.7, method=method, loss_fn=loss_fn, progress=False)
+
+    assert all(p.is_cuda for p in on_cuda.parameters()) and all(b.is_cuda for b in on_cuda.buffers())
+    cpu_masks, cuda_masks = masks(on_cpu), masks(on_cuda)
+    assert cpu_masks.keys() == cuda_masks.keys()
+    kept = sum(int(m.sum()) for m in cuda_masks.values())
+    assert kept == sum(int(m.sum()) for m in cpu_masks.values())
+    assert cuda_report.sparsity == pytest.approx(cpu_report.sparsity)
+    differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
+    assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), (method, differing)
+    cpu_loss, cuda_loss = loss(on_cpu, batches, "cpu"), loss(on_cuda, batches, "cuda")
+    assert cuda_loss == pytest.approx(cpu_loss, rel=0.05), (method, cpu_loss, cuda_loss)
+
+
+def test_cuda_two_four_prune_exports_and_runs() -> None:
+    """A 2:4 prune on CUDA in half precision exports to semi-structured weights that compute the same."""
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("semi-structured sparse kernels need compute capability 8.0+")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256)).cuda().half().eval()
+    batches = [torch.randn(128, 256, device="cuda", dtype=torch.float16) for _ in range(4)]
+    ecp_fast.prune(model, batches, sparsity=0.5, method="wanda", scope="2:4", progress=False)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        expected = model(x)
+        exported = ecp_fast.export.export(model, "2:4")
+        got = exported(x)
+    assert type(exported[0].weight).__name__.startswith("SparseSemiStructured")
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
