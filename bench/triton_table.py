@@ -11,10 +11,14 @@ table of TFLOP/s for each op, shape and dtype, with these contenders:
 * ``torch formula``: the same computation written in plain PyTorch in the input dtype
   (:func:`unfused_score`, :func:`unfused_moments`, :func:`unfused_gram`), which materialises the
   ``(N, in)`` temporaries; the fair unfused GPU baseline;
+* ``GEMM f32-out``: the same formula with the GEMMs writing their float32 sums as float32 (cuBLAS's
+  ``out_dtype`` GEMM for half operands; for weighted bf16 ``gram`` the kernel's hi/lo split): the
+  precision of the fused kernel at, perhaps, cuBLAS's speed; a candidate design for the CUDA ops;
 * ``reference f64``: ``ecp_fast.ops.reference.<op>`` as shipped (float64 throughout).
 
-``rel err`` is ``||fused - exact|| / ||exact||`` of the op's main output (importance, m2, H) against
-the float64 reference on float64 copies of the same inputs.
+``err`` columns: ``||got - exact|| / ||exact||`` of the op's main output (importance, m2, H) against
+the float64 reference on float64 copies of the same inputs, for the fused op, the torch formula
+(whose half-precision GEMMs round their sums to the input dtype) and the float32-output GEMMs.
 
 Without CUDA it says so and exits 0.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -37,48 +42,70 @@ def score_flops(n: int, fan_in: int, fan_out: int) -> float:
     return 4.0 * n * fan_in * fan_out
 
 
+def _sums(
+    x: torch.Tensor, g: torch.Tensor, matmul: Callable[..., torch.Tensor], shift_rows: int = 256
+) -> tuple[torch.Tensor, ...]:
+    """``s0``, the shift, ``s1 = c^T x'`` and ``s2 = c^T x'^2`` as the kernel forms them: shift by the mean
+    of the first ``shift_rows`` samples, ``c`` and ``x'`` in float32 then rounded to the input dtype."""
+    c = g.float().square()
+    s0 = c.sum(dim=0)
+    shift = x[:shift_rows].float().mean(dim=0)
+    centred = x.float() - shift
+    c_t = c.t().to(x.dtype)
+    return s0, shift, matmul(c_t, centred.to(x.dtype)).float(), matmul(c_t, centred.square().to(x.dtype)).float()
+
+
+def _closed_forms(
+    s0: torch.Tensor, shift: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """``(active rows, mean, m2)`` from the sums (rows with ``s0 = 0`` are inactive)."""
+    safe_s0 = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(1)
+    offset = s1 / safe_s0
+    return (s0 > 0).unsqueeze(1), shift + offset, (s2 - s1 * offset).clamp_min(0.0)
+
+
 def unfused_score(
-    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, shift_rows: int = 256
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, matmul: Callable[..., torch.Tensor] = torch.mm
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ECP importance and bias shift in plain PyTorch, GEMMs in the input dtype (float32 accumulation).
-
-    Same formula as the kernel: shift by the mean of the first ``shift_rows`` samples, ``s1 = c^T x'``,
-    ``s2 = c^T x'^2``, then ``m2 = s2 - s1^2 / s0`` and ``mean = shift + s1 / s0``.
-    """
-    c = g.float().square()
-    s0 = c.sum(dim=0)
-    shift = x[:shift_rows].float().mean(dim=0)
-    centred = (x.float() - shift).to(x.dtype)
-    c_t = c.t().to(x.dtype)
-    s1 = torch.mm(c_t, centred).float()
-    s2 = torch.mm(c_t, centred.square()).float()
-    active = (s0 > 0).unsqueeze(1)
-    safe_s0 = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(1)
-    offset = s1 / safe_s0
+    """ECP importance and bias shift in plain PyTorch, the GEMMs by ``matmul`` (default: ``torch.mm`` in
+    the input dtype, which rounds the sums to it); same formula as the kernel."""
+    active, mean, m2 = _closed_forms(*_sums(x, g, matmul))
     w = weight.float()
-    importance = torch.where(active, w.square() * (s2 - s1 * offset).clamp_min(0.0), 0.0)
-    bias_delta = torch.where(active, w * (shift + offset), 0.0)
-    return importance, bias_delta
+    return torch.where(active, w.square() * m2, 0.0), torch.where(active, w * mean, 0.0)
 
 
-def unfused_moments(x: torch.Tensor, g: torch.Tensor, shift_rows: int = 256) -> tuple[torch.Tensor, ...]:
-    """``(s0, mean, m2)`` in plain PyTorch, GEMMs in the input dtype; the formula of :func:`unfused_score`."""
-    c = g.float().square()
-    s0 = c.sum(dim=0)
-    shift = x[:shift_rows].float().mean(dim=0)
-    centred = (x.float() - shift).to(x.dtype)
-    c_t = c.t().to(x.dtype)
-    s1 = torch.mm(c_t, centred).float()
-    s2 = torch.mm(c_t, centred.square()).float()
-    safe_s0 = torch.where(s0 > 0, s0, torch.ones_like(s0)).unsqueeze(1)
-    offset = s1 / safe_s0
-    return s0, shift + offset, (s2 - s1 * offset).clamp_min(0.0)
+def unfused_moments(
+    x: torch.Tensor, g: torch.Tensor, matmul: Callable[..., torch.Tensor] = torch.mm
+) -> tuple[torch.Tensor, ...]:
+    """``(s0, mean, m2)`` in plain PyTorch; the formula of :func:`unfused_score`."""
+    s0, shift, s1, s2 = _sums(x, g, matmul)
+    active, mean, m2 = _closed_forms(s0, shift, s1, s2)
+    return s0, torch.where(active, mean, 0.0), torch.where(active, m2, 0.0)
 
 
 def unfused_gram(x: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
     """``sum_s w_s [x_s; 1][x_s; 1]^T`` in plain PyTorch: augment, scale, one GEMM in the input dtype."""
     augmented = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
     return torch.mm((augmented * sample_weight.unsqueeze(1)).t(), augmented).float()
+
+
+def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with float32 sums written as float32 (half operands: cuBLAS's ``out_dtype`` GEMM, which
+    torch has on CUDA only; it raises where it has none)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+def gemm_gram(x: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
+    """``gram`` by float32-output GEMMs: bf16 as the kernel's hi/lo split of the weighted operand, else float32."""
+    augmented = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
+    scaled = augmented.float() * sample_weight.float().unsqueeze(1)
+    if x.dtype != torch.bfloat16:
+        return torch.mm(scaled.t(), augmented.float())
+    hi = scaled.to(torch.bfloat16)
+    lo = (scaled - hi.float()).to(torch.bfloat16)
+    return mm_float32(hi.t(), augmented) + mm_float32(lo.t(), augmented)
 
 
 def time_ms(fn) -> float:
@@ -130,50 +157,70 @@ def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Call
             "fused": lambda: ops.gram(x, None, sample_weight),
             "cuBLAS": one_gemm(x),
             "torch formula": lambda: unfused_gram(x, sample_weight),
+            "GEMM f32-out": lambda: gemm_gram(x, sample_weight),
             "reference f64": lambda: reference.gram(x, None, sample_weight, True),
         }
         return calls, 2.0 * n * fan_in * fan_in
-    fused = (lambda: ops.score(x, g, weight)) if op == "score" else (lambda: ops.moments(x, g))
-    formula = (lambda: unfused_score(x, g, weight)) if op == "score" else (lambda: unfused_moments(x, g))
-    exact = (lambda: reference.score(x, g, weight)) if op == "score" else (lambda: reference.moments(x, g))
-    calls = {"fused": fused, "cuBLAS": two_gemms(x, g), "torch formula": formula, "reference f64": exact}
+    if op == "score":
+        calls = {
+            "fused": lambda: ops.score(x, g, weight),
+            "cuBLAS": two_gemms(x, g),
+            "torch formula": lambda: unfused_score(x, g, weight),
+            "GEMM f32-out": lambda: unfused_score(x, g, weight, mm_float32),
+            "reference f64": lambda: reference.score(x, g, weight),
+        }
+    else:
+        calls = {
+            "fused": lambda: ops.moments(x, g),
+            "cuBLAS": two_gemms(x, g),
+            "torch formula": lambda: unfused_moments(x, g),
+            "GEMM f32-out": lambda: unfused_moments(x, g, mm_float32),
+            "reference f64": lambda: reference.moments(x, g),
+        }
     return calls, score_flops(n, fan_in, fan_out)
 
 
-def relative_error(op: str, layer: tuple[torch.Tensor, ...]) -> float:
-    """``||fused - exact|| / ||exact||`` of the main output, exact = float64 reference on float64 copies."""
-    from ecp_fast import ops
+def main_output(op: str, result: Any) -> torch.Tensor:
+    """The output an op's error is measured on: the importance, ``m2`` or ``H``."""
+    return result if op == "gram" else result[0] if op == "score" else result[2]
+
+
+def exact_output(op: str, layer: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The float64 reference's main output on float64 copies of the inputs."""
     from ecp_fast.ops import reference
 
-    x, g, weight, sample_weight = layer
+    x, g, weight, sample_weight = (t.double() for t in layer)
     if op == "gram":
-        got, exact = ops.gram(x, None, sample_weight), reference.gram(x.double(), None, sample_weight.double())
-    elif op == "score":
-        got, exact = ops.score(x, g, weight)[0], reference.score(x.double(), g.double(), weight.double())[0]
-    else:
-        got, exact = ops.moments(x, g)[2], reference.moments(x.double(), g.double())[2]
-    return float((got.double() - exact).norm() / exact.norm())
+        return reference.gram(x, None, sample_weight)
+    return main_output(op, reference.score(x, g, weight) if op == "score" else reference.moments(x, g))
 
 
-def measure(op: str, dtype: torch.dtype, shape: tuple[int, int, int], with_f64: bool) -> dict[str, float | None]:
-    """Milliseconds of each contender and the fused op's relative error; ``None`` where out of memory."""
+#: The contenders whose relative error against the float64 reference is printed.
+ERROR_COLUMNS = ("fused", "torch formula", "GEMM f32-out")
+
+
+def measure(op: str, dtype: torch.dtype, shape: tuple[int, int, int], with_f64: bool) -> dict[str, Any]:
+    """Milliseconds of each contender and the relative errors of :data:`ERROR_COLUMNS`; ``None`` where a
+    contender ran out of memory or is not available here (the reason goes to stderr)."""
     layer = make_layer(dtype, *shape)
     calls, flops = contenders(op, layer)
-    results: dict[str, float | None] = {"flops": flops}
+    results: dict[str, Any] = {"flops": flops}
     calls["fused"]()  # autotune outside the timed region
     for name, fn in calls.items():
+        results[name] = None
         if name == "reference f64" and not with_f64:
-            results[name] = None
             continue
         try:
             results[name] = time_ms(fn)
-        except torch.OutOfMemoryError:
-            results[name] = None
+        except (torch.OutOfMemoryError, RuntimeError, TypeError) as error:
+            print(f"{op} {name}: not timed: {str(error).splitlines()[0]}", file=sys.stderr)
         torch.cuda.empty_cache()
-    try:
-        results["rel err"] = relative_error(op, layer)
-    except torch.OutOfMemoryError:
-        results["rel err"] = None
+    exact = exact_output(op, layer)
+    for name in ERROR_COLUMNS:
+        results[f"{name} err"] = None
+        if results[name] is not None:
+            got = main_output(op, calls[name]()).double()
+            results[f"{name} err"] = float((got - exact).norm() / exact.norm())
     torch.cuda.empty_cache()
     return results
 
@@ -186,18 +233,22 @@ def ratio(numerator: float | None, denominator: float | None) -> str:
     return "-" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
-def row(op: str, label: str, shape: tuple[int, int, int], ms: dict[str, float | None]) -> str:
-    """One markdown row: TFLOP/s of each contender, the fused op's share of cuBLAS and its speed-ups."""
+def error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
+
+
+def row(op: str, label: str, shape: tuple[int, int, int], ms: dict[str, Any]) -> str:
+    """One markdown row: TFLOP/s of each contender, the fused op's share of cuBLAS, speed-ups and errors."""
     flops = float(ms["flops"] or 0.0)
     fused, cublas = ms["fused"], ms["cuBLAS"]
     share = "-" if fused is None or cublas is None else f"{100.0 * cublas / fused:.0f}%"
-    error = "-" if ms["rel err"] is None else f"{ms['rel err']:.1e}"
     n, fan_in, fan_out = shape
+    errors = " | ".join(error(ms[f"{name} err"]) for name in ERROR_COLUMNS)
     return (
         f"| {op} | {label} | {n} | {fan_in} | {'-' if op == 'gram' else fan_out} | {tflops(flops, fused)} | "
         f"{tflops(flops, cublas)} | {share} | {tflops(flops, ms['torch formula'])} | "
-        f"{tflops(flops, ms['reference f64'])} | {ratio(ms['torch formula'], fused)} | "
-        f"{ratio(ms['reference f64'], fused)} | {error} |"
+        f"{tflops(flops, ms['GEMM f32-out'])} | {tflops(flops, ms['reference f64'])} | "
+        f"{ratio(ms['torch formula'], fused)} | {ratio(ms['reference f64'], fused)} | {errors} |"
     )
 
 
@@ -231,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; TFLOP/s (higher is better)")
     print()
     print(
-        "| op | dtype | N | in | out | fused | cuBLAS | % of cuBLAS | torch formula | reference f64 | "
-        "x torch formula | x reference f64 | rel err |"
+        "| op | dtype | N | in | out | fused | cuBLAS | % of cuBLAS | torch formula | GEMM f32-out | reference f64 | "
+        "x torch formula | x reference f64 | err fused | err formula | err GEMM |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         label = dtype_name if dtype is not torch.float32 else f"fp32 ({fp32_mode})"
