@@ -1,47 +1,23 @@
 """Python launchers for the Triton kernels, with the contract of ``torch.ops.ecp.moments``/``score``/``gram``.
 
-Non-finite results: the kernels accumulate in float32, whose sums overflow for inputs near 1e19 and
-above while the float64 reference is still finite. When a result holds a NaN or an infinity, the
-launcher returns the float64 reference's result instead (rounded to float32, exactly what the op
-promises), except during CUDA graph capture, where the check would need a synchronisation.
+The contract around the kernels (argument checks, float64 inputs, empty layers, the float64 rescue of
+a non-finite result) is :mod:`ecp_fast.ops._entry`'s; this module launches the kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from ecp_fast.ops import reference
-from ecp_fast.ops._checks import (
-    GramShape,
-    LayerShape,
-    check_bool,
-    check_gram_inputs,
-    check_layer_inputs,
-    check_score_inputs,
-    refuse_grad,
-    result_dtype,
-)
+from ecp_fast.ops import _entry
+from ecp_fast.ops._checks import GramShape, LayerShape
+from ecp_fast.ops._entry import HALF_DTYPES
 from ecp_fast.ops.triton import kernels
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-Outputs = TypeVar("Outputs", torch.Tensor, tuple)
-
-
-def _with_float64_rescue(outputs: Outputs, recompute: Callable[[], Outputs]) -> Outputs:
-    """``outputs`` when all finite, else ``recompute()`` (the float64 reference; see the module doc)."""
-    tensors = outputs if isinstance(outputs, tuple) else (outputs,)
-    if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
-        return outputs
-    if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        return outputs
-    return recompute()
 
 
 def is_interpreted() -> bool:
@@ -186,30 +162,13 @@ def _launch(
             built.weighted_moments[grid](*arguments, **flags)
 
 
-def _sensitivity_sum(g: torch.Tensor) -> torch.Tensor:
-    """``s0 = sum_s sum_p g^2`` per output neuron, in float32 (for layers with no inputs)."""
-    return g.float().square().reshape(-1, g.shape[-1]).sum(dim=0)
-
-
 def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(s0, mean, m2)`` as :func:`ecp_fast.ops.reference.moments`, by the fused Triton kernel.
 
     ``x`` is ``(..., in)``, ``g`` is ``(N, out)`` or ``(P, N, out)``, any strides. Outputs are
     float32 and contiguous; float64 inputs run the float64 reference instead.
     """
-    shape = check_layer_inputs("ecp.moments", x, g)
-    refuse_grad("ecp.moments", x=x, g=g)  # the op's own autograd step, for a direct call
-    if result_dtype(x, g) == torch.float64:
-        return reference.moments(x, g)
-    s0 = torch.zeros(shape.fan_out, device=x.device, dtype=torch.float32)
-    mean = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
-    m2 = torch.zeros_like(mean)
-    if shape.fan_out == 0 or shape.n == 0:
-        return s0, mean, m2
-    if shape.fan_in == 0:
-        return _sensitivity_sum(g), mean, m2
-    _launch("ecp.moments", shape, x, g, None, True, (s0, mean, m2))
-    return _with_float64_rescue((s0, mean, m2), lambda: reference.moments(x, g))
+    return _entry.moments(x, g, _launch)
 
 
 def score(
@@ -221,19 +180,7 @@ def score(
     ``w^2 sum_s c x^2`` and zeros. Outputs are float32 ``(out, in)``; float64 inputs run the
     float64 reference instead.
     """
-    shape = check_score_inputs("ecp.score", x, g, weight)
-    check_bool("ecp.score", "compensate", compensate)
-    refuse_grad("ecp.score", x=x, g=g, weight=weight)
-    if result_dtype(x, g, weight) == torch.float64:
-        return reference.score(x, g, weight, compensate)
-    importance = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
-    bias_delta = torch.zeros_like(importance)
-    if shape.fan_out == 0 or shape.fan_in == 0 or shape.n == 0:
-        return importance, bias_delta
-    # s0 is kept in registers by the score kernel; this placeholder is never written.
-    placeholder = importance.new_empty(1)
-    _launch("ecp.score", shape, x, g, weight, compensate, (placeholder, importance, bias_delta))
-    return _with_float64_rescue((importance, bias_delta), lambda: reference.score(x, g, weight, compensate))
+    return _entry.score(x, g, weight, compensate, _launch)
 
 
 def gram(
@@ -243,16 +190,7 @@ def gram(
 
     float32 accumulation and output; float64 inputs, or ``float64=True``, run the float64 reference.
     """
-    shape = check_gram_inputs("ecp.gram", a, b, weight)
-    check_bool("ecp.gram", "float64", float64)
-    refuse_grad("ecp.gram", a=a, b=b, weight=weight)
-    if float64 or result_dtype(a, b, weight) == torch.float64:
-        return reference.gram(a, b, weight, float64)
-    h = torch.zeros(shape.in_a + 1, shape.in_b + 1, device=a.device, dtype=torch.float32)
-    if shape.n == 0:
-        return h
-    _launch_gram(shape, a, b, weight, h)
-    return _with_float64_rescue(h, lambda: reference.gram(a, b, weight))
+    return _entry.gram(a, b, weight, float64, _launch_gram)
 
 
 def _launch_gram(
