@@ -33,10 +33,10 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 # The tests that need CUDA first, with one fixed Triton configuration (autotuning has its own test),
 # then the benchmarks, and last the whole Triton suite compiled on the GPU: it compiles a kernel
 # variant per case and took over 150 s with 8 workers on an H200 (docs/gpu.md).
-CUDA_TESTS="tests/pruning/test_cuda.py tests/export/test_semi_structured.py tests/export/test_export.py::test_two_four_on_gpu"
+CUDA_TESTS="tests/pruning/test_cuda.py tests/ops/test_gemm.py tests/export/test_semi_structured.py tests/export/test_export.py::test_two_four_on_gpu"
 # shellcheck disable=SC2086
 TAIL=25 step tests-cuda 100 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
-    $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab"
+    $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part"
 # What `make bench-gpu` runs, in steps with their own limits; float32 without the largest shape.
 TAIL=12 step table-bf16 150 "$PY" bench/triton_table.py --dtypes bf16
 TAIL=30 step two-four 60 "$PY" bench/two_four_gpu.py

@@ -11,9 +11,9 @@ table of TFLOP/s for each op, shape and dtype, with these contenders:
 * ``torch formula``: the same computation written in plain PyTorch in the input dtype
   (:func:`unfused_score`, :func:`unfused_moments`, :func:`unfused_gram`), which materialises the
   ``(N, in)`` temporaries; the fair unfused GPU baseline;
-* ``GEMM f32-out``: the same formula with the GEMMs writing their float32 sums as float32 (cuBLAS's
-  ``out_dtype`` GEMM for half operands; for weighted bf16 ``gram`` the kernel's hi/lo split): the
-  precision of the fused kernel at, perhaps, cuBLAS's speed; a candidate design for the CUDA ops;
+* ``GEMM f32-out``: ``ecp_fast.ops.gemm``, the ops by GEMMs that write their float32 sums as float32
+  (cuBLAS's ``out_dtype`` GEMM for half operands): the fused kernel's precision at, perhaps, cuBLAS's
+  speed; the candidate second CUDA backend;
 * ``reference f64``: ``ecp_fast.ops.reference.<op>`` as shipped (float64 throughout).
 
 ``err`` columns: ``||got - exact|| / ||exact||`` of the op's main output (importance, m2, H) against
@@ -42,9 +42,7 @@ def score_flops(n: int, fan_in: int, fan_out: int) -> float:
     return 4.0 * n * fan_in * fan_out
 
 
-def _sums(
-    x: torch.Tensor, g: torch.Tensor, matmul: Callable[..., torch.Tensor], shift_rows: int = 256
-) -> tuple[torch.Tensor, ...]:
+def _sums(x: torch.Tensor, g: torch.Tensor, shift_rows: int = 256) -> tuple[torch.Tensor, ...]:
     """``s0``, the shift, ``s1 = c^T x'`` and ``s2 = c^T x'^2`` as the kernel forms them: shift by the mean
     of the first ``shift_rows`` samples, ``c`` and ``x'`` in float32 then rounded to the input dtype."""
     c = g.float().square()
@@ -52,7 +50,8 @@ def _sums(
     shift = x[:shift_rows].float().mean(dim=0)
     centred = x.float() - shift
     c_t = c.t().to(x.dtype)
-    return s0, shift, matmul(c_t, centred.to(x.dtype)).float(), matmul(c_t, centred.square().to(x.dtype)).float()
+    # torch.mm in the input dtype rounds the sums to it (bf16: 8 bits) before m2 = S2 - S1^2 / s0 cancels them
+    return s0, shift, torch.mm(c_t, centred.to(x.dtype)).float(), torch.mm(c_t, centred.square().to(x.dtype)).float()
 
 
 def _closed_forms(
@@ -64,21 +63,17 @@ def _closed_forms(
     return (s0 > 0).unsqueeze(1), shift + offset, (s2 - s1 * offset).clamp_min(0.0)
 
 
-def unfused_score(
-    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, matmul: Callable[..., torch.Tensor] = torch.mm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ECP importance and bias shift in plain PyTorch, the GEMMs by ``matmul`` (default: ``torch.mm`` in
-    the input dtype, which rounds the sums to it); same formula as the kernel."""
-    active, mean, m2 = _closed_forms(*_sums(x, g, matmul))
+def unfused_score(x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ECP importance and bias shift in plain PyTorch, the GEMMs by ``torch.mm`` in the input dtype; the
+    kernel's formula."""
+    active, mean, m2 = _closed_forms(*_sums(x, g))
     w = weight.float()
     return torch.where(active, w.square() * m2, 0.0), torch.where(active, w * mean, 0.0)
 
 
-def unfused_moments(
-    x: torch.Tensor, g: torch.Tensor, matmul: Callable[..., torch.Tensor] = torch.mm
-) -> tuple[torch.Tensor, ...]:
+def unfused_moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """``(s0, mean, m2)`` in plain PyTorch; the formula of :func:`unfused_score`."""
-    s0, shift, s1, s2 = _sums(x, g, matmul)
+    s0, shift, s1, s2 = _sums(x, g)
     active, mean, m2 = _closed_forms(s0, shift, s1, s2)
     return s0, torch.where(active, mean, 0.0), torch.where(active, m2, 0.0)
 
@@ -87,25 +82,6 @@ def unfused_gram(x: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
     """``sum_s w_s [x_s; 1][x_s; 1]^T`` in plain PyTorch: augment, scale, one GEMM in the input dtype."""
     augmented = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
     return torch.mm((augmented * sample_weight.unsqueeze(1)).t(), augmented).float()
-
-
-def mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with float32 sums written as float32 (half operands: cuBLAS's ``out_dtype`` GEMM, which
-    torch has on CUDA only; it raises where it has none)."""
-    if a.dtype == torch.float32:
-        return torch.mm(a, b)
-    return torch.mm(a, b, out_dtype=torch.float32)
-
-
-def gemm_gram(x: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
-    """``gram`` by float32-output GEMMs: bf16 as the kernel's hi/lo split of the weighted operand, else float32."""
-    augmented = torch.cat([x, torch.ones(x.shape[0], 1, device=x.device, dtype=x.dtype)], dim=1)
-    scaled = augmented.float() * sample_weight.float().unsqueeze(1)
-    if x.dtype != torch.bfloat16:
-        return torch.mm(scaled.t(), augmented.float())
-    hi = scaled.to(torch.bfloat16)
-    lo = (scaled - hi.float()).to(torch.bfloat16)
-    return mm_float32(hi.t(), augmented) + mm_float32(lo.t(), augmented)
 
 
 def time_ms(fn) -> float:
@@ -148,7 +124,7 @@ def one_gemm(x: torch.Tensor) -> Callable[[], None]:
 def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Callable[[], object]], float]:
     """The calls timed for ``op`` (fused first) and the FLOPs credited to one call."""
     from ecp_fast import ops
-    from ecp_fast.ops import reference
+    from ecp_fast.ops import gemm, reference
 
     x, g, weight, sample_weight = layer
     n, fan_in, fan_out = x.shape[0], x.shape[1], g.shape[-1]
@@ -157,7 +133,7 @@ def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Call
             "fused": lambda: ops.gram(x, None, sample_weight),
             "cuBLAS": one_gemm(x),
             "torch formula": lambda: unfused_gram(x, sample_weight),
-            "GEMM f32-out": lambda: gemm_gram(x, sample_weight),
+            "GEMM f32-out": lambda: gemm.gram(x, None, sample_weight),
             "reference f64": lambda: reference.gram(x, None, sample_weight, True),
         }
         return calls, 2.0 * n * fan_in * fan_in
@@ -166,7 +142,7 @@ def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Call
             "fused": lambda: ops.score(x, g, weight),
             "cuBLAS": two_gemms(x, g),
             "torch formula": lambda: unfused_score(x, g, weight),
-            "GEMM f32-out": lambda: unfused_score(x, g, weight, mm_float32),
+            "GEMM f32-out": lambda: gemm.score(x, g, weight),
             "reference f64": lambda: reference.score(x, g, weight),
         }
     else:
@@ -174,7 +150,7 @@ def contenders(op: str, layer: tuple[torch.Tensor, ...]) -> tuple[dict[str, Call
             "fused": lambda: ops.moments(x, g),
             "cuBLAS": two_gemms(x, g),
             "torch formula": lambda: unfused_moments(x, g),
-            "GEMM f32-out": lambda: unfused_moments(x, g, mm_float32),
+            "GEMM f32-out": lambda: gemm.moments(x, g),
             "reference f64": lambda: reference.moments(x, g),
         }
     return calls, score_flops(n, fan_in, fan_out)

@@ -1,0 +1,160 @@
+"""The ECP sums by the library's matrix products (cuBLAS on CUDA): the ops' contract, unfused.
+
+A second accelerator backend beside the fused Triton kernels (``ecp_fast.ops.triton``), with the
+same numerics: per chunk of samples it forms the operands that the Triton kernel forms in registers
+(the sensitivities ``c`` transposed, the shifted inputs ``x'`` and their squares, rounded to bf16
+for half-precision layers; float32 otherwise, on TF32 tensor cores only where torch allows TF32) and
+hands them to ``torch.mm`` writing float32 sums as float32 (``out_dtype``: cuBLAS on CUDA; on other
+devices the same exact products in float32). The epilogue is the kernel's. It holds one chunk's
+operands, at most about :data:`CHUNK_BYTES`, beside the outputs.
+
+On an H200 plain bf16 GEMMs ran the same sums twice as fast as the fused kernel (docs/gpu.md); this
+backend keeps the fused kernel's float32 sums, which plain half GEMMs round to the input dtype.
+It is not registered for any device: ``bench/triton_table.py`` measures it against the fused kernels
+(the ``GEMM f32-out`` column) first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ecp_fast.ops import _entry
+from ecp_fast.ops._checks import GramShape, LayerShape
+from ecp_fast.ops._entry import HALF_DTYPES
+
+__all__ = ["CHUNK_BYTES", "SHIFT_ROWS", "gram", "moments", "score"]
+
+#: Bytes of one chunk's operands (float32 inputs, their squares, sensitivities, their transposes).
+CHUNK_BYTES = 256 << 20
+#: The per-column shift is the mean of this many first samples: the rule of the CPU and Triton kernels.
+SHIFT_ROWS = 256
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with float32 sums returned as float32: half operands through cuBLAS's ``out_dtype``
+    GEMM on CUDA, elsewhere upcast (their products are exact in float32, so the result is the same
+    up to the order of the sums)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def _chunk_rows(n: int, bytes_per_row: int) -> int:
+    """Samples per chunk so that a chunk's operands stay within :data:`CHUNK_BYTES`."""
+    return max(1, min(n, CHUNK_BYTES // max(bytes_per_row, 1)))
+
+
+def _chunk_sensitivity(g: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """``c = sum_p g_p^2`` of samples ``start:stop``, ``(rows, out)`` float32."""
+    if g.dim() == 2:
+        return g[start:stop].float().square()
+    return g[:, start:stop].float().square().sum(dim=0)
+
+
+def _sums(
+    shape: LayerShape, x: torch.Tensor, g: torch.Tensor, compensate: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """``s0``, the shift, ``S1 = c^T x'`` (None without ``compensate``) and ``S2 = c^T x'^2``, float32."""
+    samples = x.reshape(shape.n, shape.fan_in)
+    dtype = torch.bfloat16 if x.dtype in HALF_DTYPES and g.dtype in HALF_DTYPES else torch.float32
+    shift = samples[:SHIFT_ROWS].float().mean(dim=0) if compensate else None
+    s0 = torch.zeros(shape.fan_out, device=x.device, dtype=torch.float32)
+    s1 = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32) if compensate else None
+    s2 = torch.zeros(shape.fan_out, shape.fan_in, device=x.device, dtype=torch.float32)
+    rows = _chunk_rows(shape.n, 4 * (3 * shape.fan_in + (shape.p + 2) * shape.fan_out))
+    for start in range(0, shape.n, rows):
+        c = _chunk_sensitivity(g, start, start + rows)
+        s0 += c.sum(dim=0)
+        centred = samples[start : start + rows].float()  # float32 inputs: the caller's tensor itself
+        if shift is not None:
+            centred = centred - shift
+        c_t = c.t().to(dtype)
+        s2 += _mm_float32(c_t, centred.square().to(dtype))
+        if s1 is not None:
+            s1 += _mm_float32(c_t, centred.to(dtype))
+    return s0, shift, s1, s2
+
+
+def _fill_layer(
+    op: str,
+    shape: LayerShape,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    weight: torch.Tensor | None,
+    compensate: bool,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> None:
+    """The sums, then the Triton kernel's epilogue: closed forms, dead rows (``s0 <= 0``) exactly 0,
+    ``m2`` clamped at 0 (a NaN kept), and for scores the weights."""
+    s0_out, first, second = outputs
+    s0, shift, s1, s2 = _sums(shape, x, g, compensate)
+    dead = (s0 <= 0.0).unsqueeze(1)
+    if weight is not None and not compensate:
+        first.copy_(torch.where(dead, 0.0, weight.float().square() * s2))
+        return
+    assert shift is not None and s1 is not None
+    offset = s1 / torch.where(s0 <= 0.0, 1.0, s0).unsqueeze(1)  # mean - shift
+    mean = torch.where(dead, 0.0, shift + offset)
+    m2 = s2 - s1 * offset
+    m2 = torch.where(dead | (m2 < 0.0), 0.0, m2)
+    if weight is None:
+        s0_out.copy_(s0)
+        first.copy_(mean)
+        second.copy_(m2)
+        return
+    w = weight.float()
+    first.copy_(torch.where(dead, 0.0, w.square() * m2))
+    second.copy_(torch.where(dead, 0.0, w * mean))
+
+
+def _augmented(t: torch.Tensor) -> torch.Tensor:
+    """``[t, 1]``: the constant input of the bias, last, in ``t``'s dtype (1 is exact in every one)."""
+    return torch.cat([t, torch.ones(t.shape[0], 1, device=t.device, dtype=t.dtype)], dim=1)
+
+
+def _gram_chunk(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``sum_s w_s left_s right_s^T`` of one chunk of augmented rows, float32: half operands without
+    weights as they are, weighted bf16 as the Triton kernel's hi/lo split, anything else in float32."""
+    same_half = left.dtype in HALF_DTYPES and right.dtype == left.dtype
+    if same_half and weight is None:
+        return _mm_float32(left.t(), right)
+    scaled = left.float() if weight is None else left.float() * weight.float().unsqueeze(1)
+    if same_half and left.dtype == torch.bfloat16:
+        hi = scaled.to(torch.bfloat16)
+        lo = (scaled - hi.float()).to(torch.bfloat16)  # hi + lo keep 16 bits of w_s a_s
+        return _mm_float32(hi.t(), right) + _mm_float32(lo.t(), right)
+    return torch.mm(scaled.t(), right.float())
+
+
+def _fill_gram(
+    shape: GramShape, a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None, h: torch.Tensor
+) -> None:
+    """Add ``H`` into ``h`` chunk by chunk (each chunk's augmented operands within :data:`CHUNK_BYTES`)."""
+    left_rows = a.reshape(shape.n, shape.in_a)
+    right_rows = None if b is None else b.reshape(shape.n, shape.in_b)
+    rows = _chunk_rows(shape.n, 4 * 3 * (shape.in_a + shape.in_b + 2))
+    for start in range(0, shape.n, rows):
+        left = _augmented(left_rows[start : start + rows])
+        right = left if right_rows is None else _augmented(right_rows[start : start + rows])
+        h += _gram_chunk(left, right, None if weight is None else weight[start : start + rows])
+
+
+def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s0, mean, m2)`` as :func:`ecp_fast.ops.reference.moments`, by float32-output GEMMs."""
+    return _entry.moments(x, g, _fill_layer)
+
+
+def score(
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(importance, bias_delta)`` as :func:`ecp_fast.ops.reference.score`, by float32-output GEMMs."""
+    return _entry.score(x, g, weight, compensate, _fill_layer)
+
+
+def gram(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+) -> torch.Tensor:
+    """``H = sum_s w_s [a_s; 1] [b_s; 1]^T`` as :func:`ecp_fast.ops.reference.gram`, by float32-output GEMMs."""
+    return _entry.gram(a, b, weight, float64, _fill_gram)
