@@ -31,16 +31,18 @@ TAIL=3 step build 80 env MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 step import 20 "$PY" -c "import ecp_fast.ops as ops, torch; print('native CPU:', ops.NATIVE_CPU, 'CUDA kernels:', torch.ops.ecp.score.default.has_kernel_for_dispatch_key('CUDA'))"
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 # The tests that need CUDA first, with one fixed Triton configuration (autotuning has its own test),
-# then the benchmarks, and last the whole Triton suite compiled on the GPU: it compiles a kernel
-# variant per case and took over 150 s with 8 workers on an H200 (docs/gpu.md).
+# then the benchmarks, and late the whole Triton suite compiled on the GPU: it compiles a kernel
+# variant per case and took over 150 s with 8 workers on an H200 (docs/gpu.md). On that machine the
+# steps before tests-triton took about 4 minutes, a fresh machine's start 1 to 2 more.
 CUDA_TESTS="tests/pruning/test_cuda.py tests/ops/test_gemm.py tests/export/test_semi_structured.py tests/export/test_export.py::test_two_four_on_gpu"
 # shellcheck disable=SC2086
 TAIL=25 step tests-cuda 100 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
     $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part"
-# What `make bench-gpu` runs, in steps with their own limits; float32 without the largest shape.
+# What `make bench-gpu` runs, in steps with their own limits; float32 without the largest shape, after
+# the whole Triton suite (float32 without TF32 autotunes on CUDA cores: over 100 s for the first shape).
 TAIL=12 step table-bf16 150 "$PY" bench/triton_table.py --dtypes bf16
 TAIL=30 step two-four 60 "$PY" bench/two_four_gpu.py
-TAIL=9 step table-fp32 120 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
 # shellcheck disable=SC2086
-TAIL=25 step tests-triton 300 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
+TAIL=25 step tests-triton 240 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
     tests/ops/test_triton.py
+TAIL=9 step table-fp32 180 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
