@@ -101,3 +101,68 @@ def test_cuda_two_four_prune_exports_and_runs() -> None:
         got = exported(x)
     assert type(exported[0].weight).__name__.startswith("SparseSemiStructured")
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def conv_data(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Four batches of 8x8 two-channel images whose class is the brighter quadrant."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(4):
+        x = torch.rand(32, 2, 8, 8, generator=generator)
+        y = torch.randint(0, 4, (32,), generator=generator)
+        for i, label in enumerate(y.tolist()):
+            row, col = divmod(label, 2)
+            x[i, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4] += 1.0
+        batches.append((x, y))
+    return batches
+
+
+def test_cuda_conv_reconstruction_agrees_with_cpu() -> None:
+    """ecp-obs on a CNN: Conv2d unfolded into the Gram op on CUDA, the same split and masks as on CPU."""
+    batches = conv_data()
+    torch.manual_seed(0)
+    dense = nn.Sequential(
+        nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * 64, 4),
+    ).eval()  # fmt: skip
+    on_cpu, on_cuda = copy.deepcopy(dense), copy.deepcopy(dense).cuda()
+    loss_fn = nn.functional.cross_entropy
+    ecp_fast.prune(on_cpu, batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
+    cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    ecp_fast.prune(on_cuda, cuda_batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
+    cpu_masks, cuda_masks = masks(on_cpu), masks(on_cuda)
+    assert sum(int(m.sum()) for m in cuda_masks.values()) == sum(int(m.sum()) for m in cpu_masks.values())
+    differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
+    assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), differing
+    assert loss(on_cuda, batches, "cuda") == pytest.approx(loss(on_cpu, batches, "cpu"), rel=0.05)
+
+
+def test_cuda_sequential_streams_blocks_through_the_gpu() -> None:
+    """prune_sequential(device="cuda") on blocks kept on CPU: the blocks come back to CPU, pruned as on CPU."""
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32)) for _ in range(3)]
+    on_cpu, streamed = copy.deepcopy(blocks), copy.deepcopy(blocks)
+    inputs = [torch.randn(64, 32) for _ in range(4)]
+    ecp_fast.prune_sequential(on_cpu, inputs, sparsity=0.5, method="wanda", progress=False)
+    ecp_fast.prune_sequential(streamed, inputs, sparsity=0.5, method="wanda", device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for block in streamed for p in block.parameters())
+    for cpu_block, cuda_block in zip(on_cpu, streamed, strict=True):
+        cpu_masks, cuda_masks = masks(cpu_block), masks(cuda_block)
+        differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
+        assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), differing
+
+
+def test_cuda_neuron_pruning_shrinks_the_model_on_the_gpu() -> None:
+    """prune_neurons on CUDA: the same number of neurons removed as on CPU, a smaller model that runs there."""
+    batches = data()
+    dense = trained_mlp(batches)
+    on_cpu, on_cuda = copy.deepcopy(dense), copy.deepcopy(dense).cuda()
+    cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
+    cpu_report = ecp_fast.prune_neurons(on_cpu, 0.5, batches=batches, loss_fn=nn.functional.cross_entropy)
+    cuda_report = ecp_fast.prune_neurons(on_cuda, 0.5, batches=cuda_batches, loss_fn=nn.functional.cross_entropy)
+    cuda_model = cuda_report.model
+    assert [m.out_features for m in cuda_model if isinstance(m, nn.Linear)] == [
+        m.out_features for m in cpu_report.model if isinstance(m, nn.Linear)
+    ]
+    assert all(p.is_cuda for p in cuda_model.parameters())
+    assert loss(cuda_model, batches, "cuda") == pytest.approx(loss(cpu_report.model, batches, "cpu"), rel=0.1)
