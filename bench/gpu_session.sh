@@ -37,7 +37,7 @@ XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 CUDA_TESTS="tests/pruning/test_cuda.py tests/ops/test_gemm.py tests/export/test_semi_structured.py tests/export/test_export.py::test_two_four_on_gpu"
 # shellcheck disable=SC2086
 TAIL=25 step tests-cuda 100 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
-    $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part or conv or sequential or neuron"
+    $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part or conv or sequential or neuron or example_inputs"
 # What `make bench-gpu` runs, in steps with their own limits; float32 without the largest shape, after
 # the whole Triton suite (float32 without TF32 autotunes on CUDA cores: over 100 s for the first shape).
 TAIL=12 step table-bf16 150 "$PY" bench/triton_table.py --dtypes bf16

@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="csr: convert the Linear layers of at most this density (default: modelled crossover)",
     )
     parser.add_argument(
-        "--measure", action="store_true", help="csr: choose each layer's format by timing it on the largest batch"
+        "--measure",
+        action="store_true",
+        help="csr and 2:4: choose each layer's format by timing it on the largest batch",
     )
     parser.add_argument("--device", default="cpu", help="device to run on (default cpu; 2:4 needs cuda)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="model dtype (default float32)")
@@ -239,6 +241,8 @@ def _export_all(model: nn.Module, args: argparse.Namespace, example: torch.Tenso
         options: dict[str, Any] = {}
         if name == "csr":
             options = {"max_density": args.max_density, "example_inputs": example if args.measure else None}
+        elif name == "2:4" and args.measure:
+            options = {"example_inputs": example}
         try:
             exported[name] = export_model(model, name, **options).eval()
         except ValueError as error:

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import operator
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +34,7 @@ import torch
 from torch import fx, nn
 
 from ecp_fast._arguments import check_module
-from ecp_fast.export.timing import interleaved_times
-from ecp_fast.pruning.batches import eval_mode
+from ecp_fast.export.measure import capture_layer_inputs, faster, time_forms
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +55,6 @@ MAX_DENSITY_MEDIUM = 0.10
 MAX_DENSITY_LARGE = 0.15
 #: Layers denser than this are never timed: CSR lost to dense above it at every measured shape.
 MEASURE_MAX_DENSITY = 0.5
-#: A measured CSR layer must be this much faster to be chosen: near-ties flip with machine noise.
-MEASURE_MARGIN = 0.1
 
 
 @contextlib.contextmanager
@@ -235,82 +232,6 @@ def replaceable_linears(model: nn.Module) -> dict[str, nn.Linear]:
     }
 
 
-def check_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """``example_inputs`` as the tuple of positional arguments for the model; ``TypeError`` unless a tensor or tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    raise TypeError(
-        "argument 'example_inputs' must be a tensor or a tuple of positional arguments for the model, "
-        f"got {type(example_inputs).__name__}"
-        + (" (pass the tensor, or a tuple)" if isinstance(example_inputs, list) else "")
-    )
-
-
-def _shapes(arguments: tuple[Any, ...]) -> str:
-    described = [
-        str(tuple(value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__ for value in arguments
-    ]
-    return f"shape {described[0]}" if len(described) == 1 else f"shapes ({', '.join(described)})"
-
-
-def _capture_inputs(model: nn.Module, layers: Mapping[str, nn.Module], example_inputs: Any) -> dict[str, torch.Tensor]:
-    """The first input each layer sees when ``model`` runs on ``example_inputs``.
-
-    Raises ``TypeError`` for ``example_inputs`` that are not a tensor or tuple, ``ValueError`` naming
-    them and their shapes when the model does not run on them.
-    """
-    arguments = check_example_inputs(example_inputs)
-    captured: dict[str, torch.Tensor] = {}
-    misfits: list[str] = []  # the layers that received an input of the wrong last size, in call order
-    handles = []
-    for name, module in layers.items():
-
-        def hook(layer: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return  # the layer's own forward reports it
-            captured.setdefault(name, args[0].detach())
-            expected = getattr(layer, "in_features", None)
-            if expected is not None and tuple(args[0].shape[-1:]) != (expected,):
-                misfits.append(f"layer {name!r} expects a last size of {expected}, got {tuple(args[0].shape)}")
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        # Evaluation mode, so that the run neither drops units nor updates batch-norm statistics.
-        with eval_mode(model), torch.no_grad():
-            model(*arguments)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        where = f"{misfits[0]}; " if misfits else ""
-        message = " ".join(str(error).split())[:300]
-        raise ValueError(
-            f"argument 'example_inputs': the model does not run on inputs of {_shapes(arguments)}: "
-            f"{where}{type(error).__name__}: {message}"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _measure(linear: nn.Linear, inputs: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Minimum seconds per call of ``linear`` and of its CSR form on ``inputs`` (interleaved)."""
-    sparse = csr_linear(linear)
-    # GPU kernels run asynchronously: without a synchronisation only the launch would be timed.
-    synchronize = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
-
-    def timed(module: nn.Module) -> Callable[[], None]:
-        def call() -> None:
-            module(inputs)
-            synchronize()
-
-        return call
-
-    with torch.no_grad():
-        times = interleaved_times({"dense": timed(linear), "csr": timed(sparse)}, rounds=rounds)
-    return times["dense"].minimum, times["csr"].minimum
-
-
 def _choose_one(
     name: str, linear: nn.Linear, max_density: float | None, inputs: torch.Tensor | None, rounds: int
 ) -> LayerChoice:
@@ -330,12 +251,12 @@ def _choose_one(
         return LayerChoice(name, shape, density, density <= limit, f"modelled crossover {limit:g}")
     if density > MEASURE_MAX_DENSITY:
         return LayerChoice(name, shape, density, False, f"density above {MEASURE_MAX_DENSITY:g}, not timed")
-    dense_seconds, csr_seconds = _measure(linear, inputs, rounds)
+    dense_seconds, csr_seconds = time_forms(linear, csr_linear(linear), inputs, rounds)
     return LayerChoice(
         name,
         shape,
         density,
-        csr_seconds < dense_seconds * (1 - MEASURE_MARGIN),
+        faster(dense_seconds, csr_seconds),
         f"measured on input {tuple(inputs.shape)}",
         dense_seconds,
         csr_seconds,
@@ -357,7 +278,7 @@ def choose_csr_layers(
             :func:`~ecp_fast.export.export` refuses them), a tensor or tuple of positional
             arguments for ``model``: each layer is timed dense and CSR on the input it receives
             (``rounds`` interleaved rounds, minimum); CSR wins when at least
-            :data:`MEASURE_MARGIN` (10%) faster.
+            :data:`~ecp_fast.export.measure.MEASURE_MARGIN` (10%) faster.
         rounds: timing rounds per layer when measuring.
 
     Without either, the modelled crossover :func:`modelled_max_density` decides (CPU layers only;
@@ -379,7 +300,7 @@ def choose_csr_layers(
         raise ValueError("arguments 'max_density' and 'example_inputs' exclude each other; pass one of them")
     linears = replaceable_linears(model)
     measuring = example_inputs is not None and max_density is None
-    inputs = _capture_inputs(model, linears, example_inputs) if measuring else {}
+    inputs = capture_layer_inputs(model, linears, example_inputs) if measuring else {}
     choices = {
         name: _choose_one(name, linear, max_density, inputs.get(name), rounds) for name, linear in linears.items()
     }

@@ -23,14 +23,20 @@ from torch.nn.utils import prune as torch_prune
 
 from ecp_fast._arguments import check_module
 from ecp_fast.export.csr import (
-    check_example_inputs,
     choose_csr_layers,
     is_csr_linear,
     replace_csr_with_dense,
     replace_with_csr,
     replaceable_linears,
 )
-from ecp_fast.export.semi_structured import NMPatternError, check_n_m, export_semi_structured, semi_structured_available
+from ecp_fast.export.measure import check_example_inputs
+from ecp_fast.export.semi_structured import (
+    NMPatternError,
+    check_n_m,
+    choose_two_four_layers,
+    export_semi_structured,
+    semi_structured_available,
+)
 from ecp_fast.pruning.masks import copy_model
 
 logger = logging.getLogger(__name__)
@@ -73,10 +79,10 @@ def _check_arguments(model: Any, format: Any, max_density: Any, example_inputs: 
         raise TypeError(f"argument 'format' must be a string, one of {FORMATS}, got {type(format).__name__}")
     if format not in FORMATS:
         raise ValueError(f"argument 'format' must be one of {FORMATS}, got {format!r}")
-    if format != "csr" and (max_density is not None or example_inputs is not None):
-        raise ValueError(
-            f"arguments 'max_density' and 'example_inputs' apply to format='csr' only, got format={format!r}"
-        )
+    if format != "csr" and max_density is not None:
+        raise ValueError(f"argument 'max_density' applies to format='csr' only, got format={format!r}")
+    if format == "dense" and example_inputs is not None:
+        raise ValueError("argument 'example_inputs' applies to format='csr' and '2:4' only, got format='dense'")
     if max_density is not None and (isinstance(max_density, bool) or not isinstance(max_density, (int, float))):
         raise TypeError(f"argument 'max_density' must be a float in [0, 1] or None, got {type(max_density).__name__}")
     if max_density is not None and example_inputs is not None:
@@ -89,8 +95,9 @@ def _check_arguments(model: Any, format: Any, max_density: Any, example_inputs: 
         check_example_inputs(example_inputs)
 
 
-def _to_two_four(model: nn.Module) -> None:
-    """Convert the 2:4-sparse Linear layers of a mask-folded copy; the rest stays dense."""
+def _to_two_four(model: nn.Module, example_inputs: Any = None) -> None:
+    """Convert the 2:4-sparse Linear layers of a mask-folded copy (with ``example_inputs``: those that
+    run faster so on them); the rest stays dense."""
     linears = replaceable_linears(model)
     if not linears:
         raise ValueError("argument 'model': it has no nn.Linear layer to export to '2:4'")
@@ -110,6 +117,11 @@ def _to_two_four(model: nn.Module) -> None:
             logger.info("layer %r stays dense: %s", name, error)
     if not eligible:
         raise ValueError("argument 'model': no nn.Linear layer is 2:4 sparse; prune with scope='2:4' first")
+    if example_inputs is not None:
+        eligible = choose_two_four_layers(model, {name: linears[name] for name in eligible}, example_inputs)
+        if not eligible:
+            logger.warning("no 2:4 layer ran faster than dense on example_inputs: the export stays dense")
+            return
     export_semi_structured(model, layers=eligible)
 
 
@@ -127,10 +139,11 @@ def export(
             layers of an earlier export are accepted too (``format="dense"`` turns them back).
         format: ``"dense"``, ``"csr"`` or ``"2:4"`` (see the module docstring).
         max_density: ``"csr"`` only: convert exactly the Linear layers of at most this weight density.
-        example_inputs: ``"csr"`` only, not with ``max_density``: a tensor (or a tuple of positional
-            arguments) for ``model``; each Linear is timed dense and CSR on the input it receives
-            and CSR wins when 10% faster. Without ``max_density`` and ``example_inputs``, the
-            modelled crossover (:func:`ecp_fast.export.csr.modelled_max_density`) decides.
+        example_inputs: ``"csr"`` and ``"2:4"``, not with ``max_density``: a tensor (or a tuple of
+            positional arguments) for ``model``; each Linear is timed dense and CSR (or 2:4) on the
+            input it receives, and the sparse form wins when 10% faster. Without it, ``"csr"`` follows
+            ``max_density`` or the modelled crossover (:func:`ecp_fast.export.csr.modelled_max_density`),
+            and ``"2:4"`` converts every 2:4-sparse layer, which on a GPU is slower for small batches.
 
     Returns:
         A plain torch model: torch modules only (CSR layers are ``torch.fx.GraphModule``), so
@@ -167,4 +180,4 @@ def _convert(model: nn.Module, format: str, max_density: float | None, example_i
             )
         replace_with_csr(model, [name for name, choice in choices.items() if choice.csr])
     elif format == "2:4":
-        _to_two_four(model)
+        _to_two_four(model, example_inputs)

@@ -12,19 +12,28 @@ logs a warning and returns the model unchanged. On CPU, real speed comes from a 
 unstructured sparsity (:func:`ecp_fast.export.export` with ``format="csr"``) or from removing whole
 neurons (:mod:`ecp_fast.pruning.structured`). ``export(model, "2:4")`` wraps this function on a copy
 and raises instead of warning on CPU.
+
+**On a GPU it pays for large batches only**: on an H200, 1.3-1.5x faster than dense at 16384 tokens
+per call, but slower below about 4096 (docs/gpu.md). ``export(model, "2:4", example_inputs=...)``
+times every layer on the inputs it receives and converts only those that win
+(:func:`choose_two_four_layers`).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ecp_fast._arguments import check_module
+from ecp_fast.export.measure import capture_layer_inputs, faster, time_forms
 from ecp_fast.pruning.calibration import weight_2d, weight_parameter
 
 logger = logging.getLogger(__name__)
@@ -204,3 +213,41 @@ def export_semi_structured(
         module.weight = nn.Parameter(converted[name], requires_grad=False)
     logger.info("converted %d Linear layers to 2:4 semi-structured sparse weights", len(converted))
     return model
+
+
+def _linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(inputs, weight, bias)
+
+
+def choose_two_four_layers(
+    model: nn.Module, linears: Mapping[str, nn.Linear], example_inputs: Any, rounds: int = 11
+) -> list[str]:
+    """The names of ``linears`` (2:4-sparse layers of ``model``, on a GPU that runs semi-structured
+    weights) that are faster as semi-structured weights on the inputs they receive when ``model``
+    runs on ``example_inputs``: timed dense and 2:4 in interleaved rounds, 2:4 chosen when at least
+    :data:`~ecp_fast.export.measure.MEASURE_MARGIN` faster. A layer that did not run is converted.
+
+    On an H200 a 2:4 layer was 1.3-1.5x faster than dense at 16384 tokens and up to 20x slower at
+    1024 (a fixed cost per call; docs/gpu.md), so the batch in ``example_inputs`` decides.
+    """
+    inputs = capture_layer_inputs(model, linears, example_inputs)
+    chosen = []
+    for name, linear in linears.items():
+        x = inputs.get(name)
+        if x is None:
+            logger.info("layer %r did not run on example_inputs: converted to 2:4 untimed", name)
+            chosen.append(name)
+            continue
+        sparse = functools.partial(_linear, weight=_semi_structured_weights({name: linear})[name], bias=linear.bias)
+        dense_seconds, sparse_seconds = time_forms(linear, sparse, x, rounds)
+        if faster(dense_seconds, sparse_seconds):
+            chosen.append(name)
+        logger.info(
+            "layer %r on input %s: dense %.3g ms, 2:4 %.3g ms: %s",
+            name,
+            tuple(x.shape),
+            dense_seconds * 1e3,
+            sparse_seconds * 1e3,
+            "2:4" if name in chosen else "stays dense",
+        )
+    return chosen

@@ -355,8 +355,10 @@ def test_export_argument_errors() -> None:
         export(model, "csr", max_density=1.5)
     with pytest.raises(TypeError, match="argument 'max_density'"):
         export(model, "csr", max_density="0.1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="apply to format='csr' only"):
-        export(model, "dense", max_density=0.1)
+    with pytest.raises(ValueError, match="argument 'max_density' applies to format='csr' only, got format='2:4'"):
+        export(model, "2:4", max_density=0.1)
+    with pytest.raises(ValueError, match="argument 'example_inputs' applies to format='csr' and '2:4' only"):
+        export(model, "dense", example_inputs=torch.randn(2, 300))
     with pytest.raises(TypeError, match="argument 'linear' must be an nn.Linear"):
         csr_linear(nn.Conv2d(1, 1, 1))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="float32 or float64"):

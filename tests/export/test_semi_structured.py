@@ -97,6 +97,20 @@ def test_cuda_export_matches_dense() -> None:
 
 
 @pytest.mark.skipif(not semi_structured_available(), reason="needs CUDA with compute capability 8.0+")
+def test_cuda_export_with_example_inputs_times_real_layers() -> None:
+    """On a GPU the timed choice runs end to end; whichever layers win, the export computes the dense result."""
+    from ecp_fast.export import export, exported_layers
+
+    model = two_four_branches().cuda().half().eval()
+    for tokens in (8, 8192):
+        x = torch.randn(tokens, 64, dtype=torch.float16, device="cuda")
+        with torch.no_grad():
+            exported = export(model, "2:4", example_inputs=x)
+            assert set(exported_layers(exported).values()) <= {"2:4", "dense"}
+            torch.testing.assert_close(exported(x), model(x), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not semi_structured_available(), reason="needs CUDA with compute capability 8.0+")
 def test_cuda_export_rejects_float32() -> None:
     model = two_four_model().cuda()
     with pytest.raises(ValueError, match="float16, bfloat16 or int8"):
@@ -130,3 +144,72 @@ def test_availability_follows_the_backends_gpus(
     monkeypatch.setattr(torch.backends, "cusparselt", Backend, raising=False)
     monkeypatch.setattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", force_cutlass)
     assert semi_structured_available("cuda:0") is expected
+
+
+class TwoBranches(nn.Module):
+    """Two 2:4 layers that run on the example inputs, and one that never does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.unused = nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def two_four_branches() -> TwoBranches:
+    model = TwoBranches()
+    Pruner(model, include_output_head=True, progress=False).prune(sparsity=0.5, method="magnitude", scope="2:4")
+    return model
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """A GPU as far as the choice is concerned: availability, a conversion that keeps the dense weight,
+    timings by layer width (``up`` 2x faster as 2:4, ``down`` 5% faster), and the export's layer list."""
+    from ecp_fast.export import formats, semi_structured
+
+    seen: dict[str, object] = {"timed": []}
+
+    def fake_times(first: nn.Module, second, inputs: torch.Tensor, rounds: int) -> tuple[float, float]:
+        seen["timed"].append((first.out_features, tuple(inputs.shape)))  # type: ignore[union-attr]
+        return (1.0, 0.5) if first.out_features == 128 else (1.0, 0.95)
+
+    def fake_export(model: nn.Module, layers=None, pattern: str = "2:4") -> nn.Module:
+        seen["converted"] = list(layers)
+        return model
+
+    monkeypatch.setattr(formats, "semi_structured_available", lambda device=None: True)
+    monkeypatch.setattr(
+        semi_structured, "_semi_structured_weights", lambda linears: {n: m.weight for n, m in linears.items()}
+    )
+    monkeypatch.setattr(semi_structured, "time_forms", fake_times)
+    monkeypatch.setattr(formats, "export_semi_structured", fake_export)
+    return seen
+
+
+def test_example_inputs_keep_the_slower_layers_dense(fake_gpu: dict[str, object]) -> None:
+    """Only layers clearly faster as 2:4 on their real inputs are converted; one that never ran is too."""
+    from ecp_fast.export import export
+
+    export(two_four_branches(), "2:4", example_inputs=torch.randn(16, 64))
+    assert fake_gpu["converted"] == ["up", "unused"]
+    assert sorted(fake_gpu["timed"]) == [(64, (16, 128)), (128, (16, 64))]  # type: ignore[type-var]
+    export(two_four_branches(), "2:4")
+    assert fake_gpu["converted"] == ["up", "down", "unused"]  # without example_inputs: every 2:4 layer
+
+
+def test_example_inputs_that_win_nowhere_leave_the_export_dense(
+    fake_gpu: dict[str, object], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ecp_fast.export import export, semi_structured
+
+    monkeypatch.setattr(semi_structured, "time_forms", lambda first, second, inputs, rounds: (1.0, 1.0))
+    model = nn.Sequential(nn.Linear(64, 64))
+    Pruner(model, include_output_head=True, progress=False).prune(sparsity=0.5, method="magnitude", scope="2:4")
+    with caplog.at_level(logging.WARNING):
+        exported = export(model, "2:4", example_inputs=torch.randn(4, 64))
+    assert "converted" not in fake_gpu and "stays dense" in caplog.text
+    assert torch.equal(exported[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match=r"argument 'example_inputs'.*shape \(4, 30\)"):
+        export(model, "2:4", example_inputs=torch.randn(4, 30))
