@@ -4,10 +4,12 @@
 # tests that need CUDA, then what `make bench-gpu` runs (the ops against cuBLAS, bench/triton_table.py; the
 # 2:4 export against dense layers, bench/two_four_gpu.py). Each step has its own time limit, so one
 # that hangs does not take the others with it; each step's log goes to $OUT/<step>.log (default
-# ./gpu_out) and its end is printed. Figures from it go to docs/gpu.md. All steps together can take
-# over ten minutes (Triton compiles); the order puts what matters most first.
+# ./gpu_out) and its end is printed. Figures from it go to docs/gpu.md. All steps together take
+# over ten minutes (Triton compiles), so they come in two parts, what matters most first.
 #
-#   bash bench/gpu_session.sh            # PY=python3 OUT=gpu_out by default
+#   bash bench/gpu_session.sh            # build, CUDA tests, bf16 table, 2:4 (limits: 540 s in all)
+#   bash bench/gpu_session.sh more       # then, in a second call: the whole Triton suite, float32 table
+# PY=python3 and OUT=gpu_out by default. Each call fits one 10-minute device run.
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
@@ -25,24 +27,29 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     tail -n "${TAIL:-15}" "$OUT/$name.log"
 }
 
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+
+if [ "${1:-main}" = more ]; then
+    # The whole Triton suite compiled on the GPU (a kernel variant per case: over 150 s with 8 workers
+    # on an H200), then float32 without the largest shape (without TF32 it autotunes on CUDA cores:
+    # over 100 s for the first shape).
+    # shellcheck disable=SC2086
+    TAIL=25 step tests-triton 300 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
+        tests/ops/test_triton.py
+    TAIL=9 step table-fp32 240 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
+    exit 0
+fi
+
 step env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv;
   $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'"
-TAIL=3 step build 80 env MAX_JOBS=16 "$PY" setup.py build_ext --inplace
+TAIL=3 step build 60 env MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 step import 20 "$PY" -c "import ecp_fast.ops as ops, torch; print('native CPU:', ops.NATIVE_CPU, 'CUDA kernels:', torch.ops.ecp.score.default.has_kernel_for_dispatch_key('CUDA'))"
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-# The tests that need CUDA first, with one fixed Triton configuration (autotuning has its own test),
-# then the benchmarks, and late the whole Triton suite compiled on the GPU: it compiles a kernel
-# variant per case and took over 150 s with 8 workers on an H200 (docs/gpu.md). On that machine the
-# steps before tests-triton took about 4 minutes, a fresh machine's start 1 to 2 more.
+# The tests that need CUDA, with one fixed Triton configuration (autotuning has its own test).
 CUDA_TESTS="tests/pruning/test_cuda.py tests/ops/test_gemm.py tests/export/test_semi_structured.py tests/export/test_export.py::test_two_four_on_gpu"
+CUDA_CASES="cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part or conv or sequential or neuron or example_inputs"
 # shellcheck disable=SC2086
-TAIL=25 step tests-cuda 100 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
-    $CUDA_TESTS tests/ops/test_triton.py -k "cuda or gram or two_four or agrees or availab or layer_ops or chunks or contract or low_part or conv or sequential or neuron or example_inputs"
-# What `make bench-gpu` runs, in steps with their own limits; float32 without the largest shape, after
-# the whole Triton suite (float32 without TF32 autotunes on CUDA cores: over 100 s for the first shape).
-TAIL=12 step table-bf16 150 "$PY" bench/triton_table.py --dtypes bf16
-TAIL=30 step two-four 60 "$PY" bench/two_four_gpu.py
-# shellcheck disable=SC2086
-TAIL=25 step tests-triton 240 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
-    tests/ops/test_triton.py
-TAIL=9 step table-fp32 180 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
+TAIL=25 step tests-cuda 120 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
+    $CUDA_TESTS tests/ops/test_triton.py -k "$CUDA_CASES"
+# What `make bench-gpu` runs (float32 in the second part).
+TAIL=12 step table-bf16 200 "$PY" bench/triton_table.py --dtypes bf16
+TAIL=30 step two-four 120 "$PY" bench/two_four_gpu.py

@@ -1,6 +1,7 @@
 """Speed of 2:4 exports on a CUDA GPU: dense ``nn.Linear`` against the same layer exported by ``ecp_fast``.
 
-Run on a CUDA machine of compute capability 8.0+: ``python bench/two_four_gpu.py``. For each dtype,
+Run on a CUDA GPU that runs semi-structured weights (compute capability 8.x, or later with cuSPARSELt):
+``python bench/two_four_gpu.py``. For each dtype,
 layer shape ``(out, in)`` and number of tokens, a one-layer model is pruned to 2:4 by
 ``ecp_fast.prune(method="magnitude", scope="2:4")`` and exported by
 ``ecp_fast.export.export(model, "2:4")`` (semi-structured sparse weights); the table gives the median
@@ -8,7 +9,8 @@ forward time of the dense layer, of the export with torch's default backend (cuS
 has it), with CUTLASS forced, and with ``example_inputs=x`` (each layer converted only where 2:4 runs
 faster on its input), their speed-ups, and the exports' largest relative error against the dense
 forward of the same 2:4 weights. A last block times a LLaMA-7B-sized MLP (``4096 -> 11008 -> 4096``,
-SiLU) end to end. Timings are medians of ``triton.testing.do_bench``.
+SiLU) end to end. On compute capability 9.0 and later the CUTLASS column stays empty: torch's CUTLASS
+2:4 kernels run on 8.x only, and the export refuses it there. Timings are medians of ``triton.testing.do_bench``.
 
 Without a suitable GPU it says so and exits 0.
 """
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     args = parser.parse_args(argv)
     if not semi_structured_available():
-        print("two_four_gpu: no CUDA GPU of compute capability 8.0+; nothing measured.")
+        print("two_four_gpu: no CUDA GPU that runs semi-structured sparse weights; nothing measured.")
         return 0
     cusparselt = torch.backends.cusparselt.is_available() if hasattr(torch.backends, "cusparselt") else False
     print(f"Device: {torch.cuda.get_device_name()}; torch {torch.__version__}; cuSPARSELt available: {cusparselt}")

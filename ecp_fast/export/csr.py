@@ -34,7 +34,9 @@ import torch
 from torch import fx, nn
 
 from ecp_fast._arguments import check_module
+from ecp_fast.export.measure import MEASURE_MARGIN as MEASURE_MARGIN  # re-exported: it was defined here
 from ecp_fast.export.measure import capture_layer_inputs, faster, time_forms
+from ecp_fast.export.measure import check_example_inputs as check_example_inputs  # re-exported, likewise
 
 logger = logging.getLogger(__name__)
 

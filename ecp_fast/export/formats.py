@@ -7,7 +7,7 @@
   ``nn.Conv2d`` stays dense: its sparse form would need the unfolded input (``kh*kw`` times the
   activation memory) and torch's dense convolution (oneDNN) has no sparse counterpart on CPU.
 - ``"2:4"``: 2:4-sparse ``nn.Linear`` weights become torch's semi-structured sparse tensors, on CUDA
-  GPUs of compute capability 8.0+ only (see :mod:`ecp_fast.export.semi_structured`).
+  GPUs of compute capability 8.x, or later ones with cuSPARSELt (see :mod:`ecp_fast.export.semi_structured`).
 
 The model given is never changed: the export works on a deep copy.
 """
@@ -105,7 +105,7 @@ def _to_two_four(model: nn.Module, example_inputs: Any = None) -> None:
     if not all(semi_structured_available(device) for device in devices):
         raise ValueError(
             f"argument 'format': '2:4' needs semi-structured sparse kernels, on a CUDA GPU of compute capability "
-            f"8.0+ with the model on it; the model's Linear layers are on {devices}"
+            f"8.x, or a later one with cuSPARSELt, with the model on it; the model's Linear layers are on {devices}"
             f"{'' if torch.cuda.is_available() else ' and CUDA is not available'}. On CPU use format='csr'"
         )
     eligible = []

@@ -1,7 +1,7 @@
 """Export N:M-pruned Linear layers to torch's semi-structured (2:4) sparse format.
 
 A 2:4 mask (``Pruner.prune(scope="2:4")``) keeps at most two of every four consecutive inputs of a
-neuron. NVIDIA GPUs from Ampere on (compute capability 8.0+) multiply such weights with sparse
+neuron. NVIDIA GPUs from Ampere on (compute capability 8.0 and later) multiply such weights with sparse
 tensor cores; torch exposes them through :func:`torch.sparse.to_sparse_semi_structured`, for
 float16 / bfloat16 / int8 weights on CUDA whose shapes meet the backend's minimum sizes.
 
@@ -13,10 +13,10 @@ unstructured sparsity (:func:`ecp_fast.export.export` with ``format="csr"``) or 
 neurons (:mod:`ecp_fast.pruning.structured`). ``export(model, "2:4")`` wraps this function on a copy
 and raises instead of warning on CPU.
 
-**On a GPU it pays for large batches only**: on an H200, 1.3-1.5x faster than dense at 16384 tokens
-per call, but slower below about 4096 (docs/gpu.md). ``export(model, "2:4", example_inputs=...)``
-times every layer on the inputs it receives and converts only those that win
-(:func:`choose_two_four_layers`).
+**On a GPU it pays for large batches only**: on an H200, 1.3-1.5x faster than dense at 16384
+tokens per call for most layers measured, but mostly slower at 4096 tokens and below (docs/gpu.md).
+``export(model, "2:4", example_inputs=...)`` times every layer on the inputs it receives and converts
+only those that win (:func:`choose_two_four_layers`).
 """
 
 from __future__ import annotations
@@ -142,18 +142,25 @@ def _select_linears(model: nn.Module, layers: Sequence[str] | None) -> dict[str,
     return selected
 
 
+def _check_dtypes(linears: Mapping[str, nn.Module]) -> None:
+    """ValueError naming the first layer whose weight the semi-structured kernels do not take."""
+    for name, module in linears.items():
+        dtype = weight_2d(module).dtype
+        if dtype not in SEMI_STRUCTURED_DTYPES:
+            raise ValueError(
+                f"layer {name!r}: semi-structured sparse weights must be float16, bfloat16 or int8, "
+                f"got {dtype}; convert the model first (model.half())"
+            )
+
+
 def _semi_structured_weights(linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
     """The semi-structured sparse form of every layer's effective weight; ValueError naming the first that fails."""
     from torch.sparse import to_sparse_semi_structured
 
+    _check_dtypes(linears)
     converted: dict[str, torch.Tensor] = {}
     for name, module in linears.items():
         weight = weight_2d(module).contiguous()
-        if weight.dtype not in SEMI_STRUCTURED_DTYPES:
-            raise ValueError(
-                f"layer {name!r}: semi-structured sparse weights must be float16, bfloat16 or int8, "
-                f"got {weight.dtype}; convert the model first (model.half())"
-            )
         try:
             converted[name] = to_sparse_semi_structured(weight)
         except RuntimeError as error:
@@ -176,7 +183,7 @@ def export_semi_structured(
         pattern: must be ``"2:4"``, the only pattern the sparse kernels support.
 
     Returns:
-        The same model object. With CUDA (capability 8.0+), its selected weights are
+        The same model object. On a GPU that runs them (:func:`semi_structured_available`), its selected weights are
         ``SparseSemiStructuredTensor`` parameters (as in torch's semi-structured sparsity tutorial):
         the weights must be float16, bfloat16 or int8 on the GPU and meet the backend's shape
         minimums. Without CUDA (or on a CPU model) it is returned unchanged with a logged warning:
@@ -198,7 +205,8 @@ def export_semi_structured(
     devices = {weight_parameter(module).device for module in linears.values()}
     if not all(semi_structured_available(device) for device in devices):
         logger.warning(
-            "2:4 export skipped: semi-structured sparse kernels need CUDA on a GPU of compute capability 8.0+ "
+            "2:4 export skipped: semi-structured sparse kernels need CUDA on a GPU of compute capability 8.x, or a "
+            "later one with cuSPARSELt "
             "(found devices %s); on CPU a 2:4 weight is no faster than a dense one, the model is returned "
             "unchanged. For CPU speed use ecp_fast.export.export(model, 'csr') or remove whole neurons "
             "(ecp_fast.pruning.structured.prune_neurons).",
@@ -227,9 +235,10 @@ def choose_two_four_layers(
     runs on ``example_inputs``: timed dense and 2:4 in interleaved rounds, 2:4 chosen when at least
     :data:`~ecp_fast.export.measure.MEASURE_MARGIN` faster. A layer that did not run is converted.
 
-    On an H200 a 2:4 layer was 1.3-1.5x faster than dense at 16384 tokens and up to 20x slower at
+    On an H200 a 2:4 layer was 0.8-1.5x as fast as dense at 16384 tokens and up to 20x slower at
     1024 (a fixed cost per call; docs/gpu.md), so the batch in ``example_inputs`` decides.
     """
+    _check_dtypes(linears)  # before any timing
     inputs = capture_layer_inputs(model, linears, example_inputs)
     chosen = []
     for name, linear in linears.items():

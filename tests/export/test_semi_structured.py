@@ -85,7 +85,7 @@ def test_cpu_returns_model_unchanged_with_warning(caplog: pytest.LogCaptureFixtu
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not semi_structured_available(), reason="needs CUDA with compute capability 8.0+")
+@pytest.mark.skipif(not semi_structured_available(), reason="needs a GPU that runs semi-structured sparse weights")
 def test_cuda_export_matches_dense() -> None:
     model = two_four_model(dtype=torch.float16).cuda().eval()
     x = torch.randn(64, 64, dtype=torch.float16, device="cuda")
@@ -96,7 +96,7 @@ def test_cuda_export_matches_dense() -> None:
         torch.testing.assert_close(model(x), expected, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.skipif(not semi_structured_available(), reason="needs CUDA with compute capability 8.0+")
+@pytest.mark.skipif(not semi_structured_available(), reason="needs a GPU that runs semi-structured sparse weights")
 def test_cuda_export_with_example_inputs_times_real_layers() -> None:
     """On a GPU the timed choice runs end to end; whichever layers win, the export computes the dense result."""
     from ecp_fast.export import export, exported_layers
@@ -110,7 +110,7 @@ def test_cuda_export_with_example_inputs_times_real_layers() -> None:
             torch.testing.assert_close(exported(x), model(x), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.skipif(not semi_structured_available(), reason="needs CUDA with compute capability 8.0+")
+@pytest.mark.skipif(not semi_structured_available(), reason="needs a GPU that runs semi-structured sparse weights")
 def test_cuda_export_rejects_float32() -> None:
     model = two_four_model().cuda()
     with pytest.raises(ValueError, match="float16, bfloat16 or int8"):
@@ -192,10 +192,10 @@ def test_example_inputs_keep_the_slower_layers_dense(fake_gpu: dict[str, object]
     """Only layers clearly faster as 2:4 on their real inputs are converted; one that never ran is too."""
     from ecp_fast.export import export
 
-    export(two_four_branches(), "2:4", example_inputs=torch.randn(16, 64))
+    export(two_four_branches().half(), "2:4", example_inputs=torch.randn(16, 64).half())
     assert fake_gpu["converted"] == ["up", "unused"]
     assert sorted(fake_gpu["timed"]) == [(64, (16, 128)), (128, (16, 64))]  # type: ignore[type-var]
-    export(two_four_branches(), "2:4")
+    export(two_four_branches().half(), "2:4")
     assert fake_gpu["converted"] == ["up", "down", "unused"]  # without example_inputs: every 2:4 layer
 
 
@@ -205,11 +205,23 @@ def test_example_inputs_that_win_nowhere_leave_the_export_dense(
     from ecp_fast.export import export, semi_structured
 
     monkeypatch.setattr(semi_structured, "time_forms", lambda first, second, inputs, rounds: (1.0, 1.0))
-    model = nn.Sequential(nn.Linear(64, 64))
+    model = nn.Sequential(nn.Linear(64, 64)).half()
     Pruner(model, include_output_head=True, progress=False).prune(sparsity=0.5, method="magnitude", scope="2:4")
     with caplog.at_level(logging.WARNING):
-        exported = export(model, "2:4", example_inputs=torch.randn(4, 64))
+        exported = export(model, "2:4", example_inputs=torch.randn(4, 64).half())
     assert "converted" not in fake_gpu and "stays dense" in caplog.text
     assert torch.equal(exported[0].weight, model[0].weight)
     with pytest.raises(ValueError, match=r"argument 'example_inputs'.*shape \(4, 30\)"):
-        export(model, "2:4", example_inputs=torch.randn(4, 30))
+        export(model, "2:4", example_inputs=torch.randn(4, 30).half())
+
+
+def test_example_inputs_refuse_a_wrong_dtype_before_timing(fake_gpu: dict[str, object]) -> None:
+    """A float32 model is refused naming its first layer, before any layer is timed."""
+    from ecp_fast.export import export, semi_structured
+
+    model = two_four_branches()
+    with pytest.raises(ValueError, match="layer 'up': semi-structured sparse weights must be float16"):
+        semi_structured.choose_two_four_layers(model, {"up": model.up, "down": model.down}, torch.randn(2, 64))
+    assert fake_gpu["timed"] == []
+    with pytest.raises(ValueError, match="layer 'up'"):
+        export(model, "2:4", example_inputs=torch.randn(2, 64))
