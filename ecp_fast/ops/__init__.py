@@ -7,7 +7,9 @@ without Python. Backends:
 * CPU tensors: the fused multithreaded C++ kernels, or, when they are not built (or
   ``ECP_FAST_DISABLE_NATIVE=1``), the reference implementation with a warning; the schemas then come
   from :data:`SCHEMAS`, the Python copy of the C++ ones (a test checks that they agree).
-* CUDA tensors: the Triton kernels in :mod:`ecp_fast.ops.triton` (registered when CUDA and Triton exist).
+* CUDA tensors: the backend :func:`use_cuda_backend` selects (:mod:`ecp_fast.ops.cuda`): the fused
+  Triton kernels of :mod:`ecp_fast.ops.triton` by default where triton imports, or the library GEMMs
+  of :mod:`ecp_fast.ops.gemm` (``ECP_FAST_CUDA_BACKEND=gemm``, and without triton).
 * Meta / FakeTensor: the fake kernels below, so ``torch.compile`` and shape propagation work.
 
 All ops return sums over samples (docs/method.md), in float32, or float64 for float64 inputs. A NaN input
@@ -37,11 +39,25 @@ from ecp_fast.ops._checks import (
     grad_message,
     result_dtype,
 )
+from ecp_fast.ops.cuda import cuda_backend, default_cuda_backend, use_cuda_backend
 from ecp_fast.ops.merge import Moments, merge_moments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Moments", "NATIVE_CPU", "SCHEMAS", "TRITON_CUDA", "finalize", "gram", "merge_moments", "moments", "score"]
+__all__ = [
+    "CUDA_BACKEND",
+    "Moments",
+    "NATIVE_CPU",
+    "SCHEMAS",
+    "TRITON_CUDA",
+    "cuda_backend",
+    "finalize",
+    "gram",
+    "merge_moments",
+    "moments",
+    "score",
+    "use_cuda_backend",
+]
 
 #: The op schemas, as csrc/register.cpp declares them. Used only when the native library is not
 #: loaded, so that the reference fallback keeps working; tests/ops/test_native_build.py checks that
@@ -137,34 +153,26 @@ def _gram_fake(
 # ---- backends ------------------------------------------------------------------------------------
 
 
-def _register_cuda_kernels() -> bool:
-    """Register the Triton kernels for CUDA tensors when CUDA and Triton are both present."""
+def _select_cuda_backend() -> str | None:
+    """Select the backend of the ops on CUDA tensors when CUDA is present (see :mod:`ecp_fast.ops.cuda`)."""
     if not torch.cuda.is_available():
-        return False
+        return None
     try:
-        from ecp_fast.ops.triton import register_cuda_kernels
-    except ImportError as error:
-        warnings.warn(
-            f"ecp_fast: CUDA is available but the Triton kernels could not be imported ({error}); "
-            "ecp ops on CUDA tensors are unavailable. Install triton.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return False
-    try:
-        register_cuda_kernels()
+        use_cuda_backend(default_cuda_backend())
     except Exception as error:  # a broken GPU stack must not make the CPU package unusable
         warnings.warn(
-            f"ecp_fast: registering the Triton kernels for CUDA failed ({type(error).__name__}: {error}); "
+            f"ecp_fast: registering the ecp kernels for CUDA failed ({type(error).__name__}: {error}); "
             "ecp ops on CUDA tensors are unavailable.",
             RuntimeWarning,
             stacklevel=2,
         )
-        return False
-    return True
+        return None
+    return cuda_backend()
 
 
-TRITON_CUDA = _register_cuda_kernels()
+#: The backend of the ops on CUDA tensors chosen at import (None without CUDA); see ``use_cuda_backend``.
+CUDA_BACKEND = _select_cuda_backend()
+TRITON_CUDA = CUDA_BACKEND == "triton"
 
 
 # ---- typed wrappers ------------------------------------------------------------------------------

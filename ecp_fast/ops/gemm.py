@@ -10,8 +10,9 @@ operands, at most about :data:`CHUNK_BYTES`, beside the outputs.
 
 On an H200 plain bf16 GEMMs ran the same sums twice as fast as the fused kernel (docs/gpu.md); this
 backend keeps the fused kernel's float32 sums, which plain half GEMMs round to the input dtype.
-It is not registered for any device: ``bench/triton_table.py`` measures it against the fused kernels
-(the ``GEMM f32-out`` column) first.
+It is the ops' CUDA backend where triton is missing, or when selected
+(:func:`ecp_fast.ops.use_cuda_backend`, ``ECP_FAST_CUDA_BACKEND=gemm``); not the default until
+``bench/triton_table.py`` has measured it against the fused kernels on a GPU (the ``GEMM f32-out`` column).
 """
 
 from __future__ import annotations

@@ -119,3 +119,19 @@ def test_contract_edges_are_the_ops() -> None:
         gemm.gram(x, None, None, 1)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="requires grad"):
         gemm.moments(x.clone().requires_grad_(), g)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_ops_on_cuda_run_the_selected_backend() -> None:
+    """With ``use_cuda_backend("gemm")`` the registered ops on CUDA tensors give exactly ``gemm``'s results."""
+    from ecp_fast.ops import cuda_backend, use_cuda_backend
+
+    x, g, weight = layer(3000, 70, 30, 2, torch.bfloat16, "cuda")
+    previous = cuda_backend()
+    try:
+        use_cuda_backend("gemm")
+        for got, expected in zip(torch.ops.ecp.score(x, g, weight, True), gemm.score(x, g, weight), strict=True):
+            assert torch.equal(got, expected)
+        assert torch.equal(torch.ops.ecp.gram(x, None, None, False), gemm.gram(x))
+    finally:
+        use_cuda_backend(previous or "triton")
