@@ -31,14 +31,32 @@ CHUNK_BYTES = 256 << 20
 SHIFT_ROWS = 256
 
 
+#: Whether ``torch.mm(..., out_dtype=torch.float32)`` works here: None until tried (torch has it on CUDA
+#: only, and only in recent versions), then what the first try found.
+_out_dtype_works: bool | None = None
+
+
+def _use_out_dtype(a: torch.Tensor) -> bool:
+    return a.is_cuda and _out_dtype_works is not False
+
+
 def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` with float32 sums returned as float32: half operands through cuBLAS's ``out_dtype``
-    GEMM on CUDA, elsewhere upcast (their products are exact in float32, so the result is the same
-    up to the order of the sums)."""
+    GEMM where torch has it, else upcast (half products are exact in float32, and in TF32, so the
+    result is the same up to the order of the sums, at float32 GEMM speed)."""
+    global _out_dtype_works
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
+    if _use_out_dtype(a):
+        try:
+            result = torch.mm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or no such kernel here
+            _out_dtype_works = False
+        else:
+            _out_dtype_works = True
+            return result
     return torch.mm(a.float(), b.float())
 
 

@@ -135,3 +135,22 @@ def test_the_ops_on_cuda_run_the_selected_backend() -> None:
         assert torch.equal(torch.ops.ecp.gram(x, None, None, False), gemm.gram(x))
     finally:
         use_cuda_backend(previous or "triton")
+
+
+def test_a_torch_without_the_out_dtype_gemm_falls_back_to_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``torch.mm(..., out_dtype=)`` fails (an older torch; here: no CPU kernel), the product is
+    taken in float32 instead, the same numbers, and the failing call is not tried again."""
+    monkeypatch.setattr(gemm, "_out_dtype_works", None)
+    monkeypatch.setattr(gemm, "_use_out_dtype", lambda a: gemm._out_dtype_works is not False)
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(*args, **kwargs):
+        calls.append("out_dtype" in kwargs)
+        return real_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    x, g, weight = layer(40, 9, 5, None, torch.bfloat16, "cpu")
+    for got, expected in zip(gemm.score(x, g, weight), reference.score(x, g, weight), strict=True):
+        assert_matches(got, expected, TOLERANCE[torch.bfloat16], "score")
+    assert gemm._out_dtype_works is False and calls.count(True) == 1
