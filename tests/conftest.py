@@ -19,3 +19,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def keep_cuda_backend() -> Iterator[None]:
+    """Restore the backend of the ops on CUDA tensors after each test (some tests select one)."""
+    from ecp_fast.ops import cuda
+
+    selected = cuda.cuda_backend()
+    yield
+    cuda._selected = selected

@@ -154,23 +154,29 @@ def _gram_fake(
 
 
 def _select_cuda_backend() -> str | None:
-    """Select the backend of the ops on CUDA tensors when CUDA is present (see :mod:`ecp_fast.ops.cuda`)."""
+    """Select the backend of the ops on CUDA tensors when CUDA is present (see :mod:`ecp_fast.ops.cuda`):
+    the default, or the GEMM backend when the default cannot load; None (with a warning) when neither."""
     if not torch.cuda.is_available():
         return None
-    try:
-        use_cuda_backend(default_cuda_backend())
-    except Exception as error:  # a broken GPU stack must not make the CPU package unusable
+    failures = []
+    for name in dict.fromkeys((default_cuda_backend(), "gemm")):
+        try:
+            use_cuda_backend(name)
+            break
+        except Exception as error:  # a broken GPU stack must not make the CPU package unusable
+            failures.append(f"{name}: {type(error).__name__}: {error}")
+    if failures:
+        outcome = f"they run on {cuda_backend()!r}" if cuda_backend() else "ecp ops on CUDA tensors are unavailable"
         warnings.warn(
-            f"ecp_fast: registering the ecp kernels for CUDA failed ({type(error).__name__}: {error}); "
-            "ecp ops on CUDA tensors are unavailable.",
+            f"ecp_fast: selecting a CUDA backend failed ({'; '.join(failures)}); {outcome}.",
             RuntimeWarning,
             stacklevel=2,
         )
-        return None
     return cuda_backend()
 
 
-#: The backend of the ops on CUDA tensors chosen at import (None without CUDA); see ``use_cuda_backend``.
+#: The backend of the ops on CUDA tensors chosen at import (None without CUDA); it does not follow later
+#: ``use_cuda_backend`` calls: ``cuda_backend()`` gives the one in use.
 CUDA_BACKEND = _select_cuda_backend()
 TRITON_CUDA = CUDA_BACKEND == "triton"
 

@@ -67,13 +67,16 @@ def _moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return _current().moments(x, g)
 
 
+# The schemas' defaults again: the dispatcher leaves out trailing arguments equal to their defaults.
 def _score(
-    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool
+    x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, compensate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _current().score(x, g, weight, compensate)
 
 
-def _gram(a: torch.Tensor, b: torch.Tensor | None, weight: torch.Tensor | None, float64: bool) -> torch.Tensor:
+def _gram(
+    a: torch.Tensor, b: torch.Tensor | None = None, weight: torch.Tensor | None = None, float64: bool = False
+) -> torch.Tensor:
     return _current().gram(a, b, weight, float64)
 
 
@@ -98,16 +101,22 @@ def _register() -> None:
 
 
 def default_cuda_backend() -> str:
-    """``ECP_FAST_CUDA_BACKEND`` when set (checked), else ``"triton"`` where it imports, else ``"gemm"``
-    with a ``RuntimeWarning`` that says why."""
-    chosen = os.environ.get("ECP_FAST_CUDA_BACKEND")
-    if chosen is not None:
-        if chosen not in CUDA_BACKENDS:
-            raise ValueError(f"ECP_FAST_CUDA_BACKEND must be one of {CUDA_BACKENDS}, got {chosen!r}")
+    """``ECP_FAST_CUDA_BACKEND`` when set to a backend's name (any case; an empty value is unset, any
+    other value is ignored with a ``RuntimeWarning``), else ``"triton"`` where it imports, else
+    ``"gemm"`` with a ``RuntimeWarning`` that says why."""
+    chosen = os.environ.get("ECP_FAST_CUDA_BACKEND", "").strip().lower()
+    if chosen in CUDA_BACKENDS:
         return chosen
+    if chosen:
+        warnings.warn(
+            f"ecp_fast: ECP_FAST_CUDA_BACKEND must be one of {CUDA_BACKENDS}, got "
+            f"{os.environ['ECP_FAST_CUDA_BACKEND']!r}; it is ignored",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     try:
         _backend_module("triton")
-    except ImportError as error:
+    except Exception as error:  # not only ImportError: a broken triton install raises what it raises
         warnings.warn(
             f"ecp_fast: the Triton kernels could not be imported ({error.__cause__ or error}); ecp ops on CUDA "
             "tensors run on library GEMMs (ecp_fast.ops.gemm) instead. Install triton for the fused kernels.",

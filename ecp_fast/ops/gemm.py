@@ -17,6 +17,8 @@ It is the ops' CUDA backend where triton is missing, or when selected
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ecp_fast.ops import _entry
@@ -24,6 +26,8 @@ from ecp_fast.ops._checks import GramShape, LayerShape
 from ecp_fast.ops._entry import HALF_DTYPES
 
 __all__ = ["CHUNK_BYTES", "SHIFT_ROWS", "gram", "moments", "score"]
+
+logger = logging.getLogger(__name__)
 
 #: Bytes of one chunk's operands (float32 inputs, their squares, sensitivities, their transposes).
 CHUNK_BYTES = 256 << 20
@@ -50,10 +54,9 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if _use_out_dtype(a):
         try:
             result = torch.mm(a, b, out_dtype=torch.float32)
-        except torch.OutOfMemoryError:
-            raise
-        except (TypeError, RuntimeError, NotImplementedError):  # an older torch, or no such kernel here
+        except (TypeError, NotImplementedError) as error:  # a torch without it (before 2.8), or no kernel here
             _out_dtype_works = False
+            logger.warning("torch.mm(out_dtype=float32) is not available (%s): half GEMMs run in float32", error)
         else:
             _out_dtype_works = True
             return result
