@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the Triton ``ecp::score`` and ``ecp::gram`` on CUDA (skipped without a GPU).
+"""pytest-benchmark suite for ``ecp::score`` and ``ecp::gram`` on CUDA, both backends (skipped without a GPU).
 
 ``pytest bench/bench_triton.py --benchmark-only``. Each case times the fused op, cuBLAS on the two
 equivalent GEMMs and the unfused PyTorch formula in the input dtype (see ``bench/triton_table.py``).
@@ -98,3 +98,23 @@ def test_gram_triton(benchmark, shape: tuple[int, int, int], dtype: torch.dtype)
 def test_gram_cublas_one_gemm(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
     x, _, _ = make_layer(*shape, dtype)
     run_timed(benchmark, lambda: torch.mm(x.T, x), 2.0 * x.shape[0] * x.shape[1] ** 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_score_gemm_backend(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    """ecp_fast.ops.gemm: the same sums by float32-output cuBLAS GEMMs (the other CUDA backend)."""
+    from ecp_fast.ops import gemm
+
+    x, g, weight = make_layer(*shape, dtype)
+    run_timed(benchmark, lambda: gemm.score(x, g, weight), score_flops(*shape))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gram_gemm_backend(benchmark, shape: tuple[int, int, int], dtype: torch.dtype) -> None:
+    from ecp_fast.ops import gemm
+
+    x, _, _ = make_layer(*shape, dtype)
+    sample_weight = torch.rand(x.shape[0], device="cuda", dtype=dtype)
+    run_timed(benchmark, lambda: gemm.gram(x, None, sample_weight), 2.0 * x.shape[0] * x.shape[1] ** 2)
