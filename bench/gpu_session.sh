@@ -8,7 +8,8 @@
 # over ten minutes (Triton compiles), so they come in two parts, what matters most first.
 #
 #   bash bench/gpu_session.sh            # build, CUDA tests, bf16 table, 2:4 (limits: 540 s in all)
-#   bash bench/gpu_session.sh more       # then, in a second call: the whole Triton suite, float32 table
+#   bash bench/gpu_session.sh more       # then, in a second call: the pruner's CUDA tests on the GEMM
+#                                        # backend, the whole Triton suite, the float32 table (540 s)
 # PY=python3 and OUT=gpu_out by default. Each call fits one 10-minute device run.
 set -u
 OUT=${OUT:-gpu_out}
@@ -33,10 +34,14 @@ if [ "${1:-main}" = more ]; then
     # The whole Triton suite compiled on the GPU (a kernel variant per case: over 150 s with 8 workers
     # on an H200), then float32 without the largest shape (without TF32 it autotunes on CUDA cores:
     # over 100 s for the first shape).
+    # The pruner's CUDA tests again with the ops on the GEMM backend (ecp_fast.ops.gemm).
     # shellcheck disable=SC2086
-    TAIL=25 step tests-triton 300 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
+    TAIL=15 step tests-cuda-gemm 60 env ECP_FAST_CUDA_BACKEND=gemm "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
+        tests/pruning/test_cuda.py
+    # shellcheck disable=SC2086
+    TAIL=25 step tests-triton 280 env ECP_FAST_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider -rf $XDIST \
         tests/ops/test_triton.py
-    TAIL=9 step table-fp32 240 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
+    TAIL=9 step table-fp32 200 "$PY" bench/triton_table.py --dtypes fp32 --shapes 16384,4096,4096 16384,784,300
     exit 0
 fi
 
