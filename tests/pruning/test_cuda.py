@@ -55,6 +55,25 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: buffer.cpu().bool() for name, buffer in model.named_buffers() if name.endswith("weight_mask")}
 
 
+def assert_masks_agree(cpu_model: nn.Module, cuda_model: nn.Module, cpu_report, cuda_report) -> None:
+    """The same kept count, and at most 2% of the mask entries different (rounding near the threshold).
+    Where an allocation search chose differently on the two devices (a split, or sweep against
+    importance masks), that must be a near-tie (the CUDA choice within 1% of the CPU's, or 1e-12, as
+    measured on CPU), and then the masks may differ more."""
+    cpu_masks, cuda_masks = masks(cpu_model), masks(cuda_model)
+    assert cpu_masks.keys() == cuda_masks.keys()
+    assert sum(int(m.sum()) for m in cuda_masks.values()) == sum(int(m.sum()) for m in cpu_masks.values())
+    if cpu_report.candidate != cuda_report.candidate:
+        # Compare like with like on CPU: the final labels where CPU ran both, else the splits searched.
+        divergences, chosen, other = cpu_report.divergences, cpu_report.candidate, cuda_report.candidate
+        if other not in divergences:
+            chosen, other = chosen.split(",")[0], other.split(",")[0]
+        assert divergences[other] <= divergences[chosen] * 1.01 + 1e-12, (chosen, other, divergences)
+        return
+    differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
+    assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), differing
+
+
 @pytest.fixture(autouse=True)
 def ieee_float32() -> Iterator[None]:
     """Full float32 matrix products on CUDA, as on CPU (TF32 would loosen every comparison below)."""
@@ -75,13 +94,8 @@ def test_cuda_prune_agrees_with_cpu(method: str) -> None:
     cuda_report = ecp_fast.prune(on_cuda, cuda_batches, sparsity=0.7, method=method, loss_fn=loss_fn, progress=False)
 
     assert all(p.is_cuda for p in on_cuda.parameters()) and all(b.is_cuda for b in on_cuda.buffers())
-    cpu_masks, cuda_masks = masks(on_cpu), masks(on_cuda)
-    assert cpu_masks.keys() == cuda_masks.keys()
-    kept = sum(int(m.sum()) for m in cuda_masks.values())
-    assert kept == sum(int(m.sum()) for m in cpu_masks.values())
     assert cuda_report.sparsity == pytest.approx(cpu_report.sparsity)
-    differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
-    assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), (method, differing)
+    assert_masks_agree(on_cpu, on_cuda, cpu_report, cuda_report)
     cpu_loss, cuda_loss = loss(on_cpu, batches, "cpu"), loss(on_cuda, batches, "cuda")
     assert cuda_loss == pytest.approx(cpu_loss, rel=0.05), (method, cpu_loss, cuda_loss)
 
@@ -127,13 +141,10 @@ def test_cuda_conv_reconstruction_agrees_with_cpu() -> None:
     ).eval()  # fmt: skip
     on_cpu, on_cuda = copy.deepcopy(dense), copy.deepcopy(dense).cuda()
     loss_fn = nn.functional.cross_entropy
-    ecp_fast.prune(on_cpu, batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
+    cpu_report = ecp_fast.prune(on_cpu, batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
     cuda_batches = [(x.cuda(), y.cuda()) for x, y in batches]
-    ecp_fast.prune(on_cuda, cuda_batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
-    cpu_masks, cuda_masks = masks(on_cpu), masks(on_cuda)
-    assert sum(int(m.sum()) for m in cuda_masks.values()) == sum(int(m.sum()) for m in cpu_masks.values())
-    differing = sum(int((cpu_masks[n] != cuda_masks[n]).sum()) for n in cpu_masks)
-    assert differing <= 0.02 * sum(m.numel() for m in cpu_masks.values()), differing
+    cuda_report = ecp_fast.prune(on_cuda, cuda_batches, sparsity=0.6, method="ecp-obs", loss_fn=loss_fn, progress=False)
+    assert_masks_agree(on_cpu, on_cuda, cpu_report, cuda_report)
     assert loss(on_cuda, batches, "cuda") == pytest.approx(loss(on_cpu, batches, "cpu"), rel=0.05)
 
 
