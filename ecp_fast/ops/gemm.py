@@ -44,13 +44,14 @@ def _use_out_dtype(a: torch.Tensor) -> bool:
     return a.is_cuda and _out_dtype_works is not False
 
 
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with float32 sums returned as float32: half operands through cuBLAS's ``out_dtype``
-    GEMM where torch has it, else upcast (half products are exact in float32, and in TF32, so the
-    result is the same up to the order of the sums, at float32 GEMM speed)."""
+def _add_mm_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with float32 sums, in place: float32 operands (and upcast half ones: half
+    products are exact in float32, and in TF32) accumulate inside the GEMM, with no ``(out, in)``
+    temporary per chunk; half operands go through cuBLAS's ``out_dtype`` GEMM where torch has it."""
     global _out_dtype_works
     if a.dtype == torch.float32:
-        return torch.mm(a, b)
+        acc.addmm_(a, b)
+        return
     if _use_out_dtype(a):
         try:
             result = torch.mm(a, b, out_dtype=torch.float32)
@@ -59,8 +60,9 @@ def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             logger.warning("torch.mm(out_dtype=float32) is not available (%s): half GEMMs run in float32", error)
         else:
             _out_dtype_works = True
-            return result
-    return torch.mm(a.float(), b.float())
+            acc += result
+            return
+    acc.addmm_(a.float(), b.float())
 
 
 def _chunk_rows(n: int, bytes_per_row: int) -> int:
@@ -93,9 +95,9 @@ def _sums(
         if shift is not None:
             centred = centred - shift
         c_t = c.t().to(dtype)
-        s2 += _mm_float32(c_t, centred.square().to(dtype))
+        _add_mm_float32(s2, c_t, centred.square().to(dtype))
         if s1 is not None:
-            s1 += _mm_float32(c_t, centred.to(dtype))
+            _add_mm_float32(s1, c_t, centred.to(dtype))
     return s0, shift, s1, s2
 
 
@@ -136,18 +138,21 @@ def _augmented(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.ones(t.shape[0], 1, device=t.device, dtype=t.dtype)], dim=1)
 
 
-def _gram_chunk(left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    """``sum_s w_s left_s right_s^T`` of one chunk of augmented rows, float32: half operands without
-    weights as they are, weighted bf16 as the Triton kernel's hi/lo split, anything else in float32."""
+def _add_gram_chunk(h: torch.Tensor, left: torch.Tensor, right: torch.Tensor, weight: torch.Tensor | None) -> None:
+    """``h += sum_s w_s left_s right_s^T`` over one chunk of augmented rows, float32 sums: half operands
+    without weights as they are, weighted bf16 as the Triton kernel's hi/lo split, anything else in float32."""
     same_half = left.dtype in HALF_DTYPES and right.dtype == left.dtype
     if same_half and weight is None:
-        return _mm_float32(left.t(), right)
+        _add_mm_float32(h, left.t(), right)
+        return
     scaled = left.float() if weight is None else left.float() * weight.float().unsqueeze(1)
     if same_half and left.dtype == torch.bfloat16:
         hi = scaled.to(torch.bfloat16)
         lo = (scaled - hi.float()).to(torch.bfloat16)  # hi + lo keep 16 bits of w_s a_s
-        return _mm_float32(hi.t(), right) + _mm_float32(lo.t(), right)
-    return torch.mm(scaled.t(), right.float())
+        _add_mm_float32(h, hi.t(), right)
+        _add_mm_float32(h, lo.t(), right)
+        return
+    h.addmm_(scaled.t(), right.float())
 
 
 def _fill_gram(
@@ -160,7 +165,7 @@ def _fill_gram(
     for start in range(0, shape.n, rows):
         left = _augmented(left_rows[start : start + rows])
         right = left if right_rows is None else _augmented(right_rows[start : start + rows])
-        h += _gram_chunk(left, right, None if weight is None else weight[start : start + rows])
+        _add_gram_chunk(h, left, right, None if weight is None else weight[start : start + rows])
 
 
 def moments(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
