@@ -13,6 +13,7 @@ the weights, biases and statistics exactly as they were: there is never a half-p
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -281,6 +282,7 @@ class Pruner:
         reconstruct: bool = False,
         allocation: str | None = None,
         divergence: str = "auto",
+        activation_cache: float | None = None,
     ) -> PruneReport | StructuredReport:
         """Remove the least important weights, compensate biases, and install the masks.
 
@@ -309,17 +311,29 @@ class Pruner:
             divergence: the search's measure between dense and pruned outputs on the calibration
                 batches: ``"kl"``, ``"mse"`` or ``"auto"`` (KL when the targets are class indices and the
                 output has an axis of two or more classes beside them, else MSE).
+            activation_cache: memory a reconstruction may keep activations in for reuse, in sizes of
+                the largest layer's float64 Gram matrix ``H`` (default 1): 0 recomputes every activation
+                (the least memory, the longest time), more is faster until all fit; the result is the same.
 
         Returns:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
-        _check_reconstruction_request(method, reconstruct, allocation, divergence, scope)
+        _check_reconstruction_request(method, reconstruct, allocation, divergence, scope, activation_cache)
         if scope == "neuron":
             return self._prune_neurons(sparsity, method, steps, importances, reconstruct)
         if method in RECONSTRUCTIVE_METHODS or reconstruct:
-            return self._prune_reconstructive(sparsity, method, scope, steps, importances, allocation, divergence)
+            return self._prune_reconstructive(
+                sparsity, method, scope, steps, importances, allocation, divergence, activation_cache=activation_cache
+            )
+        return self._prune_masks(sparsity, method, scope, steps, importances)
+
+    def _prune_masks(
+        self, sparsity: float | None, method: str, scope: str, steps: int, importances: Mapping[str, Importance] | None
+    ) -> PruneReport:
+        """Masks chosen by an importance, biases compensated, in ``steps`` (see :meth:`prune`)."""
         request = self._validate(sparsity, method, scope, steps, importances)
+        self._warn_if_sparser(request.target)
         calibration = self.calibration
         with model_transaction(self.model) as transaction:
             transaction.on_rollback(lambda: setattr(self, "calibration", calibration))
@@ -372,7 +386,6 @@ class Pruner:
                     "(a list or DataLoader), but calibrate() was given a one-shot iterator"
                 )
         self._check_layers_fit(parsed_scope)
-        self._warn_if_sparser(target)
         return _Request(chosen, parsed_scope, target, steps, importances)
 
     def _check_layers_fit(self, scope: Scope) -> None:
@@ -443,6 +456,8 @@ class Pruner:
         importances: Mapping[str, Importance] | None,
         allocation: str | None,
         divergence: str,
+        *,
+        activation_cache: float | None,
     ) -> PruneReport:
         """Masks and compensation by layer-wise reconstruction (see :meth:`prune`)."""
         config = RECONSTRUCTIVE_METHODS.get(method, REFIT_ONLY)
@@ -450,6 +465,7 @@ class Pruner:
         target = resolve_sparsity(sparsity, parsed_scope)
         allocation = self._check_reconstructive(method, parsed_scope, steps, importances, allocation)
         _warn_beyond_reconstruction(target)
+        self._warn_if_sparser(target)
         batches = self._reconstruction_batches()
         pattern: Any = {"row": "row", "n:m": (parsed_scope.n, parsed_scope.m)}.get(parsed_scope.kind, "unstructured")
         scores = None
@@ -470,6 +486,7 @@ class Pruner:
                 }
             alternative = self._keep_for(method_scores, parsed_scope)
         run = ReconstructionRun(config, batches, weights, add_bias=self.add_bias, group=self.process_group)
+        run.activation_cache = activation_cache
         kind, output_fn = resolve_divergence(divergence, batches, self.model, self.output_fn, group=self.process_group)
         outcomes, chosen, divergences = reconstruct_best(
             self.model,
@@ -705,10 +722,15 @@ def _calibration_batches(batches: Iterable[Any] | None, method: str, reconstruct
 
 
 def _check_reconstruction_request(
-    method: str, reconstruct: object, allocation: object, divergence: object, scope: object
+    method: str,
+    reconstruct: object,
+    allocation: object,
+    divergence: object,
+    scope: object,
+    activation_cache: object = None,
 ) -> None:
     """``method`` is known (the neuron scope checks its own), ``reconstruct`` a bool, ``divergence`` one
-    of the search's, and ``allocation`` given only where layers are reconstructed."""
+    of the search's, ``allocation`` and ``activation_cache`` given only where layers are reconstructed."""
     known = sorted(IMPORTANCES) + sorted(RECONSTRUCTIVE_METHODS)
     if scope != "neuron" and (not isinstance(method, str) or method not in known):
         raise ValueError(f"argument 'method' must be one of {known}, got {method!r}")
@@ -721,6 +743,28 @@ def _check_reconstruction_request(
             f"argument 'allocation' splits the total across reconstructed layers (method='ecp-obs' or "
             f"'sparsegpt', or reconstruct=True); got allocation={allocation!r} with method={method!r}, which "
             "reconstructs nothing (its scope alone decides the split)"
+        )
+    check_activation_cache(activation_cache, method in RECONSTRUCTIVE_METHODS or reconstruct is True)
+
+
+def check_activation_cache(activation_cache: object, reconstructs: bool) -> None:
+    """``activation_cache``: None, or a finite number >= 0 (not a bool), given only where layers are reconstructed."""
+    if activation_cache is None:
+        return
+    if (
+        isinstance(activation_cache, (bool, np.bool_))
+        or not isinstance(activation_cache, numbers.Real)
+        or not math.isfinite(float(activation_cache))
+        or float(activation_cache) < 0
+    ):
+        raise ValueError(
+            "argument 'activation_cache' must be a finite number >= 0 (in sizes of the largest layer's Gram "
+            f"matrix), got {activation_cache!r}"
+        )
+    if not reconstructs:
+        raise ValueError(
+            f"argument 'activation_cache' sizes the caches of a reconstruction (method='ecp-obs' or 'sparsegpt', "
+            f"or reconstruct=True); got activation_cache={activation_cache!r} with a method that reconstructs nothing"
         )
 
 
@@ -788,6 +832,7 @@ def prune(
     reconstruct: bool = False,
     allocation: str | None = None,
     divergence: str = "auto",
+    activation_cache: float | None = None,
     exclude: Sequence[str] | str | None = None,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     add_bias: bool = True,
@@ -812,7 +857,7 @@ def prune(
         exclude=exclude,
         add_bias=add_bias,
     )
-    _check_reconstruction_request(method, reconstruct, allocation, divergence, scope)  # before calibrating
+    _check_reconstruction_request(method, reconstruct, allocation, divergence, scope, activation_cache)  # first
     registered = IMPORTANCES.get(method)
     if registered is not None and registered.needs_loss and loss_fn is None:
         raise ValueError(f"argument 'loss_fn': method {method!r} needs loss gradients, got loss_fn=None")
@@ -828,4 +873,5 @@ def prune(
         reconstruct=reconstruct,
         allocation=allocation,
         divergence=divergence,
+        activation_cache=activation_cache,
     )

@@ -43,7 +43,7 @@ from ecp_fast.pruning.batches import (
     storages,
     to_device,
 )
-from ecp_fast.pruning.layers import LayerSpec, weight_parameter
+from ecp_fast.pruning.layers import LayerSpec, layer_input, weight_parameter
 from ecp_fast.pruning.masks import copy_model, install_mask
 from ecp_fast.pruning.replay import CacheBudget, OutputReplay
 
@@ -112,7 +112,7 @@ def _layer_inputs(model: nn.Module, module: nn.Module, spec: LayerSpec, inputs: 
     captured: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        captured.append(spec.inputs_2d(args[0].detach()))
+        captured.append(spec.inputs_2d(layer_input(spec.name, args).detach()))
         raise _StopForward
 
     handle = module.register_forward_pre_hook(hook)
@@ -223,19 +223,22 @@ def token_weights(inputs: Any, rows: int) -> torch.Tensor | None:
 #: allocation candidate; the working copy's replayed outputs; the dense outputs candidates are compared
 #: with) fit, all together, this many times the largest Gram matrix of the layers reconstructed. Memory
 #: then stays the model and one layer's ``H`` (times a constant) however many calibration samples
-#: there are; what does not fit is recomputed.
-CACHE_GRAMS = 1
+#: there are; what does not fit is recomputed. The default of ``activation_cache`` (``Pruner.prune``):
+#: 0 recomputes everything (the least memory, the most time), more keeps more until everything fits.
+CACHE_GRAMS = 1.0
 
 
-def cache_budget(specs: Mapping[str, LayerSpec]) -> int:
-    """Bytes the activation caches of a reconstruction of ``specs`` share (see :data:`CACHE_GRAMS`)."""
-    return CACHE_GRAMS * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8
+def cache_budget(specs: Mapping[str, LayerSpec], grams: float | None = None) -> int:
+    """Bytes the activation caches of a reconstruction of ``specs`` share: ``grams`` times the largest
+    float64 Gram matrix of its layers (None: :data:`CACHE_GRAMS`)."""
+    grams = CACHE_GRAMS if grams is None else grams
+    return int(grams * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8)
 
 
-def _cache(specs: Mapping[str, LayerSpec], batches: Sequence[Any]) -> CacheBudget:
+def _cache(specs: Mapping[str, LayerSpec], batches: Sequence[Any], grams: float | None) -> CacheBudget:
     """The budget of a reconstruction's caches, in which the calibration inputs as the caller holds
     them (and views of them) cost nothing."""
-    return CacheBudget(cache_budget(specs), storages([split_batch(batch)[0] for batch in batches]))
+    return CacheBudget(cache_budget(specs, grams), storages([split_batch(batch)[0] for batch in batches]))
 
 
 class DenseReference:
@@ -424,7 +427,8 @@ class ReconstructionRun:
     dense reference (made on first use when the config refits); ``exact=False`` keeps the sweep's own
     update instead of the final refit (the cheap proxy that compares allocation candidates);
     ``add_bias=False`` keeps layers without a bias without one; ``cache`` the budget the run's
-    activation caches share (made on first use, see :func:`cache_budget`).
+    activation caches share (made on first use, ``activation_cache`` times the largest ``H``, see
+    :func:`cache_budget`; None: :data:`CACHE_GRAMS`).
 
     ``group`` is the ``torch.distributed`` process group whose ranks reconstruct together, each from
     its own ``batches`` (None: the default group). Under ``torch.distributed`` with more than one rank
@@ -443,6 +447,7 @@ class ReconstructionRun:
     add_bias: bool = True
     cache: CacheBudget | None = None
     group: Any = None
+    activation_cache: float | None = None
 
 
 def _layer_quadratic(
@@ -629,7 +634,7 @@ def _call(model: nn.Module, specs: Mapping[str, LayerSpec], run: ReconstructionR
     after: a run used again (after its outcomes were applied, or on other layers) starts afresh."""
     made_cache, made_dense = run.cache is None, run.dense is None
     if run.cache is None:
-        run.cache = _cache(specs, run.batches)
+        run.cache = _cache(specs, run.batches, run.activation_cache)
     if run.config.refit and run.dense is None:
         run.dense = DenseReference(model, run.cache)
     try:
@@ -790,6 +795,7 @@ def reconstruct_best(
         assert run.cache is not None
         proxy = run.config.refit and keep_fn is None
         reference = ReferenceOutputs(model, run.batches, output_fn, run.cache)
+        reference.keep_first()
         compare = _Comparison(reference, divergence, keep_outcomes=not proxy, group=run.group)
         for label, split in candidates.items():
             compare.reconstruct(label, model, specs, _plans(split, pattern, keep_fn), replace(run, exact=not proxy))
@@ -852,6 +858,21 @@ class ReferenceOutputs:
         self.budget = CacheBudget.of(budget)
         self.kept: dict[int, torch.Tensor] = {}
         self.used = 0
+
+    def keep_first(self) -> None:
+        """Keep the outputs of the batches in order while they fit, before any other cache fills: every
+        candidate reads each of them and recomputing one is a whole forward pass, so for their bytes
+        they spare the most (a model's output is mostly the smallest of its activations)."""
+        from ecp_fast.pruning.allocation import model_outputs
+
+        for index, batch in enumerate(self.batches):
+            if self.budget.used >= self.budget.limit:
+                return
+            output = model_outputs(self.model, [batch], self.output_fn)[0]
+            size = self.budget.cost(output)
+            if not self.budget.take(size, evict=True):
+                return
+            self.kept[index], self.used = output, self.used + size
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         from ecp_fast.pruning.allocation import model_outputs

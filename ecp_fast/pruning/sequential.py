@@ -69,7 +69,7 @@ from ecp_fast.pruning.batches import (
 )
 from ecp_fast.pruning.calibration import CalibrationResult, resolve_layers
 from ecp_fast.pruning.importance import IMPORTANCES, get_method
-from ecp_fast.pruning.pruner import Pruner
+from ecp_fast.pruning.pruner import Pruner, check_activation_cache
 from ecp_fast.pruning.reconstruction import RECONSTRUCTIVE_METHODS
 from ecp_fast.pruning.report import PruneReport
 from ecp_fast.pruning.selection import parse_scope, resolve_sparsity
@@ -170,6 +170,8 @@ def _check_arguments(settings: _Settings) -> None:
     if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
         raise ValueError(f"argument 'probes' must be a positive integer or None, got {probes!r}")
     _check_allocation(settings.method, settings.scope, settings.reconstruct, settings.allocation)
+    reconstructs = settings.reconstruct is True or settings.method in RECONSTRUCTIVE_METHODS
+    check_activation_cache(settings.activation_cache, reconstructs)
 
 
 def _check_method(method: object) -> None:
@@ -365,6 +367,7 @@ class _Settings:
     reconstruct: bool
     allocation: str | None
     add_bias: bool = True
+    activation_cache: float | None = None
 
 
 def _own_process_group(synchronize: bool) -> Any:
@@ -409,6 +412,7 @@ def _prune_block(
         reconstruct=settings.reconstruct,
         allocation=settings.allocation,
         divergence="mse",
+        activation_cache=settings.activation_cache,
     )
     assert isinstance(report, PruneReport)  # scope="neuron" was refused by _check_arguments
     return report, calibration
@@ -439,6 +443,7 @@ def prune_sequential(
     allocation: str | None = None,
     path: str | None = None,
     add_bias: bool = True,
+    activation_cache: float | None = None,
 ) -> SequentialReport:
     """Calibrate and prune ``blocks`` one at a time, each on the outputs of the already-pruned ones.
 
@@ -456,13 +461,12 @@ def prune_sequential(
     ``probes``, ``layers`` (names within each block), ``seed`` as for the Pruner. ``device``
     computes each block there; ``offload_activations`` keeps activations on the CPU; ``atomic``
     restores every block on any failure (one CPU copy of their tensors); ``synchronize`` merges statistics
-    across ranks (False: each rank prunes from its own data). A failure's error notes its block and what
-    stays pruned. ``add_bias`` as for the Pruner. Returns a :class:`SequentialReport`; bad arguments raise
-    ``ValueError`` / ``TypeError``.
+    across ranks (False: each rank prunes from its own data); ``add_bias``, ``activation_cache`` as for
+    the Pruner. A failure's error notes its block and what stays pruned. Returns a :class:`SequentialReport`.
     """
     settings = _Settings(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
-        allocation, add_bias,
+        allocation, add_bias, activation_cache,
     )  # fmt: skip
     _check_arguments(settings)
     flags = {"offload_activations": offload_activations, "atomic": atomic, "synchronize": synchronize}

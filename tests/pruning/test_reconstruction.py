@@ -683,3 +683,124 @@ def test_a_reconstruction_that_removes_nothing_leaves_the_model_as_it_was(method
     for name, module in (("0", model[0]), ("2", model[2])):
         assert module.bias is None
         assert torch.equal(module.weight_orig, before[f"{name}.weight"])
+
+
+def _linear_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A counter of the ``F.linear`` calls that really compute (replayed outputs do not call it)."""
+    calls = [0]
+    linear = torch.nn.functional.linear
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.modules.linear.F, "linear", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method,reconstruct", [("ecp-obs", False), ("sparsegpt", False), ("wanda", True)])
+def test_the_activation_cache_trades_memory_for_time_and_never_changes_the_result(
+    monkeypatch: pytest.MonkeyPatch, method: str, reconstruct: bool
+) -> None:
+    """``activation_cache`` sizes the caches' budget (in largest ``H``): 0 keeps nothing and computes more
+    layers again, a large one keeps every activation; the pruned weights are bit for bit the same."""
+    from ecp_fast.pruning.replay import CacheBudget
+
+    limits: list[int] = []
+    init = CacheBudget.__init__
+
+    def spy(self, limit, resident=None):
+        limits.append(limit)
+        init(self, limit, resident)
+
+    monkeypatch.setattr(CacheBudget, "__init__", spy)
+    calls = _linear_calls(monkeypatch)
+    largest = (16 + 1) ** 2 * 8
+    states, counts = {}, {}
+    for size in (0, 0.5, None, 1000):
+        model, limits[:], calls[0] = _relu_mlp(), [], 0
+        ecp_fast.prune(
+            model, _batches(count=6), 0.7, method, reconstruct=reconstruct, progress=False, activation_cache=size
+        )
+        states[size], counts[size] = _state(model), calls[0]
+        assert limits[-1] == int((1 if size is None else size) * largest)
+    assert all(torch.equal(states[size][key], states[None][key]) for size in states for key in states[None])
+    assert counts[0] >= counts[0.5] >= counts[None] >= counts[1000] and counts[0] > counts[1000]
+
+
+def test_a_bad_activation_cache_is_refused_before_any_change() -> None:
+    model = _relu_mlp()
+    before = _state(model)
+    for size in (-1, float("nan"), float("inf"), True, "1", [1]):
+        with pytest.raises(ValueError, match="argument 'activation_cache' must be a finite number >= 0"):
+            ecp_fast.prune(model, _batches(), 0.5, "ecp-obs", progress=False, activation_cache=size)
+    with pytest.raises(ValueError, match="argument 'activation_cache' sizes the caches of a reconstruction"):
+        ecp_fast.prune(model, _batches(), 0.5, "magnitude", progress=False, activation_cache=1)
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    pruner.calibrate(_batches())
+    with pytest.raises(ValueError, match="argument 'activation_cache'"):
+        pruner.prune(0.5, method="sparsegpt", activation_cache=-0.5)
+    with pytest.raises(ValueError, match="argument 'activation_cache' sizes"):
+        pruner.prune(0.5, method="ecp", scope="neuron", activation_cache=0)
+    blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))]).double()
+    block_state = _state(blocks)
+    inputs = [torch.randn(16, 8, dtype=torch.float64)]
+    with pytest.raises(ValueError, match="argument 'activation_cache' sizes"):
+        ecp_fast.prune_sequential(blocks, inputs, 0.5, method="magnitude", progress=False, activation_cache=1)
+    with pytest.raises(ValueError, match="argument 'activation_cache' must be"):
+        ecp_fast.prune_sequential(blocks, inputs, 0.5, method="sparsegpt", progress=False, activation_cache=-1)
+    assert all(torch.equal(model.state_dict()[key], before[key]) for key in before)
+    assert all(torch.equal(blocks.state_dict()[key], block_state[key]) for key in block_state)
+    assert not any(hasattr(module, "weight_mask") for module in [*model.modules(), *blocks.modules()])
+
+
+def test_sequential_blocks_pass_the_activation_cache_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _linear_calls(monkeypatch)
+    counts, states = [], []
+    for size in (0, 1000):
+        torch.manual_seed(0)
+        blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(2)]).double()
+        inputs = [torch.randn(16, 8, dtype=torch.float64) for _ in range(3)]
+        calls[0] = 0
+        ecp_fast.prune_sequential(
+            blocks, inputs, 0.5, method="ecp-obs", scope="global", progress=False, activation_cache=size
+        )
+        counts.append(calls[0])
+        states.append(_state(blocks))
+    assert counts[0] > counts[1]
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_reference_outputs_claim_the_budget_first_and_are_computed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``keep_first`` keeps the dense outputs of the first batches that fit (each 40 x 3 float64 here);
+    iterating then computes only the others, and the outputs are the model's."""
+    from ecp_fast.pruning.replay import CacheBudget
+
+    model, batches = _relu_mlp(), _batches(count=3)
+    one = 40 * 3 * 8
+    budget = CacheBudget(2 * one + one // 2)
+    reference = reconstruction.ReferenceOutputs(model, batches, None, budget)
+    calls = _linear_calls(monkeypatch)
+    reference.keep_first()
+    assert sorted(reference.kept) == [0, 1] and budget.used == reference.used == 2 * one
+    kept_calls, calls[0] = calls[0], 0
+    outputs = list(reference)
+    assert kept_calls == 3 * 3 and calls[0] == 3  # three batches tried (the third does not fit), one computed again
+    with torch.no_grad():
+        assert all(torch.equal(out, model(x)) for out, (x, _) in zip(outputs, batches, strict=True))
+    full = CacheBudget(one)
+    full.used = one
+    calls[0] = 0
+    reconstruction.ReferenceOutputs(model, batches, None, full).keep_first()
+    assert calls[0] == 0  # no room: nothing computed ahead
+
+
+@pytest.mark.parametrize("method,reconstruct", [("ecp-obs", False), ("magnitude", True)])
+def test_a_target_below_the_present_sparsity_warns_as_the_mask_methods_do(method: str, reconstruct: bool) -> None:
+    model = _relu_mlp()
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    pruner.calibrate(_batches())
+    pruner.prune(0.6, method="sparsegpt")
+    with pytest.warns(UserWarning, match=r"already 0\.\d+ sparse, above the requested sparsity 0\.4000"):
+        report = pruner.prune(0.4, method=method, reconstruct=reconstruct)
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)

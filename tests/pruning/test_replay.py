@@ -130,7 +130,7 @@ def test_reconstruction_gives_the_same_bits_without_replay_and_kept_sweeps(metho
     computed = _calls(monkeypatch)
     cached = _pruned(_mlp(), method)
     with_replay = len(computed)
-    monkeypatch.setattr(reconstruction, "cache_budget", lambda specs: 0)  # no replay, dense inputs or reference kept
+    monkeypatch.setattr(reconstruction, "cache_budget", lambda specs, grams=None: 0)  # nothing kept
     monkeypatch.setattr(reconstruction, "_sweep_layer", _plain_sweep)
     computed.clear()
     plain = _pruned(_mlp(), method)
