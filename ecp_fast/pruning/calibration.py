@@ -61,6 +61,7 @@ from ecp_fast.pruning.layers import (  # re-exported: pruner, sequential, import
     LayerSpec,
     _conv_padding,  # noqa: F401  (kept importable from here)
     existing_mask,
+    layer_input,
     resolve_layers,
     weight_2d,
     weight_parameter,
@@ -466,7 +467,7 @@ class _PassHooks:
         """Capture layer ``name``'s input and, when backward passes follow, tap its output."""
         if name in self.passes:
             raise RuntimeError(f"layer {name!r} ran twice in one forward pass; shared layers are not supported")
-        self.on_input(name, args[0].detach(), output)
+        self.on_input(name, layer_input(name, args).detach(), output)
         if not self.needs_graph:
             return None
         # A zero leaf added to z: differentiating with respect to the anchors drives the

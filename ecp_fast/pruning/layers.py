@@ -224,6 +224,14 @@ def unsupported_reason(module: nn.Module) -> str | None:
             f"{type(module).__name__} with a parametrized weight ({reparametrized}) is not supported "
             "(a mask would act on a computed tensor; remove the parametrization)"
         )
+    bias_reason = None if kind is None else _bias_reason(module)
+    if bias_reason is not None:
+        return bias_reason
+    if kind is not None and any(tensor.is_inference() for tensor in _own_tensors(module)):
+        return (
+            f"{type(module).__name__} holds inference tensors (made under torch.inference_mode()), which cannot be "
+            "changed in place; build or load the model outside inference_mode (or clone its parameters)"
+        )
     if kind in ("linear", "conv1d"):
         return None
     if kind == "conv2d":
@@ -238,6 +246,45 @@ def unsupported_reason(module: nn.Module) -> str | None:
             )
         return None
     return f"{type(module).__name__} is not supported (expected nn.Linear, nn.Conv2d or transformers' Conv1D)"
+
+
+def _bias_reason(module: nn.Module) -> str | None:
+    """Why the layer's bias cannot take a compensation, or None: a pruning mask or a parametrization
+    recomputes it at every call, so what is written into it would be thrown away."""
+    if hasattr(module, "bias_orig") and hasattr(module, "bias_mask"):
+        return (
+            f"{type(module).__name__} with a masked bias (torch.nn.utils.prune on 'bias') is not supported (its "
+            "compensation is written into the bias, which the mask recomputes); make the bias mask permanent first "
+            "with torch.nn.utils.prune.remove(module, 'bias')"
+        )
+    reparametrized = weight_reparametrization(module, "bias")
+    if reparametrized is not None:
+        return (
+            f"{type(module).__name__} with a parametrized bias ({reparametrized}) is not supported (its compensation "
+            "is written into the bias, a computed tensor; remove the parametrization)"
+        )
+    return None
+
+
+def _own_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """The layer's weight and bias as stored (``weight_orig`` under a mask), those that are tensors."""
+    names = ("weight_orig", "weight", "bias_orig", "bias")
+    return [tensor for name in names if isinstance(tensor := getattr(module, name, None), torch.Tensor)]
+
+
+def layer_input(name: str, args: tuple) -> torch.Tensor:
+    """The input a layer was called with, as a forward hook sees it: its first positional argument.
+
+    Raises ``ValueError`` naming the layer where there is none (the model's code called it with a
+    keyword, ``layer(input=x)``, which a forward hook does not see).
+    """
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise ValueError(
+            f"argument 'model': layer {name!r} was called without its input tensor as the first positional "
+            f"argument (for instance layer(input=x)), so its inputs cannot be captured; call it as layer(x), or "
+            f"leave it out (exclude=[{name!r}])"
+        )
+    return args[0]
 
 
 # ---- which layers ---------------------------------------------------------------------------------
@@ -270,11 +317,12 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
 
 
 def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """``{layer: [other parameters]}`` for layers whose stored weight is tied to another parameter.
+    """``{layer: [other parameters]}`` for layers whose stored weight or bias is tied to another parameter.
 
     Tied means the same tensor under another name, or a tensor sharing its storage (e.g. a language
-    model's head and its input embedding). ``names`` restricts the layers checked (default: every
-    module with a ``weight``).
+    model's head and its input embedding; two layers given one bias). ``names`` restricts the layers
+    checked (default: every module with a ``weight``). A bias counts too: pruning writes each layer's
+    compensation into it, which would change the other holder as well.
     """
     holders: dict[object, list[str]] = {}
     for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
@@ -286,15 +334,21 @@ def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[s
         module = modules[name]
         if not isinstance(getattr(module, "weight_orig", getattr(module, "weight", None)), torch.Tensor):
             continue
-        weight = weight_parameter(module)
-        key = _storage_key(weight)
-        own = {f"{name}.weight" if name else "weight", f"{name}.weight_orig" if name else "weight_orig"}
+        prefix = f"{name}." if name else ""
+        own = {prefix + attribute for attribute in ("weight", "weight_orig", "bias", "bias_orig")}
+        tensors = [weight_parameter(module)]
+        bias = getattr(module, "bias_orig", getattr(module, "bias", None))
+        if isinstance(bias, nn.Parameter):
+            tensors.append(bias)
         others = [
-            other for other in holders.get(key if key is not None else ("id", id(weight)), []) if other not in own
+            other
+            for tensor in tensors
+            for other in holders.get(_storage_key(tensor) or ("id", id(tensor)), [])
+            if other not in own
         ]
         # Parameters of the same module reached through an alias path are the same tie.
         if others:
-            result[name] = others
+            result[name] = list(dict.fromkeys(others))
     return result
 
 
@@ -417,7 +471,7 @@ def _default_layers(
             used_patterns.add(pattern)
             left_out.append(f"{name!r} (exclude pattern {pattern!r})")
         elif name in tied:
-            left_out.append(f"{name!r} (weight tied to {', '.join(tied[name])})")
+            left_out.append(f"{name!r} (tied to {', '.join(tied[name])})")
         elif name in heads:
             left_out.append(f"{name!r} (output head; include_output_head=True scores it)")
         else:
@@ -426,6 +480,7 @@ def _default_layers(
     if left_out:
         logger.info("left out of pruning: %s", "; ".join(left_out))
     if not specs:
+        left_out += [f"{name!r} ({reason})" for name, reason in skipped.items()]
         raise ValueError(
             "argument 'layers': the model has no nn.Linear, supported nn.Conv2d or Conv1D layer to prune"
             + (f" (left out: {'; '.join(left_out)})" if left_out else "")
@@ -458,7 +513,7 @@ def _named_layers(
         tied = tied_weights(model, [name])
         if name in tied:
             raise ValueError(
-                f"argument 'layers': layer {name!r} has its weight tied to {', '.join(tied[name])}; pruning it "
+                f"argument 'layers': layer {name!r} has its weight or bias tied to {', '.join(tied[name])}; pruning it "
                 "would change those too. Leave it out, or untie it first (e.g. clone the weight into a new "
                 "nn.Parameter and set config.tie_word_embeddings=False)"
             )

@@ -148,7 +148,7 @@ def test_tied_head_is_left_out_and_refused_by_name(tie):
     assert tied_weights(model)["lm_head"] == ["embed.weight"]
     assert list(resolve_layers(model)) == ["body.0", "body.2"]
     assert list(resolve_layers(model, include_output_head=True)) == ["body.0", "body.2"]  # tied: never
-    with pytest.raises(ValueError, match=r"'lm_head' has its weight tied to embed.weight"):
+    with pytest.raises(ValueError, match=r"'lm_head' has its weight or bias tied to embed.weight"):
         resolve_layers(model, ["body.0", "lm_head"])
 
 
@@ -322,3 +322,72 @@ def test_an_asymmetric_same_padding_is_skipped_up_front_with_its_reason(caplog):
         resolve_layers(net, layers=["2"])
     odd_dilated = nn.Conv2d(4, 4, 4, padding="same", dilation=2)  # total 6 per side pair: symmetric
     assert list(resolve_layers(nn.Sequential(odd_dilated))) == ["0"]
+
+
+def _three_layers(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 8, generator=generator) + 2, torch.randint(0, 4, (32,), generator=generator))]
+
+
+@pytest.mark.parametrize("method", ["ecp", "ecp-obs", "magnitude"])
+def test_a_layer_whose_bias_a_mask_recomputes_is_left_out_or_refused(method: str, caplog) -> None:
+    """A masked or parametrized bias is recomputed at every call: a compensation written into it would be
+    lost while the report counted it. Such a layer is skipped with its reason, or refused by name."""
+    net = _three_layers()
+    torch.nn.utils.prune.l1_unstructured(net[0], "bias", amount=0.25)
+    nn.utils.parametrize.register_parametrization(net[2], "bias", nn.Identity())
+    before = copy.deepcopy(net.state_dict())
+    with caplog.at_level(logging.WARNING, logger="ecp_fast.pruning.layers"):
+        report = ecp_fast.prune(
+            net, _data(), sparsity=0.5, method=method, progress=False, loss_fn=nn.CrossEntropyLoss()
+        )
+    assert [layer.name for layer in report.layers] == ["4"]
+    assert "'0': Linear with a masked bias" in caplog.text and "with a parametrized bias" in caplog.text
+    after = net.state_dict()
+    assert all(torch.equal(after[key], value) for key, value in before.items() if not key.startswith("4."))
+    for name in ("0", "2"):
+        with pytest.raises(ValueError, match=rf"argument 'layers': layer '{name}' cannot be pruned: .* bias"):
+            resolve_layers(net, layers=[name])
+
+
+def test_a_bias_shared_between_layers_counts_as_a_tie() -> None:
+    """Each layer's compensation is written into its bias: a bias two layers share would take both."""
+    net = _three_layers()
+    net[2].bias = net[0].bias = nn.Parameter(torch.zeros(16))
+    assert tied_weights(net) == {"0": ["2.bias"], "2": ["0.bias"]}
+    assert list(resolve_layers(net)) == ["4"]
+    with pytest.raises(ValueError, match=r"argument 'layers': layer '2' has its weight or bias tied to 0.bias"):
+        resolve_layers(net, layers=["2"])
+    report = ecp_fast.prune(net, _data(), sparsity=0.5, method="ecp-obs", progress=False)
+    assert [layer.name for layer in report.layers] == ["4"] and torch.equal(net[0].bias, torch.zeros(16))
+
+
+def test_inference_tensors_are_named_as_the_reason_nothing_can_be_pruned() -> None:
+    with torch.inference_mode():
+        net = _three_layers()
+    with pytest.raises(ValueError, match=r"no nn.Linear.*'0' \(Linear holds inference tensors"):
+        ecp_fast.prune(net, _data(), sparsity=0.5, method="sparsegpt", progress=False)
+
+
+def test_a_layer_called_with_a_keyword_input_is_named_in_the_error() -> None:
+    class KeywordCall(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(input=x)))
+
+    net = KeywordCall()
+    before = copy.deepcopy(net.state_dict())
+    for method in ("ecp", "ecp-obs"):
+        with pytest.raises(ValueError, match=r"argument 'model': layer 'a' was called without its input tensor"):
+            ecp_fast.prune(net, _data(), sparsity=0.5, method=method, progress=False)
+        assert all(torch.equal(net.state_dict()[key], value) for key, value in before.items())
+    report = ecp_fast.prune(net, _data(), sparsity=0.5, method="ecp-obs", progress=False, exclude=["a"])
+    assert [layer.name for layer in report.layers] == ["b"]
