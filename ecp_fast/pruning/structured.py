@@ -50,6 +50,7 @@ from torch.nn.utils import prune as torch_prune
 from ecp_fast._arguments import check_module
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast.ops import finalize
+from ecp_fast.pruning.batches import call_model, eval_mode, module_device, split_batch, to_device
 from ecp_fast.pruning.calibration import (
     SENSITIVITIES,
     Calibrator,
@@ -1220,6 +1221,7 @@ def _remove_neurons(
         hidden_before = {pair.consumer: _dense_shape(modules[pair.producer])[0] for pair in resolved}
         target = model if inplace else copy_model(model)
         shrink_model(target, plan)
+        _check_still_runs(target, _check_batches(pruner, options), resolved)
         if inplace and pruner is not None:
             pruner.layers = resolve_layers(model, list(pruner.layers))
             pruner.calibration = None
@@ -1235,6 +1237,34 @@ def _remove_neurons(
             report.flops_ratio,
         )
         return report
+
+
+def _check_batches(pruner: Pruner | None, options: _NeuronOptions) -> Iterable[Any] | None:
+    """Re-iterable batches to try the smaller model on (the caller's, else the pruner's), or None."""
+    batches = options.batches if options.batches is not None else getattr(pruner, "_batches", None)
+    return None if batches is None or iter(batches) is batches else batches
+
+
+def _check_still_runs(model: nn.Module, batches: Iterable[Any] | None, pairs: Sequence[NeuronPair]) -> None:
+    """Run one calibration batch through the smaller model (eval mode, no gradients): hidden units that
+    feed more than their consumer (a residual connection, a second branch) leave shapes that no longer
+    fit, found here, where the transaction restores the model, rather than at the caller's next call.
+    Without re-iterable batches nothing is tried."""
+    first = None if batches is None else next(iter(batches), None)
+    if first is None:
+        return
+    inputs = to_device(split_batch(first)[0], module_device(model))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            call_model(model, inputs)
+    except RuntimeError as error:
+        names = ", ".join(f"({pair.producer!r}, {pair.consumer!r})" for pair in pairs)
+        raise ValueError(
+            f"argument 'pairs': after removing hidden units of {names} the model no longer runs on a calibration "
+            f"batch ({type(error).__name__}: {str(error).splitlines()[0]}); a pair's hidden units must feed its "
+            "consumer alone (no residual connection or second branch reads them): pass pairs= without that "
+            "pair. The model is as it was."
+        ) from error
 
 
 @renamed_keyword("criterion", "sensitivity")
@@ -1284,7 +1314,9 @@ def prune_neurons(
 
     Raises:
         ValueError / TypeError: bad ratio, method, scope, pairs (a gated MLP, a shared layer) or
-        options, missing statistics; checked before anything is calibrated or changed. Any later
+        options, missing statistics; checked before anything is calibrated or changed. ValueError
+        too when the smaller model no longer runs on the first calibration batch (hidden units that
+        a residual connection reads as well; tried where the batches are re-iterable). Any later
         failure (KeyboardInterrupt too) restores model and pruner exactly. A UserWarning says when the
         model already has more all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the
         removal below it.

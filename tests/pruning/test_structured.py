@@ -619,3 +619,36 @@ def test_numpy_ratios_are_taken_as_python_numbers(ratio: Any) -> None:
     with pytest.raises(TypeError, match="argument 'ratio' must be a float in"):
         prune_neurons(model, np.bool_(False), method="norm")
     assert_unchanged(before, model)
+
+
+class _ResidualThroughHidden(nn.Module):
+    """``head(fc2(relu(h)) + h)`` with ``h = fc1(x)``: the hidden units feed the residual sum too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x)
+        return self.head(self.fc2(torch.relu(hidden)) + hidden)
+
+
+@pytest.mark.parametrize("through", ["function", "pruner", "copy"])
+def test_hidden_units_a_residual_reads_are_refused_after_one_batch_and_the_model_is_as_it_was(through: str) -> None:
+    """The detected pair (fc1, fc2) would leave a model that fails at its next call: one calibration
+    batch through the smaller model finds it, and the transaction restores everything."""
+    model = _ResidualThroughHidden().train()
+    x = torch.randn(64, 8)
+    batches = [(x, torch.randint(0, 4, (64,)))]
+    before = fingerprint(model)
+    expected = r"argument 'pairs': after removing hidden units of \('fc1', 'fc2'\) the model no longer runs"
+    with pytest.raises(ValueError, match=expected):
+        if through == "pruner":
+            pruner = Pruner(model, progress=False)
+            pruner.calibrate(batches)
+            pruner.prune(0.5, method="ecp", scope="neuron")
+        else:
+            prune_neurons(model, 0.5, batches=batches, inplace=through == "function")
+    assert_unchanged(before, model)
+    assert model(x).shape == (64, 4)
