@@ -83,6 +83,21 @@ def floored_split(split: Split, floor: Split, sizes: Mapping[str, int], sparsity
     return {name: floor[name] + scale * above.get(name, 0.0) for name in sizes}
 
 
+def capped_split(split: Split, cap: float, sizes: Mapping[str, int], sparsity: float) -> Split:
+    """``split`` with no layer above ``cap`` nor emptied (one weight of a layer stays), the total still
+    ``sparsity`` where that allows: what the capped layers give up is taken by the layers below their
+    caps, each taking the same fraction of its room (a global ranking may ask for all of a layer, which
+    a reconstruction never empties)."""
+    caps = {name: min(cap, (size - 1) / size) if size else 0.0 for name, size in sizes.items()}
+    if all(split[name] <= caps[name] for name in sizes):
+        return dict(split)
+    capped = {name: min(split[name], caps[name]) for name in sizes}
+    missing = sparsity * sum(sizes.values()) - sum(capped[name] * size for name, size in sizes.items())
+    room = sum((caps[name] - capped[name]) * size for name, size in sizes.items())
+    scale = 0.0 if missing <= 0 or room <= 0 else min(1.0, missing / room)
+    return {name: capped[name] + scale * (caps[name] - capped[name]) for name in sizes}
+
+
 def split_from_keep(keep: Mapping[str, torch.Tensor]) -> Split:
     """Per-layer sparsity of keep masks (for example the result of a global selection)."""
     return {name: 1.0 - float(mask.double().mean()) for name, mask in keep.items()}

@@ -19,6 +19,7 @@ of summed squared output error. The bias column is never pruned.
   optionally fitting the DENSE network's output from the PRUNED network's inputs.
 """
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -376,7 +377,8 @@ def _smallest_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
 def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | None = None) -> torch.Tensor:
     """Keep-mask of one block's prunable columns for the 'unstructured' or 'row' pattern.
 
-    ``count`` overrides the number of entries an unstructured block removes (a layer-wide budget).
+    ``count`` overrides the number of entries an unstructured block removes (a layer-wide budget), or
+    each row of a 'row' block (its share of the row's count, see :func:`_row_counts`).
     """
     out, width = scores.shape
     keep = torch.ones(out, width, dtype=torch.bool, device=scores.device)
@@ -385,10 +387,20 @@ def _block_keep(scores: torch.Tensor, mode: str, sparsity: float, count: int | N
         if count:
             keep.view(-1)[_smallest(scores.flatten(), count)] = False
     else:
-        count = target_count(width, sparsity)
+        count = target_count(width, sparsity) if count is None else count
         if count:
             keep.scatter_(1, _smallest(scores, count, dim=1), False)
     return keep
+
+
+def _row_counts(n_in: int, sparsity: float, block_size: int) -> list[int]:
+    """Removals per row in each block of the 'row' pattern: the row's count (:func:`target_count` of the
+    whole row, as the mask methods' row scope) split by rounding the running total at each block's end,
+    so the blocks add up to it exactly (rounding each block on its own lost up to a weight per block)."""
+    total = target_count(n_in, sparsity)
+    ends = [min(start + block_size, n_in) for start in range(0, n_in, block_size)]
+    running = [0] + [math.floor(sparsity * end + 0.5) for end in ends[:-1]] + [total]
+    return [max(0, after - before) for before, after in itertools.pairwise(running)]
 
 
 def _layer_budgets(
@@ -487,6 +499,8 @@ def _sweep(
     budgets = (
         _layer_budgets(w, u, dead, sparsity, block_size, n_in, removed)
         if mode == "unstructured" and budget == "layer"
+        else _row_counts(n_in, sparsity, block_size)
+        if mode == "row"
         else None
     )
     for i1 in range(0, w.shape[1], block_size):

@@ -31,6 +31,7 @@ from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
     DIVERGENCES,
     candidate_splits,
+    capped_split,
     floored_split,
     resolve_divergence,
     split_from_keep,
@@ -582,6 +583,10 @@ class Pruner:
             candidates = {"global": global_split}
         else:
             candidates = candidate_splits(sizes, target, global_split)
+        # a layer is never emptied (MAX_LAYER_SPARSITY): what a split asks beyond that goes to the others
+        candidates = {
+            label: capped_split(split, MAX_LAYER_SPARSITY, sizes, target) for label, split in candidates.items()
+        }
         floor = split_from_keep(keep)  # removed weights stay removed (they count toward the target)
         if scope.kind in ("row", "n:m") or not any(floor.values()):
             return candidates  # a row or group counts its removed weights toward its own target

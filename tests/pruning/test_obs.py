@@ -278,18 +278,26 @@ SHAPES = [(1, 1, 128), (1, 7, 128), (3, 7, 4), (5, 13, 5), (7, 130, 128), (11, 2
 
 @pytest.mark.parametrize("out,n_in,block_size", SHAPES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])
-def test_unstructured_and_row_counts_are_exact_per_block(out, n_in, block_size, sparsity):
+def test_unstructured_counts_are_exact_per_block_and_row_counts_per_row(out, n_in, block_size, sparsity):
+    """Unstructured: the nearest count of each block. Row: the row's count, as the mask methods' row scope
+    removes (the nearest, one kept at least), shared among the blocks by rounding the running total."""
     weight, bias, _, _, gram = _problem(out, n_in, samples=2 * n_in + 4, seed=out * n_in)
     for pattern in ("unstructured", "row"):
         result = obs.obs_sweep(weight, bias, gram, sparsity=sparsity, pattern=pattern, block_size=block_size)
         assert result.mask.shape == (out, n_in) and result.mask.dtype == torch.bool
+        running = 0
         for i1 in range(0, n_in, block_size):
             pruned = ~result.mask[:, i1 : i1 + block_size]
             width = pruned.shape[1]
             if pattern == "unstructured":
                 assert int(pruned.sum()) == obs.target_count(out * width, sparsity)  # nearest; one kept at least
             else:
-                assert pruned.sum(dim=1).tolist() == [obs.target_count(width, sparsity)] * out
+                end = i1 + width
+                expected = obs.target_count(n_in, sparsity) if end == n_in else math.floor(sparsity * end + 0.5)
+                assert pruned.sum(dim=1).tolist() == [expected - running] * out
+                running = expected
+        if pattern == "row":
+            assert (~result.mask).sum(dim=1).tolist() == [obs.target_count(n_in, sparsity)] * out
         _assert_pruned_exactly(result, bias)
 
 

@@ -804,3 +804,38 @@ def test_a_target_below_the_present_sparsity_warns_as_the_mask_methods_do(method
     with pytest.warns(UserWarning, match=r"already 0\.\d+ sparse, above the requested sparsity 0\.4000"):
         report = pruner.prune(0.4, method=method, reconstruct=reconstruct)
     assert report.sparsity == pytest.approx(0.6, abs=0.01)
+
+
+@pytest.mark.parametrize("method", ["ecp-obs", "sparsegpt"])
+def test_a_row_scope_removes_per_row_what_the_mask_methods_remove_over_several_blocks(method: str) -> None:
+    """130 inputs are two sweep blocks (128 + 2): the row's count is met over both, not rounded per block."""
+    counts = {}
+    for name in (method, "magnitude"):
+        model = _relu_mlp(sizes=(130, 9, 3))
+        ecp_fast.prune(model, _batches(fan_in=130), 0.9, name, scope="row", progress=False)
+        counts[name] = (model[0].weight == 0).sum(dim=1).tolist()
+    assert counts[method] == counts["magnitude"] == [117] * 9
+
+
+def test_a_capped_split_meets_the_total_with_no_layer_emptied_or_above_the_cap() -> None:
+    sizes = {"a": 1000, "b": 48, "c": 300}
+    split = {"a": 0.3, "b": 1.0, "c": 0.999}  # a global ranking that asks for all of b
+    total = (0.3 * 1000 + 48 + 0.999 * 300) / 1348
+    capped = allocation.capped_split(split, 0.995, sizes, total)
+    assert capped["b"] == pytest.approx(47 / 48) and capped["c"] == pytest.approx(0.995)
+    assert sum(capped[name] * size for name, size in sizes.items()) == pytest.approx(total * 1348)
+    assert capped["a"] > 0.3
+    within = {"a": 0.5, "b": 0.5, "c": 0.5}
+    assert allocation.capped_split(within, 0.995, sizes, 0.5) == within
+
+
+def test_a_global_allocation_that_asks_for_a_whole_layer_still_meets_the_target() -> None:
+    """A small last layer the global ranking would empty keeps a weight; the rest goes to the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    batches = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(2)]
+    pruner = ecp_fast.Pruner(model, sensitivity="local", progress=False)
+    pruner.calibrate(batches)
+    report = pruner.prune(0.5, method="sparsegpt", allocation="global")
+    assert report.sparsity == pytest.approx(0.5, abs=0.5 / 176)  # within half a weight (it fell 1 short)
+    assert all(layer.pruned < layer.weights for layer in report.layers)
