@@ -368,6 +368,15 @@ def _check_input(model: nn.Module, shape: tuple[int, ...], option: str | None) -
         raise UsageError(f"{given}: the model does not run on an input of shape {(1, *shape)} (batch of 1): {failure}")
 
 
+def size_comparison(size: int, reference: int) -> str:
+    """``size`` against ``reference`` in words: "2.50x smaller than", "1.14x larger than" or "the same size as"."""
+    if size == reference:
+        return "the same size as"
+    if size < reference:
+        return f"{reference / size:.2f}x smaller than"
+    return f"{size / reference:.2f}x larger than"
+
+
 def _table(args: argparse.Namespace, model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """The lines of the comparison table (exports, times, writes; raises UsageError for user mistakes)."""
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
@@ -395,8 +404,8 @@ def _table(args: argparse.Namespace, model: nn.Module, input_shape: tuple[int, .
     compact_bytes = save_compact(model, compact)
     lines += [
         "",
-        f"compact file (save_compact): {compact_bytes:,} bytes, {sizes['dense'] / compact_bytes:.2f}x "
-        f"smaller than the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes",
+        f"compact file (save_compact): {compact_bytes:,} bytes, {size_comparison(compact_bytes, sizes['dense'])} "
+        f"the dense state dict; checkpoint on disk: {args.checkpoint.stat().st_size:,} bytes",
     ]
     if args.out is not None:
         lines.append(_write_files(args.out.expanduser(), exported, compact.getvalue()))

@@ -179,8 +179,40 @@ def _decode(key: str, record: Any) -> torch.Tensor:
         raise ValueError(f"argument 'path_or_file': the CSR record of {key!r} is damaged ({error})") from None
 
 
+def _untie_differing(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give every holder of a tied parameter its own copy where ``state`` holds different values for them.
+
+    An export folds a mask on one holder of a tied weight into a copy (:func:`fold_masks`), so the
+    file may hold an embedding and a pruned head that a tied template would load into one tensor:
+    the last key would silently overwrite the others.
+    """
+    holders: dict[int, dict[tuple[int, str], str]] = {}
+    modules: dict[int, nn.Module] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        modules[id(module)] = module
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                key = f"{path}.{name}" if path else name
+                holders.setdefault(id(parameter), {}).setdefault((id(module), name), key)
+    for group in holders.values():
+        tensors = [state.get(key) for key in group.values()]
+        if len(group) < 2 or not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
+            continue
+        if all(torch.equal(tensors[0], tensor) for tensor in tensors[1:]):  # type: ignore[arg-type]
+            continue
+        for module_id, name in group:
+            shared = modules[module_id]._parameters[name]
+            assert shared is not None  # found among the module's parameters above
+            fresh = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+            modules[module_id]._parameters[name] = fresh
+        logger.warning(
+            "the file holds different values for the tied parameters %s: they are untied", list(group.values())
+        )
+
+
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """``model.load_state_dict(state)``, adding a bias the file has but the template lacks (compensation adds one)."""
+    _untie_differing(model, state)
     modules = dict(model.named_modules())
     for key, tensor in state.items():
         owner, _, name = key.rpartition(".")

@@ -32,11 +32,13 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils.prune import BasePruningMethod
 
 from ecp_fast._arguments import check_module
 from ecp_fast.export.measure import MEASURE_MARGIN as MEASURE_MARGIN  # re-exported: it was defined here
 from ecp_fast.export.measure import capture_layer_inputs, faster, time_forms
 from ecp_fast.export.measure import check_example_inputs as check_example_inputs  # re-exported, likewise
+from ecp_fast.pruning.masks import weight_reparametrization
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +126,9 @@ def _csr_graph(in_features: int, out_features: int, has_bias: bool) -> fx.Graph:
 def csr_linear(linear: nn.Linear) -> fx.GraphModule:
     """A ``SparseCSRLinear`` GraphModule computing ``linear`` (its current, mask-folded weight) with a CSR weight.
 
+    The new layer takes ``linear``'s training mode, not its hooks or a weight re-parametrisation
+    (:func:`csr_obstacle` says whether ``linear`` has any; :func:`replace_with_csr` leaves such layers dense).
+
     Raises:
         TypeError: ``linear`` is not an ``nn.Linear``.
         ValueError: its weight is not float32 / float64 (torch's CPU CSR kernels support no other).
@@ -150,6 +155,7 @@ def csr_linear(linear: nn.Linear) -> fx.GraphModule:
         setattr(module, name, value)
     # GraphModule.__deepcopy__ keeps only attributes listed here (pickling keeps them all).
     module.meta["_user_preserved_attributes"] = shape
+    module.train(linear.training)  # a new module starts in training mode; an eval-mode export must stay eval
     return module
 
 
@@ -194,7 +200,36 @@ def dense_linear(module: nn.Module) -> nn.Linear:
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
+    linear.train(module.training)
     return linear
+
+
+def csr_obstacle(linear: nn.Module) -> str | None:
+    """Why replacing ``linear`` by a CSR layer would change what the model computes, or None.
+
+    A CSR layer is built from the weight as it is now: a weight re-parametrisation (the hooks of the
+    old-style ``weight_norm`` / ``spectral_norm``, which recompute ``weight`` at every call, or a
+    ``torch.nn.utils.parametrize`` one) would be frozen, possibly stale; and the layer's own hooks
+    would be lost (:func:`csr_linear` does not carry them over). Pruning-mask hooks do not count: the
+    CSR weight is the masked one.
+    """
+    kind = weight_reparametrization(linear)
+    if kind is not None:
+        return f"its weight is re-parametrised ({kind}), which a CSR copy of the weight would freeze"
+    pre_hooks = [hook for hook in linear._forward_pre_hooks.values() if not isinstance(hook, BasePruningMethod)]
+    kinds = [
+        kind
+        for kind, hooks in (
+            ("forward pre-hooks", pre_hooks),
+            ("forward hooks", linear._forward_hooks),
+            ("backward hooks", linear._backward_hooks),
+            ("backward pre-hooks", linear._backward_pre_hooks),
+        )
+        if hooks
+    ]
+    if kinds:
+        return f"it has {', '.join(kinds)}: layer hooks of a replaced Linear are not carried over to its CSR form"
+    return None
 
 
 @dataclass(frozen=True)
@@ -239,6 +274,10 @@ def _choose_one(
 ) -> LayerChoice:
     shape = (linear.out_features, linear.in_features)
     density = density_of(linear)
+    obstacle = csr_obstacle(linear)
+    if obstacle is not None:
+        logger.warning("layer %r stays dense: %s", name, obstacle)
+        return LayerChoice(name, shape, density, False, obstacle)
     if linear.weight.dtype not in CSR_DTYPES:
         return LayerChoice(name, shape, density, False, f"dtype {linear.weight.dtype} has no CPU CSR kernel")
     if max_density is not None:
@@ -320,16 +359,23 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 def replace_with_csr(model: nn.Module, names: Sequence[str]) -> None:
     """Replace the named ``nn.Linear`` layers of ``model`` (in place) by CSR layers.
 
-    A layer reached by several paths (a shared module) is converted once and stays shared.
+    A layer reached by several paths (a shared module) is converted once and stays shared. A named
+    layer with hooks or a re-parametrised weight (:func:`csr_obstacle`) stays dense, with a logged warning.
     """
     wanted = set(names)
     converted: dict[int, fx.GraphModule] = {}
+    refused: set[int] = set()
     for path, module in list(model.named_modules(remove_duplicate=False)):
-        if not path or not isinstance(module, nn.Linear):
+        if not path or not isinstance(module, nn.Linear) or id(module) in refused:
             continue
-        if path in wanted or id(module) in converted:
-            if id(module) not in converted:
-                converted[id(module)] = csr_linear(module)
+        if path in wanted and id(module) not in converted:
+            obstacle = csr_obstacle(module)
+            if obstacle is not None:
+                logger.warning("layer %r stays dense: %s", path, obstacle)
+                refused.add(id(module))
+                continue
+            converted[id(module)] = csr_linear(module)
+        if id(module) in converted:
             _set_submodule(model, path, converted[id(module)])
 
 

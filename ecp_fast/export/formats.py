@@ -3,13 +3,16 @@
 - ``"dense"``: masks folded (``torch.nn.utils.prune.remove`` semantics): plain ``nn.Linear`` /
   ``nn.Conv2d`` with zeros in their weights. No faster, but no ecp_fast or pruning hooks needed.
 - ``"csr"``: every plain ``nn.Linear`` that a crossover says is faster as CSR becomes a
-  ``SparseCSRLinear`` GraphModule (see :mod:`ecp_fast.export.csr`); the rest stays dense.
+  ``SparseCSRLinear`` GraphModule (see :mod:`ecp_fast.export.csr`); the rest stays dense, as does a
+  Linear with hooks or a re-parametrised weight (``spectral_norm``, ...), with a logged warning.
   ``nn.Conv2d`` stays dense: its sparse form would need the unfolded input (``kh*kw`` times the
   activation memory) and torch's dense convolution (oneDNN) has no sparse counterpart on CPU.
 - ``"2:4"``: 2:4-sparse ``nn.Linear`` weights become torch's semi-structured sparse tensors, on CUDA
   GPUs of compute capability 8.x, or later ones with cuSPARSELt (see :mod:`ecp_fast.export.semi_structured`).
 
-The model given is never changed: the export works on a deep copy.
+The model given is never changed: the export works on a deep copy. A weight shared between layers
+(tied) and masked in only some of them is untied in the copy, so that every layer keeps computing
+what it did (see :func:`fold_masks`).
 """
 
 from __future__ import annotations
@@ -45,16 +48,64 @@ logger = logging.getLogger(__name__)
 FORMATS = ("dense", "csr", "2:4")
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
+    """What identifies the memory of ``tensor``: its storage, or (no memory to share) the tensor itself."""
+    if tensor.numel() == 0 or tensor.is_meta or tensor.layout != torch.strided:
+        return id(tensor)
+    try:
+        return (str(tensor.device), tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one storage (2:4 weights)
+        return id(tensor)
+
+
+def _parameter_holders(model: nn.Module) -> dict[tuple[str, int] | int, dict[tuple[int, str], str]]:
+    """``{storage: {(id(module), parameter name): "path.name"}}`` over every path to every parameter."""
+    holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                where = f"{path}.{name}" if path else name
+                holders.setdefault(_storage_key(parameter), {}).setdefault((id(module), name), where)
+    return holders
+
+
+def _untie(module: nn.Module, layer: str, name: str, others: list[str]) -> None:
+    """Give ``module`` its own copy of ``name``, which ``others`` share: folding must not write into theirs."""
+    shared = module._parameters[name]
+    assert shared is not None  # the caller found it among the module's parameters
+    module._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    logger.warning(
+        "layer %r: its pruned %r is shared with %s; the export folds the mask into a copy of its own, so that "
+        "the others keep their values (the tie is undone)",
+        layer,
+        name[: -len("_orig")],
+        ", ".join(sorted(others)),
+    )
+
+
 def fold_masks(model: nn.Module) -> list[str]:
-    """Make every ``torch.nn.utils.prune`` mask of ``model`` permanent, in place; returns ``"layer.tensor"`` names."""
+    """Make every ``torch.nn.utils.prune`` mask of ``model`` permanent, in place; returns ``"layer.tensor"`` names.
+
+    A masked tensor shared with another parameter of the model (tied weights: an embedding and an
+    output head) is folded into a new parameter of the masked layer only, so the others keep their
+    values; the tie is undone (a logged warning names the holders).
+    """
     check_module(model)
+    holders = _parameter_holders(model)
     folded = []
     for module_name, module in model.named_modules():
-        for name, _ in list(module.named_parameters(recurse=False)):
+        for name, parameter in list(module.named_parameters(recurse=False)):
             base = name[: -len("_orig")]
-            if name.endswith("_orig") and hasattr(module, base + "_mask"):
-                torch_prune.remove(module, base)
-                folded.append(f"{module_name}.{base}" if module_name else base)
+            if not (name.endswith("_orig") and hasattr(module, base + "_mask")):
+                continue
+            # torch_prune.remove writes the masked values into the stored tensor (orig.data = ...).
+            sharing = holders.get(_storage_key(parameter), {})
+            sharing.pop((id(module), name), None)  # after the fold this module no longer holds it
+            layer = module_name or type(module).__name__
+            if sharing:
+                _untie(module, layer, name, list(sharing.values()))
+            torch_prune.remove(module, base)
+            folded.append(f"{module_name}.{base}" if module_name else base)
     return folded
 
 

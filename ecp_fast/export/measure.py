@@ -85,13 +85,19 @@ Form = Callable[[torch.Tensor], object]
 
 
 def time_forms(first: Form, second: Form, inputs: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Minimum seconds per call of two forms of a layer on ``inputs`` (interleaved rounds, no graph)."""
+    """Minimum seconds per call of two forms of a layer on ``inputs`` (interleaved rounds, no graph).
+
+    A module form is timed through its ``forward``, without its hooks: the user's hook functions must
+    not run once per timing call (and they are not part of either form's cost).
+    """
     # GPU kernels run asynchronously: without a synchronisation only the launch would be timed.
     synchronize = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
 
     def timed(form: Form) -> Callable[[], None]:
+        run = form.forward if isinstance(form, nn.Module) else form
+
         def call() -> None:
-            form(inputs)
+            run(inputs)
             synchronize()
 
         return call

@@ -1313,13 +1313,11 @@ def prune_neurons(
         cleared (the statistics describe the old shapes).
 
     Raises:
-        ValueError / TypeError: bad ratio, method, scope, pairs (a gated MLP, a shared layer) or
-        options, missing statistics; checked before anything is calibrated or changed. ValueError
-        too when the smaller model no longer runs on the first calibration batch (hidden units that
-        a residual connection reads as well; tried where the batches are re-iterable). Any later
-        failure (KeyboardInterrupt too) restores model and pruner exactly. A UserWarning says when the
-        model already has more all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the
-        removal below it.
+        ValueError / TypeError: bad ratio, method, scope, pairs (a gated MLP, a shared layer) or options,
+        missing statistics, before anything is calibrated or changed; a smaller model that fails on a
+        re-iterable calibration batch (a residual reads the units). Any later failure (KeyboardInterrupt
+        too) restores model and pruner exactly. A UserWarning says when the model already has more
+        all-zero hidden units than ``ratio``, or when ``min_keep`` keeps the removal below it.
     """
     method, ratio = _canonical_method(method), _check_ratio(ratio)
     options = _NeuronOptions(scope, batches, sensitivity, normalize, min_keep, compensate, inplace, loss_fn)
