@@ -269,8 +269,9 @@ def dampen(gram: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
     """Return a dampened copy of an augmented Gram matrix (bias last).
 
     Dead inputs (zero diagonal, non-bias) are decoupled and given diagonal 1, since their weights
-    multiply an input that is always 0 and can be pruned for free. Then ``damp * mean(diag)``
-    (mean taken after the dead fix) is added to the whole diagonal.
+    multiply an input that is always 0 and can be pruned for free. Then ``damp *``
+    :func:`damping_scale` (the mean diagonal about the inputs' means, taken after the dead fix) is
+    added to the whole diagonal.
     """
     _check_square(gram, "gram")
     _check_real(damp, "damp", 0.0)
@@ -291,8 +292,23 @@ def _dampen_in_place(damped: torch.Tensor, damp: float) -> torch.Tensor:
     damped[:, dead] = 0
     damped[dead, dead] = 1
     diagonal = damped.diagonal()
-    diagonal += damp * diagonal.mean()
+    diagonal += damp * damping_scale(damped)
     return damped
+
+
+def damping_scale(gram: torch.Tensor) -> torch.Tensor:
+    """The mean diagonal that dampening and the refit's ridge are a fraction of, taken about the inputs'
+    (weighted) means: ``H_jj - H_jb^2 / H_bb`` for every input ``j``, with ``H_bb`` (the bias column,
+    last, the summed sample weights) itself. A constant shift of the inputs, which the bias absorbs
+    exactly, then leaves the scale as it is; the raw mean diagonal would grow with the shift squared and
+    dampen the directions that matter, their spread, out of the solve. Without a bias column
+    (``H_bb = 0``, a bias-free layer) it is the raw mean diagonal."""
+    count = gram[-1, -1]
+    diagonal = gram.diagonal()
+    if not count > 0:
+        return diagonal.mean()
+    spread = diagonal[:-1] - gram[:-1, -1] ** 2 / count
+    return (spread.sum() + count) / diagonal.numel()
 
 
 @torch.no_grad()  # every solver entry point: not differentiable; grad-tracking inputs are read as values
@@ -589,7 +605,7 @@ def obs_sweep(
             at least one kept), "row" (per row within each block, likewise) or (n, m): keep n of every
             m aligned inputs, chosen when the sweep reaches the group; m must divide in and block_size.
         mask: (out, in) bool, True = keep; if given, only the OBS error propagation runs.
-        block_size: columns per block; damp: fraction of mean(diag H) added to the diagonal.
+        block_size: columns per block; damp: fraction of :func:`damping_scale` added to the diagonal.
         dtype: computation dtype; results come back in the weight's (and bias's) dtype.
         budget: for "unstructured", each block removes the same fraction ("block", as SparseGPT
             does) or its share of one ranking of the whole layer before the sweep ("layer": blocks
@@ -805,8 +821,9 @@ def refit(
             input streams coincide (C = H_pp).
         dense_weight, dense_bias: W~d, the dense layer (dense_bias None: zeros); dense_weight None
             means the current layer, so without ``cross`` the target is the layer's own output.
-        ridge: lam = ridge * mean(diag H_pp) (default 0.01): keeps the solve well posed for dead or
-            collinear inputs and shrinks towards the current weights.
+        ridge: lam = ridge * damping_scale(H_pp) (default 0.01; the mean diagonal about the inputs'
+            means): keeps the solve well posed for dead or collinear inputs and shrinks towards the
+            current weights.
     """
     out, n_in = _check_refit(
         weight,
@@ -821,7 +838,7 @@ def refit(
     )
     system = gram.to(device=weight.device, dtype=dtype).contiguous()  # systems are gathered from its flat view
     coupling = system if cross is None else cross.to(device=weight.device, dtype=dtype)
-    lam = ridge * system.diagonal().mean()
+    lam = ridge * damping_scale(system)
     target = None if dense_weight is None else (dense_weight, dense_bias)
     rhs = _right_hand_side((weight, bias), target, coupling, lam)
     # The ridge lam * I is added to each row's gathered system, not to a copy of the whole matrix.

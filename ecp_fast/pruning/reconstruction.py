@@ -60,7 +60,7 @@ class ReconstructionConfig:
     ``weighting``: ``"uniform"`` (``w_s = 1``) or ``"sensitivity"`` (``w_s = c-bar_s``).
     ``refit``: solve the kept weights towards the dense pre-activations after the mask is chosen;
     without it the OBS sweep's own update (towards the layer's output on the pruned inputs) stays.
-    ``damp``: dampening of ``H``, a fraction of its mean diagonal.
+    ``damp``: dampening of ``H``, a fraction of its mean diagonal about the inputs' means (``obs.damping_scale``).
     """
 
     weighting: str

@@ -1,5 +1,6 @@
 """Optimal Brain Surgeon sweep and least-squares refit checked against the linear algebra they solve."""
 
+import copy
 import math
 import weakref
 
@@ -7,6 +8,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
+
+import ecp_fast
 
 try:
     from ecp_fast.pruning import obs
@@ -157,7 +161,7 @@ def test_sweep_with_pruned_columns_first_is_constrained_least_squares(block_size
 
 
 def test_refit_without_cross_term_is_the_global_constrained_optimum_the_sweep_cannot_beat():
-    # ridge * mean(diag H) * ||w - w0||^2 turns the refit objective into the dampened quadratic,
+    # ridge * damping_scale(H) * ||w - w0||^2 turns the refit objective into the dampened quadratic,
     # so refit is the global optimum on each support, for any mask; the sweep is feasible for it.
     out, n_in = 6, 13
     weight, bias, _, _, gram = _problem(out, n_in, seed=7)
@@ -207,10 +211,19 @@ def test_fixed_mask_sweep_is_sequential_obs_for_any_shape(out, n_in, block_size,
 # ------------------------------------------------------------------ 3. refit
 
 
+def _spread_scale(x, sample_weights):
+    """The damping scale from the samples: the weighted sums of squares about the weighted means of the
+    inputs and the summed weights (the bias column), averaged."""
+    total = sample_weights.sum()
+    means = (sample_weights[:, None] * x).sum(0) / total
+    spread = (sample_weights[:, None] * (x - means) ** 2).sum(0)
+    return float((spread.sum() + total) / (x.shape[1] + 1))
+
+
 def _lstsq_refit(weight, bias, mask, xp, xd, sample_weights, dense_weight, dense_bias, ridge):
     """Row by row: stacked sqrt(w_s)-weighted design with the ridge rows sqrt(lam) I on K."""
     xpa, xda = _augment(xp), _augment(xd)
-    lam = ridge * float(_gram(xp, sample_weights).diagonal().mean())
+    lam = ridge * _spread_scale(xp, sample_weights)
     root = sample_weights.sqrt()[:, None]
     target = root * (xda @ torch.cat([dense_weight, dense_bias[:, None]], dim=1).T)
     current = torch.cat([weight, bias[:, None]], dim=1)
@@ -419,13 +432,45 @@ def test_a_removed_mask_of_the_wrong_kind_is_named():
         obs.obs_sweep(weight, bias, gram, 0.5, removed=torch.zeros(3, 7, dtype=torch.bool))
 
 
-def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal():
+def test_dampen_decouples_dead_inputs_and_adds_the_scaled_mean_diagonal_about_the_means():
     gram = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 2.0]], dtype=F64)
     damped = obs.dampen(gram, 0.5)
-    shift = 0.5 * (4.0 + 1.0 + 2.0) / 3
+    shift = 0.5 * ((4.0 - 2.0**2 / 2.0) + 1.0 + 2.0) / 3  # input 0 about its mean, the dead one, the bias
     expected = torch.tensor([[4.0 + shift, 0.0, 2.0], [0.0, 1.0 + shift, 0.0], [2.0, 0.0, 2.0 + shift]], dtype=F64)
     torch.testing.assert_close(damped, expected, rtol=0, atol=1e-15)
     assert gram[1, 1] == 0  # a copy
+
+
+def test_the_damping_scale_ignores_a_shift_the_bias_absorbs_and_is_the_mean_diagonal_without_a_bias():
+    _, _, x, sample_weights, gram = _problem(3, 6, seed=4)
+    shifted = _gram(x + 1000.0, sample_weights)
+    torch.testing.assert_close(obs.damping_scale(shifted), obs.damping_scale(gram), rtol=1e-9, atol=0)
+    no_bias = gram.clone()
+    no_bias[-1, :] = 0
+    no_bias[:, -1] = 0
+    assert obs.damping_scale(no_bias) == no_bias.diagonal().mean()
+
+
+@pytest.mark.parametrize("method,extra", [("sparsegpt", {}), ("ecp-obs", {}), ("magnitude", {"reconstruct": True})])
+def test_a_constant_input_offset_the_bias_absorbs_leaves_the_reconstruction_as_good(method, extra):
+    """The dense layer computes the same with inputs shifted by 1000 and its bias shifted back; its
+    pruned and compensated form stays about as close to it (dampening scaled by the raw mean diagonal,
+    which grows with the shift squared, made it 3-150 times worse)."""
+    errors = []
+    for offset in (0.0, 1000.0):
+        torch.manual_seed(0)
+        layer = nn.Linear(12, 6).double()
+        with torch.no_grad():
+            layer.bias -= offset * layer.weight.sum(1)
+        x = [torch.randn(100, 12, generator=torch.Generator().manual_seed(i), dtype=F64) + offset for i in range(3)]
+        dense = copy.deepcopy(layer)
+        batches = [(inputs, torch.randint(0, 6, (100,))) for inputs in x]
+        ecp_fast.prune(layer, batches, 0.5, method, scope="layer", progress=False, **extra)
+        inputs = torch.cat(x)
+        with torch.no_grad():
+            target = dense(inputs)
+            errors.append(float((layer(inputs) - target).norm() / (target - target.mean(0)).norm()))
+    assert errors[1] < 1.35 * errors[0]
 
 
 # ------------------------------------------------------------------ 7. errors

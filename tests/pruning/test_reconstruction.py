@@ -57,8 +57,9 @@ def test_refit_of_a_later_layer_is_least_squares_to_the_dense_preactivations() -
         target = dense[2](dense[1](dense[0](x)))  # the dense pre-activations of layer 2
     keep = model[2].weight_mask.bool()
     design = _augmented_inputs(pruned_inputs)
-    hessian = design.T @ design
-    ridge = 0.01 * float(hessian.diagonal().mean())
+    # the ridge is a fraction of the mean diagonal about the inputs' means (the bias: the sample count)
+    spread = ((pruned_inputs - pruned_inputs.mean(0)) ** 2).sum(0)
+    ridge = 0.01 * float((spread.sum() + len(x)) / (pruned_inputs.shape[1] + 1))
     # Ridge centred on the layer's weights before the refit: layer 2 is masked by magnitude on the
     # dense weights, and only the kept ones (and the bias) move.
     centre = torch.cat([dense[2].weight * keep, dense[2].bias.unsqueeze(1)], 1)
