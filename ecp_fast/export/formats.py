@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import prune as torch_prune
 
 from ecp_fast._arguments import check_module
 from ecp_fast.export.csr import (
@@ -40,47 +39,12 @@ from ecp_fast.export.semi_structured import (
     export_semi_structured,
     semi_structured_available,
 )
-from ecp_fast.pruning.masks import copy_model
+from ecp_fast.pruning.masks import copy_model, fold_mask, parameter_holders
 
 logger = logging.getLogger(__name__)
 
 #: The formats :func:`export` knows.
 FORMATS = ("dense", "csr", "2:4")
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
-    """What identifies the memory of ``tensor``: its storage, or (no memory to share) the tensor itself."""
-    if tensor.numel() == 0 or tensor.is_meta or tensor.layout != torch.strided:
-        return id(tensor)
-    try:
-        return (str(tensor.device), tensor.untyped_storage().data_ptr())
-    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one storage (2:4 weights)
-        return id(tensor)
-
-
-def _parameter_holders(model: nn.Module) -> dict[tuple[str, int] | int, dict[tuple[int, str], str]]:
-    """``{storage: {(id(module), parameter name): "path.name"}}`` over every path to every parameter."""
-    holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        for name, parameter in module._parameters.items():
-            if parameter is not None:
-                where = f"{path}.{name}" if path else name
-                holders.setdefault(_storage_key(parameter), {}).setdefault((id(module), name), where)
-    return holders
-
-
-def _untie(module: nn.Module, layer: str, name: str, others: list[str]) -> None:
-    """Give ``module`` its own copy of ``name``, which ``others`` share: folding must not write into theirs."""
-    shared = module._parameters[name]
-    assert shared is not None  # the caller found it among the module's parameters
-    module._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-    logger.warning(
-        "layer %r: its pruned %r is shared with %s; the export folds the mask into a copy of its own, so that "
-        "the others keep their values (the tie is undone)",
-        layer,
-        name[: -len("_orig")],
-        ", ".join(sorted(others)),
-    )
 
 
 def fold_masks(model: nn.Module) -> list[str]:
@@ -91,21 +55,14 @@ def fold_masks(model: nn.Module) -> list[str]:
     values; the tie is undone (a logged warning names the holders).
     """
     check_module(model)
-    holders = _parameter_holders(model)
+    holders = parameter_holders(model)
     folded = []
     for module_name, module in model.named_modules():
-        for name, parameter in list(module.named_parameters(recurse=False)):
+        for name, _ in list(module.named_parameters(recurse=False)):
             base = name[: -len("_orig")]
-            if not (name.endswith("_orig") and hasattr(module, base + "_mask")):
-                continue
-            # torch_prune.remove writes the masked values into the stored tensor (orig.data = ...).
-            sharing = holders.get(_storage_key(parameter), {})
-            sharing.pop((id(module), name), None)  # after the fold this module no longer holds it
-            layer = module_name or type(module).__name__
-            if sharing:
-                _untie(module, layer, name, list(sharing.values()))
-            torch_prune.remove(module, base)
-            folded.append(f"{module_name}.{base}" if module_name else base)
+            if name.endswith("_orig") and hasattr(module, base + "_mask"):
+                fold_mask(module, module_name or type(module).__name__, base, holders)
+                folded.append(f"{module_name}.{base}" if module_name else base)
     return folded
 
 

@@ -170,13 +170,66 @@ def _check_removable(name: str, module: nn.Module, tensor: str) -> None:
         )
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
+    """What identifies the memory of ``tensor``: its storage, or (no memory to share) the tensor itself."""
+    if tensor.numel() == 0 or tensor.is_meta or tensor.layout != torch.strided:
+        return id(tensor)
+    try:
+        return (str(tensor.device), tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without one storage (2:4 weights)
+        return id(tensor)
+
+
+def parameter_holders(model: nn.Module) -> dict[tuple[str, int] | int, dict[tuple[int, str], str]]:
+    """``{storage: {(id(module), parameter name): "path.name"}}`` over every path to every parameter."""
+    holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                where = f"{path}.{name}" if path else name
+                holders.setdefault(_storage_key(parameter), {}).setdefault((id(module), name), where)
+    return holders
+
+
+def _untie(module: nn.Module, layer: str, name: str, others: list[str]) -> None:
+    """Give ``module`` its own copy of ``name``, which ``others`` share: folding must not write into theirs."""
+    shared = module._parameters[name]
+    assert shared is not None  # the caller found it among the module's parameters
+    module._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
+    logger.warning(
+        "layer %r: its pruned %r is shared with %s; its mask is folded into a copy of its own, so that the "
+        "others keep their values (the tie is undone)",
+        layer,
+        name[: -len("_orig")],
+        ", ".join(sorted(others)),
+    )
+
+
+def fold_mask(
+    module: nn.Module, layer: str, tensor: str, holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]]
+) -> None:
+    """``torch.nn.utils.prune.remove(module, tensor)``, on a copy of its own where the masked tensor is
+    shared with other parameters of the model (``holders``, :func:`parameter_holders`, updated): the fold
+    writes the masked values into the stored tensor, which would zero them in the other holders too."""
+    name = tensor + "_orig"
+    stored = module._parameters[name]
+    assert stored is not None  # the caller found the mask on it
+    sharing = holders.get(_storage_key(stored), {})
+    sharing.pop((id(module), name), None)  # after the fold this module no longer holds it
+    if sharing:
+        _untie(module, layer, name, list(sharing.values()))
+    torch_prune.remove(module, tensor)
+
+
 def remove_masks(model: nn.Module) -> list[str]:
     """Make every mask permanent (``prune.remove``): plain parameters with zeros remain.
 
     Every tensor that ``torch.nn.utils.prune`` masks is folded (``weight``, ``bias`` or any other
-    name). Returns the names of the layers with at least one mask removed, in module order. Raises
-    ``ValueError`` (model unchanged) when a layer holds ``<name>_orig`` / ``<name>_mask`` without the
-    pruning hook, or a hook without them.
+    name); a masked tensor shared with other parameters (tied weights) is folded into a copy of the
+    masked layer's own, so the others keep their values (a warning names them). Returns the names of
+    the layers with at least one mask removed, in module order. Raises ``ValueError`` (model
+    unchanged) when a layer holds ``<name>_orig`` / ``<name>_mask`` without the pruning hook, or a
+    hook without them.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_masks: argument 'model' must be an nn.Module, got {type(model).__name__}")
@@ -185,10 +238,11 @@ def remove_masks(model: nn.Module) -> list[str]:
     for name, module, tensors in masked:
         for tensor in tensors:
             _check_removable(name, module, tensor)
+    holders = parameter_holders(model)
     with model_transaction(model):
-        for _, module, tensors in masked:
+        for name, module, tensors in masked:
             for tensor in tensors:
-                torch_prune.remove(module, tensor)
+                fold_mask(module, name or type(module).__name__, tensor, holders)
     return [name for name, _, _ in masked]
 
 

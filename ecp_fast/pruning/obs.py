@@ -248,7 +248,8 @@ def _inverse_upper_cholesky(damped: list[torch.Tensor], damp: float) -> torch.Te
     if int(info) != 0 or not _finite_factor(factor):
         raise SingularError(
             f"the Gram matrix is singular after dampening with damp={damp} (Cholesky factorisation "
-            f"failed at order {int(info)}); use a larger damp, e.g. damp={max(10 * damp, 0.01):g}"
+            f"failed at order {int(info)}) in {factor.dtype}; use a larger damp, e.g. damp={max(10 * damp, 0.01):g}"
+            + ("" if factor.dtype == torch.float64 else ", or compute in float64 (dtype=torch.float64)")
         )
     return factor
 
@@ -291,9 +292,15 @@ def _dampen_in_place(damped: torch.Tensor, damp: float) -> torch.Tensor:
     damped[dead, :] = 0  # a true Gram matrix already has zeros here; this keeps it so for any input
     damped[:, dead] = 0
     damped[dead, dead] = 1
-    diagonal = damped.diagonal()
-    diagonal += damp * damping_scale(damped)
+    damped.diagonal().add_(damping_diagonal(damped, damp))
     return damped
+
+
+def _centred(gram: torch.Tensor) -> bool:
+    """Whether dampening is taken about the inputs' means: ``gram`` has a bias column (``H_bb``, last,
+    the summed sample weights, above 0); a bias-free layer (bias row and column zeroed) has no mean to
+    take."""
+    return bool(gram[-1, -1] > 0)
 
 
 def damping_scale(gram: torch.Tensor) -> torch.Tensor:
@@ -301,14 +308,25 @@ def damping_scale(gram: torch.Tensor) -> torch.Tensor:
     (weighted) means: ``H_jj - H_jb^2 / H_bb`` for every input ``j``, with ``H_bb`` (the bias column,
     last, the summed sample weights) itself. A constant shift of the inputs, which the bias absorbs
     exactly, then leaves the scale as it is; the raw mean diagonal would grow with the shift squared and
-    dampen the directions that matter, their spread, out of the solve. Without a bias column
-    (``H_bb = 0``, a bias-free layer) it is the raw mean diagonal."""
-    count = gram[-1, -1]
-    diagonal = gram.diagonal()
-    if not count > 0:
-        return diagonal.mean()
-    spread = diagonal[:-1] - gram[:-1, -1] ** 2 / count
-    return (spread.sum() + count) / diagonal.numel()
+    dampen the directions that matter, their spread, out of the solve. Without a bias column it is the
+    raw mean diagonal. Computed in float64 whatever ``gram``'s dtype, in ``gram``'s dtype."""
+    diagonal = gram.diagonal().double()
+    if not _centred(gram):
+        return diagonal.mean().to(gram.dtype)
+    count = diagonal[-1]
+    spread = (diagonal[:-1] - gram[:-1, -1].double() ** 2 / count).clamp_(min=0)  # >= 0 but for rounding
+    return ((spread.sum() + count) / diagonal.numel()).to(gram.dtype)
+
+
+def damping_diagonal(gram: torch.Tensor, fraction: float) -> torch.Tensor:
+    """What dampening (or the refit's ridge) adds to each diagonal entry of ``gram``: ``fraction *``
+    :func:`damping_scale` on every input and, where it is not :func:`_centred`, on the bias too. A
+    centred one leaves the bias undampened: its change after a shift ``o`` is ``db - dw . o``, so
+    dampening it would bring the shift back (``H_bb > 0`` keeps the matrix definite without it)."""
+    added = (fraction * damping_scale(gram)).expand(gram.shape[0]).clone()
+    if _centred(gram):
+        added[-1] = 0
+    return added
 
 
 @torch.no_grad()  # every solver entry point: not differentiable; grad-tracking inputs are read as values
@@ -663,7 +681,7 @@ def _solve_grouped(
         cols = torch.nonzero(supports[group]).flatten()
         rows = torch.nonzero(inverse == group).flatten()
         block = system[cols[:, None], cols[None, :]]
-        block.diagonal().add_(ridge[1])
+        block.diagonal().add_(ridge[1][cols])
         factor = _cholesky_or_raise(block, ridge[0])
         solved = torch.cholesky_solve(rhs[rows[:, None], cols[None, :]].T, factor).T
         rhs[rows] = 0
@@ -734,7 +752,7 @@ def _solve_rows(system: torch.Tensor, rhs: torch.Tensor, part: _Rows, ridge: tup
     del flat, narrow  # each step frees what it no longer needs: a piece's matrices are its largest memory
     blocks.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), 0)
     diagonal = blocks.diagonal(dim1=1, dim2=2)
-    diagonal.add_(ridge[1]).masked_fill_(~valid, 1)
+    diagonal.add_(ridge[1][idx]).masked_fill_(~valid, 1)
     del diagonal
     factor = _cholesky_or_raise(blocks, ridge[0])
     del blocks
@@ -838,7 +856,7 @@ def refit(
     )
     system = gram.to(device=weight.device, dtype=dtype).contiguous()  # systems are gathered from its flat view
     coupling = system if cross is None else cross.to(device=weight.device, dtype=dtype)
-    lam = ridge * damping_scale(system)
+    lam = damping_diagonal(system, ridge)  # per column: the bias of a centred system is not ridged
     target = None if dense_weight is None else (dense_weight, dense_bias)
     rhs = _right_hand_side((weight, bias), target, coupling, lam)
     # The ridge lam * I is added to each row's gathered system, not to a copy of the whole matrix.

@@ -404,8 +404,9 @@ class Pruner:
         current = 1.0 - sum(int(mask.sum()) for mask in keep) / sum(mask.numel() for mask in keep)
         if current > target + 1e-12:
             warnings.warn(
-                f"the layers are already {current:.4f} sparse, above the requested sparsity {target:.4f}: nothing "
-                "more is removed and nothing is restored (the report shows the sparsity the layers have)",
+                f"the layers are already {current:.4f} sparse, above the requested sparsity {target:.4f}: no weight "
+                "is restored, and only a layer (or row) still below its share of the target loses more (the "
+                "report shows the sparsity the layers have)",
                 UserWarning,
                 stacklevel=4,
             )

@@ -232,7 +232,8 @@ def cache_budget(specs: Mapping[str, LayerSpec], grams: float | None = None) -> 
     """Bytes the activation caches of a reconstruction of ``specs`` share: ``grams`` times the largest
     float64 Gram matrix of its layers (None: :data:`CACHE_GRAMS`)."""
     grams = CACHE_GRAMS if grams is None else grams
-    return int(grams * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8)
+    budget = grams * max((spec.fan_in + 1) ** 2 for spec in specs.values()) * 8
+    return int(min(budget, 2**62))  # any size holds everything that fits into memory beyond this
 
 
 def _cache(specs: Mapping[str, LayerSpec], batches: Sequence[Any], grams: float | None) -> CacheBudget:

@@ -1261,9 +1261,9 @@ def _check_still_runs(model: nn.Module, batches: Iterable[Any] | None, pairs: Se
         names = ", ".join(f"({pair.producer!r}, {pair.consumer!r})" for pair in pairs)
         raise ValueError(
             f"argument 'pairs': after removing hidden units of {names} the model no longer runs on a calibration "
-            f"batch ({type(error).__name__}: {str(error).splitlines()[0]}); a pair's hidden units must feed its "
-            "consumer alone (no residual connection or second branch reads them): pass pairs= without that "
-            "pair. The model is as it was."
+            f"batch ({type(error).__name__}: {str(error).splitlines()[0]}); where that is a shape mismatch, a "
+            "residual connection or second branch reads the pair's hidden units besides its consumer: pass "
+            "pairs= without that pair. The model is as it was."
         ) from error
 
 

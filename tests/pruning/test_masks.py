@@ -290,3 +290,18 @@ def test_remove_masks_refuses_a_mask_without_its_hook() -> None:
     with pytest.raises(ValueError, match="layer '2' has weight_orig and weight_mask but no torch.nn.utils.prune hook"):
         remove_masks(model)
     assert_unchanged(before, model)
+
+
+def test_remove_masks_leaves_the_other_holder_of_a_tied_weight_as_it_was(caplog: pytest.LogCaptureFixture) -> None:
+    """A mask on a tied head is folded into a weight of the head's own: the embedding keeps its values."""
+    torch.manual_seed(0)
+    embed, head = nn.Embedding(20, 8), nn.Linear(8, 20, bias=False)
+    head.weight = embed.weight
+    model = nn.ModuleDict({"embed": embed, "head": head})
+    values = embed.weight.detach().clone()
+    torch_prune.l1_unstructured(head, "weight", 0.5)
+    masked = head.weight.detach().clone()
+    assert remove_masks(model) == ["head"]
+    assert torch.equal(embed.weight, values)
+    assert torch.equal(head.weight, masked) and int((head.weight == 0).sum()) == 80
+    assert "its pruned 'weight' is shared with embed.weight" in caplog.text

@@ -66,8 +66,9 @@ def test_refit_of_a_later_layer_is_least_squares_to_the_dense_preactivations() -
     for row in range(keep.shape[0]):
         support = torch.cat([keep[row], torch.tensor([True])])
         columns = design[:, support]
-        stacked = torch.cat([columns, ridge**0.5 * torch.eye(int(support.sum()), dtype=torch.float64)])
-        rhs = torch.cat([target[:, row], ridge**0.5 * centre[row, support]])
+        # the ridge leaves the bias (last) free: it is taken about the inputs' means
+        stacked = torch.cat([columns, ridge**0.5 * torch.eye(int(support.sum()), dtype=torch.float64)[:-1]])
+        rhs = torch.cat([target[:, row], ridge**0.5 * centre[row, support][:-1]])
         expected = torch.linalg.lstsq(stacked, rhs.unsqueeze(1)).solution.squeeze(1)
         actual = torch.cat([model[2].weight[row], model[2].bias[row : row + 1]])[support]
         torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-9)
@@ -840,3 +841,12 @@ def test_a_global_allocation_that_asks_for_a_whole_layer_still_meets_the_target(
     report = pruner.prune(0.5, method="sparsegpt", allocation="global")
     assert report.sparsity == pytest.approx(0.5, abs=0.5 / 176)  # within half a weight (it fell 1 short)
     assert all(layer.pruned < layer.weights for layer in report.layers)
+
+
+def test_an_activation_cache_beyond_any_memory_caches_everything_and_changes_nothing() -> None:
+    states = []
+    for size in (1e306, None):
+        model = _relu_mlp()
+        ecp_fast.prune(model, _batches(), 0.5, "sparsegpt", progress=False, activation_cache=size)
+        states.append(_state(model))
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[1])
