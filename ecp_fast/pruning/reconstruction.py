@@ -866,8 +866,9 @@ class ReferenceOutputs:
         they spare the most (a model's output is mostly the smallest of its activations)."""
         from ecp_fast.pruning.allocation import model_outputs
 
+        size = 0  # the last output's: batches are about alike, so one that would not fit is not computed
         for index, batch in enumerate(self.batches):
-            if self.budget.used >= self.budget.limit:
+            if self.budget.used + max(size, 1) > self.budget.limit:
                 return
             output = model_outputs(self.model, [batch], self.output_fn)[0]
             size = self.budget.cost(output)
