@@ -19,6 +19,7 @@ batch, its inputs and what to check, chained to the model's own error (:func:`mo
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -45,12 +46,17 @@ class BlockInputs:
         kwargs: the keyword arguments (attention mask, position embeddings or ids, ``use_cache=False``).
         token_weights: ``(batch * tokens,)`` 0/1 weights of the tokens (0 for padding), or None when
             every token counts.
+        per_block: ``(args, kwargs)`` of every block, where the blocks do not all take the first
+            block's (layers of different types: sliding-window and full attention with their own masks
+            or rotary embeddings, a position bias that the first block computes and hands on); None
+            when they do. :meth:`for_block` picks a block's.
     """
 
     hidden: torch.Tensor
     args: tuple = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     token_weights: torch.Tensor | None = None
+    per_block: tuple[tuple[tuple, dict[str, Any]], ...] | None = None
 
     def __call__(self, block: nn.Module) -> torch.Tensor:
         """The block's output hidden states (the first element when it returns a tuple)."""
@@ -60,16 +66,26 @@ class BlockInputs:
         """The same arguments with new hidden states (the previous block's output)."""
         return replace(self, hidden=hidden)
 
+    def for_block(self, index: int) -> BlockInputs:
+        """The inputs of block ``index``: its own arguments where :attr:`per_block` has them."""
+        if self.per_block is None or not 0 <= index < len(self.per_block):
+            return self
+        args, kwargs = self.per_block[index]
+        return replace(self, args=args, kwargs=kwargs)
+
     def to(self, device: torch.device | str | None) -> BlockInputs:
-        """Every tensor (also inside ``args`` and ``kwargs``) on ``device``; None leaves them where they are."""
+        """Every tensor (also inside ``args``, ``kwargs`` and :attr:`per_block`) on ``device``, a tensor
+        that several of them share moved once; None leaves them where they are."""
         if device is None:
             return self
         device = torch.device(device)
+        moved: dict[int, torch.Tensor] = {}
         return BlockInputs(
             hidden=self.hidden.to(device),
-            args=to_device(self.args, device),
-            kwargs=to_device(self.kwargs, device),
+            args=to_device(self.args, device, moved),
+            kwargs=to_device(self.kwargs, device, moved),
             token_weights=None if self.token_weights is None else self.token_weights.to(device),
+            per_block=None if self.per_block is None else to_device(self.per_block, device, moved),
         )
 
     @property
@@ -108,34 +124,48 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
-def to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device, moved: dict[int, torch.Tensor] | None = None) -> Any:
     """``value`` on ``device``: tensors moved, mappings, tuples, lists and :class:`BlockInputs` moved
-    item by item (a mapping becomes a ``dict``); anything else unchanged."""
+    item by item (a mapping becomes a ``dict``); anything else unchanged. With ``moved`` (``{id: moved
+    tensor}``, filled as it goes) a tensor met again is moved once: what was shared stays shared."""
     if isinstance(value, torch.Tensor):
-        return value.to(device)
+        if moved is None:
+            return value.to(device)
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device)
+        return moved[id(value)]
     if isinstance(value, BlockInputs):
         return value.to(device)
     if isinstance(value, Mapping):
-        return {key: to_device(item, device) for key, item in value.items()}
+        return {key: to_device(item, device, moved) for key, item in value.items()}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(to_device(item, device) for item in value)
+        return tuple(to_device(item, device, moved) for item in value)
     if isinstance(value, list):
-        return [to_device(item, device) for item in value]
+        return [to_device(item, device, moved) for item in value]
     return value
 
 
-def detach(value: Any) -> Any:
-    """``value`` with every tensor detached (through mappings, tuples, lists and :class:`BlockInputs`)."""
+def detach(value: Any, detached: dict[int, torch.Tensor] | None = None) -> Any:
+    """``value`` with every tensor detached (through mappings, tuples, lists and :class:`BlockInputs`);
+    with ``detached`` (``{id: detached tensor}``) a tensor met again gives the same detached tensor."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        if detached is None:
+            return value.detach()
+        return detached.setdefault(id(value), value.detach())
     if isinstance(value, BlockInputs):
-        return BlockInputs(detach(value.hidden), detach(value.args), detach(value.kwargs), value.token_weights)
+        return replace(
+            value,
+            hidden=detach(value.hidden),
+            args=detach(value.args, detached),
+            kwargs=detach(value.kwargs, detached),
+            per_block=None if value.per_block is None else detach(value.per_block, detached),
+        )
     if isinstance(value, Mapping):
-        return {key: detach(item) for key, item in value.items()}
+        return {key: detach(item, detached) for key, item in value.items()}
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(detach(item) for item in value)
+        return tuple(detach(item, detached) for item in value)
     if isinstance(value, list):
-        return [detach(item) for item in value]
+        return [detach(item, detached) for item in value]
     return value
 
 
@@ -396,23 +426,82 @@ class _StopForward(Exception):
     """Raised by the capture hook to end the model's forward pass at the first block."""
 
 
-def _first_block(blocks: Sequence[nn.Module] | nn.Module) -> nn.Module:
+def _block_list(blocks: Sequence[nn.Module] | nn.Module) -> list[nn.Module]:
+    """The blocks in execution order (a lone module: the first block alone)."""
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-        first = blocks
+        block_list = [blocks]
     else:
         block_list = list(blocks)
         if not block_list:
             raise ValueError("argument 'blocks' must hold at least one block, got an empty sequence")
-        first = block_list[0]
-    if not isinstance(first, nn.Module):
-        raise TypeError(f"argument 'blocks': the first block must be an nn.Module, got {type(first).__name__}")
-    return first
+    if not isinstance(block_list[0], nn.Module):
+        raise TypeError(f"argument 'blocks': the first block must be an nn.Module, got {type(block_list[0]).__name__}")
+    return block_list
+
+
+def _is_cache(value: Any) -> bool:
+    """A key/value cache object (``transformers``' ``DynamicCache`` and kin): replayed calls must not
+    share one, which every call would extend."""
+    return not isinstance(value, torch.Tensor) and type(value).__name__.endswith("Cache")
+
+
+def _split_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+    """A block call's hidden states and the rest of its arguments, with the cache off and no cache object."""
+    kwargs = {key: None if _is_cache(value) else value for key, value in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return kwargs.pop("hidden_states"), (), kwargs
+    raise ValueError(
+        "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
+        f"argument is the hidden state (keywords: {sorted(kwargs)})"
+    )
+
+
+def _same_argument(first: Any, second: Any) -> bool:
+    """Whether two arguments are the same object or equal (tensors element by element)."""
+    if first is second:
+        return True
+    if isinstance(first, torch.Tensor) or isinstance(second, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(second, torch.Tensor)
+            and first.shape == second.shape
+            and first.dtype == second.dtype
+            and first.device == second.device
+            and bool(torch.equal(first, second))
+        )
+    if isinstance(first, (tuple, list)) and isinstance(second, (tuple, list)):
+        return type(first) is type(second) and len(first) == len(second) and all(map(_same_argument, first, second))
+    if isinstance(first, Mapping) and isinstance(second, Mapping):
+        return first.keys() == second.keys() and all(_same_argument(first[key], second[key]) for key in first)
+    try:
+        return bool(first == second)
+    except Exception:  # noqa: BLE001 - an object without a usable ==: not known to be the same
+        return False
+
+
+def _per_block(
+    recorded: dict[int, tuple[tuple, dict[str, Any]]], count: int, first: tuple[tuple, dict[str, Any]]
+) -> tuple[tuple[tuple, dict[str, Any]], ...] | None:
+    """Every block's arguments beside its hidden states, or None when each block takes the first's (a
+    block the forward pass did not reach takes the first block's)."""
+    arguments = [first]
+    for index in range(1, count):
+        call = recorded.get(index)
+        arguments.append(first if call is None else _split_arguments(*call)[1:])
+    if all(_same_argument(each, first) for each in arguments[1:]):
+        return None
+    return tuple(arguments)
 
 
 def _capture_one(
-    model: nn.Module, inputs: Any, recorded: list[tuple[tuple, dict[str, Any]]], index: int
+    model: nn.Module, inputs: Any, recorded: dict[int, tuple[tuple, dict[str, Any]]], index: int, count: int
 ) -> BlockInputs:
-    """Run ``model`` on one batch until the hook that fills ``recorded`` stops it; the first block's inputs."""
+    """Run ``model`` on one batch until the hooks that fill ``recorded`` stop it (at the last block);
+    the first block's inputs, with every block's own arguments where they differ."""
     recorded.clear()
     # The hook's _StopForward is caught inside, so only the model's own failures are reworded.
     with torch.no_grad(), model_errors(model, inputs, index):
@@ -420,31 +509,46 @@ def _capture_one(
             call_model(model, inputs)
         except _StopForward:
             pass
-    if not recorded:
+    if 0 not in recorded:
         raise ValueError(f"argument 'blocks': the first block never ran in the model's forward pass (batch {index})")
-    args, kwargs = recorded[0]
-    kwargs = dict(kwargs)
-    if args:
-        hidden, rest = args[0], tuple(args[1:])
-    elif "hidden_states" in kwargs:
-        hidden, rest = kwargs.pop("hidden_states"), ()
-    else:
-        raise ValueError(
-            "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
-            f"argument is the hidden state (keywords: {sorted(kwargs)})"
-        )
+    hidden, rest, kwargs = _split_arguments(*recorded[0])
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"the first block's hidden states must be a tensor, got {type(hidden).__name__}")
-    if "use_cache" in kwargs:
-        kwargs["use_cache"] = False
+    per_block = _per_block(recorded, count, (rest, kwargs))
     weights = sample_weights(inputs)
-    entry = BlockInputs(detach(hidden), detach(rest), detach(kwargs), weights)
+    shared: dict[int, torch.Tensor] = {}  # a tensor several blocks take stays one tensor
+    entry = BlockInputs(detach(hidden), detach(rest, shared), detach(kwargs, shared), weights)
+    entry = replace(entry, per_block=None if per_block is None else detach(per_block, shared))
     if weights is not None and weights.numel() != entry.hidden.shape[:-1].numel():
         raise ValueError(
-            f"batch {index}: the attention mask has {weights.numel()} tokens but the first block's hidden "
-            f"states have shape {tuple(entry.hidden.shape)}"
+            f"argument 'batches': batch {index}: the attention mask has {weights.numel()} tokens but the first "
+            f"block's hidden states have shape {tuple(entry.hidden.shape)}"
         )
     return entry
+
+
+@contextlib.contextmanager
+def _recording(block_list: list[nn.Module]) -> Iterator[dict[int, tuple[tuple, dict[str, Any]]]]:
+    """Pre-hooks that record each block's first call ``{position: (args, kwargs)}`` and stop the forward
+    pass at the last block; removed after."""
+    recorded: dict[int, tuple[tuple, dict[str, Any]]] = {}
+
+    def hook(position: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        recorded.setdefault(position, (args, kwargs))
+        if position == len(block_list) - 1:
+            raise _StopForward  # nothing after the last block's inputs is needed
+
+    # first among the blocks' pre-hooks: the arguments as the block is called with them (its own
+    # pre-hooks run again when the block is replayed), and the stop before anything else runs
+    handles = [
+        block.register_forward_pre_hook(functools.partial(hook, position), with_kwargs=True, prepend=True)
+        for position, block in enumerate(block_list)
+    ]
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def capture_block_inputs(
@@ -454,18 +558,24 @@ def capture_block_inputs(
     storage: torch.device | str | None = None,
     progress: bool = False,
 ) -> list[BlockInputs]:
-    """The first block's arguments for every batch, captured by running ``model`` up to that block.
+    """The first block's arguments for every batch, and every block's own where they differ, captured by
+    running ``model`` up to its last block.
 
-    A forward pre-hook on the first block records its positional and keyword arguments (attention
-    mask, position embeddings or ids, ...) and raises a private exception that stops the forward
-    pass, as SparseGPT's and Wanda's drivers do, so nothing after the embeddings runs. The model is
-    called through :func:`call_model` (Hugging Face models with ``use_cache=False``), in eval mode
-    and without gradients.
+    Forward pre-hooks on the blocks record their positional and keyword arguments (attention mask,
+    position embeddings or ids, ...); the last block's raises a private exception that stops the
+    forward pass there, as SparseGPT's and Wanda's drivers stop at the first block, so the output head
+    never runs. Blocks of different types (sliding-window and full attention with their own masks or
+    rotary embeddings; a position bias the first block computes and hands on) thus get their own
+    arguments (:attr:`BlockInputs.per_block`, :meth:`BlockInputs.for_block`); a key/value cache
+    object is dropped and ``use_cache`` turned off, so replayed calls never extend one. The model is
+    called through :func:`call_model` (Hugging Face models with ``use_cache=False``), in eval mode and
+    without gradients.
 
     Args:
         model: the whole model.
         blocks: its blocks in execution order (e.g. ``model.model.layers``, see
-            :func:`ecp_fast.pruning.hf.resolve_blocks`), or the first block.
+            :func:`ecp_fast.pruning.hf.resolve_blocks`), or the first block alone (then only its
+            arguments are captured).
         batches: calibration batches as :class:`~ecp_fast.pruning.calibration.Calibrator` takes
             them (tensors, mappings, ``(inputs, targets)``).
         storage: where the captured tensors are kept (e.g. ``"cpu"`` to offload); None keeps them
@@ -474,27 +584,18 @@ def capture_block_inputs(
     Returns:
         One :class:`BlockInputs` per batch; ``token_weights`` carries the batch's attention mask, so
         padding tokens count for nothing when the blocks are calibrated. Then
-        ``inputs = inputs.with_hidden(inputs(block))`` feeds each block's output to the next.
+        ``inputs = inputs.with_hidden(inputs.for_block(index)(block))`` feeds each block's output to the
+        next.
     """
-    first = _first_block(blocks)
+    block_list = _block_list(blocks)
     device = module_device(model)
     store = None if storage is None else torch.device(storage)
-    recorded: list[tuple[tuple, dict[str, Any]]] = []
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        recorded.append((args, kwargs))
-        raise _StopForward
-
     captured: list[BlockInputs] = []
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with eval_mode(model):
-            for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
-                inputs, _ = split_batch(batch)
-                inputs = to_device(inputs, device)
-                captured.append(_capture_one(model, inputs, recorded, index).to(store))
-    finally:
-        handle.remove()
+    with _recording(block_list) as recorded, eval_mode(model):
+        for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
+            inputs, _ = split_batch(batch)
+            inputs = to_device(inputs, device)
+            captured.append(_capture_one(model, inputs, recorded, index, len(block_list)).to(store))
     if not captured:
         raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
     logger.info("captured the first block's inputs for %d batches", len(captured))

@@ -268,7 +268,8 @@ def _add_zero_biases(model: nn.Module, keys: list[str]) -> list[str]:
         stored = weight_parameter(module)
         kind = layer_kind(module)
         outputs = stored.shape[1] if kind == "conv1d" else stored.shape[0]
-        module.bias = nn.Parameter(torch.zeros(outputs, dtype=stored.dtype, device=stored.device))
+        zeros = torch.zeros(outputs, dtype=stored.dtype, device=stored.device)
+        module.bias = nn.Parameter(zeros, requires_grad=stored.requires_grad)  # trainable as the weight is
         names.append(name)
     return names
 

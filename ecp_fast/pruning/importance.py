@@ -222,7 +222,8 @@ def _plain_copy(model: nn.Module, layer: LayerSpec) -> nn.Module:
     target = dict(plain.named_modules())[layer.name]
     if target.bias is None:
         weight = target.weight
-        target.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        zeros = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        target.bias = nn.Parameter(zeros, requires_grad=weight.requires_grad)
     return plain
 
 

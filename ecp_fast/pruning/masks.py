@@ -334,7 +334,8 @@ def _plan_biases(modules: Mapping[str, nn.Module], state_dict: Mapping[str, Any]
 def _add_zero_bias(module: nn.Module, outputs: int) -> None:
     weight = _stored_weight(module)
     assert weight is not None  # checked by _plan_biases
-    module.bias = nn.Parameter(torch.zeros(outputs, dtype=weight.dtype, device=weight.device))
+    zeros = torch.zeros(outputs, dtype=weight.dtype, device=weight.device)
+    module.bias = nn.Parameter(zeros, requires_grad=weight.requires_grad)  # trainable as the weight is
 
 
 def apply_masks_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:

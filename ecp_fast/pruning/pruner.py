@@ -631,8 +631,9 @@ class Pruner:
                 shift = torch.where(removed, bias_delta.to(torch.float64), 0.0).sum(dim=1)
                 bias = _bias_of(module)
                 if bias is None:
-                    bias = module.bias = nn.Parameter(
-                        torch.zeros(spec.fan_out, dtype=weight.dtype, device=weight.device)
+                    bias = module.bias = nn.Parameter(  # trainable as the weight is: a frozen model stays frozen
+                        torch.zeros(spec.fan_out, dtype=weight.dtype, device=weight.device),
+                        requires_grad=weight_parameter(module).requires_grad,
                     )
                     added = True
                     logger.info("layer %r had no bias; added one to receive the compensation", spec.name)

@@ -584,7 +584,8 @@ def _write(module: nn.Module, spec: LayerSpec, outcome: LayerOutcome, add_bias: 
     with torch.no_grad():
         stored.copy_(spec.mask_to_weight_shape(outcome.weight).to(stored.dtype))
         if module.bias is None and add_bias and bool(outcome.bias.abs().sum() > 0):
-            module.bias = nn.Parameter(torch.zeros(spec.fan_out, dtype=stored.dtype, device=stored.device))
+            zeros = torch.zeros(spec.fan_out, dtype=stored.dtype, device=stored.device)
+            module.bias = nn.Parameter(zeros, requires_grad=stored.requires_grad)  # a frozen model stays frozen
             added = True
         bias = getattr(module, "bias", None)
         if isinstance(bias, torch.Tensor):

@@ -576,6 +576,7 @@ def _run_blocks(
         if compute is not None:
             block.to(compute)
         run_device = module_device(block)
+        activations = [batch.for_block(index) for batch in activations]  # its own mask, rotary, ... where they differ
         block_report, calibration = _prune_block(block, [batch.to(run_device) for batch in activations], settings)
         state.pruned = index + 1
         if index == 0 and calibration is not None:  # merged totals when merged; every block sees as many

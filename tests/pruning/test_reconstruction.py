@@ -850,3 +850,14 @@ def test_an_activation_cache_beyond_any_memory_caches_everything_and_changes_not
         ecp_fast.prune(model, _batches(), 0.5, "sparsegpt", progress=False, activation_cache=size)
         states.append(_state(model))
     assert all(torch.equal(states[0][key], states[1][key]) for key in states[1])
+
+
+@pytest.mark.parametrize("method", ["ecp", "ecp-obs", "sparsegpt"])
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_bias_added_for_the_compensation_is_trainable_as_the_weight_is(method: str, frozen: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16, bias=False), nn.ReLU(), nn.Linear(16, 3, bias=False)).double()
+    model.requires_grad_(not frozen)
+    report = ecp_fast.prune(model, _batches(), 0.6, method, progress=False)
+    assert report.added_biases and all(getattr(model, name).bias is not None for name in report.added_biases)
+    assert all(parameter.requires_grad is not frozen for parameter in model.parameters())

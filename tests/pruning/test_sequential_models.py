@@ -51,3 +51,76 @@ def test_a_failure_in_the_second_block_restores_the_first(monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         ecp_fast.prune_sequential(model, batches, sparsity=0.5, method="sparsegpt", progress=False)
     assert_unchanged(before, model)
+
+
+def _fed_and_real(model, blocks, batch) -> list[float]:
+    """Per block: how far the inputs the library feeds it are from the real model's hidden states."""
+    from ecp_fast.pruning.batches import capture_block_inputs
+
+    fed = capture_block_inputs(model, blocks, [batch])[0]
+    with torch.no_grad():
+        real = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+        gaps = []
+        for index, block in enumerate(blocks[:-1]):
+            fed = fed.with_hidden(fed.for_block(index)(block))
+            gaps.append(float((fed.hidden - real[index + 1]).abs().max()))
+    return gaps
+
+
+def tiny_gemma2():
+    """Layers of two kinds: sliding-window attention on every other layer, each kind its own mask."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4,
+    )  # fmt: skip
+    return transformers.Gemma2ForCausalLM(config).eval()
+
+
+def test_blocks_of_different_kinds_are_fed_their_own_arguments_and_match_the_whole_model_prune() -> None:
+    """Gemma2's full-attention layers take another mask than its sliding-window ones: each block gets
+    its own, so the blocks see the real model's hidden states and a block-by-block prune equals the
+    whole-model one (every block of a row scope is pruned from the same inputs either way)."""
+    from ecp_fast.pruning.hf import resolve_blocks
+
+    model = tiny_gemma2()
+    batch = {"input_ids": torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))}
+    assert max(_fed_and_real(model, resolve_blocks(model), batch)) < 1e-5
+    batches = [
+        {"input_ids": torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    whole, blocks = tiny_gemma2(), tiny_gemma2()
+    ecp_fast.prune(whole, batches, 0.5, method="sparsegpt", scope="row", progress=False)
+    ecp_fast.prune_sequential(blocks, batches, 0.5, method="sparsegpt", scope="row", progress=False)
+    masks = [key for key in whole.state_dict() if key.endswith("weight_mask")]
+    assert masks and all(torch.equal(whole.state_dict()[key], blocks.state_dict()[key]) for key in masks)
+
+
+def test_a_position_bias_the_first_block_hands_on_reaches_the_later_blocks() -> None:
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=3, num_heads=4, d_kv=8)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(2))
+    from ecp_fast.pruning.batches import capture_block_inputs
+
+    fed = capture_block_inputs(model, list(model.encoder.block), [{"input_ids": ids, "decoder_input_ids": ids}])[0]
+    with torch.no_grad():
+        real = model.encoder(input_ids=ids, output_hidden_states=True).hidden_states
+        for index, block in enumerate(list(model.encoder.block)[:-1]):
+            fed = fed.with_hidden(fed.for_block(index)(block))
+            assert float((fed.hidden - real[index + 1]).abs().max()) < 1e-5
+
+
+def test_a_batch_asking_for_a_cache_gets_the_same_prune_as_one_without() -> None:
+    """``use_cache=True`` in the batches: no key/value cache object is replayed into every block call."""
+    ids = [torch.randint(0, 20, (4, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    states = []
+    for use_cache in (False, True):
+        model = tiny_llama()
+        batches = [{"input_ids": x, "use_cache": use_cache} for x in ids]
+        padded = torch.ones(4, 16, dtype=torch.long)
+        padded[0, 12:] = 0
+        batches.append({"input_ids": ids[0], "attention_mask": padded, "use_cache": use_cache})
+        ecp_fast.prune_sequential(model, batches, 0.5, method="wanda", progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
