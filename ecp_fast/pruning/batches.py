@@ -500,7 +500,7 @@ def _per_block(
 def _capture_one(
     model: nn.Module, inputs: Any, recorded: dict[int, tuple[tuple, dict[str, Any]]], index: int, count: int
 ) -> BlockInputs:
-    """Run ``model`` on one batch until the hooks that fill ``recorded`` stop it (at the last block);
+    """Run ``model`` on one batch until the hooks that fill ``recorded`` stop it (at ``recorded.stop``);
     the first block's inputs, with every block's own arguments where they differ."""
     recorded.clear()
     # The hook's _StopForward is caught inside, so only the model's own failures are reworded.
@@ -527,16 +527,25 @@ def _capture_one(
     return entry
 
 
+class _Recorder(dict):
+    """``{position: (args, kwargs)}`` of each block's first call; ``stop`` is the block at which the
+    forward pass is stopped (its inputs recorded, nothing after it run)."""
+
+    def __init__(self, stop: int) -> None:
+        super().__init__()
+        self.stop = stop
+
+
 @contextlib.contextmanager
-def _recording(block_list: list[nn.Module]) -> Iterator[dict[int, tuple[tuple, dict[str, Any]]]]:
-    """Pre-hooks that record each block's first call ``{position: (args, kwargs)}`` and stop the forward
-    pass at the last block; removed after."""
-    recorded: dict[int, tuple[tuple, dict[str, Any]]] = {}
+def _recording(block_list: list[nn.Module]) -> Iterator[_Recorder]:
+    """Pre-hooks that record each block's first call and stop the forward pass at ``recorder.stop``
+    (the last block to begin with); removed after."""
+    recorded = _Recorder(stop=len(block_list) - 1)
 
     def hook(position: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         recorded.setdefault(position, (args, kwargs))
-        if position == len(block_list) - 1:
-            raise _StopForward  # nothing after the last block's inputs is needed
+        if position == recorded.stop:
+            raise _StopForward  # nothing after these inputs is needed
 
     # first among the blocks' pre-hooks: the arguments as the block is called with them (its own
     # pre-hooks run again when the block is replayed), and the stop before anything else runs
@@ -562,9 +571,10 @@ def capture_block_inputs(
     running ``model`` up to its last block.
 
     Forward pre-hooks on the blocks record their positional and keyword arguments (attention mask,
-    position embeddings or ids, ...); the last block's raises a private exception that stops the
-    forward pass there, as SparseGPT's and Wanda's drivers stop at the first block, so the output head
-    never runs. Blocks of different types (sliding-window and full attention with their own masks or
+    position embeddings or ids, ...) and raise a private exception that stops the forward pass: on
+    the first batch at the last block; when every block took the first block's arguments there, on
+    the other batches at the first block, as SparseGPT's and Wanda's drivers do (nothing but the
+    embeddings runs). Blocks of different types (sliding-window and full attention with their own masks or
     rotary embeddings; a position bias the first block computes and hands on) thus get their own
     arguments (:attr:`BlockInputs.per_block`, :meth:`BlockInputs.for_block`); a key/value cache
     object is dropped and ``use_cache`` turned off, so replayed calls never extend one. The model is
@@ -596,6 +606,8 @@ def capture_block_inputs(
             inputs, _ = split_batch(batch)
             inputs = to_device(inputs, device)
             captured.append(_capture_one(model, inputs, recorded, index, len(block_list)).to(store))
+            if captured[0].per_block is None:
+                recorded.stop = 0  # every block takes the first's arguments: later batches stop there
     if not captured:
         raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
     logger.info("captured the first block's inputs for %d batches", len(captured))

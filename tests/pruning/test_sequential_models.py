@@ -124,3 +124,18 @@ def test_a_batch_asking_for_a_cache_gets_the_same_prune_as_one_without() -> None
         ecp_fast.prune_sequential(model, batches, 0.5, method="wanda", progress=False)
         states.append(model.state_dict())
     assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+
+
+def test_where_every_block_takes_the_first_blocks_arguments_later_batches_stop_at_the_first_block() -> None:
+    """The first batch runs up to the last block to see whether the blocks' arguments differ; a model
+    whose blocks all take the same (Llama) runs no block for the other batches."""
+    from ecp_fast.pruning.batches import capture_block_inputs
+
+    model = tiny_llama()
+    runs = []
+    model.model.layers[0].register_forward_hook(lambda *_: runs.append(1))
+    batches = [
+        {"input_ids": torch.randint(0, 20, (2, 8), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    captured = capture_block_inputs(model, list(model.model.layers), batches)
+    assert len(runs) == 1 and all(entry.per_block is None for entry in captured)
