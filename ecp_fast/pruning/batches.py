@@ -195,10 +195,25 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for module, training in modes:  # parents first: a parent's train() reaches its children again
-            module.train(training)
-        for module, training in modes:  # a child shared by two parents was reached again after its own turn
-            module.training = training
+        _restore_modes(modes)
+
+
+@contextlib.contextmanager
+def train_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in training mode for the block; every submodule's own mode is restored after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train()
+    try:
+        yield model
+    finally:
+        _restore_modes(modes)
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:  # parents first: a parent's train() reaches its children again
+        module.train(training)
+    for module, training in modes:  # a child shared by two parents was reached again after its own turn
+        module.training = training
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ecp_fast.pruning.batches import module_device, split_batch, to_device
+from ecp_fast.pruning.batches import module_device, split_batch, to_device, train_mode
 from ecp_fast.pruning.transaction import model_transaction
 from ecp_fast.training._checks import (
     check_batches,
@@ -86,23 +86,18 @@ def finetune(
     device = module_device(model)
     schedule, total = _schedule(batches, epochs, steps)
     losses: list[float] = []
-    with model_transaction(model):
-        was_training = model.training
-        model.train()
-        try:
-            for batch in tqdm(schedule, total=total, desc="finetune", disable=not progress, leave=False):
-                inputs, targets = split_batch(batch)
-                if targets is None:
-                    raise ValueError("finetune: argument 'batches' must hold (inputs, targets) pairs, got inputs only")
-                opt.zero_grad(set_to_none=True)
-                loss = checked_loss("finetune", loss_fn(model(to_device(inputs, device)), to_device(targets, device)))
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise non_finite_loss("finetune", f"of step {len(losses)}")
-                loss.backward()
-                opt.step()
-        finally:
-            model.train(was_training)
+    with model_transaction(model), train_mode(model):  # every submodule's own mode comes back after
+        for batch in tqdm(schedule, total=total, desc="finetune", disable=not progress, leave=False):
+            inputs, targets = split_batch(batch)
+            if targets is None:
+                raise ValueError("finetune: argument 'batches' must hold (inputs, targets) pairs, got inputs only")
+            opt.zero_grad(set_to_none=True)
+            loss = checked_loss("finetune", loss_fn(model(to_device(inputs, device)), to_device(targets, device)))
+            losses.append(float(loss.detach()))
+            if not math.isfinite(losses[-1]):
+                raise non_finite_loss("finetune", f"of step {len(losses)}")
+            loss.backward()
+            opt.step()
         if not losses:
             raise ValueError("finetune: argument 'batches' yielded no batch (expected at least one, got 0)")
     logger.info("fine-tuned %d steps, loss %.4g -> %.4g", len(losses), losses[0], losses[-1])

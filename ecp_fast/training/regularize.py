@@ -184,10 +184,11 @@ class GammaSchedule:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
         _check_state("GammaSchedule", state, ("gamma0", "gamma_final", "decay_steps", "step_count"))
-        self.gamma0 = float(state["gamma0"])
-        self.gamma_final = float(state["gamma_final"])
-        self.decay_steps = state["decay_steps"]
-        self.step_count = int(state["step_count"])
+        # checked as the constructor checks them, before anything changes
+        restored = GammaSchedule(state["gamma0"], state["decay_steps"], state["gamma_final"])
+        check_int("GammaSchedule.load_state_dict", "state['step_count']", state["step_count"], 0)
+        self.gamma0, self.gamma_final = restored.gamma0, restored.gamma_final
+        self.decay_steps, self.step_count = restored.decay_steps, int(state["step_count"])
 
 
 def _check_state(owner: str, state: object, keys: tuple[str, ...]) -> None:
@@ -278,14 +279,15 @@ class RelevanceDecay:
         ``g`` is the gradient of the effective weight. For masked weights the optimizer's parameter
         is ``weight_orig``, whose gradient autograd already multiplied by the mask, so on unpruned
         entries it equals ``g``; the added term is multiplied by the mask too, so pruned entries are
-        left alone. Weights without a gradient (unused this step) are skipped.
+        left alone. Weights without a gradient (unused this step) or with a sparse one
+        (``nn.Embedding(sparse=True)``) are skipped.
         """
         gamma = self.schedule.gamma
         if gamma > 0:
             for ref in self.weights:
                 parameter = ref.parameter
-                if parameter.grad is None:
-                    continue
+                if parameter.grad is None or parameter.grad.is_sparse:
+                    continue  # unused this step; or a sparse embedding gradient, which the gate cannot read
                 mask = ref.mask
                 term = relevance_gate(parameter.grad, self.alpha).mul_(parameter).mul_(2.0 * gamma)
                 if mask is not None:
@@ -324,8 +326,9 @@ class RelevanceDecay:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`."""
         _check_state("RelevanceDecay", state, ("alpha", "schedule"))
+        check_real("RelevanceDecay.load_state_dict", "state['alpha']", state["alpha"], 0.0)
+        self.schedule.load_state_dict(state["schedule"])  # checks everything before it changes anything
         self.alpha = float(state["alpha"])
-        self.schedule.load_state_dict(state["schedule"])
 
 
 class RelevanceDecayOptimizer(torch.optim.Optimizer):
@@ -368,15 +371,41 @@ class RelevanceDecayOptimizer(torch.optim.Optimizer):
         return self.optimizer.defaults
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Apply the regulariser, step the wrapped optimizer, keep pruned entries at zero."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.decay.apply()
-        self.optimizer.step()
+        """Apply the regulariser, step the wrapped optimizer, keep pruned entries at zero.
+
+        A ``closure`` goes to the wrapped optimizer (LBFGS evaluates it several times); the regulariser
+        is added to the gradients after each evaluation, and its schedule advances once per step.
+        """
+        if closure is None:
+            self.decay.apply()
+            loss = self.optimizer.step()
+        else:
+
+            def regularised() -> float:
+                value = closure()
+                self.decay.apply(advance=False)
+                return value
+
+            loss = self.optimizer.step(regularised)
+            self.decay.schedule.step()
         self.decay.zero_pruned()
         return loss
+
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> Any:
+        """Registered on the wrapped optimizer (its ``step`` runs it, with itself as the optimizer)."""
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> Any:
+        """Registered on the wrapped optimizer (its ``step`` runs it, with itself as the optimizer)."""
+        return self.optimizer.register_step_post_hook(hook)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a copy or ``torch.save`` keeps: the wrapped optimizer and the regulariser (torch's
+        ``Optimizer`` state methods expect attributes this wrapper does not have)."""
+        return {"optimizer": self.optimizer, "decay": self.decay}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.optimizer, self.decay = state["optimizer"], state["decay"]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients (the wrapped optimizer's ``zero_grad``)."""
@@ -388,8 +417,9 @@ class RelevanceDecayOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
+        _check_state("RelevanceDecayOptimizer", state_dict, ("optimizer", "decay"))
+        self.decay.load_state_dict(state_dict["decay"])  # checked before the optimizer changes
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.decay.load_state_dict(state_dict["decay"])
 
     def __repr__(self) -> str:
         return f"RelevanceDecayOptimizer({self.optimizer!r}, gamma={self.decay.gamma}, alpha={self.decay.alpha})"

@@ -140,3 +140,13 @@ def test_fit_classifier_failure_restores(monkeypatch: pytest.MonkeyPatch, error:
     with pytest.raises(type(error)):
         fit_classifier(net, X, Y, epochs=2, lr=1e-2, seed=0, batch_size=8)
     assert_unchanged(before, net)
+
+
+def test_finetune_gives_every_submodule_its_own_mode_back() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4))
+    model.train()
+    model[1].eval()  # a frozen batch norm among trained layers
+    batches = [(torch.randn(32, 8), torch.randint(0, 4, (32,))) for _ in range(2)]
+    finetune(model, batches, nn.functional.cross_entropy, progress=False)
+    assert [module.training for module in model.modules()] == [True, True, False, True]

@@ -209,3 +209,63 @@ def test_optimizer_wrapper_works_with_lr_schedulers_and_state_dict() -> None:
     decay.restart()
     optimizer.load_state_dict(state)
     assert decay.schedule.step_count == 3
+
+
+def _wrapped(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> RelevanceDecayOptimizer:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer is None else optimizer
+    return RelevanceDecayOptimizer(optimizer, RelevanceDecay(model, gamma=0.1))
+
+
+def test_the_wrapper_copies_and_saves_without_breaking_other_instances(tmp_path) -> None:
+    """torch's Optimizer state methods patch ``step`` on the class: a copy used to break every instance."""
+    import copy
+
+    model = small_net()
+    copied = copy.deepcopy(_wrapped(model))
+    torch.save(_wrapped(model), tmp_path / "optimizer.pt")
+    loaded = torch.load(tmp_path / "optimizer.pt", weights_only=False)
+    for optimizer in (copied, loaded, _wrapped(model)):
+        loss_of(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    calls = []
+    fresh = _wrapped(model)
+    fresh.register_step_pre_hook(lambda *args: calls.append("pre"))
+    fresh.register_step_post_hook(lambda *args: calls.append("post"))
+    loss_of(model).backward()
+    fresh.step()
+    assert calls == ["pre", "post"]
+
+
+def test_a_closure_reaches_the_wrapped_optimizer_and_the_schedule_advances_once() -> None:
+    model = small_net()
+    optimizer = _wrapped(model, torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3))
+    before = loss_of(model).item()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        return loss
+
+    assert float(optimizer.step(closure)) == pytest.approx(before)
+    assert optimizer.decay.schedule.step_count == 1 and loss_of(model).item() < before
+
+
+def test_a_bad_state_changes_nothing() -> None:
+    decay = RelevanceDecay(small_net(), gamma=0.1, alpha=2.0)
+    state = decay.state_dict()
+    for bad in ({**state, "alpha": -1.0}, {**state, "schedule": {**state["schedule"], "gamma0": -5.0}}):
+        with pytest.raises(ValueError):
+            decay.load_state_dict(bad)
+        assert decay.state_dict() == state
+    with pytest.raises(ValueError, match="argument 'state' must be what state_dict"):
+        _wrapped(small_net()).load_state_dict(torch.optim.SGD(small_net().parameters(), lr=0.1).state_dict())
+
+
+def test_a_sparse_embedding_gradient_is_left_alone() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 2))
+    decay = RelevanceDecay(model, gamma=0.1)
+    model(torch.randint(0, 10, (5, 3))).sum().backward()
+    decay.apply()
+    assert model[0].weight.grad.is_sparse
