@@ -359,10 +359,42 @@ def _merge_counts(
     return int(counts_list[0]), int(counts_list[1])
 
 
+#: ``CalibrationResult.extra`` key of how a rank calibrated (sensitivity, probes): compared across ranks.
+CALIBRATED_WITH_KEY = "calibrated_with"
+#: What a rank whose own calibration failed contributes to the layout comparison, with its error.
+FAILED = "failed"
+
+
+def announce_failure(error: BaseException, group: Any = None) -> None:
+    """Join the other ranks' layout comparison (:func:`synchronize_calibration`) with this rank's failure,
+    so that they raise at once, naming it, instead of waiting for it until the collective times out.
+    Nothing without :func:`is_distributed`."""
+    if not is_distributed(group):
+        return
+    layouts: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(layouts, (FAILED, f"{type(error).__name__}: {error}"), group=group)
+
+
+def check_agreement(value: Any, group: Any, what: str) -> None:
+    """Raise ``ValueError`` on every rank of ``group`` unless every rank passed an equal ``value`` (the
+    arguments of a call they all make alike). A collective; nothing without :func:`is_distributed`."""
+    if not is_distributed(group):
+        return
+    values: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(values, value, group=group)
+    for other_rank, other in enumerate(values):
+        if other != values[0]:
+            raise ValueError(
+                f"{what}: rank {other_rank} was called with {other!r}, rank 0 with {values[0]!r} (this is rank "
+                f"{dist.get_rank(group)}); every rank must make the same call"
+            )
+
+
 def _check_layouts_agree(result: CalibrationResult, group: Any, rank: int) -> None:
     """Raise ``ValueError`` on every rank unless all ranks calibrated the same layers the same way."""
     layout = (
         result.has_loss,
+        result.extra.get(CALIBRATED_WITH_KEY),
         [
             (name, tuple(stats.moments.mean.shape), str(stats.moments.mean.dtype), stats.loss_grad_sum is not None)
             for name, stats in result.statistics.items()
@@ -371,6 +403,11 @@ def _check_layouts_agree(result: CalibrationResult, group: Any, rank: int) -> No
     layouts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(layouts, layout, group=group)
     for other_rank, other in enumerate(layouts):
+        if other[0] == FAILED:
+            raise ValueError(
+                f"synchronize_calibration: rank {other_rank} failed before the merge ({other[1]}; this is rank "
+                f"{rank}); every rank must calibrate on data of its own (at least one batch)"
+            )
         if other != layouts[0]:
             raise ValueError(
                 f"synchronize_calibration: rank {other_rank} calibrated {other!r}, rank 0 calibrated {layouts[0]!r} "

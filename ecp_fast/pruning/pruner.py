@@ -26,7 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
-from ecp_fast.distributed import checked_seed, is_distributed, synchronize_calibration
+from ecp_fast.distributed import (
+    CALIBRATED_WITH_KEY,
+    announce_failure,
+    check_agreement,
+    checked_seed,
+    is_distributed,
+    synchronize_calibration,
+)
 from ecp_fast.pruning.allocation import (
     ALLOCATIONS,
     DIVERGENCES,
@@ -204,7 +211,12 @@ class Pruner:
         calibrator = self._calibrator(loss_fn, loss_reduction)
         # Under torch.distributed every rank streams its own shard; the merge makes the statistics,
         # and so the scores, masks and biases, identical on all ranks (a no-op in one process).
-        run = calibrator.run(batches, progress=self.progress, row_sensitivities=row_sensitivities)
+        try:
+            run = calibrator.run(batches, progress=self.progress, row_sensitivities=row_sensitivities)
+        except Exception as error:
+            announce_failure(error, self.process_group)  # the other ranks raise too instead of waiting
+            raise
+        run.extra[CALIBRATED_WITH_KEY] = (self.sensitivity, self.probes)  # the ranks must agree on these
         result = synchronize_calibration(run, group=self.process_group)
         self._calibrated_state = _model_state(self.model)
         self.calibration = result
@@ -320,6 +332,8 @@ class Pruner:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
+        call = (sparsity, method, scope, steps, importances is not None, reconstruct, allocation, divergence)
+        check_agreement((*call, activation_cache), self.process_group, "Pruner.prune")  # every rank alike
         _check_reconstruction_request(method, reconstruct, allocation, divergence, scope, activation_cache)
         if scope == "neuron":
             return self._prune_neurons(sparsity, method, steps, importances, reconstruct)
