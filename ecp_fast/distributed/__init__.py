@@ -377,15 +377,16 @@ def announce_failure(error: BaseException, group: Any = None) -> None:
 
 def check_agreement(value: Any, group: Any, what: str) -> None:
     """Raise ``ValueError`` on every rank of ``group`` unless every rank passed an equal ``value`` (the
-    arguments of a call they all make alike). A collective; nothing without :func:`is_distributed`."""
+    arguments of a call they all make alike; compared as their ``repr``). A collective; nothing
+    without :func:`is_distributed`."""
     if not is_distributed(group):
         return
     values: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(values, value, group=group)
+    dist.all_gather_object(values, repr(value), group=group)  # as text: NaN equals NaN, nothing to unpickle
     for other_rank, other in enumerate(values):
         if other != values[0]:
             raise ValueError(
-                f"{what}: rank {other_rank} was called with {other!r}, rank 0 with {values[0]!r} (this is rank "
+                f"{what}: rank {other_rank} was called with {other}, rank 0 with {values[0]} (this is rank "
                 f"{dist.get_rank(group)}); every rank must make the same call"
             )
 

@@ -19,7 +19,6 @@ batch, its inputs and what to check, chained to the model's own error (:func:`mo
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -542,37 +541,68 @@ def _capture_one(
     return entry
 
 
-class _Recorder(dict):
-    """``{position: (args, kwargs)}`` of each block's first call; ``stop`` is the block at which the
-    forward pass is stopped (its inputs recorded, nothing after it run)."""
+def _tokens(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The positions of a block call's hidden states (``(batch, tokens, d)``: tokens), or None."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return int(hidden.shape[-2]) if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else None
 
-    def __init__(self, stop: int) -> None:
+
+class _Recorder(dict):
+    """``{position: (args, kwargs)}`` of each block's call in this forward pass. The pass stops at the
+    last block, or at the first where :attr:`alike_up_to` says the blocks take the first block's
+    arguments: batches of at most that many tokens were captured to the last block and every block
+    took the first's (a sliding-window layer's mask differs from a full one only beyond its window)."""
+
+    def __init__(self, last: int) -> None:
         super().__init__()
-        self.stop = stop
+        self.last = last
+        self.alike_up_to: int | None = None  # None: nothing is known to be alike
+
+    def stops_at(self, position: int, args: tuple, kwargs: dict[str, Any]) -> bool:
+        if position == self.last:
+            return True
+        tokens = _tokens(args, kwargs)
+        return position == 0 and tokens is not None and self.alike_up_to is not None and tokens <= self.alike_up_to
 
 
 @contextlib.contextmanager
 def _recording(block_list: list[nn.Module]) -> Iterator[_Recorder]:
-    """Pre-hooks that record each block's first call and stop the forward pass at ``recorder.stop``
-    (the last block to begin with); removed after."""
-    recorded = _Recorder(stop=len(block_list) - 1)
+    """Pre-hooks that record each block's call and stop the forward pass (:meth:`_Recorder.stops_at`);
+    removed after. A module listed at several positions records them in the order it is called."""
+    recorded = _Recorder(last=len(block_list) - 1)
+    positions: dict[int, list[int]] = {}
+    for position, block in enumerate(block_list):
+        positions.setdefault(id(block), []).append(position)
 
-    def hook(position: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        recorded.setdefault(position, (args, kwargs))
-        if position == recorded.stop:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        waiting = [position for position in positions[id(module)] if position not in recorded]
+        if not waiting:
+            return  # called again beyond its positions in the list
+        recorded[waiting[0]] = (args, kwargs)
+        if recorded.stops_at(waiting[0], args, kwargs):
             raise _StopForward  # nothing after these inputs is needed
 
     # first among the blocks' pre-hooks: the arguments as the block is called with them (its own
     # pre-hooks run again when the block is replayed), and the stop before anything else runs
-    handles = [
-        block.register_forward_pre_hook(functools.partial(hook, position), with_kwargs=True, prepend=True)
-        for position, block in enumerate(block_list)
-    ]
+    distinct = {id(block): block for block in block_list}.values()
+    handles = [block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True) for block in distinct]
     try:
         yield recorded
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _learn_alike(recorded: _Recorder, entry: BlockInputs, count: int) -> None:
+    """After a batch: where it reached the last block, whether its blocks all took the first block's
+    arguments (then batches up to its token count may stop at the first block; once they differ, none)."""
+    if count < 2 or recorded.alike_up_to == -1 or len(recorded) < count:
+        return
+    tokens = _tokens((entry.hidden,), {})
+    if entry.per_block is not None or tokens is None:
+        recorded.alike_up_to = -1  # blocks differ (or cannot be told apart): every batch to the last block
+    else:
+        recorded.alike_up_to = max(recorded.alike_up_to or 0, tokens)
 
 
 def capture_block_inputs(
@@ -586,15 +616,16 @@ def capture_block_inputs(
     running ``model`` up to its last block.
 
     Forward pre-hooks on the blocks record their positional and keyword arguments (attention mask,
-    position embeddings or ids, ...) and raise a private exception that stops the forward pass: on
-    the first batch at the last block; when every block took the first block's arguments there, on
-    the other batches at the first block, as SparseGPT's and Wanda's drivers do (nothing but the
-    embeddings runs). Blocks of different types (sliding-window and full attention with their own masks or
-    rotary embeddings; a position bias the first block computes and hands on) thus get their own
-    arguments (:attr:`BlockInputs.per_block`, :meth:`BlockInputs.for_block`); a key/value cache
-    object is dropped and ``use_cache`` turned off, so replayed calls never extend one. The model is
-    called through :func:`call_model` (Hugging Face models with ``use_cache=False``), in eval mode and
-    without gradients.
+    position embeddings or ids, ...) and raise a private exception that stops the forward pass: at the
+    last block, until a batch has shown that every block takes the first block's arguments; after
+    that, batches of at most as many tokens stop at the first block, as SparseGPT's and Wanda's
+    drivers do (nothing but the embeddings runs; a sliding-window mask differs from a full one only
+    beyond its window, so a longer batch is run to the last block again). Blocks of different types
+    (sliding-window and full attention with their own masks or rotary embeddings; a position bias the
+    first block computes and hands on) thus get their own arguments (:attr:`BlockInputs.per_block`,
+    :meth:`BlockInputs.for_block`); a key/value cache object is dropped and ``use_cache`` turned off,
+    so replayed calls never extend one. The model is called through :func:`call_model` (Hugging Face
+    models with ``use_cache=False``), in eval mode and without gradients.
 
     Args:
         model: the whole model.
@@ -620,9 +651,9 @@ def capture_block_inputs(
         for index, batch in enumerate(tqdm(batches, desc="capture", disable=not progress, leave=False)):
             inputs, _ = split_batch(batch)
             inputs = to_device(inputs, device)
-            captured.append(_capture_one(model, inputs, recorded, index, len(block_list)).to(store))
-            if captured[0].per_block is None:
-                recorded.stop = 0  # every block takes the first's arguments: later batches stop there
+            entry = _capture_one(model, inputs, recorded, index, len(block_list)).to(store)
+            captured.append(entry)
+            _learn_alike(recorded, entry, len(block_list))
     if not captured:
         raise ValueError("argument 'batches': the calibration data is empty (expected at least one batch, got 0)")
     logger.info("captured the first block's inputs for %d batches", len(captured))

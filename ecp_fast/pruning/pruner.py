@@ -332,8 +332,9 @@ class Pruner:
             A :class:`PruneReport` (a :class:`~ecp_fast.pruning.structured.StructuredReport` for
             ``scope="neuron"``). Removed weights stay out of later selections.
         """
-        call = (sparsity, method, scope, steps, importances is not None, reconstruct, allocation, divergence)
-        check_agreement((*call, activation_cache), self.process_group, "Pruner.prune")  # every rank alike
+        if method in RECONSTRUCTIVE_METHODS or reconstruct is True or steps != 1:  # collectives follow
+            call = (sparsity, method, scope, steps, importances is not None, reconstruct, allocation, divergence)
+            check_agreement((*call, activation_cache), self.process_group, "Pruner.prune")  # every rank alike
         _check_reconstruction_request(method, reconstruct, allocation, divergence, scope, activation_cache)
         if scope == "neuron":
             return self._prune_neurons(sparsity, method, steps, importances, reconstruct)

@@ -50,7 +50,9 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         pruner.calibrate(_batches(rank))
         method = ("ecp-obs", "sparsegpt")[rank]
         results["method"] = _error(lambda: pruner.prune(0.5, method=method))
-        results["sparsity"] = _error(lambda: pruner.prune((0.5, 0.6)[rank], method="magnitude"))
+        results["sparsity"] = _error(lambda: pruner.prune((0.5, 0.6)[rank], method="sparsegpt"))
+        alone = Pruner(_model(), progress=False)
+        results["alone"] = alone.prune(0.5, method="magnitude").sparsity if rank == 0 else None  # no collective
         empty = _batches(rank) if rank == 0 else []
         results["empty"] = _error(lambda: Pruner(_model(), sensitivity="local", progress=False).calibrate(empty))
         results["agreed"] = pruner.prune(0.5, method="sparsegpt").sparsity
@@ -80,3 +82,7 @@ def test_a_rank_without_data_makes_every_rank_fail_at_once(rank_results: list[di
     assert "rank 1 failed before the merge" in rank_results[0]["empty"]
     assert "calibration data is empty" in rank_results[1]["empty"]
     assert [results["agreed"] for results in rank_results] == [pytest.approx(0.5)] * WORLD_SIZE
+
+
+def test_a_prune_without_collectives_runs_on_one_rank_alone(rank_results: list[dict[str, Any]]) -> None:
+    assert rank_results[0]["alone"] == pytest.approx(0.5)

@@ -139,3 +139,33 @@ def test_where_every_block_takes_the_first_blocks_arguments_later_batches_stop_a
     ]
     captured = capture_block_inputs(model, list(model.model.layers), batches)
     assert len(runs) == 1 and all(entry.per_block is None for entry in captured)
+
+
+def test_a_batch_longer_than_every_one_seen_alike_is_run_to_the_last_block_again() -> None:
+    """A first batch no longer than the sliding window shows no difference between the layers' masks; a
+    longer one does, and gets each block's own arguments."""
+    from ecp_fast.pruning.batches import capture_block_inputs
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    short, long = (torch.randint(0, 50, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 10))
+    captured = capture_block_inputs(model, list(model.model.layers), [{"input_ids": short}, {"input_ids": long}])
+    assert captured[0].per_block is None and captured[1].per_block is not None
+    assert max(_fed_and_real(model, list(model.model.layers), {"input_ids": long})) < 1e-5
+
+
+def test_a_block_listed_twice_is_captured_at_each_of_its_positions() -> None:
+    from ecp_fast.pruning.batches import capture_block_inputs
+
+    torch.manual_seed(0)
+    shared, other = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    blocks = torch.nn.ModuleList([shared, other, shared])
+    model = torch.nn.Sequential(*blocks)
+    x = torch.randn(3, 4)
+    captured = capture_block_inputs(model, blocks, [x])
+    assert torch.equal(captured[0].hidden, x) and captured[0].per_block is None  # no arguments besides the hidden
