@@ -185,23 +185,21 @@ def storages(value: Any) -> set[int]:
     return set().union(*(storages(item) for item in items))
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
     """``model`` in eval mode (dropout off, batch norm frozen) for the block; every submodule's own
     mode is restored after, so a model that mixes modes gets exactly its modes back."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        _restore_modes(modes)
+    return _in_mode(model, training=False)
+
+
+def train_mode(model: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    """``model`` in training mode for the block; every submodule's own mode is restored after."""
+    return _in_mode(model, training=True)
 
 
 @contextlib.contextmanager
-def train_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in training mode for the block; every submodule's own mode is restored after."""
+def _in_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
     modes = [(module, module.training) for module in model.modules()]
-    model.train()
+    model.train(training)
     try:
         yield model
     finally:
