@@ -307,6 +307,11 @@ def _batches_note(batches: Any) -> str:
 def _batch_iterator(batches: Iterable[Any]) -> Iterator[Any]:
     if batches is None:
         raise ValueError("argument 'batches' must be an iterable of inputs or (inputs, targets), got None")
+    if isinstance(batches, Mapping):  # iterating it would give its keys, strings, as batches
+        raise ValueError(
+            f"argument 'batches' must be an iterable of batches, got one mapping (keys {list(batches)}); "
+            "wrap a single batch in a list: [batch]"
+        )
     try:
         return iter(batches)
     except TypeError:

@@ -322,3 +322,13 @@ def _graph_tensors() -> list:
     import gc
 
     return [o for o in gc.get_objects() if issubclass(type(o), torch.Tensor) and o.grad_fn is not None]
+
+
+def test_a_single_mapping_as_the_batches_is_named_with_the_fix() -> None:
+    """Iterating one mapping gives its keys: it is refused before any batch runs, the model untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"argument 'batches'.*one mapping \(keys \['x'\]\).*\[batch\]"):
+        ecp_fast.prune(model, {"x": torch.randn(2, 4)}, 0.5, "ecp", progress=False)
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in before.items())
