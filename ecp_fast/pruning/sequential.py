@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from ecp_fast._deprecation import renamed_keyword
 from ecp_fast._iterables import known_length
-from ecp_fast.distributed import checked_seed, per_rank_probe_seed
+from ecp_fast.distributed import check_agreement, checked_seed, per_rank_probe_seed
 from ecp_fast.pruning.allocation import ALLOCATIONS
 from ecp_fast.pruning.batches import (
     BlockInputs,
@@ -468,6 +468,8 @@ def prune_sequential(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
         allocation, add_bias, activation_cache,
     )  # fmt: skip
+    if synchronize:  # every rank runs the blocks' collectives alike: a different call fails on all at once
+        check_agreement(settings, _own_process_group(True), "prune_sequential")
     _check_arguments(settings)
     flags = {"offload_activations": offload_activations, "atomic": atomic, "synchronize": synchronize}
     _check_flags(**flags, progress=progress, add_bias=add_bias)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ranks import WORLD_SIZE, spawn_ranks
 from torch import nn
 
+import ecp_fast
 from ecp_fast import Pruner
 
 
@@ -51,6 +52,12 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
         method = ("ecp-obs", "sparsegpt")[rank]
         results["method"] = _error(lambda: pruner.prune(0.5, method=method))
         results["sparsity"] = _error(lambda: pruner.prune((0.5, 0.6)[rank], method="sparsegpt"))
+        blocks = nn.ModuleList([_model(), _model()])
+        inputs = [torch.randn(8, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))]
+        method_of_rank = ("ecp", "magnitude")[rank]
+        results["sequential"] = _error(
+            lambda: ecp_fast.prune_sequential(blocks, inputs, 0.5, method=method_of_rank, progress=False)
+        )
         alone = Pruner(_model(), progress=False)
         results["alone"] = alone.prune(0.5, method="magnitude").sparsity if rank == 0 else None  # no collective
         empty = _batches(rank) if rank == 0 else []
@@ -72,10 +79,11 @@ def test_a_different_sensitivity_fails_on_every_rank(rank_results: list[dict[str
         assert "'local'" in results["sensitivity"] and "'output'" in results["sensitivity"]
 
 
-@pytest.mark.parametrize("case", ["method", "sparsity"])
+@pytest.mark.parametrize("case", ["method", "sparsity", "sequential"])
 def test_a_different_prune_call_fails_on_every_rank(rank_results: list[dict[str, Any]], case: str) -> None:
+    what = "prune_sequential" if case == "sequential" else "Pruner.prune"
     for results in rank_results:
-        assert results[case] is not None and "Pruner.prune: rank 1 was called with" in results[case]
+        assert results[case] is not None and f"{what}: rank 1 was called with" in results[case]
 
 
 def test_a_rank_without_data_makes_every_rank_fail_at_once(rank_results: list[dict[str, Any]]) -> None:
