@@ -156,7 +156,10 @@ class SequentialReport:
 
 
 def _check_arguments(settings: _Settings) -> None:
-    """Every per-block setting, checked before anything is captured or changed."""
+    """Every per-block setting, checked before anything is captured or changed; first, where the ranks
+    merge their statistics, that every rank was given the same (a different call fails on all at once)."""
+    if settings.synchronize:
+        check_agreement(settings, _own_process_group(True), "prune_sequential")
     if settings.sensitivity not in SEQUENTIAL_SENSITIVITIES:
         raise ValueError(
             f"argument 'sensitivity' must be one of {SEQUENTIAL_SENSITIVITIES} for sequential pruning (a block has "
@@ -468,8 +471,6 @@ def prune_sequential(
         sparsity, method, sensitivity, scope, steps, probes, layers, synchronize, checked_seed(seed), reconstruct,
         allocation, add_bias, activation_cache,
     )  # fmt: skip
-    if synchronize:  # every rank runs the blocks' collectives alike: a different call fails on all at once
-        check_agreement(settings, _own_process_group(True), "prune_sequential")
     _check_arguments(settings)
     flags = {"offload_activations": offload_activations, "atomic": atomic, "synchronize": synchronize}
     _check_flags(**flags, progress=progress, add_bias=add_bias)
