@@ -27,6 +27,7 @@ from torch import nn
 
 from ecp_fast.export.csr import quiet_csr_warning, replace_csr_with_dense
 from ecp_fast.export.formats import FORMATS, _check_arguments, _convert, copy_model, export, fold_masks
+from ecp_fast.pruning.masks import parameter_holders, untie
 
 logger = logging.getLogger(__name__)
 
@@ -186,25 +187,14 @@ def _untie_differing(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     file may hold an embedding and a pruned head that a tied template would load into one tensor:
     the last key would silently overwrite the others.
     """
-    holders: dict[int, dict[tuple[int, str], str]] = {}
-    modules: dict[int, nn.Module] = {}
-    for path, module in model.named_modules(remove_duplicate=False):
-        modules[id(module)] = module
-        for name, parameter in module._parameters.items():
-            if parameter is not None:
-                key = f"{path}.{name}" if path else name
-                holders.setdefault(id(parameter), {}).setdefault((id(module), name), key)
-    for group in holders.values():
+    for group in parameter_holders(model).values():
         tensors = [state.get(key) for key in group.values()]
         if len(group) < 2 or not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
             continue
         if all(torch.equal(tensors[0], tensor) for tensor in tensors[1:]):  # type: ignore[arg-type]
             continue
-        for module_id, name in group:
-            shared = modules[module_id]._parameters[name]
-            assert shared is not None  # found among the module's parameters above
-            fresh = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-            modules[module_id]._parameters[name] = fresh
+        for module, name in group:
+            untie(module, name)
         logger.warning(
             "the file holds different values for the tied parameters %s: they are untied", list(group.values())
         )

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ecp_fast.pruning.masks import weight_reparametrization
+from ecp_fast.pruning.masks import storage_key, weight_reparametrization
 
 logger = logging.getLogger(__name__)
 
@@ -310,12 +310,6 @@ def output_heads(model: nn.Module) -> list[str]:
     return names
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | None:
-    if tensor.device.type == "meta" or tensor.numel() == 0:
-        return None
-    return (str(tensor.device), tensor.untyped_storage().data_ptr())
-
-
 def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, list[str]]:
     """``{layer: [other parameters]}`` for layers whose stored weight or bias is tied to another parameter.
 
@@ -326,8 +320,7 @@ def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[s
     """
     holders: dict[object, list[str]] = {}
     for parameter_name, parameter in model.named_parameters(remove_duplicate=False):
-        key = _storage_key(parameter)
-        holders.setdefault(key if key is not None else ("id", id(parameter)), []).append(parameter_name)
+        holders.setdefault(storage_key(parameter), []).append(parameter_name)
     modules = dict(model.named_modules())
     result: dict[str, list[str]] = {}
     for name in modules if names is None else names:
@@ -340,12 +333,7 @@ def tied_weights(model: nn.Module, names: Sequence[str] | None = None) -> dict[s
         bias = getattr(module, "bias_orig", getattr(module, "bias", None))
         if isinstance(bias, nn.Parameter):
             tensors.append(bias)
-        others = [
-            other
-            for tensor in tensors
-            for other in holders.get(_storage_key(tensor) or ("id", id(tensor)), [])
-            if other not in own
-        ]
+        others = [other for tensor in tensors for other in holders.get(storage_key(tensor), []) if other not in own]
         # Parameters of the same module reached through an alias path are the same tie.
         if others:
             result[name] = list(dict.fromkeys(others))

@@ -170,8 +170,9 @@ def _check_removable(name: str, module: nn.Module, tensor: str) -> None:
         )
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
-    """What identifies the memory of ``tensor``: its storage, or (no memory to share) the tensor itself."""
+def storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
+    """What identifies the memory of ``tensor``: its storage (views and tied parameters share it), or
+    (no memory to share: empty, meta, sparse, a subclass without one storage) the tensor itself."""
     if tensor.numel() == 0 or tensor.is_meta or tensor.layout != torch.strided:
         return id(tensor)
     try:
@@ -180,44 +181,46 @@ def _storage_key(tensor: torch.Tensor) -> tuple[str, int] | int:
         return id(tensor)
 
 
-def parameter_holders(model: nn.Module) -> dict[tuple[str, int] | int, dict[tuple[int, str], str]]:
-    """``{storage: {(id(module), parameter name): "path.name"}}`` over every path to every parameter."""
-    holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]] = {}
+#: ``{storage: {(module, parameter name): "path.name"}}``: every place a parameter is held (:func:`parameter_holders`).
+Holders = dict[tuple[str, int] | int, dict[tuple[nn.Module, str], str]]
+
+
+def parameter_holders(model: nn.Module) -> Holders:
+    """Every path to every parameter of ``model``, grouped by the memory they hold (:func:`storage_key`)."""
+    holders: Holders = {}
     for path, module in model.named_modules(remove_duplicate=False):
         for name, parameter in module._parameters.items():
             if parameter is not None:
                 where = f"{path}.{name}" if path else name
-                holders.setdefault(_storage_key(parameter), {}).setdefault((id(module), name), where)
+                holders.setdefault(storage_key(parameter), {}).setdefault((module, name), where)
     return holders
 
 
-def _untie(module: nn.Module, layer: str, name: str, others: list[str]) -> None:
-    """Give ``module`` its own copy of ``name``, which ``others`` share: folding must not write into theirs."""
+def untie(module: nn.Module, name: str) -> None:
+    """Give ``module`` a copy of its parameter ``name`` of its own (what shared it keeps the original)."""
     shared = module._parameters[name]
-    assert shared is not None  # the caller found it among the module's parameters
+    assert shared is not None  # the callers found it among the module's parameters
     module._parameters[name] = nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad)
-    logger.warning(
-        "layer %r: its pruned %r is shared with %s; its mask is folded into a copy of its own, so that the "
-        "others keep their values (the tie is undone)",
-        layer,
-        name[: -len("_orig")],
-        ", ".join(sorted(others)),
-    )
 
 
-def fold_mask(
-    module: nn.Module, layer: str, tensor: str, holders: dict[tuple[str, int] | int, dict[tuple[int, str], str]]
-) -> None:
+def fold_mask(module: nn.Module, layer: str, tensor: str, holders: Holders) -> None:
     """``torch.nn.utils.prune.remove(module, tensor)``, on a copy of its own where the masked tensor is
     shared with other parameters of the model (``holders``, :func:`parameter_holders`, updated): the fold
     writes the masked values into the stored tensor, which would zero them in the other holders too."""
     name = tensor + "_orig"
     stored = module._parameters[name]
     assert stored is not None  # the caller found the mask on it
-    sharing = holders.get(_storage_key(stored), {})
-    sharing.pop((id(module), name), None)  # after the fold this module no longer holds it
+    sharing = holders.get(storage_key(stored), {})
+    sharing.pop((module, name), None)  # after the fold this module no longer holds it
     if sharing:
-        _untie(module, layer, name, list(sharing.values()))
+        untie(module, name)
+        logger.warning(
+            "layer %r: its pruned %r is shared with %s; its mask is folded into a copy of its own, so that the "
+            "others keep their values (the tie is undone)",
+            layer,
+            tensor,
+            ", ".join(sorted(sharing.values())),
+        )
     torch_prune.remove(module, tensor)
 
 
