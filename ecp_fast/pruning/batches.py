@@ -438,8 +438,8 @@ class _StopForward(Exception):
     """Raised by the capture hook to end the model's forward pass at the first block."""
 
 
-def _block_list(blocks: Sequence[nn.Module] | nn.Module) -> list[nn.Module]:
-    """The blocks in execution order (a lone module: the first block alone)."""
+def _blocks_to_capture(blocks: Sequence[nn.Module] | nn.Module) -> list[nn.Module]:
+    """The blocks in execution order (a lone module: the first block alone, whose inputs alone are captured)."""
     if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
         block_list = [blocks]
     else:
@@ -467,8 +467,8 @@ def _split_arguments(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, d
     if "hidden_states" in kwargs:
         return kwargs.pop("hidden_states"), (), kwargs
     raise ValueError(
-        "the first block was called without positional arguments or 'hidden_states'; cannot tell which "
-        f"argument is the hidden state (keywords: {sorted(kwargs)})"
+        "a block was called without positional arguments or 'hidden_states'; cannot tell which argument "
+        f"is the hidden state (keywords: {sorted(kwargs)})"
     )
 
 
@@ -641,7 +641,7 @@ def capture_block_inputs(
         ``inputs = inputs.with_hidden(inputs.for_block(index)(block))`` feeds each block's output to the
         next.
     """
-    block_list = _block_list(blocks)
+    block_list = _blocks_to_capture(blocks)
     device = module_device(model)
     store = None if storage is None else torch.device(storage)
     captured: list[BlockInputs] = []
